@@ -1,0 +1,52 @@
+"""The authentication plug-in point: who may log in, and what we know of them.
+
+Every way of logging in (USER/PASS, SASL PLAIN and LOGIN, APOP) ends in the same
+``PassDB.verify`` call, so there is one place that decides and one timing profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["PassDB", "UserRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """What the user database knows about one user, minus the password hash.
+
+    ``quota_messages`` and ``quota_octets`` are None where no per-user rule exists
+    (the configured default then applies). ``extra`` keeps every other extra field
+    (Dovecot's ``key=value`` fields) for plug-ins that want them.
+    """
+
+    name: str
+    quota_messages: int | None = None
+    quota_octets: int | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+class PassDB(Protocol):
+    """A user database.
+
+    ``verify`` must do the same work and take the same time for an unknown user as
+    for a wrong password, so that replies do not reveal which names exist. Hashing
+    runs off the event loop.
+    """
+
+    async def verify(self, username: str, password: str) -> UserRecord | None:
+        """Return the user if the password is right, None otherwise.
+
+        Raises AuthError only when the database itself cannot be consulted.
+        """
+        ...
+
+    async def lookup(self, username: str) -> UserRecord | None:
+        """Return the user without checking a password (delivery, quotas)."""
+        ...
+
+    async def plaintext_secret(self, username: str) -> str | None:
+        """The stored plaintext-equivalent secret, for APOP; None if not available."""
+        ...

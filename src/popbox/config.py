@@ -1,0 +1,279 @@
+"""Typed settings from TOML, validated once at start; errors name the key and the problem.
+
+Every limit has a named default here with the reason for its value; the TOML file can
+override any of them. Relative paths are resolved against the directory of the config
+file (or the working directory for the embedded default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from popbox.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "AuthSettings",
+    "Config",
+    "LimitSettings",
+    "LmtpSettings",
+    "Pop3Settings",
+    "QuotaSettings",
+    "StorageSettings",
+    "TlsSettings",
+    "load_config",
+    "parse_listen",
+]
+
+DEFAULT_DATA_DIR: Final = "popbox-data"
+
+# RFC 2449 section 4 raises the command line limit to 255 octets; like Dovecot we take
+# longer lines so that long passwords work, and stop well before memory matters.
+MAX_COMMAND_LINE: Final = 2048
+# SASL responses carry OAuth2 bearer tokens (RFC 7628) that run to several KiB.
+MAX_SASL_LINE: Final = 16384
+# Dovecot's CLIENT_MAX_BAD_COMMANDS: a client that keeps sending garbage is cut off.
+MAX_BAD_COMMANDS: Final = 20
+# RFC 1939 section 3: the autologout timer must be at least 10 minutes.
+IDLE_TIMEOUT_TRANSACTION: Final = 600.0
+# Before login a client has no business idling; Dovecot's login processes use 60s-3min.
+IDLE_TIMEOUT_LOGIN: Final = 60.0
+# Dovecot's auth_failure_delay: slows down password guessing on one connection.
+AUTH_FAILURE_DELAY: Final = 2.0
+# Dovecot disconnects after 3 failed authentications on one connection.
+MAX_AUTH_FAILURES: Final = 3
+# Dovecot's mail_max_userip_connections default is 10; per IP we allow more (NAT).
+MAX_CONNECTIONS_PER_IP: Final = 100
+# A TLS handshake that has not finished in this time is a stalled or hostile client.
+TLS_HANDSHAKE_TIMEOUT: Final = 30.0
+# On SIGTERM, sessions get this long to QUIT before they are dropped (uncommitted).
+SHUTDOWN_GRACE: Final = 10.0
+# Postfix's message_size_limit default (10 MB) is small for today's attachments;
+# Dovecot's LMTP has no limit by default. 100 MiB keeps a runaway sender bounded.
+MAX_MESSAGE_SIZE: Final = 100 * 1024 * 1024
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    return host, port
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_listen(values: list[str]) -> list[str]:
+    for value in values:
+        parse_listen(value)
+    return values
+
+
+class Pop3Settings(_Section):
+    """The POP3 listeners and what they offer."""
+
+    listen: list[str] = ["127.0.0.1:1110"]
+    """Plain listeners (STLS offered when TLS is configured)."""
+    tls_listen: list[str] = ["127.0.0.1:1995"]
+    """Implicit-TLS listeners (RFC 8314, port 995 style)."""
+    plaintext_auth: Literal["never", "loopback", "always"] = "loopback"
+    """Where passwords may cross an unencrypted connection."""
+    apop: bool = False
+    """APOP needs plaintext-equivalent secrets, so it is off unless asked for."""
+    expire: str = "NEVER"
+    """The EXPIRE capability (RFC 2449): days as a number, or NEVER."""
+    implementation: str = "popbox"
+    workers: int = Field(default=1, ge=1, le=256)
+    """Worker processes sharing the listeners."""
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol header (HAProxy) on every connection."""
+
+    _listen = field_validator("listen", "tls_listen")(_check_listen)
+
+    @field_validator("expire")
+    @classmethod
+    def _check_expire(cls, value: str) -> str:
+        if value != "NEVER" and not value.isdigit():
+            raise ValueError("must be a number of days or NEVER")
+        return value
+
+
+class TlsSettings(_Section):
+    """The server certificate. Missing files are generated in the embedded default."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
+class LimitSettings(_Section):
+    """Every bound on what a client may do; defaults carry their reason in config.py."""
+
+    max_command_line: int = Field(default=MAX_COMMAND_LINE, ge=255)
+    max_sasl_line: int = Field(default=MAX_SASL_LINE, ge=255)
+    max_bad_commands: int = Field(default=MAX_BAD_COMMANDS, ge=1)
+    idle_timeout: float = Field(default=IDLE_TIMEOUT_TRANSACTION, ge=600.0)
+    login_timeout: float = Field(default=IDLE_TIMEOUT_LOGIN, gt=0)
+    auth_failure_delay: float = Field(default=AUTH_FAILURE_DELAY, ge=0)
+    max_auth_failures: int = Field(default=MAX_AUTH_FAILURES, ge=1)
+    max_connections_per_ip: int = Field(default=MAX_CONNECTIONS_PER_IP, ge=1)
+    tls_handshake_timeout: float = Field(default=TLS_HANDSHAKE_TIMEOUT, gt=0)
+    shutdown_grace: float = Field(default=SHUTDOWN_GRACE, ge=0)
+
+
+class AuthSettings(_Section):
+    passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
+    """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
+    default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = (
+        "ARGON2ID"
+    )
+
+
+class StorageSettings(_Section):
+    backend: Literal["maildir"] = "maildir"
+    maildir_root: Path = Path(DEFAULT_DATA_DIR) / "mail"
+    """Each user's Maildir is ``maildir_root/USER`` (with cur/, new/, tmp/)."""
+
+
+class QuotaSettings(_Section):
+    """Defaults for every user; a passwd-file extra field overrides them per user."""
+
+    messages: int = Field(default=0, ge=0)
+    """Most messages a maildrop may hold; 0 means no limit."""
+    octets: int = Field(default=0, ge=0)
+    """Most octets a maildrop may hold; 0 means no limit."""
+    over_quota: Literal["temporary", "permanent"] = "temporary"
+    """Whether a full mailbox makes the MTA retry (452 4.2.2) or bounce (552 5.2.2)."""
+
+
+class LmtpSettings(_Section):
+    enabled: bool = True
+    listen: list[str] = ["127.0.0.1:2424"]
+    socket: Path | None = None
+    """A unix socket to listen on as well (for Postfix's lmtp:unix:...)."""
+    domains: list[str] = []
+    """Domains whose recipients are ours; user@domain maps to user."""
+    recipient_delimiter: str = "+"
+    lowercase_local_part: bool = True
+    max_message_size: int = Field(default=MAX_MESSAGE_SIZE, gt=0)
+
+    _listen = field_validator("listen")(_check_listen)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Section):
+    """The whole of popbox's server-side configuration."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    hostname: str = "localhost"
+    pop3: Pop3Settings = Pop3Settings()
+    tls: TlsSettings = TlsSettings()
+    limits: LimitSettings = LimitSettings()
+    auth: AuthSettings = AuthSettings()
+    storage: StorageSettings = StorageSettings()
+    quota: QuotaSettings = QuotaSettings()
+    lmtp: LmtpSettings = LmtpSettings()
+    log: LogSettings = LogSettings()
+    fetch: dict[str, Any] = {}
+    """The collector's own settings; validated by popbox.collector when it runs."""
+    user: str | None = None
+    """Unprivileged user to switch to after binding listeners when started as root."""
+    group: str | None = None
+
+    def tls_cert_path(self) -> Path:
+        return self.tls.cert or self.data_dir / "tls" / "cert.pem"
+
+    def tls_key_path(self) -> Path:
+        return self.tls.key or self.data_dir / "tls" / "key.pem"
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the path settings of a parsed TOML document absolute against ``base``."""
+    data_dir = Path(data.get("data_dir", DEFAULT_DATA_DIR))
+    if not data_dir.is_absolute():
+        data_dir = base / data_dir
+    data["data_dir"] = data_dir
+    defaults = {
+        ("auth", "passwd_file"): data_dir / "passwd",
+        ("storage", "maildir_root"): data_dir / "mail",
+    }
+    for (section, key), default in defaults.items():
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        value = table.get(key)
+        if value is None:
+            table[key] = default
+        elif isinstance(value, str) and not Path(value).is_absolute():
+            table[key] = base / value
+    for section, key in (("tls", "cert"), ("tls", "key"), ("lmtp", "socket")):
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            value = Path(table[key])
+            table[key] = value if value.is_absolute() else base / value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], base: Path) -> Config:
+    """Validate a parsed document; raise ConfigError naming every bad key."""
+    try:
+        return Config.model_validate(_resolve_paths(dict(data), base))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def load_config(path: Path | None) -> Config:
+    """Load ``path``, or the embedded default (data under ./popbox-data) when None."""
+    if path is None:
+        return config_from_dict({}, Path.cwd())
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return config_from_dict(data, path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback peer address (plaintext_auth = "loopback")."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,140 @@
+"""The one exception tree of popbox.
+
+Every error popbox raises on purpose is a ``PopboxError``. Driver errors (OSError,
+psycopg, httpx, ...) are translated into one of these at the edge of the backend that
+met them, with ``raise ... from exc`` so the cause stays in the log::
+
+    PopboxError
+    ├── ConfigError               a setting is missing or wrong; names the key
+    ├── ProtocolError             the peer broke the protocol (sans-I/O core)
+    │   └── LineTooLong           a line exceeded its limit
+    ├── AuthError                 the user database could not be consulted
+    │   └── InvalidUsername       a name that can never be a user (path tricks, ...)
+    ├── StoreError                the mail store failed                 -> [SYS/TEMP]
+    │   ├── MaildropInUse         another session holds the maildrop    -> [IN-USE]
+    │   ├── PermanentStoreError   retrying will not help                -> [SYS/PERM]
+    │   ├── NoSuchMailbox         the user has no maildrop
+    │   └── QuotaExceeded         delivery would pass the user's quota
+    ├── DeliveryError             a message could not be delivered
+    │   ├── UnknownRecipient      no such user                          -> 550 5.1.1
+    │   ├── MessageTooBig         over the size limit                   -> 552 5.3.4
+    │   └── TemporaryDeliveryError try again later                      -> 451 4.3.0
+    └── CollectorError            the collector could not finish a step
+        ├── RemoteServerError     the remote POP3 server said -ERR or misbehaved
+        └── SinkError             a sink refused or failed a message
+            ├── TemporarySinkError   retry later
+            └── PermanentSinkError   quarantine the message
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "CollectorError",
+    "ConfigError",
+    "DeliveryError",
+    "InvalidUsername",
+    "LineTooLong",
+    "MaildropInUse",
+    "MessageTooBig",
+    "NoSuchMailbox",
+    "PermanentSinkError",
+    "PermanentStoreError",
+    "PopboxError",
+    "ProtocolError",
+    "QuotaExceeded",
+    "RemoteServerError",
+    "SinkError",
+    "StoreError",
+    "TemporaryDeliveryError",
+    "TemporarySinkError",
+    "UnknownRecipient",
+]
+
+
+class PopboxError(Exception):
+    """Base of every error popbox raises on purpose."""
+
+
+class ConfigError(PopboxError):
+    """A setting is missing or invalid; the message names the key and the problem."""
+
+
+class ProtocolError(PopboxError):
+    """The peer sent something the protocol does not allow."""
+
+
+class LineTooLong(ProtocolError):
+    """A line exceeded the configured maximum length."""
+
+
+class AuthError(PopboxError):
+    """The user database could not be consulted (not: a wrong password)."""
+
+
+class InvalidUsername(AuthError):
+    """A username that can never name a user: empty, too long, or a path trick."""
+
+
+class StoreError(PopboxError):
+    """The mail store failed in a way that may pass; clients see [SYS/TEMP]."""
+
+
+class MaildropInUse(StoreError):
+    """Another session holds the maildrop's exclusive lock; clients see [IN-USE]."""
+
+
+class PermanentStoreError(StoreError):
+    """The mail store failed in a way that retrying will not fix; [SYS/PERM]."""
+
+
+class NoSuchMailbox(StoreError):
+    """The user has no maildrop in this store."""
+
+
+class QuotaExceeded(StoreError):
+    """Storing the message would exceed the user's quota."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class DeliveryError(PopboxError):
+    """A message could not be delivered to a recipient."""
+
+
+class UnknownRecipient(DeliveryError):
+    """The recipient does not map to any user."""
+
+
+class MessageTooBig(DeliveryError):
+    """The message exceeds the configured size limit."""
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """Delivery failed for a reason that may pass; the sender should retry."""
+
+
+class CollectorError(PopboxError):
+    """The collector could not complete a step of a poll."""
+
+
+class RemoteServerError(CollectorError):
+    """The remote POP3 server answered -ERR or broke the protocol."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SinkError(CollectorError):
+    """A sink failed to take a message."""
+
+
+class TemporarySinkError(SinkError):
+    """The sink failed for a reason that may pass; the message is retried later."""
+
+
+class PermanentSinkError(SinkError):
+    """The sink refused the message for good; it goes to quarantine."""

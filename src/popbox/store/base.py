@@ -1,0 +1,101 @@
+"""The storage plug-in point: what a mail store and one locked maildrop must offer.
+
+A maildrop follows POP3's lifecycle (RFC 1939 section 8 and DESIGN.md): opening it
+takes an exclusive lock and a snapshot; bodies stream from the snapshot; deletions
+are committed only by ``commit_deletions`` (POP3's UPDATE state) and must be durable
+before it returns; ``release`` ends the session without deleting anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["MailStore", "Maildrop", "MessageInfo", "Usage"]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message of a maildrop snapshot.
+
+    ``uidl`` is assigned once when the store first sees the message and never changes
+    (1-70 printable ASCII characters, 0x21-0x7E, RFC 1939 section 7). ``size`` is the
+    wire size: the octets RETR sends before dot-stuffing, with every line ending as
+    CRLF and a final CRLF present (RFC 1939 section 11).
+    """
+
+    uidl: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """How much a user's maildrop holds, for quotas and `popbox user list`."""
+
+    messages: int
+    octets: int
+
+
+class Maildrop(Protocol):
+    """One user's maildrop, locked for one POP3 session.
+
+    Indexes are 0-based positions in ``messages`` and stay valid until ``release``.
+    """
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The snapshot taken when the maildrop was opened, oldest first."""
+        ...
+
+    def read_message(self, index: int) -> AsyncIterator[bytes]:
+        """Stream the stored bytes of one message in bounded chunks.
+
+        The bytes are the message as stored (bare LF or CRLF line ends); the caller
+        turns them into wire form. Raises StoreError if the message vanished.
+        """
+        ...
+
+    async def commit_deletions(self, indexes: Collection[int]) -> None:
+        """Delete these messages durably, then release the lock.
+
+        Returns only once the deletions survive a crash. On failure raises StoreError
+        and the lock is still released.
+        """
+        ...
+
+    async def release(self) -> None:
+        """Release the lock without deleting anything. Safe to call more than once."""
+        ...
+
+
+class MailStore(Protocol):
+    """Where mailboxes live. One instance serves every user."""
+
+    async def open_maildrop(self, user: str) -> Maildrop:
+        """Lock the user's maildrop and snapshot it.
+
+        Creates an empty maildrop for a user who has none. Raises MaildropInUse if
+        another session (in any process) holds it, StoreError on other failures.
+        """
+        ...
+
+    async def deliver(self, user: str, message: bytes) -> str:
+        """Store one message durably for ``user`` and return its UIDL.
+
+        Returns only once the message survives a crash. Never blocks on a POP3
+        session's lock: delivery and sessions run side by side. A session that is
+        open sees the message at its next login.
+        """
+        ...
+
+    async def usage(self, user: str) -> Usage:
+        """Messages and octets currently stored for ``user`` (without locking)."""
+        ...
+
+    async def close(self) -> None:
+        """Release whatever the store holds (connections, thread pools)."""
+        ...
