@@ -1,0 +1,33 @@
+"""Fixtures shared by every test area: a test CA and a server certificate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a certificate for localhost/127.0.0.1/::1 it signed, as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    authority: trustme.CA
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    ca_path = directory / "ca.pem"
+    cert_path = directory / "cert.pem"
+    key_path = directory / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    server.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    server.private_key_pem.write_to_path(str(key_path))
+    return TlsFiles(ca=ca_path, cert=cert_path, key=key_path, authority=ca)
