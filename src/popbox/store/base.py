@@ -84,9 +84,11 @@ class MailStore(Protocol):
         ...
 
     async def deliver(self, user: str, message: bytes) -> str:
-        """Store one message durably for ``user`` and return its UIDL.
+        """Store one message durably for ``user``; return the store's key for it (logs).
 
-        Returns only once the message survives a crash. Never blocks on a POP3
+        The UIDL is assigned when a session first sees the message (under the
+        maildrop lock), so delivery never waits for a session. Returns only once the
+        message survives a crash. Never blocks on a POP3
         session's lock: delivery and sessions run side by side. A session that is
         open sees the message at its next login.
         """
