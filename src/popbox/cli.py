@@ -1,0 +1,318 @@
+"""The `popbox` command: serve, user, deliver, check-config, fetch, oauth."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from popbox.config import Config, load_config
+from popbox.errors import PopboxError
+
+__all__ = ["main"]
+
+CONFIG_ENV = "POPBOX_CONFIG"
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    help="TOML configuration file (default: the embedded default under ./popbox-data).",
+)
+
+
+def _load(config_path: Path | None) -> Config:
+    try:
+        return load_config(config_path)
+    except PopboxError as exc:
+        raise click.ClickException(f"configuration: {exc}") from exc
+
+
+def _setup_logging(config: Config, verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, config.log.level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+@click.group()
+@click.version_option(package_name="popbox")
+def main() -> None:
+    """popbox: a POP3 mailbox server, LMTP delivery and a POP3 collector."""
+
+
+@main.command()
+@config_option
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def serve(config_path: Path | None, verbose: bool) -> None:
+    """Run the POP3 server (and the LMTP listener) until SIGTERM or Ctrl-C."""
+    from popbox.app import prepare_data_dir, run_server
+
+    config = _load(config_path)
+    _setup_logging(config, verbose)
+    try:
+        made = prepare_data_dir(config)
+    except (OSError, PopboxError) as exc:
+        raise click.ClickException(f"cannot prepare {config.data_dir}: {exc}") from exc
+    for line in made:
+        click.echo(f"popbox: {line}", err=True)
+    if config_path is None:
+        _print_embedded_help(config)
+    try:
+        _run(run_server(config))
+    except PopboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _print_embedded_help(config: Config) -> None:
+    plain = config.pop3.listen[0] if config.pop3.listen else "127.0.0.1:1110"
+    tls = config.pop3.tls_listen[0] if config.pop3.tls_listen else "127.0.0.1:1995"
+    port = plain.rsplit(":", 1)[1]
+    tls_port = tls.rsplit(":", 1)[1]
+    cert = config.tls_cert_path()
+    click.echo(
+        f"""popbox: embedded default, data in {config.data_dir}
+  add a user:        popbox user add alice
+  deliver a message: popbox deliver alice < message.eml
+  read it (STLS):    curl --ssl-reqd --cacert {cert} -u alice pop3://localhost:{port}/1
+  read it (TLS):     curl --cacert {cert} -u alice pop3s://localhost:{tls_port}/1
+  LMTP for an MTA:   {', '.join(config.lmtp.listen) if config.lmtp.enabled else 'off'}
+Stop with Ctrl-C.""",
+        err=True,
+    )
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: Path | None) -> None:
+    """Validate the configuration and say what it would do."""
+    config = _load(config_path)
+    problems: list[str] = []
+    cert, key = config.tls_cert_path(), config.tls_key_path()
+    if config.tls.cert is not None and not cert.exists():
+        problems.append(f"tls.cert: {cert} does not exist")
+    if config.tls.key is not None and not key.exists():
+        problems.append(f"tls.key: {key} does not exist")
+    if config.fetch:
+        from popbox.collector.config import load_fetch_settings
+
+        try:
+            load_fetch_settings(config.fetch)
+        except PopboxError as exc:
+            problems.append(f"fetch: {exc}")
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"configuration OK: {config_path or 'embedded default'}")
+    click.echo(f"  POP3 {', '.join(config.pop3.listen) or '-'}; POP3S "
+               f"{', '.join(config.pop3.tls_listen) or '-'}; plaintext auth "
+               f"{config.pop3.plaintext_auth}")
+    click.echo(f"  users {config.auth.passwd_file}; mail {config.storage.maildir_root}")
+    lmtp = ", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"
+    click.echo(f"  LMTP {lmtp}")
+
+
+@main.group()
+def user() -> None:
+    """Manage the users of the passwd file."""
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("the password must not be empty")
+    return password
+
+
+_password_stdin = click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
+)
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from popbox.auth.passwdfile import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@user.command("add")
+@config_option
+@click.argument("name")
+@_password_stdin
+@click.option("--quota-messages", type=click.IntRange(min=0), help="Most messages kept.")
+@click.option("--quota-size", help="Most octets kept, e.g. 500M or 2G.")
+def user_add(
+    config_path: Path | None,
+    name: str,
+    password_stdin: bool,
+    quota_messages: int | None,
+    quota_size: str | None,
+) -> None:
+    """Add a user (the password is hashed with the configured scheme)."""
+    from popbox.app import prepare_data_dir
+    from popbox.auth.admin import add_user
+
+    config = _load(config_path)
+    octets = _parse_size(quota_size)
+    password = _read_password(password_stdin)
+    try:
+        if config_path is None:
+            prepare_data_dir(config)
+        add_user(
+            config.auth.passwd_file,
+            name,
+            password,
+            scheme=config.auth.default_scheme,
+            quota_messages=quota_messages,
+            quota_octets=octets,
+        )
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"added {name}")
+
+
+@user.command("passwd")
+@config_option
+@click.argument("name")
+@_password_stdin
+def user_passwd(config_path: Path | None, name: str, password_stdin: bool) -> None:
+    """Set a user's password."""
+    from popbox.auth.admin import set_password
+
+    config = _load(config_path)
+    password = _read_password(password_stdin)
+    try:
+        set_password(
+            config.auth.passwd_file, name, password, scheme=config.auth.default_scheme
+        )
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"password of {name} changed")
+
+
+@user.command("del")
+@config_option
+@click.argument("name")
+def user_del(config_path: Path | None, name: str) -> None:
+    """Remove a user from the passwd file (their mail stays on disk)."""
+    from popbox.auth.admin import delete_user
+
+    config = _load(config_path)
+    try:
+        delete_user(config.auth.passwd_file, name)
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"removed {name}; their mail stays in {config.storage.maildir_root / name}")
+
+
+def _human(octets: int) -> str:
+    size = float(octets)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{octets} B"
+
+
+@user.command("list")
+@config_option
+def user_list(config_path: Path | None) -> None:
+    """List users with their mail and quota usage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from popbox.auth.admin import list_users
+    from popbox.store.maildir import MaildirStore
+
+    config = _load(config_path)
+    try:
+        records = list_users(config.auth.passwd_file)
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    store = MaildirStore(config.storage.maildir_root)
+
+    async def usages() -> list[Any]:
+        try:
+            return [await store.usage(record.name) for record in records]
+        finally:
+            await store.close()
+
+    try:
+        used = asyncio.run(usages())
+    except PopboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = Table("user", "messages", "size", "quota messages", "quota size")
+    for record, usage in zip(records, used, strict=True):
+        quota_messages = record.quota_messages or config.quota.messages
+        quota_octets = record.quota_octets or config.quota.octets
+        table.add_row(
+            record.name,
+            str(usage.messages),
+            _human(usage.octets),
+            f"{usage.messages}/{quota_messages}" if quota_messages else "-",
+            f"{_human(usage.octets)}/{_human(quota_octets)}" if quota_octets else "-",
+        )
+    Console().print(table)
+
+
+@main.command()
+@config_option
+@click.argument("recipient")
+@click.option("--from", "sender", help="Envelope sender (for Return-Path).")
+def deliver(config_path: Path | None, recipient: str, sender: str | None) -> None:
+    """Deliver the message on stdin to RECIPIENT (a local delivery agent).
+
+    Exit codes follow sysexits: 0 delivered, 67 no such user, 75 temporary failure
+    (the MTA retries), 73 cannot create, 65 data error.
+    """
+    from popbox.delivery.lda import EX_TEMPFAIL, run_lda
+
+    try:
+        config = load_config(config_path)
+    except PopboxError as exc:
+        # A broken configuration must make the MTA retry later, never bounce mail.
+        click.echo(f"popbox deliver: configuration: {exc}", err=True)
+        sys.exit(EX_TEMPFAIL)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    sys.exit(run_lda(config, recipient, sender, sys.stdin.buffer))
+
+
+def _attach_collector() -> None:
+    """Attach `popbox fetch` and `popbox oauth` from the collector."""
+    try:
+        from popbox.collector.cli import fetch_command, oauth_group
+    except ImportError as exc:  # the collector is optional at import time only in dev trees
+        if os.environ.get("POPBOX_DEBUG"):
+            raise
+        del exc
+        return
+    main.add_command(fetch_command, "fetch")
+    main.add_command(oauth_group, "oauth")
+
+
+_attach_collector()
