@@ -1,0 +1,57 @@
+"""Sinks: where fetched messages go. ``build_sink`` turns settings into a Sink.
+
+Each sink module exposes ``create_sink(settings, context) -> Sink`` for its own
+settings class from ``popbox.collector.config``; the modules are imported only when an
+account uses them, so httpx, aiosmtplib and the popbox store load on demand.
+
+Rules every sink follows (see ``popbox.collector.base.Sink``):
+
+- ``sink.name`` is ``settings.label``: the poll engine keys its per-sink record of
+  delivered messages by it, so it must stay the same across runs;
+- ``deliver`` returns only when the message is durable on the sink's side, and raises
+  TemporarySinkError (retry later) or PermanentSinkError (quarantine) otherwise;
+- a sink that can detect a repeated ``idempotency_key`` (a crash after it wrote but
+  before the collector recorded it) skips the duplicate; the others pass the key on.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from popbox.collector.base import Sink
+from popbox.collector.config import AccountSettings, FetchSettings, SinkSettings
+
+__all__ = ["SinkContext", "build_sink"]
+
+# kind -> module under popbox.collector.sinks; LMTP and SMTP share one module.
+_MODULES: dict[str, str] = {
+    "maildir": "maildir",
+    "mbox": "mbox",
+    "command": "command",
+    "webhook": "webhook",
+    "lmtp": "smtp",
+    "smtp": "smtp",
+    "popbox": "popbox_store",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What a sink may know besides its own settings."""
+
+    account: AccountSettings
+    settings: FetchSettings
+
+    @property
+    def state_dir(self) -> Path:
+        """A directory the sink may keep small files in (created by the collector)."""
+        return self.settings.state_dir
+
+
+def build_sink(settings: SinkSettings, context: SinkContext) -> Sink:
+    """Create the sink described by ``settings`` for one account."""
+    module = importlib.import_module(f"popbox.collector.sinks.{_MODULES[settings.kind]}")
+    sink: Sink = module.create_sink(settings, context)
+    return sink
