@@ -1,0 +1,379 @@
+"""WebhookSink against a real HTTP server on 127.0.0.1 that checks every signature."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from popbox.collector.base import FetchedMessage
+from popbox.collector.sinks.webhook import WebhookSink
+from popbox.errors import PermanentSinkError, TemporarySinkError
+
+SECRET = "s3cret-webhook-key"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b'{"ok": true}'
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    signature_ok: bool
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A ticket system stand-in: verifies the HMAC like docs/collector-webhook.md says."""
+
+    def __init__(self) -> None:
+        self.script: list[Reply] = [Reply()]
+        self.requests: list[Received] = []
+        self.stop = threading.Event()
+        self.url = ""
+
+    def next_reply(self) -> Reply:
+        # The last scripted reply repeats, so "500 forever" is a one-element script.
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+def _verify(headers: dict[str, str], body: bytes) -> bool:
+    timestamp = headers.get("X-Popbox-Timestamp", "")
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > 300:
+        return False
+    expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    given = headers.get("X-Popbox-Signature", "")
+    return hmac.compare_digest("sha256=" + expected.hexdigest(), given)
+
+
+def _serve(receiver: Receiver, context: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(length)
+            headers = {k: v for k, v in self.headers.items()}
+            receiver.requests.append(Received(headers, body, _verify(headers, body)))
+            reply = receiver.next_reply()
+            if reply.delay and receiver.stop.wait(reply.delay):
+                return
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    scheme = "http"
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    receiver.url = f"{scheme}://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        yield receiver
+    finally:
+        receiver.stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    yield from _serve(Receiver())
+
+
+def _realistic_message() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = '"Zoë Müller" <zoe@example.org>'
+    msg["To"] = "Support <support@example.com>, ops@example.com"
+    msg["Cc"] = "=?utf-8?q?J=C3=BCrgen?= <juergen@example.net>"
+    msg["Subject"] = "=?iso-8859-1?q?Fehler_beim_L=F6schen?= =?utf-8?b?4pyT?="
+    msg["Date"] = "Tue, 24 Nov 2026 10:15:00 +0100"
+    msg["Message-ID"] = "<abc123@example.org>"
+    msg["In-Reply-To"] = "<prev@example.com>"
+    msg["References"] = "<root@example.com> <prev@example.com>"
+    msg.set_content("Grüße aus Köln, bitte löschen.\n", charset="iso-8859-1", cte="8bit")
+    msg.add_alternative("<p>Grüße aus <b>Köln</b></p>\n", subtype="html")
+    msg.add_attachment(b"%PDF-1.4 fake\n" * 10, maintype="application", subtype="pdf",
+                       filename="rechnung.pdf")
+    msg.add_attachment(b"x" * 5000, maintype="application", subtype="octet-stream",
+                       filename="big.bin")
+    return msg.as_bytes()
+
+
+def _fetched(tmp_path: Path, raw: bytes, uidl: str = "UID-1") -> FetchedMessage:
+    path = tmp_path / f"{uidl}.eml"
+    path.write_bytes(raw)
+    return FetchedMessage(
+        account="helpdesk", uidl=uidl, size=len(raw),
+        sha256=hashlib.sha256(raw).hexdigest(), path=path,
+    )
+
+
+def _sink(url: str, **kwargs: Any) -> WebhookSink:
+    kwargs.setdefault("backoff_initial", 0.01)
+    kwargs.setdefault("timeout", 5.0)
+    return WebhookSink(url, secret=SECRET, **kwargs)
+
+
+async def test_delivers_signed_payload_of_a_realistic_message(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    raw = _realistic_message()
+    message = _fetched(tmp_path, raw)
+    sink = _sink(receiver.url, include_raw=True)
+    try:
+        await sink.deliver(message)
+    finally:
+        await sink.close()
+
+    [request] = receiver.requests
+    assert request.signature_ok
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Idempotency-Key"] == message.idempotency_key
+    payload = request.json()
+    assert payload["account"] == "helpdesk"
+    assert payload["uidl"] == "UID-1"
+    assert payload["idempotency_key"] == message.idempotency_key
+    assert payload["sha256"] == message.sha256
+    assert payload["size"] == len(raw)
+    assert payload["from"] == [{"name": "Zoë Müller", "address": "zoe@example.org"}]
+    assert payload["to"] == [
+        {"name": "Support", "address": "support@example.com"},
+        {"name": "", "address": "ops@example.com"},
+    ]
+    assert payload["cc"] == [{"name": "Jürgen", "address": "juergen@example.net"}]
+    assert payload["subject"] == "Fehler beim Löschen✓"
+    assert payload["date_iso"] == "2026-11-24T10:15:00+01:00"
+    assert payload["message_id"] == "<abc123@example.org>"
+    assert payload["in_reply_to"] == "<prev@example.com>"
+    assert payload["references"] == ["<root@example.com>", "<prev@example.com>"]
+    assert payload["text"] == "Grüße aus Köln, bitte löschen.\n"
+    assert payload["html"] == "<p>Grüße aus <b>Köln</b></p>\n"
+    names = [(a["filename"], a["content_type"], a["size"]) for a in payload["attachments"]]
+    assert names == [
+        ("rechnung.pdf", "application/pdf", 140),
+        ("big.bin", "application/octet-stream", 5000),
+    ]
+    assert base64.b64decode(payload["attachments"][0]["content"]) == b"%PDF-1.4 fake\n" * 10
+    assert base64.b64decode(payload["raw"]) == raw
+
+
+async def test_latin1_body_labelled_wrongly_still_decodes(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    raw = (
+        b"From: a@example.org\r\nSubject: plain\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=x-unknown-charset\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\nK\xf6ln \xfcber alles\r\n"
+    )
+    sink = _sink(receiver.url)
+    try:
+        await sink.deliver(_fetched(tmp_path, raw))
+    finally:
+        await sink.close()
+    payload = receiver.requests[0].json()
+    # Unknown label, not UTF-8: the text survives with replacement characters.
+    assert payload["text"] == "K\ufffdln \ufffdber alles\r\n"
+    assert payload["html"] is None
+    assert payload["attachments"] == []
+
+
+async def test_attachment_caps_omit_content_and_say_so(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    sink = _sink(receiver.url, attachment_max_bytes=1000, attachments_total_max_bytes=100)
+    try:
+        await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    pdf, big = receiver.requests[0].json()["attachments"]
+    # The 140-byte PDF fits the per-item cap but not the 100-byte total budget.
+    assert pdf["content"] is None
+    assert pdf["content_omitted"] is True
+    assert big["content"] is None
+    assert big["content_omitted"] is True
+    assert big["size"] == 5000
+
+    receiver.requests.clear()
+    sink = _sink(receiver.url, attachment_max_bytes=1000, attachments_total_max_bytes=10_000)
+    try:
+        await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    pdf, big = receiver.requests[0].json()["attachments"]
+    assert pdf["content_omitted"] is False
+    assert pdf["content"]
+    assert big["content_omitted"] is True
+    assert big["content"] is None
+
+
+async def test_malformed_message_still_produces_a_payload(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    raw = (
+        b"From: <<<broken@@\r\nTo: undisclosed-recipients:;\r\n"
+        b"Subject: =?utf-8?b?not base64!!?=\r\nDate: yesterday-ish\r\n"
+        b"Content-Type: multipart/mixed; boundary=\"never-closed\"\r\n\r\n"
+        b"--never-closed\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n@@@not-base64@@@\r\n"
+    )
+    sink = _sink(receiver.url)
+    try:
+        await sink.deliver(_fetched(tmp_path, raw))
+    finally:
+        await sink.close()
+    payload = receiver.requests[0].json()
+    assert payload["uidl"] == "UID-1"
+    assert payload["date_iso"] is None
+    assert payload["defects"]  # the receiver learns the message was damaged
+
+
+async def test_client_error_is_permanent_with_status_and_bounded_excerpt(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.script = [Reply(400, b"invalid ticket: " + b"z" * 5000)]
+    sink = _sink(receiver.url)
+    try:
+        with pytest.raises(PermanentSinkError, match="HTTP 400: invalid ticket") as info:
+            await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    assert len(receiver.requests) == 1  # a 400 is never retried
+    assert len(str(info.value)) < 1000
+
+
+async def test_429_with_retry_after_then_200_is_delivered(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.script = [Reply(429, headers={"Retry-After": "0"}), Reply(200)]
+    sink = _sink(receiver.url)
+    try:
+        await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    first, second = receiver.requests
+    assert first.signature_ok
+    assert second.signature_ok
+    assert first.body == second.body
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
+
+
+async def test_retry_after_beyond_cap_gives_the_message_back_at_once(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.script = [Reply(503, headers={"Retry-After": "3600"})]
+    sink = _sink(receiver.url, retry_after_max=5.0)
+    try:
+        with pytest.raises(TemporarySinkError, match="3600s"):
+            await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    assert len(receiver.requests) == 1
+
+
+async def test_repeated_500_is_temporary_after_bounded_attempts(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.script = [Reply(500, b"database down")]
+    sink = _sink(receiver.url, max_attempts=3)
+    try:
+        with pytest.raises(TemporarySinkError, match="3 attempts: HTTP 500: database down"):
+            await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    assert len(receiver.requests) == 3
+
+
+async def test_slow_receiver_times_out_as_temporary(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.script = [Reply(200, delay=3.0)]
+    sink = _sink(receiver.url, timeout=0.3, max_attempts=2)
+    try:
+        with pytest.raises(TemporarySinkError, match="timed out"):
+            await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    assert len(receiver.requests) == 2
+
+
+async def test_connection_refused_is_temporary(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on any more
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink = _sink(f"http://127.0.0.1:{port}/hook", max_attempts=2)
+    try:
+        with pytest.raises(TemporarySinkError, match="connection failed"):
+            await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+
+
+async def test_tls_is_verified_and_a_private_ca_can_be_trusted(
+    tls_files: Any, tmp_path: Path
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    for server in _serve(Receiver(), context):
+        untrusting = _sink(server.url, max_attempts=1)
+        try:
+            with pytest.raises(TemporarySinkError, match="connection failed"):
+                await untrusting.deliver(_fetched(tmp_path, _realistic_message()))
+        finally:
+            await untrusting.close()
+        trusting = _sink(server.url, ca_file=tls_files.ca)
+        try:
+            await trusting.deliver(_fetched(tmp_path, _realistic_message()))
+        finally:
+            await trusting.close()
+        assert [r.signature_ok for r in server.requests] == [True]
+
+
+async def test_secret_never_reaches_the_log(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.script = [Reply(500), Reply(200)]
+    caplog.set_level(logging.DEBUG)
+    sink = _sink(receiver.url)
+    try:
+        await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    assert "retrying" in caplog.text
+    assert SECRET not in caplog.text
+    assert SECRET not in repr(sink)
+
+
+def test_empty_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="secret"):
+        WebhookSink("http://127.0.0.1:1/", secret="")
