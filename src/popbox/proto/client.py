@@ -1,0 +1,589 @@
+"""The POP3 protocol from the collector's side, sans-I/O: commands out, reply events in.
+
+``ClientConnection`` turns each command into bytes to write and remembers what kind of
+reply it expects, in order, so commands may be pipelined (RFC 2449 PIPELINING). Bytes
+the server sends go in with ``receive_data``; ``next_event`` hands out parsed replies.
+Message bodies (RETR, TOP) come out as a stream of ``MessageData`` chunks, un-dot-
+stuffed, never whole. Everything the server sends is bounded (line length, entries of
+a listing, sizes); a server that breaks the protocol or a bound raises
+RemoteServerError, and nothing else escapes the parser whatever bytes arrive.
+
+The client-side SASL encoders (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER) and the APOP digest
+live here too: they are pure functions of their inputs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final
+
+from popbox.errors import CollectorError, RemoteServerError
+
+__all__ = [
+    "NEED_DATA",
+    "Capabilities",
+    "ClientConnection",
+    "ConnectionClosed",
+    "Continuation",
+    "ErrReply",
+    "Event",
+    "Greeting",
+    "MessageData",
+    "MessageEnd",
+    "OkReply",
+    "ScanListing",
+    "StatReply",
+    "UidListing",
+    "apop_digest",
+    "login_responses",
+    "oauthbearer_response",
+    "plain_response",
+    "valid_uidl",
+    "xoauth2_response",
+]
+
+# RFC 2449 section 4 caps responses at 512 octets; real servers send longer CAPA SASL
+# lines and greetings, so we allow 4 KiB and stop there (memory stays bounded).
+MAX_REPLY_LINE: Final = 4096
+# SASL challenges carry JSON error documents (XOAUTH2) of a few hundred octets; 16 KiB
+# matches the server side's MAX_SASL_LINE.
+MAX_CHALLENGE_LINE: Final = 16384
+# Entries in one UIDL/LIST listing. Half a million messages is far past any maildrop a
+# POP3 client can usefully walk; a server sending more is broken or hostile.
+MAX_LISTING_ENTRIES: Final = 500_000
+# Lines in a CAPA reply; RFC 2449 registers a dozen capabilities.
+MAX_CAPABILITIES: Final = 256
+# A message size above 4 GiB is not a POP3 message (sizes are counted in RAM by servers).
+MAX_REPORTED_SIZE: Final = 1 << 32
+# RFC 1939 section 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
+MAX_UIDL_LENGTH: Final = 70
+# RFC 5034 section 4: an AUTH command line with its initial response is at most 255
+# octets; longer responses (OAuth2 tokens) must go in the two-step form.
+MAX_AUTH_COMMAND: Final = 255
+
+_UIDL_CHARS: Final = re.compile(rb"^[\x21-\x7e]{1,70}$")
+_RESP_CODE: Final = re.compile(r"^\[([A-Za-z0-9/._-]{1,64})\]\s?")
+# RFC 1939 section 7: a msg-id in angle brackets, e.g. <1896.697170952@dbc.mtview.ca.us>.
+_APOP_TIMESTAMP: Final = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>")
+_TERMINATOR: Final = b"\r\n.\r\n"
+
+
+def valid_uidl(uidl: bytes | str) -> bool:
+    """True for a unique-id RFC 1939 allows: 1-70 characters 0x21-0x7E."""
+    raw = uidl.encode("latin-1", "replace") if isinstance(uidl, str) else uidl
+    return bool(_UIDL_CHARS.match(raw))
+
+
+# ---------------------------------------------------------------------------- events
+
+
+class _NeedData(Enum):
+    NEED_DATA = auto()
+
+
+NEED_DATA: Final = _NeedData.NEED_DATA
+"""``next_event`` returns this when it needs more bytes from the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    text: str
+    apop_timestamp: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OkReply:
+    """A single-line ``+OK``; for RETR/TOP it opens the body (MessageData follows)."""
+
+    command: str
+    text: str
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrReply:
+    """``-ERR``; ``code`` is the RFC 2449/3206 response code (IN-USE, SYS/TEMP, ...)."""
+
+    command: str
+    text: str
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A SASL challenge (``+ base64``), decoded. The AUTH reply is still pending."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """CAPA: capability name (upper case) -> its arguments."""
+
+    items: Mapping[str, tuple[str, ...]]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.upper() in self.items
+
+    def sasl_mechanisms(self) -> frozenset[str]:
+        return frozenset(arg.upper() for arg in self.items.get("SASL", ()))
+
+
+@dataclass(frozen=True, slots=True)
+class StatReply:
+    count: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScanListing:
+    """LIST without argument: (message number, size) in server order."""
+
+    entries: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UidListing:
+    """UIDL without argument: (message number, unique-id) in server order.
+
+    ``problems`` lists what was wrong with the unique-ids (invalid characters or
+    length, duplicates); the collector then falls back to header hashes.
+    """
+
+    entries: tuple[tuple[int, str], ...]
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    """A chunk of a RETR/TOP body, un-dot-stuffed, CRLF line ends as sent."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    command: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The server closed the connection (after any replies before it)."""
+
+
+Event = (
+    Greeting
+    | OkReply
+    | ErrReply
+    | Continuation
+    | Capabilities
+    | StatReply
+    | ScanListing
+    | UidListing
+    | MessageData
+    | MessageEnd
+    | ConnectionClosed
+)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+class _Kind(Enum):
+    GREETING = auto()
+    SIMPLE = auto()
+    AUTH = auto()
+    STAT = auto()
+    CAPA = auto()
+    LIST = auto()
+    UIDL = auto()
+    BODY = auto()
+
+
+@dataclass(slots=True)
+class _Expect:
+    kind: _Kind
+    command: str
+    number: int = 0
+
+
+class _BodyDecoder:
+    """Un-dot-stuffs a multi-line body incrementally, holding at most 4 octets back.
+
+    A virtual CRLF in front of the body lets the start of the body be treated like
+    any other line start; it is cut from the output again.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b"\r\n"
+        self._skip = 2
+        self.finished = False
+        self.leftover = b""
+
+    def decode(self, data: bytes) -> bytes:
+        text = self._pending + data
+        end = text.find(_TERMINATOR)
+        if end >= 0:
+            emit = text[: end + 2]
+            self.leftover = text[end + 5 :]
+            self._pending = b""
+            self.finished = True
+        else:
+            keep = 0
+            for tail in (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r"):
+                if text.endswith(tail):
+                    keep = len(tail)
+                    break
+            emit = text[: len(text) - keep]
+            self._pending = text[len(text) - keep :]
+        out = emit.replace(b"\r\n..", b"\r\n.")
+        if self._skip:
+            cut = min(self._skip, len(out))
+            out = out[cut:]
+            self._skip -= cut
+        return out
+
+
+def _split_status(line: str) -> tuple[bool, str, str | None]:
+    """``+OK text`` / ``-ERR [CODE] text`` -> (ok, text, code)."""
+    if line.startswith("+OK"):
+        rest, ok = line[3:], True
+    elif line.startswith("-ERR"):
+        rest, ok = line[4:], False
+    else:
+        raise RemoteServerError(f"reply is neither +OK nor -ERR: {line[:80]!r}")
+    if rest and not rest.startswith(" "):
+        raise RemoteServerError(f"malformed status line: {line[:80]!r}")
+    text = rest.strip()
+    code = None
+    match = _RESP_CODE.match(text)
+    if match:
+        code = match.group(1).upper()
+        text = text[match.end() :]
+    return ok, text, code
+
+
+def _number(token: str, what: str, limit: int) -> int:
+    if not token.isdigit() or not token.isascii() or len(token) > 12:
+        raise RemoteServerError(f"{what} is not a number: {token[:40]!r}")
+    value = int(token)
+    if value > limit:
+        raise RemoteServerError(f"{what} {value} is beyond the limit {limit}")
+    return value
+
+
+class ClientConnection:
+    """One POP3 session from the client's side, without I/O."""
+
+    def __init__(
+        self,
+        *,
+        max_line: int = MAX_REPLY_LINE,
+        max_entries: int = MAX_LISTING_ENTRIES,
+    ) -> None:
+        self._max_line = max_line
+        self._max_entries = max_entries
+        self._buffer = bytearray()
+        self._expected: deque[_Expect] = deque([_Expect(_Kind.GREETING, "greeting")])
+        self._lines: list[str] = []
+        self._collecting: _Expect | None = None
+        self._body: _BodyDecoder | None = None
+        self._body_expect = _Expect(_Kind.BODY, "RETR")
+        self._owed_end: MessageEnd | None = None
+        self._closed = False
+        self._close_reported = False
+
+    # ---------------------------------------------------------------- commands
+
+    @property
+    def pending(self) -> int:
+        """Replies still expected (commands in flight)."""
+        return len(self._expected)
+
+    def _command(self, kind: _Kind, verb: str, *args: str, number: int = 0) -> bytes:
+        line = " ".join((verb, *args))
+        if "\r" in line or "\n" in line or "\0" in line:
+            # A CR/LF in a username or password would smuggle a second command.
+            raise CollectorError(f"refusing to send {verb} with a line break in it")
+        self._expected.append(_Expect(kind, verb, number))
+        return line.encode("utf-8") + b"\r\n"
+
+    def capa(self) -> bytes:
+        return self._command(_Kind.CAPA, "CAPA")
+
+    def stls(self) -> bytes:
+        return self._command(_Kind.SIMPLE, "STLS")
+
+    def user(self, name: str) -> bytes:
+        return self._command(_Kind.SIMPLE, "USER", name)
+
+    def pass_(self, password: str) -> bytes:
+        return self._command(_Kind.SIMPLE, "PASS", password)
+
+    def apop(self, name: str, digest: str) -> bytes:
+        return self._command(_Kind.SIMPLE, "APOP", name, digest)
+
+    def auth(self, mechanism: str, initial: bytes | None = None) -> bytes:
+        """``AUTH MECH`` with the initial response inline when it fits RFC 5034's limit;
+        otherwise the caller answers the first ``Continuation`` with ``sasl_response``."""
+        if initial is not None:
+            encoded = base64.b64encode(initial).decode("ascii") or "="
+            if len(mechanism) + len(encoded) + 7 <= MAX_AUTH_COMMAND:
+                return self._command(_Kind.AUTH, "AUTH", mechanism, encoded)
+        return self._command(_Kind.AUTH, "AUTH", mechanism)
+
+    def auth_fits_inline(self, mechanism: str, initial: bytes) -> bool:
+        encoded_length = len(base64.b64encode(initial)) or 1
+        return len(mechanism) + encoded_length + 7 <= MAX_AUTH_COMMAND
+
+    def sasl_response(self, data: bytes) -> bytes:
+        """Answer a challenge; an empty response is an empty line (XOAUTH2's error
+        challenge wants exactly that)."""
+        if not self._expected or self._expected[0].kind is not _Kind.AUTH:
+            raise CollectorError("no SASL exchange in progress")
+        return base64.b64encode(data) + b"\r\n"
+
+    def sasl_cancel(self) -> bytes:
+        return b"*\r\n"
+
+    def stat(self) -> bytes:
+        return self._command(_Kind.STAT, "STAT")
+
+    def list_all(self) -> bytes:
+        return self._command(_Kind.LIST, "LIST")
+
+    def uidl_all(self) -> bytes:
+        return self._command(_Kind.UIDL, "UIDL")
+
+    def retr(self, number: int) -> bytes:
+        return self._command(_Kind.BODY, "RETR", str(number), number=number)
+
+    def top(self, number: int, lines: int) -> bytes:
+        return self._command(_Kind.BODY, "TOP", str(number), str(lines), number=number)
+
+    def dele(self, number: int) -> bytes:
+        return self._command(_Kind.SIMPLE, "DELE", str(number), number=number)
+
+    def noop(self) -> bytes:
+        return self._command(_Kind.SIMPLE, "NOOP")
+
+    def rset(self) -> bytes:
+        return self._command(_Kind.SIMPLE, "RSET")
+
+    def quit(self) -> bytes:
+        return self._command(_Kind.SIMPLE, "QUIT")
+
+    def start_tls(self) -> None:
+        """Call after STLS's +OK, before the handshake. Bytes the server sent after the
+        +OK in plaintext would be injected into the TLS session; refuse them."""
+        if self._buffer or self._expected:
+            raise RemoteServerError("data after STLS's +OK before the TLS handshake")
+
+    # ---------------------------------------------------------------- replies
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the server; ``b""`` means it closed the connection."""
+        if not data:
+            self._closed = True
+            return
+        self._buffer += data
+
+    def next_event(self) -> Event | _NeedData:
+        """The next reply event, or NEED_DATA. Raises only RemoteServerError."""
+        if self._owed_end is not None:
+            end, self._owed_end = self._owed_end, None
+            return end
+        if self._body is not None:
+            return self._next_body_event()
+        while True:
+            line = self._read_line()
+            if line is None:
+                if self._closed:
+                    if self._close_reported:
+                        raise RemoteServerError("connection already closed")
+                    self._close_reported = True
+                    return ConnectionClosed()
+                return NEED_DATA
+            if self._collecting is None:
+                return self._status_line(line)
+            # A listing: loop rather than recurse, it may run to MAX_LISTING_ENTRIES.
+            event = self._collect_line(line)
+            if event is not None:
+                return event
+
+    def _status_line(self, line: str) -> Event | _NeedData:
+        if not self._expected:
+            raise RemoteServerError(f"unsolicited reply: {line[:80]!r}")
+        expect = self._expected[0]
+        if expect.kind is _Kind.AUTH and line.startswith("+") and not line.startswith("+OK"):
+            return self._continuation(line)
+        ok, text, code = _split_status(line)
+        self._expected.popleft()
+        if not ok:
+            return ErrReply(expect.command, text, code)
+        if expect.kind is _Kind.GREETING:
+            match = _APOP_TIMESTAMP.search(text)
+            return Greeting(text, match.group(0) if match else None)
+        if expect.kind is _Kind.STAT:
+            return self._stat(text)
+        if expect.kind in (_Kind.CAPA, _Kind.LIST, _Kind.UIDL):
+            self._collecting = expect
+            self._lines = []
+            return self.next_event()
+        if expect.kind is _Kind.BODY:
+            self._body = _BodyDecoder()
+            self._body_expect = expect
+        return OkReply(expect.command, text, code)
+
+    def _read_line(self) -> str | None:
+        limit = MAX_CHALLENGE_LINE if self._in_sasl() else self._max_line
+        end = self._buffer.find(b"\n", 0, limit)
+        if end < 0:
+            if len(self._buffer) >= limit:
+                raise RemoteServerError(f"reply line longer than {limit} octets")
+            return None
+        raw = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        # Servers send text in any charset; replace, never fail on it.
+        return raw.decode("utf-8", "replace")
+
+    def _in_sasl(self) -> bool:
+        return bool(self._expected) and self._expected[0].kind is _Kind.AUTH
+
+    def _continuation(self, line: str) -> Continuation:
+        payload = line[1:].strip()
+        try:
+            return Continuation(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise RemoteServerError("SASL challenge is not base64") from exc
+
+    def _stat(self, text: str) -> StatReply:
+        parts = text.split()
+        if len(parts) < 2:
+            raise RemoteServerError(f"malformed STAT reply: {text[:80]!r}")
+        count = _number(parts[0], "message count", self._max_entries)
+        size = _number(parts[1], "maildrop size", MAX_REPORTED_SIZE * self._max_entries)
+        return StatReply(count, size)
+
+    def _collect_line(self, line: str) -> Event | None:
+        assert self._collecting is not None
+        if line != ".":
+            if line.startswith("."):
+                line = line[1:]
+            limit = MAX_CAPABILITIES if self._collecting.kind is _Kind.CAPA else self._max_entries
+            if len(self._lines) >= limit:
+                raise RemoteServerError(f"{self._collecting.command} listing exceeds {limit}")
+            self._lines.append(line)
+            return None
+        kind, lines = self._collecting.kind, self._lines
+        self._collecting, self._lines = None, []
+        if kind is _Kind.CAPA:
+            items: dict[str, tuple[str, ...]] = {}
+            for entry in lines:
+                words = entry.split()
+                if words:
+                    items[words[0].upper()] = tuple(words[1:])
+            return Capabilities(items)
+        if kind is _Kind.LIST:
+            sizes = [
+                (number, _number(value, "message size", MAX_REPORTED_SIZE))
+                for number, value in self._pairs(lines, "LIST")
+            ]
+            return ScanListing(tuple(sizes))
+        return self._uid_listing(lines)
+
+    def _pairs(self, lines: list[str], what: str) -> list[tuple[int, str]]:
+        pairs: list[tuple[int, str]] = []
+        seen: set[int] = set()
+        for entry in lines:
+            words = entry.split()
+            if len(words) < 2:
+                raise RemoteServerError(f"malformed {what} line: {entry[:80]!r}")
+            number = _number(words[0], "message number", self._max_entries)
+            if number < 1 or number in seen:
+                raise RemoteServerError(f"{what} repeats or invalid message number {number}")
+            seen.add(number)
+            pairs.append((number, words[1]))
+        return pairs
+
+    def _uid_listing(self, lines: list[str]) -> UidListing:
+        entries: list[tuple[int, str]] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        for number, uidl in self._pairs(lines, "UIDL"):
+            if not valid_uidl(uidl):
+                problems.append(f"message {number}: invalid unique-id")
+            elif uidl in seen:
+                problems.append(f"message {number}: duplicate unique-id")
+            seen.add(uidl)
+            entries.append((number, uidl))
+        return UidListing(tuple(entries), tuple(problems[:20]))
+
+    def _next_body_event(self) -> Event | _NeedData:
+        assert self._body is not None
+        if not self._buffer:
+            if self._closed:
+                raise RemoteServerError("connection closed in the middle of a message")
+            return NEED_DATA
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        chunk = self._body.decode(data)
+        if self._body.finished:
+            self._buffer += self._body.leftover
+            self._body = None
+            end = MessageEnd(self._body_expect.command, self._body_expect.number)
+            if not chunk:
+                return end
+            self._owed_end = end
+        elif not chunk:
+            return NEED_DATA
+        return MessageData(chunk)
+
+
+# ---------------------------------------------------------------------------- SASL
+
+
+def plain_response(username: str, password: str, authzid: str = "") -> bytes:
+    """RFC 4616: ``authzid NUL authcid NUL passwd``."""
+    return b"\0".join(part.encode("utf-8") for part in (authzid, username, password))
+
+
+def login_responses(username: str, password: str) -> tuple[bytes, bytes]:
+    """The LOGIN mechanism's two answers (to "Username:" and "Password:")."""
+    return username.encode("utf-8"), password.encode("utf-8")
+
+
+def xoauth2_response(username: str, token: str) -> bytes:
+    """Google/Microsoft XOAUTH2: ``user=U ^A auth=Bearer T ^A ^A``."""
+    return f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def oauthbearer_response(
+    username: str, token: str, host: str | None = None, port: int | None = None
+) -> bytes:
+    """RFC 7628 OAUTHBEARER: a GS2 header naming the user, then key=value pairs."""
+    # RFC 5801 section 4: "," and "=" in the authzid are escaped as =2C and =3D.
+    authzid = username.replace("=", "=3D").replace(",", "=2C")
+    parts = [f"n,a={authzid},"]
+    if host is not None:
+        parts.append(f"host={host}")
+    if port is not None:
+        parts.append(f"port={port}")
+    parts.append(f"auth=Bearer {token}")
+    return ("\x01".join(parts) + "\x01\x01").encode()
+
+
+def apop_digest(timestamp: str, secret: str) -> str:
+    """RFC 1939 section 7: MD5 of the greeting's timestamp followed by the secret."""
+    data = (timestamp + secret).encode("utf-8")
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
