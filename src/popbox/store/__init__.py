@@ -1,0 +1,20 @@
+"""Where mail lives: the storage contract and its implementations.
+
+``MailStore`` and ``Maildrop`` (store.base) are the plug-in point; ``MemoryStore`` is
+the reference implementation for tests, ``MaildirStore`` the embedded default.
+"""
+
+from popbox.store.base import Maildrop, MailStore, MessageInfo, Usage
+from popbox.store.maildir import MaildirMaildrop, MaildirStore
+from popbox.store.memory import MemoryMaildrop, MemoryStore
+
+__all__ = [
+    "MailStore",
+    "MaildirMaildrop",
+    "MaildirStore",
+    "Maildrop",
+    "MemoryMaildrop",
+    "MemoryStore",
+    "MessageInfo",
+    "Usage",
+]

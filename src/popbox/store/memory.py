@@ -55,6 +55,10 @@ class MemoryMaildrop:
             await asyncio.sleep(0)
 
     async def commit_deletions(self, indexes: Collection[int]) -> None:
+        if self._released:
+            # The lock is gone (maybe held by another session now): deleting would
+            # act outside POP3's UPDATE state.
+            raise StoreError(f"maildrop of {self._user} was already released")
         try:
             doomed = {id(self._snapshot[i][0]) for i in indexes}
             self._box.messages = [m for m in self._box.messages if id(m[0]) not in doomed]

@@ -1,0 +1,557 @@
+"""The Maildir mail store: each user's mail in ``root/USER/{cur,new,tmp}``.
+
+Interchangeable with Postfix, Dovecot, getmail and mutt: any Maildir name in new/ or
+cur/ is a message, with or without ``,S=``/``,W=`` sizes and ``:2,FLAGS`` info. A
+session's login takes a ``flock`` on ``popbox.lock`` (the kernel drops it when the
+process dies), reconciles the directory with the index (store.index), assigns UIDLs
+to messages it has not seen, and moves new/ mail to cur/ as every Maildir reader
+does. Delivery never takes that lock: tmp/ -> fsync -> link into new/ -> fsync.
+
+If the index is lost or damaged it is rebuilt from the files: no message is lost,
+but the rebuilt index has a new UIDVALIDITY, so every UIDL changes once and clients
+that keep mail on the server download it again (the safe direction: a changed UIDL
+costs a duplicate, a reused one would cost a lost message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
+from popbox.store.base import MessageInfo, Usage
+from popbox.store.index import (
+    CorruptIndex,
+    IndexHeader,
+    MaildirIndex,
+    WireSizeCounter,
+    arrival_order,
+    fsync_dir,
+    read_header,
+    read_index,
+    scan_messages,
+    size_fields,
+    wire_size_of_file,
+    write_index,
+)
+
+__all__ = ["MaildirMaildrop", "MaildirStore"]
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME: Final = "popbox.lock"
+# Sessions stream bodies in pieces of this size: memory per session stays bounded
+# whatever the message size, and 64 KiB is what the transport writes at once anyway.
+CHUNK_SIZE: Final = 64 * 1024
+# qmail's rule (maildir(5)): a tmp/ file untouched for 36 hours is a dead delivery.
+TMP_MAX_AGE: Final = 36 * 3600
+# A directory mtime is only trusted as "nothing changed" once it is this old: FAT
+# stamps in 2 s steps and older filesystems in 1 s, so a change in the same step as
+# our own would otherwise hide behind an unchanged mtime.
+MTIME_SETTLE_NS: Final = 2_000_000_000
+# NAME_MAX on Linux filesystems; a longer user name cannot be a directory anyway.
+MAX_USER_LENGTH: Final = 255
+# Maildir directories and files are private to the mail owner (Dovecot, Postfix).
+DIR_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
+# The info part Maildir readers give a message they move from new/ to cur/.
+SEEN_INFO: Final = ":2,"
+# errnos that mean "this filesystem has no hard links": fall back to rename(), which
+# is as atomic but would replace an existing name (our names are unique anyway).
+_NO_LINK_ERRNOS: Final = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
+
+def _store_error(action: str, exc: OSError) -> StoreError:
+    """THE translation of OSError into popbox errors for this backend."""
+    if isinstance(exc, BlockingIOError):
+        return MaildropInUse(f"{action}: maildrop is locked by another session")
+    if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR):
+        return PermanentStoreError(f"{action}: {exc.strerror} ({exc.filename})")
+    return StoreError(f"{action}: {exc.strerror or exc} ({exc.filename})")
+
+
+@contextlib.contextmanager
+def _os_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise _store_error(action, exc) from exc
+
+
+def check_user(user: str) -> None:
+    """Refuse a user name that could name anything but a directory directly in root."""
+    if (
+        not user
+        or len(user.encode("utf-8", "surrogateescape")) > MAX_USER_LENGTH
+        or user in (".", "..")
+        or user.startswith(".")
+        or "/" in user
+        or "\\" in user
+        or any(ord(char) < 0x20 or ord(char) == 0x7F for char in user)
+    ):
+        raise PermanentStoreError(f"invalid user name {user!r}")
+
+
+def _trusted_mtime(mtime_ns: int) -> int:
+    """``mtime_ns`` if it is old enough to prove "unchanged" later, else 0."""
+    return mtime_ns if time.time_ns() - mtime_ns >= MTIME_SETTLE_NS else 0
+
+
+def _estimate_size(directory: Path, name: str) -> int:
+    """Wire size of an unindexed file without reading it: W=, else S=, else st_size.
+
+    S= and st_size undercount bare-LF line ends; good enough for a quota check, and
+    the exact size is computed when a session indexes the message.
+    """
+    stored, wire = size_fields(name)
+    if wire is not None:
+        return wire
+    if stored is not None:
+        return stored
+    try:
+        return (directory / name).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class _FileLock:
+    """An exclusive flock on the maildrop's lock file, held while the fd is open."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            # flock, not fcntl locks: it conflicts between two opens in one process too,
+            # and the kernel drops it when the holder dies, so a crash never wedges it.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._guard = threading.Lock()
+
+    def close(self) -> None:
+        # Called from the event loop (release) or a worker thread (commit).
+        with self._guard:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class MaildirMaildrop:
+    """One user's Maildir, locked and snapshotted for one POP3 session."""
+
+    def __init__(
+        self, user: str, maildir: Path, lock: _FileLock, index: MaildirIndex
+    ) -> None:
+        self._user = user
+        self._maildir = maildir
+        self._lock = lock
+        self._index = index
+        self._keys = list(index.entries)
+        self._paths = [entry.path for entry in index.entries.values()]
+        self._infos = [
+            MessageInfo(index.uidl(entry.uid), entry.size) for entry in index.entries.values()
+        ]
+        self._released = False
+
+    @property
+    def user(self) -> str:
+        return self._user
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        return self._infos
+
+    async def read_message(self, index: int) -> AsyncIterator[bytes]:
+        action = f"read message {self._infos[index].uidl} of {self._user}"
+        # open() goes to a thread (it may have to search for a renamed file); the reads
+        # stay on the event loop: a 64 KiB read from the page cache costs less than the
+        # hop to a worker thread (bench/maildir_index.py measures both).
+        handle = await asyncio.to_thread(self._open_message, index, action)
+        with handle:
+            while True:
+                with _os_errors(action):
+                    chunk = handle.read(CHUNK_SIZE)
+                if not chunk:
+                    return
+                yield chunk
+
+    def _open_message(self, index: int, action: str) -> BinaryIO:
+        with _os_errors(action):
+            try:
+                return open(self._maildir / self._paths[index], "rb", buffering=0)
+            except FileNotFoundError:
+                pass
+            # Renamed (flags changed by a MUA) since the snapshot: find it by its key.
+            path = self._all_paths().get(self._keys[index])
+            if path is None:
+                raise StoreError(f"{action}: the message vanished")
+            self._paths[index] = path
+            return open(self._maildir / path, "rb", buffering=0)
+
+    async def commit_deletions(self, indexes: Collection[int]) -> None:
+        if self._released:
+            raise StoreError(f"maildrop of {self._user} was already released")
+        doomed = sorted(set(indexes))
+        if doomed and not 0 <= doomed[0] <= doomed[-1] < len(self._keys):
+            raise IndexError(f"no message at index {doomed[0]} or {doomed[-1]}")
+        self._released = True
+        # The worker thread unlocks when it is done, even if this task is cancelled
+        # meanwhile: the lock must outlive the unlinks, not the awaiting coroutine.
+        await asyncio.to_thread(self._commit_and_unlock, doomed)
+
+    def _commit_and_unlock(self, doomed: list[int]) -> None:
+        action = f"delete messages of {self._user}"
+        try:
+            failure: OSError | None = None
+            relocated: dict[str, str] | None = None
+            for i in doomed:
+                try:
+                    os.unlink(self._maildir / self._paths[i])
+                except FileNotFoundError:
+                    if relocated is None:
+                        relocated = self._all_paths()
+                    path = relocated.get(self._keys[i])
+                    if path is not None:  # renamed since the snapshot; else already gone
+                        try:
+                            os.unlink(self._maildir / path)
+                        except FileNotFoundError:
+                            pass
+                        except OSError as exc:
+                            failure = failure or exc
+                            continue
+                except OSError as exc:
+                    failure = failure or exc
+                    continue
+                self._index.entries.pop(self._keys[i], None)
+            with _os_errors(action):
+                fsync_dir(self._maildir / "cur")
+                fsync_dir(self._maildir / "new")
+                self._index.cur_mtime = _trusted_mtime(
+                    os.stat(self._maildir / "cur").st_mtime_ns
+                )
+                write_index(self._maildir, self._index)
+            if failure is not None:
+                raise _store_error(action, failure) from failure
+        finally:
+            self._lock.close()
+
+    def _all_paths(self) -> dict[str, str]:
+        paths: dict[str, str] = {}
+        for directory in ("new", "cur"):
+            names, _ = scan_messages(self._maildir / directory)
+            paths.update((key, f"{directory}/{name}") for key, name in names.items())
+        return paths
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._lock.close()
+
+
+class MaildirStore:
+    """Maildirs under ``root``: ``root/USER`` holds one user's cur/, new/ and tmp/."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = Path(root)
+        # Cached once: gethostname() per delivery is a syscall for a constant. The
+        # replacements are maildir(5)'s, plus ',' which starts the size fields.
+        host = socket.gethostname() or "localhost"
+        self._host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+        self._sequence = itertools.count(1)
+        self._created: set[str] = set()
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def maildir(self, user: str) -> Path:
+        """The Maildir of ``user``; raises PermanentStoreError for a path trick."""
+        check_user(user)
+        return self._root / user
+
+    # -- sessions ---------------------------------------------------------------
+
+    async def open_maildrop(self, user: str) -> MaildirMaildrop:
+        maildir = self.maildir(user)
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_sync, user, maildir))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread goes on and may take the lock; whoever cancelled us will never
+            # see the maildrop, so give the lock back as soon as the thread is done.
+            opening.add_done_callback(_release_abandoned)
+            raise
+
+    def _open_sync(self, user: str, maildir: Path) -> MaildirMaildrop:
+        action = f"open maildrop of {user}"
+        with _os_errors(action):
+            self._ensure_maildir(user, maildir)
+            lock = _FileLock(maildir / LOCK_NAME)
+        try:
+            with _os_errors(action):
+                index = self._sync_index(user, maildir)
+            return MaildirMaildrop(user, maildir, lock, index)
+        except BaseException:
+            lock.close()
+            raise
+
+    def _sync_index(self, user: str, maildir: Path) -> MaildirIndex:
+        """Bring the index in line with cur/ and new/; called with the lock held."""
+        index, changed = _load_or_rebuild(user, maildir)
+        _remove_stale_tmp(maildir / "tmp")
+        new_names, new_duplicates = scan_messages(maildir / "new")
+        cur_mtime = os.stat(maildir / "cur").st_mtime_ns
+        entries = index.entries
+        header = index.header()
+        unindexed: list[tuple[str, str]] = []  # (key, DIR/NAME) not in the index yet
+        if not (header.cur_mtime and header.cur_mtime == cur_mtime and not header.in_new):
+            # cur/ changed since the index was written (or we cannot tell): rescan it.
+            cur_names, duplicates = scan_messages(maildir / "cur")
+            _warn_duplicates(user, "cur", duplicates)
+            for key in list(entries):
+                entry = entries[key]
+                if key in cur_names:
+                    path = f"cur/{cur_names[key]}"
+                elif key in new_names:
+                    path = f"new/{new_names[key]}"
+                else:  # deleted by other software
+                    del entries[key]
+                    changed = True
+                    continue
+                if entry.path != path:
+                    entry.path = path
+                    changed = True
+            unindexed.extend(
+                (key, f"cur/{name}") for key, name in cur_names.items() if key not in entries
+            )
+        cur_keys = {key for key, entry in entries.items() if entry.path.startswith("cur/")}
+        for name in new_duplicates:
+            _warn_duplicates(user, "new", [name])
+        for key, name in new_names.items():
+            known = entries.get(key)
+            if known is not None:
+                if known.path != f"new/{name}":  # a move to cur/ the last crash undid
+                    known.path = f"new/{name}"
+                    changed = True
+            elif key not in cur_keys:
+                unindexed.append((key, f"new/{name}"))
+        unindexed.sort(key=lambda item: arrival_order(item[1][4:]))
+        for key, path in unindexed:
+            _, wire = size_fields(path[4:])
+            if wire is None:
+                try:
+                    wire = wire_size_of_file(maildir / path)
+                except FileNotFoundError:
+                    continue  # removed by other software while we looked
+            index.assign(key, wire, path)
+            changed = True
+        changed |= _move_new_to_cur(user, maildir, index)
+        trusted = _trusted_mtime(os.stat(maildir / "cur").st_mtime_ns)
+        if trusted != index.cur_mtime:
+            index.cur_mtime = trusted
+            changed = True
+        if changed:
+            write_index(maildir, index)
+        return index
+
+    def _ensure_maildir(self, user: str, maildir: Path) -> None:
+        if user in self._created:
+            return
+        created = False
+        for path in (self._root, maildir, maildir / "cur", maildir / "new", maildir / "tmp"):
+            try:
+                path.mkdir(mode=DIR_MODE)
+                created = True
+            except FileExistsError:
+                pass
+        if created:
+            # A delivery into a brand-new Maildir is only durable with its directories.
+            fsync_dir(self._root)
+            fsync_dir(maildir)
+        self._created.add(user)
+
+    # -- delivery -----------------------------------------------------------------
+
+    async def deliver(self, user: str, message: bytes) -> str:
+        maildir = self.maildir(user)
+        return await asyncio.to_thread(self._deliver_sync, user, maildir, (message,))
+
+    async def deliver_file(self, user: str, source: BinaryIO) -> str:
+        """Like ``deliver``, reading the message from ``source`` in bounded chunks."""
+        maildir = self.maildir(user)
+        chunks = iter(lambda: source.read(CHUNK_SIZE), b"")
+        return await asyncio.to_thread(self._deliver_sync, user, maildir, chunks)
+
+    def _unique_name(self) -> str:
+        # time.MusecPpidQseqRrandom.host: Dovecot's shape. pid+seq make it unique in
+        # this host's processes; the random part covers pid reuse and shared roots.
+        now = time.time()
+        return (
+            f"{int(now)}.M{int(now % 1 * 1_000_000):06d}P{os.getpid()}"
+            f"Q{next(self._sequence)}R{secrets.token_hex(8)}.{self._host}"
+        )
+
+    def _deliver_sync(self, user: str, maildir: Path, chunks: Iterable[bytes]) -> str:
+        action = f"deliver to {user}"
+        with _os_errors(action):
+            self._ensure_maildir(user, maildir)
+            base = self._unique_name()
+            tmp_path = maildir / "tmp" / base
+            counter = WireSizeCounter()
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                with open(fd, "wb") as handle:
+                    for chunk in chunks:
+                        counter.feed(chunk)
+                        handle.write(chunk)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                name = f"{base},S={counter.stored},W={counter.wire}"
+                _link_no_clobber(tmp_path, maildir / "new" / name)
+            finally:
+                # Gone after the link; on any failure this removes the partial file.
+                with contextlib.suppress(OSError):
+                    tmp_path.unlink(missing_ok=True)
+            try:
+                fsync_dir(maildir / "new")
+            except OSError:
+                # Not durable, so not delivered: take it back rather than report a
+                # failure for a message that may still show up.
+                with contextlib.suppress(OSError):
+                    (maildir / "new" / name).unlink()
+                raise
+        return name
+
+    # -- usage --------------------------------------------------------------------
+
+    async def usage(self, user: str) -> Usage:
+        maildir = self.maildir(user)
+        return await asyncio.to_thread(self._usage_sync, user, maildir)
+
+    def _usage_sync(self, user: str, maildir: Path) -> Usage:
+        with _os_errors(f"usage of {user}"):
+            try:
+                cur_mtime = os.stat(maildir / "cur").st_mtime_ns
+                new_names, _ = scan_messages(maildir / "new")
+            except FileNotFoundError:
+                return Usage(0, 0)
+            header = read_header(maildir)
+            if header is not None and _header_is_current(header, cur_mtime):
+                # Index totals cover cur/ exactly; new/ holds only unindexed arrivals.
+                octets = header.octets + sum(
+                    _estimate_size(maildir / "new", name) for name in new_names.values()
+                )
+                return Usage(header.count + len(new_names), octets)
+            return _usage_by_scan(maildir, new_names)
+
+    async def close(self) -> None:
+        return None
+
+
+def _header_is_current(header: IndexHeader, cur_mtime: int) -> bool:
+    return bool(header.cur_mtime) and header.cur_mtime == cur_mtime and not header.in_new
+
+
+def _usage_by_scan(maildir: Path, new_names: dict[str, str]) -> Usage:
+    try:
+        index = read_index(maildir)
+    except CorruptIndex:
+        index = None
+    sizes = {key: entry.size for key, entry in index.entries.items()} if index else {}
+    cur_names, _ = scan_messages(maildir / "cur")
+    count = 0
+    octets = 0
+    for directory, names in (("cur", cur_names), ("new", new_names)):
+        for key, name in names.items():
+            if directory == "new" and key in cur_names:
+                continue
+            count += 1
+            size = sizes.get(key)
+            octets += size if size is not None else _estimate_size(maildir / directory, name)
+    return Usage(count, octets)
+
+
+def _load_or_rebuild(user: str, maildir: Path) -> tuple[MaildirIndex, bool]:
+    """The index, or a fresh one (and True: it must be written) if missing or damaged."""
+    try:
+        index = read_index(maildir)
+    except CorruptIndex as exc:
+        log.warning("maildrop of %s: index damaged (%s); rebuilding, UIDLs change", user, exc)
+        floor = (exc.uidvalidity or 0) + 1
+        return MaildirIndex(uidvalidity=max(int(time.time()), floor)), True
+    if index is None:
+        return MaildirIndex(uidvalidity=int(time.time())), True
+    return index, False
+
+
+def _move_new_to_cur(user: str, maildir: Path, index: MaildirIndex) -> bool:
+    """Rename indexed new/ messages into cur/ as Maildir readers do; True if any moved.
+
+    The key stays the same, so UIDLs do too; a move the next crash undoes is found
+    again in new/ by its key. Leaving new/ to fresh arrivals keeps usage() cheap.
+    """
+    moved = False
+    for key, entry in index.entries.items():
+        if not entry.path.startswith("new/"):
+            continue
+        name = entry.path[4:]
+        target = name if ":" in name else name + SEEN_INFO
+        try:
+            os.rename(maildir / entry.path, maildir / "cur" / target)
+        except OSError as exc:
+            log.warning("maildrop of %s: cannot move %s to cur/: %s", user, key, exc)
+            continue
+        entry.path = f"cur/{target}"
+        moved = True
+    if moved:
+        fsync_dir(maildir / "cur")
+        fsync_dir(maildir / "new")
+    return moved
+
+
+def _remove_stale_tmp(tmp: Path) -> None:
+    cutoff = time.time() - TMP_MAX_AGE
+    with os.scandir(tmp) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+
+
+def _warn_duplicates(user: str, directory: str, names: list[str]) -> None:
+    for name in names:
+        log.warning(
+            "maildrop of %s: %s/%s repeats the key of another message; ignored",
+            user,
+            directory,
+            name,
+        )
+
+
+def _link_no_clobber(source: Path, target: Path) -> None:
+    """link() then the caller unlinks: never replaces an existing message (maildir(5))."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK_ERRNOS:
+            raise
+        os.rename(source, target)
+
+
+def _release_abandoned(opening: asyncio.Future[MaildirMaildrop]) -> None:
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    maildrop = opening.result()
+    maildrop._lock.close()

@@ -1,0 +1,25 @@
+"""Fixtures for the storage tests: every MailStore implementation, and Maildir helpers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from popbox.store import MaildirStore, MailStore, MemoryStore
+
+
+@pytest.fixture(params=["memory", "maildir"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MailStore]:
+    """Each implementation in turn: the contract suite runs once per backend."""
+    backend: MailStore = (
+        MemoryStore() if request.param == "memory" else MaildirStore(tmp_path / "mail")
+    )
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+def maildir_store(tmp_path: Path) -> MaildirStore:
+    return MaildirStore(tmp_path / "mail")
