@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -377,3 +377,24 @@ async def test_secret_never_reaches_the_log(
 def test_empty_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="secret"):
         WebhookSink("http://127.0.0.1:1/", secret="")
+
+
+async def test_built_from_settings_without_secret_sends_unsigned(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    from popbox.collector.config import WebhookSinkSettings
+    from popbox.collector.sinks import SinkContext, build_sink
+
+    settings = WebhookSinkSettings(
+        kind="webhook", url=receiver.url, headers={"Authorization": "Token t0k"}, retries=0
+    )
+    sink = build_sink(settings, cast(SinkContext, None))
+    assert sink.name == f"webhook:{receiver.url}"
+    try:
+        await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    [request] = receiver.requests
+    assert request.headers["Authorization"] == "Token t0k"
+    assert "X-Popbox-Signature" not in request.headers
+    assert request.json()["uidl"] == "UID-1"

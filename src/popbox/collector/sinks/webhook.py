@@ -40,14 +40,25 @@ from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 
 from popbox.collector.base import FetchedMessage
 from popbox.errors import PermanentSinkError, TemporarySinkError
 
-__all__ = ["SIGNATURE_HEADER", "TIMESTAMP_HEADER", "WebhookSink", "build_payload", "sign"]
+if TYPE_CHECKING:
+    from popbox.collector.config import WebhookSinkSettings
+    from popbox.collector.sinks import SinkContext
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "WebhookSink",
+    "build_payload",
+    "create_sink",
+    "sign",
+]
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +353,8 @@ class WebhookSink:
         self,
         url: str,
         *,
-        secret: str | bytes,
+        secret: str | bytes | None,
+        signature_header: str = SIGNATURE_HEADER,
         include_raw: bool = False,
         attachment_max_bytes: int = DEFAULT_ATTACHMENT_MAX_BYTES,
         attachments_total_max_bytes: int = DEFAULT_ATTACHMENTS_TOTAL_MAX_BYTES,
@@ -355,13 +367,17 @@ class WebhookSink:
         ca_file: Path | str | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        name: str | None = None,
     ) -> None:
-        if not secret:
-            raise ValueError("webhook sink needs a non-empty signing secret")
+        if secret is not None and not secret:
+            # An empty key would "sign" with a value anyone can compute.
+            raise ValueError("webhook signing secret is empty; omit it or set a real one")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self._url = url
         self._secret = secret.encode("utf-8") if isinstance(secret, str) else secret
+        self._signature_header = signature_header
+        self._name = name or f"webhook:{url}"
         self._include_raw = include_raw
         self._attachment_max_bytes = attachment_max_bytes
         self._attachments_total_max_bytes = attachments_total_max_bytes
@@ -388,7 +404,7 @@ class WebhookSink:
 
     @property
     def name(self) -> str:
-        return f"webhook:{self._url}"
+        return self._name
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -456,14 +472,29 @@ class WebhookSink:
         )
 
     def _headers(self, message: FetchedMessage, body: bytes) -> dict[str, str]:
-        timestamp = str(int(time.time()))
         headers = dict(self._extra_headers)
-        headers.update(
-            {
-                "Content-Type": "application/json",
-                "Idempotency-Key": message.idempotency_key,
-                TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(self._secret, timestamp, body),
-            }
-        )
+        headers["Content-Type"] = "application/json"
+        headers["Idempotency-Key"] = message.idempotency_key
+        if self._secret is not None:
+            timestamp = str(int(time.time()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[self._signature_header] = sign(self._secret, timestamp, body)
         return headers
+
+
+def create_sink(settings: WebhookSinkSettings, context: SinkContext) -> WebhookSink:
+    """Build the sink for ``settings`` (called by popbox.collector.sinks.build_sink)."""
+    source = settings.secret_source()
+    return WebhookSink(
+        settings.url,
+        secret=source.read() if source is not None else None,
+        signature_header=settings.signature_header,
+        headers=settings.headers,
+        timeout=settings.timeout,
+        include_raw=settings.include_raw,
+        attachment_max_bytes=settings.max_attachment_bytes,
+        # "retries" counts the extra tries after the first one.
+        max_attempts=settings.retries + 1,
+        ca_file=settings.ca_file,
+        name=settings.label,
+    )
