@@ -1,0 +1,216 @@
+"""Deliver one message to one recipient: map, look up, size, quota, trace headers, store.
+
+Both ways mail comes in (the LMTP listener and ``popbox deliver``) go through the same
+``Deliverer`` so that an MTA gets the same verdict from either. Verdicts are popbox
+errors, and each front end turns them into its own answer (an LMTP reply line, a
+sysexits code)::
+
+    UnknownRecipient        no such user (or not our domain)     550 5.1.1 / 67
+    MessageTooBig           over lmtp.max_message_size           552 5.3.4 / 65
+    QuotaExceeded           over the user's quota                452 4.2.2 / 75
+                            (permanent per quota.over_quota)     552 5.2.2 / 77
+    TemporaryDeliveryError  our own fault (store, user database) 451 4.3.0 / 75
+
+Quota rules: a per-user value from the user database (``UserRecord.quota_*``, filled
+from the passwd file's extra fields like Dovecot's ``userdb_quota_rule``) wins over
+``[quota]`` in the config; 0 means no limit. Sizes are wire sizes (CRLF octets), the
+same numbers the store reports and POP3's LIST shows, so "2 MB used" means the same
+everywhere. The check and the write are not one atomic step: two deliveries racing
+for the last free octets may both pass, exactly as with Dovecot's quota plug-in; a
+quota is a bound on growth, not an exact ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+from popbox.auth.base import PassDB, UserRecord
+from popbox.config import Config
+from popbox.delivery.recipients import Recipient, parse_recipient
+from popbox.errors import (
+    AuthError,
+    InvalidUsername,
+    MessageTooBig,
+    QuotaExceeded,
+    StoreError,
+    TemporaryDeliveryError,
+    UnknownRecipient,
+)
+from popbox.proto.wire import wire_size
+from popbox.store.base import MailStore
+
+__all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "trace_headers"]
+
+log = logging.getLogger("popbox.delivery")
+
+# Header field names as Dovecot's LMTP writes them (RFC 5321 section 4.4 for
+# Return-Path; Delivered-To is the Postfix/qmail convention every MDA follows).
+RETURN_PATH: Final = b"Return-Path"
+DELIVERED_TO: Final = b"Delivered-To"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedRecipient:
+    """A recipient that names an existing user, with the user database's record."""
+
+    recipient: Recipient
+    record: UserRecord
+
+    @property
+    def user(self) -> str:
+        return self.record.name
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A successful delivery: who got it, under which store key, how many octets."""
+
+    user: str
+    key: str
+    size: int
+
+
+def _line_ending(data: bytes) -> bytes:
+    """The message's own line ending, so prepended headers match the rest of it."""
+    first = data.find(b"\n")
+    if first > 0 and data[first - 1 : first] == b"\r":
+        return b"\r\n"
+    if first == -1:
+        # No line at all (an empty or one-line message): the wire form is CRLF.
+        return b"\r\n"
+    return b"\n"
+
+
+def _encode_address(address: str) -> bytes:
+    # SMTPUTF8 addresses arrive as str; RFC 6532 puts them into headers as UTF-8.
+    # surrogateescape gives back the exact octets of a non-UTF-8 address.
+    return address.encode("utf-8", "surrogateescape")
+
+
+def trace_headers(recipient: str, sender: str | None, data: bytes) -> bytes:
+    """``Return-Path`` and ``Delivered-To`` as Dovecot's LMTP prepends them.
+
+    ``sender`` is the envelope sender ("" for the null sender of bounces, which
+    becomes ``<>``); None means unknown, and then no Return-Path is written.
+    """
+    eol = _line_ending(data)
+    lines = []
+    if sender is not None:
+        lines.append(RETURN_PATH + b": <" + _encode_address(sender) + b">" + eol)
+    lines.append(DELIVERED_TO + b": <" + _encode_address(recipient) + b">" + eol)
+    return b"".join(lines)
+
+
+class Deliverer:
+    """The one delivery path for LMTP and the LDA.
+
+    ``resolve`` answers "is this recipient ours?" (LMTP asks it at RCPT time, like
+    Dovecot); ``deliver_to`` stores one message for a resolved recipient; ``deliver``
+    does both for callers that only have an address.
+    """
+
+    def __init__(self, config: Config, store: MailStore, passdb: PassDB) -> None:
+        self._config = config
+        self._store = store
+        self._passdb = passdb
+
+    @property
+    def max_message_size(self) -> int:
+        return self._config.lmtp.max_message_size
+
+    async def resolve(self, address: str) -> ResolvedRecipient:
+        """Map ``address`` to an existing user.
+
+        Raises UnknownRecipient when it names nobody, TemporaryDeliveryError when
+        the user database cannot be asked (the MTA should retry, not bounce).
+        """
+        try:
+            recipient = parse_recipient(address, self._config.lmtp)
+        except InvalidUsername as exc:
+            raise UnknownRecipient(f"{address}: {exc}") from exc
+        try:
+            record = await self._passdb.lookup(recipient.user)
+        except InvalidUsername as exc:
+            raise UnknownRecipient(f"{address}: {exc}") from exc
+        except AuthError as exc:
+            raise TemporaryDeliveryError(f"user database unavailable: {exc}") from exc
+        if record is None:
+            raise UnknownRecipient(f"{address}: no such user")
+        return ResolvedRecipient(recipient, record)
+
+    def check_size(self, data: bytes) -> None:
+        """Raise MessageTooBig when the message as received exceeds the limit."""
+        limit = self.max_message_size
+        if len(data) > limit:
+            raise MessageTooBig(f"message of {len(data)} octets exceeds the limit of {limit}")
+
+    def _limits(self, record: UserRecord) -> tuple[int, int]:
+        quota = self._config.quota
+        messages = quota.messages if record.quota_messages is None else record.quota_messages
+        octets = quota.octets if record.quota_octets is None else record.quota_octets
+        return messages, octets
+
+    async def check_quota(self, record: UserRecord, size: int) -> None:
+        """Raise QuotaExceeded if one more message of ``size`` octets would not fit."""
+        max_messages, max_octets = self._limits(record)
+        if not max_messages and not max_octets:
+            return
+        usage = await self._store.usage(record.name)
+        permanent = self._config.quota.over_quota == "permanent"
+        if max_messages and usage.messages + 1 > max_messages:
+            raise QuotaExceeded(
+                f"{record.name} holds {usage.messages} of {max_messages} messages",
+                permanent=permanent,
+            )
+        if max_octets and usage.octets + size > max_octets:
+            raise QuotaExceeded(
+                f"{record.name} would hold {usage.octets + size} of {max_octets} octets",
+                permanent=permanent,
+            )
+
+    async def deliver_to(
+        self,
+        target: ResolvedRecipient,
+        sender: str | None,
+        data: bytes,
+        *,
+        add_trace: bool = True,
+    ) -> Delivered:
+        """Store ``data`` for a resolved recipient; return once it is durable.
+
+        ``add_trace=False`` keeps the message exactly as given, for an LDA behind an
+        MTA whose local delivery agent already wrote Return-Path and Delivered-To.
+        """
+        self.check_size(data)
+        message = data
+        if add_trace:
+            message = trace_headers(target.recipient.address, sender, data) + data
+        size = wire_size(message)
+        try:
+            await self.check_quota(target.record, size)
+            key = await self._store.deliver(target.user, message)
+        except QuotaExceeded:
+            raise
+        except (StoreError, OSError) as exc:
+            # A store is meant to translate OSError itself; taking it here too means a
+            # disk error can never turn into a bounce or a traceback.
+            raise TemporaryDeliveryError(f"cannot store for {target.user}: {exc}") from exc
+        log.info(
+            "delivered to=%s user=%s key=%s size=%d", target.recipient.address, target.user,
+            key, size,
+        )
+        return Delivered(user=target.user, key=key, size=size)
+
+    async def deliver(
+        self,
+        recipient: str,
+        sender: str | None,
+        data: bytes,
+        *,
+        add_trace: bool = True,
+    ) -> Delivered:
+        """Resolve ``recipient`` and deliver to it; raise a DeliveryError/QuotaExceeded."""
+        target = await self.resolve(recipient)
+        return await self.deliver_to(target, sender, data, add_trace=add_trace)
