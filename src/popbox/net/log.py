@@ -1,0 +1,77 @@
+"""The per-session counters and the one log line each POP3 session leaves when it ends.
+
+Like Dovecot's logout line, it says who, from where, over what, what they did and why
+it ended, so an operator can answer "did alice fetch her mail at 09:14?" from the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+__all__ = ["SESSION_LOG", "EndReason", "SessionStats"]
+
+SESSION_LOG: Final = logging.getLogger("popbox.pop3")
+
+
+class EndReason:
+    """Why a session ended; the values appear verbatim in the log line."""
+
+    QUIT: Final = "quit"
+    TIMEOUT: Final = "timeout"
+    DISCONNECT: Final = "disconnect"
+    SHUTDOWN: Final = "shutdown"
+    ERROR: Final = "error"
+    TLS_FAILED: Final = "tls handshake failed"
+    TOO_MANY_CONNECTIONS: Final = "too many connections"
+    PROXY_HEADER: Final = "bad proxy header"
+
+
+class SessionStats:
+    """What one session did. Slots keep an idle session's footprint small."""
+
+    __slots__ = (
+        "bytes_retrieved",
+        "commands",
+        "deleted",
+        "peer",
+        "retrieved",
+        "session_id",
+        "started",
+        "tls",
+        "tops",
+        "user",
+    )
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.started = time.monotonic()
+        self.peer = "-"
+        self.user: str | None = None
+        self.tls = False
+        self.commands = 0
+        self.retrieved = 0
+        self.bytes_retrieved = 0
+        self.tops = 0
+        self.deleted = 0
+
+    def log_end(self, reason: str, detail: str | None = None) -> None:
+        """Write the session's logout line to ``popbox.pop3`` (INFO)."""
+        duration = time.monotonic() - self.started
+        SESSION_LOG.info(
+            "session=%s user=%s peer=%s tls=%s commands=%d retr=%d/%d top=%d del=%d "
+            "duration=%.3fs reason=%s%s",
+            self.session_id,
+            self.user or "-",
+            self.peer,
+            "yes" if self.tls else "no",
+            self.commands,
+            self.retrieved,
+            self.bytes_retrieved,
+            self.tops,
+            self.deleted,
+            duration,
+            reason.replace(" ", "-") if " " in reason else reason,
+            f" detail={detail!r}" if detail else "",
+        )

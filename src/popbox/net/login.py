@@ -1,0 +1,85 @@
+"""The login stage: turns a login event into a user name or a refusal, seeing only the PassDB.
+
+Pre-auth code never touches mail (Dovecot's split between pop3-login and pop3): this
+module cannot reach a store, and the transaction stage cannot reach credentials.
+USER/PASS, SASL PLAIN/LOGIN and APOP all end here, in one place with one failure path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+from popbox.auth.base import PassDB
+from popbox.errors import AuthError
+from popbox.proto.events import ApopRequest, LoginRequest
+from popbox.proto.sasl import apop_digest
+
+__all__ = ["AuthOutcome", "authenticate"]
+
+log = logging.getLogger("popbox.pop3")
+
+# RFC 2449 / RFC 3206 response codes the glue hands to conn.login_failed().
+CODE_AUTH: Final = "AUTH"
+CODE_SYS_TEMP: Final = "SYS/TEMP"
+# One wording for unknown user and wrong password, so replies reveal no names.
+TEXT_AUTH_FAILED: Final = "Authentication failed."
+TEXT_AUTH_UNAVAILABLE: Final = "Authentication is temporarily unavailable, try again later."
+# APOP for an unknown user is compared against this so the work matches a real check.
+_UNKNOWN_USER_SECRET: Final = "\0no such user\0"  # noqa: S105 - never matches a digest
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """The result of one login attempt: a canonical user name, or a code and text."""
+
+    user: str | None
+    code: str = CODE_AUTH
+    text: str = TEXT_AUTH_FAILED
+
+    @property
+    def ok(self) -> bool:
+        return self.user is not None
+
+
+async def authenticate(
+    passdb: PassDB,
+    event: LoginRequest | ApopRequest,
+    *,
+    failure_delay: float,
+    session_id: str,
+) -> AuthOutcome:
+    """Check the credentials of ``event``; on a bad password wait ``failure_delay`` first.
+
+    The delay (Dovecot's auth_failure_delay) is served before the -ERR so that a
+    guesser on one connection gets a few tries a minute. A database that cannot be
+    consulted is our fault: [SYS/TEMP], no delay, and not counted as a failure.
+    """
+    try:
+        if isinstance(event, ApopRequest):
+            user = await _verify_apop(passdb, event)
+        else:
+            record = await passdb.verify(event.username, event.password)
+            user = record.name if record is not None else None
+    except AuthError as exc:
+        log.warning("session=%s user database unavailable: %s", session_id, exc, exc_info=exc)
+        return AuthOutcome(None, CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
+    if user is None:
+        if failure_delay > 0:
+            await asyncio.sleep(failure_delay)
+        return AuthOutcome(None)
+    return AuthOutcome(user)
+
+
+async def _verify_apop(passdb: PassDB, event: ApopRequest) -> str | None:
+    """APOP (RFC 1939 section 7): MD5 of timestamp + shared secret, compared in constant time."""
+    secret = await passdb.plaintext_secret(event.username)
+    expected = apop_digest(event.timestamp, secret if secret is not None else _UNKNOWN_USER_SECRET)
+    matches = hmac.compare_digest(expected.encode(), event.digest.lower().encode())
+    if not matches or secret is None:
+        return None
+    record = await passdb.lookup(event.username)
+    return record.name if record is not None else None

@@ -1,0 +1,204 @@
+"""The POP3 service: listeners (plain with STLS, and implicit TLS), and graceful shutdown.
+
+``bind_sockets`` binds the configured addresses up front so that a root process can
+bind ports 110/995 and then drop privileges, or hand the sockets to worker processes;
+``Pop3Service.start`` serves on given sockets or binds its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Final
+
+from popbox.auth.base import PassDB
+from popbox.config import Config, parse_listen
+from popbox.errors import ConfigError
+from popbox.net.session import Pop3Session, SessionHub
+from popbox.store.base import MailStore
+
+__all__ = ["LISTEN_BACKLOG", "Pop3Service", "bind_sockets"]
+
+log = logging.getLogger("popbox.pop3")
+
+# Linux caps the accept queue at net.core.somaxconn (4096 on current kernels); a burst
+# of logins (issue 6: thousands of sessions) must not be refused by a short queue.
+LISTEN_BACKLOG: Final = 4096
+# After the grace period sessions are dropped; releasing their maildrops is local work
+# that should take milliseconds, so a store that hangs longer than this is abandoned.
+CLEANUP_TIMEOUT: Final = 5.0
+
+Address = tuple[str, int]
+
+
+def _bind_one(address: str) -> socket.socket:
+    host, port = parse_listen(address)
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+    )
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # A restarted server must be able to bind while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]:110" means IPv6 only; list "0.0.0.0:110" too for IPv4, as nginx does.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def bind_sockets(config: Config) -> tuple[list[socket.socket], list[socket.socket]]:
+    """Bind ``config.pop3.listen`` and ``config.pop3.tls_listen``: (plain, tls) sockets.
+
+    Raises ConfigError naming the address that could not be bound (and closes the
+    sockets already bound).
+    """
+    plain: list[socket.socket] = []
+    tls: list[socket.socket] = []
+    try:
+        for address in config.pop3.listen:
+            plain.append(_bind_one(address))
+        for address in config.pop3.tls_listen:
+            tls.append(_bind_one(address))
+    except BaseException:
+        for sock in plain + tls:
+            sock.close()
+        raise
+    return plain, tls
+
+
+def _address(sock: socket.socket) -> Address:
+    name = sock.getsockname()
+    return str(name[0]), int(name[1])
+
+
+class Pop3Service:
+    """Serves POP3 on plain listeners (STLS when ``ssl_context``) and implicit-TLS ones."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: MailStore,
+        passdb: PassDB,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self._config = config
+        self._ssl_context = ssl_context
+        self._store = store
+        self._passdb = passdb
+        self._hub: SessionHub | None = None
+        self._servers: list[asyncio.Server] = []
+        self._plain_addresses: list[Address] = []
+        self._tls_addresses: list[Address] = []
+
+    @property
+    def plain_addresses(self) -> list[Address]:
+        """(host, port) of each plain listener, as bound (port 0 resolved)."""
+        return list(self._plain_addresses)
+
+    @property
+    def tls_addresses(self) -> list[Address]:
+        """(host, port) of each implicit-TLS listener, as bound."""
+        return list(self._tls_addresses)
+
+    @property
+    def session_count(self) -> int:
+        """Sessions that have not finished yet (including their cleanup)."""
+        return len(self._hub.sessions) if self._hub is not None else 0
+
+    async def start(
+        self,
+        *,
+        sockets: Sequence[socket.socket] | None = None,
+        tls_sockets: Sequence[socket.socket] | None = None,
+    ) -> None:
+        """Start accepting. Without sockets, bind the configured addresses.
+
+        Implicit-TLS sockets need an ssl_context; without one they are closed and a
+        warning logged (the embedded default without a certificate).
+        """
+        if self._servers:
+            raise RuntimeError("Pop3Service already started")
+        if sockets is None and tls_sockets is None:
+            sockets, tls_sockets = bind_sockets(self._config)
+        sockets = list(sockets or [])
+        tls_sockets = list(tls_sockets or [])
+        if tls_sockets and self._ssl_context is None:
+            log.warning("no TLS certificate: implicit-TLS listeners are not served")
+            for sock in tls_sockets:
+                sock.close()
+            tls_sockets = []
+        loop = asyncio.get_running_loop()
+        self._hub = hub = SessionHub(self._config, self._store, self._passdb, self._ssl_context)
+        limits = self._config.limits
+        try:
+            for sock in sockets:
+                server = await loop.create_server(
+                    lambda: Pop3Session(hub, implicit_tls=False),
+                    sock=sock,
+                    backlog=LISTEN_BACKLOG,
+                )
+                self._servers.append(server)
+                self._plain_addresses.append(_address(sock))
+            for sock in tls_sockets:
+                server = await loop.create_server(
+                    lambda: Pop3Session(hub, implicit_tls=True),
+                    sock=sock,
+                    ssl=self._ssl_context,
+                    ssl_handshake_timeout=limits.tls_handshake_timeout,
+                    backlog=LISTEN_BACKLOG,
+                )
+                self._servers.append(server)
+                self._tls_addresses.append(_address(sock))
+        except BaseException:
+            await self._close_listeners()
+            raise
+        for host, port in self._plain_addresses:
+            log.info("POP3 listening on %s", _show(host, port))
+        for host, port in self._tls_addresses:
+            log.info("POP3S listening on %s", _show(host, port))
+
+    async def shutdown(self) -> None:
+        """Stop accepting, give sessions ``limits.shutdown_grace`` to QUIT, drop the rest.
+
+        A dropped session commits nothing: its maildrop is released untouched.
+        """
+        hub = self._hub
+        await self._close_listeners()
+        if hub is None:
+            return
+        hub.shutting_down = True
+        grace = self._config.limits.shutdown_grace
+        if hub.sessions and grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hub.all_ended.wait(), grace)
+        if hub.sessions:
+            log.info("dropping %d sessions still open after %.1fs", len(hub.sessions), grace)
+            for session in list(hub.sessions):
+                session.shutdown(abort=True)
+            try:
+                await asyncio.wait_for(hub.all_ended.wait(), CLEANUP_TIMEOUT)
+            except TimeoutError:
+                log.error("%d sessions did not finish their cleanup", len(hub.sessions))
+
+    async def _close_listeners(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        # Server.wait_closed() also waits for every connection (3.12+); the listeners
+        # are closed as soon as close() returns, which is all that matters here.
+        await asyncio.sleep(0)
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

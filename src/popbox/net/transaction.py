@@ -1,0 +1,150 @@
+"""The transaction stage: one locked maildrop, streamed bodies, and the QUIT commit.
+
+This side of a session sees exactly one Maildrop and never a credential. Bodies go
+from ``maildrop.read_message`` through a ``WireEncoder`` to the transport chunk by
+chunk, waiting on the transport's flow control, so a 200 MB RETR holds only a chunk
+or two in memory. Whatever ends the session other than QUIT releases the maildrop
+without deleting (RFC 1939 section 6, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final, Protocol
+
+from popbox.errors import StoreError
+from popbox.net.log import SessionStats
+from popbox.proto.events import Quit, Retrieve
+from popbox.proto.server import ServerConnection
+from popbox.proto.wire import WireEncoder
+from popbox.store.base import Maildrop
+
+__all__ = ["BodyInterrupted", "Outlet", "TransactionStage"]
+
+log = logging.getLogger("popbox.pop3")
+
+# Encoded output is gathered up to this size before a write: fewer syscalls (and TLS
+# records) for small store chunks, while a session still holds well under 1 MiB.
+WRITE_BATCH: Final = 64 * 1024
+
+
+class Outlet(Protocol):
+    """Where the stage writes: the session's transport, behind its flow control."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None:
+        """Return once the transport wants more; raise ConnectionError if it is gone."""
+        ...
+
+
+class BodyInterrupted(Exception):
+    """The store failed after the +OK went out; the session must close, not go on.
+
+    The client cannot tell a truncated body from a whole one except by the missing
+    terminator, so the only honest thing left is to drop the connection.
+    """
+
+
+class TransactionStage:
+    """The post-login half of a session: owns the maildrop until commit or release."""
+
+    __slots__ = ("_finished", "_maildrop", "_session_id", "_stats")
+
+    def __init__(self, maildrop: Maildrop, stats: SessionStats, session_id: str) -> None:
+        self._maildrop = maildrop
+        self._stats = stats
+        self._session_id = session_id
+        self._finished = False
+
+    @property
+    def messages_count(self) -> int:
+        return len(self._maildrop.messages)
+
+    async def retrieve(self, conn: ServerConnection, event: Retrieve, out: Outlet) -> None:
+        """Answer RETR or TOP: the +OK line, the dot-stuffed body, the terminator.
+
+        If the message cannot be opened the client gets ``-ERR [SYS/TEMP]`` and the
+        session goes on; if the store fails mid-body, BodyInterrupted is raised.
+        """
+        chunks = self._maildrop.read_message(event.index)
+        try:
+            try:
+                first = await anext(chunks, b"")
+            except StoreError as exc:
+                log.warning(
+                    "session=%s message %d unavailable: %s",
+                    self._session_id, event.number, exc, exc_info=exc,
+                )
+                out.write(conn.message_unavailable(event))
+                return
+            out.write(conn.message_start(event))
+            encoder = WireEncoder(event.body_lines)
+            sent = 0
+            pending = encoder.encode(first)
+            try:
+                while not encoder.done:
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
+                    pending += encoder.encode(chunk)
+                    if len(pending) >= WRITE_BATCH:
+                        out.write(pending)
+                        sent += len(pending)
+                        pending = b""
+                        await out.drain()
+            except StoreError as exc:
+                raise BodyInterrupted(f"message {event.number}: {exc}") from exc
+            pending += encoder.finish()
+            out.write(pending)
+            sent += len(pending)
+            await out.drain()
+        finally:
+            # TOP stops early and a client may vanish mid-body: close the store's
+            # generator now so its file handle does not wait for the garbage collector.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+        if event.body_lines is None:
+            self._stats.retrieved += 1
+            self._stats.bytes_retrieved += sent
+        else:
+            self._stats.tops += 1
+
+    async def quit(self, conn: ServerConnection, event: Quit) -> bytes:
+        """Commit the deletions durably, then return QUIT's reply (RFC 1939 UPDATE state).
+
+        A failed commit answers ``-ERR [SYS/TEMP]``; the store released the lock either
+        way, so this stage is finished.
+        """
+        self._finished = True
+        ok = True
+        try:
+            await self._maildrop.commit_deletions(event.deletions)
+        except StoreError as exc:
+            ok = False
+            log.error(
+                "session=%s user=%s deletions not committed: %s",
+                self._session_id, self._stats.user, exc, exc_info=exc,
+            )
+        else:
+            self._stats.deleted = len(event.deletions)
+        remaining = self.messages_count - (len(event.deletions) if ok else 0)
+        return conn.quit_result(ok, remaining)
+
+    async def release(self) -> None:
+        """End without deleting anything (drop, timeout, shutdown, error). Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            await self._maildrop.release()
+        except StoreError as exc:
+            log.error(
+                "session=%s user=%s maildrop release failed: %s",
+                self._session_id, self._stats.user, exc, exc_info=exc,
+            )
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
