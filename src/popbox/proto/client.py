@@ -308,6 +308,11 @@ class ClientConnection:
         """Replies still expected (commands in flight)."""
         return len(self._expected)
 
+    @property
+    def busy(self) -> bool:
+        """True while replies or the rest of a message body are still to come."""
+        return bool(self._expected) or self._body is not None or self._owed_end is not None
+
     def _command(self, kind: _Kind, verb: str, *args: str, number: int = 0) -> bytes:
         line = " ".join((verb, *args))
         if "\r" in line or "\n" in line or "\0" in line:

@@ -1,0 +1,167 @@
+"""Server-side SASL mechanisms (RFC 4616 PLAIN, the LOGIN draft) and the APOP digest.
+
+Each mechanism is a small pure state machine: it is started with the client's initial
+response (or None), answers each client response with the next step, and ends in
+``Credentials`` or ``SaslFailure``. Base64 framing (RFC 5034 section 4) is decoded here
+too, strictly: anything that is not canonical base64 is a failure, never an exception.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+from dataclasses import dataclass, field
+from typing import Final, Protocol, TypeAlias
+
+__all__ = [
+    "MECHANISMS",
+    "Challenge",
+    "Credentials",
+    "LoginMechanism",
+    "Mechanism",
+    "PlainMechanism",
+    "SaslFailure",
+    "SaslStep",
+    "apop_digest",
+    "decode_response",
+    "new_mechanism",
+]
+
+# The LOGIN draft (draft-murchison-sasl-login) prompts, as every client expects them:
+# base64 "VXNlcm5hbWU6" and "UGFzc3dvcmQ6".
+LOGIN_USERNAME_PROMPT: Final = b"Username:"
+LOGIN_PASSWORD_PROMPT: Final = b"Password:"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Send ``+ base64(data)`` and wait for the client's next response."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The exchange is complete: verify these."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SaslFailure:
+    """The exchange failed (malformed response); counts as an authentication failure."""
+
+    reason: str
+
+
+SaslStep: TypeAlias = Challenge | Credentials | SaslFailure
+
+
+def decode_response(line: bytes) -> bytes | None:
+    """Strict base64 (RFC 5034 section 4), or None when the line is not base64."""
+    try:
+        return binascii.a2b_base64(line, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Mechanism(Protocol):
+    """One exchange of one SASL mechanism."""
+
+    name: str
+
+    def start(self, initial: bytes | None) -> SaslStep:
+        """Begin, with the decoded initial response or None if the client sent none."""
+        ...
+
+    def respond(self, data: bytes) -> SaslStep:
+        """The client's decoded response to the last challenge."""
+        ...
+
+
+class PlainMechanism:
+    """RFC 4616: one message ``authzid NUL authcid NUL passwd``.
+
+    popbox has no proxy authorization, so the authzid must be empty or the authcid.
+    """
+
+    name = "PLAIN"
+
+    def start(self, initial: bytes | None) -> SaslStep:
+        if initial is None:
+            return Challenge(b"")
+        return self.respond(initial)
+
+    def respond(self, data: bytes) -> SaslStep:
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            return SaslFailure("Invalid PLAIN message")
+        authzid, authcid, passwd = (_utf8(part) for part in parts)
+        if authzid is None or authcid is None or passwd is None:
+            return SaslFailure("Invalid UTF-8 in PLAIN message")
+        if not authcid or not passwd:
+            return SaslFailure("Empty user name or password")
+        if authzid and authzid != authcid:
+            return SaslFailure("Authorization identity must be the user")
+        return Credentials(authcid, passwd)
+
+
+class LoginMechanism:
+    """The LOGIN mechanism: a username prompt, then a password prompt.
+
+    An initial response, if any, is the username (as clients that send one expect).
+    """
+
+    name = "LOGIN"
+
+    def __init__(self) -> None:
+        self._username: str | None = None
+
+    def start(self, initial: bytes | None) -> SaslStep:
+        if initial is None:
+            return Challenge(LOGIN_USERNAME_PROMPT)
+        return self.respond(initial)
+
+    def respond(self, data: bytes) -> SaslStep:
+        text = _utf8(data)
+        if text is None:
+            return SaslFailure("Invalid UTF-8 in LOGIN response")
+        if self._username is None:
+            if not text:
+                return SaslFailure("Empty user name")
+            self._username = text
+            return Challenge(LOGIN_PASSWORD_PROMPT)
+        if not text:
+            return SaslFailure("Empty password")
+        return Credentials(self._username, text)
+
+
+# Every mechanism here sends a password in the clear (inside base64), so all of them
+# are offered only where plaintext credentials are allowed.
+MECHANISMS: Final = ("PLAIN", "LOGIN")
+
+
+def new_mechanism(name: str) -> Mechanism | None:
+    """A fresh exchange for ``name`` (upper case), or None if we do not offer it."""
+    if name == "PLAIN":
+        return PlainMechanism()
+    if name == "LOGIN":
+        return LoginMechanism()
+    return None
+
+
+def apop_digest(timestamp: str, secret: str) -> str:
+    """RFC 1939 section 7: lower-case hex MD5 of the greeting's timestamp and the secret.
+
+    MD5 is what the RFC prescribes; APOP is off by default because of it.
+    """
+    data = (timestamp + secret).encode("utf-8")
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()

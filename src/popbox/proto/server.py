@@ -1,0 +1,545 @@
+"""The sans-I/O POP3 server connection: bytes in, events out (docs/dev/server-api.md).
+
+``ServerConnection`` answers by itself every command that needs no I/O and hands the
+glue an event for everything else (a login to verify, TLS to start, a message to
+stream, deletions to commit). It parses lazily: ``next_event`` reads only as far as
+the next event, so a pipelining client gets its replies in order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from popbox.proto import replies
+from popbox.proto.commands import BadCommand, Command, MessageNumber, Verb, parse_command
+from popbox.proto.events import (
+    FLUSH,
+    NEED_DATA,
+    ApopRequest,
+    CloseConnection,
+    ConnectionClosed,
+    Event,
+    LoginRequest,
+    Quit,
+    Retrieve,
+    SnapshotIndex,
+    StartTls,
+)
+from popbox.proto.lines import LINE_TOO_LONG, MAX_COMMAND_LINE, MAX_SASL_LINE, LineReader
+from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP, err, ok
+from popbox.proto.sasl import (
+    MECHANISMS,
+    Challenge,
+    Credentials,
+    Mechanism,
+    SaslStep,
+    decode_response,
+    new_mechanism,
+)
+from popbox.proto.state import SessionState, accepts, next_state
+
+__all__ = [
+    "MAX_AUTH_FAILURES",
+    "MAX_BAD_COMMANDS",
+    "OUTPUT_HIGH_WATER",
+    "MessageLike",
+    "ServerConnection",
+    "ServerSettings",
+]
+
+# Dovecot's CLIENT_MAX_BAD_COMMANDS: a client that keeps sending garbage is cut off.
+MAX_BAD_COMMANDS: Final = 20
+# Dovecot disconnects after 3 failed authentications on one connection.
+MAX_AUTH_FAILURES: Final = 3
+# asyncio's default write-buffer high-water mark: past it the core stops answering
+# pipelined commands (event FLUSH) until the glue has written and drained.
+OUTPUT_HIGH_WATER: Final = 64 * 1024
+# Dovecot's wording, which clients and admins already know.
+PLAINTEXT_DISALLOWED: Final = (
+    "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+)
+# RFC 2449 section 4 is the floor for a command line; less breaks real clients.
+_MIN_LINE: Final = 255
+
+
+class MessageLike(Protocol):
+    """What the core needs of a snapshot entry (popbox.store.base.MessageInfo fits)."""
+
+    @property
+    def uidl(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one server offers; the same for every connection."""
+
+    implementation: str = "popbox"
+    expire: str = "NEVER"
+    apop_enabled: bool = False
+    hostname: str = "localhost"
+    max_command_line: int = MAX_COMMAND_LINE
+    max_sasl_line: int = MAX_SASL_LINE
+    max_bad_commands: int = MAX_BAD_COMMANDS
+    max_auth_failures: int = MAX_AUTH_FAILURES
+
+    def __post_init__(self) -> None:
+        if self.expire != "NEVER" and not (self.expire.isascii() and self.expire.isdigit()):
+            raise ValueError("expire must be a number of days or NEVER")
+        for name in ("implementation", "hostname"):
+            value: str = getattr(self, name)
+            if not value or not value.isascii() or not value.isprintable() or " " in value:
+                raise ValueError(f"{name} must be printable ASCII without spaces")
+        if min(self.max_command_line, self.max_sasl_line) < _MIN_LINE:
+            raise ValueError(f"line limits must be at least {_MIN_LINE} octets")
+        if min(self.max_bad_commands, self.max_auth_failures) < 1:
+            raise ValueError("max_bad_commands and max_auth_failures must be at least 1")
+
+
+class _Snapshot:
+    """The session's view of the maildrop: numbering and deletion marks.
+
+    This is the one place where a message number becomes a snapshot index and back.
+    """
+
+    def __init__(self, messages: Sequence[MessageLike]) -> None:
+        self._uidls = [message.uidl for message in messages]
+        self._sizes = [message.size for message in messages]
+        self._deleted: set[SnapshotIndex] = set()
+
+    @staticmethod
+    def number_of(index: SnapshotIndex) -> MessageNumber:
+        return MessageNumber(index + 1)
+
+    def index_of(self, number: MessageNumber) -> SnapshotIndex | bytes:
+        """The index of a live message, or the -ERR reply saying why there is none."""
+        if not 1 <= number <= len(self._sizes):
+            return err("No such message.")
+        index = SnapshotIndex(number - 1)
+        if index in self._deleted:
+            return err(f"Message {number} already deleted.")
+        return index
+
+    def live(self) -> Iterator[tuple[MessageNumber, SnapshotIndex]]:
+        for position in range(len(self._sizes)):
+            index = SnapshotIndex(position)
+            if index not in self._deleted:
+                yield self.number_of(index), index
+
+    def size(self, index: SnapshotIndex) -> int:
+        return self._sizes[index]
+
+    def uidl(self, index: SnapshotIndex) -> str:
+        return self._uidls[index]
+
+    def stat(self) -> tuple[int, int]:
+        """Count and octets of the messages not marked deleted."""
+        octets = sum(self._sizes) - sum(self._sizes[index] for index in self._deleted)
+        return len(self._sizes) - len(self._deleted), octets
+
+    def delete(self, index: SnapshotIndex) -> None:
+        self._deleted.add(index)
+
+    def undelete_all(self) -> None:
+        self._deleted.clear()
+
+    def deletions(self) -> frozenset[int]:
+        return frozenset(self._deleted)
+
+
+_Handler = Callable[["ServerConnection", Command, SessionState], Event | None]
+
+
+class ServerConnection:
+    """One POP3 session, server side, without I/O."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        tls_active: bool,
+        stls_available: bool,
+        plaintext_auth_allowed: bool,
+    ) -> None:
+        self._settings = settings
+        self._tls_active = tls_active
+        self._stls_available = stls_available
+        self._plaintext_allowed = plaintext_auth_allowed or tls_active
+        self._lines = LineReader(max(settings.max_command_line, settings.max_sasl_line))
+        self._state = SessionState.AUTHORIZATION
+        self._out = bytearray()
+        self._peer_closed = False
+        # What the glue owes us before parsing may go on ("login", "tls", "quit").
+        self._awaiting: str | None = None
+        self._close_next: CloseConnection | None = None
+        self._login_next = SessionState.TRANSACTION
+        self._username: str | None = None
+        self._sasl: Mechanism | None = None
+        self._bad_commands = 0
+        self._auth_failures = 0
+        self._snapshot = _Snapshot(())
+        self._timestamp = (
+            f"<{os.getpid()}.{secrets.token_hex(8)}@{settings.hostname}>"
+            if settings.apop_enabled
+            else None
+        )
+
+    # -- what the glue reads -------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def apop_timestamp(self) -> str | None:
+        """The ``<pid.nonce@host>`` of the greeting when APOP is enabled."""
+        return self._timestamp
+
+    def greeting(self) -> bytes:
+        """The first line the server sends (RFC 1939 section 4)."""
+        text = f"{self._settings.implementation} ready."
+        if self._timestamp is not None:
+            text = f"{text} {self._timestamp}"
+        return ok(text)
+
+    def data_to_send(self) -> bytes:
+        """Queued replies, in order; the queue is emptied."""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    # -- bytes in, events out ------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._peer_closed = True
+            return
+        if self._state is not SessionState.CLOSED:
+            self._lines.feed(data)
+
+    def next_event(self) -> Event:
+        """Answer what needs no I/O, up to the next event for the glue."""
+        if self._close_next is not None:
+            closing, self._close_next = self._close_next, None
+            self._state = SessionState.CLOSED
+            return closing
+        if self._state is SessionState.CLOSED:
+            return ConnectionClosed()
+        if self._awaiting is not None:
+            raise RuntimeError(f"next_event() called while waiting for the glue: {self._awaiting}")
+        while True:
+            if len(self._out) >= OUTPUT_HIGH_WATER:
+                return FLUSH
+            limit = (
+                self._settings.max_sasl_line
+                if self._sasl is not None
+                else self._settings.max_command_line
+            )
+            line = self._lines.read_line(limit)
+            if line is None:
+                if self._peer_closed:
+                    self._state = SessionState.CLOSED
+                    return ConnectionClosed()
+                return NEED_DATA
+            if line is LINE_TOO_LONG:
+                event = self._on_too_long()
+            elif self._sasl is not None:
+                event = self._on_sasl_response(self._sasl, line)
+            else:
+                event = self._on_command(line)
+            if event is not None:
+                return event
+
+    # -- what the glue reports -----------------------------------------------------
+
+    def login_succeeded(self, messages: Sequence[MessageLike]) -> None:
+        """The login was verified and the maildrop opened: enter TRANSACTION."""
+        self._expect("login")
+        self._snapshot = _Snapshot(messages)
+        self._state = self._login_next
+        count, octets = self._snapshot.stat()
+        self._queue(ok(f"Logged in, {count} messages ({octets} octets)."))
+
+    def login_failed(self, code: str | None, text: str) -> None:
+        """The login failed: ``-ERR [code] text``; bad credentials count as failures."""
+        self._expect("login")
+        self._queue(err(text, code))
+        if code not in (replies.CODE_IN_USE, replies.CODE_SYS_TEMP, replies.CODE_SYS_PERM):
+            self._count_auth_failure()
+
+    def tls_established(self) -> None:
+        """The STLS handshake is done: forget all plaintext input and session hints."""
+        self._expect("tls")
+        # CVE-2011-0411: whatever the client pipelined after STLS came in plaintext and
+        # may have been injected by a man in the middle.
+        self._lines.clear()
+        self._tls_active = True
+        self._plaintext_allowed = True
+        self._username = None
+
+    def message_start(self, event: Retrieve) -> bytes:
+        """The ``+OK`` line before a message's wire bytes."""
+        if event.body_lines is None:
+            return ok(f"{event.size} octets")
+        return ok("Top of message follows.")
+
+    def message_unavailable(self, event: Retrieve) -> bytes:
+        """The reply when the glue could not open the message."""
+        return err(f"Message {event.number} is unavailable, try again later.", CODE_SYS_TEMP)
+
+    def quit_result(self, succeeded: bool, remaining: int) -> bytes:
+        """The reply to QUIT in TRANSACTION once the deletions are committed (or not)."""
+        self._expect("quit")
+        self._state = SessionState.CLOSED
+        if succeeded:
+            return ok(f"Logging out, {remaining} messages left.")
+        return err("Some deleted messages not removed.", CODE_SYS_TEMP)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _expect(self, awaited: str) -> None:
+        if self._awaiting != awaited:
+            raise RuntimeError(f"not waiting for {awaited} (waiting for {self._awaiting})")
+        self._awaiting = None
+
+    def _queue(self, data: bytes) -> None:
+        self._out += data
+
+    def _close(self, reason: str) -> CloseConnection:
+        self._state = SessionState.CLOSED
+        return CloseConnection(reason)
+
+    def _bad_command(self, reply: bytes) -> Event | None:
+        self._bad_commands += 1
+        if self._bad_commands >= self._settings.max_bad_commands:
+            self._queue(err("Too many bad commands."))
+            return self._close("too many bad commands")
+        self._queue(reply)
+        return None
+
+    def _count_auth_failure(self) -> None:
+        self._auth_failures += 1
+        if self._auth_failures >= self._settings.max_auth_failures:
+            self._close_next = CloseConnection("too many authentication failures")
+
+    def _auth_failure(self, reply: bytes) -> Event | None:
+        self._queue(reply)
+        self._count_auth_failure()
+        if self._close_next is not None:
+            closing, self._close_next = self._close_next, None
+            self._state = SessionState.CLOSED
+            return closing
+        return None
+
+    def _on_too_long(self) -> Event | None:
+        if self._sasl is not None:
+            self._sasl = None
+            return self._auth_failure(err("SASL response too long.", CODE_AUTH))
+        return self._bad_command(err("Line too long."))
+
+    def _on_command(self, line: bytes) -> Event | None:
+        command = parse_command(line)
+        if isinstance(command, BadCommand):
+            return self._bad_command(err(command.reason))
+        following = next_state(self._state, command.verb)
+        if following is None:
+            return self._bad_command(err(f"{command.verb.value} is not allowed now."))
+        return _HANDLERS[command.verb](self, command, following)
+
+    # -- handlers: the state table has already allowed the command ------------------
+
+    def _capabilities(self) -> list[str]:
+        settings = self._settings
+        capabilities = [
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            f"EXPIRE {settings.expire}",
+            f"IMPLEMENTATION {settings.implementation}",
+        ]
+        if accepts(self._state, Verb.STLS) and self._stls_available and not self._tls_active:
+            capabilities.append("STLS")
+        if self._plaintext_allowed:
+            if accepts(self._state, Verb.USER):
+                capabilities.append("USER")
+            if accepts(self._state, Verb.AUTH):
+                capabilities.append("SASL " + " ".join(MECHANISMS))
+        return capabilities
+
+    def _capa(self, command: Command, following: SessionState) -> Event | None:
+        self._queue(replies.multiline("Capability list follows", self._capabilities()))
+        return None
+
+    def _stls(self, command: Command, following: SessionState) -> Event | None:
+        if self._tls_active:
+            return self._bad_command(err("TLS is already active."))
+        if not self._stls_available:
+            return self._bad_command(err("TLS is not available."))
+        self._queue(ok("Begin TLS negotiation now."))
+        self._awaiting = "tls"
+        return StartTls()
+
+    def _user(self, command: Command, following: SessionState) -> Event | None:
+        if not self._plaintext_allowed:
+            return self._bad_command(err(PLAINTEXT_DISALLOWED, CODE_AUTH))
+        assert command.name is not None
+        self._username = command.name
+        self._queue(ok())
+        return None
+
+    def _pass(self, command: Command, following: SessionState) -> Event | None:
+        if not self._plaintext_allowed:
+            return self._bad_command(err(PLAINTEXT_DISALLOWED, CODE_AUTH))
+        if self._username is None:
+            return self._bad_command(err("No user name given (send USER first)."))
+        assert command.secret is not None
+        username, self._username = self._username, None
+        return self._login(LoginRequest(username, command.secret, "USER"), following)
+
+    def _apop(self, command: Command, following: SessionState) -> Event | None:
+        if self._timestamp is None:
+            return self._bad_command(err("APOP is not enabled."))
+        assert command.name is not None
+        assert command.secret is not None
+        return self._login(ApopRequest(command.name, command.secret, self._timestamp), following)
+
+    def _login(self, event: LoginRequest | ApopRequest, following: SessionState) -> Event:
+        self._awaiting = "login"
+        self._login_next = following
+        return event
+
+    def _auth(self, command: Command, following: SessionState) -> Event | None:
+        if command.name is None:
+            usable = MECHANISMS if self._plaintext_allowed else ()
+            self._queue(replies.multiline("Available mechanisms", usable))
+            return None
+        mechanism = new_mechanism(command.name)
+        if mechanism is None:
+            return self._bad_command(err("Unsupported authentication mechanism."))
+        if not self._plaintext_allowed:
+            return self._bad_command(err(PLAINTEXT_DISALLOWED, CODE_AUTH))
+        self._login_next = following
+        if command.initial_response is None:
+            return self._sasl_step(mechanism, mechanism.start(None))
+        # RFC 5034 section 4: "=" is an empty initial response.
+        initial = (
+            b"" if command.initial_response == b"=" else decode_response(command.initial_response)
+        )
+        if initial is None:
+            return self._auth_failure(err("Invalid base64 data.", CODE_AUTH))
+        return self._sasl_step(mechanism, mechanism.start(initial))
+
+    def _on_sasl_response(self, mechanism: Mechanism, line: bytes) -> Event | None:
+        self._sasl = None
+        if line == b"*":
+            # RFC 5034 section 4: the client cancelled. Not an authentication failure,
+            # but a client looping on it should still run out of budget.
+            return self._bad_command(err("Authentication cancelled."))
+        data = decode_response(line)
+        if data is None:
+            return self._auth_failure(err("Invalid base64 data.", CODE_AUTH))
+        return self._sasl_step(mechanism, mechanism.respond(data))
+
+    def _sasl_step(self, mechanism: Mechanism, step: SaslStep) -> Event | None:
+        if isinstance(step, Challenge):
+            self._sasl = mechanism
+            self._queue(replies.sasl_challenge(step.data))
+            return None
+        if isinstance(step, Credentials):
+            self._awaiting = "login"
+            return LoginRequest(step.username, step.password, mechanism.name)
+        return self._auth_failure(err(step.reason, CODE_AUTH))
+
+    def _quit(self, command: Command, following: SessionState) -> Event | None:
+        if following is SessionState.UPDATE:
+            self._state = following
+            self._awaiting = "quit"
+            return Quit(self._snapshot.deletions())
+        self._queue(ok(f"{self._settings.implementation} signing off."))
+        return self._close("client quit")
+
+    def _stat(self, command: Command, following: SessionState) -> Event | None:
+        count, octets = self._snapshot.stat()
+        self._queue(ok(f"{count} {octets}"))
+        return None
+
+    def _listing(self, command: Command, value: Callable[[SnapshotIndex], object]) -> None:
+        snapshot = self._snapshot
+        if command.number is None:
+            count, octets = snapshot.stat()
+            lines = (f"{number} {value(index)}" for number, index in snapshot.live())
+            self._queue(replies.multiline(f"{count} messages ({octets} octets)", lines))
+            return
+        index = snapshot.index_of(command.number)
+        if isinstance(index, bytes):
+            self._queue(index)
+        else:
+            self._queue(ok(f"{command.number} {value(index)}"))
+
+    def _list(self, command: Command, following: SessionState) -> Event | None:
+        self._listing(command, self._snapshot.size)
+        return None
+
+    def _uidl(self, command: Command, following: SessionState) -> Event | None:
+        self._listing(command, self._snapshot.uidl)
+        return None
+
+    def _retrieve(self, command: Command, following: SessionState) -> Event | None:
+        assert command.number is not None
+        index = self._snapshot.index_of(command.number)
+        if isinstance(index, bytes):
+            self._queue(index)
+            return None
+        return Retrieve(index, command.number, self._snapshot.size(index), command.lines)
+
+    def _dele(self, command: Command, following: SessionState) -> Event | None:
+        assert command.number is not None
+        index = self._snapshot.index_of(command.number)
+        if isinstance(index, bytes):
+            self._queue(index)
+        else:
+            self._snapshot.delete(index)
+            self._queue(ok(f"Message {command.number} deleted."))
+        return None
+
+    def _noop(self, command: Command, following: SessionState) -> Event | None:
+        self._queue(ok())
+        return None
+
+    def _rset(self, command: Command, following: SessionState) -> Event | None:
+        self._snapshot.undelete_all()
+        count, octets = self._snapshot.stat()
+        self._queue(ok(f"Maildrop has {count} messages ({octets} octets)."))
+        return None
+
+
+_HANDLERS: Final[dict[Verb, _Handler]] = {
+    Verb.CAPA: ServerConnection._capa,
+    Verb.STLS: ServerConnection._stls,
+    Verb.USER: ServerConnection._user,
+    Verb.PASS: ServerConnection._pass,
+    Verb.APOP: ServerConnection._apop,
+    Verb.AUTH: ServerConnection._auth,
+    Verb.QUIT: ServerConnection._quit,
+    Verb.STAT: ServerConnection._stat,
+    Verb.LIST: ServerConnection._list,
+    Verb.UIDL: ServerConnection._uidl,
+    Verb.RETR: ServerConnection._retrieve,
+    Verb.TOP: ServerConnection._retrieve,
+    Verb.DELE: ServerConnection._dele,
+    Verb.NOOP: ServerConnection._noop,
+    Verb.RSET: ServerConnection._rset,
+}
