@@ -61,6 +61,8 @@ TMP_MAX_AGE: Final = 36 * 3600
 # stamps in 2 s steps and older filesystems in 1 s, so a change in the same step as
 # our own would otherwise hide behind an unchanged mtime.
 MTIME_SETTLE_NS: Final = 2_000_000_000
+# The lock file holds one short note (the UIDVALIDITY); more than this is not ours.
+MAX_LOCK_NOTE: Final = 64
 # NAME_MAX on Linux filesystems; a longer user name cannot be a directory anyway.
 MAX_USER_LENGTH: Final = 255
 # Maildir directories and files are private to the mail owner (Dovecot, Postfix).
@@ -72,11 +74,14 @@ SEEN_INFO: Final = ":2,"
 # is as atomic but would replace an existing name (our names are unique anyway).
 _NO_LINK_ERRNOS: Final = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
 
+
 def _store_error(action: str, exc: OSError) -> StoreError:
     """THE translation of OSError into popbox errors for this backend."""
     if isinstance(exc, BlockingIOError):
         return MaildropInUse(f"{action}: maildrop is locked by another session")
-    if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR):
+    # Most filesystem trouble passes (space is freed, an operator fixes modes), so it
+    # is temporary: the MTA retries and the client sees [SYS/TEMP], as with Dovecot.
+    if exc.errno == errno.ENAMETOOLONG:
         return PermanentStoreError(f"{action}: {exc.strerror} ({exc.filename})")
     return StoreError(f"{action}: {exc.strerror or exc} ({exc.filename})")
 
@@ -129,6 +134,8 @@ class _FileLock:
     """An exclusive flock on the maildrop's lock file, held while the fd is open."""
 
     def __init__(self, path: Path) -> None:
+        self._guard = threading.Lock()
+        self._fd = -1
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             # flock, not fcntl locks: it conflicts between two opens in one process too,
@@ -138,7 +145,31 @@ class _FileLock:
             os.close(fd)
             raise
         self._fd = fd
-        self._guard = threading.Lock()
+
+    def recorded_uidvalidity(self) -> int:
+        """The UIDVALIDITY last written into the lock file (0 if none).
+
+        The lock file outlives a lost or damaged index, so a rebuild can pick a larger
+        UIDVALIDITY than any the old index had and never hand out an old UIDL again.
+        """
+        data = os.pread(self._fd, MAX_LOCK_NOTE, 0)
+        text = data.decode("ascii", "replace").strip()
+        try:
+            return int(text.removeprefix("uidvalidity="), 16)
+        except ValueError:
+            return 0
+
+    def record_uidvalidity(self, uidvalidity: int) -> None:
+        # Written in place: the lock lives on this inode, so it cannot be replaced.
+        note = f"uidvalidity={uidvalidity:x}\n".encode("ascii")
+        os.pwrite(self._fd, note, 0)
+        os.ftruncate(self._fd, len(note))
+        os.fsync(self._fd)
+
+    def __del__(self) -> None:
+        # A session dropped without release() (a crashed task) must not keep the
+        # maildrop locked for the life of the process.
+        self.close()
 
     def close(self) -> None:
         # Called from the event loop (release) or a worker thread (commit).
@@ -151,9 +182,7 @@ class _FileLock:
 class MaildirMaildrop:
     """One user's Maildir, locked and snapshotted for one POP3 session."""
 
-    def __init__(
-        self, user: str, maildir: Path, lock: _FileLock, index: MaildirIndex
-    ) -> None:
+    def __init__(self, user: str, maildir: Path, lock: _FileLock, index: MaildirIndex) -> None:
         self._user = user
         self._maildir = maildir
         self._lock = lock
@@ -238,9 +267,7 @@ class MaildirMaildrop:
             with _os_errors(action):
                 fsync_dir(self._maildir / "cur")
                 fsync_dir(self._maildir / "new")
-                self._index.cur_mtime = _trusted_mtime(
-                    os.stat(self._maildir / "cur").st_mtime_ns
-                )
+                self._index.cur_mtime = _trusted_mtime(os.stat(self._maildir / "cur").st_mtime_ns)
                 write_index(self._maildir, self._index)
             if failure is not None:
                 raise _store_error(action, failure) from failure
@@ -301,15 +328,15 @@ class MaildirStore:
             lock = _FileLock(maildir / LOCK_NAME)
         try:
             with _os_errors(action):
-                index = self._sync_index(user, maildir)
+                index = self._sync_index(user, maildir, lock)
             return MaildirMaildrop(user, maildir, lock, index)
         except BaseException:
             lock.close()
             raise
 
-    def _sync_index(self, user: str, maildir: Path) -> MaildirIndex:
+    def _sync_index(self, user: str, maildir: Path, lock: _FileLock) -> MaildirIndex:
         """Bring the index in line with cur/ and new/; called with the lock held."""
-        index, changed = _load_or_rebuild(user, maildir)
+        index, changed = _load_or_rebuild(user, maildir, lock)
         _remove_stale_tmp(maildir / "tmp")
         new_names, new_duplicates = scan_messages(maildir / "new")
         cur_mtime = os.stat(maildir / "cur").st_mtime_ns
@@ -483,17 +510,25 @@ def _usage_by_scan(maildir: Path, new_names: dict[str, str]) -> Usage:
     return Usage(count, octets)
 
 
-def _load_or_rebuild(user: str, maildir: Path) -> tuple[MaildirIndex, bool]:
-    """The index, or a fresh one (and True: it must be written) if missing or damaged."""
+def _load_or_rebuild(user: str, maildir: Path, lock: _FileLock) -> tuple[MaildirIndex, bool]:
+    """The index, or a fresh one (and True: it must be written) if missing or damaged.
+
+    A fresh index gets a UIDVALIDITY above every one this Maildir had (from the old
+    header or the lock file), so its UIDLs cannot repeat an old one.
+    """
+    floor = 0
     try:
         index = read_index(maildir)
     except CorruptIndex as exc:
         log.warning("maildrop of %s: index damaged (%s); rebuilding, UIDLs change", user, exc)
-        floor = (exc.uidvalidity or 0) + 1
-        return MaildirIndex(uidvalidity=max(int(time.time()), floor)), True
-    if index is None:
-        return MaildirIndex(uidvalidity=int(time.time())), True
-    return index, False
+        floor = exc.uidvalidity or 0
+    else:
+        if index is not None:
+            return index, False
+    floor = max(floor, lock.recorded_uidvalidity())
+    uidvalidity = max(int(time.time()), floor + 1)
+    lock.record_uidvalidity(uidvalidity)
+    return MaildirIndex(uidvalidity=uidvalidity), True
 
 
 def _move_new_to_cur(user: str, maildir: Path, index: MaildirIndex) -> bool:
