@@ -1,0 +1,74 @@
+"""validate_username: every name that could become a path trick or a log trick is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from popbox.auth.names import MAX_USERNAME_LENGTH, is_valid_username, validate_username
+from popbox.errors import AuthError, InvalidUsername
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["alice", "Alice", "bob.smith", "j_doe", "user-1", "a", "alice@example.org", "bob+tag", "0"],
+)
+def test_ordinary_names_are_accepted_unchanged(name: str) -> None:
+    assert validate_username(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("", id="empty"),
+        pytest.param(".", id="dot"),
+        pytest.param("..", id="dotdot"),
+        pytest.param("../etc", id="parent-traversal"),
+        pytest.param("../../etc/passwd", id="deep-traversal"),
+        pytest.param("/etc/passwd", id="absolute-path"),
+        pytest.param("a/b", id="slash"),
+        pytest.param("a\\b", id="backslash"),
+        pytest.param(".hidden", id="hidden-file"),
+        pytest.param("-rf", id="option-injection"),
+        pytest.param("alice\0", id="nul-truncation"),
+        pytest.param("alice:x:0:0", id="field-separator"),
+        pytest.param("alice\n", id="trailing-newline"),
+        pytest.param("alice\nroot:{PLAIN}x", id="line-injection"),
+        pytest.param("alice\r", id="carriage-return"),
+        pytest.param("al ice", id="space"),
+        pytest.param("alice\t", id="tab"),
+        pytest.param("\u0430lice", id="cyrillic-homoglyph"),
+        pytest.param("alice\u200b", id="zero-width-space"),
+        pytest.param("\uff41lice", id="fullwidth-letter"),
+        pytest.param("al\u0131ce", id="dotless-i"),
+        pytest.param("\u0661\u0662", id="arabic-indic-digits"),
+        pytest.param("alice\u202e", id="bidi-override"),
+        pytest.param("*", id="wildcard"),
+        pytest.param("%u", id="dovecot-variable"),
+        pytest.param("$(id)", id="shell-substitution"),
+    ],
+)
+def test_attack_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidUsername):
+        validate_username(name)
+    assert not is_valid_username(name)
+
+
+def test_length_bound_is_inclusive() -> None:
+    assert validate_username("a" * MAX_USERNAME_LENGTH)
+    with pytest.raises(InvalidUsername):
+        validate_username("a" * (MAX_USERNAME_LENGTH + 1))
+
+
+def test_huge_name_is_not_echoed_whole_into_the_error() -> None:
+    with pytest.raises(InvalidUsername) as caught:
+        validate_username("x" * 1_000_000)
+    assert len(str(caught.value)) < 200
+
+
+def test_invalid_username_is_an_auth_error() -> None:
+    # The glue catches AuthError at the edge; InvalidUsername must be one of them.
+    assert issubclass(InvalidUsername, AuthError)
+
+
+def test_names_are_case_sensitive() -> None:
+    assert validate_username("Alice") != validate_username("alice")
