@@ -1,0 +1,374 @@
+"""Users from a Dovecot-format passwd file, reloaded when the file changes.
+
+One user per line, ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra_fields``, with
+everything after the password optional; ``#`` comments and blank lines are ignored.
+Extra fields are space-separated ``key=value`` (or bare ``key``) pairs; the quota
+rules Dovecot reads from them (``userdb_quota_rule=*:storage=1G``,
+``userdb_quota_rule2=*:messages=1000``, or the same without ``userdb_``) become the
+user's quota. Positional uid/gid/gecos/home/shell fields are accepted and ignored:
+popbox runs as one user and keeps mail under ``maildir_root/USER``.
+
+Usernames are case-sensitive, as in Dovecot's passwd-file by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from popbox.auth.base import UserRecord
+from popbox.auth.names import is_valid_username, validate_username
+from popbox.auth.schemes import (
+    DEFAULT_SCHEME,
+    cost_signature,
+    hash_like,
+    hash_password,
+    plaintext_of,
+    problem_with,
+    verify_password,
+)
+from popbox.errors import ConfigError, InvalidUsername
+
+__all__ = [
+    "RELOAD_CHECK_INTERVAL",
+    "PasswdEntry",
+    "PasswdFilePassDB",
+    "check_file_safety",
+    "parse_extra_fields",
+    "parse_line",
+    "parse_passwd",
+    "parse_size",
+    "quota_from_fields",
+]
+
+log = logging.getLogger(__name__)
+
+# Dovecot checks its passwd-file's mtime on every lookup; a stat a second is cheaper
+# still and makes `popbox user add` take effect before the user has typed a password.
+RELOAD_CHECK_INTERVAL: Final = 1.0
+
+# The fields of a line: user, password, uid, gid, gecos, home, shell, extra. The extra
+# fields may themselves hold ':' (``*:storage=1G``), so the split stops at 8.
+PASSWD_FIELDS: Final = 8
+
+# Dovecot's quota rule keys: quota_rule, quota_rule2, ... with or without userdb_.
+QUOTA_RULE_KEY: Final = re.compile(r"(?:userdb_)?quota_rule\d*")
+
+# Extra fields with which Dovecot refuses or restricts a login in ways popbox cannot
+# check here (the peer address is not part of verify()); fail closed rather than let
+# a user in whom Dovecot would have kept out.
+FAIL_CLOSED_FIELDS: Final = frozenset({"nologin", "allow_nets", "allow_real_nets"})
+
+# Dovecot's size suffixes, 1024-based; "storage=" without one is in kilobytes and
+# "bytes=" in bytes (Dovecot's quota rule parser).
+_SIZE_UNITS: Final = {"": None, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE: Final = re.compile(r"([0-9]{1,20})\s*([bBkKmMgGtT]?)[bB]?")
+
+
+@dataclass(frozen=True, slots=True)
+class PasswdEntry:
+    """One user's line: the stored password and what the rest of the line says."""
+
+    record: UserRecord
+    password: str
+    """The stored ``{SCHEME}data`` value; empty when the line has none."""
+    line_number: int
+    can_login: bool
+    """False for an unusable password or a fail-closed extra field; verify never succeeds."""
+    problems: tuple[str, ...] = ()
+    """What was ignored on the line (a quota rule popbox cannot honour), for the log."""
+
+
+def parse_size(value: str, default_unit: int = 1) -> int:
+    """Parse ``10M``, ``1G``, ``512k``, ``100B`` or a bare number (in ``default_unit``).
+
+    Units are 1024-based, as in Dovecot; ``default_unit`` is 1 (bytes) except for
+    Dovecot's ``storage=``, whose bare numbers are kilobytes.
+    """
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (a number with an optional B/k/M/G/T)")
+    number, unit = match.groups()
+    multiplier = _SIZE_UNITS[unit.upper()] or default_unit
+    return int(number) * multiplier
+
+
+def parse_extra_fields(text: str) -> dict[str, str]:
+    """Split Dovecot extra fields: ``a=1 b c=x=y`` -> {a: 1, b: "", c: x=y}."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        key, _, value = token.partition("=")
+        fields[key] = value
+    return fields
+
+
+def quota_from_fields(fields: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """``(quota_messages, quota_octets)`` from Dovecot quota rules for ``*``.
+
+    Rules for other mailboxes (Trash, ...) do not apply to a POP3 maildrop and are
+    ignored. 0 means "no limit", as in Dovecot and in popbox's [quota] settings.
+    Raises ValueError for a rule popbox cannot honour (relative or percentage limits).
+    """
+    messages: int | None = None
+    octets: int | None = None
+    for key, rule in fields.items():
+        if QUOTA_RULE_KEY.fullmatch(key) is None:
+            continue
+        mailbox, _, limits = rule.partition(":")
+        if mailbox != "*":
+            continue
+        for limit in limits.split(":"):
+            name, _, value = limit.partition("=")
+            if value.startswith(("+", "-")) or value.endswith("%"):
+                raise ValueError(f"{key}: relative limit {limit!r} is not supported")
+            if name == "storage":
+                octets = parse_size(value, 1024)
+            elif name == "bytes":
+                octets = parse_size(value, 1)
+            elif name == "messages":
+                messages = parse_size(value, 1)
+            elif name not in ("", "ignore"):
+                raise ValueError(f"{key}: unknown limit {limit!r}")
+    return messages, octets
+
+
+def parse_line(line: str, line_number: int = 0) -> PasswdEntry | None:
+    """Parse one line; None for a comment or blank line, ValueError if malformed."""
+    line = line.rstrip("\r\n")
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    fields = line.split(":", PASSWD_FIELDS - 1)
+    if len(fields) < 2:
+        raise ValueError("no ':' after the username")
+    try:
+        name = validate_username(fields[0])
+    except InvalidUsername as exc:
+        raise ValueError(str(exc)) from exc
+    extra = parse_extra_fields(fields[7]) if len(fields) == PASSWD_FIELDS else {}
+    problems: tuple[str, ...] = ()
+    try:
+        messages, octets = quota_from_fields(extra)
+    except ValueError as exc:
+        # Keep the user (with the default quota) rather than bounce all their mail
+        # over a typo in a quota rule; the log says what was ignored.
+        messages, octets, problems = None, None, (f"quota ignored: {exc}",)
+    record = UserRecord(
+        name=name,
+        quota_messages=messages,
+        quota_octets=octets,
+        extra={k: v for k, v in extra.items() if QUOTA_RULE_KEY.fullmatch(k) is None},
+    )
+    password = fields[1]
+    can_login = problem_with(password) is None and not FAIL_CLOSED_FIELDS & extra.keys()
+    return PasswdEntry(record, password, line_number, can_login, problems)
+
+
+def parse_passwd(data: bytes, *, source: str) -> dict[str, PasswdEntry]:
+    """Parse a whole file; malformed lines are skipped with a warning naming the line."""
+    entries: dict[str, PasswdEntry] = {}
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            entry = parse_line(raw.decode("utf-8"), number)
+        except UnicodeDecodeError:
+            log.warning("%s:%d: skipped: not valid UTF-8", source, number)
+            continue
+        except ValueError as exc:
+            log.warning("%s:%d: skipped: %s", source, number, exc)
+            continue
+        if entry is None:
+            continue
+        name = entry.record.name
+        if name in entries:
+            # Dovecot keeps the first line for a user; so do we, loudly.
+            first = entries[name].line_number
+            log.warning("%s:%d: skipped: user %s already on line %d", source, number, name, first)
+            continue
+        for problem in entry.problems:
+            log.warning("%s:%d: user %s: %s", source, number, name, problem)
+        if not entry.can_login:
+            why = problem_with(entry.password) or "a field Dovecot uses to refuse logins"
+            log.warning("%s:%d: user %s cannot log in: %s", source, number, name, why)
+        entries[name] = entry
+    return entries
+
+
+def check_file_safety(info: os.stat_result, path: Path) -> None:
+    """Refuse a passwd file that someone else could write; warn if anyone can read it.
+
+    Whoever can write the file can give themselves any user's mailbox, so a file that
+    is group- or world-writable, or owned by a user other than us or root, is refused.
+    """
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{path}: passwd file is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod go-w {path}"
+        )
+    if info.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            f"{path}: passwd file is owned by uid {info.st_uid}, who could rewrite it; "
+            "it must belong to root or to the user popbox runs as"
+        )
+    if info.st_mode & stat.S_IROTH:
+        log.warning("%s: passwd file is readable by everyone; run: chmod o-r %s", path, path)
+
+
+def _stat_key(info: os.stat_result) -> tuple[int, ...]:
+    # ctime catches a chmod (which must re-check safety); inode catches rename-over.
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+class PasswdFilePassDB:
+    """A PassDB over a Dovecot-format passwd file.
+
+    Unknown users are checked against a dummy hash with the scheme and cost most
+    common in the file (the default scheme while the file is empty), so they cost
+    what a wrong password costs and get the same reply. The file is re-read when its
+    stat changes, checked at most every ``check_interval`` seconds; a new version
+    that cannot be read or is unsafe is refused and the old contents stay in use.
+    Invalid usernames are treated as unknown users.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        default_scheme: str = DEFAULT_SCHEME,
+        check_interval: float = RELOAD_CHECK_INTERVAL,
+    ) -> None:
+        self._path = Path(path)
+        self._check_interval = check_interval
+        self._lock = threading.Lock()
+        self._entries: dict[str, PasswdEntry] = {}
+        self._key: tuple[int, ...] | None = None
+        self._checked_at = -float("inf")
+        self._missing_logged = False
+        # Made once: a fresh random password nobody knows, hashed the way new users
+        # are, for unknown users while the file has no usable hash to imitate.
+        self._default_dummy = hash_password(secrets.token_urlsafe(24), default_scheme)
+        self._dummies: dict[str, str] = {}
+        self._dummy = self._default_dummy
+        try:
+            self._refresh(force=True, strict=True)
+        except OSError as exc:
+            raise ConfigError(f"{self._path}: cannot read passwd file: {exc.strerror}") from exc
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def reload(self) -> None:
+        """Check the file now (SIGHUP, tests) instead of waiting for the interval."""
+        try:
+            self._refresh(force=True, strict=False)
+        except OSError as exc:
+            log.error("%s: cannot read passwd file, keeping old users: %s", self._path, exc)
+
+    def users(self) -> list[UserRecord]:
+        """Every user in the file as last loaded, in file order."""
+        self._maybe_refresh()
+        return [entry.record for entry in self._entries.values()]
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._checked_at < self._check_interval:
+            return
+        try:
+            self._refresh(force=False, strict=False)
+        except OSError as exc:
+            log.error("%s: cannot read passwd file, keeping old users: %s", self._path, exc)
+
+    def _refresh(self, *, force: bool, strict: bool) -> None:
+        """Re-read the file if it changed. ``strict`` raises on an unsafe file (start)."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._checked_at < self._check_interval:
+                return
+            self._checked_at = now
+            try:
+                if not force and _stat_key(os.stat(self._path)) == self._key:
+                    return
+                # fstat the descriptor we read from, so the safety check and the
+                # contents are of the same file even if it is renamed over meanwhile.
+                with open(self._path, "rb") as handle:
+                    info = os.fstat(handle.fileno())
+                    try:
+                        check_file_safety(info, self._path)
+                    except ConfigError as exc:
+                        if strict:
+                            raise
+                        log.error("%s; keeping the users loaded before", exc)
+                        return
+                    data = handle.read()
+            except FileNotFoundError:
+                if not self._missing_logged:
+                    keeping = "keeping the users loaded before" if self._key else "no users"
+                    log.warning("%s: passwd file does not exist; %s", self._path, keeping)
+                    self._missing_logged = True
+                return
+            self._missing_logged = False
+            self._entries = parse_passwd(data, source=str(self._path))
+            self._key = _stat_key(info)
+            self._dummy = self._dummy_like(self._entries.values())
+            log.info("%s: loaded %d users", self._path, len(self._entries))
+
+    def _dummy_like(self, entries: Iterable[PasswdEntry]) -> str:
+        """A dummy hash costing what most users' hashes cost; cached per signature."""
+        signatures: Counter[str] = Counter()
+        example: dict[str, str] = {}
+        for entry in entries:
+            signature = cost_signature(entry.password) if entry.can_login else None
+            if signature is not None:
+                signatures[signature] += 1
+                example.setdefault(signature, entry.password)
+        if not signatures:
+            return self._default_dummy
+        common = signatures.most_common(1)[0][0]
+        if common not in self._dummies:
+            self._dummies[common] = hash_like(secrets.token_urlsafe(24), example[common])
+        return self._dummies[common]
+
+    def _entry(self, username: str) -> PasswdEntry | None:
+        self._maybe_refresh()
+        if not is_valid_username(username):
+            return None
+        return self._entries.get(username)
+
+    def _verify_blocking(self, username: str, password: str) -> UserRecord | None:
+        entry = self._entry(username)
+        known = entry is not None and entry.can_login
+        stored = entry.password if entry is not None and known else self._dummy
+        # The hash runs whatever the outcome, so every failure costs the same work.
+        matched = verify_password(password, stored)
+        return entry.record if entry is not None and known and matched else None
+
+    def _lookup_blocking(self, username: str) -> UserRecord | None:
+        entry = self._entry(username)
+        return entry.record if entry is not None else None
+
+    def _plaintext_blocking(self, username: str) -> str | None:
+        entry = self._entry(username)
+        if entry is None or not entry.can_login:
+            return None
+        return plaintext_of(entry.password)
+
+    async def verify(self, username: str, password: str) -> UserRecord | None:
+        """The user if the password is right; None for a wrong password or unknown user."""
+        return await asyncio.to_thread(self._verify_blocking, username, password)
+
+    async def lookup(self, username: str) -> UserRecord | None:
+        """The user, without a password check (delivery, quotas); None if unknown."""
+        return await asyncio.to_thread(self._lookup_blocking, username)
+
+    async def plaintext_secret(self, username: str) -> str | None:
+        """The {PLAIN} password for APOP; None for hashed passwords and unknown users."""
+        return await asyncio.to_thread(self._plaintext_blocking, username)
