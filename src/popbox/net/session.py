@@ -369,6 +369,9 @@ class Pop3Session(asyncio.Protocol):
         self._stage = stage
         self._stats.user = outcome.user
         conn.login_succeeded(maildrop.messages)
+        # The timeout changes with the state; the watchdog takes the new one from now.
+        self._cancel_watchdog()
+        self._arm_watchdog()
 
     async def _retrieve(self, conn: ServerConnection, event: Retrieve) -> None:
         assert self._stage is not None

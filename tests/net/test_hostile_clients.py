@@ -1,0 +1,281 @@
+"""Tests named after what hostile or careless clients do, over real sockets.
+
+Each drives the server with raw bytes so the test controls exactly what is sent in one
+write and what is (not) read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from net_support import MESSAGES, PASSWORD, StartServer, wire
+
+from popbox.net.session import WRITE_HIGH_WATER
+from popbox.net.transaction import WRITE_BATCH
+
+
+class Raw:
+    """A POP3 client that sends exactly the bytes it is told to."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int], **kwargs: object) -> Raw:
+        reader, writer = await asyncio.open_connection(*address, **kwargs)  # type: ignore[arg-type]
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def line(self, timeout: float = 5.0) -> bytes:
+        return await asyncio.wait_for(self.reader.readline(), timeout)
+
+    async def multiline(self) -> bytes:
+        """The rest of a multi-line reply after its status line, un-stuffed."""
+        data = await asyncio.wait_for(self.reader.readuntil(b"\r\n.\r\n"), 10)
+        return _unstuff(data[: -len(b".\r\n")])
+
+    async def login(self, user: str = "alice") -> None:
+        assert (await self.line()).startswith(b"+OK")
+        await self.send(f"USER {user}\r\nPASS {PASSWORD}\r\n".encode())
+        assert (await self.line()).startswith(b"+OK")
+        assert (await self.line()).startswith(b"+OK")
+
+    async def closed(self, timeout: float = 5.0) -> bytes:
+        """Everything until the server closes; fails if it does not within ``timeout``."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+Connect = Callable[..., Awaitable[Raw]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., Awaitable[Raw]]]:
+    """Open raw clients; every one is closed at the end of the test."""
+    clients: list[Raw] = []
+
+    async def open_client(address: tuple[str, int], **kwargs: object) -> Raw:
+        client = await Raw.connect(address, **kwargs)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        client.writer.close()
+        with contextlib.suppress(Exception):
+            await client.writer.wait_closed()
+
+
+async def test_stls_command_injection_is_discarded(
+    connect: Connect, start_server: StartServer, client_context: ssl.SSLContext
+) -> None:
+    """CVE-2011-0411: a CAPA pipelined after STLS in plaintext must never be answered."""
+    server = await start_server()
+    client = await connect(server.plain)
+    await client.line()
+    await client.send(b"STLS\r\nCAPA\r\n")
+    assert (await client.line()).startswith(b"+OK")
+    await client.writer.start_tls(client_context, server_hostname="localhost")
+    await client.send(b"CAPA\r\n")
+    assert (await client.line()).startswith(b"+OK")
+    capabilities = await client.multiline()
+    assert b"STLS" not in capabilities
+    await client.send(b"QUIT\r\n")
+    # Had the injected CAPA been answered, a second capability list would come here.
+    assert b"signing off" in await client.line()
+    client.close()
+
+
+async def test_pipelined_retrs_answer_in_order_byte_exact(
+    connect: Connect, start_server: StartServer
+) -> None:
+    messages = [f"Subject: {i}\n\n.{i}\n{'x' * (i * 997)}\n".encode() for i in range(50)]
+    server = await start_server(messages=messages)
+    client = await connect(server.plain)
+    await client.login()
+    await client.send(b"".join(f"RETR {i}\r\n".encode() for i in range(1, 51)) + b"QUIT\r\n")
+    for message in messages:
+        assert await client.line() == f"+OK {len(wire(message))} octets\r\n".encode()
+        assert await client.multiline() == wire(message)
+    assert (await client.line()).startswith(b"+OK")
+    assert await client.closed() == b""
+
+
+async def test_large_message_is_streamed_byte_exact(
+    connect: Connect, start_server: StartServer
+) -> None:
+    line = b"".join(bytes([65 + i % 26]) * 70 + b"\n" for i in range(26))
+    big = b"Subject: big\n\n" + line * (24 * 1024 * 1024 // len(line)) + b".\n"
+    server = await start_server(messages=[big])
+    client = await connect(server.plain)
+    await client.login()
+    await client.send(b"RETR 1\r\n")
+    assert await client.line() == f"+OK {len(wire(big))} octets\r\n".encode()
+    # Read slowly at first so that the server has to wait on flow control.
+    buffered = _write_buffers(server)
+    received = bytearray()
+    while not received.endswith(b"\r\n.\r\n"):
+        received += await asyncio.wait_for(client.reader.read(1 << 20), 10)
+        buffered = max(buffered, _write_buffers(server))
+    assert _unstuff(bytes(received[:-3])) == wire(big)
+    assert buffered <= WRITE_HIGH_WATER + 2 * WRITE_BATCH + 4096
+    client.close()
+
+
+async def test_client_that_pipelines_retrs_and_never_reads_is_bounded(
+    connect: Connect,
+    start_server: StartServer,
+) -> None:
+    """Issue 5: hundreds of RETRs and no reading must not grow the server's buffers."""
+    message = b"Subject: x\n\n" + b"y" * 200_000 + b"\n"
+    server = await start_server(messages=[message])
+    client = await connect(server.plain)
+    await client.login()
+    # Small socket buffers on our side fill quickly; the rest must stay in the kernel.
+    await client.send(b"RETR 1\r\n" * 500)
+    await asyncio.sleep(0.5)
+    sessions = list(server.service._hub.sessions)  # type: ignore[union-attr]
+    assert len(sessions) == 1
+    conn = sessions[0]._conn
+    assert conn is not None
+    assert _write_buffers(server) <= WRITE_HIGH_WATER + 2 * WRITE_BATCH + 4096
+    # The unread commands wait in the kernel's socket buffers, not in ours.
+    assert conn._lines.buffered < 64 * 1024
+    client.writer.transport.abort()
+
+
+async def test_silent_client_is_cut_by_login_timeout(
+    connect: Connect, start_server: StartServer
+) -> None:
+    server = await start_server(login_timeout=0.3)
+    client = await connect(server.plain)
+    await client.line()
+    assert (await client.closed(timeout=3)).startswith(b"-ERR")
+
+
+async def test_slow_loris_does_not_reset_login_timeout(
+    connect: Connect, start_server: StartServer
+) -> None:
+    """A byte at a time never completes a command, so it never counts as activity."""
+    server = await start_server(login_timeout=0.5)
+    client = await connect(server.plain)
+    await client.line()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reply = asyncio.create_task(client.reader.read())
+    with contextlib.suppress(ConnectionError):
+        for byte in b"USER alice-with-a-long-name-typed-slowly\r\n":
+            if reply.done():
+                break
+            await client.send(bytes([byte]))
+            await asyncio.sleep(0.05)
+    assert (await asyncio.wait_for(reply, 5)).startswith(b"-ERR")
+    assert loop.time() - started < 1.5
+
+
+async def test_idle_timeout_after_login(connect: Connect, start_server: StartServer) -> None:
+    server = await start_server(idle_timeout=0.3)
+    client = await connect(server.plain)
+    await client.login()
+    await client.send(b"DELE 1\r\n")
+    assert (await client.line()).startswith(b"+OK")
+    assert (await client.closed()).startswith(b"-ERR")
+    await asyncio.sleep(0.05)
+    assert await server.messages() == MESSAGES
+
+
+async def test_bad_command_budget_closes(connect: Connect, start_server: StartServer) -> None:
+    server = await start_server(max_bad_commands=3)
+    client = await connect(server.plain)
+    await client.line()
+    await client.send(b"BOGUS\r\n" * 10)
+    rest = await client.closed()
+    assert rest.count(b"-ERR") == 3
+
+
+async def test_connections_per_ip_are_capped(connect: Connect, start_server: StartServer) -> None:
+    server = await start_server(max_connections_per_ip=2)
+    first = await connect(server.plain)
+    second = await connect(server.plain)
+    assert (await first.line()).startswith(b"+OK")
+    assert (await second.line()).startswith(b"+OK")
+    third = await connect(server.plain)
+    assert await third.closed() == b"-ERR [SYS/TEMP] too many connections\r\n"
+    first.close()
+    await asyncio.sleep(0.1)
+    fourth = await connect(server.plain)
+    assert (await fourth.line()).startswith(b"+OK")
+    second.close()
+    fourth.close()
+
+
+async def test_stalled_tls_handshake_is_cut(connect: Connect, start_server: StartServer) -> None:
+    server = await start_server(tls_handshake_timeout=0.3)
+    client = await connect(server.tls)
+    assert await client.closed(timeout=3) == b""
+    plain = await connect(server.plain)
+    await plain.line()
+    await plain.send(b"STLS\r\n")
+    assert (await plain.line()).startswith(b"+OK")
+    assert await plain.closed(timeout=3) == b""
+    await asyncio.sleep(0.05)
+    assert server.service.session_count == 0
+
+
+async def test_failed_logins_are_delayed_and_limited(
+    connect: Connect, start_server: StartServer
+) -> None:
+    server = await start_server(auth_failure_delay=0.2, max_auth_failures=2)
+    client = await connect(server.plain)
+    await client.line()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await client.send(b"USER alice\r\nPASS nope\r\nUSER alice\r\nPASS nope\r\n")
+    rest = await client.closed()
+    assert rest.count(b"-ERR [AUTH]") == 2
+    assert loop.time() - started >= 0.4
+
+
+async def test_logout_line_counts_what_happened(
+    connect: Connect, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server()
+    caplog.set_level(logging.INFO, logger="popbox.pop3")
+    client = await connect(server.plain)
+    await client.login()
+    await client.send(b"RETR 1\r\nTOP 2 0\r\nDELE 1\r\nQUIT\r\n")
+    await client.closed()
+    await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "reason=" in r.getMessage()]
+    assert len(lines) == 1
+    assert "user=alice" in lines[0]
+    # Octets sent for the body: the wire form, one stuffed dot, the terminator.
+    assert f"retr=1/{len(wire(MESSAGES[0])) + 1 + 3} " in lines[0]
+    assert "top=1" in lines[0]
+    assert "del=1" in lines[0]
+    assert "tls=no" in lines[0]
+    assert "reason=quit" in lines[0]
+
+
+def _unstuff(body: bytes) -> bytes:
+    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+
+
+def _write_buffers(server: object) -> int:
+    hub = server.service._hub  # type: ignore[attr-defined]
+    return sum(
+        s._transport.get_write_buffer_size()
+        for s in hub.sessions
+        if s._transport is not None and not s._transport.is_closing()
+    )
