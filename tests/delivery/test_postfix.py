@@ -1,0 +1,155 @@
+"""End to end with a real Postfix: SMTP in, LMTP relay to popbox, Maildir on disk.
+
+Postfix is the MTA popbox is documented to sit behind; these tests run the Debian
+package's own smtpd, qmgr and lmtp client against our LmtpService, so the per-
+recipient replies, the enhanced status codes and the trace headers are judged by the
+client that acts on them in production.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from lmtptools import RunningLmtp, StartLmtp, make_config, users
+from postfix import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
+
+from popbox.auth.base import UserRecord
+from popbox.store.maildir import MaildirStore
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(postfix_unavailable() is not None, reason=str(postfix_unavailable())),
+]
+
+# Bounded waits: Postfix hands a message to LMTP within a second on an idle machine.
+DELIVERY_TIMEOUT = 30.0
+
+BODY = (
+    b"Plain line.\r\n"
+    b".A line starting with a dot (dot-stuffed twice on the way).\r\n"
+    b"8-bit: Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n"
+    b"\r\n"
+    b"Trailing spaces kept   \r\n"
+    b"Last line\r\n"
+)
+MESSAGE = (
+    b"From: Carol <carol@example.net>\r\n"
+    b"To: Alice <alice@example.test>\r\n"
+    b"Subject: end to end\r\n"
+    b"Date: Thu, 26 Nov 2026 06:00:00 +0000\r\n"
+    b"Message-ID: <e2e-1@example.net>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n" + BODY
+)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory Postfix's unprivileged daemons can enter (pytest's tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="popbox-postfix-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], bool], what: str, postfix: PostfixInstance) -> None:
+    deadline = time.monotonic() + DELIVERY_TIMEOUT
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}; Postfix log:\n{postfix.log()}")
+
+
+def send(postfix: PostfixInstance, sender: str, recipients: list[str], data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=30) as client:
+        client.ehlo("client.example.net")
+        refused = client.sendmail(sender, recipients, data, mail_options=["BODY=8BITMIME"])
+        assert refused == {}
+
+
+def split_stored(stored: bytes) -> tuple[list[bytes], bytes]:
+    """The header lines before MESSAGE's own headers, and everything from them on."""
+    start = stored.index(b"From: Carol")
+    return stored[:start].split(b"\r\n")[:-1], stored[start:]
+
+
+def start_popbox(start_lmtp: StartLmtp, tmp_path: Path, **lmtp: object) -> RunningLmtp:
+    passdb = users("alice", "bob", carol=UserRecord("carol", quota_messages=1))
+    store = MaildirStore(tmp_path / "mail")
+    return start_lmtp(
+        config=make_config(tmp_path, domains=[DOMAIN], **lmtp), store=store, passdb=passdb
+    )
+
+
+def test_postfix_relays_over_lmtp_with_trace_headers_and_exact_body(
+    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+) -> None:
+    popbox = start_popbox(start_lmtp, tmp_path)
+    with running_postfix(shared_dir / "postfix", f"inet:127.0.0.1:{popbox.port}") as postfix:
+        send(postfix, "carol@example.net", [f"alice@{DOMAIN}"], MESSAGE)
+        wait_for(lambda: len(popbox.messages("alice")) == 1, "delivery to alice", postfix)
+    (stored,) = popbox.messages("alice")
+    prepended, rest = split_stored(stored)
+    # Ours first, exactly as Dovecot's LMTP writes them; then Postfix's Received.
+    assert prepended[:2] == [
+        b"Return-Path: <carol@example.net>",
+        b"Delivered-To: <alice@example.test>",
+    ]
+    assert prepended[2].startswith(b"Received: from client.example.net")
+    assert all(line[:1] in b" \t" for line in prepended[3:])
+    # Postfix leaves a complete, dated message alone; so do we: byte for byte.
+    assert rest == MESSAGE
+
+
+def test_postfix_acts_on_each_per_recipient_reply(
+    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+) -> None:
+    popbox = start_popbox(start_lmtp, tmp_path)
+    popbox.run(popbox.store.deliver("carol", b"Subject: filler\r\n\r\nx\r\n"))
+    recipients = [f"{name}@{DOMAIN}" for name in ("alice", "nobody", "carol", "bob")]
+    with running_postfix(shared_dir / "postfix", f"inet:127.0.0.1:{popbox.port}") as postfix:
+        # One SMTP transaction, so Postfix's lmtp client sends one LMTP transaction
+        # with all four recipients and must match the replies to them.
+        send(postfix, "sender@example.net", recipients, MESSAGE)
+        wait_for(
+            lambda: "to=<carol@example.test>" in postfix.log()
+            and "to=<nobody@example.test>" in postfix.log()
+            and len(popbox.messages("bob")) == 1,
+            "every recipient's outcome",
+            postfix,
+        )
+        log = postfix.log()
+    assert len(popbox.messages("alice")) == 1
+    assert len(popbox.messages("bob")) == 1
+    assert len(popbox.messages("carol")) == 1  # only the filler: the mailbox is full
+    assert re.search(r"to=<nobody@example\.test>.*dsn=5\.1\.1, status=bounced", log), log
+    assert re.search(r"to=<carol@example\.test>.*dsn=4\.2\.2, status=deferred", log), log
+    assert re.search(r"to=<alice@example\.test>.*dsn=2\.0\.0, status=sent", log), log
+
+
+def test_postfix_over_a_unix_socket(
+    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+) -> None:
+    socket_path = shared_dir / "lmtp" / "popbox.sock"
+    socket_path.parent.mkdir()
+    socket_path.parent.chmod(0o755)
+    popbox = start_popbox(start_lmtp, tmp_path, listen=[], socket=socket_path)
+    with running_postfix(shared_dir / "postfix", f"unix:{socket_path}") as postfix:
+        send(postfix, "", [f"Bob+Lists@{DOMAIN}"], MESSAGE)
+        wait_for(lambda: len(popbox.messages("bob")) == 1, "delivery to bob", postfix)
+    (stored,) = popbox.messages("bob")
+    prepended, rest = split_stored(stored)
+    # A null sender (how bounces travel) becomes Return-Path: <>; the detail stays
+    # in Delivered-To while the mail lands in bob's one mailbox.
+    assert prepended[:2] == [b"Return-Path: <>", b"Delivered-To: <Bob+Lists@example.test>"]
+    assert rest == MESSAGE
