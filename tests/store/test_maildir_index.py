@@ -1,0 +1,143 @@
+"""The pieces under the Maildir store: name parsing, streamed wire sizes, the index file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from popbox.proto.wire import wire_size
+from popbox.store.index import (
+    INDEX_NAME,
+    CorruptIndex,
+    MaildirIndex,
+    WireSizeCounter,
+    arrival_order,
+    is_message_name,
+    message_key,
+    read_header,
+    read_index,
+    size_fields,
+    wire_size_of_file,
+    write_index,
+)
+
+# Bytes that matter to the size rule, so hypothesis hits CR/LF pairs often.
+LINE_BYTES = st.binary(max_size=200).map(lambda b: b.replace(b"a", b"\r").replace(b"b", b"\n"))
+
+
+@given(data=LINE_BYTES, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+def test_streamed_wire_size_equals_the_size_rule(data: bytes, cuts: list[int]) -> None:
+    """However the message is cut into chunks (CR LF split included), the size is one."""
+    counter = WireSizeCounter()
+    start = 0
+    for cut in sorted(set(cuts)):
+        counter.feed(data[start:cut])
+        start = max(start, cut)
+    counter.feed(data[start:])
+    assert counter.wire == wire_size(data)
+    assert counter.stored == len(data)
+
+
+def test_wire_size_of_file_crosses_chunk_boundaries(tmp_path: Path) -> None:
+    data = b"x" * (64 * 1024 - 1) + b"\r\n" + b"y\n" * 70_000 + b"no end"
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    assert wire_size_of_file(path) == wire_size(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "sizes"),
+    [
+        ("17000.M1P2Q3.host,S=120,W=124:2,S", "17000.M1P2Q3.host,S=120,W=124", (120, 124)),
+        ("1700000000.M1P2Q3.host,S=120:2,", "1700000000.M1P2Q3.host,S=120", (120, None)),
+        ("1700000000.V801I2345M678.host", "1700000000.V801I2345M678.host", (None, None)),
+        ("1700000000.1234_5.host:2,RS", "1700000000.1234_5.host", (None, None)),
+        ("1.M1.host,W=x,S=-1,W=7,Z=3:2,", "1.M1.host,W=x,S=-1,W=7,Z=3", (None, 7)),
+        ("1.M1.host:2,S,W=99", "1.M1.host", (None, None)),  # fields after ':' are flags
+    ],
+)
+def test_names_split_into_key_and_size_fields(
+    name: str, key: str, sizes: tuple[int | None, int | None]
+) -> None:
+    assert message_key(name) == key
+    assert size_fields(name) == sizes
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("1.M1.host", True), (".nfs0001", False), ("", False), ("a\nb", False), ("a b", True)],
+)
+def test_which_names_are_messages(name: str, ok: bool) -> None:
+    assert is_message_name(name) is ok
+
+
+def test_arrival_order_is_delivery_time_then_name() -> None:
+    names = ["999999999.b", "1700000000.b", "1700000000.a", "junk", "100.x"]
+    assert sorted(names, key=arrival_order) == [
+        "100.x",
+        "999999999.b",
+        "1700000000.a",
+        "1700000000.b",
+        "junk",
+    ]
+
+
+def sample_index() -> MaildirIndex:
+    index = MaildirIndex(uidvalidity=0x6B07CF9C)
+    index.assign("1.M1.host,S=3,W=4", 4, "cur/1.M1.host,S=3,W=4:2,S")
+    index.assign("2.with space", 10, "new/2.with space")
+    index.assign("3.latin1-\udce9", 7, "cur/3.latin1-\udce9:2,")  # a non-UTF-8 byte
+    return index
+
+
+def test_index_round_trips_through_the_file(tmp_path: Path) -> None:
+    index = sample_index()
+    index.cur_mtime = 1_700_000_000_123_456_789
+    del index.entries["1.M1.host,S=3,W=4"]  # a deleted message keeps its UID spent
+    write_index(tmp_path, index)
+    loaded = read_index(tmp_path)
+    assert loaded == index
+    assert loaded.next_uid == 4
+    assert [loaded.uidl(e.uid) for e in loaded.entries.values()] == [
+        "6b07cf9c00000002",
+        "6b07cf9c00000003",
+    ]
+    header = read_header(tmp_path)
+    assert header is not None
+    assert (header.count, header.octets, header.in_new) == (2, 17, 1)
+    assert header.cur_mtime == index.cur_mtime
+    assert not (tmp_path / "popbox-index.tmp").exists()
+
+
+def test_missing_index_reads_as_none(tmp_path: Path) -> None:
+    assert read_index(tmp_path) is None
+    assert read_header(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("\n2 10 new/", "\n2 10 tmp/"),  # only cur/ and new/ hold messages
+        ("\n3 7 ", "\n1 7 "),  # UIDs out of order
+        ("\n3 7 ", "\n9 7 "),  # a UID not below next
+        ("\n2 10 ", "\n2 -10 "),
+        ("octets=21", "octets=22"),
+        ("next=4", "next=four"),
+        ("popbox-maildir-index 1", "popbox-maildir-index 2"),
+        ("2 10 new/2.with space", "2 10 new/1.M1.host,S=3,W=4:2,S"),  # duplicate key
+    ],
+)
+def test_damaged_index_is_detected(tmp_path: Path, old: str, new: str) -> None:
+    write_index(tmp_path, sample_index())
+    path = tmp_path / INDEX_NAME
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    assert old in text
+    path.write_text(text.replace(old, new, 1), encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(CorruptIndex) as raised:
+        read_index(tmp_path)
+    if "popbox-maildir-index 2" not in new and "four" not in new:
+        # The old UIDVALIDITY is kept so the rebuilt index can go above it.
+        assert raised.value.uidvalidity == 0x6B07CF9C
