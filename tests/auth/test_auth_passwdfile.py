@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -292,3 +295,52 @@ def test_unreadable_file_is_a_config_error(write_passwd: WritePasswd) -> None:
     os.chmod(path, 0o000)
     with pytest.raises(ConfigError, match="cannot read"):
         PasswdFilePassDB(path)
+
+
+async def test_hashing_runs_off_the_event_loop(
+    write_passwd: WritePasswd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = open_db(write_passwd(f"alice:{ALICE}\n"))
+    threads: list[int] = []
+    real = passwdfile.verify_password
+
+    def recording(password: str, stored: str) -> bool:
+        threads.append(threading.get_ident())
+        return real(password, stored)
+
+    monkeypatch.setattr(passwdfile, "verify_password", recording)
+    assert await db.verify("alice", "alice-pw") is not None
+    assert await db.verify("nobody", "x") is None
+    assert len(threads) == 2
+    assert threading.get_ident() not in threads
+
+
+DOVEADM = shutil.which("doveadm")
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-core) not installed")
+async def test_a_passwd_file_written_with_doveadm_works_unchanged(
+    write_passwd: WritePasswd,
+) -> None:
+    assert DOVEADM is not None
+    schemes = ["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "PLAIN", "SSHA512"]
+    lines = ["# written the way the Dovecot wiki shows"]
+    for n, scheme in enumerate(schemes):
+        stored = subprocess.run(
+            [DOVEADM, "pw", "-s", scheme, "-p", f"pw-{n}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+        lines.append(
+            f"user{n}@example.org:{stored}:5000:5000::/var/vmail/user{n}::"
+            f"userdb_quota_rule=*:storage={n + 1}G"
+        )
+    db = open_db(write_passwd("\n".join(lines) + "\n"))
+    for n in range(len(schemes)):
+        user = await db.verify(f"user{n}@example.org", f"pw-{n}")
+        assert user is not None, schemes[n]
+        assert user.quota_octets == (n + 1) * 1024**3
+        assert await db.verify(f"user{n}@example.org", f"pw-{n + 1}") is None

@@ -245,3 +245,14 @@ def test_dovecot_verifies_our_hashes(cheap: HashCost) -> None:
         )
         assert result.returncode == 0, stored
         assert "verified" in result.stdout + result.stderr, stored
+
+
+def test_oversized_password_fails_quietly(
+    caplog: pytest.LogCaptureFixture, cheap: HashCost
+) -> None:
+    # SASL lines may be long; a huge password is the client's fault, not a bad hash.
+    caplog.set_level(logging.WARNING, logger="popbox.auth.schemes")
+    for scheme in ["SHA512-CRYPT", "ARGON2ID", "BLF-CRYPT", "PLAIN", "SSHA512"]:
+        stored = hash_password("secret", scheme, cost=cheap)
+        assert not verify_password("x" * 20_000, stored)
+    assert "malformed" not in caplog.text

@@ -29,6 +29,7 @@ from typing import Final
 import argon2
 import bcrypt
 from argon2.exceptions import VerificationError
+from passlib.exc import PasswordSizeError
 from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
 
 __all__ = [
@@ -229,7 +230,12 @@ def _verify_bcrypt(secret: bytes, parsed: _Stored) -> bool:
 
 def _verify_passlib(secret: bytes, parsed: _Stored) -> bool:
     truncated = secret.split(b"\0", 1)[0]  # passlib refuses NUL; see _verify_bcrypt
-    ok: bool = _PASSLIB[parsed.scheme].verify(truncated, parsed.data)
+    try:
+        ok: bool = _PASSLIB[parsed.scheme].verify(truncated, parsed.data)
+    except PasswordSizeError:
+        # Over passlib's 4096-byte cap (a DoS guard): no stored hash can match it, and
+        # it is the client's input that is wrong, not the hash, so nothing is logged.
+        return False
     return ok and b"\0" not in secret
 
 
