@@ -1,0 +1,157 @@
+"""Line framing limits and the command grammar, including hostile input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from popbox.proto.commands import HUGE_NUMBER, BadCommand, Command, Verb, parse_command
+from popbox.proto.lines import LINE_TOO_LONG, LineReader
+
+
+def test_crlf_and_bare_lf_lines() -> None:
+    reader = LineReader(100)
+    reader.feed(b"ONE\r\nTWO\nTHR")
+    assert reader.read_line(100) == b"ONE"
+    assert reader.read_line(100) == b"TWO"
+    assert reader.read_line(100) is None
+    reader.feed(b"EE\r\n")
+    assert reader.read_line(100) == b"THREE"
+
+
+def test_a_line_split_between_cr_and_lf() -> None:
+    reader = LineReader(100)
+    reader.feed(b"NOOP\r")
+    assert reader.read_line(100) is None
+    reader.feed(b"\n")
+    assert reader.read_line(100) == b"NOOP"
+
+
+def test_limit_counts_the_line_end() -> None:
+    reader = LineReader(100)
+    reader.feed(b"x" * 9 + b"\n" + b"y" * 10 + b"\n")
+    assert reader.read_line(10) == b"x" * 9
+    assert reader.read_line(10) is LINE_TOO_LONG
+    assert reader.buffered == 0
+
+
+def test_one_mib_line_is_never_buffered() -> None:
+    reader = LineReader(2048)
+    peak = 0
+    chunk = b"A" * 65536
+    for _ in range(16):
+        reader.feed(chunk)
+        peak = max(peak, reader.buffered)
+        assert reader.read_line(2048) in (LINE_TOO_LONG, None)
+        peak = max(peak, reader.buffered)
+    reader.feed(b"AAAA\r\nNOOP\r\n")
+    assert peak <= 2048
+    assert reader.read_line(2048) == b"NOOP"
+    assert reader.read_line(2048) is None
+
+
+def test_one_mib_line_in_a_single_feed_keeps_only_the_limit() -> None:
+    reader = LineReader(2048)
+    reader.feed(b"STAT\r\n" + b"A" * (1 << 20))
+    assert reader.buffered <= 6 + 2048
+    reader.feed(b"A" * (1 << 20) + b"\r\nNOOP\r\n")
+    assert reader.read_line(2048) == b"STAT"
+    assert reader.read_line(2048) is LINE_TOO_LONG
+    assert reader.read_line(2048) == b"NOOP"
+    assert reader.read_line(2048) is None
+
+
+def test_too_long_is_reported_once_per_line() -> None:
+    reader = LineReader(64)
+    reader.feed(b"B" * 100)
+    assert reader.read_line(64) is LINE_TOO_LONG
+    reader.feed(b"B" * 100)
+    assert reader.read_line(64) is None
+    reader.feed(b"\nCAPA\n")
+    assert reader.read_line(64) == b"CAPA"
+
+
+def test_clear_forgets_everything() -> None:
+    reader = LineReader(64)
+    reader.feed(b"USER evil\r\nPA")
+    reader.clear()
+    assert reader.read_line(64) is None
+    reader.feed(b"CAPA\r\n")
+    assert reader.read_line(64) == b"CAPA"
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        (b"stat", Command(Verb.STAT)),
+        (b"STAT ", Command(Verb.STAT)),
+        (b"LIST", Command(Verb.LIST)),
+        (b"list 7", Command(Verb.LIST, number=7)),  # type: ignore[arg-type]
+        (b"TOP 1 10", Command(Verb.TOP, number=1, lines=10)),  # type: ignore[arg-type]
+        (b"TOP 1 " + b"9" * 40, Command(Verb.TOP, number=1, lines=HUGE_NUMBER)),  # type: ignore[arg-type]
+        (b"USER fr\xc3\xa9d", Command(Verb.USER, name="fr\u00e9d")),
+        (b"PASS a b  c", Command(Verb.PASS, secret="a b  c")),
+        (b"AUTH plain", Command(Verb.AUTH, name="PLAIN")),
+        (b"AUTH PLAIN =", Command(Verb.AUTH, name="PLAIN", initial_response=b"=")),
+        (b"AUTH", Command(Verb.AUTH)),
+        (
+            b"APOP u C4C9334BAC560ECC979E58001B3E22FB",
+            Command(Verb.APOP, name="u", secret="c4c9334bac560ecc979e58001b3e22fb"),
+        ),
+    ],
+)
+def test_valid_commands(line: bytes, command: Command) -> None:
+    assert parse_command(line) == command
+
+
+@pytest.mark.parametrize(
+    ("line", "unknown"),
+    [
+        (b"", False),
+        (b"   ", False),
+        (b"XYZZY", True),
+        (b"RETRIEVE 1", True),
+        (b"STAT 1", False),
+        (b"NOOP x", False),
+        (b"LIST 1 2", False),
+        (b"RETR", False),
+        (b"DELE", False),
+        (b"USER", False),
+        (b"USER a b", False),
+        (b"USER \xff", False),
+        (b"USER a\x01", False),
+        (b"PASS", False),
+        (b"PASS \xc3", False),
+        (b"TOP 1", False),
+        (b"TOP 1 2 3", False),
+        (b"AUTH PLAIN x y", False),
+        (b"AUTH PL\xc3\x80IN", False),
+        (b"STAT\0", False),
+        (b"ST\xc3\x80T", True),
+        (b"\xff\xfe", True),
+        (b"K" * 41, True),
+    ],
+)
+def test_bad_commands(line: bytes, unknown: bool) -> None:
+    result = parse_command(line)
+    assert isinstance(result, BadCommand)
+    assert result.unknown is unknown
+    assert result.reason
+
+
+@settings(max_examples=500)
+@given(
+    st.binary(max_size=80)
+    | st.sampled_from([b"RETR ", b"TOP 1 ", b"AUTH PLAIN "]).flatmap(
+        lambda prefix: st.binary(max_size=40).map(lambda tail: prefix + tail)
+    )
+)
+def test_parser_never_raises(line: bytes) -> None:
+    result = parse_command(line)
+    assert isinstance(result, Command | BadCommand)
+    if isinstance(result, Command) and result.number is not None:
+        assert 0 <= result.number <= HUGE_NUMBER

@@ -1,0 +1,360 @@
+"""Server core behaviour: CAPA per state, STLS attacks, pipelining, limits, fuzzing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from proto_glue import Glue, connect
+
+from popbox.proto.commands import Verb
+from popbox.proto.events import (
+    FLUSH,
+    NEED_DATA,
+    CloseConnection,
+    ConnectionClosed,
+    Flush,
+    LoginRequest,
+    StartTls,
+)
+from popbox.proto.server import OUTPUT_HIGH_WATER, ServerSettings
+from popbox.proto.state import TRANSITIONS, SessionState
+from popbox.proto.wire import wire_size
+from popbox.store.base import MessageInfo
+
+BASE_CAPABILITIES = [
+    "TOP",
+    "UIDL",
+    "RESP-CODES",
+    "AUTH-RESP-CODE",
+    "PIPELINING",
+    "EXPIRE NEVER",
+    "IMPLEMENTATION popbox",
+]
+
+
+def capabilities(glue: Glue) -> list[str]:
+    reply = glue.send(b"CAPA\r\n").decode()
+    lines = reply.split("\r\n")
+    assert lines[0] == "+OK Capability list follows"
+    assert lines[-2:] == [".", ""]
+    return lines[1:-2]
+
+
+def test_capa_plain_connection_with_stls_and_plaintext_allowed() -> None:
+    glue = Glue(connect(), messages=[b"x\n"])
+    assert capabilities(glue) == [*BASE_CAPABILITIES, "STLS", "USER", "SASL PLAIN LOGIN"]
+
+
+def test_capa_without_plaintext_offers_no_user_or_sasl() -> None:
+    glue = Glue(connect(plaintext_auth_allowed=False))
+    assert capabilities(glue) == [*BASE_CAPABILITIES, "STLS"]
+
+
+def test_capa_after_stls_is_recomputed() -> None:
+    glue = Glue(connect(plaintext_auth_allowed=False))
+    glue.send(b"STLS\r\n")
+    assert capabilities(glue) == [*BASE_CAPABILITIES, "USER", "SASL PLAIN LOGIN"]
+
+
+def test_capa_on_implicit_tls() -> None:
+    glue = Glue(connect(tls_active=True, stls_available=False, plaintext_auth_allowed=False))
+    assert capabilities(glue) == [*BASE_CAPABILITIES, "USER", "SASL PLAIN LOGIN"]
+
+
+def test_capa_in_transaction_omits_login_capabilities() -> None:
+    settings = ServerSettings(expire="30", implementation="popbox-test")
+    glue = Glue(connect(settings), messages=[b"x\n"])
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert capabilities(glue) == [
+        "TOP",
+        "UIDL",
+        "RESP-CODES",
+        "AUTH-RESP-CODE",
+        "PIPELINING",
+        "EXPIRE 30",
+        "IMPLEMENTATION popbox-test",
+    ]
+
+
+def test_state_table_rules() -> None:
+    # The documented shape: nothing is accepted in UPDATE or CLOSED, QUIT leaves
+    # TRANSACTION through UPDATE, and every login command leads to TRANSACTION.
+    states = {state for state, _ in TRANSITIONS}
+    assert states == {SessionState.AUTHORIZATION, SessionState.TRANSACTION}
+    assert TRANSITIONS[SessionState.TRANSACTION, Verb("QUIT")] is SessionState.UPDATE
+    for verb in ("PASS", "APOP", "AUTH"):
+        assert TRANSITIONS[SessionState.AUTHORIZATION, Verb(verb)] is SessionState.TRANSACTION
+
+
+# -- STLS (RFC 2595) and the attacks on it ------------------------------------------
+
+
+def test_stls_plaintext_injection_is_discarded() -> None:
+    """CVE-2011-0411: commands pipelined after STLS in plaintext must not run."""
+    conn = connect(plaintext_auth_allowed=False)
+    conn.receive_data(b"STLS\r\nUSER evil\r\nPASS evil\r\nCAPA\r\n")
+    assert isinstance(conn.next_event(), StartTls)
+    assert conn.data_to_send() == b"+OK Begin TLS negotiation now.\r\n"
+    with pytest.raises(RuntimeError):
+        conn.next_event()  # the glue must finish the handshake first
+    conn.tls_established()
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == b""
+    conn.receive_data(b"PASS evil\r\n")
+    conn.next_event()
+    assert conn.data_to_send() == b"-ERR No user name given (send USER first).\r\n"
+
+
+def test_partial_line_before_stls_handshake_is_discarded() -> None:
+    conn = connect()
+    conn.receive_data(b"STLS\r\nUSER ev")
+    assert isinstance(conn.next_event(), StartTls)
+    conn.tls_established()
+    conn.receive_data(b"il\r\n")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send().endswith(b"-ERR Unknown command\r\n")
+
+
+def test_stls_twice_is_refused() -> None:
+    glue = Glue(connect())
+    assert glue.send(b"STLS\r\n") == b"+OK Begin TLS negotiation now.\r\n"
+    assert glue.send(b"STLS\r\n") == b"-ERR TLS is already active.\r\n"
+
+
+def test_stls_on_implicit_tls_is_refused() -> None:
+    glue = Glue(connect(tls_active=True, stls_available=False))
+    assert glue.send(b"STLS\r\n") == b"-ERR TLS is already active.\r\n"
+
+
+def test_stls_without_certificate_is_refused() -> None:
+    glue = Glue(connect(stls_available=False))
+    assert glue.send(b"STLS\r\n") == b"-ERR TLS is not available.\r\n"
+
+
+def test_stls_after_login_is_refused() -> None:
+    glue = Glue(connect(), messages=[])
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert glue.send(b"STLS\r\n") == b"-ERR STLS is not allowed now.\r\n"
+
+
+def test_user_name_given_before_stls_is_forgotten() -> None:
+    glue = Glue(connect())
+    glue.send(b"USER mrose\r\n")
+    glue.send(b"STLS\r\n")
+    assert glue.send(b"PASS tanstaaf\r\n") == b"-ERR No user name given (send USER first).\r\n"
+
+
+# -- pipelining (RFC 2449 section 6.6) ----------------------------------------------
+
+
+def test_dozens_of_pipelined_retrs_come_back_in_order() -> None:
+    messages = [f"Subject: {i}\n\nbody {i}\n".encode() for i in range(40)]
+    glue = Glue(connect(), messages=messages)
+    commands = b"USER mrose\r\nPASS tanstaaf\r\n" + b"".join(
+        b"RETR %d\r\nNOOP\r\n" % (i + 1) for i in range(40)
+    )
+    reply = glue.send(commands + b"QUIT\r\n")
+    expected = b"+OK\r\n+OK Logged in, 40 messages (%d octets).\r\n" % sum(
+        wire_size(m) for m in messages
+    )
+    for message in messages:
+        expected += b"+OK %d octets\r\n" % wire_size(message)
+        expected += message.replace(b"\n", b"\r\n") + b".\r\n+OK\r\n"
+    assert reply == expected + b"+OK Logging out, 40 messages left.\r\n"
+
+
+def test_next_event_is_lazy() -> None:
+    conn = connect()
+    conn.receive_data(b"USER a\r\nPASS b\r\nCAPA\r\n")
+    assert isinstance(conn.next_event(), LoginRequest)
+    # CAPA must not have been answered before the login's reply.
+    assert conn.data_to_send() == b"+OK\r\n"
+    conn.login_succeeded([MessageInfo("u", 3)])
+    assert conn.next_event() is NEED_DATA
+    out = conn.data_to_send()
+    assert out.startswith(b"+OK Logged in, 1 messages (3 octets).\r\n+OK Capability")
+
+
+def test_flush_bounds_output_from_one_receive() -> None:
+    conn = connect()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    conn.next_event()
+    conn.login_succeeded([MessageInfo(f"uid{i}", 100) for i in range(1000)])
+    conn.data_to_send()
+    conn.receive_data(b"UIDL\r\n" * 200)  # about 2.6 MB of replies if answered at once
+    event = conn.next_event()
+    assert event is FLUSH
+    assert isinstance(event, Flush)
+    first = conn.data_to_send()
+    assert OUTPUT_HIGH_WATER <= len(first) < OUTPUT_HIGH_WATER + 20_000
+    total = len(first)
+    while (event := conn.next_event()) is FLUSH:
+        total += len(conn.data_to_send())
+    assert event is NEED_DATA
+    total += len(conn.data_to_send())
+    assert total == 200 * len(b"+OK 1000 messages (100000 octets)\r\n.\r\n") + 200 * sum(
+        len(f"{i + 1} uid{i}\r\n") for i in range(1000)
+    )
+
+
+# -- limits --------------------------------------------------------------------------
+
+
+def test_bad_commands_budget_closes_the_connection() -> None:
+    glue = Glue(connect(ServerSettings(max_bad_commands=3)))
+    assert glue.send(b"\r\n") == b"-ERR Empty command\r\n"
+    assert glue.send(b"FOO\r\n") == b"-ERR Unknown command\r\n"
+    assert not glue.closed
+    assert glue.send(b"STAT\r\n") == b"-ERR Too many bad commands.\r\n"
+    assert glue.closed
+    assert isinstance(glue.events[-1], CloseConnection)
+    assert glue.conn.state is SessionState.CLOSED
+    assert isinstance(glue.conn.next_event(), ConnectionClosed)
+
+
+def test_over_long_command_line_is_refused_and_counted() -> None:
+    conn = connect(ServerSettings(max_bad_commands=3))
+    conn.receive_data(b"USER " + b"a" * 3000 + b"\r\nNOOP\r\n")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == b"-ERR Line too long.\r\n-ERR NOOP is not allowed now.\r\n"
+    conn.receive_data(b"X" * (1 << 20))
+    assert isinstance(conn.next_event(), CloseConnection)
+    assert conn.data_to_send() == b"-ERR Too many bad commands.\r\n"
+
+
+def test_one_mib_line_through_the_connection_stays_bounded() -> None:
+    conn = connect()
+    for _ in range(16):
+        conn.receive_data(b"A" * 65536)
+        conn.next_event()
+    assert conn._lines.buffered <= 2048
+    conn.receive_data(b"\r\nCAPA\r\n")
+    conn.next_event()
+    assert conn.data_to_send().startswith(b"-ERR Line too long.\r\n+OK Capability")
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="expire"):
+        ServerSettings(expire="soon")
+    with pytest.raises(ValueError, match="line limits"):
+        ServerSettings(max_command_line=10)
+    with pytest.raises(ValueError, match="hostname"):
+        ServerSettings(hostname="a b")
+
+
+def test_glue_misuse_raises() -> None:
+    conn = connect()
+    with pytest.raises(RuntimeError):
+        conn.login_succeeded([])
+    with pytest.raises(RuntimeError):
+        conn.tls_established()
+
+
+# -- fuzzing -------------------------------------------------------------------------
+
+LINES = st.sampled_from(
+    [
+        b"CAPA",
+        b"STAT",
+        b"LIST",
+        b"LIST 1",
+        b"LIST 9",
+        b"UIDL",
+        b"UIDL 2",
+        b"RETR 1",
+        b"TOP 2 1",
+        b"DELE 1",
+        b"DELE 2",
+        b"RSET",
+        b"NOOP",
+        b"USER mrose",
+        b"PASS tanstaaf",
+        b"PASS nope",
+        b"AUTH PLAIN",
+        b"AUTH LOGIN",
+        b"*",
+        b"AUTH",
+        b"STLS",
+        b"",
+        b"RETR -1",
+        b"APOP mrose 0123456789abcdef0123456789abcdef",
+        b"\xff\xfe",
+        b"AUTH PLAIN AG1yb3NlAHRhbnN0YWFm",
+    ]
+) | st.binary(max_size=30)
+
+
+@settings(max_examples=200)
+@given(st.lists(LINES, max_size=40), st.integers(min_value=1, max_value=50))
+def test_any_input_never_raises(lines: list[bytes], chunk: int) -> None:
+    messages = [b"Subject: a\n\n.body\n", b"b\r\n"]
+    glue = Glue(connect(ServerSettings(max_bad_commands=1000)), messages=messages)
+    data = b"".join(line + b"\r\n" for line in lines)
+    out = b""
+    for start in range(0, len(data), chunk):
+        out += glue.send(data[start : start + chunk])
+        if glue.closed:
+            break
+    # Every reply is a status line, a SASL challenge, or part of a multi-line reply.
+    assert not data.strip() or out.startswith((b"+OK", b"-ERR", b"+ "))
+    assert out.endswith(b"\r\n") or not out
+
+
+# A model of RFC 1939's TRANSACTION state: numbers fixed, DELE marks, RSET unmarks.
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["DELE", "RSET", "STAT", "LIST", "UIDL", "RETR", "TOP"]),
+        st.integers(min_value=-1, max_value=6),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=30), max_size=5), OPERATIONS)
+def test_transaction_matches_the_rfc1939_model(
+    messages: list[bytes], operations: list[tuple[str, int]]
+) -> None:
+    glue = Glue(connect(ServerSettings(max_bad_commands=1000)), messages=messages)
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    sizes = [wire_size(m) for m in messages]
+    deleted: set[int] = set()
+
+    def lookup(number: int) -> bytes | None:
+        if not 1 <= number <= len(messages):
+            return b"-ERR No such message.\r\n"
+        if number - 1 in deleted:
+            return b"-ERR Message %d already deleted.\r\n" % number
+        return None
+
+    for verb, number in operations:
+        if verb in ("RSET", "STAT"):
+            reply = glue.send(verb.encode() + b"\r\n")
+            if verb == "RSET":
+                deleted.clear()
+            live = [i for i in range(len(messages)) if i not in deleted]
+            count, octets = len(live), sum(sizes[i] for i in live)
+            if verb == "STAT":
+                assert reply == b"+OK %d %d\r\n" % (count, octets)
+            continue
+        argument = b"%d" % number + (b" 0" if verb == "TOP" else b"")
+        reply = glue.send(verb.encode() + b" " + argument + b"\r\n")
+        if number < 0:
+            assert reply == b"-ERR Invalid message number\r\n"
+            continue
+        error = lookup(number)
+        if error is not None:
+            assert reply == error
+        elif verb == "DELE":
+            assert reply == b"+OK Message %d deleted.\r\n" % number
+            deleted.add(number - 1)
+        elif verb == "LIST":
+            assert reply == b"+OK %d %d\r\n" % (number, sizes[number - 1])
+        elif verb == "UIDL":
+            assert reply == b"+OK %d uid%d\r\n" % (number, number - 1)
+        else:
+            assert reply.startswith(b"+OK")
+            assert reply.endswith(b".\r\n")
+    glue.send(b"QUIT\r\n")
+    assert glue.committed == frozenset(deleted)
