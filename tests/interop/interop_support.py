@@ -1,0 +1,93 @@
+"""Helpers for the interop tests: the test mailbox, its wire form, running a client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from popbox.net.service import Pop3Service
+from popbox.store.memory import MemoryStore
+
+USER = "alice"
+PASSWORD = "s3cret pass"
+
+MESSAGES = [
+    b"From: a@example.org\nTo: alice@example.org\nSubject: one\n\nHello\n.leading dot\n"
+    b"..two dots\n.\nafter a lone dot\n",
+    b"From: b@example.org\r\nTo: alice@example.org\r\nSubject: two\r\n\r\nline 1\r\n"
+    b"line 2\r\n",
+    b"From: c@example.org\nTo: alice@example.org\nSubject: three\n\n8-bit \xe9\xe8 and a "
+    b"bare CR\r in the middle\nno final newline",
+]
+
+
+def wire(message: bytes) -> bytes:
+    """The message as a POP3 client sees it un-stuffed: CRLF line ends, final CRLF."""
+    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+@dataclass
+class InteropServer:
+    service: Pop3Service
+    store: MemoryStore
+    ca: Path
+    workdir: Path
+
+    @property
+    def plain_port(self) -> int:
+        return self.service.plain_addresses[0][1]
+
+    @property
+    def tls_port(self) -> int:
+        return self.service.tls_addresses[0][1]
+
+    async def stored(self) -> list[bytes]:
+        maildrop = await self.store.open_maildrop(USER)
+        try:
+            return [
+                b"".join([chunk async for chunk in maildrop.read_message(index)])
+                for index in range(len(maildrop.messages))
+            ]
+        finally:
+            await maildrop.release()
+
+    async def run(self, *argv: str, env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
+        """Run a client; returns (exit status, stdout, stderr). Bounded by a timeout."""
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.workdir),
+            "LC_ALL": "C",
+        }
+        environment.update(env or {})
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=environment,
+            cwd=self.workdir,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        assert process.returncode is not None
+        return process.returncode, out, err
+
+
+def require(program: str) -> str:
+    """The program's path, or skip (scripts/setup-system.sh installs them)."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.skip(f"{program} is not installed (run scripts/setup-system.sh)")
+    return path
+
+
