@@ -251,6 +251,8 @@ class PasswdFilePassDB:
         self._lock = threading.Lock()
         self._entries: dict[str, PasswdEntry] = {}
         self._key: tuple[int, ...] | None = None
+        # The version last refused as unsafe: refused (and logged) once, not every second.
+        self._refused_key: tuple[int, ...] | None = None
         self._checked_at = -float("inf")
         self._missing_logged = False
         # Made once: a fresh random password nobody knows, hashed the way new users
@@ -295,7 +297,7 @@ class PasswdFilePassDB:
                 return
             self._checked_at = now
             try:
-                if not force and _stat_key(os.stat(self._path)) == self._key:
+                if not force and _stat_key(os.stat(self._path)) in (self._key, self._refused_key):
                     return
                 # fstat the descriptor we read from, so the safety check and the
                 # contents are of the same file even if it is renamed over meanwhile.
@@ -307,6 +309,7 @@ class PasswdFilePassDB:
                         if strict:
                             raise
                         log.error("%s; keeping the users loaded before", exc)
+                        self._refused_key = _stat_key(info)
                         return
                     data = handle.read()
             except FileNotFoundError:
