@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -304,4 +305,13 @@ async def test_cancelled_open_does_not_leave_the_lock_held(
     else:
         pytest.fail("the lock of the cancelled open was never released")
     assert len(maildrop.messages) == 50
+    await maildrop.release()
+
+
+async def test_delivery_recreates_a_removed_maildir(maildir_store: MaildirStore) -> None:
+    await maildir_store.deliver("alice", b"first\n")
+    shutil.rmtree(maildir_store.maildir("alice"))
+    await maildir_store.deliver("alice", b"second\n")
+    maildrop = await maildir_store.open_maildrop("alice")
+    assert [await read_all(maildrop, 0)] == [b"second\n"]
     await maildrop.release()

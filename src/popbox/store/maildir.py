@@ -232,10 +232,11 @@ class MaildirMaildrop:
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         if self._released:
             raise StoreError(f"maildrop of {self._user} was already released")
+        self._released = True
         doomed = sorted(set(indexes))
         if doomed and not 0 <= doomed[0] <= doomed[-1] < len(self._keys):
+            self._lock.close()  # a failed commit still ends the session
             raise IndexError(f"no message at index {doomed[0]} or {doomed[-1]}")
-        self._released = True
         # The worker thread unlocks when it is done, even if this task is cancelled
         # meanwhile: the lock must outlive the unlinks, not the awaiting coroutine.
         await asyncio.to_thread(self._commit_and_unlock, doomed)
@@ -297,7 +298,6 @@ class MaildirStore:
         host = socket.gethostname() or "localhost"
         self._host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
         self._sequence = itertools.count(1)
-        self._created: set[str] = set()
 
     @property
     def root(self) -> Path:
@@ -324,7 +324,7 @@ class MaildirStore:
     def _open_sync(self, user: str, maildir: Path) -> MaildirMaildrop:
         action = f"open maildrop of {user}"
         with _os_errors(action):
-            self._ensure_maildir(user, maildir)
+            self._ensure_maildir(maildir)
             lock = _FileLock(maildir / LOCK_NAME)
         try:
             with _os_errors(action):
@@ -393,9 +393,7 @@ class MaildirStore:
             write_index(maildir, index)
         return index
 
-    def _ensure_maildir(self, user: str, maildir: Path) -> None:
-        if user in self._created:
-            return
+    def _ensure_maildir(self, maildir: Path) -> None:
         created = False
         for path in (self._root, maildir, maildir / "cur", maildir / "new", maildir / "tmp"):
             try:
@@ -407,7 +405,6 @@ class MaildirStore:
             # A delivery into a brand-new Maildir is only durable with its directories.
             fsync_dir(self._root)
             fsync_dir(maildir)
-        self._created.add(user)
 
     # -- delivery -----------------------------------------------------------------
 
@@ -433,11 +430,17 @@ class MaildirStore:
     def _deliver_sync(self, user: str, maildir: Path, chunks: Iterable[bytes]) -> str:
         action = f"deliver to {user}"
         with _os_errors(action):
-            self._ensure_maildir(user, maildir)
             base = self._unique_name()
             tmp_path = maildir / "tmp" / base
             counter = WireSizeCounter()
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                fd = os.open(tmp_path, flags, FILE_MODE)
+            except FileNotFoundError:
+                # The first delivery to this user (or the Maildir was removed): make
+                # it. Checking first would cost every other delivery five syscalls.
+                self._ensure_maildir(maildir)
+                fd = os.open(tmp_path, flags, FILE_MODE)
             try:
                 with open(fd, "wb") as handle:
                     for chunk in chunks:
