@@ -321,7 +321,7 @@ def test_empty_initial_response_is_equals_sign() -> None:
     # "=" is an empty response: PLAIN cannot be empty, so this is a failure, not a challenge.
     assert glue.send(b"AUTH PLAIN =\r\n") == b"-ERR [AUTH] Invalid PLAIN message\r\n"
     # LOGIN with an empty initial response: an empty user name.
-    assert glue.send(b"AUTH LOGIN =\r\n") == b"-ERR [AUTH] Empty user name\r\n"
+    assert glue.send(b"AUTH LOGIN =\r\n") == b"-ERR [AUTH] Invalid user name\r\n"
 
 
 def test_login_mechanism_prompts() -> None:

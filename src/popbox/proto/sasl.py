@@ -73,6 +73,11 @@ def _utf8(data: bytes) -> str | None:
         return None
 
 
+def _is_name(text: str) -> bool:
+    """A user name may not carry control characters (they would reach logs and lookups)."""
+    return bool(text) and not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+
+
 class Mechanism(Protocol):
     """One exchange of one SASL mechanism."""
 
@@ -107,8 +112,8 @@ class PlainMechanism:
         authzid, authcid, passwd = (_utf8(part) for part in parts)
         if authzid is None or authcid is None or passwd is None:
             return SaslFailure("Invalid UTF-8 in PLAIN message")
-        if not authcid or not passwd:
-            return SaslFailure("Empty user name or password")
+        if not _is_name(authcid) or not passwd:
+            return SaslFailure("Invalid user name or empty password")
         if authzid and authzid != authcid:
             return SaslFailure("Authorization identity must be the user")
         return Credentials(authcid, passwd)
@@ -135,8 +140,8 @@ class LoginMechanism:
         if text is None:
             return SaslFailure("Invalid UTF-8 in LOGIN response")
         if self._username is None:
-            if not text:
-                return SaslFailure("Empty user name")
+            if not _is_name(text):
+                return SaslFailure("Invalid user name")
             self._username = text
             return Challenge(LOGIN_PASSWORD_PROMPT)
         if not text:

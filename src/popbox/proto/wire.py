@@ -74,9 +74,14 @@ class WireEncoder:
         else:
             head = b""
         self._after_cr = chunk.endswith(b"\r")
-        if b"\r\n" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
-        normal = head + chunk.replace(b"\n", b"\r\n")
+        if b"\r" not in chunk:
+            # Typical Maildir content: LF line ends only.
+            body = chunk.replace(b"\n", b"\r\n")
+        elif chunk.count(b"\r\n") == chunk.count(b"\n"):
+            body = chunk  # already CRLF throughout (or only bare CRs): nothing to do
+        else:
+            body = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        normal = head + body if head else body
         if self._body_lines is not None:
             normal = self._cut_top(normal)
         if not normal:
