@@ -124,9 +124,11 @@ def test_uidl_problems_are_reported_not_raised() -> None:
 
 def test_retr_unstuffs_across_every_chunk_boundary() -> None:
     message = b"From: a\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n"
-    wire = b"+OK 40 octets\r\n" + message.replace(b"\r\n.", b"\r\n..").replace(
-        b"From", b"From", 1
-    ) + b".\r\n+OK bye\r\n"
+    wire = (
+        b"+OK 40 octets\r\n"
+        + message.replace(b"\r\n.", b"\r\n..").replace(b"From", b"From", 1)
+        + b".\r\n+OK bye\r\n"
+    )
     for split in range(1, len(wire)):
         conn = greeted()
         conn.retr(1)

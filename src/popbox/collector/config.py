@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -287,9 +288,7 @@ class SmtpSinkSettings(_MtaSinkBase):
         return self
 
     def password_source(self) -> SecretSource | None:
-        return _secret(
-            "password", self.password_env, self.password_file, self.password_command
-        )
+        return _secret("password", self.password_env, self.password_file, self.password_command)
 
     @property
     def label(self) -> str:
@@ -431,9 +430,9 @@ class AccountSettings(_Model):
     """The name the certificate must carry; default ``host``."""
     username: str
     auth: Literal["password", "oauth2"] = "password"
-    auth_mechanism: Literal[
-        "auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"
-    ] = "auto"
+    auth_mechanism: Literal["auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"] = (
+        "auto"
+    )
     """auto: the best the server offers (SASL PLAIN, then USER/PASS; for oauth2
     XOAUTH2, then OAUTHBEARER). APOP is used only when asked for."""
     password_env: str | None = None
@@ -520,9 +519,7 @@ class AccountSettings(_Model):
         return POP3S_PORT if self.security == "tls" else POP3_PORT
 
     def password_source(self) -> SecretSource | None:
-        return _secret(
-            "password", self.password_env, self.password_file, self.password_command
-        )
+        return _secret("password", self.password_env, self.password_file, self.password_command)
 
 
 class FetchSettings(_Model):
@@ -593,8 +590,17 @@ def fetch_settings_from_dict(data: dict[str, Any], base: Path) -> FetchSettings:
         raise ConfigError(_describe(exc)) from exc
 
 
-def load_fetch_settings(path: Path) -> FetchSettings:
-    """Read ``path`` (TOML) and validate only its ``[fetch]`` table."""
+def load_fetch_settings(
+    source: Path | Mapping[str, Any], base: Path | None = None
+) -> FetchSettings:
+    """Read ``source`` (a TOML file) and validate only its ``[fetch]`` table.
+
+    ``source`` may also be the already parsed ``[fetch]`` table (``Config.fetch``);
+    relative paths then resolve against ``base`` (default: the working directory).
+    """
+    if not isinstance(source, Path):
+        return fetch_settings_from_dict(dict(source), base or Path.cwd())
+    path = source
     try:
         with path.open("rb") as handle:
             document = tomllib.load(handle)

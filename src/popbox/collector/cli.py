@@ -1,0 +1,251 @@
+"""``popbox fetch`` and the ``popbox oauth`` group: the collector's command line.
+
+Exit codes, for cron jobs and systemd units:
+
+- 0: every selected account was polled without error (or --status, --daemon ended);
+- 1: at least one account failed (the others were still polled);
+- 2: the configuration is wrong (a message names the key) or an unknown --account.
+
+On a terminal a rich progress bar shows the run; otherwise each step is one log line
+(``delivered account=... uid=... size=...``) on standard error. Run it standalone with
+``python -m popbox.collector.cli --config FILE`` (what the crash tests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Final
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from popbox.collector.config import AccountSettings, FetchSettings, load_fetch_settings
+from popbox.collector.poll import PollObserver, PollResult
+from popbox.collector.scheduler import run_daemon, run_once
+from popbox.collector.state import StateDB
+from popbox.errors import PopboxError
+
+__all__ = ["EXIT_ACCOUNT_FAILED", "EXIT_CONFIG", "EXIT_OK", "fetch_command", "oauth_group"]
+
+EXIT_OK: Final = 0
+EXIT_ACCOUNT_FAILED: Final = 1
+EXIT_CONFIG: Final = 2
+CONFIG_ENV: Final = "POPBOX_CONFIG"
+
+
+class _ProgressObserver(PollObserver):
+    """One rich progress bar per account (terminal only)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def planned(self, account: str, messages: int, octets: int) -> None:
+        self._tasks[account] = self._progress.add_task(
+            f"{account} ({messages} new)", total=max(octets, 1)
+        )
+
+    def message_done(self, account: str, octets: int, outcome: str) -> None:
+        task = self._tasks.get(account)
+        if task is not None:
+            self._progress.advance(task, octets)
+
+
+def _select(settings: FetchSettings, names: tuple[str, ...]) -> list[AccountSettings]:
+    if not names:
+        return [account for account in settings.accounts if account.enabled]
+    return [settings.account(name) for name in names]
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def _print_status(db: StateDB, accounts: list[AccountSettings]) -> None:
+    table = Table(title="popbox fetch status")
+    for column in ("account", "last success", "last error", "delivered", "quarantined", "pending"):
+        table.add_column(column)
+    for status in db.status([account.name for account in accounts]):
+        error = "-"
+        if status.last_error and (
+            status.last_success is None or (status.last_error_at or 0) > status.last_success
+        ):
+            error = f"{_when(status.last_error_at)}: {status.last_error}"
+        table.add_row(
+            status.account,
+            _when(status.last_success),
+            error,
+            str(status.delivered),
+            str(status.quarantined),
+            str(status.pending),
+        )
+    Console().print(table)
+
+
+async def _main(
+    settings: FetchSettings,
+    accounts: list[AccountSettings],
+    db: StateDB,
+    *,
+    daemon: bool,
+    retry_quarantined: bool,
+    observer: PollObserver | None,
+) -> list[PollResult]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Finish the message in hand, then QUIT cleanly: nothing is lost or doubled.
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if daemon:
+            await run_daemon(settings, accounts, db, stop=stop, observer=observer)
+            return []
+        return await run_once(
+            settings,
+            accounts,
+            db,
+            retry_quarantined=retry_quarantined,
+            stop=stop,
+            observer=observer,
+        )
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _prepare_dirs(settings: FetchSettings) -> None:
+    for path in (settings.state_dir, settings.spool_path, settings.quarantine_path):
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+@click.command("fetch")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    required=True,
+    help="TOML file with a [fetch] table (also $POPBOX_CONFIG).",
+)
+@click.option("--account", "account_names", multiple=True, help="Only this account (repeatable).")
+@click.option("--daemon", is_flag=True, help="Keep polling every account on its interval.")
+@click.option("--status", is_flag=True, help="Show per-account state and exit.")
+@click.option(
+    "--retry-quarantined", is_flag=True, help="Offer quarantined messages to the sinks again."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def fetch_command(
+    config_path: Path,
+    account_names: tuple[str, ...],
+    daemon: bool,
+    status: bool,
+    retry_quarantined: bool,
+    verbose: bool,
+) -> None:
+    """Poll POP3 accounts and deliver every new message exactly once."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_fetch_settings(config_path)
+        accounts = _select(settings, account_names)
+        _prepare_dirs(settings)
+        db = StateDB(settings.state_db_path)
+    except PopboxError as exc:
+        click.echo(f"popbox fetch: configuration: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        click.echo(f"popbox fetch: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        if status:
+            _print_status(db, accounts)
+            sys.exit(EXIT_OK)
+        if not accounts:
+            click.echo("popbox fetch: no accounts configured", err=True)
+            sys.exit(EXIT_CONFIG)
+        use_bar = sys.stderr.isatty() and not daemon and not verbose
+        if use_bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=Console(stderr=True),
+            ) as progress:
+                results = asyncio.run(
+                    _main(
+                        settings,
+                        accounts,
+                        db,
+                        daemon=daemon,
+                        retry_quarantined=retry_quarantined,
+                        observer=_ProgressObserver(progress),
+                    )
+                )
+        else:
+            results = asyncio.run(
+                _main(
+                    settings,
+                    accounts,
+                    db,
+                    daemon=daemon,
+                    retry_quarantined=retry_quarantined,
+                    observer=None,
+                )
+            )
+    finally:
+        db.close()
+    failed = [result for result in results if not result.ok]
+    for result in failed:
+        click.echo(f"popbox fetch: {result.account}: {result.error}", err=True)
+    sys.exit(EXIT_ACCOUNT_FAILED if failed else EXIT_OK)
+
+
+class _LazyOAuthGroup(click.Group):
+    """Loads ``popbox.collector.oauth.login_command`` only when ``oauth`` is used, so
+    msal is never imported by ``popbox fetch`` for password accounts."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return ["login"]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name != "login":
+            return None
+        try:
+            module = importlib.import_module("popbox.collector.oauth")
+        except ImportError as exc:
+            raise click.ClickException(f"OAuth support is unavailable: {exc}") from exc
+        command = getattr(module, "login_command", None)
+        return command if isinstance(command, click.Command) else None
+
+
+@click.group("oauth", cls=_LazyOAuthGroup)
+def oauth_group() -> None:
+    """OAuth2 for collector accounts (Microsoft 365, Gmail): `popbox oauth login ACCOUNT`."""
+
+
+if __name__ == "__main__":
+    # `python -m popbox.collector.cli --config FILE`: the fetch command on its own.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    fetch_command()

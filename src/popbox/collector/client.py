@@ -1,0 +1,447 @@
+"""The collector's POP3 session: asyncio, TLS and timeouts around ``ClientConnection``.
+
+Security first: implicit TLS by default, certificates verified against the system or
+a configured CA (or pinned by SHA-256 fingerprint); with ``starttls`` a server that
+does not offer STLS, refuses it or fails the handshake ends the session, never a
+plaintext fallback; passwords never cross an unencrypted connection unless the account
+says ``allow_plaintext_password``. Every read has a timeout. With PIPELINING, UIDL and
+LIST go out together, several RETRs stay in flight and DELEs go out as one batch.
+Bodies are written to a spool file as they arrive, hashed on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import ssl
+import tempfile
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from popbox.collector.auth import TokenProvider
+from popbox.collector.config import AccountSettings
+from popbox.errors import CollectorError, RemoteServerError
+from popbox.proto.client import (
+    NEED_DATA,
+    Capabilities,
+    ClientConnection,
+    ConnectionClosed,
+    Continuation,
+    ErrReply,
+    Event,
+    Greeting,
+    MessageData,
+    MessageEnd,
+    OkReply,
+    ScanListing,
+    StatReply,
+    UidListing,
+    apop_digest,
+    login_responses,
+    oauthbearer_response,
+    plain_response,
+    xoauth2_response,
+)
+
+__all__ = ["Downloaded", "Pop3Session", "tls_context"]
+
+# One read from the socket; matches the server side's streaming chunk.
+READ_SIZE: Final = 256 * 1024
+# Headers from TOP n 0 beyond this are cut: filters and header hashes need the start.
+MAX_HEADER_BYTES: Final = 256 * 1024
+# A body may exceed its LIST size a little (servers that count LF, not CRLF); twice
+# the size plus 1 MiB still stops a server that streams without end.
+SIZE_SLACK: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    """A RETR that completed: the body in ``path`` (CRLF, un-dot-stuffed)."""
+
+    number: int
+    path: Path
+    size: int
+    sha256: str
+
+
+def tls_context(account: AccountSettings) -> ssl.SSLContext:
+    """Verifying TLS context for the account; fingerprint pinning replaces the CA check."""
+    if account.tls_fingerprint is not None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        # The chain is not consulted: the fingerprint check after the handshake is
+        # stricter than any CA (mpop's tls_fingerprint works the same way).
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(
+            cafile=str(account.ca_file) if account.ca_file else None
+        )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class Pop3Session:
+    """One connection to one account's server."""
+
+    def __init__(
+        self,
+        account: AccountSettings,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.account = account
+        self._reader = reader
+        self._writer = writer
+        self._conn = ClientConnection()
+        self._timeout = account.command_timeout
+        self.tls_active = False
+        self.greeting: Greeting | None = None
+        self.capabilities = Capabilities({})
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    async def open(cls, account: AccountSettings) -> Pop3Session:
+        """Connect, read the greeting, secure the connection and read CAPA."""
+        context = tls_context(account) if account.security != "none" else None
+        server_name = account.tls_server_name or account.host
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    account.host,
+                    account.effective_port,
+                    ssl=context if account.security == "tls" else None,
+                    server_hostname=server_name if account.security == "tls" else None,
+                ),
+                account.connect_timeout,
+            )
+        except ssl.SSLError as exc:
+            raise RemoteServerError(f"TLS with {account.host}: {exc}") from exc
+        except (OSError, TimeoutError) as exc:
+            raise RemoteServerError(f"cannot connect to {account.host}: {exc}") from exc
+        session = cls(account, reader, writer)
+        try:
+            if account.security == "tls":
+                session.tls_active = True
+                session._check_fingerprint()
+            event = await session._event()
+            if isinstance(event, ErrReply):
+                raise RemoteServerError(f"server refused us: {event.text}", code=event.code)
+            if not isinstance(event, Greeting):
+                raise RemoteServerError("no greeting")
+            session.greeting = event
+            await session._read_capabilities()
+            if account.security == "starttls":
+                assert context is not None
+                await session._start_tls(context, server_name)
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    def _check_fingerprint(self) -> None:
+        expected = self.account.tls_fingerprint
+        if expected is None:
+            return
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der or hashlib.sha256(der).hexdigest() != expected:
+            raise RemoteServerError("server certificate does not match tls_fingerprint")
+
+    async def _read_capabilities(self) -> None:
+        self._send(self._conn.capa())
+        event = await self._event()
+        # RFC 2449 servers answer CAPA; RFC 1939-only servers say -ERR, which is fine.
+        self.capabilities = event if isinstance(event, Capabilities) else Capabilities({})
+
+    async def _start_tls(self, context: ssl.SSLContext, server_name: str) -> None:
+        if "STLS" not in self.capabilities:
+            raise RemoteServerError("server does not offer STLS; not falling back to plaintext")
+        self._send(self._conn.stls())
+        event = await self._event()
+        if not isinstance(event, OkReply):
+            raise RemoteServerError("server refused STLS; not falling back to plaintext")
+        self._conn.start_tls()
+        try:
+            await asyncio.wait_for(
+                self._writer.start_tls(context, server_hostname=server_name),
+                self.account.connect_timeout,
+            )
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            raise RemoteServerError(f"STLS handshake with {self.account.host}: {exc}") from exc
+        self.tls_active = True
+        self._check_fingerprint()
+        # RFC 2595 section 4: forget what was learnt before TLS and ask again.
+        await self._read_capabilities()
+
+    # ---------------------------------------------------------------- I/O
+
+    def _send(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def _event(self) -> Event:
+        while True:
+            event = self._conn.next_event()
+            if event is not NEED_DATA:
+                assert not isinstance(event, type(NEED_DATA))
+                if isinstance(event, ConnectionClosed):
+                    raise RemoteServerError("server closed the connection")
+                return event
+            try:
+                await self._writer.drain()
+                data = await asyncio.wait_for(self._reader.read(READ_SIZE), self._timeout)
+            except TimeoutError as exc:
+                raise RemoteServerError(f"no answer within {self._timeout:g}s") from exc
+            except (OSError, ssl.SSLError) as exc:
+                raise RemoteServerError(f"connection lost: {exc}") from exc
+            self._conn.receive_data(data)
+
+    async def _simple(self, data: bytes) -> OkReply:
+        self._send(data)
+        event = await self._event()
+        if isinstance(event, ErrReply):
+            raise RemoteServerError(f"{event.command}: {event.text}", code=event.code)
+        if not isinstance(event, OkReply):
+            raise RemoteServerError(f"unexpected reply {type(event).__name__}")
+        return event
+
+    @property
+    def pipelining(self) -> bool:
+        mode = self.account.pipelining
+        return mode == "on" or (mode == "auto" and "PIPELINING" in self.capabilities)
+
+    @property
+    def window(self) -> int:
+        return self.account.max_in_flight if self.pipelining else 1
+
+    # ---------------------------------------------------------------- login
+
+    async def login_password(self, password: str) -> None:
+        if not self.tls_active and not self.account.allow_plaintext_password:
+            raise CollectorError(f"{self.account.name}: refusing to send a password without TLS")
+        mechanism = self.account.auth_mechanism
+        if mechanism == "auto":
+            mechanism = "plain" if "PLAIN" in self.capabilities.sasl_mechanisms() else "user"
+        username = self.account.username
+        if mechanism == "apop":
+            if self.greeting is None or self.greeting.apop_timestamp is None:
+                raise RemoteServerError("APOP asked for but the greeting has no timestamp")
+            await self._simple(
+                self._conn.apop(username, apop_digest(self.greeting.apop_timestamp, password))
+            )
+        elif mechanism == "user":
+            await self._simple(self._conn.user(username))
+            await self._simple(self._conn.pass_(password))
+        elif mechanism == "plain":
+            await self._sasl("PLAIN", [plain_response(username, password)], inline_ok=True)
+        else:
+            await self._sasl("LOGIN", list(login_responses(username, password)), inline_ok=False)
+
+    async def login_oauth(self, tokens: TokenProvider) -> None:
+        mechanisms = self.capabilities.sasl_mechanisms()
+        mechanism = self.account.auth_mechanism
+        if mechanism == "auto":
+            # Microsoft 365 and Gmail speak XOAUTH2; OAUTHBEARER is the RFC 7628 form.
+            mechanism = (
+                "oauthbearer"
+                if "OAUTHBEARER" in mechanisms and "XOAUTH2" not in mechanisms
+                else "xoauth2"
+            )
+        failure: RemoteServerError | None = None
+        for force_refresh in (False, True):
+            token = await tokens.token(force_refresh=force_refresh)
+            if mechanism == "xoauth2":
+                response = xoauth2_response(self.account.username, token)
+            else:
+                response = oauthbearer_response(
+                    self.account.username, token, self.account.host, self.account.effective_port
+                )
+            try:
+                # Two-step (AUTH, wait for "+", token): the form Microsoft requires.
+                await self._sasl(mechanism.upper(), [response], inline_ok=False)
+                return
+            except RemoteServerError as exc:
+                # An expired token is refused once; a fresh one gets one more try.
+                if exc.code not in (None, "AUTH"):
+                    raise
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def _sasl(self, mechanism: str, responses: list[bytes], *, inline_ok: bool) -> None:
+        queue = deque(responses)
+        if inline_ok and queue and self._conn.auth_fits_inline(mechanism, queue[0]):
+            self._send(self._conn.auth(mechanism, queue.popleft()))
+        else:
+            self._send(self._conn.auth(mechanism))
+        while True:
+            event = await self._event()
+            if isinstance(event, Continuation):
+                # Out of answers: this is an error challenge; an empty line ends it.
+                self._send(self._conn.sasl_response(queue.popleft() if queue else b""))
+            elif isinstance(event, OkReply):
+                return
+            elif isinstance(event, ErrReply):
+                raise RemoteServerError(
+                    f"AUTH {mechanism} refused: {event.text}", code=event.code or "AUTH"
+                )
+            else:
+                raise RemoteServerError(f"unexpected reply to AUTH: {type(event).__name__}")
+
+    # ---------------------------------------------------------------- transaction
+
+    async def listing(self) -> tuple[dict[int, int], UidListing | None]:
+        """Sizes by message number, and the UIDL listing (None without UIDL)."""
+        if self.pipelining:
+            self._send(self._conn.list_all() + self._conn.uidl_all())
+            scan, uids = await self._event(), await self._event()
+        else:
+            self._send(self._conn.list_all())
+            scan = await self._event()
+            self._send(self._conn.uidl_all())
+            uids = await self._event()
+        if isinstance(scan, ErrReply):
+            raise RemoteServerError(f"LIST: {scan.text}", code=scan.code)
+        if not isinstance(scan, ScanListing):
+            raise RemoteServerError("unexpected reply to LIST")
+        sizes = dict(scan.entries)
+        if isinstance(uids, UidListing):
+            if {number for number, _ in uids.entries} != set(sizes):
+                return sizes, UidListing(uids.entries, (*uids.problems, "UIDL != LIST"))
+            return sizes, uids
+        return sizes, None
+
+    async def stat(self) -> StatReply:
+        self._send(self._conn.stat())
+        event = await self._event()
+        if not isinstance(event, StatReply):
+            raise RemoteServerError("STAT failed")
+        return event
+
+    async def headers(self, numbers: Iterable[int]) -> AsyncGenerator[tuple[int, bytes], None]:
+        """``TOP n 0`` for each number (pipelined): the header section of each."""
+        async for number, data in self._bodies(numbers, top=True):
+            if isinstance(data, bytes):
+                yield number, data
+
+    async def retrieve(
+        self, numbers: Iterable[int], sizes: dict[int, int], spool: Path
+    ) -> AsyncGenerator[Downloaded | tuple[int, ErrReply], None]:
+        """RETR each number with up to ``window`` in flight; bodies go to ``spool``."""
+        self._sizes = sizes
+        self._spool = spool
+        async for number, data in self._bodies(numbers, top=False):
+            if isinstance(data, Downloaded | ErrReply):
+                yield data if isinstance(data, Downloaded) else (number, data)
+
+    async def _bodies(
+        self, numbers: Iterable[int], *, top: bool
+    ) -> AsyncGenerator[tuple[int, bytes | Downloaded | ErrReply], None]:
+        todo = iter(numbers)
+        in_flight: deque[int] = deque()
+
+        def send_more() -> None:
+            while len(in_flight) < self.window:
+                number = next(todo, None)
+                if number is None:
+                    return
+                self._send(self._conn.top(number, 0) if top else self._conn.retr(number))
+                in_flight.append(number)
+
+        send_more()
+        try:
+            while in_flight:
+                number = in_flight.popleft()
+                event = await self._event()
+                if isinstance(event, ErrReply):
+                    send_more()
+                    yield number, event
+                    continue
+                if not isinstance(event, OkReply):
+                    raise RemoteServerError("unexpected reply to RETR/TOP")
+                result = await (self._read_headers() if top else self._read_to_spool(number))
+                # Ask for the next one before handing this one over, so the server
+                # streams while the sinks work.
+                send_more()
+                yield number, result
+        finally:
+            # Stopped early (SIGTERM, an error): what is still in flight is read and
+            # dropped by finish_pending() before the next command, so replies line up.
+            in_flight.clear()
+
+    async def _read_headers(self) -> bytes:
+        parts: list[bytes] = []
+        kept = 0
+        while True:
+            event = await self._event()
+            if isinstance(event, MessageEnd):
+                return b"".join(parts)
+            if isinstance(event, MessageData) and kept < MAX_HEADER_BYTES:
+                piece = event.data[: MAX_HEADER_BYTES - kept]
+                parts.append(piece)
+                kept += len(piece)
+
+    async def _read_to_spool(self, number: int) -> Downloaded:
+        listed = self._sizes.get(number, 0)
+        limit = max(listed * 2, listed + SIZE_SLACK)
+        digest = hashlib.sha256()
+        size = 0
+        self._spool.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed over as a path
+            dir=self._spool, prefix="retr-", delete=False
+        )
+        path = Path(handle.name)
+        try:
+            with handle:
+                while True:
+                    event = await self._event()
+                    if isinstance(event, MessageEnd):
+                        break
+                    if isinstance(event, MessageData):
+                        size += len(event.data)
+                        if size > limit:
+                            raise RemoteServerError(
+                                f"message {number} runs past {limit} octets (LIST said {listed})"
+                            )
+                        digest.update(event.data)
+                        handle.write(event.data)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        return Downloaded(number, path, size, digest.hexdigest())
+
+    async def finish_pending(self) -> None:
+        """Read and drop replies still in flight (after an early stop)."""
+        while self._conn.busy:
+            await self._event()
+
+    async def delete(self, numbers: Iterable[int]) -> None:
+        """DELE each number, as one pipelined batch when the server allows it."""
+        numbers = list(numbers)
+        for start in range(0, len(numbers), self.window if self.pipelining else 1):
+            batch = numbers[start : start + (self.window if self.pipelining else 1)]
+            self._send(b"".join(self._conn.dele(number) for number in batch))
+            for _ in batch:
+                event = await self._event()
+                if isinstance(event, ErrReply):
+                    raise RemoteServerError(f"DELE: {event.text}", code=event.code)
+
+    async def quit(self) -> None:
+        """QUIT; the server commits deletions before its +OK (RFC 1939 UPDATE state)."""
+        await self.finish_pending()
+        await self._simple(self._conn.quit())
+        await self.close()
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), 5)
+
+    _sizes: dict[int, int]
+    _spool: Path

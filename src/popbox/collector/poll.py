@@ -1,0 +1,423 @@
+"""One poll of one account: list, decide, fetch, deliver to every sink, record, delete.
+
+The order of durable steps is what makes delivery exactly-once under SIGKILL:
+
+1. the attempt is counted in the state DB (so a poison message's budget runs out);
+2. each sink delivers and confirms durably; the DB records that sink (per message);
+3. once every sink confirmed, the DB records the message as delivered;
+4. only messages recorded as delivered are DELEted, in a batch before QUIT; the DB
+   notes the deletion after QUIT's +OK (the server commits before that +OK).
+
+Killed before 2, the next run delivers again. Killed between a sink's write and its
+record, the next run offers the message to that sink again with the same idempotency
+key, and Maildir and mbox recognise it (see their modules). Killed after DELE and
+before QUIT, the server deleted nothing; the next run sees a delivered message and
+DELEs it again. A message is delivered when all sinks confirmed; sinks that already
+have it are skipped, so a failure of one sink never duplicates into the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Final
+
+from popbox.collector.auth import TokenProvider, build_token_provider, read_password
+from popbox.collector.base import FetchedMessage, Sink
+from popbox.collector.client import Downloaded, Pop3Session
+from popbox.collector.config import AccountSettings, FetchSettings
+from popbox.collector.quarantine import Quarantine
+from popbox.collector.sinks import SinkContext, build_sink
+from popbox.collector.state import MessageRecord, StateDB
+from popbox.errors import (
+    PermanentSinkError,
+    PopboxError,
+    RemoteServerError,
+    SinkError,
+)
+from popbox.proto.client import UidListing
+
+__all__ = ["PollObserver", "PollResult", "Poller", "header_uid"]
+
+log = logging.getLogger("popbox.collector")
+
+SECONDS_PER_DAY: Final = 86400.0
+# Prefix of uids computed from headers, so they never collide with a server's UIDL.
+HEADER_UID_PREFIX: Final = "hdr:"
+
+
+@dataclass(slots=True)
+class PollResult:
+    account: str
+    delivered: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    failed: int = 0
+    octets: int = 0
+    on_server: int = 0
+    pending: int = 0
+    error: str | None = None
+    error_code: str | None = None
+    stopped: bool = False
+    login_delay: float | None = None
+    """The server's CAPA LOGIN-DELAY (seconds), which the daemon honours."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class PollObserver:
+    """Progress hooks (the CLI's progress bar); the defaults do nothing."""
+
+    def planned(self, account: str, messages: int, octets: int) -> None:
+        return None
+
+    def message_done(self, account: str, octets: int, outcome: str) -> None:
+        return None
+
+
+def header_uid(headers: bytes) -> str:
+    """A uid from the header section, for servers whose UIDLs cannot be trusted."""
+    return HEADER_UID_PREFIX + hashlib.sha256(headers).hexdigest()[:40]
+
+
+def _filter_decision(account: AccountSettings, headers: bytes) -> str:
+    parsed = BytesHeaderParser(policy=default_policy).parsebytes(headers)
+    for rule in account.filters:
+        for value in parsed.get_all(rule.header, []):
+            if re.search(rule.pattern, str(value)):
+                return rule.action
+    return account.filter_default
+
+
+class Poller:
+    """Polls one account once; create a new one per poll."""
+
+    def __init__(
+        self,
+        account: AccountSettings,
+        settings: FetchSettings,
+        db: StateDB,
+        *,
+        sinks: Sequence[Sink] | None = None,
+        tokens: TokenProvider | None = None,
+        stop: asyncio.Event | None = None,
+        observer: PollObserver | None = None,
+    ) -> None:
+        self.account = account
+        self.settings = settings
+        self.db = db
+        self.quarantine = Quarantine(settings.quarantine_path)
+        context = SinkContext(account=account, settings=settings)
+        self.sinks = (
+            list(sinks)
+            if sinks is not None
+            else [build_sink(sink, context) for sink in account.sinks]
+        )
+        self._timeouts = [sink.timeout for sink in account.sinks]
+        self._tokens = tokens
+        self._stop = stop or asyncio.Event()
+        self._observer = observer or PollObserver()
+        self._spool = settings.spool_path / account.name
+        self.result = PollResult(account.name)
+
+    # ---------------------------------------------------------------- the run
+
+    async def run(self, *, retry_quarantined: bool = False) -> PollResult:
+        name = self.account.name
+        self.db.run_started(name)
+        try:
+            await self._run(retry_quarantined)
+        except PopboxError as exc:
+            # ConfigError too: a missing password variable fails this account only.
+            self.result.error = str(exc)
+            self.result.error_code = exc.code if isinstance(exc, RemoteServerError) else None
+            log.warning("poll failed account=%s error=%s", name, exc)
+        finally:
+            for sink in self.sinks:
+                with contextlib.suppress(Exception):
+                    await sink.close()
+        self.db.run_finished(
+            name,
+            error=self.result.error,
+            on_server=self.result.on_server,
+            pending=self.result.pending,
+        )
+        log.info(
+            "poll done account=%s delivered=%d quarantined=%d skipped=%d deleted=%d "
+            "failed=%d octets=%d pending=%d",
+            name,
+            self.result.delivered,
+            self.result.quarantined,
+            self.result.skipped,
+            self.result.deleted,
+            self.result.failed,
+            self.result.octets,
+            self.result.pending,
+        )
+        return self.result
+
+    async def _run(self, retry_quarantined: bool) -> None:
+        name = self.account.name
+        retried: set[str] = set()
+        if retry_quarantined:
+            for record in self.db.quarantined(name):
+                self.db.clear_quarantine(name, record.uid)
+                retried.add(record.uid)
+        session = await Pop3Session.open(self.account)
+        delay = session.capabilities.items.get("LOGIN-DELAY", ())
+        if delay and delay[0].isdigit():
+            self.result.login_delay = float(delay[0])
+        try:
+            await self._login(session)
+            sizes, listing = await session.listing()
+            uids = await self._uids(session, sizes, listing)
+            self.result.on_server = len(uids)
+            await self._retry_from_quarantine(retried - set(uids.values()))
+            await self._transaction(session, sizes, uids, retried)
+        except BaseException:
+            await session.close()
+            raise
+
+    async def _login(self, session: Pop3Session) -> None:
+        if self.account.auth == "oauth2":
+            tokens = self._tokens or build_token_provider(self.account, self.settings)
+            await session.login_oauth(tokens)
+        else:
+            password = await asyncio.to_thread(read_password, self.account)
+            await session.login_password(password)
+
+    async def _uids(
+        self, session: Pop3Session, sizes: dict[int, int], listing: UidListing | None
+    ) -> dict[int, str]:
+        """Message number -> uid: the server's UIDL, or a header hash when it fails."""
+        source = self.account.uid_source
+        reason = None
+        if source == "header_hash":
+            reason = "configured"
+        elif listing is None:
+            reason = "server has no UIDL"
+        elif listing.problems:
+            reason = "; ".join(listing.problems[:3])
+        elif source == "auto":
+            known = self.db.records(self.account.name)
+            for number, uid in listing.entries:
+                record = known.get(uid)
+                # Same UIDL, different size: the server reuses or changes UIDLs.
+                if record is not None and record.size and record.size != sizes.get(number):
+                    reason = f"UIDL {uid} changed size"
+                    break
+        if reason is None:
+            assert listing is not None
+            return dict(listing.entries)
+        log.info("using header hashes account=%s reason=%s", self.account.name, reason)
+        self.result.notes.append(f"header-hash uids: {reason}")
+        uids: dict[int, str] = {}
+        seen: dict[str, int] = {}
+        async for number, headers in session.headers(sorted(sizes)):
+            uid = header_uid(headers)
+            count = seen.get(uid, 0) + 1
+            seen[uid] = count
+            # Identical headers (a message sent twice): tell copies apart by order.
+            uids[number] = uid if count == 1 else f"{uid}#{count}"
+        await session.finish_pending()
+        if len(uids) != len(sizes):
+            raise RemoteServerError("TOP failed; the server has no usable unique-ids")
+        return uids
+
+    def _plan(
+        self, sizes: dict[int, int], uids: dict[int, str]
+    ) -> tuple[list[int], list[int], set[int]]:
+        """(numbers to fetch, numbers to delete, numbers to quarantine as oversize)."""
+        account, now = self.account, time.time()
+        known = self.db.records(account.name)
+        fetch: list[int] = []
+        delete: list[int] = []
+        oversize: set[int] = set()
+        octets = 0
+        for number in sorted(uids):
+            uid, size = uids[number], sizes.get(number, 0)
+            record: MessageRecord | None = known.get(uid)
+            if record is not None and record.delivered_at is not None:
+                if account.delete == "after_delivery" or (
+                    account.delete == "after_days"
+                    and now - record.delivered_at > account.delete_after_days * SECONDS_PER_DAY
+                ):
+                    delete.append(number)
+                continue
+            if record is not None and (record.quarantined or record.skipped):
+                continue
+            if account.max_message_size and size > account.max_message_size:
+                if account.oversize == "skip":
+                    self.db.record_skipped(account.name, uid, size, "oversize")
+                    self.result.skipped += 1
+                    log.info(
+                        "skipped account=%s uid=%s size=%d reason=oversize", account.name, uid, size
+                    )
+                    continue
+                oversize.add(number)
+            if account.max_messages_per_run and len(fetch) >= account.max_messages_per_run:
+                continue
+            if account.max_bytes_per_run and octets >= account.max_bytes_per_run:
+                continue
+            fetch.append(number)
+            octets += size
+        return fetch, delete, oversize
+
+    async def _transaction(
+        self,
+        session: Pop3Session,
+        sizes: dict[int, int],
+        uids: dict[int, str],
+        retried: set[str],
+    ) -> None:
+        name = self.account.name
+        fetch, delete, oversize = self._plan(sizes, uids)
+        if self.account.filters and fetch:
+            fetch = await self._apply_filters(session, fetch, sizes, uids)
+        self._observer.planned(name, len(fetch), sum(sizes.get(n, 0) for n in fetch))
+        after_delivery = self.account.delete == "after_delivery"
+        async with contextlib.aclosing(session.retrieve(fetch, sizes, self._spool)) as stream:
+            async for item in stream:
+                if isinstance(item, Downloaded):
+                    uid = uids[item.number]
+                    try:
+                        outcome = await self._handle(item, uid, item.number in oversize)
+                    finally:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(item.path)
+                    if outcome == "delivered" and uid in retried:
+                        self.quarantine.remove(name, uid)
+                    if outcome == "delivered" and after_delivery:
+                        delete.append(item.number)
+                    self._observer.message_done(name, item.size, outcome)
+                else:
+                    number, reply = item
+                    self.result.failed += 1
+                    self.db.record_failure(name, uids[number], f"RETR: {reply.text}")
+                    log.warning("RETR failed account=%s number=%d: %s", name, number, reply.text)
+                if self._stop.is_set():
+                    self.result.stopped = True
+                    break
+        await session.finish_pending()
+        if delete:
+            await session.delete(delete)
+        await session.quit()
+        if delete:
+            self.db.record_deleted(name, [uids[n] for n in delete])
+            self.result.deleted = len(delete)
+        records = self.db.records(name)
+        self.result.pending = sum(
+            1
+            for uid in uids.values()
+            if (record := records.get(uid)) is None
+            or (record.delivered_at is None and not record.quarantined and not record.skipped)
+        )
+
+    async def _apply_filters(
+        self, session: Pop3Session, fetch: list[int], sizes: dict[int, int], uids: dict[int, str]
+    ) -> list[int]:
+        keep: list[int] = []
+        async for number, headers in session.headers(fetch):
+            if _filter_decision(self.account, headers) == "fetch":
+                keep.append(number)
+            else:
+                self.db.record_skipped(self.account.name, uids[number], sizes[number], "filter")
+                self.result.skipped += 1
+        await session.finish_pending()
+        return keep
+
+    # ---------------------------------------------------------------- one message
+
+    async def _handle(self, item: Downloaded, uid: str, oversize: bool) -> str:
+        message = FetchedMessage(self.account.name, uid, item.size, item.sha256, item.path)
+        self.result.octets += item.size
+        if oversize:
+            self.db.start_attempt(self.account.name, uid, item.size)
+            return self._quarantine(message, f"over max_message_size ({item.size} octets)")
+        return await self.deliver(message)
+
+    async def deliver(self, message: FetchedMessage) -> str:
+        """Offer the message to every sink that lacks it; "delivered", "quarantined" or
+        "failed" (temporary; retried next run)."""
+        name, uid = self.account.name, message.uidl
+        attempts = self.db.start_attempt(name, uid, message.size)
+        done = self.db.sinks_done(name, uid)
+        try:
+            for index, sink in enumerate(self.sinks):
+                if sink.name in done:
+                    continue
+                timeout = self._timeouts[index] if index < len(self._timeouts) else 60.0
+                try:
+                    await asyncio.wait_for(sink.deliver(message), timeout)
+                except TimeoutError as exc:
+                    raise SinkError(f"{sink.name}: no answer within {timeout:g}s") from exc
+                self.db.record_sink(name, uid, sink.name)
+        except PermanentSinkError as exc:
+            return self._quarantine(message, str(exc))
+        except Exception as exc:  # a sink bug must not stop the queue: count it
+            if not isinstance(exc, SinkError):
+                log.exception("sink raised unexpectedly account=%s uid=%s", name, uid)
+            if attempts >= self.account.max_attempts:
+                return self._quarantine(message, f"gave up after {attempts} attempts: {exc}")
+            self.db.record_failure(name, uid, str(exc))
+            self.result.failed += 1
+            log.warning(
+                "delivery failed account=%s uid=%s attempt=%d: %s", name, uid, attempts, exc
+            )
+            return "failed"
+        self.db.record_delivered(name, uid, message.size, message.sha256)
+        self.result.delivered += 1
+        log.info("delivered account=%s uid=%s size=%d", name, uid, message.size)
+        return "delivered"
+
+    def _quarantine(self, message: FetchedMessage, reason: str) -> str:
+        name = self.account.name
+        path = self.quarantine.save(
+            account=name,
+            uid=message.uidl,
+            source=message.path,
+            sha256=message.sha256,
+            size=message.size,
+            reason=reason,
+        )
+        self.db.record_quarantined(name, message.uidl, reason, message.sha256)
+        self.result.quarantined += 1
+        log.warning(
+            "quarantined account=%s uid=%s path=%s reason=%s", name, message.uidl, path, reason
+        )
+        return "quarantined"
+
+    async def _retry_from_quarantine(self, uids: set[str]) -> None:
+        """Re-offer quarantined messages that are no longer on the server, from the copy."""
+        for uid in sorted(uids):
+            path = self.quarantine.load(self.account.name, uid)
+            if path is None:
+                continue
+            data_hash, size = await asyncio.to_thread(_hash_file, path)
+            message = FetchedMessage(self.account.name, uid, size, data_hash, path)
+            if await self.deliver(message) == "delivered":
+                self.quarantine.remove(self.account.name, uid)
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

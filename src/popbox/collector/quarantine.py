@@ -1,0 +1,93 @@
+"""Quarantine: poison messages are set aside, raw, with the reason, so later ones flow.
+
+A message lands here when a sink refused it for good, when it kept failing past the
+account's retry budget, or when it is over the size limit and the policy says so.
+Each is stored as ``QUARANTINE/ACCOUNT/NAME.eml`` (the bytes as the server sent them)
+beside ``NAME.reason`` (what went wrong, when, the UIDL and the content hash), so an
+operator can read, fix and re-offer it with ``popbox fetch --retry-quarantined``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Final
+
+from popbox.errors import CollectorError
+
+__all__ = ["Quarantine"]
+
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
+# Keep file names short and readable: a UIDL may be 70 characters of anything.
+NAME_UIDL_CHARS: Final = 40
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _with(base: Path, suffix: str) -> Path:
+    # Not Path.with_suffix: a UIDL-derived name may contain dots of its own.
+    return base.parent / (base.name + suffix)
+
+
+class Quarantine:
+    """The quarantine folder (one subfolder per account)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _base(self, account: str, uid: str) -> Path:
+        digest = hashlib.sha256(uid.encode("utf-8")).hexdigest()[:16]
+        readable = _UNSAFE.sub("_", uid)[:NAME_UIDL_CHARS]
+        return self.root / account / f"{digest}-{readable}"
+
+    def message_path(self, account: str, uid: str) -> Path:
+        return _with(self._base(account, uid), ".eml")
+
+    def save(
+        self, *, account: str, uid: str, source: Path, sha256: str, size: int, reason: str
+    ) -> Path:
+        """Copy the spooled message here durably with its reason; return its path."""
+        base = self._base(account, uid)
+        target = _with(base, ".eml")
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _with(base, ".tmp")
+            with source.open("rb") as reader, tmp.open("wb") as writer:
+                shutil.copyfileobj(reader, writer)
+                writer.flush()
+                os.fsync(writer.fileno())
+            os.replace(tmp, target)
+            note = (
+                f"reason: {reason}\naccount: {account}\nuidl: {uid}\nsha256: {sha256}\n"
+                f"size: {size}\nquarantined: "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+            )
+            reason_tmp = _with(base, ".reason.tmp")
+            with reason_tmp.open("w", encoding="utf-8") as writer:
+                writer.write(note)
+                writer.flush()
+                os.fsync(writer.fileno())
+            os.replace(reason_tmp, _with(base, ".reason"))
+            _fsync_dir(base.parent)
+        except OSError as exc:
+            raise CollectorError(f"quarantine {base.parent}: {exc}") from exc
+        return target
+
+    def load(self, account: str, uid: str) -> Path | None:
+        path = self.message_path(account, uid)
+        return path if path.exists() else None
+
+    def remove(self, account: str, uid: str) -> None:
+        base = self._base(account, uid)
+        for suffix in (".eml", ".reason"):
+            _with(base, suffix).unlink(missing_ok=True)

@@ -1,0 +1,298 @@
+"""The collector's memory: which remote messages were seen, delivered, deleted, quarantined.
+
+One SQLite database (WAL, ``synchronous = FULL``) keyed by (account, uid), where uid is
+the server's UIDL or, for servers whose UIDLs cannot be trusted, ``hdr:`` and a hash of
+the message headers. Every change commits at once, per message: a run killed at any
+moment loses at most the message in hand, which the next run redelivers (and the
+per-sink record below lets sinks that already have it skip it).
+
+``sink_deliveries`` records, per message, which sinks confirmed it: a message is
+delivered only when every sink of its account confirmed, and a sink that already did
+is skipped when the message is offered again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from popbox.errors import CollectorError
+
+__all__ = ["AccountStatus", "MessageRecord", "StateDB"]
+
+# How long a writer waits for another collector process holding the database; a
+# daemon and a cron run may overlap for a moment.
+BUSY_TIMEOUT_SECONDS: Final = 30.0
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS messages (
+    account      TEXT NOT NULL,
+    uid          TEXT NOT NULL,
+    size         INTEGER NOT NULL DEFAULT 0,
+    sha256       TEXT,
+    first_seen   REAL NOT NULL,
+    delivered_at REAL,
+    deleted_at   REAL,
+    quarantined  INTEGER NOT NULL DEFAULT 0,
+    skipped      TEXT,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    PRIMARY KEY (account, uid)
+);
+CREATE TABLE IF NOT EXISTS sink_deliveries (
+    account      TEXT NOT NULL,
+    uid          TEXT NOT NULL,
+    sink         TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (account, uid, sink)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    account        TEXT PRIMARY KEY,
+    last_start     REAL,
+    last_success   REAL,
+    last_error     TEXT,
+    last_error_at  REAL,
+    failures       INTEGER NOT NULL DEFAULT 0,
+    on_server      INTEGER NOT NULL DEFAULT 0,
+    pending        INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    uid: str
+    size: int
+    sha256: str | None
+    delivered_at: float | None
+    deleted_at: float | None
+    quarantined: bool
+    skipped: str | None
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    account: str
+    last_success: float | None
+    last_error: str | None
+    last_error_at: float | None
+    failures: int
+    delivered: int
+    quarantined: int
+    pending: int
+
+
+class StateDB:
+    """The collector's SQLite state; one instance per process, used from one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit survives power loss, which "delivered" must.
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise CollectorError(f"state database {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CollectorError(f"state database {self.path}: {exc}") from exc
+
+    # ---------------------------------------------------------------- reading
+
+    def records(self, account: str) -> dict[str, MessageRecord]:
+        rows = self._db.execute(
+            "SELECT uid, size, sha256, delivered_at, deleted_at, quarantined, skipped,"
+            " attempts, last_error FROM messages WHERE account = ?",
+            (account,),
+        )
+        return {
+            row[0]: MessageRecord(
+                uid=row[0],
+                size=row[1],
+                sha256=row[2],
+                delivered_at=row[3],
+                deleted_at=row[4],
+                quarantined=bool(row[5]),
+                skipped=row[6],
+                attempts=row[7],
+                last_error=row[8],
+            )
+            for row in rows
+        }
+
+    def sinks_done(self, account: str, uid: str) -> set[str]:
+        rows = self._db.execute(
+            "SELECT sink FROM sink_deliveries WHERE account = ? AND uid = ?", (account, uid)
+        )
+        return {row[0] for row in rows}
+
+    def quarantined(self, account: str) -> list[MessageRecord]:
+        return [
+            record
+            for record in self.records(account).values()
+            if record.quarantined and record.delivered_at is None
+        ]
+
+    def status(self, accounts: Iterable[str]) -> list[AccountStatus]:
+        result = []
+        for account in accounts:
+            run = self._db.execute(
+                "SELECT last_success, last_error, last_error_at, failures, pending"
+                " FROM runs WHERE account = ?",
+                (account,),
+            ).fetchone() or (None, None, None, 0, 0)
+            delivered, quarantined = self._db.execute(
+                "SELECT COUNT(delivered_at),"
+                " COALESCE(SUM(quarantined AND delivered_at IS NULL), 0)"
+                " FROM messages WHERE account = ?",
+                (account,),
+            ).fetchone()
+            result.append(
+                AccountStatus(
+                    account=account,
+                    last_success=run[0],
+                    last_error=run[1],
+                    last_error_at=run[2],
+                    failures=run[3],
+                    delivered=delivered,
+                    quarantined=quarantined,
+                    pending=run[4],
+                )
+            )
+        return result
+
+    # ---------------------------------------------------------------- writing
+
+    def note_seen(self, account: str, uid: str, size: int) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
+                " VALUES (?, ?, ?, ?)",
+                (account, uid, size, time.time()),
+            )
+
+    def start_attempt(self, account: str, uid: str, size: int) -> int:
+        """Count one more delivery attempt (before any sink runs); return the count."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
+                " VALUES (?, ?, ?, ?)",
+                (account, uid, size, time.time()),
+            )
+            db.execute(
+                "UPDATE messages SET attempts = attempts + 1 WHERE account = ? AND uid = ?",
+                (account, uid),
+            )
+            row = db.execute(
+                "SELECT attempts FROM messages WHERE account = ? AND uid = ?", (account, uid)
+            ).fetchone()
+        return int(row[0])
+
+    def record_sink(self, account: str, uid: str, sink: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO sink_deliveries (account, uid, sink, delivered_at)"
+                " VALUES (?, ?, ?, ?)",
+                (account, uid, sink, time.time()),
+            )
+
+    def record_delivered(self, account: str, uid: str, size: int, sha256: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE messages SET delivered_at = ?, size = ?, sha256 = ?,"
+                " quarantined = 0, last_error = NULL WHERE account = ? AND uid = ?",
+                (time.time(), size, sha256, account, uid),
+            )
+
+    def record_failure(self, account: str, uid: str, error: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE messages SET last_error = ? WHERE account = ? AND uid = ?",
+                (error[:1000], account, uid),
+            )
+
+    def record_quarantined(self, account: str, uid: str, reason: str, sha256: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE messages SET quarantined = 1, last_error = ?, sha256 = ?"
+                " WHERE account = ? AND uid = ?",
+                (reason[:1000], sha256, account, uid),
+            )
+
+    def clear_quarantine(self, account: str, uid: str) -> None:
+        """Re-offer a quarantined message: it gets a fresh retry budget."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE messages SET quarantined = 0, attempts = 0 WHERE account = ? AND uid = ?",
+                (account, uid),
+            )
+
+    def record_skipped(self, account: str, uid: str, size: int, reason: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
+                " VALUES (?, ?, ?, ?)",
+                (account, uid, size, time.time()),
+            )
+            db.execute(
+                "UPDATE messages SET skipped = ? WHERE account = ? AND uid = ?",
+                (reason, account, uid),
+            )
+
+    def record_deleted(self, account: str, uids: Iterable[str]) -> None:
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "UPDATE messages SET deleted_at = ? WHERE account = ? AND uid = ?",
+                [(now, account, uid) for uid in uids],
+            )
+
+    def run_started(self, account: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO runs (account, last_start) VALUES (?, ?)"
+                " ON CONFLICT (account) DO UPDATE SET last_start = excluded.last_start",
+                (account, time.time()),
+            )
+
+    def run_finished(
+        self, account: str, *, error: str | None, on_server: int = 0, pending: int = 0
+    ) -> None:
+        now = time.time()
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO runs (account) VALUES (?)", (account,))
+            if error is None:
+                db.execute(
+                    "UPDATE runs SET last_success = ?, failures = 0, on_server = ?,"
+                    " pending = ? WHERE account = ?",
+                    (now, on_server, pending, account),
+                )
+            else:
+                db.execute(
+                    "UPDATE runs SET last_error = ?, last_error_at = ?,"
+                    " failures = failures + 1 WHERE account = ?",
+                    (error[:1000], now, account),
+                )

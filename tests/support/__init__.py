@@ -1,0 +1,1 @@
+"""Helpers that start real third-party servers for tests."""
