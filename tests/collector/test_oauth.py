@@ -1,0 +1,450 @@
+"""Token providers and device login against a real local authorization server.
+
+``FakeAuthServer`` speaks just enough OAuth2 (RFC 6749 token endpoint, RFC 8628 device
+authorization, OpenID discovery for msal, RFC 7662 introspection for Dovecot) on
+127.0.0.1; test_oauth_dovecot.py reuses it as Dovecot's introspection endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import ssl
+import stat
+import sys
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from popbox.collector.oauth import (
+    ClientCredentialsProvider,
+    CommandTokenProvider,
+    MsalClientCredentialsProvider,
+    MsalRefreshTokenProvider,
+    OAuthHttpClient,
+    RefreshTokenProvider,
+    TokenFile,
+    create_token_provider,
+    generic_device_login,
+    login_command,
+)
+from popbox.errors import CollectorError
+
+CLIENT_ID = "popbox-test-client"
+CLIENT_SECRET = "client-s3cret"
+
+
+@dataclass
+class FakeAuthServer:
+    """An authorization server that remembers what it issued and can revoke it."""
+
+    url: str = ""
+    expires_in: int = 3600
+    rotate_refresh_tokens: bool = True
+    device_pending_polls: int = 2
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
+    access_tokens: dict[str, str] = field(default_factory=dict)
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def issue(self, user: str, *, refresh: bool = True) -> dict[str, Any]:
+        number = next(self.counter)
+        access = f"at-{user}-{number}"
+        self.access_tokens[access] = user
+        document: dict[str, Any] = {
+            "access_token": access, "token_type": "Bearer", "expires_in": self.expires_in,
+            # msal builds its account record from client_info (uid.utid).
+            "client_info": base64.urlsafe_b64encode(
+                json.dumps({"uid": user, "utid": "tenant"}).encode()
+            ).decode().rstrip("="),
+        }
+        if refresh:
+            token = f"rt-{user}-{number}"
+            self.refresh_tokens[token] = user
+            document["refresh_token"] = token
+        return document
+
+    def revoke_access_tokens(self) -> None:
+        """What expiry looks like from outside: every token issued so far is dead."""
+        with self.lock:
+            self.access_tokens.clear()
+
+    def grants(self, grant_type: str) -> int:
+        return sum(1 for path, form in self.requests if form.get("grant_type") == grant_type)
+
+    # -- endpoints --------------------------------------------------------------
+
+    def token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if form.get("client_id") != CLIENT_ID:
+            return 401, {"error": "invalid_client"}
+        grant = form.get("grant_type")
+        if grant == "refresh_token":
+            user = self.refresh_tokens.get(form.get("refresh_token", ""))
+            if user is None:
+                return 400, {"error": "invalid_grant", "error_description": "expired"}
+            if self.rotate_refresh_tokens:
+                del self.refresh_tokens[form["refresh_token"]]
+                return 200, self.issue(user)
+            return 200, self.issue(user, refresh=False)
+        if grant == "client_credentials":
+            if form.get("client_secret") != CLIENT_SECRET:
+                return 401, {"error": "invalid_client"}
+            return 200, self.issue("app", refresh=False)
+        if grant == "urn:ietf:params:oauth:grant-type:device_code":
+            if self.device_pending_polls > 0:
+                self.device_pending_polls -= 1
+                return 400, {"error": "authorization_pending"}
+            return 200, self.issue("alice")
+        return 400, {"error": "unsupported_grant_type"}
+
+    def device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        return 200, {
+            "device_code": "dev-code-1", "user_code": "WDJB-MJHT",
+            "verification_uri": f"{self.url}/activate", "expires_in": 900, "interval": 0,
+            "message": f"Open {self.url}/activate and enter WDJB-MJHT",
+        }
+
+    def introspect(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        user = self.access_tokens.get(form.get("token", ""))
+        if user is None:
+            return 200, {"active": False}
+        return 200, {"active": True, "username": user, "scope": "pop"}
+
+    def openid_configuration(self) -> dict[str, Any]:
+        base = f"{self.url}/tenant"
+        return {
+            "issuer": f"{base}/v2.0",
+            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "token_endpoint": f"{base}/oauth2/v2.0/token",
+            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+        }
+
+
+def serve_auth(
+    server_state: FakeAuthServer, context: ssl.SSLContext | None = None
+) -> Iterator[FakeAuthServer]:
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, status: int, document: dict[str, Any]) -> None:
+            body = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            if path.endswith("/.well-known/openid-configuration"):
+                self._reply(200, server_state.openid_configuration())
+            elif path == "/introspect":  # Dovecot's introspection_mode = get
+                form = dict(urllib.parse.parse_qsl(query))
+                with server_state.lock:
+                    server_state.requests.append((path, form))
+                    self._reply(*server_state.introspect(form))
+            else:
+                self._reply(404, {"error": "not_found"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+            path = self.path.partition("?")[0]
+            with server_state.lock:
+                server_state.requests.append((path, form))
+                if path.endswith("/token"):
+                    self._reply(*server_state.token(form))
+                elif path.endswith(("/device", "/devicecode")):
+                    self._reply(*server_state.device(form))
+                elif path == "/introspect":
+                    self._reply(*server_state.introspect(form))
+                else:
+                    self._reply(404, {"error": "not_found"})
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    scheme = "http"
+    if context is not None:
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        scheme = "https"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    server_state.url = f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield server_state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def auth_server() -> Iterator[FakeAuthServer]:
+    yield from serve_auth(FakeAuthServer())
+
+
+@pytest.fixture
+def tls_auth_server(tls_files: Any) -> Iterator[FakeAuthServer]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    yield from serve_auth(FakeAuthServer(), context)
+
+
+def _client(server: FakeAuthServer, **kwargs: Any) -> OAuthHttpClient:
+    return OAuthHttpClient(
+        f"{server.url}/token", CLIENT_ID, scopes=["pop"],
+        device_authorization_endpoint=f"{server.url}/device", timeout=5.0, **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "token.py"
+    path.write_text(body)
+    return [sys.executable, str(path)]
+
+
+async def test_command_token_is_cached_until_force_refresh(tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+    argv = _script(tmp_path, (
+        "import pathlib\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "print(f'tok-{n}')\n"
+    ))
+    provider = CommandTokenProvider(argv)
+    assert await provider.token() == "tok-1"
+    assert await provider.token() == "tok-1"
+    assert await provider.token(force_refresh=True) == "tok-2"
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("import sys; sys.stderr.write('vault locked'); sys.exit(3)", "exited 3: vault locked"),
+        ("print('two words')", "did not return a bearer token"),
+        ("import time; time.sleep(30)", "timed out"),
+    ],
+)
+async def test_command_failures_are_collector_errors(
+    tmp_path: Path, body: str, match: str
+) -> None:
+    provider = CommandTokenProvider(_script(tmp_path, body), timeout=1.0)
+    with pytest.raises(CollectorError, match=match):
+        await provider.token()
+
+
+# ---------------------------------------------------------------------------- generic
+
+
+async def test_refresh_token_provider_caches_refreshes_and_saves_rotation(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    first = auth_server.issue("alice")
+    token_file = TokenFile(tmp_path / "oauth" / "acct.json")
+    token_file.save({"refresh_token": first["refresh_token"]})
+    provider = RefreshTokenProvider(token_file, _client(auth_server))
+
+    token = await provider.token()
+    assert auth_server.access_tokens[token] == "alice"
+    assert await provider.token() == token  # cached: no second request
+    assert auth_server.grants("refresh_token") == 1
+    newer = await provider.token(force_refresh=True)
+    assert newer != token
+    assert auth_server.grants("refresh_token") == 2
+    # The server rotated the refresh token twice; the file holds the live one.
+    stored = token_file.load()
+    assert stored is not None
+    assert stored["refresh_token"] in auth_server.refresh_tokens
+    assert stat.S_IMODE(os.stat(token_file.path).st_mode) == 0o600
+
+
+async def test_token_near_expiry_is_renewed(auth_server: FakeAuthServer, tmp_path: Path) -> None:
+    auth_server.expires_in = 60  # inside the renewal margin: never served from cache
+    token_file = TokenFile(tmp_path / "t.json")
+    token_file.save({"refresh_token": auth_server.issue("alice")["refresh_token"]})
+    provider = RefreshTokenProvider(token_file, _client(auth_server))
+    assert await provider.token() != await provider.token()
+
+
+async def test_revoked_refresh_token_says_to_log_in_again(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    token_file = TokenFile(tmp_path / "t.json")
+    token_file.save({"refresh_token": "rt-unknown"})
+    provider = RefreshTokenProvider(token_file, _client(auth_server))
+    with pytest.raises(CollectorError, match=r"invalid_grant.*popbox oauth login"):
+        await provider.token()
+    missing = RefreshTokenProvider(TokenFile(tmp_path / "none.json"), _client(auth_server))
+    with pytest.raises(CollectorError, match="no refresh token"):
+        await missing.token()
+
+
+async def test_client_credentials_over_http(auth_server: FakeAuthServer) -> None:
+    provider = ClientCredentialsProvider(_client(auth_server, client_secret=CLIENT_SECRET))
+    token = await provider.token()
+    assert auth_server.access_tokens[token] == "app"
+    bad = ClientCredentialsProvider(_client(auth_server, client_secret="wrong"))
+    with pytest.raises(CollectorError, match="invalid_client"):
+        await bad.token()
+
+
+async def test_unreachable_token_endpoint_is_a_collector_error(tmp_path: Path) -> None:
+    client = OAuthHttpClient("http://127.0.0.1:9/token", CLIENT_ID, timeout=2.0)
+    with pytest.raises(CollectorError, match="OAuth endpoint"):
+        await ClientCredentialsProvider(client).token()
+
+
+async def test_generic_device_login_stores_refresh_token(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    shown: list[str] = []
+    token_file = TokenFile(tmp_path / "state" / "oauth" / "acct.json")
+    await generic_device_login(_client(auth_server), token_file, shown.append)
+    assert "WDJB-MJHT" in shown[0]
+    assert auth_server.grants("urn:ietf:params:oauth:grant-type:device_code") == 3
+    provider = RefreshTokenProvider(token_file, _client(auth_server))
+    assert auth_server.access_tokens[await provider.token()] == "alice"
+
+
+async def test_device_flow_slows_down_when_told(auth_server: FakeAuthServer) -> None:
+    client = _client(auth_server)
+    code = await client.start_device_flow()
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    original = auth_server.token
+
+    def slow_down_once(form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if not waits[1:]:
+            return 400, {"error": "slow_down"}
+        return original(form)
+
+    auth_server.token = slow_down_once  # type: ignore[method-assign]
+    auth_server.device_pending_polls = 0
+    await client.finish_device_flow(code, sleep=record)
+    assert waits == [0.0, 5.0]  # RFC 8628 3.5: slow_down adds five seconds
+
+
+# ---------------------------------------------------------------------------- msal
+
+
+async def test_msal_client_credentials_against_local_authority(
+    tls_auth_server: FakeAuthServer, tls_files: Any
+) -> None:
+    provider = MsalClientCredentialsProvider(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+        authority=f"{tls_auth_server.url}/tenant", ca_file=tls_files.ca,
+    )
+    token = await provider.token()
+    assert tls_auth_server.access_tokens[token] == "app"
+    # Not asserted: msal's cache hit. msal files tokens under the authority's host
+    # without its port, so with a test authority on 127.0.0.1:PORT every call misses.
+    assert await provider.token(force_refresh=True) != token
+
+
+async def test_msal_device_login_then_silent_refresh(
+    tls_auth_server: FakeAuthServer, tls_files: Any, tmp_path: Path
+) -> None:
+    from popbox.collector.config import OAuthSettings
+    from popbox.collector.oauth import msal_device_login
+
+    oauth = OAuthSettings(
+        token_source="refresh_token", provider="microsoft", client_id=CLIENT_ID,
+        authority=f"{tls_auth_server.url}/tenant", scopes=["pop", "offline_access"],
+    )
+    token_file = TokenFile(tmp_path / "ms.json")
+    shown: list[str] = []
+    await _in_thread(msal_device_login, oauth, token_file, shown.append, ca_file=tls_files.ca)
+    assert "WDJB-MJHT" in shown[0]
+    assert stat.S_IMODE(os.stat(token_file.path).st_mode) == 0o600
+
+    provider = MsalRefreshTokenProvider(
+        token_file, client_id=CLIENT_ID, authority=f"{tls_auth_server.url}/tenant",
+        scopes=["pop"], ca_file=tls_files.ca,
+    )
+    token = await provider.token()
+    assert tls_auth_server.access_tokens[token] == "alice"
+    refreshed = await provider.token(force_refresh=True)
+    assert refreshed != token
+    assert tls_auth_server.access_tokens[refreshed] == "alice"
+    # Both calls used the refresh token (msal's access-token cache misses on a ported
+    # test authority, see above); the server rotated it each time, so a fresh
+    # provider works only if the rotated token reached the file.
+    assert tls_auth_server.grants("refresh_token") == 2
+    again = MsalRefreshTokenProvider(
+        token_file, client_id=CLIENT_ID, authority=f"{tls_auth_server.url}/tenant",
+        scopes=["pop"], ca_file=tls_files.ca,
+    )
+    assert tls_auth_server.access_tokens[await again.token()] == "alice"
+
+
+async def _in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(function, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- wiring
+
+
+def _config(tmp_path: Path, oauth: dict[str, Any]) -> Path:
+    lines = [
+        "[fetch]", f'state_dir = "{tmp_path / "state"}"', "",
+        "[[fetch.accounts]]", 'name = "desk"', 'host = "127.0.0.1"', 'username = "alice"',
+        'auth = "oauth2"', "",
+        "[fetch.accounts.oauth]",
+        *(f"{key} = {json.dumps(value)}" for key, value in oauth.items()), "",
+        "[[fetch.accounts.sinks]]", 'kind = "maildir"', f'path = "{tmp_path / "md"}"',
+    ]
+    path = tmp_path / "popbox.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_login_command_runs_the_generic_device_flow(
+    auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, {
+        "token_source": "refresh_token", "provider": "generic", "client_id": CLIENT_ID,
+        "token_endpoint": f"{auth_server.url}/token",
+        "device_authorization_endpoint": f"{auth_server.url}/device", "scopes": ["pop"],
+    })
+    result = CliRunner().invoke(login_command, ["desk", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "WDJB-MJHT" in result.output
+    stored = json.loads((tmp_path / "state" / "oauth" / "desk.json").read_text())
+    assert stored["refresh_token"] in auth_server.refresh_tokens
+
+
+def test_login_command_refuses_accounts_that_need_no_login(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"token_source": "command", "token_command": "true"})
+    result = CliRunner().invoke(login_command, ["desk", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "needs no login" in result.output
+
+
+async def test_create_token_provider_picks_the_source(tmp_path: Path) -> None:
+    from popbox.collector.config import load_fetch_settings
+
+    settings = load_fetch_settings(_config(tmp_path, {
+        "token_source": "command", "token_command": f"{sys.executable} -c \"print('t0k')\"",
+    }))
+    provider = create_token_provider(settings.accounts[0], settings)
+    assert isinstance(provider, CommandTokenProvider)
+    assert await provider.token() == "t0k"
