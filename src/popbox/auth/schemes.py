@@ -250,7 +250,10 @@ def _verify_digest(secret: bytes, parsed: _Stored) -> bool:
 
 
 def _verify_plain(secret: bytes, parsed: _Stored) -> bool:
-    return hmac.compare_digest(_raw(parsed), secret)
+    # compare_digest returns early on a length mismatch; comparing fixed-size digests
+    # keeps the stored password's length out of the timing too.
+    stored = hashlib.sha256(_raw(parsed)).digest()
+    return hmac.compare_digest(stored, hashlib.sha256(secret).digest())
 
 
 _VERIFIERS: Final[dict[str, Callable[[bytes, _Stored], bool]]] = {
