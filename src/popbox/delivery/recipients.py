@@ -18,9 +18,10 @@ for a single-domain mailbox server behind an MTA:
 * A quoted local part (``"alice"@example.org``) is unquoted first (RFC 5321 section
   4.1.2), so ``"alice"`` and ``alice`` are the same mailbox.
 
-The result is then checked as a user name: a name that can never be a user (a path
-trick, a control character, a ``:`` that would break the passwd file) is refused here,
-before any user database or mail store sees it.
+The result is then checked with ``popbox.auth.validate_username``, the one definition
+of a user name: a name that can never be a user (a path trick, a control character,
+a ``:`` that would break the passwd file) is refused here, before any user database
+or mail store sees it.
 """
 
 from __future__ import annotations
@@ -28,16 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from popbox.auth.names import validate_username
 from popbox.config import LmtpSettings
-from popbox.errors import InvalidUsername, UnknownRecipient
+from popbox.errors import UnknownRecipient
 
 __all__ = ["MAX_ADDRESS_LENGTH", "Recipient", "parse_recipient", "split_address"]
 
 # RFC 5321 section 4.5.3.1.3: a path is at most 256 octets including the brackets.
 MAX_ADDRESS_LENGTH: Final = 254
-# RFC 5321 section 4.5.3.1.1 caps a local part at 64 octets; user names in a passwd
-# file have no such rule, so the name check below allows what Dovecot allows (255).
-MAX_USERNAME_LENGTH: Final = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,33 +108,6 @@ def split_address(address: str) -> tuple[str, str]:
     return local, domain
 
 
-def check_username(name: str) -> str:
-    """Refuse names that can never be users; return the name unchanged otherwise.
-
-    The same rules the passwd file and the Maildir layout need: a name becomes a
-    directory under the mail root and a field of a colon-separated file.
-    """
-    if not name or len(name) > MAX_USERNAME_LENGTH:
-        raise InvalidUsername("user name is empty or too long")
-    if name in {".", ".."} or name.startswith("."):
-        raise InvalidUsername(f"user name {name!r} would be a hidden or parent directory")
-    for char in name:
-        if char in "/\\:" or char.isspace() or not char.isprintable():
-            raise InvalidUsername(f"user name {name!r} contains {char!r}")
-    return name
-
-
-def _validate(name: str) -> str:
-    # popbox.auth owns the one definition of a valid user name once it offers it;
-    # until then the local check above stands in with the same rules.
-    try:
-        from popbox.auth import validate_username  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return check_username(name)
-    result = validate_username(name)
-    return result if isinstance(result, str) else name
-
-
 def parse_recipient(address: str, settings: LmtpSettings) -> Recipient:
     """Map one envelope recipient to a user name under the configured rules.
 
@@ -159,4 +131,6 @@ def parse_recipient(address: str, settings: LmtpSettings) -> Recipient:
         # Dovecot keep such a local part whole rather than map it to nobody.
         if cut > 0:
             user, detail = local[:cut], local[cut + 1 :]
-    return Recipient(address=address, user=_validate(user), domain=domain, detail=detail)
+    return Recipient(
+        address=address, user=validate_username(user), domain=domain, detail=detail
+    )
