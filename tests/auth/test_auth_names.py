@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popbox.auth.names import MAX_USERNAME_LENGTH, is_valid_username, validate_username
 from popbox.errors import AuthError, InvalidUsername
@@ -72,3 +76,20 @@ def test_invalid_username_is_an_auth_error() -> None:
 
 def test_names_are_case_sensitive() -> None:
     assert validate_username("Alice") != validate_username("alice")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=MAX_USERNAME_LENGTH + 10))
+def test_any_accepted_name_stays_one_directory_below_the_root(name: str) -> None:
+    # Whatever the input, an accepted name is one plain entry inside maildir_root and
+    # one field in a passwd line.
+    root = PurePosixPath("/srv/mail")
+    try:
+        validate_username(name)
+    except InvalidUsername:
+        return
+    assert (root / name).parent == root
+    assert name not in {".", ".."}
+    assert name.isascii()
+    assert name.isprintable()
+    assert not set(name) & set(":/\\\0\n\r \t")
