@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -225,10 +227,17 @@ def test_over_long_command_line_is_refused_and_counted() -> None:
 
 def test_one_mib_line_through_the_connection_stays_bounded() -> None:
     conn = connect()
-    for _ in range(16):
-        conn.receive_data(b"A" * 65536)
-        conn.next_event()
-    assert conn._lines.buffered <= 2048
+    chunk = b"A" * 65536
+    tracemalloc.start()
+    try:
+        for _ in range(16):
+            conn.receive_data(chunk)
+            assert conn.next_event() is NEED_DATA
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One received chunk in flight plus the line limit, not the megabyte.
+    assert peak < 3 * len(chunk)
     conn.receive_data(b"\r\nCAPA\r\n")
     conn.next_event()
     assert conn.data_to_send().startswith(b"-ERR Line too long.\r\n+OK Capability")

@@ -304,6 +304,18 @@ def test_rfc5034_plain_without_initial_response() -> None:
     assert glue.events[-2] == LoginRequest("mrose", "tanstaaf", "PLAIN")
 
 
+def test_rfc5034_plain_examples() -> None:
+    glue = Glue(connect(), users={"test": "test"}, messages=[])
+    assert glue.send(b"AUTH PLAIN\r\n") == b"+ \r\n"
+    assert glue.send(b"dGVzdAB0ZXN0AHRlc3Q=\r\n").startswith(b"+OK Logged in")
+    glue = Glue(connect(), users={"test": "test"}, messages=[])
+    assert glue.send(b"AUTH PLAIN dGVzdAB0ZXN0AHRlc3Q=\r\n").startswith(b"+OK Logged in")
+
+
+def test_login_request_repr_hides_the_password() -> None:
+    assert "tanstaaf" not in repr(LoginRequest("mrose", "tanstaaf", "PLAIN"))
+
+
 def test_plain_with_initial_response_and_equal_authzid() -> None:
     glue = Glue(connect(), messages=list(MESSAGES))
     reply = glue.send(b"AUTH PLAIN " + b64(b"mrose\0mrose\0tanstaaf") + b"\r\n")

@@ -12,7 +12,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 from popbox.proto import replies
 from popbox.proto.commands import BadCommand, Command, MessageNumber, Verb, parse_command
@@ -153,6 +153,9 @@ class _Snapshot:
         return frozenset(self._deleted)
 
 
+# What the glue owes the core before parsing may go on.
+_Awaited = Literal["login", "tls", "quit"]
+
 _Handler = Callable[["ServerConnection", Command, SessionState], Event | None]
 
 
@@ -175,8 +178,7 @@ class ServerConnection:
         self._state = SessionState.AUTHORIZATION
         self._out = bytearray()
         self._peer_closed = False
-        # What the glue owes us before parsing may go on ("login", "tls", "quit").
-        self._awaiting: str | None = None
+        self._awaiting: _Awaited | None = None
         self._close_next: CloseConnection | None = None
         self._login_next = SessionState.TRANSACTION
         self._username: str | None = None
@@ -308,7 +310,7 @@ class ServerConnection:
 
     # -- internals -----------------------------------------------------------------
 
-    def _expect(self, awaited: str) -> None:
+    def _expect(self, awaited: _Awaited) -> None:
         if self._awaiting != awaited:
             raise RuntimeError(f"not waiting for {awaited} (waiting for {self._awaiting})")
         self._awaiting = None
