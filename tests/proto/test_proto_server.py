@@ -367,3 +367,22 @@ def test_transaction_matches_the_rfc1939_model(
             assert reply.endswith(b".\r\n")
     glue.send(b"QUIT\r\n")
     assert glue.committed == frozenset(deleted)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(LINES, max_size=25), st.lists(st.integers(min_value=0, max_value=2000), max_size=10)
+)
+def test_replies_do_not_depend_on_how_input_is_split(lines: list[bytes], cuts: list[int]) -> None:
+    messages = [b"Subject: a\n\n.body\n", b"b\r\n"]
+    data = b"".join(line + b"\r\n" for line in lines)
+
+    def run(pieces: list[bytes]) -> bytes:
+        # Without STLS: it rightly discards whatever was pipelined after it.
+        conn = connect(ServerSettings(max_bad_commands=1000), stls_available=False)
+        glue = Glue(conn, messages=messages)
+        return b"".join(glue.send(piece) for piece in pieces if piece and not glue.closed)
+
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert run(pieces) == run([data])
