@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,8 @@ from popbox.auth.memory import MemoryPassDB
 from popbox.net.service import Pop3Service
 from popbox.net.tls import make_server_context
 from popbox.store.memory import MemoryStore
+
+_HERE = Path(__file__).parent
 
 
 @pytest.fixture
@@ -54,3 +59,19 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
 @pytest.fixture
 async def server(start_server: StartServer) -> Server:
     return await start_server()
+
+
+
+if os.environ.get("POPBOX_TEST_UVLOOP"):
+    # Defined only on request: the hook is global, and other test areas keep the default.
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """Run these tests on uvloop as well: ``popbox serve`` uses it when installed,
+        and its transports differ from asyncio's in the details."""
+        if _HERE not in item.path.parents:
+            return {"asyncio": asyncio.new_event_loop}
+        import uvloop
+
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -24,7 +24,7 @@ import logging
 import os
 import ssl
 from collections.abc import Coroutine
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from popbox.auth.base import PassDB
 from popbox.config import Config, is_loopback
@@ -156,8 +156,8 @@ class Pop3Session(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; uvloop's do not subclass asyncio.Transport, so no isinstance.
+        self._transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         host, port = (str(peer[0]), int(peer[1])) if peer else ("unknown", 0)
