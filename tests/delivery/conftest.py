@@ -34,7 +34,7 @@ def start_lmtp() -> Iterator[StartLmtp]:
         thread.start()
         service = LmtpService(config, store, passdb)
         asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
-        server = RunningLmtp(service, store, loop, thread)
+        server = RunningLmtp(service, store, passdb, loop, thread)
         running.append(server)
         return server
 

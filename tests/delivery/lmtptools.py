@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from popbox.auth.base import UserRecord
+from popbox.auth.base import PassDB, UserRecord
 from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LmtpSettings, QuotaSettings
 from popbox.delivery.lmtp import LmtpService
@@ -45,6 +45,7 @@ class RunningLmtp:
 
     service: LmtpService
     store: MailStore
+    passdb: PassDB
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     stopped: bool = field(default=False)

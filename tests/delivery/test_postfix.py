@@ -8,6 +8,7 @@ client that acts on them in production.
 
 from __future__ import annotations
 
+import poplib
 import re
 import shutil
 import smtplib
@@ -17,10 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from lmtptools import RunningLmtp, StartLmtp, make_config, users
+from lmtptools import RunningLmtp, StartLmtp, make_config
 from postfix import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
 
-from popbox.auth.base import UserRecord
+from popbox.auth.passwdfile import PasswdFilePassDB
+from popbox.config import Config, Pop3Settings
+from popbox.net.service import Pop3Service
 from popbox.store.maildir import MaildirStore
 
 pytestmark = [
@@ -83,12 +86,46 @@ def split_stored(stored: bytes) -> tuple[list[bytes], bytes]:
     return stored[:start].split(b"\r\n")[:-1], stored[start:]
 
 
+PASSWORD = "correct horse"
+# The passwd file as an operator writes it: carol's mailbox holds one message at most.
+PASSWD = f"""\
+alice:{{PLAIN}}{PASSWORD}::::::
+bob:{{PLAIN}}{PASSWORD}::::::
+carol:{{PLAIN}}{PASSWORD}::::::userdb_quota_rule=*:messages=1
+"""
+
+
 def start_popbox(start_lmtp: StartLmtp, tmp_path: Path, **lmtp: object) -> RunningLmtp:
-    passdb = users("alice", "bob", carol=UserRecord("carol", quota_messages=1))
+    """popbox's embedded shape: Maildir store, passwd file, LMTP for example.test."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text(PASSWD)
+    passwd.chmod(0o600)
     store = MaildirStore(tmp_path / "mail")
-    return start_lmtp(
-        config=make_config(tmp_path, domains=[DOMAIN], **lmtp), store=store, passdb=passdb
-    )
+    config = make_config(tmp_path, domains=[DOMAIN], **lmtp)
+    return start_lmtp(config=config, store=store, passdb=PasswdFilePassDB(passwd))
+
+
+def retrieve_over_pop3(popbox: RunningLmtp, user: str) -> list[bytes]:
+    """Log in over POP3 (plaintext is allowed on loopback) and RETR every message."""
+    config = Config(pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=[]))
+    service = Pop3Service(config, popbox.store, popbox.passdb, None)
+    popbox.run(service.start())
+    try:
+        host, port = service.plain_addresses[0]
+        client = poplib.POP3(host, port, timeout=30)
+        try:
+            client.user(user)
+            client.pass_(PASSWORD)
+            count, _ = client.stat()
+            messages = []
+            for number in range(1, count + 1):
+                _, lines, _ = client.retr(number)
+                messages.append(b"".join(line + b"\r\n" for line in lines))
+        finally:
+            client.quit()
+    finally:
+        popbox.run(service.shutdown())
+    return messages
 
 
 def test_postfix_relays_over_lmtp_with_trace_headers_and_exact_body(
@@ -109,6 +146,8 @@ def test_postfix_relays_over_lmtp_with_trace_headers_and_exact_body(
     assert all(line[:1] in b" \t" for line in prepended[3:])
     # Postfix leaves a complete, dated message alone; so do we: byte for byte.
     assert rest == MESSAGE
+    # And a POP3 client downloads exactly that (the stored message is CRLF already).
+    assert retrieve_over_pop3(popbox, "alice") == [stored]
 
 
 def test_postfix_acts_on_each_per_recipient_reply(
