@@ -174,15 +174,16 @@ def start_dovecot(root: Path, cert: Path, key: Path, extra_config: str = "") -> 
     )
     if check.returncode != 0:
         raise RuntimeError(f"dovecot -n rejected the config: {check.stderr}")
-    server.process = subprocess.Popen(
-        [DOVECOT, "-F", "-c", str(server.config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with (root / "stderr.log").open("wb") as stderr:
+        server.process = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(server.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            err = server.process.stderr.read().decode() if server.process.stderr else ""
+            err = (root / "stderr.log").read_text(errors="replace")
             raise RuntimeError(f"dovecot exited: {err}\n{server.log()}")
         try:
             for port in (server.pop3_port, server.pop3s_port):
