@@ -315,3 +315,18 @@ async def test_delivery_recreates_a_removed_maildir(maildir_store: MaildirStore)
     maildrop = await maildir_store.open_maildrop("alice")
     assert [await read_all(maildrop, 0)] == [b"second\n"]
     await maildrop.release()
+
+
+async def test_cached_index_notices_other_processes(maildir_store: MaildirStore) -> None:
+    """A worker's cached index must not outlive a change made by another worker."""
+    for n in range(4):
+        await maildir_store.deliver("alice", f"message {n}\n".encode())
+    before = await uidls(maildir_store, "alice")  # now cached in maildir_store
+    other_worker = MaildirStore(maildir_store.root)
+    maildrop = await other_worker.open_maildrop("alice")
+    await maildrop.commit_deletions([1])
+    await other_worker.deliver("alice", b"late\n")
+    after = await uidls(maildir_store, "alice")
+    assert after[:3] == [before[0], before[2], before[3]]
+    assert after[3] not in before
+    assert await uidls(other_worker, "alice") == after

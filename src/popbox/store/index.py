@@ -20,6 +20,7 @@ to trust), which lets quota checks at delivery time skip reading the whole index
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,10 +32,12 @@ __all__ = [
     "CorruptIndex",
     "IndexEntry",
     "IndexHeader",
+    "IndexSignature",
     "MaildirIndex",
     "WireSizeCounter",
     "arrival_order",
     "fsync_dir",
+    "index_signature",
     "is_message_name",
     "message_key",
     "read_header",
@@ -230,6 +233,8 @@ class MaildirIndex:
     next_uid: int = 1
     cur_mtime: int = 0
     entries: dict[str, IndexEntry] = field(default_factory=dict)
+    written_in_new: int = 0
+    """How many entries were in new/ when the file was last read or written."""
 
     def assign(self, key: str, size: int, path: str) -> IndexEntry:
         """Give a message the next UID; UIDs only grow, so none is ever reused."""
@@ -318,32 +323,39 @@ def read_index(maildir: Path) -> MaildirIndex | None:
     text = data.decode(_ENCODING, _ERRORS)
     header_line, _, body = text.partition("\n")
     header = _parse_header(header_line)
-    index = MaildirIndex(header.uidvalidity, header.next_uid, header.cur_mtime)
+    index = MaildirIndex(
+        header.uidvalidity, header.next_uid, header.cur_mtime, written_in_new=header.in_new
+    )
     entries = index.entries
     previous_uid = 0
     octets = 0
+    in_new = 0
+    # The hot loop of a warm login on a big maildrop: one split per line, no helpers.
     for line in body.splitlines():
-        uid_text, _, rest = line.partition(" ")
-        size_text, _, path = rest.partition(" ")
         try:
+            uid_text, size_text, path = line.split(" ", 2)
             uid = int(uid_text)
             size = int(size_text)
         except ValueError:
             raise CorruptIndex(f"bad line {line[:80]!r}", header.uidvalidity) from None
-        directory, _, name = path.partition("/")
-        key = message_key(name)
+        prefix = path[:4]
+        key = path[4:].partition(":")[0]
         if (
             not previous_uid < uid < header.next_uid
             or size < 0
-            or directory not in ("cur", "new")
-            or not is_message_name(name)
+            or (prefix != "cur/" and prefix != "new/")
+            or not key
+            or key[0] == "."
+            or "\r" in key
             or key in entries
         ):
             raise CorruptIndex(f"inconsistent line {line[:80]!r}", header.uidvalidity)
+        if prefix == "new/":
+            in_new += 1
         previous_uid = uid
         octets += size
         entries[key] = IndexEntry(uid, size, path)
-    if len(entries) != header.count or octets != header.octets:
+    if len(entries) != header.count or octets != header.octets or in_new != header.in_new:
         raise CorruptIndex("header totals disagree with the lines", header.uidvalidity)
     return index
 
@@ -353,13 +365,15 @@ def _entry_lines(index: MaildirIndex) -> Iterable[str]:
         yield f"{entry.uid} {entry.size} {entry.path}\n"
 
 
-def write_index(maildir: Path, index: MaildirIndex) -> None:
+def write_index(maildir: Path, index: MaildirIndex) -> IndexSignature:
     """Replace the index atomically: temporary file, fsync, rename, directory fsync.
 
     A crash at any point leaves either the old index or the new one, never a mix; the
     caller holds the maildrop lock, so no other writer races for the temporary name.
+    Returns the new file's signature.
     """
-    text = _format_header(index.header()) + "".join(_entry_lines(index))
+    header = index.header()
+    text = _format_header(header) + "".join(_entry_lines(index))
     tmp_path = maildir / INDEX_TMP_NAME
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -374,3 +388,23 @@ def write_index(maildir: Path, index: MaildirIndex) -> None:
             tmp_path.unlink(missing_ok=True)
         raise
     fsync_dir(maildir)
+    index.written_in_new = header.in_new
+    signature = index_signature(maildir)
+    if signature is None:
+        raise FileNotFoundError(errno.ENOENT, "index vanished after writing", str(maildir))
+    return signature
+
+
+IndexSignature = tuple[int, int, int, int]
+"""(inode, size, mtime_ns, ctime_ns) of the index file: every write renames a new
+file into place, so a new inode tells another process's write apart even where
+mtimes are coarse."""
+
+
+def index_signature(maildir: Path) -> IndexSignature | None:
+    """The signature of the index file, or None if there is none."""
+    try:
+        st = os.stat(maildir / INDEX_NAME)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -26,6 +26,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -35,10 +36,12 @@ from popbox.store.base import MessageInfo, Usage
 from popbox.store.index import (
     CorruptIndex,
     IndexHeader,
+    IndexSignature,
     MaildirIndex,
     WireSizeCounter,
     arrival_order,
     fsync_dir,
+    index_signature,
     read_header,
     read_index,
     scan_messages,
@@ -63,6 +66,10 @@ TMP_MAX_AGE: Final = 36 * 3600
 MTIME_SETTLE_NS: Final = 2_000_000_000
 # The lock file holds one short note (the UIDVALIDITY); more than this is not ours.
 MAX_LOCK_NOTE: Final = 64
+# Parsed indexes kept per worker process for maildrops no session holds, counted in
+# messages (about 0.5 KB each): the 100,000-message maildrop of issue 6 fits, so its
+# warm login skips parsing; many small maildrops share the rest.
+INDEX_CACHE_MESSAGES: Final = 150_000
 # NAME_MAX on Linux filesystems; a longer user name cannot be a directory anyway.
 MAX_USER_LENGTH: Final = 255
 # Maildir directories and files are private to the mail owner (Dovecot, Postfix).
@@ -179,19 +186,44 @@ class _FileLock:
             os.close(fd)
 
 
+class _LoadedIndex:
+    """An index as read from or written to disk, with the signature of that file.
+
+    The snapshot (MessageInfo per message) is built once per index version and
+    shared by the sessions that open the maildrop while the file stays unchanged.
+    """
+
+    __slots__ = ("_snapshot", "index", "signature")
+
+    def __init__(self, index: MaildirIndex, signature: IndexSignature | None) -> None:
+        self.index = index
+        self.signature = signature
+        self._snapshot: tuple[MessageInfo, ...] | None = None
+
+    def snapshot(self) -> tuple[MessageInfo, ...]:
+        if self._snapshot is None:
+            uidl = self.index.uidl
+            self._snapshot = tuple(
+                MessageInfo(uidl(entry.uid), entry.size) for entry in self.index.entries.values()
+            )
+        return self._snapshot
+
+
 class MaildirMaildrop:
     """One user's Maildir, locked and snapshotted for one POP3 session."""
 
-    def __init__(self, user: str, maildir: Path, lock: _FileLock, index: MaildirIndex) -> None:
+    def __init__(
+        self, store: MaildirStore, user: str, lock: _FileLock, loaded: _LoadedIndex
+    ) -> None:
+        self._store = store
         self._user = user
-        self._maildir = maildir
+        self._maildir = store.maildir(user)
         self._lock = lock
-        self._index = index
-        self._keys = list(index.entries)
-        self._paths = [entry.path for entry in index.entries.values()]
-        self._infos = [
-            MessageInfo(index.uidl(entry.uid), entry.size) for entry in index.entries.values()
-        ]
+        self._loaded = loaded
+        self._index = loaded.index
+        self._keys = list(loaded.index.entries)
+        self._paths = [entry.path for entry in loaded.index.entries.values()]
+        self._infos = loaded.snapshot()
         self._released = False
 
     @property
@@ -269,7 +301,9 @@ class MaildirMaildrop:
                 fsync_dir(self._maildir / "cur")
                 fsync_dir(self._maildir / "new")
                 self._index.cur_mtime = _trusted_mtime(os.stat(self._maildir / "cur").st_mtime_ns)
-                write_index(self._maildir, self._index)
+                signature = write_index(self._maildir, self._index)
+            # Handed back before unlocking, so the next session finds it in the cache.
+            self._store._keep_index(self._user, _LoadedIndex(self._index, signature))
             if failure is not None:
                 raise _store_error(action, failure) from failure
         finally:
@@ -285,6 +319,8 @@ class MaildirMaildrop:
     async def release(self) -> None:
         if not self._released:
             self._released = True
+            # Nothing changed: the index in memory still matches the file on disk.
+            self._store._keep_index(self._user, self._loaded)
             self._lock.close()
 
 
@@ -298,6 +334,10 @@ class MaildirStore:
         host = socket.gethostname() or "localhost"
         self._host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
         self._sequence = itertools.count(1)
+        # Parsed indexes of maildrops no session holds, by user, least recently used
+        # first; valid while the index file's signature is unchanged.
+        self._cache: OrderedDict[str, _LoadedIndex] = OrderedDict()
+        self._cache_guard = threading.Lock()
 
     @property
     def root(self) -> Path:
@@ -328,22 +368,47 @@ class MaildirStore:
             lock = _FileLock(maildir / LOCK_NAME)
         try:
             with _os_errors(action):
-                index = self._sync_index(user, maildir, lock)
-            return MaildirMaildrop(user, maildir, lock, index)
+                loaded = self._sync_index(user, maildir, lock)
+            return MaildirMaildrop(self, user, lock, loaded)
         except BaseException:
             lock.close()
             raise
 
-    def _sync_index(self, user: str, maildir: Path, lock: _FileLock) -> MaildirIndex:
+    def _keep_index(self, user: str, loaded: _LoadedIndex) -> None:
+        """Cache the index of a maildrop a session is done with (bounded, LRU)."""
+        with self._cache_guard:
+            self._cache.pop(user, None)
+            if len(loaded.index.entries) > INDEX_CACHE_MESSAGES:
+                return
+            self._cache[user] = loaded
+            total = sum(len(item.index.entries) for item in self._cache.values())
+            while total > INDEX_CACHE_MESSAGES:
+                _, evicted = self._cache.popitem(last=False)
+                total -= len(evicted.index.entries)
+
+    def _cached_index(self, user: str, maildir: Path) -> _LoadedIndex | None:
+        """The cached index if the file is still the one it was read from or wrote."""
+        with self._cache_guard:
+            # Taken out: the session owns (and may change) it until it hands it back.
+            loaded = self._cache.pop(user, None)
+        if loaded is None or loaded.signature != index_signature(maildir):
+            return None
+        return loaded
+
+    def _sync_index(self, user: str, maildir: Path, lock: _FileLock) -> _LoadedIndex:
         """Bring the index in line with cur/ and new/; called with the lock held."""
-        index, changed = _load_or_rebuild(user, maildir, lock)
+        loaded = self._cached_index(user, maildir)
+        if loaded is not None:
+            index, changed = loaded.index, False
+        else:
+            index, changed = _load_or_rebuild(user, maildir, lock)
         _remove_stale_tmp(maildir / "tmp")
         new_names, new_duplicates = scan_messages(maildir / "new")
+        _warn_duplicates(user, "new", new_duplicates)
         cur_mtime = os.stat(maildir / "cur").st_mtime_ns
         entries = index.entries
-        header = index.header()
-        unindexed: list[tuple[str, str]] = []  # (key, DIR/NAME) not in the index yet
-        if not (header.cur_mtime and header.cur_mtime == cur_mtime and not header.in_new):
+        unindexed: dict[str, str] = {}  # key -> DIR/NAME of messages new to the index
+        if not (index.cur_mtime and index.cur_mtime == cur_mtime and not index.written_in_new):
             # cur/ changed since the index was written (or we cannot tell): rescan it.
             cur_names, duplicates = scan_messages(maildir / "cur")
             _warn_duplicates(user, "cur", duplicates)
@@ -360,22 +425,26 @@ class MaildirStore:
                 if entry.path != path:
                     entry.path = path
                     changed = True
-            unindexed.extend(
+            unindexed.update(
                 (key, f"cur/{name}") for key, name in cur_names.items() if key not in entries
             )
-        cur_keys = {key for key, entry in entries.items() if entry.path.startswith("cur/")}
-        for name in new_duplicates:
-            _warn_duplicates(user, "new", [name])
+        in_new: list[str] = []
         for key, name in new_names.items():
             known = entries.get(key)
-            if known is not None:
-                if known.path != f"new/{name}":  # a move to cur/ the last crash undid
+            if known is None:
+                if key in unindexed:  # the same key in cur/ wins
+                    _warn_duplicates(user, "new", [name])
+                else:
+                    unindexed[key] = f"new/{name}"
+                    in_new.append(key)
+            elif known.path.startswith("cur/"):
+                _warn_duplicates(user, "new", [name])
+            else:
+                in_new.append(key)
+                if known.path != f"new/{name}":
                     known.path = f"new/{name}"
                     changed = True
-            elif key not in cur_keys:
-                unindexed.append((key, f"new/{name}"))
-        unindexed.sort(key=lambda item: arrival_order(item[1][4:]))
-        for key, path in unindexed:
+        for key, path in sorted(unindexed.items(), key=lambda item: arrival_order(item[1][4:])):
             _, wire = size_fields(path[4:])
             if wire is None:
                 try:
@@ -384,14 +453,15 @@ class MaildirStore:
                     continue  # removed by other software while we looked
             index.assign(key, wire, path)
             changed = True
-        changed |= _move_new_to_cur(user, maildir, index)
+        changed |= _move_new_to_cur(user, maildir, index, in_new)
         trusted = _trusted_mtime(os.stat(maildir / "cur").st_mtime_ns)
         if trusted != index.cur_mtime:
             index.cur_mtime = trusted
             changed = True
-        if changed:
-            write_index(maildir, index)
-        return index
+        if changed or loaded is None:
+            signature = write_index(maildir, index) if changed else index_signature(maildir)
+            return _LoadedIndex(index, signature)
+        return loaded
 
     def _ensure_maildir(self, maildir: Path) -> None:
         created = False
@@ -534,16 +604,17 @@ def _load_or_rebuild(user: str, maildir: Path, lock: _FileLock) -> tuple[Maildir
     return MaildirIndex(uidvalidity=uidvalidity), True
 
 
-def _move_new_to_cur(user: str, maildir: Path, index: MaildirIndex) -> bool:
+def _move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[str]) -> bool:
     """Rename indexed new/ messages into cur/ as Maildir readers do; True if any moved.
 
     The key stays the same, so UIDLs do too; a move the next crash undoes is found
     again in new/ by its key. Leaving new/ to fresh arrivals keeps usage() cheap.
     """
     moved = False
-    for key, entry in index.entries.items():
-        if not entry.path.startswith("new/"):
-            continue
+    for key in keys:
+        entry = index.entries.get(key)
+        if entry is None or not entry.path.startswith("new/"):
+            continue  # vanished before it could be indexed
         name = entry.path[4:]
         target = name if ":" in name else name + SEEN_INFO
         try:
