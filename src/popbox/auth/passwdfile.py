@@ -54,9 +54,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Dovecot checks its passwd-file's mtime on every lookup; a stat a second is cheaper
-# still and makes `popbox user add` take effect before the user has typed a password.
-RELOAD_CHECK_INTERVAL: Final = 1.0
+# Like Dovecot, stat the passwd file on every lookup: a stat costs microseconds next
+# to a password hash, and a user just added or a password just changed must work at
+# once (a script that adds a user and logs in straight away is common).
+RELOAD_CHECK_INTERVAL: Final = 0.0
 
 # The fields of a line: user, password, uid, gid, gecos, home, shell, extra. The extra
 # fields may themselves hold ':' (``*:storage=1G``), so the split stops at 8.
