@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from net_support import MESSAGES, PASSWORD, Server, StartServer, make_config
+from net_support import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
 
+from popbox.auth.base import PassDB
 from popbox.auth.memory import MemoryPassDB
 from popbox.net.service import Pop3Service
 from popbox.net.tls import make_server_context
+from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
 
 _HERE = Path(__file__).parent
@@ -38,15 +41,26 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
     services: list[Pop3Service] = []
 
     async def start(
-        *, messages: list[bytes] | None = None, tls: bool = True, **options: Any
+        *,
+        messages: list[bytes] | None = None,
+        tls: bool = True,
+        wrap_store: Callable[[MemoryStore], MailStore] | None = None,
+        wrap_passdb: Callable[[MemoryPassDB], PassDB] | None = None,
+        **options: Any,
     ) -> Server:
+        """``wrap_store``/``wrap_passdb`` put a fault-injecting layer before the backend."""
         config = make_config(**options)
         store = MemoryStore()
         for message in MESSAGES if messages is None else messages:
             await store.deliver("alice", message)
         await store.deliver("bob", b"Subject: bob\n\nhi bob\n")
         passdb = MemoryPassDB({"alice": PASSWORD, "bob": PASSWORD})
-        service = Pop3Service(config, store, passdb, server_context if tls else None)
+        service = Pop3Service(
+            config,
+            wrap_store(store) if wrap_store else store,
+            wrap_passdb(passdb) if wrap_passdb else passdb,
+            server_context if tls else None,
+        )
         await service.start()
         services.append(service)
         return Server(service, store, passdb, config)
@@ -75,3 +89,21 @@ if os.environ.get("POPBOX_TEST_UVLOOP"):
         import uvloop
 
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def connect(start_server: StartServer) -> AsyncIterator[Connect]:
+    """Open raw clients; every one is closed at the end of the test, before the servers
+    shut down (which would otherwise wait out their grace period)."""
+    clients: list[Raw] = []
+
+    async def open_client(address: tuple[str, int], **kwargs: object) -> Raw:
+        client = await Raw.connect(address, **kwargs)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        client.writer.close()
+        with contextlib.suppress(Exception):
+            await client.writer.wait_closed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,9 @@ def wire(message: bytes) -> bytes:
     return data if data.endswith(b"\r\n") or not data else data + b"\r\n"
 
 
-def make_config(*, plaintext_auth: str = "loopback", **limits: Any) -> Config:
+def make_config(
+    *, plaintext_auth: str = "loopback", apop: bool = False, **limits: Any
+) -> Config:
     """A config on 127.0.0.1:0; ``limits`` may go below the production minimums."""
     base = LimitSettings().model_dump()
     base.update(auth_failure_delay=0.0, shutdown_grace=1.0)
@@ -36,6 +39,7 @@ def make_config(*, plaintext_auth: str = "loopback", **limits: Any) -> Config:
             listen=["127.0.0.1:0"],
             tls_listen=["127.0.0.1:0"],
             plaintext_auth=plaintext_auth,  # type: ignore[arg-type]
+            apop=apop,
         ),
         # model_construct skips the ge= bounds so tests can use tiny timeouts.
         limits=LimitSettings.model_construct(**base),
@@ -70,3 +74,49 @@ class Server:
 
 
 StartServer = Callable[..., Awaitable[Server]]
+
+
+class Raw:
+    """A POP3 client that sends exactly the bytes it is told to."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int], **kwargs: object) -> Raw:
+        reader, writer = await asyncio.open_connection(*address, **kwargs)  # type: ignore[arg-type]
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def line(self, timeout: float = 5.0) -> bytes:
+        return await asyncio.wait_for(self.reader.readline(), timeout)
+
+    async def multiline(self) -> bytes:
+        """The rest of a multi-line reply after its status line, un-stuffed."""
+        data = await asyncio.wait_for(self.reader.readuntil(b"\r\n.\r\n"), 10)
+        return unstuff(data[: -len(b".\r\n")])
+
+    async def login(self, user: str = "alice") -> None:
+        assert (await self.line()).startswith(b"+OK")
+        await self.send(f"USER {user}\r\nPASS {PASSWORD}\r\n".encode())
+        assert (await self.line()).startswith(b"+OK")
+        assert (await self.line()).startswith(b"+OK")
+
+    async def closed(self, timeout: float = 5.0) -> bytes:
+        """Everything until the server closes; fails if it does not within ``timeout``."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def unstuff(body: bytes) -> bytes:
+    """Undo dot-stuffing of a multi-line body (without its terminator)."""
+    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+
+
+Connect = Callable[..., Awaitable[Raw]]

@@ -10,71 +10,12 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from net_support import MESSAGES, PASSWORD, StartServer, wire
+from net_support import MESSAGES, Connect, StartServer, unstuff, wire
 
 from popbox.net.session import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
-
-
-class Raw:
-    """A POP3 client that sends exactly the bytes it is told to."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, address: tuple[str, int], **kwargs: object) -> Raw:
-        reader, writer = await asyncio.open_connection(*address, **kwargs)  # type: ignore[arg-type]
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def line(self, timeout: float = 5.0) -> bytes:
-        return await asyncio.wait_for(self.reader.readline(), timeout)
-
-    async def multiline(self) -> bytes:
-        """The rest of a multi-line reply after its status line, un-stuffed."""
-        data = await asyncio.wait_for(self.reader.readuntil(b"\r\n.\r\n"), 10)
-        return _unstuff(data[: -len(b".\r\n")])
-
-    async def login(self, user: str = "alice") -> None:
-        assert (await self.line()).startswith(b"+OK")
-        await self.send(f"USER {user}\r\nPASS {PASSWORD}\r\n".encode())
-        assert (await self.line()).startswith(b"+OK")
-        assert (await self.line()).startswith(b"+OK")
-
-    async def closed(self, timeout: float = 5.0) -> bytes:
-        """Everything until the server closes; fails if it does not within ``timeout``."""
-        return await asyncio.wait_for(self.reader.read(), timeout)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-Connect = Callable[..., Awaitable[Raw]]
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[..., Awaitable[Raw]]]:
-    """Open raw clients; every one is closed at the end of the test."""
-    clients: list[Raw] = []
-
-    async def open_client(address: tuple[str, int], **kwargs: object) -> Raw:
-        client = await Raw.connect(address, **kwargs)
-        clients.append(client)
-        return client
-
-    yield open_client
-    for client in clients:
-        client.writer.close()
-        with contextlib.suppress(Exception):
-            await client.writer.wait_closed()
 
 
 async def test_stls_command_injection_is_discarded(
@@ -128,7 +69,7 @@ async def test_large_message_is_streamed_byte_exact(
     while not received.endswith(b"\r\n.\r\n"):
         received += await asyncio.wait_for(client.reader.read(1 << 20), 10)
         buffered = max(buffered, _write_buffers(server))
-    assert _unstuff(bytes(received[:-3])) == wire(big)
+    assert unstuff(bytes(received[:-3])) == wire(big)
     assert buffered <= WRITE_HIGH_WATER + 2 * WRITE_BATCH + 4096
     client.close()
 
@@ -266,10 +207,6 @@ async def test_logout_line_counts_what_happened(
     assert "del=1" in lines[0]
     assert "tls=no" in lines[0]
     assert "reason=quit" in lines[0]
-
-
-def _unstuff(body: bytes) -> bytes:
-    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
 
 
 def _write_buffers(server: object) -> int:
