@@ -181,11 +181,14 @@ def _wait_for_port(port: int, deadline: float) -> bool:
 
 
 @contextlib.contextmanager
-def running_postfix(directory: Path, lmtp_target: str) -> Iterator[PostfixInstance]:
+def running_postfix(
+    directory: Path, lmtp_target: str, extra_main_cf: str = ""
+) -> Iterator[PostfixInstance]:
     """Configure and start Postfix in ``directory``; stop it (and kill it) on exit.
 
     ``lmtp_target`` is Postfix's next-hop syntax: ``inet:127.0.0.1:PORT`` or
-    ``unix:/path/to/socket``.
+    ``unix:/path/to/socket``. ``extra_main_cf`` is appended to main.cf (later
+    settings win), for the variants docs/delivery.md recommends.
     """
     reason = postfix_unavailable()
     if reason is not None:
@@ -213,6 +216,7 @@ def running_postfix(directory: Path, lmtp_target: str) -> Iterator[PostfixInstan
             domain=DOMAIN,
             transport=f"lmtp:{lmtp_target}",
         )
+        + extra_main_cf
     )
     (config / "master.cf").write_text(
         MASTER_CF.format(smtp_listen=f"127.0.0.1:{instance.smtp_port}")

@@ -192,3 +192,35 @@ def test_postfix_over_a_unix_socket(
     # in Delivered-To while the mail lands in bob's one mailbox.
     assert prepended[:2] == [b"Return-Path: <>", b"Delivered-To: <Bob+Lists@example.test>"]
     assert rest == MESSAGE
+
+
+def test_address_verification_refuses_unknown_users_during_smtp(
+    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+) -> None:
+    # The main.cf that docs/delivery.md recommends: Postfix probes popbox's RCPT
+    # answer and refuses an unknown user while the sender is still connected.
+    popbox = start_popbox(start_lmtp, tmp_path)
+    verify = (
+        "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,"
+        " reject_unverified_recipient\n"
+        "unverified_recipient_reject_code = 550\n"
+        # Loopback is in mynetworks here; the probe must still run for this test.
+        "mynetworks =\n"
+    )
+    target = f"inet:127.0.0.1:{popbox.port}"
+    with running_postfix(shared_dir / "postfix", target, verify) as postfix, smtplib.SMTP(
+        "127.0.0.1", postfix.smtp_port, timeout=60
+    ) as client:
+        client.ehlo("client.example.net")
+        client.mail("carol@example.net")
+        code, text = client.rcpt(f"nobody@{DOMAIN}")
+        while code == 450 and b"verification in progress" in text:
+            code, text = client.rcpt(f"nobody@{DOMAIN}")
+        assert code == 550, text
+        assert b"5.1.1" in text
+        code, text = client.rcpt(f"alice@{DOMAIN}")
+        while code == 450 and b"verification in progress" in text:
+            code, text = client.rcpt(f"alice@{DOMAIN}")
+        assert code == 250, text
+        client.data(MESSAGE)
+        wait_for(lambda: len(popbox.messages("alice")) == 1, "delivery to alice", postfix)
