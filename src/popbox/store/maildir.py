@@ -60,10 +60,11 @@ LOCK_NAME: Final = "popbox.lock"
 CHUNK_SIZE: Final = 64 * 1024
 # qmail's rule (maildir(5)): a tmp/ file untouched for 36 hours is a dead delivery.
 TMP_MAX_AGE: Final = 36 * 3600
-# A directory mtime is only trusted as "nothing changed" once it is this old: FAT
-# stamps in 2 s steps and older filesystems in 1 s, so a change in the same step as
-# our own would otherwise hide behind an unchanged mtime.
+# On filesystems that stamp whole seconds (ext3, HFS+; FAT in 2 s steps) a directory
+# mtime is only trusted as "nothing changed" once it is this old: a change in the
+# same step as our own would otherwise hide behind an unchanged mtime.
 MTIME_SETTLE_NS: Final = 2_000_000_000
+_NS_PER_SECOND: Final = 1_000_000_000
 # The lock file holds one short note (the UIDVALIDITY); more than this is not ours.
 MAX_LOCK_NOTE: Final = 64
 # Parsed indexes kept per worker process for maildrops no session holds, counted in
@@ -116,8 +117,17 @@ def check_user(user: str) -> None:
 
 
 def _trusted_mtime(mtime_ns: int) -> int:
-    """``mtime_ns`` if it is old enough to prove "unchanged" later, else 0."""
-    return mtime_ns if time.time_ns() - mtime_ns >= MTIME_SETTLE_NS else 0
+    """``mtime_ns`` if an unchanged mtime later can prove "cur/ unchanged", else 0.
+
+    Sub-second stamps (ext4, xfs, btrfs, tmpfs) move with the kernel's clock tick, so
+    only a foreign change in the same tick as our own, while we hold the lock, could
+    hide; it is found at the next change of cur/. Trusting them at once keeps quota
+    checks after a commit from recounting a big maildrop. Whole-second stamps must
+    settle first.
+    """
+    if mtime_ns % _NS_PER_SECOND or time.time_ns() - mtime_ns >= MTIME_SETTLE_NS:
+        return mtime_ns
+    return 0
 
 
 def _estimate_size(directory: Path, name: str) -> int:
@@ -300,7 +310,10 @@ class MaildirMaildrop:
             with _os_errors(action):
                 fsync_dir(self._maildir / "cur")
                 fsync_dir(self._maildir / "new")
-                self._index.cur_mtime = _trusted_mtime(os.stat(self._maildir / "cur").st_mtime_ns)
+                # After a failed unlink nobody knows what cur/ holds: make the next
+                # login rescan it rather than trust its mtime.
+                cur_mtime = os.stat(self._maildir / "cur").st_mtime_ns
+                self._index.cur_mtime = 0 if failure else _trusted_mtime(cur_mtime)
                 signature = write_index(self._maildir, self._index)
             # Handed back before unlocking, so the next session finds it in the cache.
             self._store._keep_index(self._user, _LoadedIndex(self._index, signature))
@@ -554,7 +567,15 @@ class MaildirStore:
                     _estimate_size(maildir / "new", name) for name in new_names.values()
                 )
                 return Usage(header.count + len(new_names), octets)
-            return _usage_by_scan(maildir, new_names)
+            with self._cache_guard:
+                cached = self._cache.get(user)
+            if cached is not None and cached.signature == index_signature(maildir):
+                return _usage_by_scan(maildir, new_names, cached.index)
+            try:
+                index = read_index(maildir)
+            except CorruptIndex:
+                index = None
+            return _usage_by_scan(maildir, new_names, index)
 
     async def close(self) -> None:
         return None
@@ -564,12 +585,9 @@ def _header_is_current(header: IndexHeader, cur_mtime: int) -> bool:
     return bool(header.cur_mtime) and header.cur_mtime == cur_mtime and not header.in_new
 
 
-def _usage_by_scan(maildir: Path, new_names: dict[str, str]) -> Usage:
-    try:
-        index = read_index(maildir)
-    except CorruptIndex:
-        index = None
-    sizes = {key: entry.size for key, entry in index.entries.items()} if index else {}
+def _usage_by_scan(maildir: Path, new_names: dict[str, str], index: MaildirIndex | None) -> Usage:
+    """Count what cur/ and new/ hold, sizing files from the index where it knows them."""
+    entries = index.entries if index is not None else {}
     cur_names, _ = scan_messages(maildir / "cur")
     count = 0
     octets = 0
@@ -578,8 +596,8 @@ def _usage_by_scan(maildir: Path, new_names: dict[str, str]) -> Usage:
             if directory == "new" and key in cur_names:
                 continue
             count += 1
-            size = sizes.get(key)
-            octets += size if size is not None else _estimate_size(maildir / directory, name)
+            entry = entries.get(key)
+            octets += entry.size if entry else _estimate_size(maildir / directory, name)
     return Usage(count, octets)
 
 
