@@ -6,8 +6,10 @@ acts on (retry, bounce, done) and what the mailbox holds afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -325,3 +327,46 @@ def test_unix_socket_listener(start_lmtp: StartLmtp, tmp_path: Path) -> None:
     assert len(server.messages("alice")) == 1
     server.stop()
     assert not path.exists()
+
+
+def test_line_over_the_limit_is_refused_for_each_recipient(start_lmtp: StartLmtp) -> None:
+    server = start_lmtp()
+    huge_line = b"x" * (1024 * 1024 + 10) + b"\r\n"
+    _, replies = transaction(
+        server, "s@example.net", ["alice@example.test", "bob@example.test"], MESSAGE + huge_line
+    )
+    assert [(code, text[:5]) for code, text in replies] == [(552, b"5.3.4")] * 2
+    assert server.messages("alice") == []
+
+
+class _SlowStore(MemoryStore):
+    """A store whose writes take a while, like an fsync on a busy disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+
+    async def deliver(self, user: str, message: bytes) -> str:
+        self.started.set()
+        await asyncio.sleep(0.3)
+        return await super().deliver(user, message)
+
+
+def test_hangup_after_the_final_dot_still_completes_the_delivery(
+    start_lmtp: StartLmtp,
+) -> None:
+    # The data is complete, so the message is whole: storing it is right, and the
+    # MTA (which never saw the 250) sending it again costs a duplicate, not a loss.
+    store = _SlowStore()
+    server = start_lmtp(store=store)
+    sock = _raw(server)
+    sock.sendall(
+        b"LHLO mta\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+    )
+    _read_replies(sock, 4)
+    sock.sendall(MESSAGE + b".\r\n")
+    assert store.started.wait(10)
+    sock.close()
+    # stop() waits for deliveries in progress before it closes sessions.
+    server.run(server.service.stop())
+    assert len(server.messages("alice")) == 1

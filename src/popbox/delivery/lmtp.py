@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -256,7 +256,7 @@ class LmtpService:
         self.sessions: set[_LmtpSession] = set()
         self._deliveries: set[asyncio.Task[list[str]]] = set()
 
-    def track(self, coro: Any) -> asyncio.Task[list[str]]:
+    def track(self, coro: Coroutine[Any, Any, list[str]]) -> asyncio.Task[list[str]]:
         """Run a delivery as a task that stop() waits for."""
         task: asyncio.Task[list[str]] = asyncio.get_running_loop().create_task(coro)
         self._deliveries.add(task)
