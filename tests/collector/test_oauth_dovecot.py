@@ -9,15 +9,17 @@ simulated by the server revoking every access token it issued.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fetchtools import MakeSettings, maildir_messages, message, only_account
 from test_oauth import CLIENT_ID, FakeAuthServer, serve_auth
 
-from conftest import MakeSettings, maildir_messages, message, only_account
 from popbox.collector.auth import build_token_provider
 from popbox.collector.config import FetchSettings
 from popbox.collector.oauth import RefreshTokenProvider, TokenFile
@@ -57,17 +59,20 @@ def auth_server() -> Iterator[FakeAuthServer]:
 
 
 @pytest.fixture
-def oauth_dovecot(
-    tmp_path: Path, tls_files: Any, auth_server: FakeAuthServer
-) -> Iterator[DovecotServer]:
-    root = tmp_path / "dovecot"
-    extra = _oauth2_config(root, f"{auth_server.url}/introspect")
-    server = start_dovecot(root, tls_files.cert, tls_files.key, extra_config=extra)
-    server.add_user("alice", "not-used-by-oauth")
+def oauth_dovecot(tls_files: Any, auth_server: FakeAuthServer) -> Iterator[DovecotServer]:
+    # Not under tmp_path: another pytest run on the machine resets /tmp/pytest-of-USER
+    # to 0700, and Dovecot's unprivileged processes then lose their way in.
+    root = Path(tempfile.mkdtemp(prefix="popbox-oauth-dovecot-"))
     try:
-        yield server
+        extra = _oauth2_config(root, f"{auth_server.url}/introspect")
+        server = start_dovecot(root, tls_files.cert, tls_files.key, extra_config=extra)
+        server.add_user("alice", "not-used-by-oauth")
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _settings(
