@@ -1,4 +1,4 @@
-"""Crash safety of LMTP delivery: SIGKILL the server at random moments, then audit.
+"""Crash safety of LMTP delivery: SIGKILL ``popbox serve`` at random moments, then audit.
 
 The promise an MTA relies on (RFC 2033, and issue 3): a 250 reply means the message
 is on disk for good. So after every kill, every message the client saw acknowledged
@@ -13,19 +13,23 @@ import asyncio
 import random
 import re
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from postfix import free_port
 
 from popbox.proto.wire import wire_size
 from popbox.store.maildir import MaildirStore
 
-SERVER = Path(__file__).with_name("crash_server.py")
 USERS = ("alice", "bob")
+# How long `popbox serve` may take to listen (imports, passwd file, first-run cert).
+START_TIMEOUT = 30.0
 # Bounded: enough rounds to land kills before, during and after the fsync and rename
 # of a delivery, few enough for a 2-core CI box (about a second per round).
 ROUNDS = 20
@@ -47,19 +51,39 @@ def make_message(number: int, rng: random.Random) -> bytes:
     return b"\r\n".join(lines) + b"\r\n"
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen[bytes], int]:
-    process = subprocess.Popen(
-        [sys.executable, str(SERVER), str(root), *USERS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+def write_config(directory: Path) -> tuple[Path, int]:
+    """A popbox.toml for the server under test, and its LMTP port."""
+    passwd = directory / "passwd"
+    passwd.write_text("".join(f"{user}:{{PLAIN}}secret::::::\n" for user in USERS))
+    passwd.chmod(0o600)
+    port = free_port()
+    config = directory / "popbox.toml"
+    config.write_text(
+        f'data_dir = "{directory}"\n'
+        f'[pop3]\nlisten = ["127.0.0.1:{free_port()}"]\ntls_listen = []\n'
+        f'[lmtp]\nlisten = ["127.0.0.1:{port}"]\n'
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.strip().isdigit():
-        process.kill()
-        process.wait()
-        pytest.fail(f"crash server did not start: {line!r}")
-    return process, int(line)
+    return config, port
+
+
+def start_server(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Run the real server, `popbox serve`, and wait until LMTP accepts connections."""
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "popbox", "serve", "--config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    process.wait()
+    pytest.fail(f"popbox serve did not start:\n{log.read_text(errors='replace')}")
 
 
 def deliver_until_killed(
@@ -130,11 +154,12 @@ async def audit(root: Path, sent: dict[int, bytes], acked: list[tuple[str, int]]
 def test_sigkill_during_deliveries_loses_no_acknowledged_message(tmp_path: Path) -> None:
     rng = random.Random(20261126)
     root = tmp_path / "mail"
+    config, port = write_config(tmp_path)
     sent: dict[int, bytes] = {}
     acked: list[tuple[str, int]] = []
     next_number = 1
     for _ in range(ROUNDS):
-        process, port = start_server(root)
+        process = start_server(config, port, tmp_path / "serve.log")
         killer = threading.Timer(rng.uniform(*KILL_AFTER), process.kill)
         killer.start()
         try:
@@ -143,8 +168,6 @@ def test_sigkill_during_deliveries_loses_no_acknowledged_message(tmp_path: Path)
             killer.cancel()
             process.kill()
             process.wait(10)
-            assert process.stdout is not None
-            process.stdout.close()
         # Audit after every kill: a later round must not mend an earlier loss.
         asyncio.run(audit(root, sent, acked))
     stored = asyncio.run(audit(root, sent, acked))
