@@ -35,19 +35,22 @@ from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
 from popbox.store.base import MessageInfo, Usage
 from popbox.store.index import (
     CorruptIndex,
-    IndexHeader,
     IndexSignature,
     MaildirIndex,
     WireSizeCounter,
-    arrival_order,
     fsync_dir,
     index_signature,
     read_header,
     read_index,
     scan_messages,
-    size_fields,
-    wire_size_of_file,
     write_index,
+)
+from popbox.store.maildir_sync import (
+    count_usage,
+    estimate_size,
+    header_is_current,
+    reconcile,
+    trusted_mtime,
 )
 
 __all__ = ["MaildirMaildrop", "MaildirStore"]
@@ -60,11 +63,6 @@ LOCK_NAME: Final = "popbox.lock"
 CHUNK_SIZE: Final = 64 * 1024
 # qmail's rule (maildir(5)): a tmp/ file untouched for 36 hours is a dead delivery.
 TMP_MAX_AGE: Final = 36 * 3600
-# On filesystems that stamp whole seconds (ext3, HFS+; FAT in 2 s steps) a directory
-# mtime is only trusted as "nothing changed" once it is this old: a change in the
-# same step as our own would otherwise hide behind an unchanged mtime.
-MTIME_SETTLE_NS: Final = 2_000_000_000
-_NS_PER_SECOND: Final = 1_000_000_000
 # The lock file holds one short note (the UIDVALIDITY); more than this is not ours.
 MAX_LOCK_NOTE: Final = 64
 # Parsed indexes kept per worker process for maildrops no session holds, counted in
@@ -76,8 +74,6 @@ MAX_USER_LENGTH: Final = 255
 # Maildir directories and files are private to the mail owner (Dovecot, Postfix).
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
-# The info part Maildir readers give a message they move from new/ to cur/.
-SEEN_INFO: Final = ":2,"
 # errnos that mean "this filesystem has no hard links": fall back to rename(), which
 # is as atomic but would replace an existing name (our names are unique anyway).
 _NO_LINK_ERRNOS: Final = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
@@ -114,37 +110,6 @@ def check_user(user: str) -> None:
         or any(ord(char) < 0x20 or ord(char) == 0x7F for char in user)
     ):
         raise PermanentStoreError(f"invalid user name {user!r}")
-
-
-def _trusted_mtime(mtime_ns: int) -> int:
-    """``mtime_ns`` if an unchanged mtime later can prove "cur/ unchanged", else 0.
-
-    Sub-second stamps (ext4, xfs, btrfs, tmpfs) move with the kernel's clock tick, so
-    only a foreign change in the same tick as our own, while we hold the lock, could
-    hide; it is found at the next change of cur/. Trusting them at once keeps quota
-    checks after a commit from recounting a big maildrop. Whole-second stamps must
-    settle first.
-    """
-    if mtime_ns % _NS_PER_SECOND or time.time_ns() - mtime_ns >= MTIME_SETTLE_NS:
-        return mtime_ns
-    return 0
-
-
-def _estimate_size(directory: Path, name: str) -> int:
-    """Wire size of an unindexed file without reading it: W=, else S=, else st_size.
-
-    S= and st_size undercount bare-LF line ends; good enough for a quota check, and
-    the exact size is computed when a session indexes the message.
-    """
-    stored, wire = size_fields(name)
-    if wire is not None:
-        return wire
-    if stored is not None:
-        return stored
-    try:
-        return (directory / name).stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 class _FileLock:
@@ -313,7 +278,7 @@ class MaildirMaildrop:
                 # After a failed unlink nobody knows what cur/ holds: make the next
                 # login rescan it rather than trust its mtime.
                 cur_mtime = os.stat(self._maildir / "cur").st_mtime_ns
-                self._index.cur_mtime = 0 if failure else _trusted_mtime(cur_mtime)
+                self._index.cur_mtime = 0 if failure else trusted_mtime(cur_mtime)
                 signature = write_index(self._maildir, self._index)
             # Handed back before unlocking, so the next session finds it in the cache.
             self._store._keep_index(self._user, _LoadedIndex(self._index, signature))
@@ -416,61 +381,7 @@ class MaildirStore:
         else:
             index, changed = _load_or_rebuild(user, maildir, lock)
         _remove_stale_tmp(maildir / "tmp")
-        new_names, new_duplicates = scan_messages(maildir / "new")
-        _warn_duplicates(user, "new", new_duplicates)
-        cur_mtime = os.stat(maildir / "cur").st_mtime_ns
-        entries = index.entries
-        unindexed: dict[str, str] = {}  # key -> DIR/NAME of messages new to the index
-        if not (index.cur_mtime and index.cur_mtime == cur_mtime and not index.written_in_new):
-            # cur/ changed since the index was written (or we cannot tell): rescan it.
-            cur_names, duplicates = scan_messages(maildir / "cur")
-            _warn_duplicates(user, "cur", duplicates)
-            for key in list(entries):
-                entry = entries[key]
-                if key in cur_names:
-                    path = f"cur/{cur_names[key]}"
-                elif key in new_names:
-                    path = f"new/{new_names[key]}"
-                else:  # deleted by other software
-                    del entries[key]
-                    changed = True
-                    continue
-                if entry.path != path:
-                    entry.path = path
-                    changed = True
-            unindexed.update(
-                (key, f"cur/{name}") for key, name in cur_names.items() if key not in entries
-            )
-        in_new: list[str] = []
-        for key, name in new_names.items():
-            known = entries.get(key)
-            if known is None:
-                if key in unindexed:  # the same key in cur/ wins
-                    _warn_duplicates(user, "new", [name])
-                else:
-                    unindexed[key] = f"new/{name}"
-                    in_new.append(key)
-            elif known.path.startswith("cur/"):
-                _warn_duplicates(user, "new", [name])
-            else:
-                in_new.append(key)
-                if known.path != f"new/{name}":
-                    known.path = f"new/{name}"
-                    changed = True
-        for key, path in sorted(unindexed.items(), key=lambda item: arrival_order(item[1][4:])):
-            _, wire = size_fields(path[4:])
-            if wire is None:
-                try:
-                    wire = wire_size_of_file(maildir / path)
-                except FileNotFoundError:
-                    continue  # removed by other software while we looked
-            index.assign(key, wire, path)
-            changed = True
-        changed |= _move_new_to_cur(user, maildir, index, in_new)
-        trusted = _trusted_mtime(os.stat(maildir / "cur").st_mtime_ns)
-        if trusted != index.cur_mtime:
-            index.cur_mtime = trusted
-            changed = True
+        changed |= reconcile(user, maildir, index)
         if changed or loaded is None:
             signature = write_index(maildir, index) if changed else index_signature(maildir)
             return _LoadedIndex(index, signature)
@@ -561,44 +472,24 @@ class MaildirStore:
             except FileNotFoundError:
                 return Usage(0, 0)
             header = read_header(maildir)
-            if header is not None and _header_is_current(header, cur_mtime):
+            if header is not None and header_is_current(header, cur_mtime):
                 # Index totals cover cur/ exactly; new/ holds only unindexed arrivals.
                 octets = header.octets + sum(
-                    _estimate_size(maildir / "new", name) for name in new_names.values()
+                    estimate_size(maildir / "new", name) for name in new_names.values()
                 )
                 return Usage(header.count + len(new_names), octets)
             with self._cache_guard:
                 cached = self._cache.get(user)
             if cached is not None and cached.signature == index_signature(maildir):
-                return _usage_by_scan(maildir, new_names, cached.index)
+                return count_usage(maildir, new_names, cached.index)
             try:
                 index = read_index(maildir)
             except CorruptIndex:
                 index = None
-            return _usage_by_scan(maildir, new_names, index)
+            return count_usage(maildir, new_names, index)
 
     async def close(self) -> None:
         return None
-
-
-def _header_is_current(header: IndexHeader, cur_mtime: int) -> bool:
-    return bool(header.cur_mtime) and header.cur_mtime == cur_mtime and not header.in_new
-
-
-def _usage_by_scan(maildir: Path, new_names: dict[str, str], index: MaildirIndex | None) -> Usage:
-    """Count what cur/ and new/ hold, sizing files from the index where it knows them."""
-    entries = index.entries if index is not None else {}
-    cur_names, _ = scan_messages(maildir / "cur")
-    count = 0
-    octets = 0
-    for directory, names in (("cur", cur_names), ("new", new_names)):
-        for key, name in names.items():
-            if directory == "new" and key in cur_names:
-                continue
-            count += 1
-            entry = entries.get(key)
-            octets += entry.size if entry else _estimate_size(maildir / directory, name)
-    return Usage(count, octets)
 
 
 def _load_or_rebuild(user: str, maildir: Path, lock: _FileLock) -> tuple[MaildirIndex, bool]:
@@ -622,32 +513,6 @@ def _load_or_rebuild(user: str, maildir: Path, lock: _FileLock) -> tuple[Maildir
     return MaildirIndex(uidvalidity=uidvalidity), True
 
 
-def _move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[str]) -> bool:
-    """Rename indexed new/ messages into cur/ as Maildir readers do; True if any moved.
-
-    The key stays the same, so UIDLs do too; a move the next crash undoes is found
-    again in new/ by its key. Leaving new/ to fresh arrivals keeps usage() cheap.
-    """
-    moved = False
-    for key in keys:
-        entry = index.entries.get(key)
-        if entry is None or not entry.path.startswith("new/"):
-            continue  # vanished before it could be indexed
-        name = entry.path[4:]
-        target = name if ":" in name else name + SEEN_INFO
-        try:
-            os.rename(maildir / entry.path, maildir / "cur" / target)
-        except OSError as exc:
-            log.warning("maildrop of %s: cannot move %s to cur/: %s", user, key, exc)
-            continue
-        entry.path = f"cur/{target}"
-        moved = True
-    if moved:
-        fsync_dir(maildir / "cur")
-        fsync_dir(maildir / "new")
-    return moved
-
-
 def _remove_stale_tmp(tmp: Path) -> None:
     cutoff = time.time() - TMP_MAX_AGE
     with os.scandir(tmp) as entries:
@@ -655,16 +520,6 @@ def _remove_stale_tmp(tmp: Path) -> None:
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
-
-
-def _warn_duplicates(user: str, directory: str, names: list[str]) -> None:
-    for name in names:
-        log.warning(
-            "maildrop of %s: %s/%s repeats the key of another message; ignored",
-            user,
-            directory,
-            name,
-        )
 
 
 def _link_no_clobber(source: Path, target: Path) -> None:

@@ -1,0 +1,198 @@
+"""Bringing a Maildir's index in line with its directories, and counting its usage.
+
+A login calls ``reconcile`` with the maildrop lock held: it drops what other
+software deleted, follows renames by key, gives UIDs to new messages (sized from W=
+or by reading them once), and moves new/ mail to cur/. The index records cur/'s
+mtime, so while cur/ is unchanged a login lists only new/, and a quota check at
+delivery time reads only the index header (``header_is_current``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Final
+
+from popbox.store.base import Usage
+from popbox.store.index import (
+    IndexHeader,
+    MaildirIndex,
+    arrival_order,
+    fsync_dir,
+    scan_messages,
+    size_fields,
+    wire_size_of_file,
+)
+
+__all__ = [
+    "count_usage",
+    "estimate_size",
+    "header_is_current",
+    "move_new_to_cur",
+    "reconcile",
+    "trusted_mtime",
+]
+
+log = logging.getLogger(__name__)
+
+# The info part Maildir readers give a message they move from new/ to cur/.
+SEEN_INFO: Final = ":2,"
+# On filesystems that stamp whole seconds (ext3, HFS+; FAT in 2 s steps) a directory
+# mtime is only trusted as "nothing changed" once it is this old: a change in the
+# same step as our own would otherwise hide behind an unchanged mtime.
+MTIME_SETTLE_NS: Final = 2_000_000_000
+_NS_PER_SECOND: Final = 1_000_000_000
+
+
+def trusted_mtime(mtime_ns: int) -> int:
+    """``mtime_ns`` if an unchanged mtime later can prove "cur/ unchanged", else 0.
+
+    Sub-second stamps (ext4, xfs, btrfs, tmpfs) move with the kernel's clock tick, so
+    only a foreign change in the same tick as our own, while we hold the lock, could
+    hide; it is found at the next change of cur/. Trusting them at once keeps quota
+    checks after a commit from recounting a big maildrop. Whole-second stamps must
+    settle first.
+    """
+    if mtime_ns % _NS_PER_SECOND or time.time_ns() - mtime_ns >= MTIME_SETTLE_NS:
+        return mtime_ns
+    return 0
+
+
+def estimate_size(directory: Path, name: str) -> int:
+    """Wire size of an unindexed file without reading it: W=, else S=, else st_size.
+
+    S= and st_size undercount bare-LF line ends; good enough for a quota check, and
+    the exact size is computed when a session indexes the message.
+    """
+    stored, wire = size_fields(name)
+    if wire is not None:
+        return wire
+    if stored is not None:
+        return stored
+    try:
+        return (directory / name).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
+    """Update ``index`` to what cur/ and new/ hold now; True if it changed.
+
+    Called with the maildrop lock held; raises OSError for the caller to translate.
+    """
+    changed = False
+    new_names, new_duplicates = scan_messages(maildir / "new")
+    warn_duplicates(user, "new", new_duplicates)
+    cur_mtime = os.stat(maildir / "cur").st_mtime_ns
+    entries = index.entries
+    unindexed: dict[str, str] = {}  # key -> DIR/NAME of messages new to the index
+    if not (index.cur_mtime and index.cur_mtime == cur_mtime and not index.written_in_new):
+        # cur/ changed since the index was written (or we cannot tell): rescan it.
+        cur_names, duplicates = scan_messages(maildir / "cur")
+        warn_duplicates(user, "cur", duplicates)
+        for key in list(entries):
+            entry = entries[key]
+            if key in cur_names:
+                path = f"cur/{cur_names[key]}"
+            elif key in new_names:
+                path = f"new/{new_names[key]}"
+            else:  # deleted by other software
+                del entries[key]
+                changed = True
+                continue
+            if entry.path != path:
+                entry.path = path
+                changed = True
+        unindexed.update(
+            (key, f"cur/{name}") for key, name in cur_names.items() if key not in entries
+        )
+    in_new: list[str] = []
+    for key, name in new_names.items():
+        known = entries.get(key)
+        if known is None:
+            if key in unindexed:  # the same key in cur/ wins
+                warn_duplicates(user, "new", [name])
+            else:
+                unindexed[key] = f"new/{name}"
+                in_new.append(key)
+        elif known.path.startswith("cur/"):
+            warn_duplicates(user, "new", [name])
+        else:
+            in_new.append(key)
+            if known.path != f"new/{name}":
+                known.path = f"new/{name}"
+                changed = True
+    for key, path in sorted(unindexed.items(), key=lambda item: arrival_order(item[1][4:])):
+        _, wire = size_fields(path[4:])
+        if wire is None:
+            try:
+                wire = wire_size_of_file(maildir / path)
+            except FileNotFoundError:
+                continue  # removed by other software while we looked
+        index.assign(key, wire, path)
+        changed = True
+    changed |= move_new_to_cur(user, maildir, index, in_new)
+    trusted = trusted_mtime(os.stat(maildir / "cur").st_mtime_ns)
+    if trusted != index.cur_mtime:
+        index.cur_mtime = trusted
+        changed = True
+    return changed
+
+
+def move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[str]) -> bool:
+    """Rename indexed new/ messages into cur/ as Maildir readers do; True if any moved.
+
+    The key stays the same, so UIDLs do too; a move the next crash undoes is found
+    again in new/ by its key. Leaving new/ to fresh arrivals keeps usage() cheap.
+    """
+    moved = False
+    for key in keys:
+        entry = index.entries.get(key)
+        if entry is None or not entry.path.startswith("new/"):
+            continue  # vanished before it could be indexed
+        name = entry.path[4:]
+        target = name if ":" in name else name + SEEN_INFO
+        try:
+            os.rename(maildir / entry.path, maildir / "cur" / target)
+        except OSError as exc:
+            log.warning("maildrop of %s: cannot move %s to cur/: %s", user, key, exc)
+            continue
+        entry.path = f"cur/{target}"
+        moved = True
+    if moved:
+        fsync_dir(maildir / "cur")
+        fsync_dir(maildir / "new")
+    return moved
+
+
+def header_is_current(header: IndexHeader, cur_mtime: int) -> bool:
+    """Whether the header's totals describe cur/ as it is (new/ holds only arrivals)."""
+    return bool(header.cur_mtime) and header.cur_mtime == cur_mtime and not header.in_new
+
+
+def count_usage(maildir: Path, new_names: dict[str, str], index: MaildirIndex | None) -> Usage:
+    """Count what cur/ and new/ hold, sizing files from the index where it knows them."""
+    entries = index.entries if index is not None else {}
+    cur_names, _ = scan_messages(maildir / "cur")
+    count = 0
+    octets = 0
+    for directory, names in (("cur", cur_names), ("new", new_names)):
+        for key, name in names.items():
+            if directory == "new" and key in cur_names:
+                continue
+            count += 1
+            entry = entries.get(key)
+            octets += entry.size if entry else estimate_size(maildir / directory, name)
+    return Usage(count, octets)
+
+
+def warn_duplicates(user: str, directory: str, names: list[str]) -> None:
+    for name in names:
+        log.warning(
+            "maildrop of %s: %s/%s repeats the key of another message; ignored",
+            user,
+            directory,
+            name,
+        )
