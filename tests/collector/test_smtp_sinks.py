@@ -43,6 +43,7 @@ class Handler:
     """LMTP: per recipient; SMTP: under the key "*"."""
     lmtp: bool = True
     deliveries: list[Delivery] = field(default_factory=list)
+    data_delay: float = 0.0
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -53,6 +54,8 @@ class Handler:
         return reply
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.lmtp:
             replies = [self.data.get(r, "250 2.0.0 delivered") for r in envelope.rcpt_tos]
             got = [r for r, reply in zip(envelope.rcpt_tos, replies, strict=True)
@@ -141,6 +144,27 @@ async def test_lmtp_one_recipient_temporary_retries_only_that_recipient(
     lmtp_server.handler.data = {}
     await sink.deliver(_fetched(tmp_path))
     # a@x.test got the message exactly once, b@x.test on the retry.
+    assert [d.recipients for d in lmtp_server.handler.deliveries] == [
+        ["a@x.test"], ["b@x.test"],
+    ]
+
+
+async def test_lmtp_reply_after_the_engine_gave_up_still_counts(
+    lmtp_server: Server, tmp_path: Path
+) -> None:
+    lmtp_server.handler.data_delay = 1.0
+    lmtp_server.handler.data = {"b@x.test": "451 4.3.0 try again"}
+    sink = _lmtp(lmtp_server.port, "a@x.test", "b@x.test")
+    message = _fetched(tmp_path)
+    with pytest.raises(TimeoutError):  # what the poll engine's wait_for does
+        await asyncio.wait_for(sink.deliver(message), 0.2)
+    for _ in range(100):  # the worker thread finishes on its own; wait for it (bounded)
+        if sink._partial:
+            break
+        await asyncio.sleep(0.05)
+    lmtp_server.handler.data_delay = 0.0
+    lmtp_server.handler.data = {}
+    await sink.deliver(message)
     assert [d.recipients for d in lmtp_server.handler.deliveries] == [
         ["a@x.test"], ["b@x.test"],
     ]

@@ -312,6 +312,19 @@ async def test_repeated_500_is_temporary_after_bounded_attempts(
     assert len(receiver.requests) == 3
 
 
+async def test_retries_stop_within_the_total_budget_with_the_real_reason(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.script = [Reply(503, b"maintenance")]
+    sink = _sink(receiver.url, max_attempts=50, backoff_initial=0.2, total_timeout=0.5)
+    try:
+        with pytest.raises(TemporarySinkError, match="HTTP 503: maintenance"):
+            await sink.deliver(_fetched(tmp_path, _realistic_message()))
+    finally:
+        await sink.close()
+    assert 1 <= len(receiver.requests) < 50
+
+
 async def test_slow_receiver_times_out_as_temporary(
     receiver: Receiver, tmp_path: Path
 ) -> None:

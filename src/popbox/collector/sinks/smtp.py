@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import smtplib
 import socket
@@ -72,6 +73,13 @@ def _reply(code: int, text: bytes | str) -> str:
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     # Verification is always on; ca_file adds a private CA, it never disables checks.
     return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+async def _read(message: FetchedMessage, sink: str) -> bytes:
+    try:
+        return await asyncio.to_thread(message.read_bytes)
+    except OSError as exc:
+        raise TemporarySinkError(f"{sink}: cannot read spooled message: {exc}") from exc
 
 
 def _refusals(refused: list[tuple[str, int, str]]) -> SinkError:
@@ -153,9 +161,15 @@ class LmtpSink:
         key = message.idempotency_key
         done = self._partial.get(key, set())
         pending = [r for r in self._target.recipients if r not in done]
-        data = await asyncio.to_thread(message.read_bytes)
+        data = await _read(message, self._name)
+        session = asyncio.ensure_future(asyncio.to_thread(self._transaction, data, pending))
         try:
-            replies = await asyncio.to_thread(self._transaction, data, pending)
+            replies = await asyncio.shield(session)
+        except asyncio.CancelledError:
+            # The poll engine gave up waiting, but the thread cannot be stopped and may
+            # still complete DATA; remember whom it reached so the retry skips them.
+            session.add_done_callback(functools.partial(self._late_replies, key, done))
+            raise
         except smtplib.SMTPDataError as exc:
             # DATA itself refused (e.g. 554 "no valid recipients"): the code decides.
             what = f"{self._name}: DATA refused: {_reply(exc.smtp_code, exc.smtp_error)}"
@@ -173,6 +187,16 @@ class LmtpSink:
             self._remember(key, done | accepted)
             log.warning("%s delivered %s only to %s", self._name, key, ", ".join(accepted))
         raise _refusals(failed)
+
+    def _late_replies(
+        self, key: str, done: set[str], session: asyncio.Future[list[tuple[str, int, str]]]
+    ) -> None:
+        if session.cancelled() or session.exception() is not None:
+            return  # nothing delivered, or nothing we can know about
+        accepted = {rcpt for rcpt, code, _ in session.result() if 200 <= code < 300}
+        if accepted:
+            self._remember(key, done | accepted)
+            log.warning("%s reached %s for %s after its timeout", self._name, accepted, key)
 
     def _remember(self, key: str, recipients: set[str]) -> None:
         self._partial[key] = recipients
@@ -287,7 +311,7 @@ class SmtpSink:
         )
 
     async def deliver(self, message: FetchedMessage) -> None:
-        data = await asyncio.to_thread(message.read_bytes)
+        data = await _read(message, self._name)
         client = self._client()
         try:
             await client.connect()

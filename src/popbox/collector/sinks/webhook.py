@@ -82,6 +82,8 @@ DEFAULT_BACKOFF_MAX: Final = 30.0
 # back to the poll engine (TemporarySinkError) instead of holding the account.
 DEFAULT_RETRY_AFTER_MAX: Final = 60.0
 DEFAULT_TIMEOUT: Final = 30.0
+# How long before the poll engine's own per-delivery timeout our retries stop.
+ENGINE_TIMEOUT_MARGIN: Final = 1.0
 # Enough of an error body to see the receiver's reason, not enough to flood a log.
 ERROR_EXCERPT_CHARS: Final = 500
 # Real mail nests a handful of levels; a hostile message nesting thousands deep must
@@ -360,6 +362,7 @@ class WebhookSink:
         attachments_total_max_bytes: int = DEFAULT_ATTACHMENTS_TOTAL_MAX_BYTES,
         raw_max_bytes: int = DEFAULT_RAW_MAX_BYTES,
         timeout: float = DEFAULT_TIMEOUT,
+        total_timeout: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
@@ -383,6 +386,8 @@ class WebhookSink:
         self._attachments_total_max_bytes = attachments_total_max_bytes
         self._raw_max_bytes = raw_max_bytes
         self._max_attempts = max_attempts
+        self._timeout = timeout
+        self._total_timeout = total_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._retry_after_max = retry_after_max
@@ -410,7 +415,10 @@ class WebhookSink:
         await self._client.aclose()
 
     async def deliver(self, message: FetchedMessage) -> None:
-        raw = await asyncio.to_thread(message.read_bytes)
+        try:
+            raw = await asyncio.to_thread(message.read_bytes)
+        except OSError as exc:
+            raise TemporarySinkError(f"{self._name}: cannot read spooled message: {exc}") from exc
         payload = build_payload(
             message,
             raw,
@@ -424,11 +432,20 @@ class WebhookSink:
 
     async def _post_with_retries(self, message: FetchedMessage, body: bytes) -> None:
         reason = "no attempt made"
-        for attempt in range(1, self._max_attempts + 1):
+        deadline = None if self._total_timeout is None else time.monotonic() + self._total_timeout
+        attempt = 0
+        while attempt < self._max_attempts:
+            attempt += 1
             delay: float | None = None
+            request_timeout = self._timeout
+            if deadline is not None:
+                request_timeout = min(request_timeout, deadline - time.monotonic())
             try:
                 response = await self._client.post(
-                    self._url, content=body, headers=self._headers(message, body)
+                    self._url,
+                    content=body,
+                    headers=self._headers(message, body),
+                    timeout=request_timeout,
                 )
             except httpx.TimeoutException as exc:
                 reason = f"timed out ({type(exc).__name__})"
@@ -457,9 +474,13 @@ class WebhookSink:
             if attempt == self._max_attempts:
                 break
             if delay is None:
-                # Full jitter keeps many collectors from retrying in lockstep.
+                # Jitter keeps many collectors from retrying in lockstep.
                 ceiling = min(self._backoff_max, self._backoff_initial * 2 ** (attempt - 1))
                 delay = random.uniform(ceiling / 2, ceiling)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                # The next attempt could not finish in time; say why ourselves rather
+                # than be cancelled by the poll engine's timeout mid-request.
+                break
             log.warning(
                 "webhook %s attempt %d/%d for %s failed: %s; retrying in %.2fs",
                 self._url, attempt, self._max_attempts, message.idempotency_key,
@@ -468,7 +489,7 @@ class WebhookSink:
             await asyncio.sleep(delay)
         raise TemporarySinkError(
             f"webhook {self._url} failed {message.uidl} after "
-            f"{self._max_attempts} attempts: {reason}"
+            f"{attempt} attempt{'s' if attempt > 1 else ''}: {reason}"
         )
 
     def _headers(self, message: FetchedMessage, body: bytes) -> dict[str, str]:
@@ -491,6 +512,9 @@ def create_sink(settings: WebhookSinkSettings, context: SinkContext) -> WebhookS
         signature_header=settings.signature_header,
         headers=settings.headers,
         timeout=settings.timeout,
+        # The poll engine cancels a delivery after settings.timeout; finishing just
+        # before it lets the error name the real cause (HTTP 503, ...) instead.
+        total_timeout=max(settings.timeout - ENGINE_TIMEOUT_MARGIN, settings.timeout / 2),
         include_raw=settings.include_raw,
         attachment_max_bytes=settings.max_attachment_bytes,
         # "retries" counts the extra tries after the first one.
