@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -53,9 +53,12 @@ class Receiver:
         self.stop = threading.Event()
         self.url = ""
 
-    def next_reply(self) -> Reply:
+    def reply_for(self, request: Received) -> Reply:
         # The last scripted reply repeats, so "500 forever" is a one-element script.
         return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+ReceiverT = TypeVar("ReceiverT", bound=Receiver)
 
 
 def _verify(headers: dict[str, str], body: bytes) -> bool:
@@ -67,14 +70,15 @@ def _verify(headers: dict[str, str], body: bytes) -> bool:
     return hmac.compare_digest("sha256=" + expected.hexdigest(), given)
 
 
-def _serve(receiver: Receiver, context: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+def serve(receiver: ReceiverT, context: ssl.SSLContext | None = None) -> Iterator[ReceiverT]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             headers = {k: v for k, v in self.headers.items()}
-            receiver.requests.append(Received(headers, body, _verify(headers, body)))
-            reply = receiver.next_reply()
+            received = Received(headers, body, _verify(headers, body))
+            receiver.requests.append(received)
+            reply = receiver.reply_for(received)
             if reply.delay and receiver.stop.wait(reply.delay):
                 return
             self.send_response(reply.status)
@@ -106,7 +110,7 @@ def _serve(receiver: Receiver, context: ssl.SSLContext | None = None) -> Iterato
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    yield from _serve(Receiver())
+    yield from serve(Receiver())
 
 
 def _realistic_message() -> bytes:
@@ -357,7 +361,7 @@ async def test_tls_is_verified_and_a_private_ca_can_be_trusted(
 ) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls_files.cert, tls_files.key)
-    for server in _serve(Receiver(), context):
+    for server in serve(Receiver(), context):
         untrusting = _sink(server.url, max_attempts=1)
         try:
             with pytest.raises(TemporarySinkError, match="connection failed"):
