@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from popbox.collector.base import FetchedMessage
-from popbox.collector.sinks.webhook import WebhookSink
+from popbox.collector.sinks.webhook import WebhookSink, build_payload
 from popbox.errors import PermanentSinkError, TemporarySinkError
 
 SECRET = "s3cret-webhook-key"
@@ -415,3 +417,54 @@ async def test_built_from_settings_without_secret_sends_unsigned(
     assert request.headers["Authorization"] == "Token t0k"
     assert "X-Popbox-Signature" not in request.headers
     assert request.json()["uidl"] == "UID-1"
+
+
+def _payload_of(raw: bytes, tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
+    return build_payload(_fetched(tmp_path, raw), raw, **kwargs)
+
+
+def test_forwarded_message_and_second_text_part_are_kept(tmp_path: Path) -> None:
+    inner = EmailMessage()
+    inner["Subject"] = "the original"
+    inner.set_content("original body\n")
+    outer = EmailMessage()
+    outer["Subject"] = "Fwd: the original"
+    outer.set_content("see below\n")
+    outer.add_attachment("a second note\n", disposition="inline")
+    outer.add_attachment(inner)
+    payload = _payload_of(outer.as_bytes(), tmp_path)
+    assert payload["text"] == "see below\n"
+    note, forwarded = payload["attachments"]
+    assert note["content_type"] == "text/plain"
+    assert base64.b64decode(note["content"]) == b"a second note\n"
+    assert forwarded["content_type"] == "message/rfc822"
+    assert b"Subject: the original" in base64.b64decode(forwarded["content"])
+
+
+def test_hostile_nesting_is_bounded(tmp_path: Path) -> None:
+    depth = 200
+    opening = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+        for i in range(depth)
+    )
+    raw = b"Subject: deep\r\n" + opening + b"Content-Type: text/plain\r\n\r\nbottom\r\n"
+    payload = _payload_of(raw, tmp_path)
+    assert payload["subject"] == "deep"
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=2000) | st.builds(
+    lambda head, body: head + b"\r\n\r\n" + body,
+    st.lists(st.sampled_from([
+        b"Subject: =?utf-8?q?=ZZ?=", b"From: <<@@>>", b"Date: 99 Foo 99999",
+        b"Content-Type: multipart/alternative; boundary=x",
+        b"Content-Type: text/plain; charset=\"\xff\"", b"Content-Transfer-Encoding: base64",
+        b"To: a@b, (comment, \"q\" <c@d>", b"Content-Disposition: attachment; filename*=x''%ff",
+    ])).map(b"\r\n".join),
+    st.binary(max_size=500),
+))
+def test_any_bytes_give_a_json_payload(tmp_path: Path, raw: bytes) -> None:
+    payload = _payload_of(raw, tmp_path, include_raw=True)
+    json.dumps(payload)  # what the sink sends must always serialise
+    assert payload["uidl"] == "UID-1"
