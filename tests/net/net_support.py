@@ -28,7 +28,11 @@ def wire(message: bytes) -> bytes:
 
 
 def make_config(
-    *, plaintext_auth: str = "loopback", apop: bool = False, **limits: Any
+    *,
+    plaintext_auth: str = "loopback",
+    apop: bool = False,
+    proxy_protocol: bool = False,
+    **limits: Any,
 ) -> Config:
     """A config on 127.0.0.1:0; ``limits`` may go below the production minimums."""
     base = LimitSettings().model_dump()
@@ -40,6 +44,7 @@ def make_config(
             tls_listen=["127.0.0.1:0"],
             plaintext_auth=plaintext_auth,  # type: ignore[arg-type]
             apop=apop,
+            proxy_protocol=proxy_protocol,
         ),
         # model_construct skips the ge= bounds so tests can use tiny timeouts.
         limits=LimitSettings.model_construct(**base),

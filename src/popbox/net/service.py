@@ -12,12 +12,13 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from popbox.auth.base import PassDB
 from popbox.config import Config, parse_listen
 from popbox.errors import ConfigError
+from popbox.net.proxy import ProxyAddress, ProxyHeaderReader
 from popbox.net.session import Pop3Session, SessionHub
 from popbox.store.base import MailStore
 
@@ -141,23 +142,33 @@ class Pop3Service:
         loop = asyncio.get_running_loop()
         self._hub = hub = SessionHub(self._config, self._store, self._passdb, self._ssl_context)
         limits = self._config.limits
+        proxied = self._config.pop3.proxy_protocol
         try:
             for sock in sockets:
-                server = await loop.create_server(
-                    lambda: Pop3Session(hub, implicit_tls=False),
-                    sock=sock,
-                    backlog=LISTEN_BACKLOG,
+                factory: Callable[[], asyncio.BaseProtocol] = (
+                    (lambda: _proxy_reader(hub, implicit_tls=False))
+                    if proxied
+                    else (lambda: Pop3Session(hub, implicit_tls=False))
                 )
+                server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 self._servers.append(server)
                 self._plain_addresses.append(_address(sock))
             for sock in tls_sockets:
-                server = await loop.create_server(
-                    lambda: Pop3Session(hub, implicit_tls=True),
-                    sock=sock,
-                    ssl=self._ssl_context,
-                    ssl_handshake_timeout=limits.tls_handshake_timeout,
-                    backlog=LISTEN_BACKLOG,
-                )
+                if proxied:
+                    # The PROXY header comes before the TLS handshake, in the clear.
+                    server = await loop.create_server(
+                        lambda: _proxy_reader(hub, implicit_tls=True),
+                        sock=sock,
+                        backlog=LISTEN_BACKLOG,
+                    )
+                else:
+                    server = await loop.create_server(
+                        lambda: Pop3Session(hub, implicit_tls=True),
+                        sock=sock,
+                        ssl=self._ssl_context,
+                        ssl_handshake_timeout=limits.tls_handshake_timeout,
+                        backlog=LISTEN_BACKLOG,
+                    )
                 self._servers.append(server)
                 self._tls_addresses.append(_address(sock))
         except BaseException:
@@ -178,6 +189,8 @@ class Pop3Service:
         if hub is None:
             return
         hub.shutting_down = True
+        for task in list(hub.handshakes):
+            task.cancel()  # not a session yet: nothing to let finish
         grace = self._config.limits.shutdown_grace
         if hub.sessions and grace > 0:
             with contextlib.suppress(TimeoutError):
@@ -198,6 +211,50 @@ class Pop3Service:
         # Server.wait_closed() also waits for every connection (3.12+); the listeners
         # are closed as soon as close() returns, which is all that matters here.
         await asyncio.sleep(0)
+
+
+def _proxy_reader(hub: SessionHub, *, implicit_tls: bool) -> ProxyHeaderReader:
+    """A connection's first protocol when PROXY headers are expected."""
+
+    def on_header(transport: asyncio.Transport, address: ProxyAddress | None) -> None:
+        peer = (address.host, address.port) if address is not None else None
+        session = Pop3Session(hub, implicit_tls=implicit_tls, peer=peer)
+        if not implicit_tls:
+            transport.set_protocol(session)
+            session.connection_made(transport)
+            transport.resume_reading()
+            return
+        task = asyncio.get_running_loop().create_task(_handshake(hub, transport, session))
+        hub.handshakes.add(task)
+        task.add_done_callback(hub.handshakes.discard)
+
+    # The header is part of logging in: the pre-login timeout bounds it.
+    return ProxyHeaderReader(on_header, hub.config.limits.login_timeout)
+
+
+async def _handshake(hub: SessionHub, transport: asyncio.Transport, session: Pop3Session) -> None:
+    """Implicit TLS after a PROXY header: the handshake the listener would have done."""
+    assert hub.ssl_context is not None
+    try:
+        tls_transport = await asyncio.get_running_loop().start_tls(
+            transport,
+            session,
+            hub.ssl_context,
+            server_side=True,
+            ssl_handshake_timeout=hub.config.limits.tls_handshake_timeout,
+        )
+    except (OSError, ssl.SSLError, TimeoutError) as exc:
+        # As on a listener with ssl=: a failed handshake is not a session, only noise.
+        log.debug("TLS handshake after PROXY header failed: %s", exc)
+        transport.abort()
+        return
+    except asyncio.CancelledError:
+        transport.abort()
+        raise
+    if tls_transport is None:
+        transport.abort()
+        return
+    session.connection_made(tls_transport)
 
 
 def _show(host: str, port: int) -> str:

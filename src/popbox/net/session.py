@@ -100,6 +100,8 @@ class SessionHub:
         self.sessions: set[Pop3Session] = set()
         self.per_ip: dict[str, int] = {}
         self.shutting_down = False
+        # Implicit-TLS handshakes after a PROXY header, before they become sessions.
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.all_ended = asyncio.Event()
         self.all_ended.set()
 
@@ -129,8 +131,12 @@ class SessionHub:
 class Pop3Session(asyncio.Protocol):
     """One client connection, from greeting to logout line."""
 
-    def __init__(self, hub: SessionHub, *, implicit_tls: bool) -> None:
+    def __init__(
+        self, hub: SessionHub, *, implicit_tls: bool, peer: tuple[str, int] | None = None
+    ) -> None:
+        """``peer`` overrides the socket's peer address (from a PROXY header)."""
         self._hub = hub
+        self._peer = peer
         self._loop = asyncio.get_running_loop()
         self._implicit_tls = implicit_tls
         self._stats = SessionStats(_next_session_id())
@@ -159,12 +165,9 @@ class Pop3Session(asyncio.Protocol):
         # A stream transport; uvloop's do not subclass asyncio.Transport, so no isinstance.
         self._transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        peer = transport.get_extra_info("peername")
+        peer = self._peer or transport.get_extra_info("peername")
         host, port = (str(peer[0]), int(peer[1])) if peer else ("unknown", 0)
-        self.start(host, port)
-
-    def start(self, host: str, port: int) -> None:
-        """Begin the POP3 dialogue for a peer at ``host``; split out for PROXY headers."""
+        self._peer = None
         self._ip = host
         self._stats.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tls_active = self._implicit_tls
