@@ -274,3 +274,41 @@ async def test_smtp_starttls_verifies_the_server(tls_files: Any, tmp_path: Path)
         server.close()
         await server.wait_closed()
     assert [d.content for d in handler.deliveries] == [MESSAGE]
+
+
+# ---------------------------------------------------------------------------- popbox
+
+
+async def test_lmtp_into_popbox_own_lmtp_service_with_a_full_mailbox(tmp_path: Path) -> None:
+    """The real thing on the other end: popbox's LMTP listener, quota and store."""
+    from popbox.auth.memory import MemoryPassDB
+    from popbox.config import Config, LmtpSettings, QuotaSettings
+    from popbox.delivery.lmtp import LmtpService
+    from popbox.store.memory import MemoryStore
+
+    store = MemoryStore()
+    config = Config(
+        data_dir=tmp_path,
+        lmtp=LmtpSettings(listen=["127.0.0.1:0"]),
+        quota=QuotaSettings(messages=1),
+    )
+    service = LmtpService(config, store, MemoryPassDB({"alice": "x", "bob": "x"}))
+    await service.start()
+    try:
+        await store.deliver("bob", b"Subject: already here\r\n\r\nold\r\n")  # bob is full
+        [(_, port)] = service.addresses
+        sink = _lmtp(port, "alice@example.org", "bob@example.org")
+        message = _fetched(tmp_path)
+        with pytest.raises(TemporarySinkError, match=re.escape("<bob@example.org> 452")):
+            await sink.deliver(message)
+        # bob reads his mail and deletes it; the collector's retry reaches only him.
+        maildrop = await store.open_maildrop("bob")
+        await maildrop.commit_deletions([0])
+        await sink.deliver(message)
+
+        with pytest.raises(PermanentSinkError, match="550"):
+            await _lmtp(port, "nobody@example.org").deliver(message)
+    finally:
+        await service.stop()
+    assert (await store.usage("alice")).messages == 1
+    assert (await store.usage("bob")).messages == 1
