@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from postfix import free_port
+from postfix_instance import free_port
 
 from popbox.proto.wire import wire_size
 from popbox.store.maildir import MaildirStore

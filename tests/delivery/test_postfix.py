@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from lmtptools import RunningLmtp, StartLmtp, make_config
-from postfix import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
+from postfix_instance import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
 
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.config import Config, Pop3Settings
