@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from popbox.collector.base import FetchedMessage
-from popbox.collector.sinks.webhook import WebhookSink, build_payload
+from popbox.collector.sinks.webhook import WebhookSink, build_payload, encode_payload
 from popbox.errors import PermanentSinkError, TemporarySinkError
 
 SECRET = "s3cret-webhook-key"
@@ -465,6 +465,19 @@ def test_hostile_nesting_is_bounded(tmp_path: Path) -> None:
     st.binary(max_size=500),
 ))
 def test_any_bytes_give_a_json_payload(tmp_path: Path, raw: bytes) -> None:
-    payload = _payload_of(raw, tmp_path, include_raw=True)
-    json.dumps(payload)  # what the sink sends must always serialise
+    body = encode_payload(_payload_of(raw, tmp_path, include_raw=True))
+    payload = json.loads(body.decode("utf-8"))  # strict: the body is valid UTF-8
     assert payload["uidl"] == "UID-1"
+    assert base64.b64decode(payload["raw"]) == raw
+
+
+def test_raw_8bit_headers_become_valid_utf8(tmp_path: Path) -> None:
+    raw = (
+        "From: Jürgen <j@example.org>\r\nTo: Zoë <z@example.org>\r\n".encode()
+        + b"Cc: Fran\xe7ois <f@example.org>\r\nSubject: K\xf6ln\r\n\r\nbody\r\n"
+    )
+    payload = json.loads(encode_payload(_payload_of(raw, tmp_path)).decode("utf-8"))
+    assert payload["from"] == [{"name": "Jürgen", "address": "j@example.org"}]
+    assert payload["to"] == [{"name": "Zoë", "address": "z@example.org"}]
+    assert payload["cc"] == [{"name": "Fran\ufffdois", "address": "f@example.org"}]
+    assert payload["subject"] == "K\ufffdln"

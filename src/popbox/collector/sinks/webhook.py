@@ -57,6 +57,7 @@ __all__ = [
     "WebhookSink",
     "build_payload",
     "create_sink",
+    "encode_payload",
     "sign",
 ]
 
@@ -322,6 +323,18 @@ def _attachment(part: Message, budget: _Budget) -> dict[str, Any]:
     }
 
 
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The payload as JSON in valid UTF-8.
+
+    The email parser keeps header bytes it could not decode as lone surrogates
+    (surrogateescape), which UTF-8 cannot encode. Turning them back into bytes and
+    decoding once more recovers raw UTF-8 headers (RFC 6532: ``From: Jürgen``) and
+    replaces anything else with U+FFFD.
+    """
+    text = json.dumps(payload, ensure_ascii=False)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
+
+
 # ----------------------------------------------------------------------------- sink
 
 
@@ -427,7 +440,7 @@ class WebhookSink:
             attachments_total_max_bytes=self._attachments_total_max_bytes,
             raw_max_bytes=self._raw_max_bytes,
         )
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        body = encode_payload(payload)
         await self._post_with_retries(message, body)
 
     async def _post_with_retries(self, message: FetchedMessage, body: bytes) -> None:
