@@ -425,7 +425,10 @@ def test_login_command_runs_the_generic_device_flow(
         "token_endpoint": f"{auth_server.url}/token",
         "device_authorization_endpoint": f"{auth_server.url}/device", "scopes": ["pop"],
     })
-    result = CliRunner().invoke(login_command, ["desk", "--config", str(config)])
+    from popbox.cli import main
+
+    # Through the real command line: `popbox oauth login` is attached by the CLI.
+    result = CliRunner().invoke(main, ["oauth", "login", "desk", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "WDJB-MJHT" in result.output
     stored = json.loads((tmp_path / "state" / "oauth" / "desk.json").read_text())
@@ -448,3 +451,18 @@ async def test_create_token_provider_picks_the_source(tmp_path: Path) -> None:
     provider = create_token_provider(settings.accounts[0], settings)
     assert isinstance(provider, CommandTokenProvider)
     assert await provider.token() == "t0k"
+
+
+def test_google_client_credentials_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from popbox.collector.config import load_fetch_settings
+    from popbox.errors import ConfigError
+
+    monkeypatch.setenv("POPBOX_TEST_CLIENT_SECRET", CLIENT_SECRET)
+    settings = load_fetch_settings(_config(tmp_path, {
+        "token_source": "client_credentials", "provider": "google", "client_id": CLIENT_ID,
+        "client_secret_env": "POPBOX_TEST_CLIENT_SECRET",
+    }))
+    with pytest.raises(ConfigError, match="no client_credentials grant for Gmail"):
+        create_token_provider(settings.accounts[0], settings)

@@ -555,6 +555,13 @@ def create_token_provider(
                 scopes=oauth.effective_scopes(),
             )
         return RefreshTokenProvider(token_file, _http_client(oauth))
+    if oauth.provider == "google":
+        # Gmail has no app-only grant; Workspace uses service accounts with signed
+        # JWT assertions instead, which a token command can supply.
+        raise ConfigError(
+            f"fetch.accounts.{account.name}.oauth: Google has no client_credentials "
+            "grant for Gmail; use token_source = refresh_token or command"
+        )
     if oauth.provider == "microsoft":
         source = oauth.client_secret_source()
         assert source is not None  # OAuthSettings requires one for client_credentials
