@@ -175,3 +175,23 @@ async def test_built_from_settings_into_a_real_maildir(tmp_path: Path) -> None:
         RAW.replace(b"\r\n", b"\n")
     ]
     assert (tmp_path / "state" / "popbox-sink.sqlite").exists()
+
+
+def test_without_a_server_config_the_sink_says_which_key_to_set(tmp_path: Path) -> None:
+    from popbox.collector.config import fetch_settings_from_dict
+    from popbox.collector.sinks import SinkContext, build_sink
+    from popbox.errors import ConfigError
+
+    settings = fetch_settings_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "accounts": [{
+                "name": "remote", "host": "pop.example.org", "username": "u",
+                "password_env": "UNUSED", "sinks": [{"kind": "popbox", "user": "bob"}],
+            }],
+        },
+        tmp_path,
+    )
+    account = settings.accounts[0]
+    with pytest.raises(ConfigError, match="set `config`"):
+        build_sink(account.sinks[0], SinkContext(account, settings))
