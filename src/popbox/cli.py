@@ -268,8 +268,11 @@ def user_list(config_path: Path | None) -> None:
         raise click.ClickException(str(exc)) from exc
     table = Table("user", "messages", "size", "quota messages", "quota size")
     for record, usage in zip(records, used, strict=True):
-        quota_messages = record.quota_messages or config.quota.messages
-        quota_octets = record.quota_octets or config.quota.octets
+        # A per-user 0 means "no limit" and overrides the default (as in Dovecot).
+        quota_messages = (
+            config.quota.messages if record.quota_messages is None else record.quota_messages
+        )
+        quota_octets = config.quota.octets if record.quota_octets is None else record.quota_octets
         table.add_row(
             record.name,
             str(usage.messages),

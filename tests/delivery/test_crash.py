@@ -130,7 +130,7 @@ async def audit(root: Path, sent: dict[int, bytes], acked: list[tuple[str, int]]
                     number = int(match.group(1))
                     trace = (
                         b"Return-Path: <sender@example.net>\r\n"
-                        b"Delivered-To: <%s@example.test>\r\n" % user.encode()
+                        b"Delivered-To: %s@example.test\r\n" % user.encode()
                     )
                     assert data == trace + sent[number], f"{user}: message {number} is partial"
                     # The index (LIST sizes) agrees with what RETR would send.

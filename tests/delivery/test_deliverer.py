@@ -27,14 +27,14 @@ async def test_lf_message_gets_lf_trace_headers() -> None:
     drop = await store.open_maildrop("alice")
     stored = b"".join([chunk async for chunk in drop.read_message(0)])
     await drop.release()
-    assert stored == b"Return-Path: <s@example.net>\nDelivered-To: <alice@example.test>\n" + data
+    assert stored == b"Return-Path: <s@example.net>\nDelivered-To: alice@example.test\n" + data
     assert delivered.user == "alice"
     assert delivered.size == wire_size(stored)
 
 
 def test_unknown_sender_writes_no_return_path() -> None:
-    assert trace_headers("alice", None, b"x\r\n") == b"Delivered-To: <alice>\r\n"
-    assert trace_headers("alice", "", b"x\n") == b"Return-Path: <>\nDelivered-To: <alice>\n"
+    assert trace_headers("alice", None, b"x\r\n") == b"Delivered-To: alice\r\n"
+    assert trace_headers("alice", "", b"x\n") == b"Return-Path: <>\nDelivered-To: alice\n"
 
 
 async def test_without_trace_the_message_is_stored_as_given() -> None:

@@ -61,7 +61,7 @@ def test_delivered_exits_0_and_adds_trace_headers() -> None:
     code, err, store = lda(MESSAGE)
     assert (code, err) == (EX_OK, "")
     assert stored(store, "alice") == [
-        b"Return-Path: <carol@example.net>\nDelivered-To: <alice>\n" + MESSAGE
+        b"Return-Path: <carol@example.net>\nDelivered-To: alice\n" + MESSAGE
     ]
 
 
@@ -129,7 +129,7 @@ def test_mbox_postmark_is_dropped_and_gives_the_sender() -> None:
     code, _, store = lda(data, sender=None)
     assert code == EX_OK
     assert stored(store, "alice") == [
-        b"Return-Path: <bounce@example.net>\nDelivered-To: <alice>\n" + MESSAGE
+        b"Return-Path: <bounce@example.net>\nDelivered-To: alice\n" + MESSAGE
     ]
 
 
@@ -176,8 +176,8 @@ def test_maildir_and_passwd_file_in_a_subprocess(tmp_path: Path) -> None:
     assert len(files) == 2
     contents = {path.read_bytes() for path in files}
     assert contents == {
-        b"Return-Path: <carol@example.net>\nDelivered-To: <alice>\n" + MESSAGE,
-        b"Return-Path: <>\nDelivered-To: <Alice+tag@example.test>\n" + MESSAGE,
+        b"Return-Path: <carol@example.net>\nDelivered-To: alice\n" + MESSAGE,
+        b"Return-Path: <>\nDelivered-To: Alice+tag@example.test\n" + MESSAGE,
     }
     # Maildir names carry the sizes, so POP3 LIST never opens the files.
     assert all(",S=" in path.name and ",W=" in path.name for path in files)

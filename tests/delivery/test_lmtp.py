@@ -70,7 +70,7 @@ def test_delivery_adds_trace_headers_and_keeps_the_message_byte_for_byte(
     assert replies[0][1].startswith(b"2.0.0 <alice@example.test> Saved")
     assert server.messages("alice") == [
         b"Return-Path: <carol@example.net>\r\n"
-        b"Delivered-To: <alice@example.test>\r\n" + MESSAGE
+        b"Delivered-To: alice@example.test\r\n" + MESSAGE
     ]
 
 
@@ -143,7 +143,7 @@ def test_recipient_delimiter_and_case_map_to_the_user(start_lmtp: StartLmtp) -> 
     assert replies[0][0] == 250
     (stored,) = server.messages("alice")
     # Null sender (a bounce) and the address exactly as the MTA gave it.
-    assert stored.startswith(b"Return-Path: <>\r\nDelivered-To: <Alice+Lists@Example.TEST>\r\n")
+    assert stored.startswith(b"Return-Path: <>\r\nDelivered-To: Alice+Lists@Example.TEST\r\n")
 
 
 def test_repeated_recipient_gets_every_reply_but_one_copy(start_lmtp: StartLmtp) -> None:
@@ -265,7 +265,7 @@ def test_pipelined_commands_and_exact_8bit_bytes(start_lmtp: StartLmtp) -> None:
     replies = _read_replies(sock, 3)
     assert [r[:9] for r in replies] == [b"250 2.0.0", b"250 2.0.0", b"221 Bye"]
     sock.close()
-    trace = b"Return-Path: <s@example.net>\r\nDelivered-To: <%s@example.test>\r\n"
+    trace = b"Return-Path: <s@example.net>\r\nDelivered-To: %s@example.test\r\n"
     assert server.messages("alice") == [trace % b"alice" + body]
     assert server.messages("bob") == [trace % b"bob" + body]
 
@@ -279,7 +279,7 @@ def test_smtputf8_recipient_and_sender(start_lmtp: StartLmtp) -> None:
     (stored,) = server.messages("alice")
     assert stored.startswith(
         "Return-Path: <j\u00f6rg@example.net>\r\n"
-        "Delivered-To: <alice+\u00fcber@example.test>\r\n".encode()
+        "Delivered-To: alice+\u00fcber@example.test\r\n".encode()
     )
 
 

@@ -140,7 +140,7 @@ def test_postfix_relays_over_lmtp_with_trace_headers_and_exact_body(
     # Ours first, exactly as Dovecot's LMTP writes them; then Postfix's Received.
     assert prepended[:2] == [
         b"Return-Path: <carol@example.net>",
-        b"Delivered-To: <alice@example.test>",
+        b"Delivered-To: alice@example.test",
     ]
     assert prepended[2].startswith(b"Received: from client.example.net")
     assert all(line[:1] in b" \t" for line in prepended[3:])
@@ -190,7 +190,7 @@ def test_postfix_over_a_unix_socket(
     prepended, rest = split_stored(stored)
     # A null sender (how bounces travel) becomes Return-Path: <>; the detail stays
     # in Delivered-To while the mail lands in bob's one mailbox.
-    assert prepended[:2] == [b"Return-Path: <>", b"Delivered-To: <Bob+Lists@example.test>"]
+    assert prepended[:2] == [b"Return-Path: <>", b"Delivered-To: Bob+Lists@example.test"]
     assert rest == MESSAGE
 
 

@@ -163,7 +163,8 @@ def test_lmtp_delivery_then_curl_over_stls_and_pop3s(running: Running) -> None:
         pytest.skip("curl is not installed (scripts/setup-system.sh installs it)")
     _add_user(running, "bob", "s3cret")
     with smtplib.LMTP("127.0.0.1", running.lmtp) as lmtp:
-        refused = lmtp.sendmail("carol@example.org", ["bob@example.org"], MESSAGE)
+        # smtplib sends bytes as given: SMTP wants CRLF line ends on the wire.
+        refused = lmtp.sendmail("carol@example.org", ["bob@example.org"], _crlf(MESSAGE))
     assert refused == {}
 
     for url in (f"pop3://localhost:{running.pop3}/1", f"pop3s://localhost:{running.pop3s}/1"):

@@ -99,7 +99,9 @@ def trace_headers(recipient: str, sender: str | None, data: bytes) -> bytes:
     lines = []
     if sender is not None:
         lines.append(RETURN_PATH + b": <" + _encode_address(sender) + b">" + eol)
-    lines.append(DELIVERED_TO + b": <" + _encode_address(recipient) + b">" + eol)
+    # Delivered-To carries a bare address (no angle brackets), as Postfix's local(8)
+    # and Dovecot write it; loop detection in MTAs and filters compares it verbatim.
+    lines.append(DELIVERED_TO + b": " + _encode_address(recipient) + eol)
     return b"".join(lines)
 
 
