@@ -20,7 +20,6 @@ from popbox.store.index import (
     IndexHeader,
     MaildirIndex,
     arrival_order,
-    fsync_dir,
     scan_messages,
     size_fields,
     wire_size_of_file,
@@ -147,23 +146,36 @@ def move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[st
     The key stays the same, so UIDLs do too; a move the next crash undoes is found
     again in new/ by its key. Leaving new/ to fresh arrivals keeps usage() cheap.
     """
+    if not keys:
+        return False
     moved = False
-    for key in keys:
-        entry = index.entries.get(key)
-        if entry is None or not entry.path.startswith("new/"):
-            continue  # vanished before it could be indexed
-        name = entry.path[4:]
-        target = name if ":" in name else name + SEEN_INFO
+    # Names relative to open directories: a first login on 100,000 messages spends
+    # its time in rename(), not in building 200,000 paths.
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    new_fd = os.open(maildir / "new", flags)
+    try:
+        cur_fd = os.open(maildir / "cur", flags)
         try:
-            os.rename(maildir / entry.path, maildir / "cur" / target)
-        except OSError as exc:
-            log.warning("maildrop of %s: cannot move %s to cur/: %s", user, key, exc)
-            continue
-        entry.path = f"cur/{target}"
-        moved = True
-    if moved:
-        fsync_dir(maildir / "cur")
-        fsync_dir(maildir / "new")
+            for key in keys:
+                entry = index.entries.get(key)
+                if entry is None or not entry.path.startswith("new/"):
+                    continue  # vanished before it could be indexed
+                name = entry.path[4:]
+                target = name if ":" in name else name + SEEN_INFO
+                try:
+                    os.rename(name, target, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+                except OSError as exc:
+                    log.warning("maildrop of %s: cannot move %s to cur/: %s", user, key, exc)
+                    continue
+                entry.path = f"cur/{target}"
+                moved = True
+            if moved:
+                os.fsync(cur_fd)
+                os.fsync(new_fd)
+        finally:
+            os.close(cur_fd)
+    finally:
+        os.close(new_fd)
     return moved
 
 
