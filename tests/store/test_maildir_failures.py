@@ -5,6 +5,7 @@ that cannot be unlinked), because the tests run as root and permissions stop not
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -65,6 +66,83 @@ async def test_lock_dies_with_the_process_that_held_it(maildir_store: MaildirSto
             holder.stdout.close()
     maildrop = await maildir_store.open_maildrop("alice")
     assert len(maildrop.messages) == 2  # the killed session deleted nothing
+    await maildrop.release()
+
+
+DELIVER_FROM_STDIN = """
+import asyncio, sys
+from pathlib import Path
+from popbox.store import MaildirStore
+
+async def main():
+    key = await MaildirStore(Path(sys.argv[1])).deliver_file(sys.argv[2], sys.stdin.buffer)
+    print(key, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_killed_delivery_leaves_nothing_in_new(maildir_store: MaildirStore) -> None:
+    """A crash mid-delivery: the message is not there at all, never half there."""
+    await maildir_store.deliver("alice", b"earlier\n")
+    child = subprocess.Popen(
+        [sys.executable, "-c", DELIVER_FROM_STDIN, str(maildir_store.root), "alice"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdin is not None
+    tmp = maildir_store.maildir("alice") / "tmp"
+    try:
+        child.stdin.write(b"Subject: half\n\n" + b"x" * 1_000_000)
+        child.stdin.flush()
+        for _ in range(200):  # until the child has started writing its tmp/ file
+            if any(path.stat().st_size for path in tmp.iterdir()):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the delivering process never wrote to tmp/")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdin.close()
+        if child.stdout is not None:
+            child.stdout.close()
+    maildrop = await maildir_store.open_maildrop("alice")
+    assert [await read_all(maildrop, i) for i in range(len(maildrop.messages))] == [b"earlier\n"]
+    await maildrop.release()
+
+
+DELIVER_MANY = """
+import asyncio, sys
+from pathlib import Path
+from popbox.store import MaildirStore
+
+async def main():
+    store = MaildirStore(Path(sys.argv[1]))
+    for n in range(40):
+        await store.deliver("alice", f"{sys.argv[2]} {n}\\n".encode())
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_delivering_at_once_never_collide(maildir_store: MaildirStore) -> None:
+    writers = [
+        subprocess.Popen([sys.executable, "-c", DELIVER_MANY, str(maildir_store.root), name])
+        for name in ("left", "right")
+    ]
+    maildrop = await maildir_store.open_maildrop("alice")  # sessions run alongside
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0
+    await maildrop.release()
+    maildrop = await maildir_store.open_maildrop("alice")
+    stored = {await read_all(maildrop, i) for i in range(len(maildrop.messages))}
+    expected = {f"{name} {n}\n".encode() for name in ("left", "right") for n in range(40)}
+    assert stored == expected
+    assert len(maildrop.messages) == 80
     await maildrop.release()
 
 
