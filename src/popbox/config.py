@@ -10,11 +10,12 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from popbox.errors import ConfigError
+from popbox.proto import MAX_AUTH_FAILURES, MAX_BAD_COMMANDS, MAX_COMMAND_LINE, MAX_SASL_LINE
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -32,21 +33,13 @@ __all__ = [
 
 DEFAULT_DATA_DIR: Final = "popbox-data"
 
-# RFC 2449 section 4 raises the command line limit to 255 octets; like Dovecot we take
-# longer lines so that long passwords work, and stop well before memory matters.
-MAX_COMMAND_LINE: Final = 2048
-# SASL responses carry OAuth2 bearer tokens (RFC 7628) that run to several KiB.
-MAX_SASL_LINE: Final = 16384
-# Dovecot's CLIENT_MAX_BAD_COMMANDS: a client that keeps sending garbage is cut off.
-MAX_BAD_COMMANDS: Final = 20
+# The protocol limits are defined once, with their reasons, in the protocol core.
 # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
 IDLE_TIMEOUT_TRANSACTION: Final = 600.0
 # Before login a client has no business idling; Dovecot's login processes use 60s-3min.
 IDLE_TIMEOUT_LOGIN: Final = 60.0
 # Dovecot's auth_failure_delay: slows down password guessing on one connection.
 AUTH_FAILURE_DELAY: Final = 2.0
-# Dovecot disconnects after 3 failed authentications on one connection.
-MAX_AUTH_FAILURES: Final = 3
 # Dovecot's mail_max_userip_connections default is 10; per IP we allow more (NAT).
 MAX_CONNECTIONS_PER_IP: Final = 100
 # A TLS handshake that has not finished in this time is a stalled or hostile client.
@@ -57,7 +50,14 @@ SHUTDOWN_GRACE: Final = 10.0
 # Dovecot's LMTP has no limit by default. 100 MiB keeps a runaway sender bounded.
 MAX_MESSAGE_SIZE: Final = 100 * 1024 * 1024
 
-Port = Annotated[int, Field(ge=0, le=65535)]
+# RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction;
+# Postfix sends at most lmtp_destination_recipient_limit (50) at a time anyway.
+LMTP_MAX_RECIPIENTS: Final = 1000
+# RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command.
+LMTP_TIMEOUT: Final = 300.0
+# aiosmtpd's default (1001, RFC 5321's text line limit) would refuse mail with long
+# lines, which Dovecot's LMTP takes; this bound only keeps one line from eating memory.
+LMTP_MAX_LINE_LENGTH: Final = 1024 * 1024
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -140,9 +140,7 @@ class LimitSettings(_Section):
 class AuthSettings(_Section):
     passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
     """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
-    default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = (
-        "ARGON2ID"
-    )
+    default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = "ARGON2ID"
 
 
 class StorageSettings(_Section):
@@ -172,6 +170,9 @@ class LmtpSettings(_Section):
     recipient_delimiter: str = "+"
     lowercase_local_part: bool = True
     max_message_size: int = Field(default=MAX_MESSAGE_SIZE, gt=0)
+    max_recipients: int = Field(default=LMTP_MAX_RECIPIENTS, ge=1)
+    timeout: float = Field(default=LMTP_TIMEOUT, gt=0)
+    max_line_length: int = Field(default=LMTP_MAX_LINE_LENGTH, ge=1000)
 
     _listen = field_validator("listen")(_check_listen)
 

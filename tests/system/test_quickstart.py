@@ -117,7 +117,9 @@ domains = ["example.org"]
 
 
 def _add_user(running: Running, name: str, password: str) -> None:
-    result = running.popbox("user", "add", name, "--password-stdin", stdin=password.encode() + b"\n")
+    result = running.popbox(
+        "user", "add", name, "--password-stdin", stdin=password.encode() + b"\n"
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -214,7 +216,10 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     config.write_text('[pop3]\nlisten = ["nowhere"]\nplaintext_auth = "sometimes"\n[typo]\nx = 1\n')
     result = subprocess.run(
         [*POPBOX, "check-config", "--config", str(config)],
-        capture_output=True, timeout=60, check=False, cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
     )
     assert result.returncode != 0
     error = result.stderr.decode()
@@ -232,7 +237,10 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
     env = dict(os.environ)
     env.pop("POPBOX_CONFIG", None)
     process = subprocess.Popen(
-        [*POPBOX, "serve"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [*POPBOX, "serve"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env=env,
     )
     try:
@@ -242,8 +250,13 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
         assert (data / "passwd").stat().st_mode & 0o077 == 0
         assert (data / "tls" / "key.pem").stat().st_mode & 0o077 == 0
         added = subprocess.run(
-            [*POPBOX, "user", "add", "alice", "--password-stdin"], input=b"pw\n",
-            cwd=tmp_path, capture_output=True, timeout=60, check=False, env=env,
+            [*POPBOX, "user", "add", "alice", "--password-stdin"],
+            input=b"pw\n",
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=env,
         )
         assert added.returncode == 0, added.stderr
         context = ssl.create_default_context(cafile=str(data / "tls" / "cert.pem"))

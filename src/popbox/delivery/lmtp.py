@@ -54,14 +54,8 @@ __all__ = ["LmtpService", "reply_for_error"]
 
 log = logging.getLogger("popbox.lmtp")
 
-# RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction;
-# Postfix sends at most lmtp_destination_recipient_limit (50) at a time anyway.
-MAX_RECIPIENTS: Final = 1000
-# RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command.
-SESSION_TIMEOUT: Final = 300.0
-# aiosmtpd's default (1001, RFC 5321's text line limit) would refuse mail with long
-# lines, which Dovecot's LMTP takes; this bound only keeps one line from eating memory.
-MAX_LINE_LENGTH: Final = 1024 * 1024
+# The recipient, timeout and line limits live in config.py (LmtpSettings) with
+# their reasons, so an operator can override each.
 # Dovecot's lmtp unix_listener mode: the MTA runs as its own user and must connect.
 UNIX_SOCKET_MODE: Final = 0o666
 # What the greeting names after the host name; no version, nothing to fingerprint.
@@ -136,7 +130,7 @@ class _Handler:
         self, server: Any, session: Session, envelope: _LmtpEnvelope, address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+        if len(envelope.rcpt_tos) >= self._service.config.lmtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         try:
             target = await self._deliverer.resolve(address)
@@ -200,9 +194,9 @@ class _Handler:
 class _LmtpSession(LMTP):
     """aiosmtpd's LMTP session with RFC 2033's per-recipient replies after DATA."""
 
-    line_length_limit = MAX_LINE_LENGTH
-
     def __init__(self, service: LmtpService, handler: _Handler, **kwargs: Any) -> None:
+        # Set before aiosmtpd's __init__, which sizes its StreamReader from it.
+        self.line_length_limit = service.config.lmtp.max_line_length
         super().__init__(handler, **kwargs)
         self._service = service
         self._owed = 0
@@ -256,6 +250,10 @@ class LmtpService:
         self.sessions: set[_LmtpSession] = set()
         self._deliveries: set[asyncio.Task[list[str]]] = set()
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
     def track(self, coro: Coroutine[Any, Any, list[str]]) -> asyncio.Task[list[str]]:
         """Run a delivery as a task that stop() waits for."""
         task: asyncio.Task[list[str]] = asyncio.get_running_loop().create_task(coro)
@@ -272,7 +270,7 @@ class LmtpService:
             decode_data=False,
             hostname=self._config.hostname,
             ident=IDENT,
-            timeout=SESSION_TIMEOUT,
+            timeout=self._config.lmtp.timeout,
             loop=asyncio.get_running_loop(),
         )
 
