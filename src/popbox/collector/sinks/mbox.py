@@ -61,6 +61,22 @@ def mboxrd_lines(path: Path) -> Iterator[bytes]:
         yield b"\n"
 
 
+def _owner_is_dead(content: str) -> bool:
+    """A dotlock holding the pid of a process that no longer exists (we were killed
+    holding it, or another local writer was) is stale; we hold the fcntl lock, so no
+    live writer of ours is inside."""
+    text = content.strip()
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
 class MboxSink:
     def __init__(self, settings: MboxSinkSettings) -> None:
         self._settings = settings
@@ -76,21 +92,26 @@ class MboxSink:
     def _locked(self, fd: int) -> Iterator[None]:
         fcntl.lockf(fd, fcntl.LOCK_EX)
         deadline = time.monotonic() + DOTLOCK_WAIT_SECONDS
+        # The dotlock appears with our pid already in it (write a private file, then
+        # link it into place), so a lock left by a crash can always be told stale.
+        private = self._dotlock.with_name(f"{self._dotlock.name}.{os.getpid()}")
+        private.write_text(f"{os.getpid()}\n", encoding="ascii")
         while True:
             try:
-                lock_fd = os.open(self._dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.write(lock_fd, f"{os.getpid()}\n".encode())
-                os.close(lock_fd)
+                os.link(private, self._dotlock)
+                private.unlink()
                 break
             except FileExistsError:
                 try:
                     age = time.time() - self._dotlock.stat().st_mtime
+                    owner = self._dotlock.read_text(encoding="ascii", errors="replace")
                 except FileNotFoundError:
                     continue
-                if age > STALE_DOTLOCK_SECONDS:
+                if age > STALE_DOTLOCK_SECONDS or _owner_is_dead(owner):
                     self._dotlock.unlink(missing_ok=True)
                     continue
                 if time.monotonic() > deadline:
+                    private.unlink(missing_ok=True)
                     fcntl.lockf(fd, fcntl.LOCK_UN)
                     raise TemporarySinkError(f"{self.name}: {self._dotlock} is held") from None
                 time.sleep(0.1)

@@ -1,0 +1,125 @@
+"""Crash injection: the collector is SIGKILLed at random moments while it fetches from a
+real Dovecot into a Maildir with the delete policy on; a final clean run must leave
+every message in the Maildir exactly once and the server empty."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fetchtools import maildir_messages, message
+
+from support.dovecot import DovecotServer
+
+pytestmark = pytest.mark.interop
+
+ROUNDS = 15
+MESSAGES = 30
+
+
+def _write_config(
+    path: Path, dovecot: DovecotServer, tls_files: Any, out: Path, kind: str = "maildir"
+) -> None:
+    path.write_text(
+        f"""
+[fetch]
+state_dir = "{path.parent / 'state'}"
+
+[[fetch.accounts]]
+name = "alice"
+host = "127.0.0.1"
+port = {dovecot.pop3s_port}
+username = "alice"
+password_env = "POPBOX_TEST_PASSWORD"
+ca_file = "{tls_files.ca}"
+tls_server_name = "localhost"
+delete = "after_delivery"
+max_messages_per_run = 6
+max_in_flight = 4
+
+[[fetch.accounts.sinks]]
+kind = "{kind}"
+path = "{out}"
+"""
+    )
+
+
+def _run(config: Path, rng: random.Random | None) -> int | None:
+    """Run one fetch; with ``rng``, SIGKILL it at a random point. None = killed."""
+    env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popbox.collector.cli", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    with process.stderr:
+        if rng is None:
+            process.stderr.read()
+            return process.wait(120)
+        # Kill after the k-th delivery plus a few milliseconds (inside the next RETR,
+        # sink write or state commit), or for k = 0 at a random time after start.
+        target = rng.randrange(0, 6)
+        if target == 0:
+            time.sleep(rng.uniform(0.05, 0.5))
+        else:
+            seen = 0
+            for line in process.stderr:
+                seen += b" delivered account=" in line
+                if seen >= target:
+                    time.sleep(rng.uniform(0, 0.004))
+                    break
+        if process.poll() is not None:
+            return process.returncode
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        return None
+
+
+def mbox_messages(path: Path) -> list[bytes]:
+    entries = re.split(rb"(?m)^From MAILER-DAEMON [^\n]*\n", path.read_bytes())[1:]
+    return sorted(re.sub(rb"(?m)^>(>*From )", rb"\1", entry[:-1]) for entry in entries)
+
+
+@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+def test_sigkill_at_random_points_loses_and_doubles_nothing(
+    dovecot: DovecotServer, tls_files: Any, tmp_path: Path, kind: str
+) -> None:
+    rng = random.Random(int(os.environ.get("POPBOX_CRASH_SEED", "4")))
+    expected = []
+    for index in range(MESSAGES):
+        # Every fifth message is big, so some kills land in the middle of a RETR.
+        body = message(index, b"x" * 76 + b"\n") if index % 5 else message(
+            index, (b"y" * 76 + b"\n") * 4000
+        )
+        expected.append(body)
+        dovecot.add_message("alice", body)
+    out = tmp_path / "out"
+    config = tmp_path / "popbox.toml"
+    _write_config(config, dovecot, tls_files, out, kind)
+    killed = 0
+    for round_number in range(ROUNDS):
+        if round_number == ROUNDS // 2:
+            # Mail keeps arriving while the collector is being killed.
+            for index in range(MESSAGES, MESSAGES + 5):
+                expected.append(message(index))
+                dovecot.add_message("alice", message(index))
+        status = _run(config, rng)
+        killed += status is None
+    deadline = time.monotonic() + 120
+    while dovecot.stored_messages("alice") and time.monotonic() < deadline:
+        assert _run(config, None) == 0
+    print(f"crash rounds={ROUNDS} killed={killed}")
+    assert killed >= ROUNDS // 3, "the kills should mostly land while the collector runs"
+    written = maildir_messages(out) if kind == "maildir" else mbox_messages(out)
+    assert written == sorted(expected)
+    assert dovecot.stored_messages("alice") == []
