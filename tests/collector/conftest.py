@@ -25,9 +25,7 @@ def dovecot(tmp_path: Path, tls_files: Any) -> Iterator[DovecotServer]:
 
 
 @pytest.fixture
-def make_settings(
-    tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatch
-) -> MakeSettings:
+def make_settings(tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatch) -> MakeSettings:
     """Build FetchSettings for one account on the dovecot fixture's server."""
     monkeypatch.setenv("POPBOX_TEST_PASSWORD", "secret")
 

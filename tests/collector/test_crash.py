@@ -31,7 +31,7 @@ def _write_config(
     path.write_text(
         f"""
 [fetch]
-state_dir = "{path.parent / 'state'}"
+state_dir = "{path.parent / "state"}"
 
 [[fetch.accounts]]
 name = "alice"
@@ -98,8 +98,10 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(
     expected = []
     for index in range(MESSAGES):
         # Every fifth message is big, so some kills land in the middle of a RETR.
-        body = message(index, b"x" * 76 + b"\n") if index % 5 else message(
-            index, (b"y" * 76 + b"\n") * 4000
+        body = (
+            message(index, b"x" * 76 + b"\n")
+            if index % 5
+            else message(index, (b"y" * 76 + b"\n") * 4000)
         )
         expected.append(body)
         dovecot.add_message("alice", body)

@@ -141,7 +141,7 @@ async def test_poison_message_does_not_block_later_ones(
     script = tmp_path / "sink.sh"
     script.write_text(
         "#!/bin/sh\nbody=$(cat)\ncase \"$body\" in *'message 1'*) echo no >&2; exit 1;; esac\n"
-        "echo \"$POPBOX_IDEMPOTENCY_KEY\" >> " + str(tmp_path / "taken") + "\n"
+        'echo "$POPBOX_IDEMPOTENCY_KEY" >> ' + str(tmp_path / "taken") + "\n"
     )
     script.chmod(0o755)
     settings = make_settings(dovecot, sinks=[{"kind": "command", "command": str(script)}])

@@ -106,9 +106,7 @@ async def test_stls_handshake_failure_is_fatal(
     # The fake says +OK but then never speaks TLS: the handshake fails.
     fake.capabilities.append("STLS")
     fake.stls_reply = b"+OK go ahead"
-    settings = settings_for(
-        fake, tmp_path, monkeypatch, security="starttls", connect_timeout=2
-    )
+    settings = settings_for(fake, tmp_path, monkeypatch, security="starttls", connect_timeout=2)
     result = await poll(settings)
     assert not result.ok
     assert not any(c.startswith(("USER", "PASS", "AUTH")) for c in fake.commands)

@@ -1,0 +1,140 @@
+"""Config validation, the state DB, daemon backoff and the fetch command's exit codes."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from popbox.collector.cli import EXIT_ACCOUNT_FAILED, EXIT_CONFIG, EXIT_OK, fetch_command
+from popbox.collector.config import fetch_settings_from_dict, load_fetch_settings
+from popbox.collector.poll import PollResult
+from popbox.collector.scheduler import next_delay
+from popbox.collector.state import StateDB
+from popbox.errors import ConfigError
+
+
+def account(**extra: object) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "name": "a",
+        "host": "pop.example.com",
+        "username": "u",
+        "password_env": "P",
+        "sinks": [{"kind": "maildir", "path": "mail"}],
+    }
+    entry.update(extra)
+    return entry
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"fetch\.accounts\.0\.sinks\.0\.maildir\.colour"):
+        fetch_settings_from_dict(
+            {"accounts": [account(sinks=[{"kind": "maildir", "path": "m", "colour": 1}])]},
+            tmp_path,
+        )
+    with pytest.raises(ConfigError, match="unique"):
+        fetch_settings_from_dict({"accounts": [account(), account()]}, tmp_path)
+    with pytest.raises(ConfigError, match="delete_after_days"):
+        fetch_settings_from_dict({"accounts": [account(delete="after_days")]}, tmp_path)
+    with pytest.raises(ConfigError, match="oauth"):
+        fetch_settings_from_dict({"accounts": [account(auth="oauth2")]}, tmp_path)
+
+
+def test_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    settings = fetch_settings_from_dict({"state_dir": "st", "accounts": [account()]}, tmp_path)
+    assert settings.state_db_path == tmp_path / "st" / "fetch.sqlite"
+    assert settings.accounts[0].sinks[0].path == tmp_path / "mail"  # type: ignore[union-attr]
+    assert settings.accounts[0].effective_port == 995
+
+
+def test_every_sink_kind_and_oauth_source_validates(tmp_path: Path) -> None:
+    sinks = [
+        {"kind": "maildir", "path": "m"},
+        {"kind": "mbox", "path": "x.mbox"},
+        {"kind": "command", "command": "/bin/true"},
+        {"kind": "webhook", "url": "https://h/x", "secret_env": "S"},
+        {"kind": "lmtp", "socket": "/run/lmtp", "recipients": ["a@b"]},
+        {"kind": "smtp", "host": "mx", "recipients": ["a@b"], "tls": "starttls"},
+        {"kind": "popbox", "user": "bob"},
+    ]
+    oauth = {
+        "token_source": "client_credentials",
+        "tenant": "contoso.onmicrosoft.com",
+        "client_id": "id",
+        "client_secret_env": "SECRET",
+    }
+    settings = fetch_settings_from_dict(
+        {"accounts": [account(sinks=sinks, auth="oauth2", password_env=None, oauth=oauth)]},
+        tmp_path,
+    )
+    assert [s.kind for s in settings.accounts[0].sinks] == [s["kind"] for s in sinks]
+    assert settings.accounts[0].oauth is not None
+    assert settings.accounts[0].oauth.effective_scopes() == [
+        "https://outlook.office365.com/.default"
+    ]
+
+
+def test_state_survives_reopen_and_is_durable(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "s.sqlite")
+    assert db.start_attempt("a", "u1", 10) == 1
+    db.record_sink("a", "u1", "maildir:x")
+    db.record_delivered("a", "u1", 10, "f" * 64)
+    db.close()
+    raw = sqlite3.connect(tmp_path / "s.sqlite")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    raw.close()
+    again = StateDB(tmp_path / "s.sqlite")
+    record = again.records("a")["u1"]
+    assert record.delivered_at is not None
+    assert again.sinks_done("a", "u1") == {"maildir:x"}
+    [status] = again.status(["a"])
+    assert status.delivered == 1
+    again.close()
+
+
+def test_backoff_grows_and_honours_response_codes(tmp_path: Path) -> None:
+    settings = fetch_settings_from_dict(
+        {"jitter": 0, "max_backoff": 1000, "accounts": [account(interval=300)]}, tmp_path
+    )
+    acct, rng = settings.accounts[0], random.Random(1)
+    ok = PollResult("a")
+    assert next_delay(acct, ok, 0, settings, rng) == 300
+    failed = PollResult("a", error="boom", error_code="SYS/TEMP")
+    delays = [next_delay(acct, failed, n, settings, rng) for n in (1, 2, 3, 10)]
+    assert delays == [30, 60, 120, 1000]
+    in_use = PollResult("a", error="locked", error_code="IN-USE")
+    assert next_delay(acct, in_use, 1, settings, rng) == 15
+    delayed = PollResult("a", error="wait", error_code="LOGIN-DELAY", login_delay=1800)
+    assert next_delay(acct, delayed, 1, settings, rng) == 1800
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "popbox.toml"
+    path.write_text(f'[pop3]\nlisten = []\n\n[fetch]\nstate_dir = "{tmp_path}/st"\n' + body)
+    return path
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = write_config(tmp_path, "bogus = 1\n")
+    result = runner.invoke(fetch_command, ["--config", str(bad)])
+    assert result.exit_code == EXIT_CONFIG
+    assert "fetch.bogus" in result.output
+    good = write_config(
+        tmp_path,
+        '[[fetch.accounts]]\nname = "a"\nhost = "127.0.0.1"\nport = 1\n'
+        'username = "u"\npassword_env = "NOPE_UNSET"\nconnect_timeout = 2\n'
+        '[[fetch.accounts.sinks]]\nkind = "maildir"\npath = "m"\n',
+    )
+    assert runner.invoke(fetch_command, ["--config", str(good), "--account", "zz"]).exit_code == (
+        EXIT_CONFIG
+    )
+    failed = runner.invoke(fetch_command, ["--config", str(good)])
+    assert failed.exit_code == EXIT_ACCOUNT_FAILED
+    status = runner.invoke(fetch_command, ["--config", str(good), "--status"])
+    assert status.exit_code == EXIT_OK
+    assert "cannot connect" in status.output
+    assert load_fetch_settings(good).accounts[0].name == "a"
