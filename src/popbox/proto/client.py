@@ -25,6 +25,7 @@ from enum import Enum, auto
 from typing import Final
 
 from popbox.errors import CollectorError, RemoteServerError
+from popbox.proto.wire import WireDecoder
 
 __all__ = [
     "NEED_DATA",
@@ -72,7 +73,6 @@ _UIDL_CHARS: Final = re.compile(rb"^[\x21-\x7e]{1,70}$")
 _RESP_CODE: Final = re.compile(r"^\[([A-Za-z0-9/._-]{1,64})\]\s?")
 # RFC 1939 section 7: a msg-id in angle brackets, e.g. <1896.697170952@dbc.mtview.ca.us>.
 _APOP_TIMESTAMP: Final = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>")
-_TERMINATOR: Final = b"\r\n.\r\n"
 
 
 def valid_uidl(uidl: bytes | str) -> bool:
@@ -215,43 +215,6 @@ class _Expect:
     number: int = 0
 
 
-class _BodyDecoder:
-    """Un-dot-stuffs a multi-line body incrementally, holding at most 4 octets back.
-
-    A virtual CRLF in front of the body lets the start of the body be treated like
-    any other line start; it is cut from the output again.
-    """
-
-    def __init__(self) -> None:
-        self._pending = b"\r\n"
-        self._skip = 2
-        self.finished = False
-        self.leftover = b""
-
-    def decode(self, data: bytes) -> bytes:
-        text = self._pending + data
-        end = text.find(_TERMINATOR)
-        if end >= 0:
-            emit = text[: end + 2]
-            self.leftover = text[end + 5 :]
-            self._pending = b""
-            self.finished = True
-        else:
-            keep = 0
-            for tail in (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r"):
-                if text.endswith(tail):
-                    keep = len(tail)
-                    break
-            emit = text[: len(text) - keep]
-            self._pending = text[len(text) - keep :]
-        out = emit.replace(b"\r\n..", b"\r\n.")
-        if self._skip:
-            cut = min(self._skip, len(out))
-            out = out[cut:]
-            self._skip -= cut
-        return out
-
-
 def _split_status(line: str) -> tuple[bool, str, str | None]:
     """``+OK text`` / ``-ERR [CODE] text`` -> (ok, text, code)."""
     if line.startswith("+OK"):
@@ -295,7 +258,7 @@ class ClientConnection:
         self._expected: deque[_Expect] = deque([_Expect(_Kind.GREETING, "greeting")])
         self._lines: list[str] = []
         self._collecting: _Expect | None = None
-        self._body: _BodyDecoder | None = None
+        self._body: WireDecoder | None = None
         self._body_expect = _Expect(_Kind.BODY, "RETR")
         self._owed_end: MessageEnd | None = None
         self._closed = False
@@ -444,7 +407,7 @@ class ClientConnection:
             self._lines = []
             return self.next_event()
         if expect.kind is _Kind.BODY:
-            self._body = _BodyDecoder()
+            self._body = WireDecoder()
             self._body_expect = expect
         return OkReply(expect.command, text, code)
 
