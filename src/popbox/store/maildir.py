@@ -493,7 +493,9 @@ class MaildirStore:
             return count_usage(maildir, new_names, index)
 
     async def close(self) -> None:
-        return None
+        # Nothing to close (no pool, no connection); the cached indexes are only memory.
+        with self._cache_guard:
+            self._cache.clear()
 
 
 def _load_or_rebuild(user: str, maildir: Path, lock: _FileLock) -> tuple[MaildirIndex, bool]:
