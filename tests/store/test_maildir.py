@@ -330,3 +330,16 @@ async def test_cached_index_notices_other_processes(maildir_store: MaildirStore)
     assert after[:3] == [before[0], before[2], before[3]]
     assert after[3] not in before
     assert await uidls(other_worker, "alice") == after
+
+
+async def test_symlinks_in_a_maildir_are_not_messages(
+    maildir_store: MaildirStore, tmp_path: Path
+) -> None:
+    """A link planted in cur/ must not let a session read a file outside the Maildir."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not mail\n")
+    await maildir_store.deliver("alice", b"real\n")
+    (maildir_store.maildir("alice") / "cur" / "1700000000.link.host:2,").symlink_to(secret)
+    maildrop = await maildir_store.open_maildrop("alice")
+    assert [await read_all(maildrop, i) for i in range(len(maildrop.messages))] == [b"real\n"]
+    await maildrop.release()

@@ -184,7 +184,9 @@ def scan_messages(directory: Path) -> tuple[dict[str, str], list[str]]:
     with os.scandir(directory) as entries:
         for entry in entries:
             name = entry.name
-            if not is_message_name(name) or not entry.is_file():
+            # Regular files only, symlinks excluded: no Maildir writer makes links, and
+            # one planted in a Maildir must not make a session read a file elsewhere.
+            if not is_message_name(name) or not entry.is_file(follow_symlinks=False):
                 continue
             key = message_key(name)
             if key in by_key:

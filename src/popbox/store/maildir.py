@@ -74,6 +74,8 @@ MAX_USER_LENGTH: Final = 255
 # Maildir directories and files are private to the mail owner (Dovecot, Postfix).
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
+# Message files are opened without following a symlink swapped in after the scan.
+_READ_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 # errnos that mean "this filesystem has no hard links": fall back to rename(), which
 # is as atomic but would replace an existing name (our names are unique anyway).
 _NO_LINK_ERRNOS: Final = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
@@ -216,7 +218,7 @@ class MaildirMaildrop:
         # 64 KiB read from the page cache (bench/maildir_index.py measures reads).
         # Only the search for a renamed file, a directory scan, goes to a thread.
         try:
-            fd = os.open(self._maildir / self._paths[index], os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._maildir / self._paths[index], _READ_FLAGS)
         except FileNotFoundError:
             fd = await asyncio.to_thread(self._open_moved, index, action)
         except OSError as exc:
@@ -238,7 +240,7 @@ class MaildirMaildrop:
             if path is None:
                 raise StoreError(f"{action}: the message vanished")
             self._paths[index] = path
-            return os.open(self._maildir / path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self._maildir / path, _READ_FLAGS)
 
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         if self._released:
