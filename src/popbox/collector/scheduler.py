@@ -33,6 +33,10 @@ IN_USE_RETRY: Final = 15.0
 # RFC 2449 LOGIN-DELAY: without an announced value, wait a quarter of an hour.
 DEFAULT_LOGIN_DELAY: Final = 900.0
 
+# The first polls of a daemon start spread over a few seconds, not a whole interval:
+# a freshly started daemon should show that it works.
+FIRST_POLL_SPREAD: Final = 5.0
+
 PollFactory = Callable[[AccountSettings], Poller]
 
 
@@ -110,7 +114,7 @@ async def run_daemon(
 
     async def loop(account: AccountSettings) -> None:
         # Spread the first polls so accounts sharing a server do not arrive together.
-        await wait(rng.uniform(0, account.interval * settings.jitter))
+        await wait(rng.uniform(0, min(account.interval * settings.jitter, FIRST_POLL_SPREAD)))
         failures = 0
         while not stop.is_set():
             async with limit:

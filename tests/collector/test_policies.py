@@ -1,0 +1,169 @@
+"""Quarantine retries, several sinks per account, retry budgets and the daemon's stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakepop import FakePop
+from fetchtools import maildir_messages, message
+from test_misbehaving import crlf_message, poll, settings_for
+
+from support.dovecot import DovecotServer
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakePop]:
+    server = await FakePop([crlf_message(i) for i in range(1, 4)]).start()
+    yield server
+    await server.stop()
+
+
+def script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "sink.sh"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+async def test_retry_quarantined_reoffers_after_the_fix(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fixed = tmp_path / "fixed"
+    command = script(
+        tmp_path,
+        f"body=$(cat)\ncase \"$body\" in *'fake 2'*) [ -e {fixed} ] || exit 1;; esac\n"
+        f'echo "$POPBOX_UIDL" >> {tmp_path}/taken\n',
+    )
+    settings = settings_for(
+        fake, tmp_path, monkeypatch, sinks=[{"kind": "command", "command": command}]
+    )
+    first = await poll(settings)
+    assert (first.delivered, first.quarantined) == (2, 1)
+    fixed.touch()
+    assert (await poll(settings)).delivered == 0
+    db_path = settings.state_db_path
+    from popbox.collector.poll import Poller
+    from popbox.collector.state import StateDB
+
+    db = StateDB(db_path)
+    try:
+        retried = await Poller(settings.accounts[0], settings, db).run(retry_quarantined=True)
+    finally:
+        db.close()
+    assert (retried.delivered, retried.quarantined) == (1, 0)
+    assert sorted((tmp_path / "taken").read_text().split()) == ["uid-1", "uid-2", "uid-3"]
+    assert list((settings.quarantine_path / "fake").glob("*.eml")) == []
+
+
+async def test_a_failing_sink_does_not_duplicate_into_the_others(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    healthy = tmp_path / "healthy"
+    command = script(tmp_path, f"cat >/dev/null\n[ -e {healthy} ] || exit 75\n")
+    sinks = [
+        {"kind": "maildir", "path": str(tmp_path / "out")},
+        {"kind": "command", "command": command},
+    ]
+    settings = settings_for(fake, tmp_path, monkeypatch, sinks=sinks, delete="after_delivery")
+    first = await poll(settings)
+    assert (first.delivered, first.failed) == (0, 3)
+    assert fake.deleted == set()  # nothing is deleted before every sink confirmed
+    healthy.touch()
+    second = await poll(settings)
+    assert second.delivered == 3
+    assert len(maildir_messages(tmp_path / "out")) == 3
+    assert fake.deleted == {1, 2, 3}
+
+
+async def test_temporary_failures_past_the_budget_go_to_quarantine(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command = script(tmp_path, "cat >/dev/null\nexit 75\n")
+    settings = settings_for(
+        fake, tmp_path, monkeypatch, sinks=[{"kind": "command", "command": command}], max_attempts=2
+    )
+    assert (await poll(settings)).failed == 3
+    second = await poll(settings)
+    assert (second.failed, second.quarantined) == (0, 3)
+    assert second.pending == 0
+
+
+async def test_per_run_limits(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(fake, tmp_path, monkeypatch, max_messages_per_run=2)
+    first = await poll(settings)
+    assert (first.delivered, first.pending) == (2, 1)
+    assert (await poll(settings)).delivered == 1
+
+
+async def test_oversize_skip_and_quarantine(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.messages.append(crlf_message(9) + b"x" * 5000 + b"\r\n")
+    skip = await poll(settings_for(fake, tmp_path, monkeypatch, max_message_size=1000))
+    assert (skip.delivered, skip.skipped) == (3, 1)
+    assert not any(c == "RETR 4" for c in fake.commands)
+    fake2 = tmp_path / "q"
+    settings = settings_for(
+        fake,
+        fake2,
+        monkeypatch,
+        max_message_size=1000,
+        oversize="quarantine",
+    )
+    quarantined = await poll(settings)
+    assert (quarantined.delivered, quarantined.quarantined) == (3, 1)
+
+
+def test_daemon_stops_cleanly_on_sigterm(
+    dovecot: DovecotServer, tls_files: Any, tmp_path: Path
+) -> None:
+    for index in range(40):
+        dovecot.add_message("alice", message(index, b"z" * 20000 + b"\n"))
+    config = tmp_path / "popbox.toml"
+    config.write_text(
+        f"""
+[fetch]
+state_dir = "{tmp_path / "state"}"
+[[fetch.accounts]]
+name = "alice"
+host = "127.0.0.1"
+port = {dovecot.pop3s_port}
+username = "alice"
+password_env = "POPBOX_TEST_PASSWORD"
+ca_file = "{tls_files.ca}"
+tls_server_name = "localhost"
+interval = 3600
+[[fetch.accounts.sinks]]
+kind = "maildir"
+path = "{tmp_path / "out"}"
+"""
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popbox.collector.cli", "--config", str(config), "--daemon"],
+        env=dict(os.environ, POPBOX_TEST_PASSWORD="secret"),
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    with process.stderr:
+        for line in process.stderr:
+            if b" delivered account=" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(20) == 0
+        rest = process.stderr.read()
+    assert time.monotonic() - started < 10
+    # It finished the message in hand and QUIT: the log says how far it got.
+    assert b"poll done account=alice" in rest
+    delivered = len(maildir_messages(tmp_path / "out"))
+    assert 1 <= delivered <= 40
