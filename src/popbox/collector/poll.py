@@ -45,7 +45,7 @@ from popbox.errors import (
     RemoteServerError,
     SinkError,
 )
-from popbox.proto.client import UidListing
+from popbox.proto.client import ErrReply, UidListing
 
 __all__ = ["PollObserver", "PollResult", "Poller", "header_uid"]
 
@@ -290,8 +290,14 @@ class Poller:
             fetch = await self._apply_filters(session, fetch, sizes, uids)
         self._observer.planned(name, len(fetch), sum(sizes.get(n, 0) for n in fetch))
         after_delivery = self.account.delete == "after_delivery"
-        async with contextlib.aclosing(session.retrieve(fetch, sizes, self._spool)) as stream:
-            async for item in stream:
+        # Download and delivery overlap: the next bodies stream into the spool while
+        # the sinks work on this one. The queue keeps the order and bounds the spool.
+        queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None] = asyncio.Queue(
+            maxsize=session.window
+        )
+        downloader = asyncio.create_task(self._download(session, fetch, sizes, queue))
+        try:
+            while (item := await queue.get()) is not None:
                 if isinstance(item, Downloaded):
                     uid = uids[item.number]
                     try:
@@ -312,6 +318,21 @@ class Poller:
                 if self._stop.is_set():
                     self.result.stopped = True
                     break
+        finally:
+            if not downloader.done():
+                downloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([downloader])
+            # Bodies downloaded but not delivered (a stop, an error) leave the spool.
+            while not queue.empty():
+                left = queue.get_nowait()
+                if isinstance(left, Downloaded):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(left.path)
+        if not downloader.cancelled():
+            failure = downloader.exception()
+            if failure is not None:
+                raise failure
         await session.finish_pending()
         if delete:
             await session.delete(delete)
@@ -326,6 +347,24 @@ class Poller:
             if (record := records.get(uid)) is None
             or (record.delivered_at is None and not record.quarantined and not record.skipped)
         )
+
+    async def _download(
+        self,
+        session: Pop3Session,
+        fetch: list[int],
+        sizes: dict[int, int],
+        queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None],
+    ) -> None:
+        try:
+            async with contextlib.aclosing(session.retrieve(fetch, sizes, self._spool)) as stream:
+                async for item in stream:
+                    await queue.put(item)
+        except asyncio.CancelledError:
+            raise  # the consumer stopped; it wants no end marker
+        except BaseException:
+            await queue.put(None)  # the consumer delivers what came, then sees the error
+            raise
+        await queue.put(None)
 
     async def _apply_filters(
         self, session: Pop3Session, fetch: list[int], sizes: dict[int, int], uids: dict[int, str]
@@ -356,6 +395,7 @@ class Poller:
         name, uid = self.account.name, message.uidl
         attempts = self.db.start_attempt(name, uid, message.size)
         done = self.db.sinks_done(name, uid)
+        last: str | None = None
         try:
             for index, sink in enumerate(self.sinks):
                 if sink.name in done:
@@ -365,7 +405,10 @@ class Poller:
                     await asyncio.wait_for(sink.deliver(message), timeout)
                 except TimeoutError as exc:
                     raise SinkError(f"{sink.name}: no answer within {timeout:g}s") from exc
-                self.db.record_sink(name, uid, sink.name)
+                if last is not None:
+                    self.db.record_sink(name, uid, last)
+                # The last confirmation is recorded with "delivered", in one commit.
+                last = sink.name
         except PermanentSinkError as exc:
             return self._quarantine(message, str(exc))
         except Exception as exc:  # a sink bug must not stop the queue: count it
@@ -379,7 +422,7 @@ class Poller:
                 "delivery failed account=%s uid=%s attempt=%d: %s", name, uid, attempts, exc
             )
             return "failed"
-        self.db.record_delivered(name, uid, message.size, message.sha256)
+        self.db.record_delivered(name, uid, message.size, message.sha256, sink=last)
         self.result.delivered += 1
         log.info("delivered account=%s uid=%s size=%d", name, uid, message.size)
         return "delivered"

@@ -195,7 +195,19 @@ class StateDB:
             )
 
     def start_attempt(self, account: str, uid: str, size: int) -> int:
-        """Count one more delivery attempt (before any sink runs); return the count."""
+        """Count one more delivery attempt (before any sink runs); return the count.
+
+        The count guards against a message that kills the collector, a process crash:
+        a WAL commit without fsync survives that, so this commit skips the fsync (the
+        next FULL commit syncs it along). Only power loss could forget an attempt.
+        """
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        try:
+            return self._count_attempt(account, uid, size)
+        finally:
+            self._db.execute("PRAGMA synchronous = FULL")
+
+    def _count_attempt(self, account: str, uid: str, size: int) -> int:
         with self._write() as db:
             db.execute(
                 "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
@@ -219,8 +231,18 @@ class StateDB:
                 (account, uid, sink, time.time()),
             )
 
-    def record_delivered(self, account: str, uid: str, size: int, sha256: str) -> None:
+    def record_delivered(
+        self, account: str, uid: str, size: int, sha256: str, *, sink: str | None = None
+    ) -> None:
+        """Mark the message delivered; with ``sink``, record that sink's confirmation in
+        the same transaction (one fsync for the common single-sink case)."""
         with self._write() as db:
+            if sink is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO sink_deliveries (account, uid, sink, delivered_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (account, uid, sink, time.time()),
+                )
             db.execute(
                 "UPDATE messages SET delivered_at = ?, size = ?, sha256 = ?,"
                 " quarantined = 0, last_error = NULL WHERE account = ? AND uid = ?",
