@@ -343,3 +343,50 @@ async def test_symlinks_in_a_maildir_are_not_messages(
     maildrop = await maildir_store.open_maildrop("alice")
     assert [await read_all(maildrop, i) for i in range(len(maildrop.messages))] == [b"real\n"]
     await maildrop.release()
+
+
+async def test_sessions_of_two_workers_race_deliveries_without_losing_mail(
+    maildir_store: MaildirStore,
+) -> None:
+    """Deliveries, logins and commits interleaved across two stores (two workers):
+    no UIDL ever names two messages, nothing deleted comes back, nothing is lost."""
+    workers = [maildir_store, MaildirStore(maildir_store.root)]
+    delivered: set[bytes] = set()
+    deleted: set[bytes] = set()
+    bodies_by_uidl: dict[str, bytes] = {}
+    done = asyncio.Event()
+
+    async def deliverer(name: str) -> None:
+        for n in range(60):
+            body = f"{name} {n}\n".encode()
+            await workers[n % 2].deliver("alice", body)
+            delivered.add(body)
+            await asyncio.sleep(0)
+
+    async def session(worker: MaildirStore, seed: int) -> None:
+        turn = seed
+        while not done.is_set():
+            try:
+                maildrop = await worker.open_maildrop("alice")
+            except StoreError:  # MaildropInUse: the other worker holds it
+                await asyncio.sleep(0.001)
+                continue
+            bodies = [await read_all(maildrop, i) for i in range(len(maildrop.messages))]
+            for info, body in zip(maildrop.messages, bodies, strict=True):
+                assert bodies_by_uidl.setdefault(info.uidl, body) == body
+                assert body not in deleted
+            doomed = [i for i in range(len(bodies)) if (i + turn) % 3 == 0]
+            turn += 1
+            await maildrop.commit_deletions(doomed)
+            deleted.update(bodies[i] for i in doomed)
+
+    sessions = [asyncio.create_task(session(w, n)) for n, w in enumerate(workers)]
+    await asyncio.gather(*(deliverer(name) for name in ("left", "middle", "right")))
+    done.set()
+    await asyncio.gather(*sessions)
+    maildrop = await maildir_store.open_maildrop("alice")
+    final = {await read_all(maildrop, i) for i in range(len(maildrop.messages))}
+    await maildrop.release()
+    assert final == delivered - deleted
+    assert len(delivered) == 180
+    assert deleted  # the sessions did run between the deliveries
