@@ -14,7 +14,11 @@ renames and new/ -> cur/ moves) is the file name up to the first ``:``. ``next``
 the next UID to hand out; it only grows, so a UIDL is never reused even after its
 message is deleted. ``count`` and ``octets`` are the totals of the listed messages and
 ``cur_mtime`` the mtime of cur/ when the index was written (0 when it was too recent
-to trust), which lets quota checks at delivery time skip reading the whole index.
+to trust) and ``in_new`` how many listed messages were still in new/; together they
+let a login skip listing cur/ and a quota check skip reading past the header.
+
+A message's UIDL is ``f"{uidvalidity:08x}{uid:08x}"`` (16 hex digits). A rebuilt
+index takes a larger UIDVALIDITY (also noted in ``popbox.lock``), so no UIDL repeats.
 """
 
 from __future__ import annotations
