@@ -391,7 +391,6 @@ class Pop3Session:
         limit = max(listed * 2, listed + SIZE_SLACK)
         digest = hashlib.sha256()
         size = 0
-        self._spool.mkdir(parents=True, exist_ok=True)
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed over as a path
             dir=self._spool, prefix="retr-", delete=False
         )

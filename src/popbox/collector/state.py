@@ -13,17 +13,21 @@ is skipped when the message is offered again.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from popbox.errors import CollectorError
 
 __all__ = ["AccountStatus", "MessageRecord", "StateDB"]
+
+T = TypeVar("T")
 
 # How long a writer waits for another collector process holding the database; a
 # daemon and a cron run may overlap for a moment.
@@ -94,9 +98,17 @@ class StateDB:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.RLock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            # Used from the event loop and from worker threads (the poll's hot path
+            # commits off the loop), always under self._lock.
+            self._db = sqlite3.connect(
+                path,
+                timeout=BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             self._db.execute("PRAGMA journal_mode = WAL")
             # FULL: a commit survives power loss, which "delivered" must.
             self._db.execute("PRAGMA synchronous = FULL")
@@ -109,6 +121,10 @@ class StateDB:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -123,11 +139,12 @@ class StateDB:
     # ---------------------------------------------------------------- reading
 
     def records(self, account: str) -> dict[str, MessageRecord]:
-        rows = self._db.execute(
-            "SELECT uid, size, sha256, delivered_at, deleted_at, quarantined, skipped,"
-            " attempts, last_error FROM messages WHERE account = ?",
-            (account,),
-        )
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT uid, size, sha256, delivered_at, deleted_at, quarantined, skipped,"
+                " attempts, last_error FROM messages WHERE account = ?",
+                (account,),
+            ).fetchall()
         return {
             row[0]: MessageRecord(
                 uid=row[0],
@@ -144,9 +161,10 @@ class StateDB:
         }
 
     def sinks_done(self, account: str, uid: str) -> set[str]:
-        rows = self._db.execute(
-            "SELECT sink FROM sink_deliveries WHERE account = ? AND uid = ?", (account, uid)
-        )
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sink FROM sink_deliveries WHERE account = ? AND uid = ?", (account, uid)
+            ).fetchall()
         return {row[0] for row in rows}
 
     def quarantined(self, account: str) -> list[MessageRecord]:
@@ -194,6 +212,10 @@ class StateDB:
                 (account, uid, size, time.time()),
             )
 
+    async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a method in a worker thread, so commits (fsync) do not stall the loop."""
+        return await asyncio.to_thread(method, *args, **kwargs)
+
     def start_attempt(self, account: str, uid: str, size: int) -> int:
         """Count one more delivery attempt (before any sink runs); return the count.
 
@@ -201,11 +223,12 @@ class StateDB:
         a WAL commit without fsync survives that, so this commit skips the fsync (the
         next FULL commit syncs it along). Only power loss could forget an attempt.
         """
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        try:
-            return self._count_attempt(account, uid, size)
-        finally:
-            self._db.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                return self._count_attempt(account, uid, size)
+            finally:
+                self._db.execute("PRAGMA synchronous = FULL")
 
     def _count_attempt(self, account: str, uid: str, size: int) -> int:
         with self._write() as db:

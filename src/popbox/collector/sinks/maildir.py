@@ -16,6 +16,7 @@ import itertools
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Final
@@ -76,6 +77,8 @@ class MaildirSink:
         self._settings = settings
         self._root = settings.path
         self._known: set[str] | None = None
+        # Deliveries run in worker threads, several at once; the first builds the set.
+        self._prepare_lock = threading.Lock()
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
     @property
@@ -83,6 +86,10 @@ class MaildirSink:
         return self._settings.label
 
     def _prepare(self) -> set[str]:
+        with self._prepare_lock:
+            return self._prepare_locked()
+
+    def _prepare_locked(self) -> set[str]:
         if self._known is None:
             for sub in ("tmp", "new", "cur"):
                 (self._root / sub).mkdir(parents=True, exist_ok=True)
