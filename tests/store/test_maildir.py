@@ -390,3 +390,14 @@ async def test_sessions_of_two_workers_race_deliveries_without_losing_mail(
     assert final == delivered - deleted
     assert len(delivered) == 180
     assert deleted  # the sessions did run between the deliveries
+
+
+async def test_w_field_is_dovecots_virtual_size(maildir_store: MaildirStore) -> None:
+    """W= counts LFs as CRLF but no final CRLF (Dovecot's meaning); LIST adds it."""
+    message = b"Subject: open\n\nno final line end"
+    key = await maildir_store.deliver("alice", message)
+    assert key.endswith(f",S={len(message)},W={len(message) + 2}")
+    maildrop = await maildir_store.open_maildrop("alice")
+    assert [info.size for info in maildrop.messages] == [wire_size(message)]
+    assert wire_size(message) == len(message) + 4
+    await maildrop.release()

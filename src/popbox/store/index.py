@@ -48,6 +48,7 @@ __all__ = [
     "read_index",
     "scan_messages",
     "size_fields",
+    "wire_size_from_virtual",
     "wire_size_of_file",
     "write_index",
 ]
@@ -114,14 +115,17 @@ class WireSizeCounter:
         return self._octets
 
     @property
+    def virtual(self) -> int:
+        """Dovecot's "virtual size", what its W= field holds: every LF counted as CRLF,
+        but no final CRLF added to a message that lacks one."""
+        return self._octets + self._lf - self._crlf
+
+    @property
     def wire(self) -> int:
-        """The wire size of everything fed so far."""
+        """The wire size of everything fed so far (RETR adds the missing final CRLF)."""
         if not self._octets:
             return 0
-        size = self._octets + self._lf - self._crlf
-        if self._last != b"\n":
-            size += 2
-        return size
+        return self.virtual + (0 if self._last == b"\n" else 2)
 
 
 def wire_size_of_file(path: Path) -> int:
@@ -131,6 +135,23 @@ def wire_size_of_file(path: Path) -> int:
         while chunk := handle.read(READ_CHUNK):
             counter.feed(chunk)
     return counter.wire
+
+
+def wire_size_from_virtual(path: Path, virtual: int) -> int:
+    """The wire size of a file whose W= gives its virtual size: one byte is read.
+
+    W= (Dovecot's definition, which popbox writes too) leaves out the CRLF that RETR
+    adds after a last line without one, so the last byte decides; the rest of the
+    body is never read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return 0
+        return virtual + (0 if os.pread(fd, 1, size - 1) == b"\n" else 2)
+    finally:
+        os.close(fd)
 
 
 def is_message_name(name: str) -> bool:
@@ -150,7 +171,8 @@ def message_key(name: str) -> str:
 def size_fields(name: str) -> tuple[int | None, int | None]:
     """``(S=, W=)`` from a Maildir name (Dovecot/Courier style), each None when absent.
 
-    S= is the stored size and W= the size with CRLF line ends; fields follow the
+    S= is the stored size and W= the size with CRLF line ends (without a final CRLF
+    added to a message that lacks one, as Dovecot counts it); fields follow the
     unique part, separated by commas, before the ``:2,`` info.
     """
     stored: int | None = None

@@ -448,7 +448,8 @@ class MaildirStore:
                         handle.write(chunk)
                     handle.flush()
                     os.fsync(handle.fileno())
-                name = f"{base},S={counter.stored},W={counter.wire}"
+                # W= as Dovecot defines it, so either server can read the other's files.
+                name = f"{base},S={counter.stored},W={counter.virtual}"
                 _link_no_clobber(tmp_path, maildir / "new" / name)
             finally:
                 # Gone after the link; on any failure this removes the partial file.

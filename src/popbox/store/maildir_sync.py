@@ -22,6 +22,7 @@ from popbox.store.index import (
     arrival_order,
     scan_messages,
     size_fields,
+    wire_size_from_virtual,
     wire_size_of_file,
 )
 
@@ -62,8 +63,9 @@ def trusted_mtime(mtime_ns: int) -> int:
 def estimate_size(directory: Path, name: str) -> int:
     """Wire size of an unindexed file without reading it: W=, else S=, else st_size.
 
-    S= and st_size undercount bare-LF line ends; good enough for a quota check, and
-    the exact size is computed when a session indexes the message.
+    W= misses the final CRLF of a message without one, and S= and st_size undercount
+    bare-LF line ends; good enough for a quota check, and the exact size is computed
+    when a session indexes the message.
     """
     stored, wire = size_fields(name)
     if wire is not None:
@@ -124,12 +126,14 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
                 known.path = f"new/{name}"
                 changed = True
     for key, path in sorted(unindexed.items(), key=lambda item: arrival_order(item[1][4:])):
-        _, wire = size_fields(path[4:])
-        if wire is None:
-            try:
+        _, virtual = size_fields(path[4:])
+        try:
+            if virtual is None:
                 wire = wire_size_of_file(maildir / path)
-            except FileNotFoundError:
-                continue  # removed by other software while we looked
+            else:
+                wire = wire_size_from_virtual(maildir / path, virtual)
+        except FileNotFoundError:
+            continue  # removed by other software while we looked
         index.assign(key, wire, path)
         changed = True
     changed |= move_new_to_cur(user, maildir, index, in_new)
