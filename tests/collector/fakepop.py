@@ -24,6 +24,8 @@ class FakePop:
     good_token: str = "good-token"
     password: str = "secret"
     oversize_body: bool = False
+    uid_shift: int = 0  # message n is listed with the UIDL of message n + shift
+    list_size_offset: int = 0  # LIST reports sizes off by this much (sloppy servers)
     commands: list[str] = field(default_factory=list)
     deleted: set[int] = field(default_factory=set)
     port: int = 0
@@ -44,7 +46,7 @@ class FakePop:
             return "same"
         if self.uidl == "invalid":
             return f"bad uid {index}"[:70].replace(" ", "\x01")
-        return f"uid-{index}"
+        return f"uid-{index + self.uid_shift}"
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def send(line: bytes | str) -> None:
@@ -77,7 +79,7 @@ class FakePop:
                 elif verb == "LIST":
                     send("+OK")
                     for index, data in enumerate(self.messages, 1):
-                        send(f"{index} {len(data)}")
+                        send(f"{index} {len(data) + self.list_size_offset}")
                     send(".")
                 elif verb == "UIDL":
                     if self.uidl == "missing":

@@ -174,3 +174,63 @@ async def test_delete_only_after_delivery_and_header_filter(
     assert (result.delivered, result.skipped) == (3, 1)
     assert fake.deleted == {1, 3, 4}
     assert not any(c.startswith("RETR 2") for c in fake.commands)
+
+
+async def test_inaccurate_list_sizes_do_not_cause_redelivery(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.list_size_offset = -3
+    settings = settings_for(fake, tmp_path, monkeypatch)
+    assert (await poll(settings)).delivered == 4
+    again = await poll(settings)
+    assert (again.delivered, again.notes) == (0, [])
+    assert len(maildir_messages(tmp_path / "out")) == 4
+
+
+async def test_changing_uidls_fall_back_to_headers_without_redelivery(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.messages = [crlf_message(i) + b"x" * (100 * i) + b"\r\n" for i in range(1, 5)]
+    settings = settings_for(fake, tmp_path, monkeypatch)
+    assert (await poll(settings)).delivered == 4
+    # The server now hands out the UIDLs of other messages (a "changing UIDL" server):
+    # uid-2 names a message of another size. The collector notices, switches to header
+    # hashes and recognises the messages it delivered under their old UIDLs.
+    fake.uid_shift = 1
+    changed = await poll(settings)
+    assert any("changed size" in note for note in changed.notes)
+    assert (changed.delivered, changed.pending) == (0, 0)
+    fake.messages.append(crlf_message(7))
+    newer = await poll(settings)
+    assert newer.delivered == 1
+    assert len(maildir_messages(tmp_path / "out")) == 5
+
+
+async def test_apop_sends_the_rfc1939_digest(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from popbox.proto.client import apop_digest
+
+    result = await poll(settings_for(fake, tmp_path, monkeypatch, auth_mechanism="apop"))
+    assert result.ok, result.error
+    assert f"APOP alice {apop_digest('<1.2@fake>', 'secret')}" in fake.commands
+
+
+async def test_delete_after_days(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    settings = settings_for(
+        fake, tmp_path, monkeypatch, delete="after_days", delete_after_days=7
+    )
+    assert (await poll(settings)).deleted == 0
+    raw = sqlite3.connect(settings.state_db_path)
+    with raw:
+        raw.execute(
+            "UPDATE messages SET delivered_at = delivered_at - 8 * 86400 WHERE uid = 'uid-2'"
+        )
+    raw.close()
+    result = await poll(settings)
+    assert (result.delivered, result.deleted) == (0, 1)
+    assert fake.deleted == {2}

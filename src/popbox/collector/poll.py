@@ -34,7 +34,7 @@ from typing import Final
 
 from popbox.collector.auth import TokenProvider, build_token_provider, read_password
 from popbox.collector.base import FetchedMessage, Sink
-from popbox.collector.client import Downloaded, Pop3Session
+from popbox.collector.client import MAX_HEADER_BYTES, Downloaded, Pop3Session
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.quarantine import Quarantine
 from popbox.collector.sinks import SinkContext, build_sink
@@ -92,9 +92,16 @@ class PollObserver:
         return None
 
 
-def header_uid(headers: bytes) -> str:
-    """A uid from the header section, for servers whose UIDLs cannot be trusted."""
+def header_uid(data: bytes) -> str:
+    """A uid from the header section (of TOP n 0 output or a whole message), for
+    servers whose UIDLs cannot be trusted."""
+    headers = data.split(b"\r\n\r\n", 1)[0]
     return HEADER_UID_PREFIX + hashlib.sha256(headers).hexdigest()[:40]
+
+
+def _header_uid_of_file(path: Path) -> str:
+    with path.open("rb") as handle:
+        return header_uid(handle.read(MAX_HEADER_BYTES))
 
 
 def _filter_decision(account: AccountSettings, headers: bytes) -> str:
@@ -239,6 +246,9 @@ class Poller:
         await session.finish_pending()
         if len(uids) != len(sizes):
             raise RemoteServerError("TOP failed; the server has no usable unique-ids")
+        adopted = self.db.adopt_header_uids(self.account.name, set(uids.values()))
+        if adopted:
+            log.info("recognised %d delivered messages by their headers", adopted)
         return uids
 
     def _plan(
@@ -247,6 +257,10 @@ class Poller:
         """(numbers to fetch, numbers to delete, numbers to quarantine as oversize)."""
         account, now = self.account, time.time()
         known = self.db.records(account.name)
+        self.db.note_listing(
+            account.name,
+            [(uid, sizes.get(number, 0)) for number, uid in uids.items() if uid not in known],
+        )
         fetch: list[int] = []
         delete: list[int] = []
         oversize: set[int] = set()
@@ -450,7 +464,13 @@ class Poller:
             )
             return "failed"
         await self.db.call(
-            self.db.record_delivered, name, uid, message.size, message.sha256, sink=last
+            self.db.record_delivered,
+            name,
+            uid,
+            message.size,
+            message.sha256,
+            sink=last,
+            header_uid=await asyncio.to_thread(_header_uid_of_file, message.path),
         )
         self.result.delivered += 1
         log.info("delivered account=%s uid=%s size=%d", name, uid, message.size)

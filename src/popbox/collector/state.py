@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS messages (
     skipped      TEXT,
     attempts     INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
+    header_uid   TEXT,
     PRIMARY KEY (account, uid)
 );
 CREATE TABLE IF NOT EXISTS sink_deliveries (
@@ -113,6 +114,10 @@ class StateDB:
             # FULL: a commit survives power loss, which "delivered" must.
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+            if "header_uid" not in columns:
+                # Databases from before header aliases: add the column, keep the rows.
+                self._db.execute("ALTER TABLE messages ADD COLUMN header_uid TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise CollectorError(f"state database {path}: {exc}") from exc
 
@@ -204,12 +209,17 @@ class StateDB:
 
     # ---------------------------------------------------------------- writing
 
-    def note_seen(self, account: str, uid: str, size: int) -> None:
+    def note_listing(self, account: str, entries: Iterable[tuple[str, int]]) -> None:
+        """Remember (uid, LIST size) of messages seen for the first time, in one commit."""
+        now = time.time()
+        rows = [(account, uid, size, now) for uid, size in entries]
+        if not rows:
+            return
         with self._write() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
                 " VALUES (?, ?, ?, ?)",
-                (account, uid, size, time.time()),
+                rows,
             )
 
     async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -255,7 +265,14 @@ class StateDB:
             )
 
     def record_delivered(
-        self, account: str, uid: str, size: int, sha256: str, *, sink: str | None = None
+        self,
+        account: str,
+        uid: str,
+        size: int,
+        sha256: str,
+        *,
+        sink: str | None = None,
+        header_uid: str | None = None,
     ) -> None:
         """Mark the message delivered; with ``sink``, record that sink's confirmation in
         the same transaction (one fsync for the common single-sink case)."""
@@ -267,10 +284,37 @@ class StateDB:
                     (account, uid, sink, time.time()),
                 )
             db.execute(
-                "UPDATE messages SET delivered_at = ?, size = ?, sha256 = ?,"
+                # size stays what LIST said at first sight: the UIDL sanity check
+                # compares it with later LISTs, and some servers' LIST sizes are off.
+                "UPDATE messages SET delivered_at = ?, sha256 = ?, header_uid = ?,"
                 " quarantined = 0, last_error = NULL WHERE account = ? AND uid = ?",
-                (time.time(), size, sha256, account, uid),
+                (time.time(), sha256, header_uid, account, uid),
             )
+
+    def adopt_header_uids(self, account: str, header_uids: Iterable[str]) -> int:
+        """For header-hash uids not yet known, copy the delivered state of a message
+        delivered earlier under a server UIDL with the same headers; return how many.
+
+        So a server whose UIDLs turn bad (or change) does not make every message it
+        already delivered look new the moment the collector falls back to hashes.
+        """
+        now, adopted = time.time(), 0
+        with self._write() as db:
+            for header_uid in header_uids:
+                row = db.execute(
+                    "SELECT size, sha256, delivered_at FROM messages WHERE account = ?"
+                    " AND header_uid = ? AND delivered_at IS NOT NULL AND uid != ?",
+                    (account, header_uid, header_uid),
+                ).fetchone()
+                if row is None:
+                    continue
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO messages (account, uid, size, sha256, first_seen,"
+                    " delivered_at, header_uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (account, header_uid, row[0], row[1], now, row[2], header_uid),
+                )
+                adopted += cursor.rowcount
+        return adopted
 
     def record_failure(self, account: str, uid: str, error: str) -> None:
         with self._write() as db:
