@@ -156,3 +156,16 @@ async def test_poison_message_does_not_block_later_ones(
     # Next run: nothing is retried without --retry-quarantined.
     assert (await poll(settings)).delivered == 0
     assert len((tmp_path / "taken").read_text().split()) == 3
+
+
+async def test_big_message_with_dot_lines_arrives_byte_exact(
+    dovecot: DovecotServer, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    # 4 MiB with a dot-leading line every few lines: stuffing across every chunk edge.
+    lines = [b".%06d dotted line of a big attachment" % i for i in range(0, 100_000)]
+    big = message(1, b"\n".join(lines) + b"\n")
+    dovecot.add_message("alice", big)
+    dovecot.add_message("alice", message(2))
+    result = await poll(make_settings(dovecot, max_in_flight=2))
+    assert result.ok, result.error
+    assert maildir_messages(tmp_path / "out") == sorted([big, message(2)])
