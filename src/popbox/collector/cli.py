@@ -25,6 +25,7 @@ from typing import Final
 
 import click
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -136,7 +137,11 @@ def _prepare_dirs(settings: FetchSettings) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-@click.command("fetch")
+@click.command(
+    "fetch",
+    epilog="Exit status: 0 all accounts polled, 1 some account failed, "
+    "2 configuration error. See docs/collector.md.",
+)
 @click.option(
     "--config",
     "config_path",
@@ -161,11 +166,21 @@ def fetch_command(
     verbose: bool,
 ) -> None:
     """Poll POP3 accounts and deliver every new message exactly once."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    use_bar = sys.stderr.isatty() and not daemon and not verbose and not status
+    if use_bar:
+        # On a terminal the bar tells the story; only warnings (quarantine, failed
+        # accounts) are printed, above the bar.
+        logging.basicConfig(
+            level=logging.WARNING,
+            format="%(message)s",
+            handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        )
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     try:
         settings = load_fetch_settings(config_path)
         accounts = _select(settings, account_names)
@@ -184,7 +199,6 @@ def fetch_command(
         if not accounts:
             click.echo("popbox fetch: no accounts configured", err=True)
             sys.exit(EXIT_CONFIG)
-        use_bar = sys.stderr.isatty() and not daemon and not verbose
         if use_bar:
             with Progress(
                 TextColumn("{task.description}"),
