@@ -29,6 +29,8 @@ log = logging.getLogger("popbox.pop3")
 # Linux caps the accept queue at net.core.somaxconn (4096 on current kernels); a burst
 # of logins (issue 6: thousands of sessions) must not be refused by a short queue.
 LISTEN_BACKLOG: Final = 4096
+# Sessions told "shutting down" get this long to take the reply before they are dropped.
+SHUTDOWN_FLUSH: Final = 1.0
 # After the grace period sessions are dropped; releasing their maildrops is local work
 # that should take milliseconds, so a store that hangs longer than this is abandoned.
 CLEANUP_TIMEOUT: Final = 5.0
@@ -196,9 +198,14 @@ class Pop3Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hub.all_ended.wait(), grace)
         if hub.sessions:
-            log.info("dropping %d sessions still open after %.1fs", len(hub.sessions), grace)
+            log.info("closing %d sessions still open after %.1fs", len(hub.sessions), grace)
             for session in list(hub.sessions):
-                session.shutdown(abort=True)
+                session.shutdown()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hub.all_ended.wait(), SHUTDOWN_FLUSH)
+        if hub.sessions:
+            for session in list(hub.sessions):
+                session.abort()
             try:
                 await asyncio.wait_for(hub.all_ended.wait(), CLEANUP_TIMEOUT)
             except TimeoutError:

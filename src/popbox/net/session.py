@@ -131,6 +131,31 @@ class SessionHub:
 class Pop3Session(asyncio.Protocol):
     """One client connection, from greeting to logout line."""
 
+    # Thousands of idle sessions are the normal case (issue 6): no per-instance dict.
+    __slots__ = (
+        "_closing",
+        "_conn",
+        "_counted",
+        "_detail",
+        "_drain_waiter",
+        "_hub",
+        "_implicit_tls",
+        "_ip",
+        "_last_progress",
+        "_loop",
+        "_lost",
+        "_peer",
+        "_reading_paused",
+        "_reason",
+        "_stage",
+        "_stats",
+        "_task",
+        "_timer",
+        "_transport",
+        "_upgrade",
+        "_write_paused",
+    )
+
     def __init__(
         self, hub: SessionHub, *, implicit_tls: bool, peer: tuple[str, int] | None = None
     ) -> None:
@@ -429,6 +454,10 @@ class Pop3Session(asyncio.Protocol):
 
     def _timeout(self) -> float:
         limits = self._hub.config.limits
+        if self._closing:
+            # Only the last replies are left to deliver: no reason to wait as long as
+            # for a logged-in user to think.
+            return min(limits.login_timeout, limits.idle_timeout)
         if self._conn is not None and self._conn.state is SessionState.AUTHORIZATION:
             return limits.login_timeout
         return limits.idle_timeout
@@ -447,7 +476,7 @@ class Pop3Session(asyncio.Protocol):
 
     def _watchdog(self) -> None:
         self._timer = None
-        if self._closing:
+        if self._lost:
             return
         deadline = self._last_progress + self._timeout()
         # Time spent waiting on our own backends (hashing, the store) is not the
@@ -458,7 +487,11 @@ class Pop3Session(asyncio.Protocol):
                 deadline = self._loop.time() + self._timeout()
             self._timer = self._loop.call_at(deadline, self._watchdog)
             return
-        if not self._write_paused and self._upgrade is None:
+        if self._closing:
+            # A graceful close waits for the client to read the last replies; one that
+            # never does must not keep the connection (and its maildrop) forever.
+            self._close(EndReason.TIMEOUT, abort=True)
+        elif not self._write_paused and self._upgrade is None:
             self._write(IDLE_REPLY)
             self._close(EndReason.TIMEOUT)
         else:
@@ -466,10 +499,19 @@ class Pop3Session(asyncio.Protocol):
 
     # -- ending ---------------------------------------------------------------------
 
-    def shutdown(self, *, abort: bool) -> None:
-        """Called by the service: drop the connection (its maildrop is released)."""
-        if abort:
+    def shutdown(self) -> None:
+        """The server is stopping: say so between commands, drop mid-command."""
+        if self._closing:
+            return
+        if self._task is None and not self._write_paused and self._upgrade is None:
+            self._write(SHUTDOWN_REPLY)
+            self._close(EndReason.SHUTDOWN)
+        else:
             self._close(EndReason.SHUTDOWN, abort=True)
+
+    def abort(self) -> None:
+        """Drop the connection now (the maildrop is released without deleting)."""
+        self._close(EndReason.SHUTDOWN, abort=True)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None and not self._lost:
@@ -486,32 +528,32 @@ class Pop3Session(asyncio.Protocol):
             self._reason = reason
             self._detail = detail
         self._closing = True
-        self._cancel_watchdog()
         transport = self._transport
         if transport is None or self._lost:
             return
         if abort:
+            self._cancel_watchdog()
             transport.abort()
         else:
-            # A graceful close flushes queued replies and, under TLS, sends close_notify.
+            # A graceful close flushes queued replies and, under TLS, sends close_notify;
+            # the watchdog stays armed in case the client never reads them.
             transport.close()
+            self._arm_watchdog()
 
     def _finish(self) -> None:
         """After connection_lost and any running task: release, log, unregister."""
         stage = self._stage
         if stage is not None and not stage.finished:
-            self._hub_task(stage.release())
+            self._task = self._loop.create_task(self._release_then_log(stage))
             return
         self._log_end()
 
-    def _hub_task(self, release: Coroutine[Any, Any, None]) -> None:
-        async def release_then_log() -> None:
-            try:
-                await release
-            finally:
-                self._log_end()
-
-        self._task = self._loop.create_task(release_then_log())
+    async def _release_then_log(self, stage: TransactionStage) -> None:
+        try:
+            await stage.release()
+        finally:
+            self._task = None
+            self._log_end()
 
     def _log_end(self) -> None:
         self._stats.log_end(self._reason or EndReason.DISCONNECT, self._detail)
