@@ -156,6 +156,10 @@ class Poller:
             self.result.error = str(exc)
             self.result.error_code = exc.code if isinstance(exc, RemoteServerError) else None
             log.warning("poll failed account=%s error=%s", name, exc)
+        except OSError as exc:
+            # The local side (a full spool disk): this account fails, the others go on.
+            self.result.error = f"local I/O error: {exc}"
+            log.warning("poll failed account=%s error=%s", name, self.result.error)
         finally:
             for sink in self.sinks:
                 with contextlib.suppress(Exception):

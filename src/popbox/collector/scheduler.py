@@ -86,7 +86,18 @@ async def run_once(
                 return result
             return await build(account).run(retry_quarantined=retry_quarantined)
 
-    return list(await asyncio.gather(*(one(account) for account in accounts)))
+    outcomes = await asyncio.gather(*(one(account) for account in accounts), return_exceptions=True)
+    results: list[PollResult] = []
+    for account, outcome in zip(accounts, outcomes, strict=True):
+        if isinstance(outcome, PollResult):
+            results.append(outcome)
+            continue
+        if not isinstance(outcome, Exception):
+            raise outcome  # KeyboardInterrupt, cancellation: not an account's failure
+        # A bug must not hide the other accounts' results; it fails this account.
+        log.error("poll crashed account=%s", account.name, exc_info=outcome)
+        results.append(PollResult(account.name, error=f"internal error: {outcome!r}"))
+    return results
 
 
 async def run_daemon(
@@ -120,7 +131,11 @@ async def run_daemon(
             async with limit:
                 if stop.is_set():
                     return
-                result = await build(account).run()
+                try:
+                    result = await build(account).run()
+                except Exception as exc:  # a bug in one account's poll: back off, go on
+                    log.error("poll crashed account=%s", account.name, exc_info=exc)
+                    result = PollResult(account.name, error=f"internal error: {exc!r}")
             failures = 0 if result.ok else failures + 1
             delay = next_delay(account, result, failures, settings, rng)
             log.info(
