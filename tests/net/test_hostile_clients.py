@@ -17,6 +17,9 @@ from net_support import MESSAGES, Connect, StartServer, unstuff, wire
 from popbox.net.session import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
 
+# StreamReader.readuntil() must hold a whole multi-line reply.
+LARGE = 16 * 1024 * 1024
+
 
 async def test_stls_command_injection_is_discarded(
     connect: Connect, start_server: StartServer, client_context: ssl.SSLContext
@@ -216,3 +219,35 @@ def _write_buffers(server: object) -> int:
         for s in hub.sessions
         if s._transport is not None and not s._transport.is_closing()
     )
+
+
+@pytest.mark.parametrize("stls", [True, False], ids=["stls", "implicit-tls"])
+async def test_pipelined_large_retrs_over_tls_are_byte_exact(
+    connect: Connect, start_server: StartServer, client_context: ssl.SSLContext, stls: bool
+) -> None:
+    """TLS flow control (the SSL transport's pause/resume) under a pipelined download."""
+    chunk = b"".join(b".%d dotted line\n" % i for i in range(1000))
+    messages = [b"Subject: %d\n\n" % n + chunk * (n + 1) * 40 for n in range(5)]
+    server = await start_server(messages=messages)
+    if stls:
+        client = await connect(server.plain, limit=LARGE)
+        await client.line()
+        await client.send(b"STLS\r\n")
+        assert (await client.line()).startswith(b"+OK")
+        await client.writer.start_tls(client_context, server_hostname="localhost")
+        await client.send(b"CAPA\r\n")
+        await client.line()
+        await client.multiline()
+    else:
+        client = await connect(
+            server.tls, ssl=client_context, server_hostname="localhost", limit=LARGE
+        )
+        await client.line()
+    await client.send(b"USER alice\r\nPASS correct horse\r\n")
+    assert (await client.line()).startswith(b"+OK")
+    assert (await client.line()).startswith(b"+OK")
+    await client.send(b"".join(b"RETR %d\r\n" % n for n in range(1, 6)) + b"QUIT\r\n")
+    for message in messages:
+        assert await client.line() == b"+OK %d octets\r\n" % len(wire(message))
+        assert await client.multiline() == wire(message)
+    assert (await client.line()).startswith(b"+OK")
