@@ -186,3 +186,14 @@ async def test_service_serves_pre_bound_sockets_over_ipv6() -> None:
         assert (await asyncio.to_thread(greet)).startswith(b"+OK")
     finally:
         await service.shutdown()
+
+
+async def test_implementation_name_with_spaces_is_a_config_error() -> None:
+    """It goes on the wire in CAPA; the error must name the setting, not crash later."""
+    config = Config(
+        pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=[], implementation="my server")
+    )
+    service = Pop3Service(config, MemoryStore(), MemoryPassDB({}), None)
+    with pytest.raises(ConfigError, match="implementation"):
+        await service.start()
+    await service.shutdown()

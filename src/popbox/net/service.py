@@ -132,6 +132,14 @@ class Pop3Service:
         """
         if self._servers:
             raise RuntimeError("Pop3Service already started")
+        try:
+            # First, so that a bad setting fails before any socket is bound.
+            hub = SessionHub(self._config, self._store, self._passdb, self._ssl_context)
+        except BaseException:
+            for sock in [*(sockets or []), *(tls_sockets or [])]:
+                sock.close()
+            raise
+        self._hub = hub
         if sockets is None and tls_sockets is None:
             sockets, tls_sockets = bind_sockets(self._config)
         sockets = list(sockets or [])
@@ -142,7 +150,6 @@ class Pop3Service:
                 sock.close()
             tls_sockets = []
         loop = asyncio.get_running_loop()
-        self._hub = hub = SessionHub(self._config, self._store, self._passdb, self._ssl_context)
         limits = self._config.limits
         proxied = self._config.pop3.proxy_protocol
         try:
@@ -175,6 +182,8 @@ class Pop3Service:
                 self._tls_addresses.append(_address(sock))
         except BaseException:
             await self._close_listeners()
+            for sock in sockets + tls_sockets:
+                sock.close()  # those not yet served; closing twice is harmless
             raise
         for host, port in self._plain_addresses:
             log.info("POP3 listening on %s", _show(host, port))

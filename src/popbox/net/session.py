@@ -28,7 +28,7 @@ from typing import Any, Final, cast
 
 from popbox.auth.base import PassDB
 from popbox.config import Config, is_loopback
-from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
+from popbox.errors import ConfigError, MaildropInUse, PermanentStoreError, StoreError
 from popbox.net.log import EndReason, SessionStats
 from popbox.net.login import authenticate
 from popbox.net.transaction import BodyInterrupted, TransactionStage
@@ -87,16 +87,21 @@ class SessionHub:
         self.store = store
         self.passdb = passdb
         self.ssl_context = ssl_context
-        self.settings = ServerSettings(
-            implementation=config.pop3.implementation,
-            expire=config.pop3.expire,
-            apop_enabled=config.pop3.apop,
-            hostname=config.hostname,
-            max_command_line=config.limits.max_command_line,
-            max_sasl_line=config.limits.max_sasl_line,
-            max_bad_commands=config.limits.max_bad_commands,
-            max_auth_failures=config.limits.max_auth_failures,
-        )
+        try:
+            self.settings = ServerSettings(
+                implementation=config.pop3.implementation,
+                expire=config.pop3.expire,
+                apop_enabled=config.pop3.apop,
+                hostname=config.hostname,
+                max_command_line=config.limits.max_command_line,
+                max_sasl_line=config.limits.max_sasl_line,
+                max_bad_commands=config.limits.max_bad_commands,
+                max_auth_failures=config.limits.max_auth_failures,
+            )
+        except ValueError as exc:
+            # The core is stricter than the config model (e.g. no spaces in
+            # pop3.implementation, which goes on the wire in CAPA).
+            raise ConfigError(f"pop3/hostname/limits: {exc}") from exc
         self.sessions: set[Pop3Session] = set()
         self.per_ip: dict[str, int] = {}
         self.shutting_down = False
