@@ -251,3 +251,19 @@ async def test_pipelined_large_retrs_over_tls_are_byte_exact(
         assert await client.line() == b"+OK %d octets\r\n" % len(wire(message))
         assert await client.multiline() == wire(message)
     assert (await client.line()).startswith(b"+OK")
+
+
+async def test_half_closed_client_still_gets_every_reply(
+    connect: Connect, start_server: StartServer
+) -> None:
+    """`printf '...QUIT' | nc host 110`: the client shuts its side after the last command;
+    the pipelined commands are still answered and QUIT still commits."""
+    server = await start_server()
+    client = await connect(server.plain)
+    await client.send(b"USER alice\r\nPASS correct horse\r\nDELE 1\r\nRETR 2\r\nQUIT\r\n")
+    client.writer.write_eof()
+    everything = await client.closed()
+    replies = everything.split(b"\r\n")
+    assert replies[0].startswith(b"+OK")  # greeting
+    assert b"Logging out" in everything
+    assert await server.messages() == MESSAGES[1:]
