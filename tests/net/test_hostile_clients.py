@@ -267,3 +267,21 @@ async def test_half_closed_client_still_gets_every_reply(
     assert replies[0].startswith(b"+OK")  # greeting
     assert b"Logging out" in everything
     assert await server.messages() == MESSAGES[1:]
+
+
+async def test_thousands_of_pipelined_cheap_commands_answer_in_order(
+    connect: Connect, start_server: StartServer
+) -> None:
+    """Replies the core makes by itself past its output high-water mark (FLUSH) still
+    come out complete and in order."""
+    server = await start_server()
+    client = await connect(server.plain)
+    await client.login()
+    await client.send(b"LIST\r\nUIDL 2\r\nSTAT\r\n" * 2000 + b"QUIT\r\n")
+    for _ in range(2000):
+        assert (await client.line()).startswith(b"+OK")
+        listing = await client.multiline()
+        assert listing.count(b"\r\n") == 3
+        assert (await client.line()).startswith(b"+OK 2 ")
+        assert (await client.line()).startswith(b"+OK 3 ")
+    assert b"Logging out" in await client.line()
