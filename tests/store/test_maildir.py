@@ -392,12 +392,15 @@ async def test_sessions_of_two_workers_race_deliveries_without_losing_mail(
     assert deleted  # the sessions did run between the deliveries
 
 
-async def test_w_field_is_dovecots_virtual_size(maildir_store: MaildirStore) -> None:
-    """W= counts LFs as CRLF but no final CRLF (Dovecot's meaning); LIST adds it."""
-    message = b"Subject: open\n\nno final line end"
-    key = await maildir_store.deliver("alice", message)
-    assert key.endswith(f",S={len(message)},W={len(message) + 2}")
+async def test_size_fields_follow_dovecots_meaning(maildir_store: MaildirStore) -> None:
+    """W= is Dovecot's virtual size (no final CRLF added), so popbox writes it only for
+    messages that end with a line end; LIST is exact either way."""
+    ended = b"Subject: ended\n\nbody\n"
+    open_ended = b"Subject: open\n\nno final line end"
+    assert (await maildir_store.deliver("alice", ended)).endswith(
+        f",S={len(ended)},W={wire_size(ended)}"
+    )
+    assert (await maildir_store.deliver("alice", open_ended)).endswith(f",S={len(open_ended)}")
     maildrop = await maildir_store.open_maildrop("alice")
-    assert [info.size for info in maildrop.messages] == [wire_size(message)]
-    assert wire_size(message) == len(message) + 4
+    assert [info.size for info in maildrop.messages] == [wire_size(ended), wire_size(open_ended)]
     await maildrop.release()

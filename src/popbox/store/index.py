@@ -48,7 +48,6 @@ __all__ = [
     "read_index",
     "scan_messages",
     "size_fields",
-    "wire_size_from_virtual",
     "wire_size_of_file",
     "write_index",
 ]
@@ -121,11 +120,16 @@ class WireSizeCounter:
         return self._octets + self._lf - self._crlf
 
     @property
+    def terminated(self) -> bool:
+        """Whether the data is empty or ends with a line end (then virtual == wire)."""
+        return not self._octets or self._last == b"\n"
+
+    @property
     def wire(self) -> int:
         """The wire size of everything fed so far (RETR adds the missing final CRLF)."""
         if not self._octets:
             return 0
-        return self.virtual + (0 if self._last == b"\n" else 2)
+        return self.virtual + (0 if self.terminated else 2)
 
 
 def wire_size_of_file(path: Path) -> int:
@@ -135,23 +139,6 @@ def wire_size_of_file(path: Path) -> int:
         while chunk := handle.read(READ_CHUNK):
             counter.feed(chunk)
     return counter.wire
-
-
-def wire_size_from_virtual(path: Path, virtual: int) -> int:
-    """The wire size of a file whose W= gives its virtual size: one byte is read.
-
-    W= (Dovecot's definition, which popbox writes too) leaves out the CRLF that RETR
-    adds after a last line without one, so the last byte decides; the rest of the
-    body is never read.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-        if not size:
-            return 0
-        return virtual + (0 if os.pread(fd, 1, size - 1) == b"\n" else 2)
-    finally:
-        os.close(fd)
 
 
 def is_message_name(name: str) -> bool:

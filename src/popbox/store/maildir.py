@@ -7,6 +7,11 @@ process dies), reconciles the directory with the index (store.index), assigns UI
 to messages it has not seen, and moves new/ mail to cur/ as every Maildir reader
 does. Delivery never takes that lock: tmp/ -> fsync -> link into new/ -> fsync.
 
+Sizes are indexed once: from W= in the name (Dovecot's "virtual size", not opened),
+else by reading the file. W= leaves out the CRLF that RETR adds after a last line
+without one, so popbox writes W= only for messages that end with a line end; a
+foreign unterminated message with W= is listed 2 octets short, as Dovecot lists it.
+
 If the index is lost or damaged it is rebuilt from the files: no message is lost,
 but the rebuilt index has a new UIDVALIDITY, so every UIDL changes once and clients
 that keep mail on the server download it again (the safe direction: a changed UIDL
@@ -448,8 +453,13 @@ class MaildirStore:
                         handle.write(chunk)
                     handle.flush()
                     os.fsync(handle.fileno())
-                # W= as Dovecot defines it, so either server can read the other's files.
-                name = f"{base},S={counter.stored},W={counter.virtual}"
+                # W= means Dovecot's virtual size, which is the wire size only for a
+                # message that ends with a line end; for one that does not, W= is
+                # left out so whoever indexes it counts it exactly (a rare case:
+                # SMTP and LMTP always end a message with CRLF).
+                name = f"{base},S={counter.stored}"
+                if counter.terminated:
+                    name += f",W={counter.virtual}"
                 _link_no_clobber(tmp_path, maildir / "new" / name)
             finally:
                 # Gone after the link; on any failure this removes the partial file.

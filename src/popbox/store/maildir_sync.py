@@ -22,7 +22,6 @@ from popbox.store.index import (
     arrival_order,
     scan_messages,
     size_fields,
-    wire_size_from_virtual,
     wire_size_of_file,
 )
 
@@ -126,14 +125,15 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
                 known.path = f"new/{name}"
                 changed = True
     for key, path in sorted(unindexed.items(), key=lambda item: arrival_order(item[1][4:])):
-        _, virtual = size_fields(path[4:])
-        try:
-            if virtual is None:
+        # W= is trusted without opening the file (a cold 100,000-message login would
+        # otherwise read a block of each). It is exact for everything popbox writes;
+        # a foreign unterminated message keeps Dovecot's figure, 2 below RETR's.
+        _, wire = size_fields(path[4:])
+        if wire is None:
+            try:
                 wire = wire_size_of_file(maildir / path)
-            else:
-                wire = wire_size_from_virtual(maildir / path, virtual)
-        except FileNotFoundError:
-            continue  # removed by other software while we looked
+            except FileNotFoundError:
+                continue  # removed by other software while we looked
         index.assign(key, wire, path)
         changed = True
     changed |= move_new_to_cur(user, maildir, index, in_new)
