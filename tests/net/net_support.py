@@ -125,3 +125,13 @@ def unstuff(body: bytes) -> bytes:
 
 
 Connect = Callable[..., Awaitable[Raw]]
+
+
+async def until_no_sessions(server: Server, timeout: float = 10.0) -> None:
+    """Wait until every session has ended (maildrop released, logout line written)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while server.service.session_count:
+        if loop.time() > deadline:
+            raise AssertionError("sessions did not end")
+        await asyncio.sleep(0.01)

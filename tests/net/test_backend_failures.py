@@ -3,12 +3,20 @@ traceback, and no mail is lost; the log names the session and the cause."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Collection, Sequence
 
 import pytest
-from net_support import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, wire
+from net_support import (
+    MESSAGES,
+    PASSWORD,
+    Connect,
+    Raw,
+    Server,
+    StartServer,
+    until_no_sessions,
+    wire,
+)
 
 from popbox.auth.base import UserRecord
 from popbox.errors import AuthError, PermanentStoreError, StoreError
@@ -152,7 +160,7 @@ async def test_store_failure_mid_body_drops_the_connection_without_terminator(
     # A client must not mistake the truncated body for the whole message.
     assert not rest.endswith(b"\r\n.\r\n")
     assert b"Traceback" not in rest
-    await asyncio.sleep(0.05)
+    await until_no_sessions(server)
     assert await server.messages() == [big, small]
     assert any("halfway" in r.getMessage() for r in caplog.records)
 

@@ -12,7 +12,7 @@ import logging
 import ssl
 
 import pytest
-from net_support import MESSAGES, Connect, StartServer, unstuff, wire
+from net_support import MESSAGES, Connect, StartServer, unstuff, until_no_sessions, wire
 
 from popbox.net.session import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
@@ -135,7 +135,7 @@ async def test_idle_timeout_after_login(connect: Connect, start_server: StartSer
     await client.send(b"DELE 1\r\n")
     assert (await client.line()).startswith(b"+OK")
     assert (await client.closed()).startswith(b"-ERR")
-    await asyncio.sleep(0.05)
+    await until_no_sessions(server)
     assert await server.messages() == MESSAGES
 
 
@@ -157,7 +157,12 @@ async def test_connections_per_ip_are_capped(connect: Connect, start_server: Sta
     third = await connect(server.plain)
     assert await third.closed() == b"-ERR [SYS/TEMP] too many connections\r\n"
     first.close()
-    await asyncio.sleep(0.1)
+    hub = server.service._hub
+    assert hub is not None
+    for _ in range(500):  # until the server has seen the first one go
+        if hub.per_ip.get("127.0.0.1") == 1:
+            break
+        await asyncio.sleep(0.01)
     fourth = await connect(server.plain)
     assert (await fourth.line()).startswith(b"+OK")
     second.close()
@@ -173,7 +178,7 @@ async def test_stalled_tls_handshake_is_cut(connect: Connect, start_server: Star
     await plain.send(b"STLS\r\n")
     assert (await plain.line()).startswith(b"+OK")
     assert await plain.closed(timeout=3) == b""
-    await asyncio.sleep(0.05)
+    await until_no_sessions(server)
     assert server.service.session_count == 0
 
 
@@ -200,7 +205,7 @@ async def test_logout_line_counts_what_happened(
     await client.login()
     await client.send(b"RETR 1\r\nTOP 2 0\r\nDELE 1\r\nQUIT\r\n")
     await client.closed()
-    await asyncio.sleep(0.05)
+    await until_no_sessions(server)
     lines = [r.getMessage() for r in caplog.records if "reason=" in r.getMessage()]
     assert len(lines) == 1
     assert "user=alice" in lines[0]

@@ -12,7 +12,7 @@ import socket
 import ssl
 
 import pytest
-from net_support import MESSAGES, PASSWORD, Server, StartServer, wire
+from net_support import MESSAGES, PASSWORD, Server, StartServer, until_no_sessions, wire
 
 
 def _login(host: str, port: int) -> poplib.POP3:
@@ -71,7 +71,7 @@ async def test_dropped_connection_deletes_nothing(server: Server) -> None:
         client.sock.close()
 
     await asyncio.to_thread(drop)
-    await _until_no_sessions(server)
+    await until_no_sessions(server)
     assert await server.messages() == MESSAGES
 
 
@@ -199,72 +199,3 @@ def _read_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
-
-
-async def _until_no_sessions(server: Server) -> None:
-    for _ in range(200):
-        if server.service.session_count == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("sessions did not end")
-
-
-def _tls_dialogue(
-    raw: socket.socket, context: ssl.SSLContext, commands: bytes, *, stls: bool
-) -> tuple[bytes, str]:
-    """Run ``commands`` over TLS with memory BIOs so the way the server closes shows:
-    returns what was received and "close_notify" or "unclean"."""
-    if stls:
-        raw.recv(1024)
-        raw.sendall(b"STLS\r\n")
-        assert raw.recv(1024).startswith(b"+OK")
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            raw.sendall(outgoing.read())
-            incoming.write(raw.recv(65536))
-    tls.write(commands)
-    raw.sendall(outgoing.read())
-    received = b""
-    for _ in range(10_000):
-        try:
-            data = tls.read(65536)
-        except ssl.SSLWantReadError:
-            chunk = raw.recv(65536)
-            if chunk:
-                incoming.write(chunk)
-            else:
-                incoming.write_eof()
-            continue
-        except ssl.SSLZeroReturnError:
-            return received, "close_notify"
-        except ssl.SSLEOFError:
-            return received, "unclean"
-        if not data:
-            # The ssl module reports a clean TLS shutdown as an empty read.
-            return received, "close_notify"
-        received += data
-    raise AssertionError("the server neither answered nor closed")
-
-
-@pytest.mark.parametrize("stls", [True, False], ids=["stls", "implicit-tls"])
-async def test_quit_closes_tls_with_close_notify(
-    server: Server, client_context: ssl.SSLContext, stls: bool
-) -> None:
-    """RFC 8314 section 3.2 / 2595: the session ends with a TLS close_notify, not a bare FIN,
-    so the client can tell the last reply was not truncated by an attacker."""
-    address = server.plain if stls else server.tls
-
-    def run() -> tuple[bytes, str]:
-        with socket.create_connection(address, timeout=10) as raw:
-            commands = f"USER alice\r\nPASS {PASSWORD}\r\nDELE 1\r\nQUIT\r\n".encode()
-            return _tls_dialogue(raw, client_context, commands, stls=stls)
-
-    received, ending = await asyncio.to_thread(run)
-    assert ending == "close_notify"
-    assert received.rstrip(b"\r\n").split(b"\r\n")[-1].startswith(b"+OK")
-    assert await server.messages() == MESSAGES[1:]

@@ -11,7 +11,7 @@ import ssl
 import struct
 
 import pytest
-from net_support import PASSWORD, Connect, StartServer
+from net_support import PASSWORD, Connect, StartServer, until_no_sessions
 
 from popbox.net.proxy import (
     PROXY_V2_SIGNATURE,
@@ -86,7 +86,7 @@ async def test_plain_listener_takes_the_address_from_the_header(
     assert b"STLS" in capabilities
     await client.send(b"QUIT\r\n")
     await client.closed()
-    await asyncio.sleep(0.05)
+    await until_no_sessions(server)
     (line,) = [r.getMessage() for r in caplog.records if "reason=" in r.getMessage()]
     assert "peer=192.0.2.7:5555" in line
 
