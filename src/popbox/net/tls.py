@@ -53,8 +53,7 @@ def make_server_context(cert: Path, key: Path, min_version: str = "TLSv1.2") -> 
     # CRIME (compression) and client-initiated renegotiation DoS; both are off by
     # default in current OpenSSL but a distribution's build must not decide for us.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    # Tickets would let one worker's key outlive a restart; sessions resume by cache.
-    context.options |= ssl.OP_NO_TICKET
+    # Our order (forward-secret AEAD suites first) wins over an old client's preference.
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(certfile=str(cert), keyfile=str(key))
     return context
