@@ -404,3 +404,20 @@ async def test_size_fields_follow_dovecots_meaning(maildir_store: MaildirStore) 
     maildrop = await maildir_store.open_maildrop("alice")
     assert [info.size for info in maildrop.messages] == [wire_size(ended), wire_size(open_ended)]
     await maildrop.release()
+
+
+async def test_index_cache_stays_within_its_bound(
+    maildir_store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached indexes are bounded in messages per worker, least recently used out."""
+    monkeypatch.setattr("popbox.store.maildir.INDEX_CACHE_MESSAGES", 3)
+    for user in ("alice", "bob", "carol"):
+        for n in range(2):
+            await maildir_store.deliver(user, f"{user} {n}\n".encode())
+    for user in ("alice", "bob", "carol"):
+        assert len(await uidls(maildir_store, user)) == 2
+    cached = maildir_store._cache  # the bound is about memory, which only shows here
+    assert list(cached) == ["carol"]
+    monkeypatch.setattr("popbox.store.maildir.INDEX_CACHE_MESSAGES", 1)
+    await uidls(maildir_store, "carol")  # too big for the cache: not kept at all
+    assert list(cached) == []
