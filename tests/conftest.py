@@ -23,7 +23,8 @@ class TlsFiles:
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     directory = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    # A subject CN as well as the SANs: fetchmail refuses certificates without one.
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="localhost")
     ca_path = directory / "ca.pem"
     cert_path = directory / "cert.pem"
     key_path = directory / "key.pem"

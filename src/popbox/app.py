@@ -13,11 +13,9 @@ import logging
 import os
 import pwd
 import signal
-import socket
 import ssl
-from collections.abc import Sequence
 
-from popbox.config import Config, parse_listen
+from popbox.config import Config
 from popbox.errors import ConfigError
 
 __all__ = ["build_ssl_context", "drop_privileges", "prepare_data_dir", "run_server"]
@@ -41,9 +39,7 @@ def prepare_data_dir(config: Config) -> list[str]:
     if config.tls.cert is None and config.tls.key is None:
         from popbox.net.tls import ensure_self_signed_cert
 
-        if ensure_self_signed_cert(
-            config.tls_cert_path(), config.tls_key_path(), config.hostname
-        ):
+        if ensure_self_signed_cert(config.tls_cert_path(), config.tls_key_path(), config.hostname):
             made.append(f"generated a self-signed certificate {config.tls_cert_path()}")
     return made
 
@@ -61,26 +57,6 @@ def build_ssl_context(config: Config) -> ssl.SSLContext | None:
         return make_server_context(cert, key, config.tls.min_version)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls: cannot load {cert} / {key}: {exc}") from exc
-
-
-def _bind_tcp(addresses: Sequence[str]) -> list[socket.socket]:
-    sockets = []
-    for address in addresses:
-        host, port = parse_listen(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
-        sock.listen(1024)
-        sock.setblocking(False)
-        sockets.append(sock)
-    return sockets
 
 
 def drop_privileges(config: Config) -> None:
@@ -111,15 +87,16 @@ async def run_server(config: Config, *, ready: asyncio.Event | None = None) -> N
     """Run POP3 (and LMTP when enabled) until SIGTERM/SIGINT, then shut down gracefully."""
     from popbox.auth.passwdfile import PasswdFilePassDB
     from popbox.delivery.lmtp import LmtpService
-    from popbox.net.service import Pop3Service
+    from popbox.net.service import Pop3Service, bind_addresses
     from popbox.store.maildir import MaildirStore
 
     ssl_context = build_ssl_context(config)
-    plain = _bind_tcp(config.pop3.listen)
-    tls = _bind_tcp(config.pop3.tls_listen) if ssl_context is not None else []
+    # Every listener is bound before privileges are dropped (ports below 1024).
+    plain = bind_addresses(config.pop3.listen)
+    tls = bind_addresses(config.pop3.tls_listen) if ssl_context is not None else []
     if config.pop3.tls_listen and ssl_context is None:
         log.warning("no TLS certificate: implicit-TLS listeners disabled, STLS not offered")
-    lmtp = _bind_tcp(config.lmtp.listen) if config.lmtp.enabled else []
+    lmtp = bind_addresses(config.lmtp.listen) if config.lmtp.enabled else []
     drop_privileges(config)
 
     store = MaildirStore(config.storage.maildir_root)
@@ -146,8 +123,10 @@ async def run_server(config: Config, *, ready: asyncio.Event | None = None) -> N
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: no new connections, sessions get %ss to finish",
-                 config.limits.shutdown_grace)
+        log.info(
+            "shutting down: no new connections, sessions get %ss to finish",
+            config.limits.shutdown_grace,
+        )
         if lmtp_service is not None:
             await lmtp_service.stop()
         await pop3.shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,7 @@ def _print_embedded_help(config: Config) -> None:
   deliver a message: popbox deliver alice < message.eml
   read it (STLS):    curl --ssl-reqd --cacert {cert} -u alice pop3://localhost:{port}/1
   read it (TLS):     curl --cacert {cert} -u alice pop3s://localhost:{tls_port}/1
-  LMTP for an MTA:   {', '.join(config.lmtp.listen) if config.lmtp.enabled else 'off'}
+  LMTP for an MTA:   {", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"}
 Stop with Ctrl-C.""",
         err=True,
     )
@@ -120,9 +119,11 @@ def check_config(config_path: Path | None) -> None:
     if problems:
         sys.exit(2)
     click.echo(f"configuration OK: {config_path or 'embedded default'}")
-    click.echo(f"  POP3 {', '.join(config.pop3.listen) or '-'}; POP3S "
-               f"{', '.join(config.pop3.tls_listen) or '-'}; plaintext auth "
-               f"{config.pop3.plaintext_auth}")
+    click.echo(
+        f"  POP3 {', '.join(config.pop3.listen) or '-'}; POP3S "
+        f"{', '.join(config.pop3.tls_listen) or '-'}; plaintext auth "
+        f"{config.pop3.plaintext_auth}"
+    )
     click.echo(f"  users {config.auth.passwd_file}; mail {config.storage.maildir_root}")
     lmtp = ", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"
     click.echo(f"  LMTP {lmtp}")
@@ -207,9 +208,7 @@ def user_passwd(config_path: Path | None, name: str, password_stdin: bool) -> No
     config = _load(config_path)
     password = _read_password(password_stdin)
     try:
-        set_password(
-            config.auth.passwd_file, name, password, scheme=config.auth.default_scheme
-        )
+        set_password(config.auth.passwd_file, name, password, scheme=config.auth.default_scheme)
     except (PopboxError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"password of {name} changed")
@@ -307,13 +306,8 @@ def deliver(config_path: Path | None, recipient: str, sender: str | None) -> Non
 
 def _attach_collector() -> None:
     """Attach `popbox fetch` and `popbox oauth` from the collector."""
-    try:
-        from popbox.collector.cli import fetch_command, oauth_group
-    except ImportError as exc:  # the collector is optional at import time only in dev trees
-        if os.environ.get("POPBOX_DEBUG"):
-            raise
-        del exc
-        return
+    from popbox.collector.cli import fetch_command, oauth_group
+
     main.add_command(fetch_command, "fetch")
     main.add_command(oauth_group, "oauth")
 

@@ -106,6 +106,14 @@ class Pop3Settings(_Section):
 
     _listen = field_validator("listen", "tls_listen")(_check_listen)
 
+    @field_validator("implementation")
+    @classmethod
+    def _check_implementation(cls, value: str) -> str:
+        # It goes on the wire in CAPA's IMPLEMENTATION line as one token.
+        if not value or not value.isascii() or not value.isprintable() or " " in value:
+            raise ValueError("must be printable ASCII without spaces")
+        return value
+
     @field_validator("expire")
     @classmethod
     def _check_expire(cls, value: str) -> str:

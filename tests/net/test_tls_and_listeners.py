@@ -16,7 +16,7 @@ from cryptography import x509
 from net_support import PASSWORD, make_config
 
 from popbox.auth.memory import MemoryPassDB
-from popbox.config import Config, Pop3Settings
+from popbox.config import Config, Pop3Settings, config_from_dict
 from popbox.errors import ConfigError
 from popbox.net import Pop3Service, bind_sockets, ensure_self_signed_cert, make_server_context
 from popbox.store.memory import MemoryStore
@@ -188,12 +188,7 @@ async def test_service_serves_pre_bound_sockets_over_ipv6() -> None:
         await service.shutdown()
 
 
-async def test_implementation_name_with_spaces_is_a_config_error() -> None:
+def test_implementation_name_with_spaces_is_a_config_error(tmp_path: Path) -> None:
     """It goes on the wire in CAPA; the error must name the setting, not crash later."""
-    config = Config(
-        pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=[], implementation="my server")
-    )
-    service = Pop3Service(config, MemoryStore(), MemoryPassDB({}), None)
-    with pytest.raises(ConfigError, match="implementation"):
-        await service.start()
-    await service.shutdown()
+    with pytest.raises(ConfigError, match=r"pop3\.implementation"):
+        config_from_dict({"pop3": {"implementation": "my server"}}, tmp_path)

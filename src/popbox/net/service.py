@@ -22,7 +22,7 @@ from popbox.net.proxy import ProxyAddress, ProxyHeaderReader
 from popbox.net.session import Pop3Session, SessionHub
 from popbox.store.base import MailStore
 
-__all__ = ["LISTEN_BACKLOG", "Pop3Service", "bind_sockets"]
+__all__ = ["LISTEN_BACKLOG", "Pop3Service", "bind_addresses", "bind_sockets"]
 
 log = logging.getLogger("popbox.pop3")
 
@@ -66,18 +66,27 @@ def bind_sockets(config: Config) -> tuple[list[socket.socket], list[socket.socke
     Raises ConfigError naming the address that could not be bound (and closes the
     sockets already bound).
     """
-    plain: list[socket.socket] = []
-    tls: list[socket.socket] = []
+    plain = bind_addresses(config.pop3.listen)
     try:
-        for address in config.pop3.listen:
-            plain.append(_bind_one(address))
-        for address in config.pop3.tls_listen:
-            tls.append(_bind_one(address))
+        tls = bind_addresses(config.pop3.tls_listen)
     except BaseException:
-        for sock in plain + tls:
+        for sock in plain:
             sock.close()
         raise
     return plain, tls
+
+
+def bind_addresses(addresses: Sequence[str]) -> list[socket.socket]:
+    """Bind each ``HOST:PORT``; on failure close the ones bound and raise ConfigError."""
+    bound: list[socket.socket] = []
+    try:
+        for address in addresses:
+            bound.append(_bind_one(address))
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 def _address(sock: socket.socket) -> Address:
