@@ -13,14 +13,33 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import ssl
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
 
 from popbox.config import Config
 from popbox.errors import ConfigError
 
-__all__ = ["build_ssl_context", "drop_privileges", "prepare_data_dir", "run_server"]
+__all__ = [
+    "Listeners",
+    "WorkerSupervisor",
+    "bind_listeners",
+    "build_ssl_context",
+    "drop_privileges",
+    "prepare_data_dir",
+    "run_loop",
+    "serve",
+    "serve_listeners",
+]
 
 log = logging.getLogger("popbox")
+
+# A worker that dies within this many seconds of its start is restarted only after
+# the same pause, so a worker that cannot start does not spin the CPU.
+WORKER_RESTART_DELAY: Final = 1.0
 
 
 def prepare_data_dir(config: Config) -> list[str]:
@@ -83,43 +102,77 @@ def drop_privileges(config: Config) -> None:
     log.info("dropped privileges to %s (uid %d, gid %d)", config.user, entry.pw_uid, gid)
 
 
-async def run_server(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run POP3 (and LMTP when enabled) until SIGTERM/SIGINT, then shut down gracefully."""
-    from popbox.auth.passwdfile import PasswdFilePassDB
-    from popbox.delivery.lmtp import LmtpService
-    from popbox.net.service import Pop3Service, bind_addresses
-    from popbox.store.maildir import MaildirStore
+@dataclass
+class Listeners:
+    """Sockets bound (as root, if need be) before privileges drop and workers fork."""
+
+    ssl_context: ssl.SSLContext | None
+    plain: list[socket.socket]
+    tls: list[socket.socket]
+    lmtp: list[socket.socket]
+
+
+def bind_listeners(config: Config) -> Listeners:
+    """Load the certificate and bind every listener (ports below 1024 need root)."""
+    from popbox.net.service import bind_addresses
 
     ssl_context = build_ssl_context(config)
-    # Every listener is bound before privileges are dropped (ports below 1024).
     plain = bind_addresses(config.pop3.listen)
     tls = bind_addresses(config.pop3.tls_listen) if ssl_context is not None else []
     if config.pop3.tls_listen and ssl_context is None:
         log.warning("no TLS certificate: implicit-TLS listeners disabled, STLS not offered")
     lmtp = bind_addresses(config.lmtp.listen) if config.lmtp.enabled else []
+    return Listeners(ssl_context, plain, tls, lmtp)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop (installed on Linux) or asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def serve(config: Config) -> None:
+    """Bind, drop privileges, then serve in this process or in ``pop3.workers`` children."""
+    listeners = bind_listeners(config)
     drop_privileges(config)
+    log.info(
+        "popbox serving POP3 on %s, POP3S on %s, LMTP on %s (%d worker%s)",
+        ", ".join(config.pop3.listen) or "-",
+        ", ".join(config.pop3.tls_listen) if listeners.tls else "-",
+        ", ".join(config.lmtp.listen) if listeners.lmtp else "-",
+        config.pop3.workers,
+        "" if config.pop3.workers == 1 else "s",
+    )
+    if config.pop3.workers == 1:
+        run_loop(serve_listeners(config, listeners))
+    else:
+        WorkerSupervisor(config, listeners).run()
+
+
+async def serve_listeners(config: Config, listeners: Listeners) -> None:
+    """Run POP3 (and LMTP) on bound sockets until SIGTERM/SIGINT, then shut down."""
+    from popbox.auth.passwdfile import PasswdFilePassDB
+    from popbox.delivery.lmtp import LmtpService
+    from popbox.net.service import Pop3Service
+    from popbox.store.maildir import MaildirStore
 
     store = MaildirStore(config.storage.maildir_root)
     passdb = PasswdFilePassDB(config.auth.passwd_file, default_scheme=config.auth.default_scheme)
-    pop3 = Pop3Service(config, store, passdb, ssl_context)
-    await pop3.start(sockets=plain, tls_sockets=tls)
+    pop3 = Pop3Service(config, store, passdb, listeners.ssl_context)
+    await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
-    if config.lmtp.enabled:
+    if listeners.lmtp:
         lmtp_service = LmtpService(config, store, passdb)
-        await lmtp_service.start(sockets=lmtp)
+        await lmtp_service.start(sockets=listeners.lmtp)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info(
-        "popbox serving POP3 on %s, POP3S on %s%s",
-        ", ".join(config.pop3.listen) or "-",
-        ", ".join(config.pop3.tls_listen) if tls else "-",
-        f", LMTP on {', '.join(config.lmtp.listen)}" if lmtp_service else "",
-    )
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
     finally:
@@ -133,3 +186,66 @@ async def run_server(config: Config, *, ready: asyncio.Event | None = None) -> N
         await store.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+class WorkerSupervisor:
+    """Forks ``pop3.workers`` processes sharing the listeners and keeps them running.
+
+    The kernel spreads connections over the processes accepting on the same sockets;
+    the maildrop lock (flock) already works across processes. Per-IP limits count
+    per worker. SIGTERM/SIGINT are passed on and each worker shuts down gracefully.
+    """
+
+    def __init__(self, config: Config, listeners: Listeners) -> None:
+        self._config = config
+        self._listeners = listeners
+        self._children: dict[int, float] = {}
+        self._stopping = False
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for _ in range(self._config.pop3.workers):
+            self._spawn()
+        while self._children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            started = self._children.pop(pid, None)
+            if started is None or self._stopping:
+                continue
+            log.error("worker %d ended unexpectedly (%s); starting another", pid, _describe(status))
+            if time.monotonic() - started < WORKER_RESTART_DELAY:
+                # A worker that dies at once would otherwise be restarted in a hot loop.
+                time.sleep(WORKER_RESTART_DELAY)
+            if not self._stopping:
+                self._spawn()
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                run_loop(serve_listeners(self._config, self._listeners))
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self._children[pid] = time.monotonic()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

@@ -41,14 +41,6 @@ def _setup_logging(config: Config, verbose: bool = False) -> None:
     )
 
 
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 @click.group()
 @click.version_option(package_name="popbox")
 def main() -> None:
@@ -60,7 +52,8 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def serve(config_path: Path | None, verbose: bool) -> None:
     """Run the POP3 server (and the LMTP listener) until SIGTERM or Ctrl-C."""
-    from popbox.app import prepare_data_dir, run_server
+    from popbox.app import prepare_data_dir
+    from popbox.app import serve as serve_forever
 
     config = _load(config_path)
     _setup_logging(config, verbose)
@@ -73,7 +66,7 @@ def serve(config_path: Path | None, verbose: bool) -> None:
     if config_path is None:
         _print_embedded_help(config)
     try:
-        _run(run_server(config))
+        serve_forever(config)
     except PopboxError as exc:
         raise click.ClickException(str(exc)) from exc
 
