@@ -8,6 +8,8 @@ file (or the working directory for the embedded default).
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -42,6 +44,15 @@ IDLE_TIMEOUT_LOGIN: Final = 60.0
 AUTH_FAILURE_DELAY: Final = 2.0
 # Dovecot's mail_max_userip_connections default is 10; per IP we allow more (NAT).
 MAX_CONNECTIONS_PER_IP: Final = 100
+# Dovecot's auth_penalty caps the per-IP delay (2, 4, 8 ... seconds) at 15 seconds:
+# long enough to make guessing from one address slow, short enough for a typo.
+AUTH_PENALTY_MAX: Final = 15.0
+# Dovecot's mail_max_userip_connections default; counted per user here, because only
+# someone who knows the password can take a slot, so strangers cannot lock a user out.
+MAX_SESSIONS_PER_USER: Final = 10
+# Dovecot's default_client_limit (1,000 clients per login process): connections that
+# have not logged in cost memory and hashing but give nothing back.
+MAX_LOGIN_SESSIONS: Final = 1000
 # A TLS handshake that has not finished in this time is a stalled or hostile client.
 TLS_HANDSHAKE_TIMEOUT: Final = 30.0
 # On SIGTERM, sessions get this long to QUIT before they are dropped (uncommitted).
@@ -141,6 +152,12 @@ class LimitSettings(_Section):
     auth_failure_delay: float = Field(default=AUTH_FAILURE_DELAY, ge=0)
     max_auth_failures: int = Field(default=MAX_AUTH_FAILURES, ge=1)
     max_connections_per_ip: int = Field(default=MAX_CONNECTIONS_PER_IP, ge=1)
+    auth_penalty_max: float = Field(default=AUTH_PENALTY_MAX, ge=0)
+    """Cap of the per-IP delay before each login after failures; 0 turns it off."""
+    max_sessions_per_user: int = Field(default=MAX_SESSIONS_PER_USER, ge=1)
+    """Sessions past the password check per user (logging in or logged in)."""
+    max_login_sessions: int = Field(default=MAX_LOGIN_SESSIONS, ge=1)
+    """Connections not logged in yet, over the whole service (per worker)."""
     tls_handshake_timeout: float = Field(default=TLS_HANDSHAKE_TIMEOUT, gt=0)
     shutdown_grace: float = Field(default=SHUTDOWN_GRACE, ge=0)
 
@@ -267,6 +284,7 @@ def load_config(path: Path | None) -> Config:
         return config_from_dict({}, Path.cwd())
     try:
         with path.open("rb") as handle:
+            _check_config_file_mode(path, os.fstat(handle.fileno()))
             data = tomllib.load(handle)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
@@ -278,6 +296,27 @@ def load_config(path: Path | None) -> Config:
         return config_from_dict(data, path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _check_config_file_mode(path: Path, info: os.stat_result) -> None:
+    """Refuse a config file that someone other than its owner can rewrite.
+
+    The config names the passwd file, the user to run as and the TLS key: whoever can
+    write it can log in as anyone or read everyone's mail (as the passwd check in
+    popbox.auth.passwdfile refuses a passwd file others can write).
+    """
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{path}: config file is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod go-w {path}"
+        )
+    if info.st_uid not in (0, os.geteuid()):
+        # E.g. owned by the unprivileged user a root-started server drops to: a
+        # compromised server could then rewrite the config it next starts with as root.
+        raise ConfigError(
+            f"{path}: config file is owned by uid {info.st_uid}, who could rewrite it; "
+            f"it must belong to root or to the user running popbox"
+        )
 
 
 def is_loopback(host: str) -> bool:

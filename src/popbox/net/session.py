@@ -29,8 +29,9 @@ from typing import Any, Final, cast
 from popbox.auth.base import PassDB
 from popbox.config import Config, is_loopback
 from popbox.errors import ConfigError, MaildropInUse, PermanentStoreError, StoreError
+from popbox.net.limits import AuthPenalty
 from popbox.net.log import EndReason, SessionStats
-from popbox.net.login import authenticate
+from popbox.net.login import CODE_AUTH, authenticate
 from popbox.net.transaction import BodyInterrupted, TransactionStage
 from popbox.proto.events import (
     FLUSH,
@@ -59,6 +60,8 @@ WRITE_LOW_WATER: Final = 64 * 1024
 # Sent before closing an idle session, as Dovecot does, so a human sees why.
 IDLE_REPLY: Final = b"-ERR Disconnected for inactivity.\r\n"
 TOO_MANY_CONNECTIONS_REPLY: Final = b"-ERR [SYS/TEMP] too many connections\r\n"
+# RFC 3206: IN-USE is for "already in use"; Dovecot says the same for its per-user cap.
+TOO_MANY_USER_SESSIONS: Final = "Too many sessions for this user."
 SHUTDOWN_REPLY: Final = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
 
 _ids = itertools.count(1)
@@ -72,8 +75,9 @@ def _next_session_id() -> str:
 class SessionHub:
     """What every session of one service shares: config, backends, and the live set.
 
-    Tracks connections per peer IP (for the cap) and the sessions that are still
-    running (for graceful shutdown).
+    Tracks connections per peer IP, connections not logged in yet and sessions per
+    user (for the caps), failed logins per IP (the penalty), and the sessions that
+    are still running (for graceful shutdown).
     """
 
     def __init__(
@@ -104,6 +108,9 @@ class SessionHub:
             raise ConfigError(f"pop3/hostname/limits: {exc}") from exc
         self.sessions: set[Pop3Session] = set()
         self.per_ip: dict[str, int] = {}
+        self.per_user: dict[str, int] = {}
+        self.login_sessions = 0
+        self.penalty = AuthPenalty(config.limits.auth_penalty_max)
         self.shutting_down = False
         # Implicit-TLS handshakes after a PROXY header, before they become sessions.
         self.handshakes: set[asyncio.Task[None]] = set()
@@ -114,11 +121,34 @@ class SessionHub:
         """Register a new connection; False when ``ip`` is already at its cap."""
         self.sessions.add(session)
         self.all_ended.clear()
+        limits = self.config.limits
         count = self.per_ip.get(ip, 0)
-        if count >= self.config.limits.max_connections_per_ip:
+        if count >= limits.max_connections_per_ip:
+            return False
+        if self.login_sessions >= limits.max_login_sessions:
             return False
         self.per_ip[ip] = count + 1
+        self.login_sessions += 1
         return True
+
+    def logged_in(self) -> None:
+        """A counted connection has left the login stage (it is no longer pre-auth)."""
+        self.login_sessions -= 1
+
+    def claim_user(self, user: str) -> bool:
+        """Take one of ``user``'s session slots; False when they are all taken."""
+        count = self.per_user.get(user, 0)
+        if count >= self.config.limits.max_sessions_per_user:
+            return False
+        self.per_user[user] = count + 1
+        return True
+
+    def release_user(self, user: str) -> None:
+        count = self.per_user.get(user, 0) - 1
+        if count > 0:
+            self.per_user[user] = count
+        else:
+            self.per_user.pop(user, None)
 
     def disconnected(self, ip: str) -> None:
         count = self.per_ip.get(ip, 0) - 1
@@ -150,6 +180,7 @@ class Pop3Session(asyncio.Protocol):
         "_loop",
         "_lost",
         "_peer",
+        "_pre_auth",
         "_reading_paused",
         "_reason",
         "_stage",
@@ -158,6 +189,7 @@ class Pop3Session(asyncio.Protocol):
         "_timer",
         "_transport",
         "_upgrade",
+        "_user_slot",
         "_write_paused",
     )
 
@@ -175,6 +207,10 @@ class Pop3Session(asyncio.Protocol):
         self._stage: TransactionStage | None = None
         self._ip = ""
         self._counted = False
+        # Counted against max_login_sessions until login succeeds or the session ends.
+        self._pre_auth = False
+        # The user whose session slot this session holds (max_sessions_per_user).
+        self._user_slot: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -207,6 +243,7 @@ class Pop3Session(asyncio.Protocol):
             self._close(EndReason.TOO_MANY_CONNECTIONS)
             return
         self._counted = True
+        self._pre_auth = True
         if self._hub.shutting_down:
             self._write(SHUTDOWN_REPLY)
             self._close(EndReason.SHUTDOWN)
@@ -273,6 +310,7 @@ class Pop3Session(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._hub.disconnected(self._ip)
+        self._leave_login_stage()
         if self._task is None:
             self._finish()
 
@@ -372,16 +410,33 @@ class Pop3Session(asyncio.Protocol):
     # -- the stages -----------------------------------------------------------------
 
     async def _login(self, conn: ServerConnection, event: LoginRequest | ApopRequest) -> None:
-        limits = self._hub.config.limits
+        hub = self._hub
+        limits = hub.config.limits
+        penalty = hub.penalty.delay(self._ip)
+        if penalty > 0:
+            # Before the check, so a penalised address costs no hashing either.
+            await asyncio.sleep(penalty)
         outcome = await authenticate(
-            self._hub.passdb,
+            hub.passdb,
             event,
             failure_delay=limits.auth_failure_delay,
             session_id=self._stats.session_id,
         )
         if outcome.user is None:
+            if outcome.code == CODE_AUTH:
+                hub.penalty.failed(self._ip)
             conn.login_failed(outcome.code, outcome.text)
             return
+        hub.penalty.succeeded(self._ip)
+        if self._user_slot is None:
+            if not hub.claim_user(outcome.user):
+                log.info(
+                    "session=%s user=%s refused: max_sessions_per_user (%d) reached",
+                    self._stats.session_id, outcome.user, limits.max_sessions_per_user,
+                )
+                conn.login_failed("IN-USE", TOO_MANY_USER_SESSIONS)
+                return
+            self._user_slot = outcome.user
         # The one crossing from the login world into the mail world: a verified name.
         try:
             maildrop = await self._hub.store.open_maildrop(outcome.user)
@@ -393,6 +448,7 @@ class Pop3Session(asyncio.Protocol):
                 self._stats.session_id, outcome.user, exc,
                 exc_info=None if isinstance(exc, MaildropInUse) else exc,
             )
+            self._release_user_slot()
             conn.login_failed(code, text)
             return
         stage = TransactionStage(maildrop, self._stats, self._stats.session_id)
@@ -401,6 +457,7 @@ class Pop3Session(asyncio.Protocol):
             return
         self._stage = stage
         self._stats.user = outcome.user
+        self._leave_login_stage()
         conn.login_succeeded(maildrop.messages)
         # The timeout changes with the state; the watchdog takes the new one from now.
         self._cancel_watchdog()
@@ -560,7 +617,18 @@ class Pop3Session(asyncio.Protocol):
             self._task = None
             self._log_end()
 
+    def _leave_login_stage(self) -> None:
+        if self._pre_auth:
+            self._pre_auth = False
+            self._hub.logged_in()
+
+    def _release_user_slot(self) -> None:
+        if self._user_slot is not None:
+            self._hub.release_user(self._user_slot)
+            self._user_slot = None
+
     def _log_end(self) -> None:
+        self._release_user_slot()
         self._stats.log_end(self._reason or EndReason.DISCONNECT, self._detail)
         self._hub.ended(self)
 
