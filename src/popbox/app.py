@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import importlib
 import logging
 import os
 import pwd
 import signal
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -78,28 +80,101 @@ def build_ssl_context(config: Config) -> ssl.SSLContext | None:
         raise ConfigError(f"tls: cannot load {cert} / {key}: {exc}") from exc
 
 
+# Modules loaded lazily on the first login, delivery or hop to a thread. After the
+# switch, the interpreter's own files may be unreadable to the server's user (Python
+# installed under /root, as pyenv does), so they are imported while still root.
+PRELOAD_BEFORE_DROP: Final = (
+    "concurrent.futures.thread",
+    "email.parser",
+    "email.policy",
+    "popbox.auth.passwdfile",
+    "popbox.delivery.lmtp",
+    "popbox.net.service",
+    "popbox.store.maildir",
+)
+
+
 def drop_privileges(config: Config) -> None:
-    """Switch to config.user/config.group after the listeners are bound (as root)."""
-    if os.geteuid() != 0 or config.user is None:
+    """Switch to config.user/config.group after the listeners are bound (as root).
+
+    Called before any client byte is read: the listeners are bound but not served yet,
+    and the TLS key has been loaded (so it may stay readable by root alone, as with
+    Dovecot). What the server must use afterwards is handed over first: see
+    ``_hand_over``. Raises ConfigError for an unknown user or group.
+    """
+    if os.geteuid() != 0:
+        return
+    if config.user is None:
+        log.warning("running as root: set user (and group) in the config to drop privileges")
         return
     try:
         entry = pwd.getpwnam(config.user)
     except KeyError as exc:
         raise ConfigError(f"user: no such system user {config.user!r}") from exc
+    if entry.pw_uid == 0:
+        raise ConfigError(f"user: {config.user!r} is root; name an unprivileged user")
     gid = entry.pw_gid
     if config.group is not None:
         try:
             gid = grp.getgrnam(config.group).gr_gid
         except KeyError as exc:
             raise ConfigError(f"group: no such system group {config.group!r}") from exc
-    # Mail and state written from now on belong to the unprivileged user.
-    for path in (config.data_dir, config.storage.maildir_root):
-        with contextlib.suppress(FileNotFoundError):
-            os.chown(path, entry.pw_uid, gid)
+    for name in PRELOAD_BEFORE_DROP:
+        importlib.import_module(name)
+    _hand_over(config, entry.pw_uid, gid)
+    # Supplementary groups first (root's would survive setgid), then gid, then uid:
+    # after setuid nothing else can be changed.
     os.setgroups([])
     os.setgid(gid)
     os.setuid(entry.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - only a broken kernel or libc gets here
+        raise RuntimeError("privileges could be regained after dropping them")
     log.info("dropped privileges to %s (uid %d, gid %d)", config.user, entry.pw_uid, gid)
+
+
+def _hand_over(config: Config, uid: int, gid: int) -> None:
+    """Give the server's user what it needs once it is no longer root.
+
+    Root-owned entries (left by ``popbox serve``'s first run or ``popbox user add`` run
+    as root) would be unusable after the switch: data_dir, maildir_root, each user's
+    Maildir with its cur/new/tmp and index, are handed to uid:gid. Message files are
+    not walked (there may be millions): deliveries must run as the server's user (see
+    docs/security.md). The passwd file stays root's and becomes readable by ``gid``
+    (mode 0640), so a compromised server still cannot add users or change passwords.
+    """
+    def hand(path: str | os.PathLike[str]) -> None:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if info.st_uid == 0 and not stat.S_ISLNK(info.st_mode):
+            os.chown(path, uid, gid, follow_symlinks=False)
+
+    hand(config.data_dir)
+    hand(config.storage.maildir_root)
+    with (
+        contextlib.suppress(FileNotFoundError, NotADirectoryError),
+        os.scandir(config.storage.maildir_root) as users,
+    ):
+        for user in users:
+            hand(user.path)
+            if user.is_dir(follow_symlinks=False):
+                with os.scandir(user.path) as parts:
+                    for part in parts:
+                        hand(part.path)
+    passwd = config.auth.passwd_file
+    try:
+        info = os.stat(passwd)
+    except FileNotFoundError:
+        return
+    readable = info.st_gid == gid and info.st_mode & stat.S_IRGRP
+    if info.st_uid == 0 and not readable:
+        os.chown(passwd, 0, gid)
+        os.chmod(passwd, (stat.S_IMODE(info.st_mode) | stat.S_IRGRP) & ~stat.S_IWGRP)
 
 
 @dataclass

@@ -96,7 +96,7 @@ class ServerProcess:
     def status(self, field_name: str) -> str:
         """A line of /proc/PID/status, e.g. ``Uid`` or ``VmHWM``."""
         text = Path(f"/proc/{self.pid}/status").read_text()
-        match = re.search(rf"^{field_name}:\s*(.*)$", text, re.MULTILINE)
+        match = re.search(rf"^{field_name}:[ \t]*(.*)$", text, re.MULTILINE)
         assert match is not None, field_name
         return match.group(1)
 
