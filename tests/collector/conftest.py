@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +16,20 @@ from support.dovecot import DovecotServer, start_dovecot
 
 
 @pytest.fixture
-def dovecot(tmp_path: Path, tls_files: Any) -> Iterator[DovecotServer]:
+def dovecot(tls_files: Any) -> Iterator[DovecotServer]:
     """A private Dovecot with user alice (password "secret") and an empty Maildir."""
-    server = start_dovecot(tmp_path / "dovecot", tls_files.cert, tls_files.key)
-    server.add_user("alice", "secret")
+    # Not under tmp_path: Dovecot's unprivileged processes need to traverse the path,
+    # and pytest keeps (and concurrent pytest runs reset) its tmp tree at mode 0700.
+    root = Path(tempfile.mkdtemp(prefix="popbox-dovecot-"))
     try:
-        yield server
+        server = start_dovecot(root, tls_files.cert, tls_files.key)
+        server.add_user("alice", "secret")
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

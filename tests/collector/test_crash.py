@@ -52,7 +52,7 @@ path = "{out}"
     )
 
 
-def _run(config: Path, rng: random.Random | None) -> int | None:
+def _run(config: Path, rng: random.Random | None, log: list[bytes] | None = None) -> int | None:
     """Run one fetch; with ``rng``, SIGKILL it at a random point. None = killed."""
     env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")
     process = subprocess.Popen(
@@ -64,7 +64,9 @@ def _run(config: Path, rng: random.Random | None) -> int | None:
     assert process.stderr is not None
     with process.stderr:
         if rng is None:
-            process.stderr.read()
+            output = process.stderr.read()
+            if log is not None:
+                log.append(output)
             return process.wait(120)
         # Kill after the k-th delivery plus a few milliseconds (inside the next RETR,
         # sink write or state commit), or for k = 0 at a random time after start.
@@ -119,7 +121,9 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(
         killed += status is None
     deadline = time.monotonic() + 120
     while dovecot.stored_messages("alice") and time.monotonic() < deadline:
-        assert _run(config, None) == 0
+        output: list[bytes] = []
+        status = _run(config, None, output)
+        assert status == 0, output[-1].decode(errors="replace")[-1000:] + dovecot.log()[-3000:]
     print(f"crash rounds={ROUNDS} killed={killed}")
     assert killed >= ROUNDS // 3, "the kills should mostly land while the collector runs"
     written = maildir_messages(out) if kind == "maildir" else mbox_messages(out)

@@ -158,12 +158,17 @@ def start_dovecot(root: Path, cert: Path, key: Path, extra_config: str = "") -> 
     if reason:
         pytest.skip(reason)
     root.mkdir(parents=True, exist_ok=True)
-    # Dovecot's login processes run as dovenull and must reach the certificate and
-    # the run directory; a pytest tmp dir is 0700 root.
-    for path in [root, *root.parents]:
-        if path == Path("/"):
-            break
-        path.chmod(path.stat().st_mode | 0o711)
+    # Dovecot's unprivileged processes (dovenull, dovecot, mail) must reach everything
+    # under root; root's parents must be searchable too, so callers put root outside
+    # pytest's 0700 tmp tree (tempfile.mkdtemp under /tmp: other pytest runs reset
+    # /tmp/pytest-of-root to 0700 at any moment).
+    root.chmod(0o711)
+    # Private copies: the certificate must stay readable however the caller's
+    # directory is protected.
+    shutil.copyfile(cert, root / "cert.pem")
+    shutil.copyfile(key, root / "key.pem")
+    (root / "key.pem").chmod(0o600)
+    cert, key = root / "cert.pem", root / "key.pem"
     for sub in ("run", "state", "mail", "home"):
         (root / sub).mkdir(exist_ok=True)
     server = DovecotServer(root=root, pop3_port=free_port(), pop3s_port=free_port())
