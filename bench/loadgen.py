@@ -1,0 +1,437 @@
+"""The asyncio load generator: POP3 scenarios against any server, with their own CPU use.
+
+Each scenario returns a ``Result``: its figure, the wall time, and the CPU seconds the
+server tree and this process spent, so the report can show that the load generator was
+not the bottleneck (its CPU next to the server's; both share the machine's cores).
+
+The client is deliberately minimal and works on whole buffers: replies are found with
+``bytes.find``, multi-line bodies are un-stuffed with one ``replace`` and checked with
+one SHA-256, so a client costs much less CPU per byte than a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from bench.mailgen import MailboxManifest
+from bench.servers import Server
+
+__all__ = ["Pop3Client", "Result", "client_tls_context"]
+
+READ_SIZE: Final = 256 * 1024
+# A reply that takes longer than this means the server is stuck; fail the scenario.
+REPLY_TIMEOUT: Final = 600.0
+
+
+class Pop3Error(Exception):
+    """An -ERR reply or a broken conversation."""
+
+
+def client_tls_context(cafile: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cafile))
+    return context
+
+
+class Pop3Client:
+    """One POP3 connection with its own read buffer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buffer = bytearray()
+
+    @classmethod
+    async def connect(cls, server: Server, security: str, tls: ssl.SSLContext | None) -> Pop3Client:
+        """security: "plain", "stls" (STLS after the greeting) or "tls" (implicit)."""
+        if security == "tls":
+            reader, writer = await asyncio.open_connection(
+                server.host, server.pop3s_port, ssl=tls, server_hostname="localhost",
+                limit=READ_SIZE,
+            )
+        else:
+            reader, writer = await asyncio.open_connection(
+                server.host, server.pop3_port, limit=READ_SIZE
+            )
+        client = cls(reader, writer)
+        await client.expect_ok()
+        if security == "stls":
+            client.writer.write(b"STLS\r\n")
+            await client.expect_ok()
+            assert tls is not None
+            await client.writer.start_tls(tls, server_hostname="localhost")
+        return client
+
+    async def _fill(self) -> None:
+        data = await self.reader.read(READ_SIZE)
+        if not data:
+            raise Pop3Error("connection closed by the server")
+        self.buffer += data
+
+    async def line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            await self._fill()
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+    async def expect_ok(self) -> bytes:
+        line = await self.line()
+        if not line.startswith(b"+OK"):
+            raise Pop3Error(line.decode("utf-8", "replace"))
+        return line
+
+    async def command(self, text: str) -> bytes:
+        self.writer.write(text.encode() + b"\r\n")
+        return await self.expect_ok()
+
+    async def body(self) -> bytes:
+        """The rest of a multi-line reply, un-stuffed, CRLF line ends kept."""
+        while len(self.buffer) < 3:
+            await self._fill()
+        # The body's first line cannot be "." alone (it would be stuffed), so this is
+        # the empty body.
+        if self.buffer[:3] == b".\r\n":
+            del self.buffer[:3]
+            return b""
+        start = 0
+        while (end := self.buffer.find(b"\r\n.\r\n", start)) < 0:
+            start = max(0, len(self.buffer) - 4)
+            await self._fill()
+        data = bytes(self.buffer[: end + 2])
+        del self.buffer[: end + 5]
+        data = data.replace(b"\r\n..", b"\r\n.")
+        if data.startswith(b".."):
+            data = data[1:]
+        return data
+
+    async def multi(self, text: str) -> bytes:
+        await self.command(text)
+        return await self.body()
+
+    async def login(self, user: str, password: str, mechanism: str = "user") -> None:
+        if mechanism == "plain":
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            await self.command(f"AUTH PLAIN {token}")
+        else:
+            await self.command(f"USER {user}")
+            await self.command(f"PASS {password}")
+
+    async def quit(self) -> None:
+        try:
+            await self.command("QUIT")
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+@dataclass
+class Result:
+    """One scenario's figure with the CPU both sides used meanwhile."""
+
+    value: float
+    unit: str
+    wall: float
+    server_cpu: float
+    client_cpu: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+Body = Callable[[], Awaitable[tuple[float, str, dict[str, float]]]]
+
+
+async def measured(server: Server, body: Body) -> Result:
+    """Run ``body`` and attach wall time and the CPU of server tree and load generator."""
+    cpu0 = server.cpu_seconds()
+    own0 = time.process_time()
+    start = time.perf_counter()
+    value, unit, extra = await body()
+    wall = time.perf_counter() - start
+    own = time.process_time() - own0
+    cpu = server.cpu_seconds() - cpu0
+    return Result(value, unit, wall, cpu, own, extra)
+
+
+async def login_rate(server: Server, users: Sequence[str], password: str, *, clients: int,
+                     security: str, tls: ssl.SSLContext, duration: float,
+                     mechanism: str = "user") -> Result:
+    """Complete sessions per second: connect, [TLS], login, STAT, QUIT."""
+
+    async def one_client(user: str, deadline: float, counts: list[int]) -> None:
+        while time.perf_counter() < deadline:
+            client = await Pop3Client.connect(server, security, tls)
+            await client.login(user, password, mechanism)
+            await client.command("STAT")
+            await client.quit()
+            counts[0] += 1
+
+    async def body() -> tuple[float, str, dict[str, float]]:
+        counts = [0]
+        start = time.perf_counter()
+        deadline = start + duration
+        await asyncio.gather(*(one_client(users[i % len(users)], deadline, counts)
+                               for i in range(clients)))
+        elapsed = time.perf_counter() - start
+        return counts[0] / elapsed, "logins/s", {"sessions": counts[0]}
+
+    return await measured(server, body)
+
+
+async def download_mailbox(client: Pop3Client, manifest: MailboxManifest) -> int:
+    """RETR every message; check the multiset of wire hashes; return wire octets."""
+    stat = await client.command("STAT")
+    count = int(stat.split()[1])
+    got: Counter[str] = Counter()
+    octets = 0
+    for number in range(1, count + 1):
+        data = await client.multi(f"RETR {number}")
+        octets += len(data)
+        got[hashlib.sha256(data).hexdigest()] += 1
+    if got != Counter(manifest.hashes):
+        raise Pop3Error(f"{manifest.mailbox}: downloaded messages differ from the generated ones")
+    return octets
+
+
+async def retr_throughput(server: Server, users: Sequence[str],
+                          manifests: dict[str, MailboxManifest], password: str, *,
+                          clients: int, security: str, tls: ssl.SSLContext,
+                          duration: float) -> Result:
+    """MB/s of whole-mailbox downloads, every message checked byte-exact.
+
+    Each client downloads its own mailbox again and again (without DELE) until the
+    duration is over, finishing the session it is in.
+    """
+
+    async def one_client(user: str, deadline: float, totals: list[int]) -> None:
+        while True:
+            client = await Pop3Client.connect(server, security, tls)
+            await client.login(user, password)
+            totals[0] += await download_mailbox(client, manifests[user])
+            totals[1] += len(manifests[user].hashes)
+            await client.quit()
+            if time.perf_counter() >= deadline:
+                return
+
+    async def body() -> tuple[float, str, dict[str, float]]:
+        totals = [0, 0]
+        start = time.perf_counter()
+        deadline = start + duration
+        await asyncio.gather(*(one_client(users[i], deadline, totals) for i in range(clients)))
+        elapsed = time.perf_counter() - start
+        return totals[0] / elapsed / 1e6, "MB/s", {"octets": totals[0], "messages": totals[1]}
+
+    result = await measured(server, body)
+    gigabytes = result.extra["octets"] / 1e9
+    result.extra["server_cpu_s_per_gb"] = result.server_cpu / gigabytes
+    result.extra["client_cpu_s_per_gb"] = result.client_cpu / gigabytes
+    return result
+
+
+async def bigbox_login(server: Server, user: str, password: str, expected: int) -> Result:
+    """Seconds from connect to the last line of UIDL on a big maildrop."""
+
+    async def body() -> tuple[float, str, dict[str, float]]:
+        start = time.perf_counter()
+        client = await Pop3Client.connect(server, "plain", None)
+        await client.login(user, password)
+        listing = await client.multi("UIDL")
+        elapsed = time.perf_counter() - start
+        lines = listing.count(b"\r\n")
+        await client.quit()
+        if lines != expected:
+            raise Pop3Error(f"UIDL listed {lines} messages, expected {expected}")
+        return elapsed, "s", {}
+
+    return await measured(server, body)
+
+
+async def idle_memory(server: Server, users: Sequence[str], password: str, *, security: str,
+                      tls: ssl.SSLContext, settle: float = 2.0, parallel: int = 50) -> Result:
+    """PSS of the server tree per authenticated idle session, above the baseline."""
+
+    async def body() -> tuple[float, str, dict[str, float]]:
+        await asyncio.sleep(settle)
+        baseline = server.pss_kib()
+        procs0 = server.process_count()
+        clients: list[Pop3Client] = []
+        gate = asyncio.Semaphore(parallel)
+
+        async def open_one(user: str) -> None:
+            async with gate:
+                client = await Pop3Client.connect(server, security, tls)
+                await client.login(user, password)
+                await client.command("STAT")
+                clients.append(client)
+
+        try:
+            await asyncio.gather(*(open_one(user) for user in users))
+            await asyncio.sleep(settle)
+            loaded = server.pss_kib()
+            procs = server.process_count()
+            # Every session must still answer: an idle session the server dropped
+            # would make the memory figure a lie.
+            for client in clients:
+                client.writer.write(b"NOOP\r\n")
+            for client in clients:
+                await client.expect_ok()
+        finally:
+            await asyncio.gather(*(client.close() for client in clients),
+                                 return_exceptions=True)
+        per_session = (loaded - baseline) / len(users)
+        return per_session, "KiB/session", {
+            "sessions": len(users), "baseline_kib": baseline, "loaded_kib": loaded,
+            "processes_before": procs0, "processes_loaded": procs,
+        }
+
+    return await measured(server, body)
+
+
+PIPELINE_MIX: Final = ("STAT", "LIST 1", "UIDL 2", "NOOP")
+
+
+async def pipeline(server: Server, user: str, password: str, *, commands: int = 1000,
+                   rounds: int = 20) -> Result:
+    """Median milliseconds from one write of ``commands`` commands to the last reply."""
+
+    async def body() -> tuple[float, str, dict[str, float]]:
+        client = await Pop3Client.connect(server, "plain", None)
+        await client.login(user, password)
+        burst = "".join(f"{PIPELINE_MIX[i % len(PIPELINE_MIX)]}\r\n"
+                        for i in range(commands)).encode()
+        times: list[float] = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            client.writer.write(burst)
+            for _ in range(commands):
+                await client.expect_ok()
+            times.append(time.perf_counter() - start)
+        await client.quit()
+        times.sort()
+        return times[len(times) // 2] * 1000, "ms", {"best_ms": times[0] * 1000}
+
+    return await measured(server, body)
+
+
+class Deliverer:
+    """Puts new mail into the churn users' mailboxes while they are polled."""
+
+    def __init__(self, server: Server, owner: tuple[int, int] | None) -> None:
+        self.server = server
+        self.owner = owner
+        self.sequence = 0
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _lmtp_reply(self) -> bytes:
+        assert self.reader is not None
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise Pop3Error("LMTP connection closed")
+            if line[3:4] != b"-":
+                if not line.startswith(b"2") and not line.startswith(b"3"):
+                    raise Pop3Error(f"LMTP: {line!r}")
+                return line
+
+    async def deliver(self, user: str, data: bytes) -> None:
+        self.sequence += 1
+        if self.server.lmtp_port is not None:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(
+                    self.server.host, self.server.lmtp_port)
+                await self._lmtp_reply()
+                self.writer.write(b"LHLO bench.example\r\n")
+                await self._lmtp_reply()
+            stuffed = data.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+            if stuffed.startswith(b"."):
+                stuffed = b"." + stuffed
+            self.writer.write(b"MAIL FROM:<bench@example.org>\r\n")
+            await self._lmtp_reply()
+            self.writer.write(f"RCPT TO:<{user}>\r\n".encode())
+            await self._lmtp_reply()
+            self.writer.write(b"DATA\r\n")
+            await self._lmtp_reply()
+            self.writer.write(stuffed + b".\r\n")
+            await self._lmtp_reply()
+        else:
+            # Dovecot: a direct Maildir delivery (tmp/, then rename into new/), the
+            # cheapest way in; it costs this process, not the server.
+            maildir = self.server.maildir_root / user
+            name = f"{time.time():.0f}.M{self.sequence}P{os.getpid()}.churn"
+            tmp = maildir / "tmp" / name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            if self.owner is not None:
+                os.chown(tmp, *self.owner)
+            os.rename(tmp, maildir / "new" / name)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.write(b"QUIT\r\n")
+            self.writer.close()
+
+
+async def churn(server: Server, users: Sequence[str], password: str, *, duration: float,
+                deliveries_per_second: float, message_source: Callable[[int], bytes],
+                owner: tuple[int, int] | None) -> Result:
+    """Poll sessions per second: STAT, UIDL, RETR all, DELE all, QUIT, while mail arrives."""
+
+    async def poller(user: str, deadline: float, totals: list[int]) -> None:
+        while time.perf_counter() < deadline:
+            client = await Pop3Client.connect(server, "plain", None)
+            await client.login(user, password)
+            stat = await client.command("STAT")
+            count = int(stat.split()[1])
+            await client.multi("UIDL")
+            for number in range(1, count + 1):
+                await client.multi(f"RETR {number}")
+            for number in range(1, count + 1):
+                await client.command(f"DELE {number}")
+            await client.quit()
+            totals[0] += 1
+            totals[1] += count
+
+    async def delivery(deadline: float, totals: list[int]) -> None:
+        deliverer = Deliverer(server, owner)
+        rng = random.Random(7)
+        interval = 1.0 / deliveries_per_second
+        next_at = time.perf_counter()
+        try:
+            while (now := time.perf_counter()) < deadline:
+                if now < next_at:
+                    await asyncio.sleep(next_at - now)
+                next_at += interval
+                await deliverer.deliver(rng.choice(users), message_source(totals[2]))
+                totals[2] += 1
+        finally:
+            await deliverer.close()
+
+    async def body() -> tuple[float, str, dict[str, float]]:
+        totals = [0, 0, 0]
+        start = time.perf_counter()
+        deadline = start + duration
+        await asyncio.gather(delivery(deadline, totals),
+                             *(poller(user, deadline, totals) for user in users))
+        elapsed = time.perf_counter() - start
+        return totals[0] / elapsed, "sessions/s", {
+            "sessions": totals[0], "retrieved": totals[1], "delivered": totals[2]}
+
+    return await measured(server, body)
