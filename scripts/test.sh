@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,fast]'
+.venv/bin/python -m pip install -q -e '.[test,fast,fuzz]'
 
 .venv/bin/ruff check .
 .venv/bin/mypy
