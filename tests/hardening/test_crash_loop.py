@@ -49,7 +49,8 @@ class Ledger:
         with self.lock:
             number = self.next_number
             self.next_number += 1
-        body = b"".join(rng.randbytes(24).hex().encode() + b"\r\n" for _ in range(rng.randint(1, 3000)))
+        lines = rng.randint(1, 3000)
+        body = b"".join(rng.randbytes(24).hex().encode() + b"\r\n" for _ in range(lines))
         data = (
             f"Message-ID: <kill-{number}@popbox.test>\r\nSubject: {number}\r\n\r\n".encode() + body
         )
@@ -64,18 +65,20 @@ class Ledger:
 
 
 def deliver_until_killed(server: ServerProcess, ledger: Ledger, rng: random.Random) -> None:
-    with contextlib.suppress(smtplib.SMTPException, OSError):
-        with smtplib.LMTP("127.0.0.1", server.lmtp_port, timeout=10) as client:
-            client.ehlo("crash.test")
-            while True:
-                user = rng.choice(USERS)
-                number, data = ledger.new_message(rng)
-                client.mail("sender@example.net")
-                client.rcpt(f"{user}@example.test")
-                code, _ = client.data(data)
-                if code == 250:
-                    with ledger.lock:
-                        ledger.acked.add((user, number))
+    with (
+        contextlib.suppress(smtplib.SMTPException, OSError),
+        smtplib.LMTP("127.0.0.1", server.lmtp_port, timeout=10) as client,
+    ):
+        client.ehlo("crash.test")
+        while True:
+            user = rng.choice(USERS)
+            number, data = ledger.new_message(rng)
+            client.mail("sender@example.net")
+            client.rcpt(f"{user}@example.test")
+            code, _ = client.data(data)
+            if code == 250:
+                with ledger.lock:
+                    ledger.acked.add((user, number))
 
 
 def pop_until_killed(
