@@ -438,8 +438,7 @@ class Poller:
         """Offer the message to every sink that lacks it; "delivered", "quarantined" or
         "failed" (temporary; retried next run)."""
         name, uid = self.account.name, message.uidl
-        attempts = await self.db.call(self.db.start_attempt, name, uid, message.size)
-        done = self.db.sinks_done(name, uid)
+        attempts, done = await self.db.call(self._begin, name, uid, message.size)
         last: str | None = None
         try:
             for index, sink in enumerate(self.sinks):
@@ -467,18 +466,25 @@ class Poller:
                 "delivery failed account=%s uid=%s attempt=%d: %s", name, uid, attempts, exc
             )
             return "failed"
-        await self.db.call(
-            self.db.record_delivered,
-            name,
-            uid,
-            message.size,
-            message.sha256,
-            sink=last,
-            header_uid=await asyncio.to_thread(_header_uid_of_file, message.path),
-        )
+        await self.db.call(self._finish, message, last)
         self.result.delivered += 1
         log.info("delivered account=%s uid=%s size=%d", name, uid, message.size)
         return "delivered"
+
+    # The two state steps around the sinks, each one trip to a worker thread.
+
+    def _begin(self, name: str, uid: str, size: int) -> tuple[int, set[str]]:
+        return self.db.start_attempt(name, uid, size), self.db.sinks_done(name, uid)
+
+    def _finish(self, message: FetchedMessage, last_sink: str | None) -> None:
+        self.db.record_delivered(
+            message.account,
+            message.uidl,
+            message.size,
+            message.sha256,
+            sink=last_sink,
+            header_uid=_header_uid_of_file(message.path),
+        )
 
     def _quarantine(self, message: FetchedMessage, reason: str) -> str:
         name = self.account.name
