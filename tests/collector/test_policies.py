@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -167,3 +168,68 @@ path = "{tmp_path / "out"}"
     assert b"poll done account=alice" in rest
     delivered = len(maildir_messages(tmp_path / "out"))
     assert 1 <= delivered <= 40
+
+
+async def test_two_collectors_never_poll_one_account_at_once(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from popbox.collector.poll import Poller
+    from popbox.collector.state import StateDB
+
+    settings = settings_for(fake, tmp_path, monkeypatch)
+    first_db, second_db = StateDB(settings.state_db_path), StateDB(settings.state_db_path)
+    try:
+        first, second = await asyncio.gather(
+            Poller(settings.accounts[0], settings, first_db).run(),
+            Poller(settings.accounts[0], settings, second_db).run(),
+        )
+    finally:
+        first_db.close()
+        second_db.close()
+    assert first.delivered + second.delivered == 3
+    assert any("another collector" in note for note in first.notes + second.notes)
+    assert len(maildir_messages(tmp_path / "out")) == 3
+
+
+def test_cli_polls_several_accounts_and_selects_with_account(
+    dovecot: DovecotServer, tls_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from popbox.collector.cli import fetch_command
+
+    dovecot.add_user("bob", "secret")
+    for index in range(3):
+        dovecot.add_message("alice", message(index))
+        dovecot.add_message("bob", message(10 + index))
+    accounts = ""
+    for user in ("alice", "bob"):
+        accounts += f"""
+[[fetch.accounts]]
+name = "{user}"
+host = "127.0.0.1"
+port = {dovecot.pop3s_port}
+username = "{user}"
+password_env = "POPBOX_TEST_PASSWORD"
+ca_file = "{tls_files.ca}"
+tls_server_name = "localhost"
+[[fetch.accounts.sinks]]
+kind = "maildir"
+path = "{tmp_path / user}"
+"""
+    config = tmp_path / "popbox.toml"
+    config.write_text(f'[fetch]\nstate_dir = "{tmp_path / "state"}"\n' + accounts)
+    monkeypatch.setenv("POPBOX_TEST_PASSWORD", "secret")
+    runner = CliRunner()
+    only_bob = runner.invoke(fetch_command, ["--config", str(config), "--account", "bob"])
+    assert only_bob.exit_code == 0, only_bob.output
+    assert len(maildir_messages(tmp_path / "bob")) == 3
+    assert not (tmp_path / "alice").exists()
+    both = runner.invoke(fetch_command, ["--config", str(config)])
+    assert both.exit_code == 0, both.output
+    assert len(maildir_messages(tmp_path / "alice")) == 3
+    assert len(maildir_messages(tmp_path / "bob")) == 3
+    status = runner.invoke(fetch_command, ["--config", str(config), "--status"])
+    assert status.exit_code == 0
+    assert "alice" in status.output
+    assert "bob" in status.output
