@@ -39,7 +39,7 @@ from popbox.collector.client import MAX_HEADER_BYTES, Downloaded, Pop3Session
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.quarantine import Quarantine
 from popbox.collector.sinks import SinkContext, build_sink
-from popbox.collector.state import MessageRecord, StateDB
+from popbox.collector.state import Delivered, DeliveryRecorder, MessageRecord, StateDB
 from popbox.errors import (
     PermanentSinkError,
     PopboxError,
@@ -144,6 +144,7 @@ class Poller:
         self._observer = observer or PollObserver()
         self._spool = settings.spool_path / account.name
         self.result = PollResult(account.name)
+        self._recorder = DeliveryRecorder(db)
 
     # ---------------------------------------------------------------- the run
 
@@ -481,25 +482,16 @@ class Poller:
                 "delivery failed account=%s uid=%s attempt=%d: %s", name, uid, attempts, exc
             )
             return "failed"
-        await self.db.call(self._finish, message, last)
+        header = await asyncio.to_thread(_header_uid_of_file, message.path)
+        await self._recorder.record(Delivered(name, uid, message.sha256, last, header))
         self.result.delivered += 1
         log.info("delivered account=%s uid=%s size=%d", name, uid, message.size)
         return "delivered"
 
-    # The two state steps around the sinks, each one trip to a worker thread.
+    # Before the sinks: count the attempt and learn which sinks have it, one thread trip.
 
     def _begin(self, name: str, uid: str, size: int) -> tuple[int, set[str]]:
         return self.db.start_attempt(name, uid, size), self.db.sinks_done(name, uid)
-
-    def _finish(self, message: FetchedMessage, last_sink: str | None) -> None:
-        self.db.record_delivered(
-            message.account,
-            message.uidl,
-            message.size,
-            message.sha256,
-            sink=last_sink,
-            header_uid=_header_uid_of_file(message.path),
-        )
 
     def _quarantine(self, message: FetchedMessage, reason: str) -> str:
         name = self.account.name

@@ -17,7 +17,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 
 from popbox.errors import CollectorError
 
-__all__ = ["AccountStatus", "MessageRecord", "StateDB"]
+__all__ = ["AccountStatus", "Delivered", "DeliveryRecorder", "MessageRecord", "StateDB"]
 
 T = TypeVar("T")
 
@@ -67,6 +67,56 @@ CREATE TABLE IF NOT EXISTS runs (
     pending        INTEGER NOT NULL DEFAULT 0
 );
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One "delivered" record for ``record_delivered_many``."""
+
+    account: str
+    uid: str
+    sha256: str
+    sink: str | None = None
+    """The last sink's confirmation, recorded in the same transaction."""
+    header_uid: str | None = None
+
+
+class DeliveryRecorder:
+    """Group commit: concurrent deliveries that finish together share one transaction
+    (one fsync). ``record`` returns only once the record is durable, exactly like a
+    commit of its own, so the exactly-once argument is unchanged."""
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
+        self._waiting: list[tuple[Delivered, asyncio.Future[None]]] = []
+        self._flushing = False
+
+    async def record(self, row: Delivered) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    await asyncio.to_thread(
+                        self._db.record_delivered_many, [row for row, _ in batch]
+                    )
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._flushing = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,19 +326,23 @@ class StateDB:
     ) -> None:
         """Mark the message delivered; with ``sink``, record that sink's confirmation in
         the same transaction (one fsync for the common single-sink case)."""
+        self.record_delivered_many([Delivered(account, uid, sha256, sink, header_uid)])
+
+    def record_delivered_many(self, rows: Sequence[Delivered]) -> None:
+        """Several messages delivered, in one transaction: one fsync for all."""
+        now = time.time()
         with self._write() as db:
-            if sink is not None:
-                db.execute(
-                    "INSERT OR IGNORE INTO sink_deliveries (account, uid, sink, delivered_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (account, uid, sink, time.time()),
-                )
-            db.execute(
+            db.executemany(
+                "INSERT OR IGNORE INTO sink_deliveries (account, uid, sink, delivered_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(row.account, row.uid, row.sink, now) for row in rows if row.sink],
+            )
+            db.executemany(
                 # size stays what LIST said at first sight: the UIDL sanity check
                 # compares it with later LISTs, and some servers' LIST sizes are off.
                 "UPDATE messages SET delivered_at = ?, sha256 = ?, header_uid = ?,"
                 " quarantined = 0, last_error = NULL WHERE account = ? AND uid = ?",
-                (time.time(), sha256, header_uid, account, uid),
+                [(now, row.sha256, row.header_uid, row.account, row.uid) for row in rows],
             )
 
     def adopt_header_uids(self, account: str, header_uids: Iterable[str]) -> int:
