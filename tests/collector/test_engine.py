@@ -138,3 +138,31 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert status.exit_code == EXIT_OK
     assert "cannot connect" in status.output
     assert load_fetch_settings(good).accounts[0].name == "a"
+
+
+async def test_group_commit_shares_transactions_and_waits_for_durability(tmp_path: Path) -> None:
+    import asyncio
+
+    from popbox.collector.state import Delivered, DeliveryRecorder
+
+    db = StateDB(tmp_path / "s.sqlite")
+    batches: list[int] = []
+    original = db.record_delivered_many
+
+    def spy(rows: list[Delivered]) -> None:
+        batches.append(len(rows))
+        original(rows)
+
+    db.record_delivered_many = spy  # type: ignore[method-assign]
+    for index in range(10):
+        db.start_attempt("a", f"u{index}", 1)
+    recorder = DeliveryRecorder(db)
+    await asyncio.gather(
+        *(recorder.record(Delivered("a", f"u{index}", "0" * 64, "sink")) for index in range(10))
+    )
+    assert sum(batches) == 10
+    assert len(batches) < 10
+    records = db.records("a")
+    assert all(records[f"u{index}"].delivered_at is not None for index in range(10))
+    assert db.sinks_done("a", "u3") == {"sink"}
+    db.close()
