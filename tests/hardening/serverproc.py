@@ -22,6 +22,20 @@ START_TIMEOUT = 30.0
 PASSWORD = "secret"
 
 
+class ClosingPOP3(poplib.POP3):
+    """poplib.POP3 that closes its socket when the greeting never comes (a killed or
+    overloaded server), instead of leaving it to the garbage collector."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        try:
+            super().__init__(host, port, timeout=timeout)
+        except BaseException:
+            sock = getattr(self, "sock", None)
+            if sock is not None:
+                sock.close()
+            raise
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,6 +87,12 @@ class ServerProcess:
         if pending:
             self.kill()
             raise AssertionError(f"popbox serve did not start:\n{self.log_text()}")
+        # Bound sockets accept before the server serves them (the privilege drop and
+        # the imports come in between): wait for a greeting, so measurements start
+        # from a server that is up.
+        with socket.create_connection(("127.0.0.1", self.pop3_port), timeout=START_TIMEOUT) as sock:
+            sock.settimeout(START_TIMEOUT)
+            assert sock.recv(1024).startswith(b"+OK"), self.log_text()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -104,9 +124,13 @@ class ServerProcess:
         return int(self.status("VmRSS").split()[0])
 
     def pop3(self, user: str, timeout: float = 10.0) -> poplib.POP3:
-        client = poplib.POP3("127.0.0.1", self.pop3_port, timeout=timeout)
-        client.user(user)
-        client.pass_(PASSWORD)
+        client = ClosingPOP3("127.0.0.1", self.pop3_port, timeout=timeout)
+        try:
+            client.user(user)
+            client.pass_(PASSWORD)
+        except BaseException:
+            client.close()
+            raise
         return client
 
 

@@ -19,7 +19,7 @@ import smtplib
 import threading
 from pathlib import Path
 
-from serverproc import PASSWORD, ServerProcess, make_server
+from serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
 
 from popbox.store.maildir import MaildirStore
 
@@ -88,7 +88,7 @@ def pop_until_killed(
     try:
         while True:
             user = rng.choice(USERS)
-            client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=10)
+            client = ClosingPOP3("127.0.0.1", server.pop3_port, timeout=10)
             try:
                 pop_session(client, user, ledger, rng)
             finally:

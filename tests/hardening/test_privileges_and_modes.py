@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
-import poplib
 import pwd
 import shutil
 import socket
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverproc import PASSWORD, deliver_lmtp, free_port, make_server, running
+from serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, free_port, make_server, running
 
 from popbox.config import load_config
 from popbox.errors import ConfigError
@@ -73,9 +72,6 @@ def test_root_started_server_runs_as_the_configured_user_after_binding(
     passwd = server.directory / "passwd"
     assert passwd.stat().st_uid == 0
     with running(server):
-        assert _ids(server.status("Uid")) == [uid] * 4
-        assert _ids(server.status("Gid")) == [gid] * 4
-        assert server.status("Groups").strip() == ""
         # The kernel queues connections once the sockets are bound (before the drop);
         # the server starts taking them only later.
         for _ in range(300):
@@ -83,12 +79,15 @@ def test_root_started_server_runs_as_the_configured_user_after_binding(
             if "POP3 listening" in log:
                 break
             time.sleep(0.05)
+        assert _ids(server.status("Uid")) == [uid] * 4
+        assert _ids(server.status("Gid")) == [gid] * 4
+        assert server.status("Groups").strip() == ""
         # Dropped before any listener is served, so before any client byte is read.
         assert log.index("dropped privileges") < log.index("POP3 listening")
 
         message = b"Subject: private\r\n\r\nfor alice only\r\n"
         assert deliver_lmtp(server.lmtp_port, "alice", message) == 250
-        client = poplib.POP3("127.0.0.1", port, timeout=10)
+        client = ClosingPOP3("127.0.0.1", port, timeout=10)
         # The TLS key was loaded as root before the drop: STLS works though the key
         # file stays root's alone.
         context = ssl.create_default_context()
