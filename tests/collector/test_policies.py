@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,10 +156,15 @@ path = "{tmp_path / "out"}"
         stderr=subprocess.PIPE,
     )
     assert process.stderr is not None
+    # A daemon that never delivers would keep the loop below reading forever.
+    watchdog = threading.Timer(60, process.kill)
+    watchdog.start()
     with process.stderr:
         for line in process.stderr:
             if b" delivered account=" in line:
                 break
+        watchdog.cancel()
+        assert process.poll() is None, "the daemon ended before delivering anything"
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert process.wait(20) == 0
