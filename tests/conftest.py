@@ -1,7 +1,10 @@
-"""Fixtures shared by every test area: a test CA and a server certificate."""
+"""Fixtures shared by every test area: a test CA, a server certificate, shared dirs."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,3 +35,19 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     server.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     server.private_key_pem.write_to_path(str(key_path))
     return TlsFiles(ca=ca_path, cert=cert_path, key=key_path, authority=ca)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory that other system users can traverse (mode 0711).
+
+    Real servers drop to their own users (Dovecot's mail and dovenull, getmail's
+    refusal to run as root), and pytest keeps its tmp tree at 0700 (concurrent runs
+    reset it to that at any moment), so their files live here instead.
+    """
+    root = Path(tempfile.mkdtemp(prefix="popbox-test-"))
+    root.chmod(0o711)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,20 +14,14 @@ from support.dovecot import DovecotServer, start_dovecot
 
 
 @pytest.fixture
-def dovecot(tls_files: Any) -> Iterator[DovecotServer]:
+def dovecot(tls_files: Any, shared_tmp: Path) -> Iterator[DovecotServer]:
     """A private Dovecot with user alice (password "secret") and an empty Maildir."""
-    # Not under tmp_path: Dovecot's unprivileged processes need to traverse the path,
-    # and pytest keeps (and concurrent pytest runs reset) its tmp tree at mode 0700.
-    root = Path(tempfile.mkdtemp(prefix="popbox-dovecot-"))
+    server = start_dovecot(shared_tmp, tls_files.cert, tls_files.key)
+    server.add_user("alice", "secret")
     try:
-        server = start_dovecot(root, tls_files.cert, tls_files.key)
-        server.add_user("alice", "secret")
-        try:
-            yield server
-        finally:
-            server.stop()
+        yield server
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 @pytest.fixture

@@ -35,11 +35,11 @@ MESSAGES = [
 
 
 @pytest.fixture
-def dovecot(tmp_path: Path, tls_files: Any) -> Iterator[DovecotServer]:
+def dovecot(shared_tmp: Path, tls_files: Any) -> Iterator[DovecotServer]:
     """A private Dovecot (POP3 and its LDA) with user alice, password "secret"."""
     if not Path(DOVECOT_LDA).exists():
         pytest.skip("dovecot-lda is not installed (apt-get install dovecot-core)")
-    server = start_dovecot(tmp_path / "dovecot", tls_files.cert, tls_files.key)
+    server = start_dovecot(shared_tmp / "dovecot", tls_files.cert, tls_files.key)
     server.add_user("alice", "secret")
     try:
         yield server
@@ -120,7 +120,8 @@ async def test_dovecot_serves_what_popbox_delivered(dovecot: DovecotServer, tls_
     ]
 
 
-async def test_popbox_reads_what_getmail_delivers(tmp_path: Path) -> None:
+async def test_popbox_reads_what_getmail_delivers(shared_tmp: Path) -> None:
+    tmp_path = shared_tmp
     if GETMAIL_MAILDIR is None:
         pytest.skip("getmail_maildir is not installed (apt-get install getmail6)")
     if os.geteuid() != 0:
