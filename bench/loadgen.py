@@ -174,20 +174,26 @@ async def login_rate(server: Server, users: Sequence[str], password: str, *, cli
 
     async def one_client(user: str, deadline: float, counts: list[int]) -> None:
         while time.perf_counter() < deadline:
-            client = await Pop3Client.connect(server, security, tls)
-            await client.login(user, password, mechanism)
-            await client.command("STAT")
-            await client.quit()
+            try:
+                client = await Pop3Client.connect(server, security, tls)
+                await client.login(user, password, mechanism)
+                await client.command("STAT")
+                await client.quit()
+            except (OSError, ssl.SSLError, Pop3Error):
+                # A refused or reset session is not a login; it is counted apart and
+                # shown in the report, and the client tries again.
+                counts[1] += 1
+                continue
             counts[0] += 1
 
     async def body() -> tuple[float, str, dict[str, float]]:
-        counts = [0]
+        counts = [0, 0]
         start = time.perf_counter()
         deadline = start + duration
         await asyncio.gather(*(one_client(users[i % len(users)], deadline, counts)
                                for i in range(clients)))
         elapsed = time.perf_counter() - start
-        return counts[0] / elapsed, "logins/s", {"sessions": counts[0]}
+        return counts[0] / elapsed, "logins/s", {"sessions": counts[0], "failed": counts[1]}
 
     return await measured(server, body)
 
@@ -396,16 +402,20 @@ async def churn(server: Server, users: Sequence[str], password: str, *, duration
 
     async def poller(user: str, deadline: float, totals: list[int]) -> None:
         while time.perf_counter() < deadline:
-            client = await Pop3Client.connect(server, "plain", None)
-            await client.login(user, password)
-            stat = await client.command("STAT")
-            count = int(stat.split()[1])
-            await client.multi("UIDL")
-            for number in range(1, count + 1):
-                await client.multi(f"RETR {number}")
-            for number in range(1, count + 1):
-                await client.command(f"DELE {number}")
-            await client.quit()
+            try:
+                client = await Pop3Client.connect(server, "plain", None)
+                await client.login(user, password)
+                stat = await client.command("STAT")
+                count = int(stat.split()[1])
+                await client.multi("UIDL")
+                for number in range(1, count + 1):
+                    await client.multi(f"RETR {number}")
+                for number in range(1, count + 1):
+                    await client.command(f"DELE {number}")
+                await client.quit()
+            except (OSError, Pop3Error):
+                totals[3] += 1
+                continue
             totals[0] += 1
             totals[1] += count
 
@@ -425,13 +435,14 @@ async def churn(server: Server, users: Sequence[str], password: str, *, duration
             await deliverer.close()
 
     async def body() -> tuple[float, str, dict[str, float]]:
-        totals = [0, 0, 0]
+        totals = [0, 0, 0, 0]
         start = time.perf_counter()
         deadline = start + duration
         await asyncio.gather(delivery(deadline, totals),
                              *(poller(user, deadline, totals) for user in users))
         elapsed = time.perf_counter() - start
         return totals[0] / elapsed, "sessions/s", {
-            "sessions": totals[0], "retrieved": totals[1], "delivered": totals[2]}
+            "sessions": totals[0], "retrieved": totals[1], "delivered": totals[2],
+            "failed": totals[3]}
 
     return await measured(server, body)

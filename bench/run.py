@@ -108,6 +108,10 @@ class Run:
     def record(self, key: str, server: str, rep: int, result: loadgen.Result,
                value: float | None = None) -> None:
         figure_value = result.value if value is None else value
+        failed = int(result.extra.get("failed", 0))
+        if failed:
+            self.note(f"{key} on {server}, repetition {rep + 1}: {failed} sessions failed "
+                      "(refused or reset) and were retried")
         self.samples.setdefault(key, {}).setdefault(server, []).append(figure_value)
         self.details.append({"figure": key, "server": server, "rep": rep,
                              "value": figure_value, **asdict(result)})
@@ -182,6 +186,11 @@ class Run:
             result = await loadgen.bigbox_login(server, user, ds.PASSWORD, count)
             self.record(f"bigbox.{variant}.warm", server.name, rep, result)
 
+    def save_progress(self) -> None:
+        """Keep what was measured so far, in case a later part of the run fails."""
+        path = RESULTS / "in-progress.json"
+        path.write_text(json.dumps({"samples": self.samples, "notes": self.notes}, indent=1))
+
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
@@ -203,8 +212,13 @@ class Run:
                 server = self.start(name)
                 try:
                     asyncio_run(self.scenarios(server, rep))
+                except Exception as exc:  # one failure must not lose the whole run
+                    self.note(f"{name}, repetition {rep + 1}: scenarios stopped by "
+                              f"{type(exc).__name__}: {exc}")
+                    print(f"    FAILED: {exc!r}", flush=True)
                 finally:
                     server.stop()
+                self.save_progress()
             order = order[1:] + order[:1]
 
 
