@@ -87,6 +87,44 @@ def test_no_line_starts_with_a_single_dot_except_the_terminator(
         assert not line.startswith(b".") or line.startswith(b"..")
 
 
+# Lines as a store keeps them: text, empty lines, lines opening with dots, bare CRs.
+LINES = st.lists(
+    st.sampled_from([b"", b".", b"..", b".a", b"a", b"a.b", b"\r", b"a\rb", b"\xff\0"]),
+    max_size=12,
+)
+
+
+@settings(max_examples=200)
+@given(LINES, st.sampled_from([b"\r\n", b"\n"]), st.booleans())
+def test_crlf_and_lf_stores_split_at_every_position(
+    lines: list[bytes], ending: bytes, final_newline: bool
+) -> None:
+    # The fast paths (wire-ready CRLF chunks, LF-only chunks) must agree with the
+    # reference wherever a chunk boundary falls: inside a CRLF, before or after a dot.
+    data = ending.join(lines) + (ending if final_newline and lines else b"")
+    expected = stuff(normalise(data)) + b".\r\n"
+    for cut in range(len(data) + 1):
+        assert encode(data, [cut]) == expected
+        for cut2 in range(cut, len(data) + 1, 3):
+            assert encode(data, [cut, cut2]) == expected
+
+
+@given(LINES)
+def test_wire_ready_chunk_passes_through_uncopied(lines: list[bytes]) -> None:
+    chunk = b"".join(b"x" + line.replace(b"\r", b"") + b"\r\n" for line in lines) or b"x"
+    encoder = WireEncoder()
+    assert encoder.encode(chunk) is chunk
+
+
+@settings(max_examples=100)
+@given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"a"]), max_size=40))
+def test_mixed_line_ends_split_at_every_position(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    expected = stuff(normalise(data)) + b".\r\n"
+    for cut in range(len(data) + 1):
+        assert encode(data, [cut]) == expected
+
+
 @settings(max_examples=300)
 @given(MESSAGE_BYTES, CUTS, st.integers(min_value=0, max_value=6) | st.just(10**12))
 def test_top_matches_reference(data: bytes, cuts: list[int], body_lines: int) -> None:
