@@ -155,3 +155,34 @@ def test_parser_never_raises(line: bytes) -> None:
     assert isinstance(result, Command | BadCommand)
     if isinstance(result, Command) and result.number is not None:
         assert 0 <= result.number <= HUGE_NUMBER
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.sampled_from([b"NOOP", b"LIST 1", b"", b"x" * 40, b"a\rb", b"\rx", b"y" * 70]),
+        max_size=20,
+    ),
+    st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=1),
+    st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+)
+def test_lines_come_out_whole_and_in_order_wherever_the_feeds_split(
+    lines: list[bytes], ends: list[bytes], cuts: list[int]
+) -> None:
+    # A pipelined burst is split into lines in one go; CRLF and bare-LF lines, lines
+    # over the limit and feeds cut anywhere must still give each line once, in order.
+    limit = 64
+    stream = b"".join(line + ends[i % len(ends)] for i, line in enumerate(lines))
+    expected: list[object] = []
+    for i, line in enumerate(lines):
+        raw = line + ends[i % len(ends)][:-1]  # the line and its CR, if any
+        expected.append(LINE_TOO_LONG if len(raw) + 1 > limit else line)
+    points = [*sorted({cut % (len(stream) + 1) for cut in cuts}), len(stream)]
+    reader, got, start = LineReader(limit), [], 0
+    for point in points:
+        reader.feed(stream[start:point])
+        start = point
+        while (line := reader.read_line(limit)) is not None:
+            got.append(line)
+    assert got == expected
+    assert reader.buffered == 0

@@ -386,3 +386,45 @@ def test_replies_do_not_depend_on_how_input_is_split(lines: list[bytes], cuts: l
     points = sorted({cut % (len(data) + 1) for cut in cuts})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert run(pieces) == run([data])
+
+
+def test_listings_are_one_block_and_follow_deletions() -> None:
+    conn = connect()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    assert isinstance(conn.next_event(), LoginRequest)
+    conn.login_succeeded([MessageInfo(f"u{i}", 100 + i) for i in range(5)])
+    conn.data_to_send()
+    conn.receive_data(b"DELE 2\r\nDELE 4\r\nLIST\r\nUIDL\r\nSTAT\r\nRSET\r\nSTAT\r\n")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send().split(b"\r\n")[2:] == [
+        b"+OK 3 messages (306 octets)", b"1 100", b"3 102", b"5 104", b".",
+        b"+OK 3 messages (306 octets)", b"1 u0", b"3 u2", b"5 u4", b".",
+        b"+OK 3 306",
+        b"+OK Maildrop has 5 messages (510 octets).",
+        b"+OK 5 510",
+        b"",
+    ]
+
+
+def test_a_uidl_that_is_not_a_wire_token_is_still_sent_as_one_line() -> None:
+    # The store promises clean UIDLs; if one ever is not, the listing must not let
+    # it end a line early and forge a reply.
+    conn = connect()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    assert isinstance(conn.next_event(), LoginRequest)
+    conn.login_succeeded([MessageInfo("ok", 1), MessageInfo("x\r\n+OK forged", 1)])
+    conn.data_to_send()
+    conn.receive_data(b"UIDL\r\nUIDL 2\r\n")
+    assert conn.next_event() is NEED_DATA
+    lines = conn.data_to_send().split(b"\r\n")
+    assert lines[1:4] == [b"1 ok", b"2 x  +OK forged", b"."]
+    assert lines[4] == b"+OK 2 x  +OK forged"
+
+
+def test_command_cache_never_keeps_credentials() -> None:
+    from popbox.proto import commands
+
+    conn = connect()
+    conn.receive_data(b"USER someone\r\nPASS hunter2\r\n")
+    assert isinstance(conn.next_event(), LoginRequest)
+    assert not any(b"hunter2" in line or b"someone" in line for line in commands._parsed)

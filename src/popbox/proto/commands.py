@@ -40,6 +40,11 @@ _KEYWORD_OCTETS: Final = frozenset(
 class Verb(enum.Enum):
     """The POP3 commands popbox knows."""
 
+    # Enum's own __hash__ is Python code (hash of the name); members are singletons
+    # compared by identity, so the identity hash is equal-consistent and keeps the
+    # per-command state-table and handler lookups in C.
+    __hash__ = object.__hash__
+
     USER = "USER"
     PASS = "PASS"  # noqa: S105 - a command keyword, not a password
     APOP = "APOP"
@@ -173,8 +178,31 @@ def _parse_args(verb: Verb, rest: bytes, args: list[bytes]) -> Command | BadComm
     return Command(verb, name=mechanism, initial_response=initial)
 
 
+# Pipelining clients send the same few lines over and over (STAT, NOOP, LIST 1, RETR
+# 7): a parsed command is immutable, so the lines of the verbs below are parsed once
+# per process. Only verbs without credentials or names are kept, and the cache is
+# emptied when full so that a client cycling through numbers cannot grow it.
+_CACHEABLE: Final = frozenset(
+    {"STAT", "NOOP", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "QUIT", "CAPA", "STLS"}
+)
+_CACHE_SIZE: Final = 4096
+_parsed: dict[bytes, Command] = {}
+
+
 def parse_command(line: bytes) -> Command | BadCommand:
     """Parse one line (without its CRLF). Never raises."""
+    cached = _parsed.get(line)
+    if cached is not None:
+        return cached
+    command = _parse_uncached(line)
+    if isinstance(command, Command) and command.verb.value in _CACHEABLE:
+        if len(_parsed) >= _CACHE_SIZE:
+            _parsed.clear()
+        _parsed[line] = command
+    return command
+
+
+def _parse_uncached(line: bytes) -> Command | BadCommand:
     if b"\0" in line:
         return BadCommand("NUL in command line")
     keyword, _, rest = line.partition(b" ")

@@ -47,6 +47,9 @@ _MAX_TEXT: Final = 400
 
 def _clean(text: str) -> bytes:
     """Text as one safe line: no CR, LF or other controls, bounded length."""
+    if text.isascii() and text.isprintable():
+        # The usual case, checked in C: printable ASCII is 0x20-0x7E, nothing to drop.
+        return text.encode("ascii")[:_MAX_TEXT]
     cleaned = "".join(" " if ord(char) < 0x20 or ord(char) == 0x7F else char for char in text)
     return cleaned.encode("utf-8", "replace")[:_MAX_TEXT]
 

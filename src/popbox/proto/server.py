@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -108,10 +108,18 @@ class _Snapshot:
     This is the one place where a message number becomes a snapshot index and back.
     """
 
+    __slots__ = ("_deleted", "_deleted_octets", "_sizes", "_total", "_uidls", "_uidls_clean")
+
     def __init__(self, messages: Sequence[MessageLike]) -> None:
         self._uidls = [message.uidl for message in messages]
         self._sizes = [message.size for message in messages]
+        # Kept up to date so that STAT, asked again and again by pipelining and
+        # polling clients, does not sum 100,000 sizes each time.
+        self._total = sum(self._sizes)
+        self._deleted_octets = 0
         self._deleted: set[SnapshotIndex] = set()
+        # Whether every UIDL is already a safe wire token (checked once, on first use).
+        self._uidls_clean: bool | None = None
 
     @staticmethod
     def number_of(index: SnapshotIndex) -> MessageNumber:
@@ -138,19 +146,65 @@ class _Snapshot:
     def uidl(self, index: SnapshotIndex) -> str:
         return self._uidls[index]
 
+    @property
+    def sizes(self) -> Sequence[int]:
+        return self._sizes
+
+    @property
+    def uidls(self) -> Sequence[str]:
+        return self._uidls
+
+    def uidls_clean(self) -> bool:
+        """Every UIDL is 1-70 printable ASCII octets without spaces (RFC 1939 s7).
+
+        The store guarantees it; checking it once here, in a few C-level passes,
+        lets the listings skip the per-line cleaning that guards free text.
+        """
+        if self._uidls_clean is None:
+            uidls = self._uidls
+            joined = "".join(uidls)
+            self._uidls_clean = (
+                joined.isascii()
+                and joined.isprintable()
+                and " " not in joined
+                and (not uidls or (min(map(len, uidls)) >= 1 and max(map(len, uidls)) <= 70))
+            )
+        return self._uidls_clean
+
+    def listing(self, values: Sequence[object]) -> bytes:
+        """``n value\\r\\n`` for every live message, as one block.
+
+        ``values`` are the sizes or the clean UIDLs; neither can start a line with a
+        dot (lines start with the number), so no stuffing is needed.
+        """
+        if self._deleted:
+            live = [i for i in range(len(values)) if i not in self._deleted]
+            numbers: Iterable[int] = [i + 1 for i in live]
+            values = [values[i] for i in live]
+        else:
+            numbers = range(1, len(values) + 1)
+        return "".join(map(_LISTING_LINE, numbers, values)).encode("ascii")
+
     def stat(self) -> tuple[int, int]:
         """Count and octets of the messages not marked deleted."""
-        octets = sum(self._sizes) - sum(self._sizes[index] for index in self._deleted)
-        return len(self._sizes) - len(self._deleted), octets
+        return len(self._sizes) - len(self._deleted), self._total - self._deleted_octets
 
     def delete(self, index: SnapshotIndex) -> None:
-        self._deleted.add(index)
+        if index not in self._deleted:
+            self._deleted.add(index)
+            self._deleted_octets += self._sizes[index]
 
     def undelete_all(self) -> None:
         self._deleted.clear()
+        self._deleted_octets = 0
 
     def deletions(self) -> frozenset[int]:
         return frozenset(self._deleted)
+
+
+# One line of a LIST or UIDL listing; str.format through map() keeps the loop in C.
+_LISTING_LINE: Final = "{} {}\r\n".format
+_OK_LINE: Final = b"+OK\r\n"
 
 
 # What the glue owes the core before parsing may go on.
@@ -176,7 +230,10 @@ class ServerConnection:
         self._plaintext_allowed = plaintext_auth_allowed or tls_active
         self._lines = LineReader(max(settings.max_command_line, settings.max_sasl_line))
         self._state = SessionState.AUTHORIZATION
-        self._out = bytearray()
+        # Replies queued since the last data_to_send(), joined once when taken: a big
+        # listing is not copied into a buffer first.
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._peer_closed = False
         self._awaiting: _Awaited | None = None
         self._close_next: CloseConnection | None = None
@@ -216,8 +273,12 @@ class ServerConnection:
 
     def data_to_send(self) -> bytes:
         """Queued replies, in order; the queue is emptied."""
-        data = bytes(self._out)
-        self._out.clear()
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self._out = []
+        self._out_size = 0
         return data
 
     # -- bytes in, events out ------------------------------------------------------
@@ -241,7 +302,7 @@ class ServerConnection:
         if self._awaiting is not None:
             raise RuntimeError(f"next_event() called while waiting for the glue: {self._awaiting}")
         while True:
-            if len(self._out) >= OUTPUT_HIGH_WATER:
+            if self._out_size >= OUTPUT_HIGH_WATER:
                 return FLUSH
             limit = (
                 self._settings.max_sasl_line
@@ -316,7 +377,8 @@ class ServerConnection:
         self._awaiting = None
 
     def _queue(self, data: bytes) -> None:
-        self._out += data
+        self._out.append(data)
+        self._out_size += len(data)
 
     def _close(self, reason: str) -> CloseConnection:
         self._state = SessionState.CLOSED
@@ -474,30 +536,47 @@ class ServerConnection:
         return self._close("client quit")
 
     def _stat(self, command: Command, following: SessionState) -> Event | None:
-        count, octets = self._snapshot.stat()
-        self._queue(ok(f"{count} {octets}"))
+        self._queue(b"+OK %d %d\r\n" % self._snapshot.stat())
         return None
 
-    def _listing(self, command: Command, value: Callable[[SnapshotIndex], object]) -> None:
+    def _list(self, command: Command, following: SessionState) -> Event | None:
         snapshot = self._snapshot
         if command.number is None:
-            count, octets = snapshot.stat()
-            lines = (f"{number} {value(index)}" for number, index in snapshot.live())
-            self._queue(replies.multiline(f"{count} messages ({octets} octets)", lines))
-            return
+            self._queue_listing(snapshot.listing(snapshot.sizes))
+            return None
         index = snapshot.index_of(command.number)
         if isinstance(index, bytes):
             self._queue(index)
         else:
-            self._queue(ok(f"{command.number} {value(index)}"))
-
-    def _list(self, command: Command, following: SessionState) -> Event | None:
-        self._listing(command, self._snapshot.size)
+            self._queue(b"+OK %d %d\r\n" % (command.number, snapshot.size(index)))
         return None
 
     def _uidl(self, command: Command, following: SessionState) -> Event | None:
-        self._listing(command, self._snapshot.uidl)
+        snapshot = self._snapshot
+        clean = snapshot.uidls_clean()
+        if command.number is None:
+            if clean:
+                self._queue_listing(snapshot.listing(snapshot.uidls))
+            else:
+                count, octets = snapshot.stat()
+                lines = (f"{number} {snapshot.uidl(index)}" for number, index in snapshot.live())
+                self._queue(replies.multiline(f"{count} messages ({octets} octets)", lines))
+            return None
+        index = snapshot.index_of(command.number)
+        if isinstance(index, bytes):
+            self._queue(index)
+        elif clean:
+            uidl = snapshot.uidl(index).encode("ascii")
+            self._queue(b"+OK %d %s\r\n" % (command.number, uidl))
+        else:
+            self._queue(ok(f"{command.number} {snapshot.uidl(index)}"))
         return None
+
+    def _queue_listing(self, block: bytes) -> None:
+        count, octets = self._snapshot.stat()
+        self._queue(b"+OK %d messages (%d octets)\r\n" % (count, octets))
+        self._queue(block)
+        self._queue(replies.TERMINATOR)
 
     def _retrieve(self, command: Command, following: SessionState) -> Event | None:
         assert command.number is not None
@@ -518,7 +597,7 @@ class ServerConnection:
         return None
 
     def _noop(self, command: Command, following: SessionState) -> Event | None:
-        self._queue(ok())
+        self._queue(_OK_LINE)
         return None
 
     def _rset(self, command: Command, following: SessionState) -> Event | None:

@@ -31,6 +31,9 @@ __all__ = ["TRANSITIONS", "SessionState", "accepts", "next_state"]
 class SessionState(enum.Enum):
     """RFC 1939's states, plus CLOSED for a session that has ended."""
 
+    # Identity hash: see Verb (the table is consulted once per command).
+    __hash__ = object.__hash__
+
     AUTHORIZATION = "AUTHORIZATION"
     TRANSACTION = "TRANSACTION"
     UPDATE = "UPDATE"
@@ -65,9 +68,16 @@ TRANSITIONS: Final[Mapping[tuple[SessionState, Verb], SessionState]] = MappingPr
 )
 
 
+# The same table keyed by state first, for the per-command lookup: no tuple to build.
+_BY_STATE: Final[dict[SessionState, dict[Verb, SessionState]]] = {
+    state: {verb: after for (before, verb), after in TRANSITIONS.items() if before is state}
+    for state in SessionState
+}
+
+
 def next_state(state: SessionState, verb: Verb) -> SessionState | None:
     """The state after ``verb`` succeeds in ``state``, or None if it is not allowed."""
-    return TRANSITIONS.get((state, verb))
+    return _BY_STATE[state].get(verb)
 
 
 def accepts(state: SessionState, verb: Verb) -> bool:
