@@ -319,6 +319,14 @@ class Pop3Session(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._write(data)
 
+    def writelines(self, data: list[bytes]) -> None:
+        # uvloop gathers the pieces into one writev: the +OK line, a body chunk and the
+        # terminator leave in one syscall without being concatenated first.
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(data)
+            self._last_progress = self._loop.time()
+
     async def drain(self) -> None:
         if self._lost:
             raise ConnectionResetError("connection lost")

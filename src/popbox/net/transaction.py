@@ -33,6 +33,10 @@ class Outlet(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def writelines(self, data: list[bytes]) -> None:
+        """Write the pieces in order, as one gathered write where the transport can."""
+        ...
+
     async def drain(self) -> None:
         """Return once the transport wants more; raise ConnectionError if it is gone."""
         ...
@@ -78,26 +82,35 @@ class TransactionStage:
                 )
                 out.write(conn.message_unavailable(event))
                 return
-            out.write(conn.message_start(event))
             encoder = WireEncoder(event.body_lines)
+            # The +OK line goes out with the first piece of the body, and the
+            # terminator with the last: one gathered write each, no concatenation.
+            batch = [conn.message_start(event), encoder.encode(first)]
+            batched = len(batch[1])
             sent = 0
-            pending = encoder.encode(first)
             try:
                 while not encoder.done:
                     chunk = await anext(chunks, None)
                     if chunk is None:
                         break
-                    pending += encoder.encode(chunk)
-                    if len(pending) >= WRITE_BATCH:
-                        out.write(pending)
-                        sent += len(pending)
-                        pending = b""
+                    encoded = encoder.encode(chunk)
+                    batch.append(encoded)
+                    batched += len(encoded)
+                    if batched >= WRITE_BATCH:
+                        out.writelines(batch)
+                        sent += batched
+                        batch = []
+                        batched = 0
                         await out.drain()
             except StoreError as exc:
+                # What was read goes out, so the client sees the +OK and a body that
+                # stops without its terminator rather than a silent drop.
+                out.writelines(batch)
                 raise BodyInterrupted(f"message {event.number}: {exc}") from exc
-            pending += encoder.finish()
-            out.write(pending)
-            sent += len(pending)
+            ending = encoder.finish()
+            batch.append(ending)
+            out.writelines(batch)
+            sent += batched + len(ending)
             await out.drain()
         finally:
             # TOP stops early and a client may vanish mid-body: close the store's
