@@ -372,8 +372,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--idle", type=int, help="idle sessions (2000; 200 with --quick)")
     parser.add_argument("--bigbox", type=int, help="messages in the big maildrop (100000)")
     parser.add_argument("--collector-messages", type=int, help="collector mailbox (5000)")
-    parser.add_argument("--popbox-workers", type=int, default=1,
-                        help="pop3.workers for popbox (1)")
+    # Dovecot's processes spread over every core; popbox gets the same by default.
+    parser.add_argument("--popbox-workers", type=int, default=os.cpu_count() or 1,
+                        help="pop3.workers for popbox (default: the number of cores)")
     parser.add_argument("--only", help="comma-separated scenarios: login,pipeline,retr,churn,"
                         "idle,bigbox")
     parser.add_argument("--no-collector", action="store_true")
@@ -423,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     ds.install(dataset, settings.work / "dovecot", owner=servers.mail_ids(),
                collector=settings.collector)
     run = Run(settings, dataset)
-    if settings.popbox_workers == 1:
-        run.note("popbox ran one process (pop3.workers = 1, the default); Dovecot's "
-                 "processes use both cores")
+    cores = os.cpu_count() or 1
+    if settings.popbox_workers < cores:
+        run.note(f"popbox ran {settings.popbox_workers} process(es) (pop3.workers) on "
+                 f"{cores} cores; Dovecot's processes use every core")
     run.run_servers()
     sections: list[str] = []
     if settings.collector:

@@ -23,9 +23,10 @@ __all__ = ["BodyInterrupted", "Outlet", "TransactionStage"]
 
 log = logging.getLogger("popbox.pop3")
 
-# Encoded output is gathered up to this size before a write: fewer syscalls (and TLS
-# records) for small store chunks, while a session still holds well under 1 MiB.
-WRITE_BATCH: Final = 64 * 1024
+# Encoded output is gathered up to this size before one gathered write: four of the
+# Maildir store's 64 KiB chunks per syscall and per flow-control wait, while a session
+# still holds well under 1 MiB (this batch plus the transport's 256 KiB high water).
+WRITE_BATCH: Final = 256 * 1024
 
 
 class Outlet(Protocol):
