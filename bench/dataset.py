@@ -73,6 +73,17 @@ class Dataset:
     def manifest(self, user: str) -> MailboxManifest:
         return MailboxManifest.load(self.root / "manifests" / f"{user}.json")
 
+    def retr_manifest(self, user: str) -> MailboxManifest:
+        """The manifest with ``stuffed_hashes`` filled in, for the RETR scenario."""
+        manifest = self.manifest(user)
+        # The generated Maildir is never touched by the servers (each has its own copy).
+        files = sorted((self.mail / user).glob("*/*"))
+        manifest.stuffed_hashes = [mailgen.stuffed_sha256(path.read_bytes()) for path in files]
+        if len(manifest.stuffed_hashes) != len(manifest.hashes):
+            raise RuntimeError(f"{user}: {len(files)} stored messages, manifest says "
+                               f"{len(manifest.hashes)}; rebuild the data (delete --work)")
+        return manifest
+
     def login_users(self) -> list[str]:
         return [f"login{n:02d}" for n in range(self.sizes.login_users)]
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 from typing import Final
@@ -172,6 +172,16 @@ def wire_sha256(stored: bytes) -> str:
     return hashlib.sha256(wire_form(stored)).hexdigest()
 
 
+def stuffed_sha256(stored: bytes) -> str:
+    """SHA-256 of the body as RETR sends it, dot-stuffed, before the terminator.
+
+    The load generator hashes the received bytes as they are, so checking a download
+    costs one hash and no un-stuffing copy; a server that stuffs wrongly fails it.
+    """
+    wire = wire_form(stored).replace(b"\r\n.", b"\r\n..")
+    return hashlib.sha256(b"." + wire if wire.startswith(b".") else wire).hexdigest()
+
+
 @dataclass
 class MailboxManifest:
     """What a full download of a mailbox must produce: a multiset of wire hashes."""
@@ -179,9 +189,12 @@ class MailboxManifest:
     mailbox: str
     hashes: list[str]
     wire_octets: int
+    # Filled in by the dataset from the stored files (not saved): see stuffed_sha256.
+    stuffed_hashes: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__))
+        saved = {k: v for k, v in self.__dict__.items() if k != "stuffed_hashes"}
+        path.write_text(json.dumps(saved))
 
     @classmethod
     def load(cls, path: Path) -> MailboxManifest:

@@ -121,7 +121,7 @@ def run_profiles(dataset: ds.Dataset, work: Path, out: Path, *, quick: bool = Fa
     sections: list[str] = []
     try:
         pid = server.process.pid
-        manifests = {user: dataset.manifest(user) for user in dataset.retr_users()}
+        manifests = {user: dataset.retr_manifest(user) for user in dataset.retr_users()}
 
         async def retr_plain() -> None:
             await loadgen.retr_throughput(server, dataset.retr_users(), manifests, ds.PASSWORD,

@@ -143,7 +143,7 @@ class Run:
             # The bigbox scenario of the server before dropped the page cache; RETR is
             # measured from memory, as a busy server's recent mail would be.
             warm_page_cache(server.maildir_root, d.retr_users())
-            manifests = {user: d.manifest(user) for user in d.retr_users()}
+            manifests = {user: d.retr_manifest(user) for user in d.retr_users()}
             for security, clients in (("plain", 1), ("plain", 4), ("plain", 8), ("tls", 4)):
                 result = await loadgen.retr_throughput(
                     server, d.retr_users(), manifests, pw, clients=clients,
