@@ -43,6 +43,8 @@ DOC: Final = REPO / "docs" / "performance.md"
 BEGIN: Final = "<!-- bench:begin -->"
 END: Final = "<!-- bench:end -->"
 PROFILE_BEGIN: Final = "<!-- profile:begin -->"
+COLLECTOR_HEADING: Final = "## Collector"
+KEPT_NOTE: Final = "_Kept from an earlier run: this run was made with --no-collector._"
 PROFILE_END: Final = "<!-- profile:end -->"
 
 FIGURES: Final = [
@@ -91,6 +93,7 @@ class Settings:
     only: set[str] | None
     collector: bool
     profile: bool
+    doc: bool = True
 
 
 class Run:
@@ -349,7 +352,16 @@ def update_doc(report_text: str, profile_text: str | None, command: str) -> None
              f"{report_text.replace('![popbox vs Dovecot](chart.png)', '')}\n{END}")
     if BEGIN in doc and END in doc:
         head, rest = doc.split(BEGIN, 1)
-        doc = head + block + rest.split(END, 1)[1]
+        old_block, tail = rest.split(END, 1)
+        if COLLECTOR_HEADING not in report_text and COLLECTOR_HEADING in old_block:
+            # A run without the collector (it takes many minutes at 20 ms RTT) keeps the
+            # last measured comparison, saying so, rather than dropping it from the page.
+            kept = old_block.split(COLLECTOR_HEADING, 1)[1].strip()
+            kept = kept.replace(KEPT_NOTE, "").strip()
+            block = block.replace(
+                f"\n{END}", f"\n{COLLECTOR_HEADING}\n\n{KEPT_NOTE}\n\n{kept}\n\n{END}"
+            )
+        doc = head + block + tail
     else:
         doc = doc + "\n## Latest results\n\n" + block + "\n"
     if profile_text is not None:
@@ -379,6 +391,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                         "idle,bigbox")
     parser.add_argument("--no-collector", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="leave docs/performance.md alone (trial runs while developing)")
     args = parser.parse_args(argv)
     if args.quick:
         sizes = ds.Sizes(retr_messages=60, idle_users=200, bigbox_messages=20_000,
@@ -402,6 +416,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         churn_rate=50.0, popbox_workers=args.popbox_workers,
         only=set(args.only.split(",")) if args.only else None,
         collector=not args.no_collector, profile=not args.no_profile,
+        doc=not args.no_doc,
     )
 
 
@@ -447,9 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     latest.symlink_to(out.name)
-    update_doc(text, profile_text, command)
     shutil.copy(out / "report.md", RESULTS / "latest.md")
-    print(f"report: {out / 'report.md'}; docs/performance.md updated", flush=True)
+    if settings.doc:
+        update_doc(text, profile_text, command)
+        print(f"report: {out / 'report.md'}; docs/performance.md updated", flush=True)
+    else:
+        print(f"report: {out / 'report.md'}", flush=True)
     return 0
 
 
