@@ -421,3 +421,98 @@ async def test_index_cache_stays_within_its_bound(
     monkeypatch.setattr("popbox.store.maildir.INDEX_CACHE_MESSAGES", 1)
     await uidls(maildir_store, "carol")  # too big for the cache: not kept at all
     assert list(cached) == []
+
+
+def index_stamp(store: MaildirStore, user: str) -> tuple[int, int, int]:
+    info = (store.maildir(user) / INDEX_NAME).stat()
+    return info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+
+
+async def test_quit_without_deletions_leaves_the_index_untouched(
+    maildir_store: MaildirStore,
+) -> None:
+    """A login-STAT-QUIT poll must not rewrite and fsync the index every time."""
+    for n in range(3):
+        await maildir_store.deliver("alice", f"message {n}\n".encode())
+    first = await maildir_store.open_maildrop("alice")  # indexes and moves new/ mail
+    uidls_before = [info.uidl for info in first.messages]
+    await first.commit_deletions([])
+    written = index_stamp(maildir_store, "alice")
+    for store in (maildir_store, MaildirStore(maildir_store.root)):  # cached and not
+        maildrop = await store.open_maildrop("alice")
+        assert [info.uidl for info in maildrop.messages] == uidls_before
+        await maildrop.commit_deletions([])
+        assert index_stamp(maildir_store, "alice") == written
+
+
+async def test_quit_with_deletions_still_rewrites_the_index(
+    maildir_store: MaildirStore,
+) -> None:
+    for n in range(3):
+        await maildir_store.deliver("alice", f"message {n}\n".encode())
+    before = await uidls(maildir_store, "alice")
+    written = index_stamp(maildir_store, "alice")
+    maildrop = await maildir_store.open_maildrop("alice")
+    await maildrop.commit_deletions([1])
+    assert index_stamp(maildir_store, "alice") != written
+    # The cached snapshot of the next login and a fresh process's agree.
+    assert await uidls(maildir_store, "alice") == [before[0], before[2]]
+    assert await uidls(MaildirStore(maildir_store.root), "alice") == [before[0], before[2]]
+
+
+async def test_warm_login_of_a_new_worker_writes_nothing(maildir_store: MaildirStore) -> None:
+    await maildir_store.deliver("alice", b"x\n")
+    await uidls(maildir_store, "alice")
+    written = index_stamp(maildir_store, "alice")
+    assert len(await uidls(MaildirStore(maildir_store.root), "alice")) == 1
+    assert index_stamp(maildir_store, "alice") == written
+    await maildir_store.deliver("alice", b"y\n")  # new mail is a real change
+    assert len(await uidls(maildir_store, "alice")) == 2
+    assert index_stamp(maildir_store, "alice") != written
+
+
+async def test_stale_tmp_sweep_runs_once_per_interval(tmp_path: Path) -> None:
+    long_ago = time.time() - 3 * 24 * 3600
+
+    async def stale_left_after_login(store: MaildirStore) -> bool:
+        stale = store.maildir("alice") / "tmp" / "1600000000.P1.crashed"
+        stale.write_bytes(b"partial")
+        os.utime(stale, (long_ago, long_ago))
+        await uidls(store, "alice")
+        return stale.exists()
+
+    hourly = MaildirStore(tmp_path / "mail")
+    await hourly.deliver("alice", b"x\n")
+    assert not await stale_left_after_login(hourly)  # the first login of a process sweeps
+    assert await stale_left_after_login(hourly)  # within the hour it does not again
+    always = MaildirStore(tmp_path / "mail", tmp_sweep_interval=0)
+    assert not await stale_left_after_login(always)
+    assert not await stale_left_after_login(always)
+
+
+@pytest.mark.parametrize("removed", [".", "cur", "new", "tmp"])
+async def test_login_recreates_a_maildir_removed_since_the_last(
+    maildir_store: MaildirStore, removed: str
+) -> None:
+    await maildir_store.deliver("alice", b"first\n")
+    assert len(await uidls(maildir_store, "alice")) == 1
+    shutil.rmtree(maildir_store.maildir("alice") / removed)
+    maildrop = await maildir_store.open_maildrop("alice")
+    assert len(maildrop.messages) == (1 if removed in ("new", "tmp") else 0)
+    await maildrop.release()
+    await maildir_store.deliver("alice", b"second\n")
+    assert len(await uidls(maildir_store, "alice")) == (2 if removed in ("new", "tmp") else 1)
+
+
+async def test_many_unsized_messages_are_sized_exactly_in_arrival_order(
+    maildir_store: MaildirStore,
+) -> None:
+    """Enough foreign messages without W= that a cold login reads them in parallel."""
+    maildir = maildir_store.maildir("alice")
+    bodies = [b"line\n" * (n % 7) + b"x" * (n % 3) + b"\r\n" * (n % 2) for n in range(600)]
+    for n, body in enumerate(bodies):
+        drop(maildir, "cur" if n % 2 else "new", f"{1700000000 + n}.V1I{n}.mx", body)
+    maildrop = await maildir_store.open_maildrop("alice")
+    assert [info.size for info in maildrop.messages] == [wire_size(b) for b in bodies]
+    assert [await read_all(maildrop, i) for i in (0, 599)] == [bodies[0], bodies[599]]
+    await maildrop.release()

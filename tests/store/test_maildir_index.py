@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from popbox.store.index import (
     read_header,
     read_index,
     size_fields,
+    sorted_by_arrival,
+    wire_field,
     wire_size_of_file,
     write_index,
 )
@@ -141,3 +144,38 @@ def test_damaged_index_is_detected(tmp_path: Path, old: str, new: str) -> None:
     if "popbox-maildir-index 2" not in new and "four" not in new:
         # The old UIDVALIDITY is kept so the rebuilt index can go above it.
         assert raised.value.uidvalidity == 0x6B07CF9C
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"a", b"a\n", b"a\r\n", b"a\nb", b"a\r\nb\r", b"\r\n\n\r\r\n", b"x\n" * 5000]
+)
+def test_wire_size_of_small_files_matches_the_wire_form(tmp_path: Path, data: bytes) -> None:
+    """The one-read path for small files counts exactly as the chunked one does."""
+    path = tmp_path / "message"
+    path.write_bytes(data)
+    assert wire_size_of_file(path) == wire_size(data)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert wire_size_of_file("message", fd) == wire_size(data)
+    finally:
+        os.close(fd)
+
+
+# Names built from the characters that matter to the size fields and the order.
+_names = st.text(alphabet="0123456789.,:SW=x-", min_size=1, max_size=30)
+
+
+@given(_names)
+def test_wire_field_agrees_with_size_fields(name: str) -> None:
+    """The cold login's fast W= lookup must size a message exactly as size_fields."""
+    assert wire_field(name) == size_fields(name)[1]
+
+
+@given(st.lists(_names, unique=True, max_size=30), st.booleans())
+def test_sorted_by_arrival_is_arrival_order(names: list[str], same_width: bool) -> None:
+    """Both the string sort (equal digit prefixes) and the general one order alike."""
+    if same_width:
+        names = list(dict.fromkeys(f"17{n:0>8}"[:10] + name for n, name in enumerate(names)))
+    paths = {f"key{i}": f"cur/{name}" for i, name in enumerate(names)}
+    expected = sorted(paths.items(), key=lambda item: arrival_order(item[1][4:]))
+    assert sorted_by_arrival(paths) == expected

@@ -48,6 +48,8 @@ __all__ = [
     "read_index",
     "scan_messages",
     "size_fields",
+    "sorted_by_arrival",
+    "wire_field",
     "wire_size_of_file",
     "write_index",
 ]
@@ -132,13 +134,36 @@ class WireSizeCounter:
         return self.virtual + (0 if self.terminated else 2)
 
 
-def wire_size_of_file(path: Path) -> int:
-    """Read ``path`` once, in bounded chunks, and return its wire size."""
-    counter = WireSizeCounter()
-    with path.open("rb", buffering=0) as handle:
-        while chunk := handle.read(READ_CHUNK):
-            counter.feed(chunk)
-    return counter.wire
+def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
+    """Read ``path`` once, in bounded chunks, and return its wire size.
+
+    ``dir_fd`` opens ``path`` relative to an open directory: a cold login sizing
+    100,000 files then builds no Path per file (half its time went to file objects
+    and per-chunk Python work, docs/performance.md).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        data = os.read(fd, READ_CHUNK)
+        if len(data) < READ_CHUNK:
+            rest = os.read(fd, READ_CHUNK)  # a short read is EOF for a file on Linux,
+            if not rest:  # but one more read proves it for the price of a syscall
+                return _wire_size_of_bytes(data)
+            data += rest
+        counter = WireSizeCounter()
+        while data:
+            counter.feed(data)
+            data = os.read(fd, READ_CHUNK)
+        return counter.wire
+    finally:
+        os.close(fd)
+
+
+def _wire_size_of_bytes(data: bytes) -> int:
+    """WireSizeCounter's answer for one whole message, in three C-speed passes."""
+    if not data:
+        return 0
+    wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
+    return wire if data[-1:] == b"\n" else wire + 2
 
 
 def is_message_name(name: str) -> bool:
@@ -164,6 +189,8 @@ def size_fields(name: str) -> tuple[int | None, int | None]:
     """
     stored: int | None = None
     wire: int | None = None
+    if "," not in name:  # Postfix, getmail and most MTAs: no fields at all
+        return stored, wire
     for part in message_key(name).split(",")[1:]:
         tag, _, value = part.partition("=")
         if not value.isdigit() or not value.isascii():
@@ -173,6 +200,37 @@ def size_fields(name: str) -> tuple[int | None, int | None]:
         elif tag == "W":
             wire = int(value)
     return stored, wire
+
+
+def wire_field(name: str) -> int | None:
+    """``size_fields(name)[1]`` for the hot loop of a cold login, in one search.
+
+    The last valid W= wins in size_fields; the last W= is found first here and,
+    being valid in every name popbox or Dovecot writes, settles it at once.
+    """
+    key = name.partition(":")[0]
+    at = key.rfind(",W=")
+    if at < 0:
+        return None
+    value = key[at + 3 :].partition(",")[0]
+    if value.isdigit() and value.isascii():
+        return int(value)
+    return size_fields(name)[1]  # a malformed last W=: an earlier one may count
+
+
+def sorted_by_arrival(paths: dict[str, str]) -> list[tuple[str, str]]:
+    """``(key, DIR/NAME)`` pairs ordered by ``arrival_order`` of NAME, oldest first.
+
+    When every name starts with the same number of digits (all of one Maildir
+    writer's names for centuries), comparing the names as strings gives that same
+    order, and sorting 100,000 of them needs no Python call per comparison key.
+    """
+    names = [path[4:] for path in paths.values()]
+    widths = {len(name) - len(name.lstrip("0123456789")) for name in names}
+    if len(widths) == 1 and 0 not in widths:
+        # Names are unique (one per key), so the tuples never compare past them.
+        return [item for _, item in sorted(zip(names, paths.items(), strict=True))]
+    return sorted(paths.items(), key=lambda item: arrival_order(item[1][4:]))
 
 
 def arrival_order(name: str) -> tuple[int, str]:
@@ -197,11 +255,15 @@ def scan_messages(directory: Path) -> tuple[dict[str, str], list[str]]:
     with os.scandir(directory) as entries:
         for entry in entries:
             name = entry.name
+            # is_message_name() and message_key() inline: this loop runs once per
+            # file of a 100,000-message cold login. scandir never yields "".
+            if name[0] == "." or "\n" in name or "\r" in name:
+                continue
             # Regular files only, symlinks excluded: no Maildir writer makes links, and
             # one planted in a Maildir must not make a session read a file elsewhere.
-            if not is_message_name(name) or not entry.is_file(follow_symlinks=False):
+            if not entry.is_file(follow_symlinks=False):
                 continue
-            key = message_key(name)
+            key = name.partition(":")[0]
             if key in by_key:
                 duplicates.append(name)
             else:
@@ -261,6 +323,11 @@ class MaildirIndex:
     def uidl(self, uid: int) -> str:
         """The UIDL of a UID: 16+ hex digits, printable ASCII, stable while the index is."""
         return f"{self.uidvalidity:08x}{uid:08x}"
+
+    def uidls(self) -> list[str]:
+        """``uidl()`` of every entry in order, the UIDVALIDITY part formatted once."""
+        prefix = f"{self.uidvalidity:08x}"
+        return [prefix + format(entry.uid, "08x") for entry in self.entries.values()]
 
     def header(self) -> IndexHeader:
         return IndexHeader(

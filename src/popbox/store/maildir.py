@@ -68,6 +68,14 @@ LOCK_NAME: Final = "popbox.lock"
 CHUNK_SIZE: Final = 64 * 1024
 # qmail's rule (maildir(5)): a tmp/ file untouched for 36 hours is a dead delivery.
 TMP_MAX_AGE: Final = 36 * 3600
+# How often one worker process sweeps a maildrop's tmp/ at login. Against a 36-hour
+# age limit an hour's delay changes nothing, and it takes a directory listing off
+# almost every login (2-3% of a login's samples in docs/performance.md).
+TMP_SWEEP_INTERVAL: Final = 3600.0
+# Maildirs this process made or found complete, remembered so that a login skips the
+# five mkdir() attempts; past this many the memory is simply started afresh (a forgotten
+# Maildir only costs its next login the attempts again).
+MAX_KNOWN_MAILDIRS: Final = 100_000
 # The lock file holds one short note (the UIDVALIDITY); more than this is not ours.
 MAX_LOCK_NOTE: Final = 64
 # Parsed indexes kept per worker process for maildrops no session holds, counted in
@@ -171,24 +179,36 @@ class _FileLock:
 class _LoadedIndex:
     """An index as read from or written to disk, with the signature of that file.
 
-    The snapshot (MessageInfo per message) is built once per index version and
-    shared by the sessions that open the maildrop while the file stays unchanged.
+    The snapshot (MessageInfo per message) and the keys in the same order are built
+    once per index version and shared by the sessions that open the maildrop while
+    the file stays unchanged: MessageInfo is frozen, so one tuple serves them all, and
+    a warm login on 100,000 messages makes no per-message object.
     """
 
-    __slots__ = ("_snapshot", "index", "signature")
+    __slots__ = ("_keys", "_snapshot", "index", "signature")
 
-    def __init__(self, index: MaildirIndex, signature: IndexSignature | None) -> None:
+    def __init__(
+        self,
+        index: MaildirIndex,
+        signature: IndexSignature | None,
+        snapshot: tuple[MessageInfo, ...] | None = None,
+        keys: tuple[str, ...] | None = None,
+    ) -> None:
         self.index = index
         self.signature = signature
-        self._snapshot: tuple[MessageInfo, ...] | None = None
+        # Given together or not at all: position i of both is the same message.
+        self._snapshot = snapshot
+        self._keys = keys
 
-    def snapshot(self) -> tuple[MessageInfo, ...]:
-        if self._snapshot is None:
-            uidl = self.index.uidl
+    def snapshot(self) -> tuple[tuple[MessageInfo, ...], tuple[str, ...]]:
+        """The MessageInfo of every message and its key, both in UID order."""
+        if self._snapshot is None or self._keys is None:
+            entries = self.index.entries
+            self._keys = tuple(entries)
             self._snapshot = tuple(
-                MessageInfo(uidl(entry.uid), entry.size) for entry in self.index.entries.values()
+                map(MessageInfo, self.index.uidls(), [entry.size for entry in entries.values()])
             )
-        return self._snapshot
+        return self._snapshot, self._keys
 
 
 class MaildirMaildrop:
@@ -203,9 +223,10 @@ class MaildirMaildrop:
         self._lock = lock
         self._loaded = loaded
         self._index = loaded.index
-        self._keys = list(loaded.index.entries)
-        self._paths = [entry.path for entry in loaded.index.entries.values()]
-        self._infos = loaded.snapshot()
+        self._infos, self._keys = loaded.snapshot()
+        # Where a message was found after a rename since the snapshot, by position;
+        # all others are where the index says (no per-session copy of 100,000 paths).
+        self._moved: dict[int, str] = {}
         self._released = False
 
     @property
@@ -223,7 +244,7 @@ class MaildirMaildrop:
         # 64 KiB read from the page cache (bench/maildir_index.py measures reads).
         # Only the search for a renamed file, a directory scan, goes to a thread.
         try:
-            fd = os.open(self._maildir / self._paths[index], _READ_FLAGS)
+            fd = os.open(self._maildir / self._path(index), _READ_FLAGS)
         except FileNotFoundError:
             fd = await asyncio.to_thread(self._open_moved, index, action)
         except OSError as exc:
@@ -238,13 +259,19 @@ class MaildirMaildrop:
         finally:
             os.close(fd)
 
+    def _path(self, index: int) -> str:
+        moved = self._moved.get(index)
+        if moved is not None:
+            return moved
+        return self._index.entries[self._keys[index]].path
+
     def _open_moved(self, index: int, action: str) -> int:
         """Open a message that was renamed (flags changed by a MUA) since the snapshot."""
         with _os_errors(action):
             path = self._all_paths().get(self._keys[index])
             if path is None:
                 raise StoreError(f"{action}: the message vanished")
-            self._paths[index] = path
+            self._moved[index] = path
             return os.open(self._maildir / path, _READ_FLAGS)
 
     async def commit_deletions(self, indexes: Collection[int]) -> None:
@@ -255,6 +282,13 @@ class MaildirMaildrop:
         if doomed and not 0 <= doomed[0] <= doomed[-1] < len(self._keys):
             self._lock.close()  # a failed commit still ends the session
             raise IndexError(f"no message at index {doomed[0]} or {doomed[-1]}")
+        if not doomed:
+            # Nothing to delete: the index on disk was made durable when the maildrop
+            # was opened (or was already current), so QUIT only unlocks. Rewriting and
+            # fsyncing it here was 36-42% of a login (docs/performance.md).
+            self._store._keep_index(self._user, self._loaded)
+            self._lock.close()
+            return
         # The worker thread unlocks when it is done, even if this task is cancelled
         # meanwhile: the lock must outlive the unlinks, not the awaiting coroutine.
         await asyncio.to_thread(self._commit_and_unlock, doomed)
@@ -266,7 +300,7 @@ class MaildirMaildrop:
             relocated: dict[str, str] | None = None
             for i in doomed:
                 try:
-                    os.unlink(self._maildir / self._paths[i])
+                    os.unlink(self._maildir / self._path(i))
                 except FileNotFoundError:
                     if relocated is None:
                         relocated = self._all_paths()
@@ -291,8 +325,18 @@ class MaildirMaildrop:
                 cur_mtime = os.stat(self._maildir / "cur").st_mtime_ns
                 self._index.cur_mtime = 0 if failure else trusted_mtime(cur_mtime)
                 signature = write_index(self._maildir, self._index)
+            # The next snapshot is this one without the deleted messages: the same
+            # frozen MessageInfo objects, so the next login builds none.
+            entries = self._index.entries
+            kept = [i for i, key in enumerate(self._keys) if key in entries]
+            loaded = _LoadedIndex(
+                self._index,
+                signature,
+                tuple(self._infos[i] for i in kept),
+                tuple(self._keys[i] for i in kept),
+            )
             # Handed back before unlocking, so the next session finds it in the cache.
-            self._store._keep_index(self._user, _LoadedIndex(self._index, signature))
+            self._store._keep_index(self._user, loaded)
             if failure is not None:
                 raise _store_error(action, failure) from failure
         finally:
@@ -316,7 +360,7 @@ class MaildirMaildrop:
 class MaildirStore:
     """Maildirs under ``root``: ``root/USER`` holds one user's cur/, new/ and tmp/."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, tmp_sweep_interval: float = TMP_SWEEP_INTERVAL) -> None:
         self._root = Path(root)
         # Cached once: gethostname() per delivery is a syscall for a constant. The
         # replacements are maildir(5)'s, plus ',' which starts the size fields.
@@ -327,6 +371,12 @@ class MaildirStore:
         # first; valid while the index file's signature is unchanged.
         self._cache: OrderedDict[str, _LoadedIndex] = OrderedDict()
         self._cache_guard = threading.Lock()
+        # Maildirs known to have cur/, new/ and tmp/ (a login that finds one missing
+        # after all makes it again), and when this process last swept each tmp/.
+        # Sets and dicts are safe across the worker threads for single operations.
+        self._known_maildirs: set[Path] = set()
+        self._tmp_swept: dict[Path, float] = {}
+        self._tmp_sweep_interval = tmp_sweep_interval
 
     @property
     def root(self) -> Path:
@@ -351,13 +401,26 @@ class MaildirStore:
             raise
 
     def _open_sync(self, user: str, maildir: Path) -> MaildirMaildrop:
-        action = f"open maildrop of {user}"
-        with _os_errors(action):
+        with _os_errors(f"open maildrop of {user}"):
+            known = maildir in self._known_maildirs
+            try:
+                return self._open_locked(user, maildir)
+            except FileNotFoundError:
+                if not known:
+                    raise
+                # Removed (whole or in part) since this process last saw it: make it
+                # again and start over. Nothing was written: every missing directory
+                # is noticed before the index changes, and the cached index that may
+                # have been touched was taken out of the cache, so it is read afresh.
+                self._known_maildirs.discard(maildir)
+                return self._open_locked(user, maildir)
+
+    def _open_locked(self, user: str, maildir: Path) -> MaildirMaildrop:
+        if maildir not in self._known_maildirs:
             self._ensure_maildir(maildir)
-            lock = _FileLock(maildir / LOCK_NAME)
+        lock = _FileLock(maildir / LOCK_NAME)
         try:
-            with _os_errors(action):
-                loaded = self._sync_index(user, maildir, lock)
+            loaded = self._sync_index(user, maildir, lock)
             return MaildirMaildrop(self, user, lock, loaded)
         except BaseException:
             lock.close()
@@ -391,12 +454,23 @@ class MaildirStore:
             index, changed = loaded.index, False
         else:
             index, changed = _load_or_rebuild(user, maildir, lock)
-        _remove_stale_tmp(maildir / "tmp")
+        self._sweep_tmp(maildir)
         changed |= reconcile(user, maildir, index)
         if changed or loaded is None:
             signature = write_index(maildir, index) if changed else index_signature(maildir)
             return _LoadedIndex(index, signature)
         return loaded
+
+    def _sweep_tmp(self, maildir: Path) -> None:
+        """Remove dead deliveries from tmp/, at most once per interval per process."""
+        now = time.monotonic()
+        last = self._tmp_swept.get(maildir)
+        if last is not None and now - last < self._tmp_sweep_interval:
+            return
+        _remove_stale_tmp(maildir / "tmp")
+        if len(self._tmp_swept) >= MAX_KNOWN_MAILDIRS:
+            self._tmp_swept.clear()  # forgetting only costs a sweep
+        self._tmp_swept[maildir] = now
 
     def _ensure_maildir(self, maildir: Path) -> None:
         created = False
@@ -410,6 +484,9 @@ class MaildirStore:
             # A delivery into a brand-new Maildir is only durable with its directories.
             fsync_dir(self._root)
             fsync_dir(maildir)
+        if len(self._known_maildirs) >= MAX_KNOWN_MAILDIRS:
+            self._known_maildirs.clear()  # forgetting only costs the mkdir() attempts
+        self._known_maildirs.add(maildir)
 
     # -- delivery -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -19,9 +20,10 @@ from popbox.store.base import Usage
 from popbox.store.index import (
     IndexHeader,
     MaildirIndex,
-    arrival_order,
     scan_messages,
     size_fields,
+    sorted_by_arrival,
+    wire_field,
     wire_size_of_file,
 )
 
@@ -43,6 +45,13 @@ SEEN_INFO: Final = ":2,"
 # same step as our own would otherwise hide behind an unchanged mtime.
 MTIME_SETTLE_NS: Final = 2_000_000_000
 _NS_PER_SECOND: Final = 1_000_000_000
+# Threads that read unindexed messages without W= to size them. The reads are I/O
+# when the page cache is cold (a disk serves several at once) and the threads drop
+# the GIL in open()/read(); more than a few only adds switching on small machines.
+SIZE_READ_THREADS: Final = 4
+# Fewer files than this are read by the login's own thread: starting a pool costs
+# more than it saves on a handful of deliveries.
+SIZE_READ_PARALLEL_MIN: Final = 256
 
 
 def trusted_mtime(mtime_ns: int) -> int:
@@ -124,24 +133,70 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
             if known.path != f"new/{name}":
                 known.path = f"new/{name}"
                 changed = True
-    for key, path in sorted(unindexed.items(), key=lambda item: arrival_order(item[1][4:])):
-        # W= is trusted without opening the file (a cold 100,000-message login would
-        # otherwise read a block of each). It is exact for everything popbox writes;
-        # a foreign unterminated message keeps Dovecot's figure, 2 below RETR's.
-        _, wire = size_fields(path[4:])
-        if wire is None:
-            try:
-                wire = wire_size_of_file(maildir / path)
-            except FileNotFoundError:
-                continue  # removed by other software while we looked
-        index.assign(key, wire, path)
-        changed = True
+    if unindexed:
+        changed |= _index_unseen(maildir, index, unindexed)
     changed |= move_new_to_cur(user, maildir, index, in_new)
     trusted = trusted_mtime(os.stat(maildir / "cur").st_mtime_ns)
     if trusted != index.cur_mtime:
         index.cur_mtime = trusted
         changed = True
     return changed
+
+
+def _index_unseen(maildir: Path, index: MaildirIndex, unindexed: dict[str, str]) -> bool:
+    """Give UIDs to messages new to the index (key -> DIR/NAME), oldest first.
+
+    True if any got one (all of them may have vanished meanwhile).
+    """
+    ordered = sorted_by_arrival(unindexed)
+    # W= is trusted without opening the file (a cold 100,000-message login would
+    # otherwise read a block of each). It is exact for everything popbox writes; a
+    # foreign unterminated message keeps Dovecot's figure, 2 below RETR's.
+    sizes = [wire_field(path[4:]) for _, path in ordered]
+    unsized = [i for i, size in enumerate(sizes) if size is None]
+    if unsized:
+        for i, size in zip(
+            unsized, _read_sizes(maildir, [ordered[i][1] for i in unsized]), strict=True
+        ):
+            sizes[i] = size
+    assigned = False
+    for (key, path), size in zip(ordered, sizes, strict=True):
+        if size is not None:  # else removed by other software while we looked
+            index.assign(key, size, path)
+            assigned = True
+    return assigned
+
+
+def _read_sizes(maildir: Path, paths: list[str]) -> list[int | None]:
+    """The wire size of each DIR/NAME by reading it (None if it vanished).
+
+    Many files are read by a few threads at once: with the page cache cold the
+    disk serves several requests in parallel, and the threads drop the GIL in
+    open() and read(), which are most of the work.
+    """
+    # Names relative to open directories, as in move_new_to_cur: no Path per file.
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    dir_fds = {directory: os.open(maildir / directory, flags) for directory in ("cur", "new")}
+
+    def size_slice(part: list[str]) -> list[int | None]:
+        sizes: list[int | None] = []
+        for path in part:
+            try:
+                sizes.append(wire_size_of_file(path[4:], dir_fds[path[:3]]))
+            except FileNotFoundError:
+                sizes.append(None)
+        return sizes
+
+    try:
+        if len(paths) < SIZE_READ_PARALLEL_MIN:
+            return size_slice(paths)
+        step = -(-len(paths) // (SIZE_READ_THREADS * 4))  # a few slices per thread
+        parts = [paths[i : i + step] for i in range(0, len(paths), step)]
+        with ThreadPoolExecutor(SIZE_READ_THREADS, thread_name_prefix="popbox-size") as pool:
+            return [size for sizes in pool.map(size_slice, parts) for size in sizes]
+    finally:
+        for dir_fd in dir_fds.values():
+            os.close(dir_fd)
 
 
 def move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[str]) -> bool:
