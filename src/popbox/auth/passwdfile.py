@@ -283,7 +283,18 @@ class PasswdFilePassDB:
         return [entry.record for entry in self._entries.values()]
 
     def _maybe_refresh(self) -> None:
-        if time.monotonic() - self._checked_at < self._check_interval:
+        now = time.monotonic()
+        if now - self._checked_at < self._check_interval:
+            return
+        # The common case, a file unchanged since it was loaded, is one stat() and a
+        # tuple comparison: no lock (the loaded version is replaced whole, so reading
+        # its key unlocked is safe), no open, no parse.
+        try:
+            key = _stat_key(os.stat(self._path))
+        except OSError:
+            key = None
+        if key is not None and key in (self._key, self._refused_key):
+            self._checked_at = now  # a race here only costs another stat()
             return
         try:
             self._refresh(force=False, strict=False)
