@@ -9,11 +9,14 @@ getmail), then times MaildirStore.open_maildrop:
 - warm, fresh store: the index file exists and a new MaildirStore (what a newly
   started worker process has) parses it; once after cur/ changed behind its back
   (so cur/ is rescanned), then unchanged;
-- warm, same worker: the store has the parsed index cached from the last session;
+- warm, same worker: the store has the parsed index cached from the last session,
+  which ended with release() or with QUIT (commit_deletions) without deletions;
 
-and usage() (the quota check LMTP runs per recipient) on each. A last section
-compares streaming a large body with reads on the event loop against reads in a
-worker thread. Prints a Markdown report; results are reports, not tests.
+and usage() (the quota check LMTP runs per recipient) on each. A small-maildrop
+section times what a POP3 poll costs the store: open, then QUIT without and with one
+deletion (the login scenario of bench.run). A last section compares streaming a
+large body with reads on the event loop against reads in a worker thread. Prints a
+Markdown report; results are reports, not tests.
 
     .venv/bin/python bench/maildir_index.py [--messages 100000] [--dir DIR] [--keep]
 """
@@ -86,6 +89,14 @@ async def open_once(store: MaildirStore, user: str) -> int:
     return count
 
 
+async def open_quit(store: MaildirStore, user: str, delete: int = 0) -> int:
+    """A POP3 session's store work: open, QUIT deleting the first ``delete`` messages."""
+    maildrop = await store.open_maildrop(user)
+    count = len(maildrop.messages)
+    await maildrop.commit_deletions(range(min(delete, count)))
+    return count
+
+
 def drop_page_cache() -> bool:
     """Ask the kernel to forget cached file data (root only); False if not allowed."""
     os.sync()
@@ -128,6 +139,8 @@ async def bench_maildrop(root: Path, user: str, count: int, with_sizes: bool) ->
     await open_once(store, user)
     cached = [await timed(lambda: open_once(store, user)) for _ in range(REPEATS)]
     rows.append(f"open_maildrop warm, same worker (index cached): {figure(cached)}")
+    quits = [await timed(lambda: open_quit(store, user)) for _ in range(REPEATS)]
+    rows.append(f"open + QUIT without DELE, same worker: {figure(quits)}")
     usage = [await timed(lambda: store.usage(user)) for _ in range(REPEATS)]
     rows.append(f"usage(), index current: {figure(usage)}")
     await store.deliver(user, b"Subject: one more\n\nhi\n")
@@ -143,6 +156,26 @@ async def bench_maildrop(root: Path, user: str, count: int, with_sizes: bool) ->
     return rows
 
 
+async def bench_polls(root: Path) -> list[str]:
+    """What one POP3 poll of a 10-message maildrop costs the store (login scenario)."""
+    store = MaildirStore(root)
+    for n in range(10):
+        await store.deliver("poller", f"Subject: {n}\n\nbody\n".encode())
+    await open_quit(store, "poller")
+    rows = []
+    for label, delete in (("QUIT without DELE", 0), ("QUIT after DELE 1 (+1 delivery)", 1)):
+        samples = []
+        for _ in range(200):
+            start = time.perf_counter()
+            await open_quit(store, "poller", delete)
+            samples.append(time.perf_counter() - start)
+            if delete:
+                await store.deliver("poller", b"Subject: again\n\nbody\n")
+        per_second = len(samples) / sum(samples)
+        rows.append(f"open + {label}: {figure(samples)}, {per_second:.0f}/s in sequence")
+    return rows
+
+
 async def bench_read(root: Path) -> list[str]:
     """Stream a big body: reads on the loop (what the store does) vs in a thread."""
     store = MaildirStore(root)
@@ -152,8 +185,8 @@ async def bench_read(root: Path) -> list[str]:
         block = line * (1024 * 1024 // len(line))
         for _ in range(BIG_MESSAGE // len(block)):
             handle.write(block)
-    with path.open("rb") as handle:
-        await store.deliver_file("reader", handle)
+    with path.open("rb") as source:
+        await store.deliver_file("reader", source)
     path.unlink()
     maildrop = await store.open_maildrop("reader")
 
@@ -197,6 +230,10 @@ async def main() -> None:
             for row in await bench_maildrop(root, user, args.messages, with_sizes):
                 print(f"- {row}")
             print()
+        print("## polls of a small maildrop\n")
+        for row in await bench_polls(root):
+            print(f"- {row}")
+        print()
         if not args.skip_read:
             print("## streaming one large message\n")
             for row in await bench_read(root):
