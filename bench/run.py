@@ -44,6 +44,9 @@ BEGIN: Final = "<!-- bench:begin -->"
 END: Final = "<!-- bench:end -->"
 PROFILE_BEGIN: Final = "<!-- profile:begin -->"
 COLLECTOR_HEADING: Final = "## Collector"
+# Different sizes rebuild the data, so quick and full runs keep theirs apart.
+FULL_WORK: Final = Path("/var/tmp/popbox-bench")
+QUICK_WORK: Final = Path("/var/tmp/popbox-bench-quick")
 KEPT_NOTE: Final = "_Kept from an earlier run: this run was made with --no-collector._"
 PROFILE_END: Final = "<!-- profile:end -->"
 
@@ -379,8 +382,10 @@ def parse_args(argv: list[str] | None) -> Settings:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, short durations")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (3)")
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp/popbox-bench"),
-                        help="where data and server copies live (several GB for a full run)")
+    parser.add_argument("--work", type=Path,
+                        help="where data and server copies live (several GB for a full run; "
+                        "default /var/tmp/popbox-bench, /var/tmp/popbox-bench-quick with "
+                        "--quick so that a quick run does not replace the full data)")
     parser.add_argument("--idle", type=int, help="idle sessions (2000; 200 with --quick)")
     parser.add_argument("--bigbox", type=int, help="messages in the big maildrop (100000)")
     parser.add_argument("--collector-messages", type=int, help="collector mailbox (5000)")
@@ -411,7 +416,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     if overrides:
         sizes = ds.Sizes(**{**asdict(sizes), **overrides})
     return Settings(
-        quick=args.quick, reps=args.reps, work=args.work, sizes=sizes,
+        quick=args.quick, reps=args.reps,
+        work=args.work or (QUICK_WORK if args.quick else FULL_WORK), sizes=sizes,
         login_seconds=durations[0], retr_seconds=durations[1], churn_seconds=durations[2],
         churn_rate=50.0, popbox_workers=args.popbox_workers,
         only=set(args.only.split(",")) if args.only else None,
