@@ -516,3 +516,26 @@ async def test_many_unsized_messages_are_sized_exactly_in_arrival_order(
     assert [info.size for info in maildrop.messages] == [wire_size(b) for b in bodies]
     assert [await read_all(maildrop, i) for i in (0, 599)] == [bodies[0], bodies[599]]
     await maildrop.release()
+
+
+async def test_new_mail_extends_the_cached_snapshot(maildir_store: MaildirStore) -> None:
+    for n in range(3):
+        await maildir_store.deliver("alice", f"message {n}\n".encode())
+    first = await maildir_store.open_maildrop("alice")
+    before = list(first.messages)
+    await first.commit_deletions([])
+    await maildir_store.deliver("alice", b"late\n")
+    second = await maildir_store.open_maildrop("alice")
+    assert list(second.messages[:3]) == before
+    assert all(a is b for a, b in zip(second.messages, before, strict=False))  # reused
+    assert second.messages[3].size == wire_size(b"late\n")
+    assert await read_all(second, 3) == b"late\n"
+    await second.release()
+    # A message deleted by other software: the snapshot is built afresh, and right.
+    (message_files(maildir_store.maildir("alice"))[0]).unlink()
+    assert await uidls(maildir_store, "alice") == [info.uidl for info in before[1:]] + [
+        second.messages[3].uidl
+    ]
+    assert await uidls(MaildirStore(maildir_store.root), "alice") == await uidls(
+        maildir_store, "alice"
+    )

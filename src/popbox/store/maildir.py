@@ -210,6 +210,31 @@ class _LoadedIndex:
             )
         return self._snapshot, self._keys
 
+    def extend(self, older: _LoadedIndex) -> None:
+        """Reuse ``older``'s snapshot when this version only added messages after it.
+
+        New mail is appended (UIDs only grow) and a key's UID and size never change,
+        so a big maildrop that got one delivery builds one MessageInfo, not 100,000.
+        """
+        if (
+            older.index is not self.index  # a rebuilt index: other UIDLs
+            or older._snapshot is None
+            or older._keys is None
+            or self._snapshot is not None
+        ):
+            return
+        keys = tuple(self.index.entries)
+        known = len(older._keys)
+        if keys[:known] != older._keys:
+            return  # something was removed: build afresh
+        entries = self.index.entries
+        uidl = self.index.uidl
+        added = tuple(
+            MessageInfo(uidl(entries[key].uid), entries[key].size) for key in keys[known:]
+        )
+        self._keys = keys
+        self._snapshot = older._snapshot + added
+
 
 class MaildirMaildrop:
     """One user's Maildir, locked and snapshotted for one POP3 session."""
@@ -458,7 +483,10 @@ class MaildirStore:
         changed |= reconcile(user, maildir, index)
         if changed or loaded is None:
             signature = write_index(maildir, index) if changed else index_signature(maildir)
-            return _LoadedIndex(index, signature)
+            fresh = _LoadedIndex(index, signature)
+            if loaded is not None:
+                fresh.extend(loaded)
+            return fresh
         return loaded
 
     def _sweep_tmp(self, maildir: Path) -> None:
