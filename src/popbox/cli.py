@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -41,7 +41,27 @@ def _setup_logging(config: Config, verbose: bool = False) -> None:
     )
 
 
-@click.group()
+class _PopboxGroup(click.Group):
+    """Loads the collector's commands only when they are asked for.
+
+    `popbox deliver` runs once per message under an MTA; importing the collector
+    (httpx, rich, the poll engine) would add about a third to its start-up.
+    """
+
+    _LAZY: Final = ("fetch", "oauth")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._LAZY:
+            from popbox.collector.cli import fetch_command, oauth_group
+
+            return fetch_command if cmd_name == "fetch" else oauth_group
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_PopboxGroup)
 @click.version_option(package_name="popbox")
 def main() -> None:
     """popbox: a POP3 mailbox server, LMTP delivery and a POP3 collector."""
@@ -295,14 +315,3 @@ def deliver(config_path: Path | None, recipient: str, sender: str | None) -> Non
         sys.exit(EX_TEMPFAIL)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     sys.exit(run_lda(config, recipient, sender, sys.stdin.buffer))
-
-
-def _attach_collector() -> None:
-    """Attach `popbox fetch` and `popbox oauth` from the collector."""
-    from popbox.collector.cli import fetch_command, oauth_group
-
-    main.add_command(fetch_command, "fetch")
-    main.add_command(oauth_group, "oauth")
-
-
-_attach_collector()
