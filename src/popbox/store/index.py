@@ -86,6 +86,8 @@ _WORD: Final = 8
 _SWAP: Final = sys.byteorder != "little"
 # UIDs below this format as exactly 8 hex digits in a UIDL.
 _UID_8_DIGITS: Final = 1 << 32
+# Whether a DIR/NAME path is in new/, as a C-level callable for map().
+_IN_NEW: Final = operator.methodcaller("startswith", "new/")
 # A header line is short; reading at most this much keeps a garbage file from costing
 # memory when only the header is wanted (quota checks).
 MAX_HEADER_LINE: Final = 4096
@@ -250,11 +252,12 @@ def sorted_by_arrival(paths: dict[str, str]) -> list[tuple[str, str]]:
     writer's names for centuries), comparing the names as strings gives that same
     order, and sorting 100,000 of them needs no Python call per comparison key.
     """
-    names = [path[4:] for path in paths.values()]
-    widths = {len(name) - len(name.lstrip("0123456789")) for name in names}
+    by_name = {path[4:]: (key, path) for key, path in paths.items()}
+    widths = {len(name) - len(name.lstrip("0123456789")) for name in by_name}
     if len(widths) == 1 and 0 not in widths:
-        # Names are unique (one per key), so the tuples never compare past them.
-        return [item for _, item in sorted(zip(names, paths.items(), strict=True))]
+        # Names are unique (one per key): sorting the bare strings takes CPython's
+        # string-only fast path, half the time of sorting (name, item) tuples.
+        return [by_name[name] for name in sorted(by_name)]
     return sorted(paths.items(), key=lambda item: arrival_order(item[1][4:]))
 
 
@@ -430,6 +433,21 @@ class MaildirIndex:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
+    def assign_all(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
+        """``assign`` each DIR/NAME with its size, in this order.
+
+        An index that holds nothing yet (a first or rebuilt index: 100,000 messages
+        at a cold login) takes them as columns, without an IndexEntry each.
+        """
+        if self._columns is None and not self.entries:
+            uids = array(_WORD_TYPE, range(self.next_uid, self.next_uid + len(paths)))
+            self._columns = IndexColumns(uids, list(sizes), list(paths), self.uidls_of(uids))
+            self._entries = None
+            self.next_uid += len(paths)
+            return
+        for path, size in zip(paths, sizes, strict=True):
+            self.assign(path[4:].partition(":")[0], size, path)
+
     def assign(self, key: str, size: int, path: str) -> IndexEntry:
         """Give a message the next UID; UIDs only grow, so none is ever reused."""
         entry = IndexEntry(self.next_uid, size, path)
@@ -459,7 +477,7 @@ class MaildirIndex:
             count=len(columns.uids),
             octets=sum(columns.sizes),
             cur_mtime=self.cur_mtime,
-            in_new=sum(1 for path in columns.paths if path.startswith("new/")),
+            in_new=sum(map(_IN_NEW, columns.paths)),
         )
 
 

@@ -166,12 +166,12 @@ def _index_unseen(maildir: Path, index: MaildirIndex, unindexed: dict[str, str])
             unsized, _read_sizes(maildir, [ordered[i][1] for i in unsized]), strict=True
         ):
             sizes[i] = size
-    assigned = False
-    for (key, path), size in zip(ordered, sizes, strict=True):
-        if size is not None:  # else removed by other software while we looked
-            index.assign(key, size, path)
-            assigned = True
-    return assigned
+    # A None size: removed by other software while we looked.
+    kept = [
+        (path, size) for (_, path), size in zip(ordered, sizes, strict=True) if size is not None
+    ]
+    index.assign_all([path for path, _ in kept], [size for _, size in kept])
+    return bool(kept)
 
 
 def _read_sizes(maildir: Path, paths: list[str]) -> list[int | None]:
