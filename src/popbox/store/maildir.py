@@ -15,7 +15,9 @@ foreign unterminated message with W= is listed 2 octets short, as Dovecot lists 
 If the index is lost or damaged it is rebuilt from the files: no message is lost,
 but the rebuilt index has a new UIDVALIDITY, so every UIDL changes once and clients
 that keep mail on the server download it again (the safe direction: a changed UIDL
-costs a duplicate, a reused one would cost a lost message).
+costs a duplicate, a reused one would cost a lost message). An index in the format of
+an earlier popbox is converted at the next login with every UIDL kept; an earlier
+popbox that meets a newer index rebuilds it, so a downgrade changes every UIDL once.
 """
 
 from __future__ import annotations
