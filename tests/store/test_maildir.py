@@ -608,3 +608,15 @@ async def test_a_fresh_worker_reads_renames_and_deletes_from_the_index_file(
     ]
     for store in (worker, MaildirStore(maildir_store.root)):
         assert await uidls(store, "alice") == [before[1], before[2], before[4]]
+
+
+async def test_a_message_whose_key_is_empty_keeps_its_uidl(maildir_store: MaildirStore) -> None:
+    """A foreign file named ':2,S' is a message with an empty key; the index must read
+    back what it wrote, or every login would rebuild it and change every UIDL."""
+    await maildir_store.deliver("alice", b"first\n")
+    maildir = maildir_store.maildir("alice")
+    drop(maildir, "cur", ":2,S", b"odd name\n")
+    before = await uidls(maildir_store, "alice")
+    assert len(before) == 2
+    for _ in range(2):
+        assert await uidls(MaildirStore(maildir_store.root), "alice") == before

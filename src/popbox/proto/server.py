@@ -51,6 +51,7 @@ __all__ = [
     "MessageLike",
     "ServerConnection",
     "ServerSettings",
+    "render_listing",
 ]
 
 # Dovecot's CLIENT_MAX_BAD_COMMANDS: a client that keeps sending garbage is cut off.
@@ -231,7 +232,7 @@ class _Snapshot:
             return _render_listing([i + 1 for i in live], [values[i] for i in live])
         block = self._rendered.get(kind)
         if block is None:
-            block = _render_listing(range(1, len(values) + 1), values)
+            block = render_listing(values)
             self._rendered[kind] = block
         return block
 
@@ -254,6 +255,13 @@ class _Snapshot:
 
 # One line of a LIST or UIDL listing.
 _LISTING_LINE: Final = "%d %s\r\n"
+
+
+def render_listing(values: Sequence[object]) -> bytes:
+    """The lines of a full LIST or UIDL listing (``n value\\r\\n``, n from 1), without
+    its status line and terminator: what a store may keep beside its index so that
+    a process that has never listed this snapshot sends it without rendering it."""
+    return _render_listing(range(1, len(values) + 1), values)
 
 
 def _render_listing(numbers: Iterable[int], values: Sequence[object]) -> bytes:

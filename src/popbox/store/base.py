@@ -47,15 +47,13 @@ class MessageTable(Sequence[MessageInfo]):
     def __init__(
         self, uidls: Sequence[str], sizes: Sequence[int], *, uidls_checked: bool = False
     ) -> None:
-        if len(uidls) != len(sizes):
-            raise ValueError("uidls and sizes must be of the same length")
         self.uidls = uidls
         self.sizes = sizes
         self.uidls_checked = uidls_checked
         self.rendered: dict[str, bytes] = {}
 
     def __len__(self) -> int:
-        return len(self.uidls)
+        return len(self.sizes)  # uidls may be made on first use; sizes are at hand
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, MessageTable):

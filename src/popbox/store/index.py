@@ -6,18 +6,20 @@ Maildir's root, a sibling of cur/, new/ and tmp/) is one ASCII header line and t
 four columns, every message in UID order (version 2)::
 
     popbox-maildir-index 2 uidvalidity=65f0a1b2 next=4 count=2 octets=9146 cur_mtime=0
-        in_new=0 paths=97 uidls=33 crc=1c2b3a4d     (one line in the file)
+        in_new=0 paths=97 uidls=40 crc=1c2b3a4d     (one line in the file)
     UIDs       count x 8 octets, unsigned little-endian
     sizes      count x 8 octets, unsigned little-endian (wire sizes)
     paths      DIR/FILENAME of each message, UTF-8 (surrogateescape), joined by LF
-    UIDLs      the UIDL of each message, ASCII, joined by LF
+    UIDLs      the lines of the full UIDL listing, ``1 UIDL\\r\\n2 UIDL\\r\\n``...
+               (popbox.proto.server.render_listing), ASCII
 
 so that a process that has never seen the maildrop loads 100,000 messages with a few
-C-level operations (``array.frombytes``, one ``split`` per text column) and builds no
-per-message object until something changes (docs/performance.md). ``crc`` is the
-CRC-32 of everything after the header line. Version 1 (one text line per message,
-``UID WIRE_SIZE DIR/FILENAME``) is read once and rewritten as version 2, keeping
-every UID, the UIDVALIDITY and ``next``.
+C-level operations (``array.frombytes``, a checksum) and sends the UIDL listing as it
+was stored: no per-message object is made until something changes, paths are split
+when a message is first read and UIDL strings made when one is first asked for
+(docs/performance.md). ``crc`` is the CRC-32 of everything after the header line.
+Version 1 (one text line per message, ``UID WIRE_SIZE DIR/FILENAME``) is read once
+and rewritten as version 2, keeping every UID, the UIDVALIDITY and ``next``.
 
 A message's key (what survives flag renames and new/ -> cur/ moves) is the file name
 up to the first ``:``. ``next`` is the next UID to hand out; it only grows, so a UIDL
@@ -41,10 +43,12 @@ import os
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, overload
+
+from popbox.proto.server import render_listing
 
 __all__ = [
     "INDEX_NAME",
@@ -342,6 +346,8 @@ class IndexColumns:
     sizes: Sequence[int]
     paths: Sequence[str]
     uidls: Sequence[str]
+    uidl_listing: bytes
+    """``render_listing(uidls)``: kept with the index, rendered once per version."""
 
 
 class MaildirIndex:
@@ -385,6 +391,10 @@ class MaildirIndex:
         if columns is not None and entries is None:
             self._columns, self._entries = columns, None
 
+    def take_columns(self, columns: IndexColumns) -> None:
+        """Hold these columns (as read from the file) instead of any entries."""
+        self._columns, self._entries = columns, None
+
     @property
     def entries(self) -> dict[str, IndexEntry]:
         """The messages by key, in UID order (built from the columns on first use)."""
@@ -404,11 +414,13 @@ class MaildirIndex:
             return self._columns
         entries = self.entries.values()
         uids = [entry.uid for entry in entries]
+        uidls = self.uidls_of(uids)
         return IndexColumns(
             uids,
             [entry.size for entry in entries],
             [entry.path for entry in entries],
-            self.uidls_of(uids),
+            uidls,
+            render_listing(uidls),
         )
 
     def __len__(self) -> int:
@@ -441,7 +453,10 @@ class MaildirIndex:
         """
         if self._columns is None and not self.entries:
             uids = array(_WORD_TYPE, range(self.next_uid, self.next_uid + len(paths)))
-            self._columns = IndexColumns(uids, list(sizes), list(paths), self.uidls_of(uids))
+            uidls = self.uidls_of(uids)
+            self._columns = IndexColumns(
+                uids, list(sizes), list(paths), uidls, render_listing(uidls)
+            )
             self._entries = None
             self.next_uid += len(paths)
             return
@@ -565,30 +580,34 @@ def read_index(maildir: Path) -> MaildirIndex | None:
     return _read_columns(header, values, memoryview(data)[end + 1 :])
 
 
-class _LazyLines(Sequence[str]):
-    """LF-separated text kept as its bytes until a line is first asked for.
+class _Deferred(Sequence[str]):
+    """A list of strings made on first use, whose length is known before.
 
-    The paths column is only needed to read or delete a message, not to list them,
-    so a login that only lists (a poll that finds nothing new) never splits it.
+    The paths column is only needed to read or delete a message and the UIDL strings
+    only for ``UIDL n`` or a listing after DELE, so a login that only lists (a poll
+    that finds nothing new) makes neither. ``source`` is the stored form, if any, to
+    write back unchanged.
     """
 
-    __slots__ = ("_data", "_lines")
+    __slots__ = ("_items", "_length", "_make", "source")
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._lines: list[str] | None = None
+    def __init__(
+        self, length: int, make: Callable[[], list[str]], source: bytes | None = None
+    ) -> None:
+        self._length = length
+        self._make: Callable[[], list[str]] | None = make
+        self._items: list[str] = []
+        self.source = source
 
-    def _split(self) -> list[str]:
-        if self._lines is None:
-            self._lines = self._data.decode(_ENCODING, _ERRORS).split("\n") if self._data else []
-        return self._lines
-
-    @property
-    def data(self) -> bytes:
-        return self._data
+    def _list(self) -> list[str]:
+        if self._make is not None:
+            self._items, self._make = self._make(), None
+            if len(self._items) != self._length:  # the caller checked the stored form
+                raise ValueError("deferred column of the wrong length")
+        return self._items
 
     def __len__(self) -> int:
-        return len(self._split())
+        return self._length
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -597,10 +616,20 @@ class _LazyLines(Sequence[str]):
     def __getitem__(self, index: slice) -> Sequence[str]: ...
 
     def __getitem__(self, index: int | slice) -> str | Sequence[str]:
-        return self._split()[index]
+        return self._list()[index]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._split())
+        return iter(self._list())
+
+
+def _listing_length(count: int, uidl_length: int) -> int:
+    """Octets of ``n UIDL\\r\\n`` for n = 1..count, every UIDL ``uidl_length`` long."""
+    total = count * (uidl_length + 3)  # " ", CR, LF
+    digits, low = 1, 1
+    while low <= count:
+        total += digits * (min(count, low * 10 - 1) - low + 1)
+        digits, low = digits + 1, low * 10
+    return total
 
 
 def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview) -> MaildirIndex:
@@ -619,18 +648,17 @@ def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview)
         uids.byteswap()
         sizes.byteswap()
     paths = body[2 * numbers : paths_end].tobytes()
-    uidls_text = str(body[paths_end:], "ascii", "replace")
-    uidls = uidls_text.split("\n") if count else []
+    listing = body[paths_end:].tobytes()
     # A name holds no "/" and no LF, so these count path starts: every path is in
-    # cur/ or new/, and none names a dotfile or has an empty key.
+    # cur/ or new/. Names themselves (no dotfiles, no line breaks) are the writer's
+    # to keep right, as it takes them from scan_messages; the CRC covers damage.
+    # Single C-level passes: a warm login on a big maildrop pays for each.
     in_new = paths.count(b"\nnew/") + paths.startswith(b"new/")
     in_cur = paths.count(b"\ncur/") + paths.startswith(b"cur/")
     if (
-        len(uidls) != count
+        listing.count(b"\r\n") != count
         or paths.count(b"\n") != max(count - 1, 0)
-        or (count and (in_new + in_cur != count or b"/." in paths or b"/:" in paths))
-        or paths.endswith(b"/")
-        or b"/\n" in paths
+        or in_new + in_cur != count
         or in_new != header.in_new
     ):
         raise CorruptIndex("column lengths or paths disagree with the header", uidvalidity)
@@ -642,26 +670,40 @@ def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview)
         raise CorruptIndex("UIDs out of order or not below next", uidvalidity)
     if sum(sizes) != header.octets:
         raise CorruptIndex("header totals disagree with the columns", uidvalidity)
-    # UIDLs are derived data: they must agree with the UIDs, or a client would see a
-    # UIDL that the next rewrite changes. The checksum guards against damage, so
-    # C-level checks suffice: every one carries this UIDVALIDITY, each is as long as
-    # its UID makes it (8 hex digits below 2**32), and the first and last match.
+    # The listing is derived data: it must agree with the UIDs, or a client would see
+    # a UIDL that the next rewrite changes. The checksum guards against damage, so
+    # C-level checks suffice: every line carries this UIDVALIDITY, the whole is as
+    # long as n + UIDL lines are (8 hex digits per UID below 2**32), and the first
+    # and last lines match their UIDs.
     prefix = f"{uidvalidity:08x}"
+    last = f"{count} {prefix}{uids[-1]:08x}\r\n".encode("ascii") if count else b""
     if count and (
-        uidls[0] != f"{prefix}{uids[0]:08x}"
-        or uidls[-1] != f"{prefix}{uids[-1]:08x}"
-        or uidls_text.count(prefix) < count
-        or (uids[-1] < _UID_8_DIGITS and len(uidls_text) != count * (len(prefix) + 9) - 1)
+        not listing.startswith(f"1 {prefix}{uids[0]:08x}\r\n".encode("ascii"))
+        or not listing.endswith(last)
+        or (len(listing) > len(last) and listing[-len(last) - 1] != ord("\n"))
+        or listing.count(prefix.encode("ascii")) < count
+        or (uids[-1] < _UID_8_DIGITS and len(listing) != _listing_length(count, len(prefix) + 8))
     ):
-        raise CorruptIndex("UIDLs disagree with the UIDs", uidvalidity)
-    columns = IndexColumns(uids, sizes.tolist(), _LazyLines(paths), uidls)
-    return MaildirIndex(
+        raise CorruptIndex("the UIDL listing disagrees with the UIDs", uidvalidity)
+    index = MaildirIndex(
         uidvalidity,
         header.next_uid,
         header.cur_mtime,
         written_in_new=header.in_new,
-        columns=columns,
     )
+    columns = IndexColumns(
+        uids,
+        sizes.tolist(),
+        _Deferred(count, lambda: _split_paths(paths), paths),
+        _Deferred(count, lambda: index.uidls_of(uids)),
+        listing,
+    )
+    index.take_columns(columns)
+    return index
+
+
+def _split_paths(data: bytes) -> list[str]:
+    return data.decode(_ENCODING, _ERRORS).split("\n") if data else []
 
 
 def _read_text_lines(header: IndexHeader, body: str) -> MaildirIndex:
@@ -726,11 +768,11 @@ def write_index(
     if columns is None:
         columns = index.columns()
     header = index.header(columns)
-    if isinstance(columns.paths, _LazyLines):  # unchanged since read: as it was
-        paths = columns.paths.data
+    if isinstance(columns.paths, _Deferred) and columns.paths.source is not None:
+        paths = columns.paths.source  # unchanged since read: as it was
     else:
         paths = "\n".join(columns.paths).encode(_ENCODING, _ERRORS)
-    uidls = "\n".join(columns.uidls).encode("ascii")
+    uidls = columns.uidl_listing
     body = b"".join((_packed(columns.uids), _packed(columns.sizes), paths, uidls))
     head = _format_header(header, len(paths), len(uidls), zlib.crc32(body)).encode("ascii")
     tmp_path = maildir / INDEX_TMP_NAME
