@@ -397,8 +397,16 @@ def test_listings_are_one_block_and_follow_deletions() -> None:
     conn.receive_data(b"DELE 2\r\nDELE 4\r\nLIST\r\nUIDL\r\nSTAT\r\nRSET\r\nSTAT\r\n")
     assert conn.next_event() is NEED_DATA
     assert conn.data_to_send().split(b"\r\n")[2:] == [
-        b"+OK 3 messages (306 octets)", b"1 100", b"3 102", b"5 104", b".",
-        b"+OK 3 messages (306 octets)", b"1 u0", b"3 u2", b"5 u4", b".",
+        b"+OK 3 messages (306 octets)",
+        b"1 100",
+        b"3 102",
+        b"5 104",
+        b".",
+        b"+OK 3 messages (306 octets)",
+        b"1 u0",
+        b"3 u2",
+        b"5 u4",
+        b".",
         b"+OK 3 306",
         b"+OK Maildrop has 5 messages (510 octets).",
         b"+OK 5 510",
@@ -428,3 +436,45 @@ def test_command_cache_never_keeps_credentials() -> None:
     conn.receive_data(b"USER someone\r\nPASS hunter2\r\n")
     assert isinstance(conn.next_event(), LoginRequest)
     assert not any(b"hunter2" in line or b"someone" in line for line in commands._parsed)
+
+
+class Columns(list[MessageInfo]):
+    """A snapshot that offers its columns, as the Maildir store's MessageTable does."""
+
+    def __init__(self, uidls: list[str], sizes: list[int], *, checked: bool) -> None:
+        super().__init__(MessageInfo(u, s) for u, s in zip(uidls, sizes, strict=True))
+        self.uidls = uidls
+        self.sizes = sizes
+        self.uidls_checked = checked
+        self.rendered: dict[str, bytes] = {}
+
+
+def session_output(messages: list[MessageInfo], commands: bytes) -> bytes:
+    conn = connect()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    assert isinstance(conn.next_event(), LoginRequest)
+    conn.login_succeeded(messages)
+    conn.receive_data(commands)
+    assert conn.next_event() is NEED_DATA
+    return conn.data_to_send()
+
+
+def test_a_snapshot_given_as_columns_lists_exactly_as_one_given_per_message() -> None:
+    uidls = [f"6b07cf9c{i:08x}" for i in range(1, 301)]
+    sizes = [1000 + i for i in range(300)]
+    commands = b"STAT\r\nLIST\r\nUIDL\r\nLIST 7\r\nUIDL 300\r\nDELE 2\r\nLIST\r\nUIDL\r\n"
+    plain = session_output([MessageInfo(u, s) for u, s in zip(uidls, sizes, strict=True)], commands)
+    shared = Columns(uidls, sizes, checked=True)
+    assert session_output(shared, commands) == plain
+    # The next session of the same snapshot lists every message again: the marks of
+    # the one before do not leak through the listings kept with the columns.
+    assert session_output(shared, commands) == plain
+    full = session_output(shared, b"UIDL\r\n").split(b"\r\n")
+    assert full[3:5] == [b"1 6b07cf9c00000001", b"2 6b07cf9c00000002"]
+    assert len(full) == 3 + 300 + 2  # USER, login and listing replies; ".", ""
+
+
+def test_columns_whose_uidls_are_not_vouched_for_are_still_cleaned() -> None:
+    unchecked = Columns(["ok", "x\r\n+OK forged"], [1, 1], checked=False)
+    lines = session_output(unchecked, b"UIDL\r\n").split(b"\r\n")
+    assert lines[3:6] == [b"1 ok", b"2 x  +OK forged", b"."]

@@ -192,13 +192,13 @@ async def test_index_write_failure_on_commit_is_reported(maildir_store: MaildirS
 @pytest.mark.parametrize(
     "damage",
     [
-        pytest.param(lambda text: "garbage\x00\xff", id="garbage"),
-        pytest.param(lambda text: "", id="empty"),
-        pytest.param(lambda text: text[: len(text) // 2], id="truncated"),
-        pytest.param(lambda text: text.replace(" 1 ", " x ", 1), id="bad-line"),
-        pytest.param(lambda text: text.replace("count=3", "count=9"), id="wrong-count"),
-        pytest.param(lambda text: text + text.splitlines()[1] + "\n", id="duplicate-line"),
-        pytest.param(lambda text: text.replace("index 1 ", "index 99 "), id="future-version"),
+        pytest.param(lambda data: b"garbage\x00\xff", id="garbage"),
+        pytest.param(lambda data: b"", id="empty"),
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: data[:-1] + bytes([data[-1] ^ 1]), id="flipped-bit"),
+        pytest.param(lambda data: data.replace(b"count=3", b"count=9"), id="wrong-count"),
+        pytest.param(lambda data: data + data[-17:], id="appended"),
+        pytest.param(lambda data: data.replace(b"index 2 ", b"index 99 "), id="future-version"),
         pytest.param(None, id="missing"),
     ],
 )
@@ -214,7 +214,7 @@ async def test_damaged_index_is_rebuilt_without_losing_mail(
         index.unlink()
     else:
         assert callable(damage)
-        index.write_text(damage(index.read_text()))
+        index.write_bytes(damage(index.read_bytes()))
     rebuilt = await maildir_store.open_maildrop("alice")
     assert sorted([await read_all(rebuilt, i) for i in range(3)]) == bodies
     new_uidls = [info.uidl for info in rebuilt.messages]

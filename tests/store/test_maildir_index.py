@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,30 +123,137 @@ def test_missing_index_reads_as_none(tmp_path: Path) -> None:
     assert read_header(tmp_path) is None
 
 
+Columns = dict[str, list[object]]
+
+
+def rewrite_index(path: Path, edit: Callable[[dict[str, str], Columns], None]) -> None:
+    """Let ``edit`` change the header fields or columns, then write a self-consistent
+    file (lengths and checksum recomputed), so only the edited invariant is broken."""
+    head, _, body = path.read_bytes().partition(b"\n")
+    tokens = head.decode().split()
+    fields = dict(token.partition("=")[::2] for token in tokens[2:])
+    count = int(fields["count"])
+    paths_len, uidls_len = int(fields["paths"]), int(fields["uidls"])
+    words = count * 8
+    columns: Columns = {
+        "uids": list(struct.unpack(f"<{count}Q", body[:words])),
+        "sizes": list(struct.unpack(f"<{count}Q", body[words : 2 * words])),
+        "paths": body[2 * words : 2 * words + paths_len]
+        .decode("utf-8", "surrogateescape")
+        .split("\n"),
+        # The stored UIDL listing, "n UIDL\r\n" per message, as its UIDLs.
+        "uidls": [
+            line.partition(" ")[2]
+            for line in body[2 * words + paths_len :][:uidls_len].decode().split("\r\n")[:-1]
+        ],
+    }
+    fields["version"] = tokens[1]
+    edit(fields, columns)
+    n = len(columns["uids"])
+    paths = "\n".join(map(str, columns["paths"])).encode("utf-8", "surrogateescape")
+    uidls = "".join(f"{n} {uidl}\r\n" for n, uidl in enumerate(columns["uidls"], 1)).encode()
+    new_body = (
+        struct.pack(f"<{n}q", *columns["uids"])  # signed: a negative size shows as huge
+        + struct.pack(f"<{len(columns['sizes'])}q", *columns["sizes"])
+        + paths
+        + uidls
+    )
+    fields["paths"], fields["uidls"] = str(len(paths)), str(len(uidls))
+    fields["crc"] = format(zlib.crc32(new_body), "08x")
+    version = fields.pop("version")
+    header = " ".join([tokens[0], version] + [f"{k}={v}" for k, v in fields.items()])
+    path.write_bytes(header.encode() + b"\n" + new_body)
+
+
+def test_an_index_rewritten_without_damage_still_reads(tmp_path: Path) -> None:
+    """The control for the damage tests: the rewriting itself breaks nothing."""
+    write_index(tmp_path, sample_index())
+    written = (tmp_path / INDEX_NAME).read_bytes()
+    rewrite_index(tmp_path / INDEX_NAME, lambda fields, columns: None)
+    assert (tmp_path / INDEX_NAME).read_bytes() == written
+    assert read_index(tmp_path) == sample_index()
+
+
+def _set(column: str, position: int, value: object) -> Callable[[dict[str, str], Columns], None]:
+    def edit(fields: dict[str, str], columns: Columns) -> None:
+        columns[column][position] = value
+
+    return edit
+
+
+def _field(name: str, value: str) -> Callable[[dict[str, str], Columns], None]:
+    def edit(fields: dict[str, str], columns: Columns) -> None:
+        fields[name] = value
+
+    return edit
+
+
 @pytest.mark.parametrize(
-    ("old", "new"),
+    "edit",
     [
-        ("\n2 10 new/", "\n2 10 tmp/"),  # only cur/ and new/ hold messages
-        ("\n3 7 ", "\n1 7 "),  # UIDs out of order
-        ("\n3 7 ", "\n9 7 "),  # a UID not below next
-        ("\n2 10 ", "\n2 -10 "),
-        ("octets=21", "octets=22"),
-        ("next=4", "next=four"),
-        ("popbox-maildir-index 1", "popbox-maildir-index 2"),
-        ("2 10 new/2.with space", "2 10 new/1.M1.host,S=3,W=4:2,S"),  # duplicate key
+        pytest.param(_set("paths", 1, "tmp/2.with space"), id="outside-cur-and-new"),
+        pytest.param(_set("uids", 2, 1), id="uids-out-of-order"),
+        pytest.param(_set("uids", 2, 9), id="uid-not-below-next"),
+        pytest.param(_set("sizes", 1, -10), id="negative-size"),
+        pytest.param(_set("uidls", 2, "6b07cf9c00000009"), id="uidl-not-of-its-uid"),
+        pytest.param(_set("uidls", 1, "6b07cf9d00000002"), id="uidl-of-another-uidvalidity"),
+        pytest.param(_field("octets", "22"), id="octets"),
+        pytest.param(_field("in_new", "0"), id="in-new"),
+        pytest.param(_field("count", "2"), id="count"),
+        pytest.param(_field("next", "four"), id="next-not-a-number"),
+        pytest.param(_field("version", "3"), id="unknown-version"),
     ],
 )
-def test_damaged_index_is_detected(tmp_path: Path, old: str, new: str) -> None:
+def test_damaged_index_is_detected(
+    tmp_path: Path, edit: Callable[[dict[str, str], Columns], None], request: pytest.FixtureRequest
+) -> None:
     write_index(tmp_path, sample_index())
-    path = tmp_path / INDEX_NAME
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
-    assert old in text
-    path.write_text(text.replace(old, new, 1), encoding="utf-8", errors="surrogateescape")
+    rewrite_index(tmp_path / INDEX_NAME, edit)
     with pytest.raises(CorruptIndex) as raised:
         read_index(tmp_path)
-    if "popbox-maildir-index 2" not in new and "four" not in new:
+    if request.node.callspec.id != "next-not-a-number":  # else the header is unreadable
         # The old UIDVALIDITY is kept so the rebuilt index can go above it.
         assert raised.value.uidvalidity == 0x6B07CF9C
+
+
+def test_a_flipped_bit_anywhere_after_the_header_is_detected(tmp_path: Path) -> None:
+    write_index(tmp_path, sample_index())
+    path = tmp_path / INDEX_NAME
+    data = path.read_bytes()
+    start = data.index(b"\n") + 1
+    for at in range(start, len(data), 7):
+        path.write_bytes(data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :])
+        with pytest.raises(CorruptIndex):
+            read_index(tmp_path)
+
+
+# What popbox 0.x wrote: one text line per message (index version 1).
+VERSION_1 = (
+    "popbox-maildir-index 1 uidvalidity=6b07cf9c next=9 count=2 octets=14 "
+    "cur_mtime=0 in_new=1\n"
+    "3 4 cur/1.M1.host,S=3,W=4:2,S\n"
+    "7 10 new/2.with space\n"
+)
+
+
+def test_a_version_1_index_is_read_with_its_uids_and_marked_for_rewriting(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / INDEX_NAME).write_text(VERSION_1)
+    index = read_index(tmp_path)
+    assert index is not None
+    assert index.outdated_format
+    assert (index.uidvalidity, index.next_uid) == (0x6B07CF9C, 9)
+    assert index.uidls() == ["6b07cf9c00000003", "6b07cf9c00000007"]
+    header = read_header(tmp_path)
+    assert header is not None
+    assert (header.count, header.octets, header.next_uid) == (2, 14, 9)
+    write_index(tmp_path, index)
+    again = read_index(tmp_path)
+    assert again is not None
+    assert again == index
+    assert not again.outdated_format
+    assert (tmp_path / INDEX_NAME).read_bytes().startswith(b"popbox-maildir-index 2 ")
 
 
 @pytest.mark.parametrize(

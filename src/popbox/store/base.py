@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, overload
 
-__all__ = ["MailStore", "Maildrop", "MessageInfo", "Usage"]
+__all__ = ["MailStore", "Maildrop", "MessageInfo", "MessageTable", "Usage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,55 @@ class MessageInfo:
 
     uidl: str
     size: int
+
+
+class MessageTable(Sequence[MessageInfo]):
+    """A snapshot kept as two columns: a MessageInfo is only made when asked for.
+
+    A store that holds UIDLs and sizes as columns hands them over as they are; the
+    protocol core reads ``uidls`` and ``sizes`` directly, so a login on 100,000
+    messages makes no per-message object. ``uidls_checked`` is the store's promise
+    that every UIDL is 1-70 printable ASCII octets without spaces (it made them so),
+    which spares the core its own check. ``rendered`` is where the core may keep the
+    listings it rendered from this table: the table lives as long as its index
+    version, so every session of that version reuses them. Nobody changes the
+    columns after construction.
+    """
+
+    __slots__ = ("rendered", "sizes", "uidls", "uidls_checked")
+
+    def __init__(
+        self, uidls: Sequence[str], sizes: Sequence[int], *, uidls_checked: bool = False
+    ) -> None:
+        self.uidls = uidls
+        self.sizes = sizes
+        self.uidls_checked = uidls_checked
+        self.rendered: dict[str, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.sizes)  # uidls may be made on first use; sizes are at hand
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MessageTable):
+            return list(self.uidls) == list(other.uidls) and list(self.sizes) == list(other.sizes)
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # compared by content, like a list
+
+    @overload
+    def __getitem__(self, index: int) -> MessageInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[MessageInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> MessageInfo | Sequence[MessageInfo]:
+        if isinstance(index, slice):
+            return [
+                MessageInfo(u, s) for u, s in zip(self.uidls[index], self.sizes[index], strict=True)
+            ]
+        return MessageInfo(self.uidls[index], self.sizes[index])
 
 
 @dataclass(frozen=True, slots=True)

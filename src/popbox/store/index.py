@@ -2,20 +2,32 @@
 
 Everything here is synchronous and raises plain ``OSError``; ``store.maildir`` runs it
 in worker threads and translates errors. The index file (``popbox-index`` in the
-Maildir's root, a sibling of cur/, new/ and tmp/) is UTF-8 text, one header line and
-one line per message in UIDL order::
+Maildir's root, a sibling of cur/, new/ and tmp/) is one ASCII header line and then
+four columns, every message in UID order (version 2)::
 
-    popbox-maildir-index 1 uidvalidity=65f0a1b2 next=4 count=2 octets=9146 cur_mtime=0 in_new=0
-    1 3021 cur/1700000000.M1P2Q1R5a.host,S=2999,W=3021:2,S
-    3 6125 cur/1700000100.M7P9Q2Rbb.host:2,
+    popbox-maildir-index 2 uidvalidity=65f0a1b2 next=4 count=2 octets=9146 cur_mtime=0
+        in_new=0 paths=97 uidls=40 crc=1c2b3a4d     (one line in the file)
+    UIDs       count x 8 octets, unsigned little-endian
+    sizes      count x 8 octets, unsigned little-endian (wire sizes)
+    paths      DIR/FILENAME of each message, UTF-8 (surrogateescape), joined by LF
+    UIDLs      the lines of the full UIDL listing, ``1 UIDL\\r\\n2 UIDL\\r\\n``...
+               (popbox.proto.server.render_listing), ASCII
 
-A line is ``UID WIRE_SIZE DIR/FILENAME``; the message's key (what survives flag
-renames and new/ -> cur/ moves) is the file name up to the first ``:``. ``next`` is
-the next UID to hand out; it only grows, so a UIDL is never reused even after its
-message is deleted. ``count`` and ``octets`` are the totals of the listed messages and
-``cur_mtime`` the mtime of cur/ when the index was written (0 when it was too recent
-to trust) and ``in_new`` how many listed messages were still in new/; together they
-let a login skip listing cur/ and a quota check skip reading past the header.
+so that a process that has never seen the maildrop loads 100,000 messages with a few
+C-level operations (``array.frombytes``, a checksum) and sends the UIDL listing as it
+was stored: no per-message object is made until something changes, paths are split
+when a message is first read and UIDL strings made when one is first asked for
+(docs/performance.md). ``crc`` is the CRC-32 of everything after the header line.
+Version 1 (one text line per message, ``UID WIRE_SIZE DIR/FILENAME``) is read once
+and rewritten as version 2, keeping every UID, the UIDVALIDITY and ``next``.
+
+A message's key (what survives flag renames and new/ -> cur/ moves) is the file name
+up to the first ``:``. ``next`` is the next UID to hand out; it only grows, so a UIDL
+is never reused even after its message is deleted. ``count`` and ``octets`` are the
+totals of the listed messages and ``cur_mtime`` the mtime of cur/ when the index was
+written (0 when it was too recent to trust) and ``in_new`` how many listed messages
+were still in new/; together they let a login skip listing cur/ and a quota check
+skip reading past the header.
 
 A message's UIDL is ``f"{uidvalidity:08x}{uid:08x}"`` (16 hex digits). A rebuilt
 index takes a larger UIDVALIDITY (also noted in ``popbox.lock``), so no UIDL repeats.
@@ -25,15 +37,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import operator
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import sys
+import zlib
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, overload
+
+from popbox.proto.server import render_listing
 
 __all__ = [
     "INDEX_NAME",
     "CorruptIndex",
+    "IndexColumns",
     "IndexEntry",
     "IndexHeader",
     "IndexSignature",
@@ -59,8 +79,19 @@ INDEX_NAME: Final = "popbox-index"
 INDEX_TMP_NAME: Final = "popbox-index.tmp"
 # The first token of the header; a file that does not start with it is not ours.
 INDEX_MAGIC: Final = "popbox-maildir-index"
-# Bumped when the line format changes; an unknown version is rebuilt, not guessed at.
-INDEX_VERSION: Final = "1"
+# Bumped when the format changes; an unknown version is rebuilt, not guessed at.
+INDEX_VERSION: Final = "2"
+# The text format before it, one line per message: read, then rewritten as version 2
+# (its UIDs must survive; rebuilding it would change every UIDL once).
+INDEX_VERSION_TEXT: Final = "1"
+# UIDs and sizes are stored as unsigned 64-bit little-endian words.
+_WORD_TYPE: Final = "Q"
+_WORD: Final = 8
+_SWAP: Final = sys.byteorder != "little"
+# UIDs below this format as exactly 8 hex digits in a UIDL.
+_UID_8_DIGITS: Final = 1 << 32
+# Whether a DIR/NAME path is in new/, as a C-level callable for map().
+_IN_NEW: Final = operator.methodcaller("startswith", "new/")
 # A header line is short; reading at most this much keeps a garbage file from costing
 # memory when only the header is wanted (quota checks).
 MAX_HEADER_LINE: Final = 4096
@@ -225,11 +256,12 @@ def sorted_by_arrival(paths: dict[str, str]) -> list[tuple[str, str]]:
     writer's names for centuries), comparing the names as strings gives that same
     order, and sorting 100,000 of them needs no Python call per comparison key.
     """
-    names = [path[4:] for path in paths.values()]
-    widths = {len(name) - len(name.lstrip("0123456789")) for name in names}
+    by_name = {path[4:]: (key, path) for key, path in paths.items()}
+    widths = {len(name) - len(name.lstrip("0123456789")) for name in by_name}
     if len(widths) == 1 and 0 not in widths:
-        # Names are unique (one per key), so the tuples never compare past them.
-        return [item for _, item in sorted(zip(names, paths.items(), strict=True))]
+        # Names are unique (one per key): sorting the bare strings takes CPython's
+        # string-only fast path, half the time of sorting (name, item) tuples.
+        return [by_name[name] for name in sorted(by_name)]
     return sorted(paths.items(), key=lambda item: arrival_order(item[1][4:]))
 
 
@@ -302,16 +334,134 @@ class IndexHeader:
     in_new: int
 
 
-@dataclass(slots=True)
-class MaildirIndex:
-    """The whole index in memory: entries by key, in UID order."""
+@dataclass(frozen=True, slots=True)
+class IndexColumns:
+    """Every message of an index in UID order, one sequence per field.
 
-    uidvalidity: int
-    next_uid: int = 1
-    cur_mtime: int = 0
-    entries: dict[str, IndexEntry] = field(default_factory=dict)
-    written_in_new: int = 0
-    """How many entries were in new/ when the file was last read or written."""
+    This is what the file holds and what a snapshot needs; position i of each
+    sequence is the same message.
+    """
+
+    uids: Sequence[int]
+    sizes: Sequence[int]
+    paths: Sequence[str]
+    uidls: Sequence[str]
+    uidl_listing: bytes
+    """``render_listing(uidls)``: kept with the index, rendered once per version."""
+
+
+class MaildirIndex:
+    """The whole index in memory: entries by key, in UID order.
+
+    An index read from a version-2 file starts as its columns; ``entries`` (a dict of
+    IndexEntry by key, which every change goes through) is built on first use, so a
+    login that finds nothing new never makes 100,000 objects.
+    """
+
+    __slots__ = (
+        "_columns",
+        "_entries",
+        "cur_mtime",
+        "next_uid",
+        "outdated_format",
+        "uidvalidity",
+        "written_in_new",
+    )
+
+    def __init__(
+        self,
+        uidvalidity: int,
+        next_uid: int = 1,
+        cur_mtime: int = 0,
+        entries: dict[str, IndexEntry] | None = None,
+        written_in_new: int = 0,
+        *,
+        columns: IndexColumns | None = None,
+    ) -> None:
+        self.uidvalidity = uidvalidity
+        self.next_uid = next_uid
+        self.cur_mtime = cur_mtime
+        self.written_in_new = written_in_new
+        """How many entries were in new/ when the file was last read or written."""
+        self.outdated_format = False
+        """Read from an older file format: write it again even if nothing changed."""
+        # Exactly one of the two holds the messages; columns turn into entries once.
+        self._columns: IndexColumns | None = None
+        self._entries: dict[str, IndexEntry] | None = entries if entries is not None else {}
+        if columns is not None and entries is None:
+            self._columns, self._entries = columns, None
+
+    def take_columns(self, columns: IndexColumns) -> None:
+        """Hold these columns (as read from the file) instead of any entries."""
+        self._columns, self._entries = columns, None
+
+    @property
+    def entries(self) -> dict[str, IndexEntry]:
+        """The messages by key, in UID order (built from the columns on first use)."""
+        if self._entries is None:
+            columns = self._columns
+            assert columns is not None
+            self._entries = {
+                path[4:].partition(":")[0]: IndexEntry(uid, size, path)
+                for uid, size, path in zip(columns.uids, columns.sizes, columns.paths, strict=True)
+            }
+            self._columns = None
+        return self._entries
+
+    def columns(self) -> IndexColumns:
+        """The messages as columns; free for an index that has not changed since read."""
+        if self._columns is not None:
+            return self._columns
+        entries = self.entries.values()
+        uids = [entry.uid for entry in entries]
+        uidls = self.uidls_of(uids)
+        return IndexColumns(
+            uids,
+            [entry.size for entry in entries],
+            [entry.path for entry in entries],
+            uidls,
+            render_listing(uidls),
+        )
+
+    def __len__(self) -> int:
+        return len(self._columns.uids) if self._columns is not None else len(self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MaildirIndex):
+            return NotImplemented
+        mine, theirs = self.columns(), other.columns()
+        return (self.uidvalidity, self.next_uid, self.cur_mtime) == (
+            other.uidvalidity,
+            other.next_uid,
+            other.cur_mtime,
+        ) and all(
+            list(a) == list(b)
+            for a, b in (
+                (mine.uids, theirs.uids),
+                (mine.sizes, theirs.sizes),
+                (mine.paths, theirs.paths),
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def assign_all(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
+        """``assign`` each DIR/NAME with its size, in this order.
+
+        An index that holds nothing yet (a first or rebuilt index: 100,000 messages
+        at a cold login) takes them as columns, without an IndexEntry each.
+        """
+        if self._columns is None and not self.entries:
+            uids = array(_WORD_TYPE, range(self.next_uid, self.next_uid + len(paths)))
+            uidls = self.uidls_of(uids)
+            self._columns = IndexColumns(
+                uids, list(sizes), list(paths), uidls, render_listing(uidls)
+            )
+            self._entries = None
+            self.next_uid += len(paths)
+            return
+        for path, size in zip(paths, sizes, strict=True):
+            self.assign(path[4:].partition(":")[0], size, path)
 
     def assign(self, key: str, size: int, path: str) -> IndexEntry:
         """Give a message the next UID; UIDs only grow, so none is ever reused."""
@@ -324,34 +474,45 @@ class MaildirIndex:
         """The UIDL of a UID: 16+ hex digits, printable ASCII, stable while the index is."""
         return f"{self.uidvalidity:08x}{uid:08x}"
 
-    def uidls(self) -> list[str]:
-        """``uidl()`` of every entry in order, the UIDVALIDITY part formatted once."""
-        prefix = f"{self.uidvalidity:08x}"
-        return [prefix + format(entry.uid, "08x") for entry in self.entries.values()]
+    def uidls_of(self, uids: Iterable[int]) -> list[str]:
+        """``uidl()`` of each UID; one C-level format per UID, the prefix made once."""
+        return list(map(f"{self.uidvalidity:08x}%08x".__mod__, uids))
 
-    def header(self) -> IndexHeader:
+    def uidls(self) -> list[str]:
+        """``uidl()`` of every entry in order."""
+        return list(self.columns().uidls)
+
+    def header(self, columns: IndexColumns | None = None) -> IndexHeader:
+        """The totals of the index; ``columns`` is ``self.columns()`` if known."""
+        if columns is None:
+            columns = self.columns()
         return IndexHeader(
             uidvalidity=self.uidvalidity,
             next_uid=self.next_uid,
-            count=len(self.entries),
-            octets=sum(entry.size for entry in self.entries.values()),
+            count=len(columns.uids),
+            octets=sum(columns.sizes),
             cur_mtime=self.cur_mtime,
-            in_new=sum(1 for entry in self.entries.values() if entry.path.startswith("new/")),
+            in_new=sum(map(_IN_NEW, columns.paths)),
         )
 
 
-def _format_header(header: IndexHeader) -> str:
+def _format_header(header: IndexHeader, paths: int, uidls: int, crc: int) -> str:
     return (
         f"{INDEX_MAGIC} {INDEX_VERSION} uidvalidity={header.uidvalidity:x}"
         f" next={header.next_uid} count={header.count} octets={header.octets}"
-        f" cur_mtime={header.cur_mtime} in_new={header.in_new}\n"
+        f" cur_mtime={header.cur_mtime} in_new={header.in_new}"
+        f" paths={paths} uidls={uidls} crc={crc:08x}\n"
     )
 
 
 _HEADER_FIELDS: Final = ("uidvalidity", "next", "count", "octets", "cur_mtime", "in_new")
+# Fields only version 2 has: the lengths of its text columns and its checksum.
+_COLUMN_FIELDS: Final = ("paths", "uidls", "crc")
+_HEX_FIELDS: Final = frozenset({"uidvalidity", "crc"})
 
 
-def _parse_header(line: str) -> IndexHeader:
+def _parse_header(line: str) -> tuple[IndexHeader, str, dict[str, int]]:
+    """The header, the format version and every numeric field by name."""
     tokens = line.split()
     if len(tokens) < 2 or tokens[0] != INDEX_MAGIC:
         raise CorruptIndex("not a popbox index")
@@ -359,16 +520,18 @@ def _parse_header(line: str) -> IndexHeader:
     for token in tokens[2:]:
         name, _, value = token.partition("=")
         try:
-            values[name] = int(value, 16 if name == "uidvalidity" else 10)
+            values[name] = int(value, 16 if name in _HEX_FIELDS else 10)
         except ValueError:
             raise CorruptIndex(f"bad header field {token!r}") from None
     uidvalidity = values.get("uidvalidity")
-    if tokens[1] != INDEX_VERSION:
-        raise CorruptIndex(f"unknown index version {tokens[1]!r}", uidvalidity)
-    missing = [name for name in _HEADER_FIELDS if name not in values]
-    if missing or any(values[name] < 0 for name in _HEADER_FIELDS):
+    version = tokens[1]
+    if version not in (INDEX_VERSION, INDEX_VERSION_TEXT):
+        raise CorruptIndex(f"unknown index version {version!r}", uidvalidity)
+    wanted = _HEADER_FIELDS + (_COLUMN_FIELDS if version == INDEX_VERSION else ())
+    missing = [name for name in wanted if name not in values]
+    if missing or any(values[name] < 0 for name in wanted):
         raise CorruptIndex(f"bad header {line.strip()!r}", uidvalidity)
-    return IndexHeader(
+    header = IndexHeader(
         uidvalidity=values["uidvalidity"],
         next_uid=values["next"],
         count=values["count"],
@@ -376,17 +539,21 @@ def _parse_header(line: str) -> IndexHeader:
         cur_mtime=values["cur_mtime"],
         in_new=values["in_new"],
     )
+    return header, version, values
 
 
 def read_header(maildir: Path) -> IndexHeader | None:
     """The index header, or None if there is no index or it is not readable as ours."""
     try:
-        with (maildir / INDEX_NAME).open("r", encoding=_ENCODING, errors=_ERRORS) as handle:
-            line = handle.readline(MAX_HEADER_LINE)
+        fd = os.open(maildir / INDEX_NAME, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return _parse_header(line)
+        data = os.read(fd, MAX_HEADER_LINE)
+    finally:
+        os.close(fd)
+    try:
+        return _parse_header(data.partition(b"\n")[0].decode("ascii", "replace"))[0]
     except CorruptIndex:
         return None
 
@@ -394,17 +561,153 @@ def read_header(maildir: Path) -> IndexHeader | None:
 def read_index(maildir: Path) -> MaildirIndex | None:
     """Load the index; None if there is none. Raises CorruptIndex if it is damaged.
 
-    Damage means anything that breaks the invariants this module writes: a header
-    that disagrees with the lines, a UID out of order or not below ``next``, a
-    duplicate key, a path outside cur/ and new/.
+    Damage means anything that breaks the invariants this module writes: a checksum
+    or header that disagrees with the columns, a UID out of order or not below
+    ``next``, a path outside cur/ and new/. A version-1 file is read as it always was
+    and comes back with ``outdated_format`` set, for the caller to write it anew.
     """
     try:
         data = (maildir / INDEX_NAME).read_bytes()
     except FileNotFoundError:
         return None
-    text = data.decode(_ENCODING, _ERRORS)
-    header_line, _, body = text.partition("\n")
-    header = _parse_header(header_line)
+    end = data.find(b"\n")
+    header_line = data[: end if end >= 0 else len(data)]
+    header, version, values = _parse_header(header_line.decode("ascii", "replace"))
+    if version == INDEX_VERSION_TEXT:
+        index = _read_text_lines(header, data[end + 1 :].decode(_ENCODING, _ERRORS))
+        index.outdated_format = True
+        return index
+    return _read_columns(header, values, memoryview(data)[end + 1 :])
+
+
+class _Deferred(Sequence[str]):
+    """A list of strings made on first use, whose length is known before.
+
+    The paths column is only needed to read or delete a message and the UIDL strings
+    only for ``UIDL n`` or a listing after DELE, so a login that only lists (a poll
+    that finds nothing new) makes neither. ``source`` is the stored form, if any, to
+    write back unchanged.
+    """
+
+    __slots__ = ("_items", "_length", "_make", "source")
+
+    def __init__(
+        self, length: int, make: Callable[[], list[str]], source: bytes | None = None
+    ) -> None:
+        self._length = length
+        self._make: Callable[[], list[str]] | None = make
+        self._items: list[str] = []
+        self.source = source
+
+    def _list(self) -> list[str]:
+        if self._make is not None:
+            self._items, self._make = self._make(), None
+            if len(self._items) != self._length:  # the caller checked the stored form
+                raise ValueError("deferred column of the wrong length")
+        return self._items
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._list())
+
+
+def _listing_length(count: int, uidl_length: int) -> int:
+    """Octets of ``n UIDL\\r\\n`` for n = 1..count, every UIDL ``uidl_length`` long."""
+    total = count * (uidl_length + 3)  # " ", CR, LF
+    digits, low = 1, 1
+    while low <= count:
+        total += digits * (min(count, low * 10 - 1) - low + 1)
+        digits, low = digits + 1, low * 10
+    return total
+
+
+def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview) -> MaildirIndex:
+    """Version 2: the columns, checked in C-level passes (no per-message Python)."""
+    uidvalidity = header.uidvalidity
+    count = header.count
+    numbers = count * _WORD
+    paths_end = 2 * numbers + values["paths"]
+    if len(body) != paths_end + values["uidls"] or zlib.crc32(body) != values["crc"]:
+        raise CorruptIndex("the columns do not match the header's checksum", uidvalidity)
+    uids = array(_WORD_TYPE)
+    uids.frombytes(body[:numbers])
+    sizes = array(_WORD_TYPE)
+    sizes.frombytes(body[numbers : 2 * numbers])
+    if _SWAP:
+        uids.byteswap()
+        sizes.byteswap()
+    paths = body[2 * numbers : paths_end].tobytes()
+    listing = body[paths_end:].tobytes()
+    # A name holds no "/" and no LF, so these count path starts: every path is in
+    # cur/ or new/. Names themselves (no dotfiles, no line breaks) are the writer's
+    # to keep right, as it takes them from scan_messages; the CRC covers damage.
+    # Single C-level passes: a warm login on a big maildrop pays for each.
+    in_new = paths.count(b"\nnew/") + paths.startswith(b"new/")
+    in_cur = paths.count(b"\ncur/") + paths.startswith(b"cur/")
+    if (
+        listing.count(b"\r\n") != count
+        or paths.count(b"\n") != max(count - 1, 0)
+        or in_new + in_cur != count
+        or in_new != header.in_new
+    ):
+        raise CorruptIndex("column lengths or paths disagree with the header", uidvalidity)
+    if count and (
+        uids[0] < 1
+        or uids[-1] >= header.next_uid
+        or not all(map(operator.lt, uids, itertools.islice(uids, 1, None)))
+    ):
+        raise CorruptIndex("UIDs out of order or not below next", uidvalidity)
+    if sum(sizes) != header.octets:
+        raise CorruptIndex("header totals disagree with the columns", uidvalidity)
+    # The listing is derived data: it must agree with the UIDs, or a client would see
+    # a UIDL that the next rewrite changes. The checksum guards against damage, so
+    # C-level checks suffice: every line carries this UIDVALIDITY, the whole is as
+    # long as n + UIDL lines are (8 hex digits per UID below 2**32), and the first
+    # and last lines match their UIDs.
+    prefix = f"{uidvalidity:08x}"
+    last = f"{count} {prefix}{uids[-1]:08x}\r\n".encode("ascii") if count else b""
+    if count and (
+        not listing.startswith(f"1 {prefix}{uids[0]:08x}\r\n".encode("ascii"))
+        or not listing.endswith(last)
+        or (len(listing) > len(last) and listing[-len(last) - 1] != ord("\n"))
+        or listing.count(prefix.encode("ascii")) < count
+        or (uids[-1] < _UID_8_DIGITS and len(listing) != _listing_length(count, len(prefix) + 8))
+    ):
+        raise CorruptIndex("the UIDL listing disagrees with the UIDs", uidvalidity)
+    index = MaildirIndex(
+        uidvalidity,
+        header.next_uid,
+        header.cur_mtime,
+        written_in_new=header.in_new,
+    )
+    columns = IndexColumns(
+        uids,
+        sizes.tolist(),
+        _Deferred(count, lambda: _split_paths(paths), paths),
+        _Deferred(count, lambda: index.uidls_of(uids)),
+        listing,
+    )
+    index.take_columns(columns)
+    return index
+
+
+def _split_paths(data: bytes) -> list[str]:
+    return data.decode(_ENCODING, _ERRORS).split("\n") if data else []
+
+
+def _read_text_lines(header: IndexHeader, body: str) -> MaildirIndex:
+    """Version 1: one ``UID WIRE_SIZE DIR/FILENAME`` line per message."""
     index = MaildirIndex(
         header.uidvalidity, header.next_uid, header.cur_mtime, written_in_new=header.in_new
     )
@@ -412,9 +715,6 @@ def read_index(maildir: Path) -> MaildirIndex | None:
     previous_uid = 0
     octets = 0
     in_new = 0
-    # The hot loop of a login on a big maildrop with no cached index: one split per
-    # line and only the checks a line needs; duplicate keys and the UID ceiling are
-    # caught once at the end (fewer entries than lines; the last UID below next).
     lines = 0
     for line in body.splitlines():
         lines += 1
@@ -447,25 +747,40 @@ def read_index(maildir: Path) -> MaildirIndex | None:
     return index
 
 
-def _entry_lines(index: MaildirIndex) -> Iterable[str]:
-    for entry in index.entries.values():
-        yield f"{entry.uid} {entry.size} {entry.path}\n"
+def _packed(numbers: Sequence[int]) -> bytes:
+    words = numbers if isinstance(numbers, array) else array(_WORD_TYPE, numbers)
+    if _SWAP:
+        words = array(_WORD_TYPE, words)
+        words.byteswap()
+    return words.tobytes()
 
 
-def write_index(maildir: Path, index: MaildirIndex) -> IndexSignature:
+def write_index(
+    maildir: Path, index: MaildirIndex, columns: IndexColumns | None = None
+) -> IndexSignature:
     """Replace the index atomically: temporary file, fsync, rename, directory fsync.
 
     A crash at any point leaves either the old index or the new one, never a mix; the
     caller holds the maildrop lock, so no other writer races for the temporary name.
-    Returns the new file's signature.
+    ``columns`` is ``index.columns()`` if the caller has it already. Returns the new
+    file's signature.
     """
-    header = index.header()
-    text = _format_header(header) + "".join(_entry_lines(index))
+    if columns is None:
+        columns = index.columns()
+    header = index.header(columns)
+    if isinstance(columns.paths, _Deferred) and columns.paths.source is not None:
+        paths = columns.paths.source  # unchanged since read: as it was
+    else:
+        paths = "\n".join(columns.paths).encode(_ENCODING, _ERRORS)
+    uidls = columns.uidl_listing
+    body = b"".join((_packed(columns.uids), _packed(columns.sizes), paths, uidls))
+    head = _format_header(header, len(paths), len(uidls), zlib.crc32(body)).encode("ascii")
     tmp_path = maildir / INDEX_TMP_NAME
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with open(fd, "wb", closefd=True) as handle:
-            handle.write(text.encode(_ENCODING, _ERRORS))
+            handle.write(head)
+            handle.write(body)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, maildir / INDEX_NAME)
@@ -476,6 +791,7 @@ def write_index(maildir: Path, index: MaildirIndex) -> IndexSignature:
         raise
     fsync_dir(maildir)
     index.written_in_new = header.in_new
+    index.outdated_format = False
     signature = index_signature(maildir)
     if signature is None:
         raise FileNotFoundError(errno.ENOENT, "index vanished after writing", str(maildir))

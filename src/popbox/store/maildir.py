@@ -15,7 +15,9 @@ foreign unterminated message with W= is listed 2 octets short, as Dovecot lists 
 If the index is lost or damaged it is rebuilt from the files: no message is lost,
 but the rebuilt index has a new UIDVALIDITY, so every UIDL changes once and clients
 that keep mail on the server download it again (the safe direction: a changed UIDL
-costs a duplicate, a reused one would cost a lost message).
+costs a duplicate, a reused one would cost a lost message). An index in the format of
+an earlier popbox is converted at the next login with every UIDL kept; an earlier
+popbox that meets a newer index rebuilds it, so a downgrade changes every UIDL once.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
 from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
-from popbox.store.base import MessageInfo, Usage
+from popbox.store.base import MessageTable, Usage
 from popbox.store.index import (
     CorruptIndex,
+    IndexColumns,
     IndexSignature,
     MaildirIndex,
     WireSizeCounter,
@@ -179,61 +182,40 @@ class _FileLock:
 class _LoadedIndex:
     """An index as read from or written to disk, with the signature of that file.
 
-    The snapshot (MessageInfo per message) and the keys in the same order are built
-    once per index version and shared by the sessions that open the maildrop while
-    the file stays unchanged: MessageInfo is frozen, so one tuple serves them all, and
-    a warm login on 100,000 messages makes no per-message object.
+    The snapshot (UIDLs and sizes as a MessageTable) and the paths and UIDs in the
+    same order are taken once per index version and shared by the sessions that open
+    the maildrop while the file stays unchanged. For an index just read from its file
+    they are the file's own columns, so a warm login on 100,000 messages makes no
+    per-message object, even in a worker process that has never seen the maildrop.
     """
 
-    __slots__ = ("_keys", "_snapshot", "index", "signature")
+    __slots__ = ("_columns", "_table", "index", "signature")
 
     def __init__(
         self,
         index: MaildirIndex,
         signature: IndexSignature | None,
-        snapshot: tuple[MessageInfo, ...] | None = None,
-        keys: tuple[str, ...] | None = None,
+        columns: IndexColumns | None = None,
     ) -> None:
         self.index = index
         self.signature = signature
-        # Given together or not at all: position i of both is the same message.
-        self._snapshot = snapshot
-        self._keys = keys
+        # Given when known (just written, or kept after a commit); else taken from
+        # the index on first use. Nobody changes them once taken.
+        self._columns = columns
+        self._table: MessageTable | None = None
 
-    def snapshot(self) -> tuple[tuple[MessageInfo, ...], tuple[str, ...]]:
-        """The MessageInfo of every message and its key, both in UID order."""
-        if self._snapshot is None or self._keys is None:
-            entries = self.index.entries
-            self._keys = tuple(entries)
-            self._snapshot = tuple(
-                map(MessageInfo, self.index.uidls(), [entry.size for entry in entries.values()])
-            )
-        return self._snapshot, self._keys
-
-    def extend(self, older: _LoadedIndex) -> None:
-        """Reuse ``older``'s snapshot when this version only added messages after it.
-
-        New mail is appended (UIDs only grow) and a key's UID and size never change,
-        so a big maildrop that got one delivery builds one MessageInfo, not 100,000.
-        """
-        if (
-            older.index is not self.index  # a rebuilt index: other UIDLs
-            or older._snapshot is None
-            or older._keys is None
-            or self._snapshot is not None
-        ):
-            return
-        keys = tuple(self.index.entries)
-        known = len(older._keys)
-        if keys[:known] != older._keys:
-            return  # something was removed: build afresh
-        entries = self.index.entries
-        uidl = self.index.uidl
-        added = tuple(
-            MessageInfo(uidl(entries[key].uid), entries[key].size) for key in keys[known:]
-        )
-        self._keys = keys
-        self._snapshot = older._snapshot + added
+    def snapshot(self) -> tuple[MessageTable, IndexColumns]:
+        """The snapshot and the columns it came from, both in UID order."""
+        if self._columns is None:
+            self._columns = self.index.columns()
+        if self._table is None:
+            columns = self._columns
+            # The index makes every UIDL as 16+ hex digits: checked by construction.
+            self._table = MessageTable(columns.uidls, columns.sizes, uidls_checked=True)
+            # Rendered when the index was written, so a worker that has never listed
+            # this version sends it as stored (the core keeps its listings here).
+            self._table.rendered["UIDL"] = columns.uidl_listing
+        return self._table, self._columns
 
 
 class MaildirMaildrop:
@@ -248,22 +230,31 @@ class MaildirMaildrop:
         self._lock = lock
         self._loaded = loaded
         self._index = loaded.index
-        self._infos, self._keys = loaded.snapshot()
+        self._infos, self._columns = loaded.snapshot()
+        # Message keys by position, derived from the paths when first needed (a
+        # rename search or a commit with deletions), not at every login.
+        self._key_cache: tuple[str, ...] | None = None
         # Where a message was found after a rename since the snapshot, by position;
-        # all others are where the index says (no per-session copy of 100,000 paths).
+        # all others are where the snapshot's paths say (shared, not copied).
         self._moved: dict[int, str] = {}
         self._released = False
+
+    @property
+    def _keys(self) -> tuple[str, ...]:
+        if self._key_cache is None:
+            self._key_cache = tuple(path[4:].partition(":")[0] for path in self._columns.paths)
+        return self._key_cache
 
     @property
     def user(self) -> str:
         return self._user
 
     @property
-    def messages(self) -> Sequence[MessageInfo]:
+    def messages(self) -> MessageTable:
         return self._infos
 
     async def read_message(self, index: int) -> AsyncIterator[bytes]:
-        action = f"read message {self._infos[index].uidl} of {self._user}"
+        action = f"read message {self._infos.uidls[index]} of {self._user}"
         # open() and read() of a local file stay on the event loop: a hop to a worker
         # thread costs ~150 us against ~3 us for the open and less than that for a
         # 64 KiB read from the page cache (bench/maildir_index.py measures reads).
@@ -288,7 +279,7 @@ class MaildirMaildrop:
         moved = self._moved.get(index)
         if moved is not None:
             return moved
-        return self._index.entries[self._keys[index]].path
+        return self._columns.paths[index]
 
     def _open_moved(self, index: int, action: str) -> int:
         """Open a message that was renamed (flags changed by a MUA) since the snapshot."""
@@ -304,7 +295,7 @@ class MaildirMaildrop:
             raise StoreError(f"maildrop of {self._user} was already released")
         self._released = True
         doomed = sorted(set(indexes))
-        if doomed and not 0 <= doomed[0] <= doomed[-1] < len(self._keys):
+        if doomed and not 0 <= doomed[0] <= doomed[-1] < len(self._infos):
             self._lock.close()  # a failed commit still ends the session
             raise IndexError(f"no message at index {doomed[0]} or {doomed[-1]}")
         if not doomed:
@@ -349,17 +340,10 @@ class MaildirMaildrop:
                 # login rescan it rather than trust its mtime.
                 cur_mtime = os.stat(self._maildir / "cur").st_mtime_ns
                 self._index.cur_mtime = 0 if failure else trusted_mtime(cur_mtime)
-                signature = write_index(self._maildir, self._index)
-            # The next snapshot is this one without the deleted messages: the same
-            # frozen MessageInfo objects, so the next login builds none.
-            entries = self._index.entries
-            kept = [i for i, key in enumerate(self._keys) if key in entries]
-            loaded = _LoadedIndex(
-                self._index,
-                signature,
-                tuple(self._infos[i] for i in kept),
-                tuple(self._keys[i] for i in kept),
-            )
+                written = self._index.columns()
+                signature = write_index(self._maildir, self._index, written)
+            # The next snapshot is what the index now holds, as written.
+            loaded = _LoadedIndex(self._index, signature, written)
             # Handed back before unlocking, so the next session finds it in the cache.
             self._store._keep_index(self._user, loaded)
             if failure is not None:
@@ -455,13 +439,13 @@ class MaildirStore:
         """Cache the index of a maildrop a session is done with (bounded, LRU)."""
         with self._cache_guard:
             self._cache.pop(user, None)
-            if len(loaded.index.entries) > INDEX_CACHE_MESSAGES:
+            if len(loaded.index) > INDEX_CACHE_MESSAGES:
                 return
             self._cache[user] = loaded
-            total = sum(len(item.index.entries) for item in self._cache.values())
+            total = sum(len(item.index) for item in self._cache.values())
             while total > INDEX_CACHE_MESSAGES:
                 _, evicted = self._cache.popitem(last=False)
-                total -= len(evicted.index.entries)
+                total -= len(evicted.index)
 
     def _cached_index(self, user: str, maildir: Path) -> _LoadedIndex | None:
         """The cached index if the file is still the one it was read from or wrote."""
@@ -481,12 +465,11 @@ class MaildirStore:
             index, changed = _load_or_rebuild(user, maildir, lock)
         self._sweep_tmp(maildir)
         changed |= reconcile(user, maildir, index)
-        if changed or loaded is None:
-            signature = write_index(maildir, index) if changed else index_signature(maildir)
-            fresh = _LoadedIndex(index, signature)
-            if loaded is not None:
-                fresh.extend(loaded)
-            return fresh
+        if changed:
+            columns = index.columns()
+            return _LoadedIndex(index, write_index(maildir, index, columns), columns)
+        if loaded is None:
+            return _LoadedIndex(index, index_signature(maildir))
         return loaded
 
     def _sweep_tmp(self, maildir: Path) -> None:
@@ -630,7 +613,10 @@ def _load_or_rebuild(user: str, maildir: Path, lock: _FileLock) -> tuple[Maildir
         floor = exc.uidvalidity or 0
     else:
         if index is not None:
-            return index, False
+            if index.outdated_format:
+                # Same UIDs, UIDVALIDITY and next, in the current format: no UIDL moves.
+                log.info("maildrop of %s: index converted to the current format", user)
+            return index, index.outdated_format
     floor = max(floor, lock.recorded_uidvalidity())
     uidvalidity = max(int(time.time()), floor + 1)
     lock.record_uidvalidity(uidvalidity)

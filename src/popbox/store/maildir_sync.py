@@ -95,10 +95,13 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
     new_names, new_duplicates = scan_messages(maildir / "new")
     warn_duplicates(user, "new", new_duplicates)
     cur_mtime = os.stat(maildir / "cur").st_mtime_ns
-    entries = index.entries
     unindexed: dict[str, str] = {}  # key -> DIR/NAME of messages new to the index
+    # index.entries is only touched when new/ or cur/ has news: an index read from
+    # its file builds its 100,000 entries on first use, and a login that finds
+    # nothing new (the warm login of docs/performance.md) needs none of them.
     if not (index.cur_mtime and index.cur_mtime == cur_mtime and not index.written_in_new):
         # cur/ changed since the index was written (or we cannot tell): rescan it.
+        entries = index.entries
         cur_names, duplicates = scan_messages(maildir / "cur")
         warn_duplicates(user, "cur", duplicates)
         for key in list(entries):
@@ -119,7 +122,7 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
         )
     in_new: list[str] = []
     for key, name in new_names.items():
-        known = entries.get(key)
+        known = index.entries.get(key)
         if known is None:
             if key in unindexed:  # the same key in cur/ wins
                 warn_duplicates(user, "new", [name])
@@ -135,8 +138,12 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
                 changed = True
     if unindexed:
         changed |= _index_unseen(maildir, index, unindexed)
-    changed |= move_new_to_cur(user, maildir, index, in_new)
-    trusted = trusted_mtime(os.stat(maildir / "cur").st_mtime_ns)
+    if move_new_to_cur(user, maildir, index, in_new):
+        changed = True
+        cur_mtime = os.stat(maildir / "cur").st_mtime_ns
+    # Without moves of ours the first stat stands: a foreign change since then only
+    # makes the next login rescan cur/ (the recorded mtime is older), never skip it.
+    trusted = trusted_mtime(cur_mtime)
     if trusted != index.cur_mtime:
         index.cur_mtime = trusted
         changed = True
@@ -159,12 +166,12 @@ def _index_unseen(maildir: Path, index: MaildirIndex, unindexed: dict[str, str])
             unsized, _read_sizes(maildir, [ordered[i][1] for i in unsized]), strict=True
         ):
             sizes[i] = size
-    assigned = False
-    for (key, path), size in zip(ordered, sizes, strict=True):
-        if size is not None:  # else removed by other software while we looked
-            index.assign(key, size, path)
-            assigned = True
-    return assigned
+    # A None size: removed by other software while we looked.
+    kept = [
+        (path, size) for (_, path), size in zip(ordered, sizes, strict=True) if size is not None
+    ]
+    index.assign_all([path for path, _ in kept], [size for _, size in kept])
+    return bool(kept)
 
 
 def _read_sizes(maildir: Path, paths: list[str]) -> list[int | None]:
