@@ -110,11 +110,13 @@ async def test_commands_in_separate_records_behind_a_login_are_all_answered(
 
     replies = await asyncio.to_thread(session)
     lines = replies.split(b"\r\n")
-    assert lines[0].startswith(b"+OK") and lines[1].startswith(b"+OK")
+    assert lines[0].startswith(b"+OK")
+    assert lines[1].startswith(b"+OK")
     listed = lines[2 : 2 + count]
     assert [line.split()[1] for line in listed] == [str(n % 3 + 1).encode() for n in range(count)]
     assert wire(MESSAGES[1]) in replies
-    assert lines[-1] == b"" and lines[-2].startswith(b"+OK")  # QUIT's, after the RETR
+    assert lines[-1] == b""
+    assert lines[-2].startswith(b"+OK")  # QUIT's, after the RETR's body
     assert lines[-3] == b"."
 
 

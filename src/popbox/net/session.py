@@ -268,10 +268,10 @@ class Pop3Session(asyncio.Protocol):
         self._stats.commands += data.count(b"\n")
         if self._upgrade == "handshake":
             # Only the TLS layer calls us now, and only after the handshake: this is
-            # the first protected data, which may come before start_tls() returns.
+            # the first protected data, which may come before _start_tls() resumes.
             self._tls_ready()
             self._conn.receive_data(data)
-            return  # answered once start_tls() hands over the new transport
+            return  # answered once _start_tls() has switched to the TLS layer
         self._conn.receive_data(data)
         self._pump()
 
@@ -280,7 +280,8 @@ class Pop3Session(asyncio.Protocol):
             self._conn.receive_data(b"")
             self._pump()
         # Keeping the socket half-open lets queued replies (QUIT's +OK) still go out;
-        # the TLS layer cannot do that and closes itself.
+        # over TLS an end of input is the client's close_notify (or a truncation), and
+        # the TLS layer answers it with its own and closes.
         return not self._stats.tls
 
     def pause_writing(self) -> None:

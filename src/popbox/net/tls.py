@@ -176,7 +176,7 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
 
     To the socket's transport it is the protocol; to the session it is the transport
     (write, writelines, close, abort, pause/resume_reading, write buffer limits). It
-    runs an ``ssl.SSLObject`` over two ``MemoryBIO``\\ s and does nothing else, which is
+    runs an ``ssl.SSLObject`` over two memory BIOs and does nothing else, which is
     what an idle session needs: no per-connection read buffer, no write backlog (the
     socket transport's buffer is the only one, so its flow control is the session's),
     and a few attributes. ``on_ready`` runs when the handshake is done, before any
