@@ -92,6 +92,7 @@ class IdleFigure:
     noop_ok: int
     server_processes: int
     client_kib: int
+    establish_server_cpu_s: float
 
     def line(self) -> str:
         return (f"{self.security}: {self.opened}/{self.sessions} sessions in "
@@ -99,7 +100,9 @@ class IdleFigure:
                 f"{self.baseline_kib / 1024:.1f} -> {self.loaded_kib / 1024:.1f} MiB = "
                 f"{self.per_session_kib:.2f} KiB/session over {self.server_processes} "
                 f"processes; NOOP answered by {self.noop_ok}; load generator PSS "
-                f"{self.client_kib / 1024:.0f} MiB; {self.failed_attempts} failed attempts")
+                f"{self.client_kib / 1024:.0f} MiB; {self.failed_attempts} failed attempts; "
+                f"server CPU {self.establish_server_cpu_s / max(self.opened, 1) * 1000:.2f} ms "
+                "per session established")
 
 
 def user_name(number: int) -> str:
@@ -249,8 +252,10 @@ def run_phase(server: servers.Server, cafile: Path, *, security: str, sessions: 
         processes.append(process)
     try:
         start = time.perf_counter()
+        cpu = server.cpu_seconds()
         ready = [pipe.recv() for pipe in pipes]
         establish = time.perf_counter() - start
+        cpu = server.cpu_seconds() - cpu
         opened = sum(message[1] for message in ready)
         failed = sum(message[2] for message in ready)
         for message in ready:
@@ -274,7 +279,7 @@ def run_phase(server: servers.Server, cafile: Path, *, security: str, sessions: 
                 process.kill()
     return IdleFigure(security, sessions, opened, failed, establish, baseline, loaded,
                       (loaded - baseline) / max(opened, 1), noop_ok, processes_loaded,
-                      client_kib)
+                      client_kib, cpu)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,28 +284,35 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
     # -- the session side (asyncio.Transport) -----------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._state != _OPEN or not data:
-            return
-        try:
-            self._sslobj.write(data)
-        except ssl.SSLError as exc:
-            self._fatal(exc)
-            return
-        self._flush()
+        self.writelines((data,))
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        # Every piece into the TLS object, then one write to the socket: a RETR's +OK,
-        # body chunk and terminator leave in one syscall, as uvloop's SSLProtocol does.
+        # Encrypted a record at a time, so the outgoing memory BIO (which keeps its
+        # largest buffer for good) never holds more than one record: a session that
+        # sent a 256 KiB RETR batch through it would otherwise keep ~350 KiB while it
+        # idles. The pieces still leave in one gathered write, as uvloop's do.
         if self._state != _OPEN:
             return
+        encrypt, outgoing = self._sslobj.write, self._outgoing
+        pieces: list[bytes] = []
         try:
             for data in list_of_data:
-                if data:
-                    self._sslobj.write(data)
+                size = len(data)
+                if size <= TLS_RECORD_PLAINTEXT:
+                    if size:
+                        encrypt(data)
+                        pieces.append(outgoing.read())
+                    continue
+                with memoryview(data) as view:
+                    for start in range(0, size, TLS_RECORD_PLAINTEXT):
+                        encrypt(view[start : start + TLS_RECORD_PLAINTEXT])
+                        pieces.append(outgoing.read())
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
-        self._flush()
+        raw = self._raw
+        if pieces and raw is not None and not raw.is_closing():
+            raw.writelines(pieces)
 
     def can_write_eof(self) -> bool:
         return False
