@@ -386,7 +386,8 @@ def parse_args(argv: list[str] | None) -> Settings:
                         help="where data and server copies live (several GB for a full run; "
                         "default /var/tmp/popbox-bench, /var/tmp/popbox-bench-quick with "
                         "--quick so that a quick run does not replace the full data)")
-    parser.add_argument("--idle", type=int, help="idle sessions (2000; 200 with --quick)")
+    parser.add_argument("--idle", type=int, help="idle sessions (2000; 200 with --quick); "
+                        "50,000 with popbox alone: python -m bench.idle")
     parser.add_argument("--bigbox", type=int, help="messages in the big maildrop (100000)")
     parser.add_argument("--collector-messages", type=int, help="collector mailbox (5000)")
     # Dovecot's processes spread over every core; popbox gets the same by default.

@@ -158,9 +158,16 @@ def _wait_ready(server: Server, log: Path) -> Server:
     raise RuntimeError(f"{server.name} did not start listening:\n{log.read_text(errors='replace')}")
 
 
-def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1) -> Server:
-    """Start ``popbox serve`` on ``root`` (which holds mail/ and passwd) on free ports."""
+def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1,
+                 limits: dict[str, float] | None = None) -> Server:
+    """Start ``popbox serve`` on ``root`` (which holds mail/ and passwd) on free ports.
+
+    ``limits`` adds settings to the config's [limits] table (bench.idle raises the caps).
+    """
     pop3, pop3s, lmtp = free_port(), free_port(), free_port()
+    # Every benchmark client comes from loopback; the per-IP bound would refuse them.
+    settings: dict[str, float] = {"max_connections_per_ip": 1000000, **(limits or {})}
+    limit_lines = "".join(f"{name} = {value}\n" for name, value in settings.items())
     config = root / "popbox.toml"
     config.write_text(
         f"""data_dir = "{root}"
@@ -177,9 +184,7 @@ cert = "{cert}"
 key = "{key}"
 
 [limits]
-# Every benchmark client comes from 127.0.0.1; the per-IP bound would refuse them.
-max_connections_per_ip = 1000000
-
+{limit_lines}
 [auth]
 passwd_file = "{root / 'passwd'}"
 default_scheme = "SHA512-CRYPT"

@@ -20,6 +20,7 @@ from popbox.config import Config, parse_listen
 from popbox.errors import ConfigError
 from popbox.net.proxy import ProxyAddress, ProxyHeaderReader
 from popbox.net.session import Pop3Session, SessionHub
+from popbox.net.tls import TlsLayer
 from popbox.store.base import MailStore
 
 __all__ = ["LISTEN_BACKLOG", "Pop3Service", "bind_addresses", "bind_sockets"]
@@ -159,7 +160,6 @@ class Pop3Service:
                 sock.close()
             tls_sockets = []
         loop = asyncio.get_running_loop()
-        limits = self._config.limits
         proxied = self._config.pop3.proxy_protocol
         try:
             for sock in sockets:
@@ -180,12 +180,9 @@ class Pop3Service:
                         backlog=LISTEN_BACKLOG,
                     )
                 else:
+                    # Our TLS layer rather than create_server(ssl=...): see TlsLayer.
                     server = await loop.create_server(
-                        lambda: Pop3Session(hub, implicit_tls=True),
-                        sock=sock,
-                        ssl=self._ssl_context,
-                        ssl_handshake_timeout=limits.tls_handshake_timeout,
-                        backlog=LISTEN_BACKLOG,
+                        lambda: _tls_handshake(hub, peer=None), sock=sock, backlog=LISTEN_BACKLOG
                     )
                 self._servers.append(server)
                 self._tls_addresses.append(_address(sock))
@@ -209,8 +206,8 @@ class Pop3Service:
         if hub is None:
             return
         hub.shutting_down = True
-        for task in list(hub.handshakes):
-            task.cancel()  # not a session yet: nothing to let finish
+        for layer in list(hub.handshakes):
+            layer.abort()  # not a session yet: nothing to let finish
         grace = self._config.limits.shutdown_grace
         if hub.sessions and grace > 0:
             with contextlib.suppress(TimeoutError):
@@ -249,37 +246,38 @@ def _proxy_reader(hub: SessionHub, *, implicit_tls: bool) -> ProxyHeaderReader:
             session.connection_made(transport)
             transport.resume_reading()
             return
-        task = asyncio.get_running_loop().create_task(_handshake(hub, transport, session))
-        hub.handshakes.add(task)
-        task.add_done_callback(hub.handshakes.discard)
+        _tls_handshake(hub, peer=peer).take_over(transport)
 
     # The header is part of logging in: the pre-login timeout bounds it.
     return ProxyHeaderReader(on_header, hub.config.limits.login_timeout)
 
 
-async def _handshake(hub: SessionHub, transport: asyncio.Transport, session: Pop3Session) -> None:
-    """Implicit TLS after a PROXY header: the handshake the listener would have done."""
+def _tls_handshake(hub: SessionHub, *, peer: tuple[str, int] | None) -> TlsLayer:
+    """An implicit-TLS connection, which becomes a session once its handshake is done.
+
+    ``peer`` is the client's address from a PROXY header (None: the socket's).
+    """
     assert hub.ssl_context is not None
-    try:
-        tls_transport = await asyncio.get_running_loop().start_tls(
-            transport,
-            session,
-            hub.ssl_context,
-            server_side=True,
-            ssl_handshake_timeout=hub.config.limits.tls_handshake_timeout,
-        )
-    except (OSError, ssl.SSLError, TimeoutError) as exc:
-        # As on a listener with ssl=: a failed handshake is not a session, only noise.
-        log.debug("TLS handshake after PROXY header failed: %s", exc)
-        transport.abort()
-        return
-    except asyncio.CancelledError:
-        transport.abort()
-        raise
-    if tls_transport is None:
-        transport.abort()
-        return
-    session.connection_made(tls_transport)
+
+    def ready(layer: TlsLayer) -> None:
+        hub.handshakes.discard(layer)
+        session = Pop3Session(hub, implicit_tls=True, peer=peer)
+        layer.set_app(session)
+        session.connection_made(layer)
+
+    def failed(exc: BaseException) -> None:
+        hub.handshakes.discard(layer)
+        # A failed handshake is not a session, only noise (scanners, health checks).
+        log.debug("TLS handshake failed: %s", exc)
+
+    layer = TlsLayer(
+        hub.ssl_context,
+        hub.config.limits.tls_handshake_timeout,
+        on_ready=ready,
+        on_failed=failed,
+    )
+    hub.handshakes.add(layer)
+    return layer
 
 
 def _show(host: str, port: int) -> str:

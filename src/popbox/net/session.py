@@ -32,6 +32,7 @@ from popbox.errors import ConfigError, MaildropInUse, PermanentStoreError, Store
 from popbox.net.limits import AuthPenalty
 from popbox.net.log import EndReason, SessionStats
 from popbox.net.login import CODE_AUTH, authenticate
+from popbox.net.tls import TlsLayer
 from popbox.net.transaction import BodyInterrupted, TransactionStage
 from popbox.proto.events import (
     FLUSH,
@@ -112,8 +113,8 @@ class SessionHub:
         self.login_sessions = 0
         self.penalty = AuthPenalty(config.limits.auth_penalty_max)
         self.shutting_down = False
-        # Implicit-TLS handshakes after a PROXY header, before they become sessions.
-        self.handshakes: set[asyncio.Task[None]] = set()
+        # Implicit-TLS connections still in their handshake, before they become sessions.
+        self.handshakes: set[TlsLayer] = set()
         self.all_ended = asyncio.Event()
         self.all_ended.set()
 
@@ -267,10 +268,10 @@ class Pop3Session(asyncio.Protocol):
         self._stats.commands += data.count(b"\n")
         if self._upgrade == "handshake":
             # Only the TLS layer calls us now, and only after the handshake: this is
-            # the first protected data, which may come before start_tls() returns.
+            # the first protected data, which may come before _start_tls() resumes.
             self._tls_ready()
             self._conn.receive_data(data)
-            return  # answered once start_tls() hands over the new transport
+            return  # answered once _start_tls() has switched to the TLS layer
         self._conn.receive_data(data)
         self._pump()
 
@@ -279,7 +280,8 @@ class Pop3Session(asyncio.Protocol):
             self._conn.receive_data(b"")
             self._pump()
         # Keeping the socket half-open lets queued replies (QUIT's +OK) still go out;
-        # the TLS layer cannot do that and closes itself.
+        # over TLS an end of input is the client's close_notify (or a truncation), and
+        # the TLS layer answers it with its own and closes.
         return not self._stats.tls
 
     def pause_writing(self) -> None:
@@ -485,31 +487,36 @@ class Pop3Session(asyncio.Protocol):
     async def _start_tls(self, conn: ServerConnection) -> None:
         context = self._hub.ssl_context
         assert context is not None
-        assert self._transport is not None
+        raw = self._transport
+        assert raw is not None
         # The +OK is in the raw transport's buffer; the TLS layer writes behind it.
         if self._write_paused:
             await self.drain()
         self._upgrade = "handshake"  # from here on only decrypted bytes reach us
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        layer = TlsLayer(
+            context,
+            self._hub.config.limits.tls_handshake_timeout,
+            on_ready=lambda _: _settle(waiter, None),
+            on_failed=lambda exc: _settle(waiter, exc),
+            app=self,
+        )
+        layer.take_over(raw)
         try:
-            transport = await self._loop.start_tls(
-                self._transport,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self._hub.config.limits.tls_handshake_timeout,
-            )
+            await waiter
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self._upgrade = None
             self._close(EndReason.TLS_FAILED, abort=True, detail=str(exc) or type(exc).__name__)
             # The TLS layer reports a loss during the handshake to nobody: do it here.
             self.connection_lost(None)
             return
-        if transport is None:
-            raise ConnectionResetError("connection lost during the TLS handshake")
-        self._transport = transport
+        except asyncio.CancelledError:
+            layer.abort()
+            raise
+        self._transport = layer
         self._write_paused = False
         self._reading_paused = False
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        layer.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._tls_ready()
         self._upgrade = None
         self._last_progress = self._loop.time()
@@ -639,6 +646,14 @@ class Pop3Session(asyncio.Protocol):
         self._release_user_slot()
         self._stats.log_end(self._reason or EndReason.DISCONNECT, self._detail)
         self._hub.ended(self)
+
+
+def _settle(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not waiter.done():
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
 
 
 def _store_failure(exc: StoreError) -> tuple[str, str]:
