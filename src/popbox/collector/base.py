@@ -23,7 +23,9 @@ class FetchedMessage:
     """One message downloaded from a remote maildrop.
 
     ``path`` holds the message as the server sent it, un-dot-stuffed, with CRLF line
-    ends. ``sha256`` is the hex digest of those bytes.
+    ends. ``sha256`` is the hex digest of those bytes. For a batch sink, a small
+    message may come in ``data`` instead (the same bytes, kept in memory); ``path``
+    then exists only once the poll engine wrote it out for a sink that reads files.
     """
 
     account: str
@@ -31,6 +33,7 @@ class FetchedMessage:
     size: int
     sha256: str
     path: Path
+    data: bytes | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -38,7 +41,7 @@ class FetchedMessage:
         return f"{self.account}:{self.uidl}:{self.sha256}"
 
     def read_bytes(self) -> bytes:
-        return self.path.read_bytes()
+        return self.data if self.data is not None else self.path.read_bytes()
 
 
 class Sink(Protocol):

@@ -61,12 +61,14 @@ SIZE_SLACK: Final = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Downloaded:
-    """A RETR that completed: the body in ``path`` (CRLF, un-dot-stuffed)."""
+    """A RETR that completed: the body (CRLF, un-dot-stuffed) in ``path``, or in
+    ``data`` when it was small enough to keep in memory (``path`` is then not written)."""
 
     number: int
     path: Path
     size: int
     sha256: str
+    data: bytes | None = None
 
 
 def tls_context(account: AccountSettings) -> ssl.SSLContext:
@@ -330,11 +332,13 @@ class Pop3Session:
                 yield number, data
 
     async def retrieve(
-        self, numbers: Iterable[int], sizes: dict[int, int], spool: Path
+        self, numbers: Iterable[int], sizes: dict[int, int], spool: Path, *, keep_below: int = 0
     ) -> AsyncGenerator[Downloaded | tuple[int, ErrReply], None]:
-        """RETR each number with up to ``window`` in flight; bodies go to ``spool``."""
+        """RETR each number with up to ``window`` in flight; bodies go to ``spool``, or
+        stay in memory when LIST gave them fewer than ``keep_below`` octets."""
         self._sizes = sizes
         self._spool = spool
+        self._keep_below = keep_below
         async for number, data in self._bodies(numbers, top=False):
             if isinstance(data, Downloaded | ErrReply):
                 yield data if isinstance(data, Downloaded) else (number, data)
@@ -386,8 +390,29 @@ class Pop3Session:
                 parts.append(piece)
                 kept += len(piece)
 
+    async def _read_to_memory(self, number: int, listed: int) -> Downloaded:
+        limit = max(listed * 2, listed + SIZE_SLACK)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._event()
+            if isinstance(event, MessageEnd):
+                break
+            if isinstance(event, MessageData):
+                size += len(event.data)
+                if size > limit:
+                    raise RemoteServerError(
+                        f"message {number} runs past {limit} octets (LIST said {listed})"
+                    )
+                parts.append(event.data)
+        data = b"".join(parts)
+        path = self._spool / f"mem-{os.getpid()}-{number}"
+        return Downloaded(number, path, size, hashlib.sha256(data).hexdigest(), data)
+
     async def _read_to_spool(self, number: int) -> Downloaded:
         listed = self._sizes.get(number, 0)
+        if listed < self._keep_below:
+            return await self._read_to_memory(number, listed)
         limit = max(listed * 2, listed + SIZE_SLACK)
         digest = hashlib.sha256()
         size = 0
@@ -444,3 +469,4 @@ class Pop3Session:
 
     _sizes: dict[int, int]
     _spool: Path
+    _keep_below: int = 0

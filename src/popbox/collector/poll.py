@@ -61,6 +61,10 @@ MAILDIR_PARALLEL: Final = 4
 # messages, small enough to bound the spool and what a crash makes the next run redo.
 BATCH_MAX_MESSAGES: Final = 256
 BATCH_MAX_OCTETS: Final = 64 * 1024 * 1024
+# Bodies LIST calls smaller than this stay in memory on their way to batch sinks (no
+# spool file to create, write, read and remove); with BATCH_MAX_MESSAGES queued and
+# one batch in the sinks' hands that is at most 128 MiB, typically a few.
+MEMORY_BODY_MAX: Final = 256 * 1024
 # Prefix of uids computed from headers, so they never collide with a server's UIDL.
 HEADER_UID_PREFIX: Final = "hdr:"
 
@@ -103,6 +107,25 @@ def header_uid(data: bytes) -> str:
     servers whose UIDLs cannot be trusted."""
     headers = data.split(b"\r\n\r\n", 1)[0]
     return HEADER_UID_PREFIX + hashlib.sha256(headers).hexdigest()[:40]
+
+
+def _header_uid_of(message: FetchedMessage) -> str:
+    if message.data is not None:
+        return header_uid(message.data[:MAX_HEADER_BYTES])
+    return _header_uid_of_file(message.path)
+
+
+def _spill(items: Iterable[Downloaded | FetchedMessage]) -> None:
+    """Write bodies held in memory to their spool path, for code that reads files."""
+    for item in items:
+        if item.data is not None and not item.path.exists():
+            fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(item.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
 
 
 def _header_uid_of_file(path: Path) -> str:
@@ -432,7 +455,9 @@ class Poller:
         queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None] = asyncio.Queue(
             maxsize=BATCH_MAX_MESSAGES
         )
-        downloader = asyncio.create_task(self._download(session, fetch, sizes, queue))
+        downloader = asyncio.create_task(
+            self._download(session, fetch, sizes, queue, keep_below=MEMORY_BODY_MAX)
+        )
         batch: list[Downloaded] = []
         try:
             finished = False
@@ -477,10 +502,13 @@ class Poller:
             normal = [item for item in items if item.number not in oversize]
             for item in items:
                 if item.number in oversize:
+                    await asyncio.to_thread(_spill, [item])  # the quarantine copies a file
                     done(item.number, item.size, await self._handle(item, uids[item.number], True))
             if normal:
                 messages = [
-                    FetchedMessage(self.account.name, uids[i.number], i.size, i.sha256, i.path)
+                    FetchedMessage(
+                        self.account.name, uids[i.number], i.size, i.sha256, i.path, i.data
+                    )
                     for i in normal
                 ]
                 outcomes = await self.deliver_batch(messages)
@@ -522,9 +550,12 @@ class Poller:
         fetch: list[int],
         sizes: dict[int, int],
         queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None],
+        *,
+        keep_below: int = 0,
     ) -> None:
+        bodies = session.retrieve(fetch, sizes, self._spool, keep_below=keep_below)
         try:
-            async with contextlib.aclosing(session.retrieve(fetch, sizes, self._spool)) as stream:
+            async with contextlib.aclosing(bodies) as stream:
                 async for item in stream:
                     await queue.put(item)
         except asyncio.CancelledError:
@@ -594,13 +625,15 @@ class Poller:
             )
             if last:
                 await self.db.call(self.db.record_sinks, name, list(last.items()))
+            # One by one, sinks (and the quarantine) read files: write out what is held.
+            await asyncio.to_thread(_spill, messages)
             return [
                 await self.deliver(message, attempts=attempts[message.uidl], counted=True)
                 for message in messages
             ]
         rows = await asyncio.to_thread(
             lambda: [
-                Delivered(name, m.uidl, m.sha256, last.get(m.uidl), _header_uid_of_file(m.path))
+                Delivered(name, m.uidl, m.sha256, last.get(m.uidl), _header_uid_of(m))
                 for m in messages
             ]
         )

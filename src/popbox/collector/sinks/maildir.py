@@ -65,6 +65,13 @@ def _discard(paths: Iterable[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
+
+
 def copy_as_lf(source: Path, target_fd: int) -> int:
     """Copy a CRLF message into ``target_fd`` with LF line ends; return octets written."""
     written = 0
@@ -76,12 +83,7 @@ def copy_as_lf(source: Path, target_fd: int) -> int:
             carry = b"\r" if data.endswith(b"\r") else b""
             if carry:
                 data = data[:-1]
-            out = data.replace(b"\r\n", b"\n")
-            view = memoryview(out)
-            while view:
-                count = os.write(target_fd, view)
-                view = view[count:]
-                written += count
+            written += _write_all(target_fd, data.replace(b"\r\n", b"\n"))
     if carry:
         written += os.write(target_fd, carry)
     return written
@@ -138,7 +140,10 @@ class MaildirSink:
         tmp_path = self._root / "tmp" / unique
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            size = copy_as_lf(message.path, fd)
+            if message.data is not None:
+                size = _write_all(fd, message.data.replace(b"\r\n", b"\n"))
+            else:
+                size = copy_as_lf(message.path, fd)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
