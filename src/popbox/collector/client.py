@@ -52,6 +52,8 @@ __all__ = ["Downloaded", "Pop3Session", "tls_context"]
 
 # One read from the socket; matches the server side's streaming chunk.
 READ_SIZE: Final = 256 * 1024
+# Pipelined RETR/TOP go out again once a quarter of the window has come back.
+REFILL_FRACTION: Final = 4
 # Headers from TOP n 0 beyond this are cut: filters and header hashes need the start.
 MAX_HEADER_BYTES: Final = 256 * 1024
 # A body may exceed its LIST size a little (servers that count LF, not CRLF); twice
@@ -348,14 +350,22 @@ class Pop3Session:
     ) -> AsyncGenerator[tuple[int, bytes | Downloaded | ErrReply], None]:
         todo = iter(numbers)
         in_flight: deque[int] = deque()
+        window = self.window
+        # Refill in groups, one write (one segment) for several commands, not one each.
+        refill_at = max(1, window // REFILL_FRACTION)
 
         def send_more() -> None:
-            while len(in_flight) < self.window:
+            if window - len(in_flight) < refill_at and in_flight:
+                return
+            commands: list[bytes] = []
+            while len(in_flight) < window:
                 number = next(todo, None)
                 if number is None:
-                    return
-                self._send(self._conn.top(number, 0) if top else self._conn.retr(number))
+                    break
+                commands.append(self._conn.top(number, 0) if top else self._conn.retr(number))
                 in_flight.append(number)
+            if commands:
+                self._send(b"".join(commands))
 
         send_more()
         try:

@@ -52,7 +52,7 @@ def key_tag(idempotency_key: str) -> str:
     return hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:24]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -60,9 +60,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _discard(paths: Iterable[Path]) -> None:
+def _discard(paths: Iterable[str | Path]) -> None:
     for path in paths:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _write_all(fd: int, data: bytes) -> int:
@@ -102,6 +103,10 @@ class MaildirSink:
         # Deliveries run in worker threads, several at once; the first builds the set.
         self._prepare_lock = threading.Lock()
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self._pid = os.getpid()
+        # Plain strings on the per-message path: pathlib costs more than the syscalls.
+        self._tmp_dir = str(self._root / "tmp")
+        self._new_dir = str(self._root / "new")
 
     @property
     def name(self) -> str:
@@ -125,19 +130,19 @@ class MaildirSink:
             if known:
                 # A run killed between its renames and its directory fsync left entries
                 # the disk may not hold yet; they count as delivered only once it does.
-                _fsync_dir(self._root / "new")
+                _fsync_dir(self._new_dir)
             self._known = known
         return self._known
 
     def _unique(self, tag: str) -> str:
         now = time.time()
         sequence = next(_sequence)
-        return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{sequence}K{tag}.{self._host}"
+        return f"{int(now)}.M{int(now % 1 * 1e6)}P{self._pid}Q{sequence}K{tag}.{self._host}"
 
-    def _write_tmp(self, message: FetchedMessage, tag: str) -> tuple[Path, Path]:
-        """Write the message durably into tmp/; (tmp path, its name in new/)."""
+    def _write_tmp(self, message: FetchedMessage, tag: str) -> tuple[str, str]:
+        """Write the message durably into tmp/; (tmp path, its path in new/)."""
         unique = self._unique(tag)
-        tmp_path = self._root / "tmp" / unique
+        tmp_path = f"{self._tmp_dir}/{unique}"
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if message.data is not None:
@@ -147,17 +152,17 @@ class MaildirSink:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp_path.unlink(missing_ok=True)
+            _discard([tmp_path])
             raise
         os.close(fd)
-        return tmp_path, self._root / "new" / f"{unique},S={size}"
+        return tmp_path, f"{self._new_dir}/{unique},S={size}"
 
     def _already_here(self, known: set[str], tag: str) -> bool:
         """True when ``tag`` is delivered; a rename not yet made durable is, first."""
         if tag not in known:
             return False
         if tag in self._unsynced:
-            _fsync_dir(self._root / "new")
+            _fsync_dir(self._new_dir)
             with self._prepare_lock:
                 self._unsynced.discard(tag)
         return True
@@ -169,13 +174,13 @@ class MaildirSink:
             return
         tmp_path, final = self._write_tmp(message, tag)
         os.rename(tmp_path, final)
-        _fsync_dir(self._root / "new")
+        _fsync_dir(self._new_dir)
         known.add(tag)
 
     def _write_slice(
         self, work: Sequence[tuple[FetchedMessage, str]]
-    ) -> list[tuple[str, Path, Path]]:
-        written: list[tuple[str, Path, Path]] = []
+    ) -> list[tuple[str, str, str]]:
+        written: list[tuple[str, str, str]] = []
         try:
             for message, tag in work:
                 written.append((tag, *self._write_tmp(message, tag)))
@@ -184,10 +189,10 @@ class MaildirSink:
             raise
         return written
 
-    def _publish(self, slices: Sequence[list[tuple[str, Path, Path]]], resync: bool) -> None:
+    def _publish(self, slices: Sequence[list[tuple[str, str, str]]], resync: bool) -> None:
         """Rename every written file into new/, then make new/ durable once."""
         known = self._prepare()
-        moved: list[str] = []
+        moved: set[str] = set()
         try:
             for written in slices:
                 for tag, tmp_path, final in written:
@@ -195,14 +200,14 @@ class MaildirSink:
                     with self._prepare_lock:
                         known.add(tag)
                         self._unsynced.add(tag)
-                    moved.append(tag)
+                    moved.add(tag)
         finally:
             # Files not renamed (an error above) leave tmp/; a retry writes them anew.
             _discard(
                 tmp_path for written in slices for tag, tmp_path, _ in written if tag not in moved
             )
         if moved or resync:
-            _fsync_dir(self._root / "new")
+            _fsync_dir(self._new_dir)
         with self._prepare_lock:
             self._unsynced.difference_update(moved)
 
