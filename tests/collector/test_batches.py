@@ -175,6 +175,8 @@ async def test_a_failed_batch_goes_one_by_one_and_quarantines_only_the_bad_messa
     assert {record.attempts for record in records.values()} == {1}
     quarantined = list((settings.quarantine_path / "fake").glob("*.eml"))
     assert [path.read_bytes() for path in quarantined] == [poisoned.messages[2]]
+    # Bodies written out for the one-by-one pass are gone again.
+    assert list((settings.spool_path / "fake").iterdir()) == []
 
 
 async def test_bodies_in_memory_and_spooled_arrive_byte_exact_in_one_batch(

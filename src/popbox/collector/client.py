@@ -64,13 +64,32 @@ SIZE_SLACK: Final = 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class Downloaded:
     """A RETR that completed: the body (CRLF, un-dot-stuffed) in ``path``, or in
-    ``data`` when it was small enough to keep in memory (``path`` is then not written)."""
+    ``data`` when it was small enough to keep in memory (``path`` is then not written).
+
+    ``sha256`` is None for a body in ``data``: hashing releases the GIL, and on the
+    event loop's thread getting it back waits behind the sinks' threads, so the
+    consumer hashes such bodies in a worker thread (see ``with_digest``).
+    """
 
     number: int
     path: Path
     size: int
-    sha256: str
+    sha256: str | None
     data: bytes | None = None
+
+    def with_digest(self) -> Downloaded:
+        if self.sha256 is not None or self.data is None:
+            return self
+        return Downloaded(
+            self.number, self.path, self.size, hashlib.sha256(self.data).hexdigest(), self.data
+        )
+
+    @property
+    def digest(self) -> str:
+        """The SHA-256 (hex); only for a Downloaded that went through ``with_digest``."""
+        if self.sha256 is None:
+            raise ValueError("body not hashed yet")
+        return self.sha256
 
 
 def tls_context(account: AccountSettings) -> ssl.SSLContext:
@@ -417,7 +436,7 @@ class Pop3Session:
                 parts.append(event.data)
         data = b"".join(parts)
         path = self._spool / f"mem-{os.getpid()}-{number}"
-        return Downloaded(number, path, size, hashlib.sha256(data).hexdigest(), data)
+        return Downloaded(number, path, size, None, data)
 
     async def _read_to_spool(self, number: int) -> Downloaded:
         listed = self._sizes.get(number, 0)

@@ -499,15 +499,20 @@ class Poller:
         done: Callable[[int, int, str], None],
     ) -> None:
         try:
-            normal = [item for item in items if item.number not in oversize]
-            for item in items:
+            hashed = await asyncio.to_thread(_with_digests, items)
+            normal = [item for item in hashed if item.number not in oversize]
+            for item in hashed:
                 if item.number in oversize:
                     await asyncio.to_thread(_spill, [item])  # the quarantine copies a file
-                    done(item.number, item.size, await self._handle(item, uids[item.number], True))
+                    try:
+                        outcome = await self._handle(item, uids[item.number], True)
+                    finally:
+                        _unlink_spilled([item])
+                    done(item.number, item.size, outcome)
             if normal:
                 messages = [
                     FetchedMessage(
-                        self.account.name, uids[i.number], i.size, i.sha256, i.path, i.data
+                        self.account.name, uids[i.number], i.size, i.digest, i.path, i.data
                     )
                     for i in normal
                 ]
@@ -581,7 +586,7 @@ class Poller:
     # ---------------------------------------------------------------- one message
 
     async def _handle(self, item: Downloaded, uid: str, oversize: bool) -> str:
-        message = FetchedMessage(self.account.name, uid, item.size, item.sha256, item.path)
+        message = FetchedMessage(self.account.name, uid, item.size, item.digest, item.path)
         self.result.octets += item.size
         if oversize:
             await self.db.call(self.db.start_attempt, self.account.name, uid, item.size)
@@ -627,10 +632,13 @@ class Poller:
                 await self.db.call(self.db.record_sinks, name, list(last.items()))
             # One by one, sinks (and the quarantine) read files: write out what is held.
             await asyncio.to_thread(_spill, messages)
-            return [
-                await self.deliver(message, attempts=attempts[message.uidl], counted=True)
-                for message in messages
-            ]
+            try:
+                return [
+                    await self.deliver(message, attempts=attempts[message.uidl], counted=True)
+                    for message in messages
+                ]
+            finally:
+                _unlink_spilled(messages)
         rows = await asyncio.to_thread(
             lambda: [
                 Delivered(name, m.uidl, m.sha256, last.get(m.uidl), _header_uid_of(m))
@@ -752,10 +760,24 @@ class _AccountLock:
             self._fd = None
 
 
+def _with_digests(items: list[Downloaded]) -> list[Downloaded]:
+    return [item.with_digest() for item in items]
+
+
 def _unlink_spooled(items: Iterable[Downloaded]) -> None:
+    """Remove spool files; a body held in memory has none (``_spill`` writes one only
+    for the moment it is needed, and ``_unlink_spilled`` removes it)."""
     for item in items:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(item.path)
+        if item.data is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item.path)
+
+
+def _unlink_spilled(items: Iterable[Downloaded | FetchedMessage]) -> None:
+    for item in items:
+        if item.data is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item.path)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
