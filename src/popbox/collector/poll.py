@@ -646,6 +646,7 @@ class Poller:
             ]
         )
         await self.db.call(self.db.record_delivered_many, rows)
+        log.debug("batch delivered account=%s messages=%d", name, len(messages))
         for message in messages:
             log.info("delivered account=%s uid=%s size=%d", name, message.uidl, message.size)
         self.result.delivered += len(messages)
