@@ -4,13 +4,16 @@ All four download the same mailbox (5,000 messages by default, the realistic mix
 without multi-megabyte attachments) from the same server — Dovecot in its reuse
 shape, so the server is neither popbox nor a variable — over plain POP3 with
 USER/PASS on loopback, into a fresh Maildir each time, keeping the mail on the server.
-Delivery is durable where the client offers it: popbox's Maildir sink fsyncs file and
-directory; fetchmail hands each message to an MDA script that writes tmp/, syncs the
-file and renames into new/ (fetchmail has no Maildir delivery of its own); getmail6
-and mpop use their built-in Maildir delivery. Run once directly and once through
-bench.latency_proxy with 10 ms each way (20 ms round trip).
+Delivery is durable where the client offers it: popbox's Maildir sink fsyncs each file
+and, once per batch, the directory, and records the batch in its state before any DELE;
+fetchmail hands each message to an MDA script that writes tmp/, syncs the file and
+renames into new/ (fetchmail has no Maildir delivery of its own); getmail6 and mpop use
+their built-in Maildir delivery (mpop, per strace: fsync of each file, link into new/,
+no directory fsync, its UIDL list written once at the end of the session). Run once
+directly and once through bench.latency_proxy with 10 ms each way (20 ms round trip).
 
     .venv/bin/python -m bench.collector [--messages 5000] [--reps 1]   # alone, as root
+    .venv/bin/python -m bench.collector --clients "popbox fetch,mpop" --links loopback
 """
 
 from __future__ import annotations
