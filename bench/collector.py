@@ -4,13 +4,16 @@ All four download the same mailbox (5,000 messages by default, the realistic mix
 without multi-megabyte attachments) from the same server — Dovecot in its reuse
 shape, so the server is neither popbox nor a variable — over plain POP3 with
 USER/PASS on loopback, into a fresh Maildir each time, keeping the mail on the server.
-Delivery is durable where the client offers it: popbox's Maildir sink fsyncs file and
-directory; fetchmail hands each message to an MDA script that writes tmp/, syncs the
-file and renames into new/ (fetchmail has no Maildir delivery of its own); getmail6
-and mpop use their built-in Maildir delivery. Run once directly and once through
-bench.latency_proxy with 10 ms each way (20 ms round trip).
+Delivery is durable where the client offers it: popbox's Maildir sink fsyncs each file
+and, once per batch, the directory, and records the batch in its state before any DELE;
+fetchmail hands each message to an MDA script that writes tmp/, syncs the file and
+renames into new/ (fetchmail has no Maildir delivery of its own); getmail6 and mpop use
+their built-in Maildir delivery (mpop, per strace: fsync of each file, link into new/,
+no directory fsync, its UIDL list written once at the end of the session). Run once
+directly and once through bench.latency_proxy with 10 ms each way (20 ms round trip).
 
     .venv/bin/python -m bench.collector [--messages 5000] [--reps 1]   # alone, as root
+    .venv/bin/python -m bench.collector --clients "popbox fetch,mpop" --links loopback
 """
 
 from __future__ import annotations
@@ -205,9 +208,16 @@ def measure(client: str, work: Path, port: int, user: str, expected: int
     return elapsed, ""
 
 
+LINKS: Final = ("loopback", "20 ms RTT")
+
+
 def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
-                   reps: int | None = None) -> str:
-    """Run every client on loopback and at 20 ms RTT; return a Markdown section."""
+                   reps: int | None = None, clients: tuple[str, ...] = CLIENTS,
+                   links: tuple[str, ...] = LINKS) -> str:
+    """Run every client on loopback and at 20 ms RTT; return a Markdown section.
+
+    ``clients`` and ``links`` narrow the run (a quick loop while working on one client).
+    """
     user = dataset.collector_user
     manifest = dataset.manifest(user)
     expected = len(manifest.hashes)
@@ -224,7 +234,9 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
         proxy, proxy_port = _start_proxy(server.pop3_port, 10.0)
         for rep in range(reps):
             for link, port in (("loopback", server.pop3_port), ("20 ms RTT", proxy_port)):
-                order = CLIENTS[rep % len(CLIENTS):] + CLIENTS[: rep % len(CLIENTS)]
+                if link not in links:
+                    continue
+                order = clients[rep % len(clients):] + clients[: rep % len(clients)]
                 for client in order:
                     elapsed, problem = measure(client, work / "collector", port, user, expected)
                     print(f"    {client:14s} {link:10s} {elapsed:8.2f} s {problem}", flush=True)
@@ -249,9 +261,9 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
         "| client | link | seconds | messages/s | MB/s | popbox fetch advantage (x) |",
         "|---|---|---|---|---|---|",
     ]
-    for link in ("loopback", "20 ms RTT"):
+    for link in links:
         ours = times.get(("popbox fetch", link))
-        for client in CLIENTS:
+        for client in clients:
             samples = times.get((client, link))
             if not samples:
                 lines.append(f"| {client} | {link} | — | — | — | — |")
@@ -285,14 +297,23 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/popbox-bench-collector"))
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help="comma-separated subset of: " + ", ".join(CLIENTS))
+    parser.add_argument("--links", default=",".join(LINKS),
+                        help="comma-separated subset of: " + ", ".join(LINKS))
     args = parser.parse_args()
+    clients = tuple(c.strip() for c in args.clients.split(",") if c.strip())
+    links = tuple(link.strip() for link in args.links.split(",") if link.strip())
+    unknown = [c for c in clients if c not in CLIENTS] + [k for k in links if k not in LINKS]
+    if unknown or not clients or not links:
+        parser.error(f"unknown or empty --clients/--links: {unknown}")
     # Only the collector's mailbox matters here; the other users are token-sized.
     sizes = ds.Sizes(login_users=1, login_messages=1, retr_users=1, retr_messages=1,
                      churn_users=1, churn_messages=1, idle_users=1, bigbox_messages=10,
                      collector_messages=args.messages)
     dataset = ds.build(args.work, sizes)
     ds.install(dataset, args.work / "dovecot", owner=servers.mail_ids(), collector=True)
-    print(run_comparison(dataset, args.work, reps=args.reps))
+    print(run_comparison(dataset, args.work, reps=args.reps, clients=clients, links=links))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,18 @@ A message is spooled to disk while it is fetched (so big messages never sit in
 memory) and handed to each sink of its account as a ``FetchedMessage``. A sink
 returns only once the message is durable on its side; it raises
 TemporarySinkError (retry later) or PermanentSinkError (quarantine) otherwise.
+A sink that can make many messages durable at once for the price of one (a Maildir:
+one directory fsync for the lot) also offers ``deliver_batch`` (``BatchSink``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["FetchedMessage", "Sink"]
+__all__ = ["BatchSink", "FetchedMessage", "Sink"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +23,9 @@ class FetchedMessage:
     """One message downloaded from a remote maildrop.
 
     ``path`` holds the message as the server sent it, un-dot-stuffed, with CRLF line
-    ends. ``sha256`` is the hex digest of those bytes.
+    ends. ``sha256`` is the hex digest of those bytes. For a batch sink, a small
+    message may come in ``data`` instead (the same bytes, kept in memory); ``path``
+    then exists only once the poll engine wrote it out for a sink that reads files.
     """
 
     account: str
@@ -28,6 +33,7 @@ class FetchedMessage:
     size: int
     sha256: str
     path: Path
+    data: bytes | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -35,7 +41,7 @@ class FetchedMessage:
         return f"{self.account}:{self.uidl}:{self.sha256}"
 
     def read_bytes(self) -> bytes:
-        return self.path.read_bytes()
+        return self.data if self.data is not None else self.path.read_bytes()
 
 
 class Sink(Protocol):
@@ -56,3 +62,17 @@ class Sink(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchSink(Sink, Protocol):
+    """A sink that takes several messages durably together, cheaper than one by one.
+
+    ``deliver_batch`` returns only once every message is durable. It raises on any
+    failure, and may then have taken some of the messages (durably or not): the poll
+    engine offers each message of a failed batch again, alone, with the same
+    ``idempotency_key``, so a batch sink must recognise keys it already holds, and a
+    repeated key must be made durable before it is reported as taken.
+    """
+
+    async def deliver_batch(self, messages: Sequence[FetchedMessage]) -> None: ...

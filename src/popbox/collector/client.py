@@ -52,6 +52,8 @@ __all__ = ["Downloaded", "Pop3Session", "tls_context"]
 
 # One read from the socket; matches the server side's streaming chunk.
 READ_SIZE: Final = 256 * 1024
+# Pipelined RETR/TOP go out again once a quarter of the window has come back.
+REFILL_FRACTION: Final = 4
 # Headers from TOP n 0 beyond this are cut: filters and header hashes need the start.
 MAX_HEADER_BYTES: Final = 256 * 1024
 # A body may exceed its LIST size a little (servers that count LF, not CRLF); twice
@@ -61,12 +63,33 @@ SIZE_SLACK: Final = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Downloaded:
-    """A RETR that completed: the body in ``path`` (CRLF, un-dot-stuffed)."""
+    """A RETR that completed: the body (CRLF, un-dot-stuffed) in ``path``, or in
+    ``data`` when it was small enough to keep in memory (``path`` is then not written).
+
+    ``sha256`` is None for a body in ``data``: hashing releases the GIL, and on the
+    event loop's thread getting it back waits behind the sinks' threads, so the
+    consumer hashes such bodies in a worker thread (see ``with_digest``).
+    """
 
     number: int
     path: Path
     size: int
-    sha256: str
+    sha256: str | None
+    data: bytes | None = None
+
+    def with_digest(self) -> Downloaded:
+        if self.sha256 is not None or self.data is None:
+            return self
+        return Downloaded(
+            self.number, self.path, self.size, hashlib.sha256(self.data).hexdigest(), self.data
+        )
+
+    @property
+    def digest(self) -> str:
+        """The SHA-256 (hex); only for a Downloaded that went through ``with_digest``."""
+        if self.sha256 is None:
+            raise ValueError("body not hashed yet")
+        return self.sha256
 
 
 def tls_context(account: AccountSettings) -> ssl.SSLContext:
@@ -330,11 +353,13 @@ class Pop3Session:
                 yield number, data
 
     async def retrieve(
-        self, numbers: Iterable[int], sizes: dict[int, int], spool: Path
+        self, numbers: Iterable[int], sizes: dict[int, int], spool: Path, *, keep_below: int = 0
     ) -> AsyncGenerator[Downloaded | tuple[int, ErrReply], None]:
-        """RETR each number with up to ``window`` in flight; bodies go to ``spool``."""
+        """RETR each number with up to ``window`` in flight; bodies go to ``spool``, or
+        stay in memory when LIST gave them fewer than ``keep_below`` octets."""
         self._sizes = sizes
         self._spool = spool
+        self._keep_below = keep_below
         async for number, data in self._bodies(numbers, top=False):
             if isinstance(data, Downloaded | ErrReply):
                 yield data if isinstance(data, Downloaded) else (number, data)
@@ -344,14 +369,22 @@ class Pop3Session:
     ) -> AsyncGenerator[tuple[int, bytes | Downloaded | ErrReply], None]:
         todo = iter(numbers)
         in_flight: deque[int] = deque()
+        window = self.window
+        # Refill in groups, one write (one segment) for several commands, not one each.
+        refill_at = max(1, window // REFILL_FRACTION)
 
         def send_more() -> None:
-            while len(in_flight) < self.window:
+            if window - len(in_flight) < refill_at and in_flight:
+                return
+            commands: list[bytes] = []
+            while len(in_flight) < window:
                 number = next(todo, None)
                 if number is None:
-                    return
-                self._send(self._conn.top(number, 0) if top else self._conn.retr(number))
+                    break
+                commands.append(self._conn.top(number, 0) if top else self._conn.retr(number))
                 in_flight.append(number)
+            if commands:
+                self._send(b"".join(commands))
 
         send_more()
         try:
@@ -386,8 +419,29 @@ class Pop3Session:
                 parts.append(piece)
                 kept += len(piece)
 
+    async def _read_to_memory(self, number: int, listed: int) -> Downloaded:
+        limit = max(listed * 2, listed + SIZE_SLACK)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._event()
+            if isinstance(event, MessageEnd):
+                break
+            if isinstance(event, MessageData):
+                size += len(event.data)
+                if size > limit:
+                    raise RemoteServerError(
+                        f"message {number} runs past {limit} octets (LIST said {listed})"
+                    )
+                parts.append(event.data)
+        data = b"".join(parts)
+        path = self._spool / f"mem-{os.getpid()}-{number}"
+        return Downloaded(number, path, size, None, data)
+
     async def _read_to_spool(self, number: int) -> Downloaded:
         listed = self._sizes.get(number, 0)
+        if listed < self._keep_below:
+            return await self._read_to_memory(number, listed)
         limit = max(listed * 2, listed + SIZE_SLACK)
         digest = hashlib.sha256()
         size = 0
@@ -444,3 +498,4 @@ class Pop3Session:
 
     _sizes: dict[int, int]
     _spool: Path
+    _keep_below: int = 0

@@ -67,8 +67,9 @@ COMMAND_TIMEOUT: Final = 120.0
 # Five tries of a temporary sink failure (with the daemon's backoff between runs) make
 # a poison message; then it goes to quarantine so later messages keep flowing.
 MAX_ATTEMPTS: Final = 5
-# mpop's default pipeline depth is similar; more in flight buys little on one stream.
-MAX_IN_FLIGHT: Final = 8
+# RETRs in flight: each round trip then brings 32 messages (mpop keeps up to 100 in
+# flight); the commands are a few hundred octets, far below any TCP window.
+MAX_IN_FLIGHT: Final = 32
 # fetchmail's daemon default poll interval is 300 s.
 POLL_INTERVAL: Final = 300.0
 # Backoff after failures stops growing at an hour, so a fixed server is seen soon.

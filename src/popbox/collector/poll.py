@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from popbox.collector.auth import TokenProvider, build_token_provider, read_password
-from popbox.collector.base import FetchedMessage, Sink
+from popbox.collector.base import BatchSink, FetchedMessage, Sink
 from popbox.collector.client import MAX_HEADER_BYTES, Downloaded, Pop3Session
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.quarantine import Quarantine
@@ -56,6 +56,15 @@ SECONDS_PER_DAY: Final = 86400.0
 # Maildir deliveries in flight at once: four overlap the file and directory fsyncs
 # well on one disk; more only queue in the kernel.
 MAILDIR_PARALLEL: Final = 4
+# A batch (sinks that all take batches, e.g. Maildirs) closes at this many messages or
+# octets: big enough that one directory fsync and one state commit serve many
+# messages, small enough to bound the spool and what a crash makes the next run redo.
+BATCH_MAX_MESSAGES: Final = 256
+BATCH_MAX_OCTETS: Final = 64 * 1024 * 1024
+# Bodies LIST calls smaller than this stay in memory on their way to batch sinks (no
+# spool file to create, write, read and remove); with BATCH_MAX_MESSAGES queued and
+# one batch in the sinks' hands that is at most 128 MiB, typically a few.
+MEMORY_BODY_MAX: Final = 256 * 1024
 # Prefix of uids computed from headers, so they never collide with a server's UIDL.
 HEADER_UID_PREFIX: Final = "hdr:"
 
@@ -98,6 +107,25 @@ def header_uid(data: bytes) -> str:
     servers whose UIDLs cannot be trusted."""
     headers = data.split(b"\r\n\r\n", 1)[0]
     return HEADER_UID_PREFIX + hashlib.sha256(headers).hexdigest()[:40]
+
+
+def _header_uid_of(message: FetchedMessage) -> str:
+    if message.data is not None:
+        return header_uid(message.data[:MAX_HEADER_BYTES])
+    return _header_uid_of_file(message.path)
+
+
+def _spill(items: Iterable[Downloaded | FetchedMessage]) -> None:
+    """Write bodies held in memory to their spool path, for code that reads files."""
+    for item in items:
+        if item.data is not None and not item.path.exists():
+            fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(item.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
 
 
 def _header_uid_of_file(path: Path) -> str:
@@ -327,73 +355,21 @@ class Poller:
             fetch = await self._apply_filters(session, fetch, sizes, uids)
         self._observer.planned(name, len(fetch), sum(sizes.get(n, 0) for n in fetch))
         after_delivery = self.account.delete == "after_delivery"
-        # Download and delivery overlap: the next bodies stream into the spool while
-        # the sinks work on this one. The queue keeps the order and bounds the spool.
-        queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None] = asyncio.Queue(
-            maxsize=session.window
-        )
         self._spool.mkdir(parents=True, exist_ok=True)
-        downloader = asyncio.create_task(self._download(session, fetch, sizes, queue))
-        # Maildir deliveries of different messages are independent (unique names, no
-        # shared lock), so several run at once and their fsyncs overlap. Other sinks
-        # take messages one at a time, in server order (a ticket system may care).
-        parallel = (
-            MAILDIR_PARALLEL if all(s.kind == "maildir" for s in self.account.sinks) else 1
-        )
-        slots = asyncio.Semaphore(parallel)
-        running: set[asyncio.Task[None]] = set()
+        batching = bool(self.sinks) and all(isinstance(s, BatchSink) for s in self.sinks)
 
-        async def handle(item: Downloaded) -> None:
-            try:
-                uid = uids[item.number]
-                try:
-                    outcome = await self._handle(item, uid, item.number in oversize)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(item.path)
-                if outcome == "delivered" and uid in retried:
-                    self.quarantine.remove(name, uid)
-                if outcome == "delivered" and after_delivery:
-                    delete.append(item.number)
-                self._observer.message_done(name, item.size, outcome)
-            finally:
-                slots.release()
+        def done(number: int, size: int, outcome: str) -> None:
+            uid = uids[number]
+            if outcome == "delivered" and uid in retried:
+                self.quarantine.remove(name, uid)
+            if outcome == "delivered" and after_delivery:
+                delete.append(number)
+            self._observer.message_done(name, size, outcome)
 
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, Downloaded):
-                    await slots.acquire()
-                    task = asyncio.create_task(handle(item))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                else:
-                    number, reply = item
-                    self.result.failed += 1
-                    self.db.record_failure(name, uids[number], f"RETR: {reply.text}")
-                    log.warning("RETR failed account=%s number=%d: %s", name, number, reply.text)
-                if self._stop.is_set():
-                    self.result.stopped = True
-                    break
-        finally:
-            # Messages in the sinks' hands finish (a stop waits for them, too).
-            finished = await asyncio.gather(*running, return_exceptions=True)
-            if not downloader.done():
-                downloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([downloader])
-            # Bodies downloaded but not delivered (a stop, an error) leave the spool.
-            while not queue.empty():
-                left = queue.get_nowait()
-                if isinstance(left, Downloaded):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(left.path)
-        for outcome in finished:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        if not downloader.cancelled():
-            failure = downloader.exception()
-            if failure is not None:
-                raise failure
+        if batching:
+            await self._batched(session, fetch, sizes, uids, oversize, done)
+        else:
+            await self._one_by_one(session, fetch, sizes, uids, oversize, done)
         await session.finish_pending()
         if delete:
             await session.delete(delete)
@@ -409,15 +385,182 @@ class Poller:
             or (record.delivered_at is None and not record.quarantined and not record.skipped)
         )
 
+    async def _one_by_one(
+        self,
+        session: Pop3Session,
+        fetch: list[int],
+        sizes: dict[int, int],
+        uids: dict[int, str],
+        oversize: set[int],
+        done: Callable[[int, int, str], None],
+    ) -> None:
+        """Deliver each message on its own (sinks without batches), overlapping the
+        download of the next bodies with the sinks' work on this one."""
+        # The queue keeps the order and bounds the spool.
+        queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None] = asyncio.Queue(
+            maxsize=session.window
+        )
+        downloader = asyncio.create_task(self._download(session, fetch, sizes, queue))
+        # Maildir deliveries of different messages are independent (unique names, no
+        # shared lock), so several run at once and their fsyncs overlap. Other sinks
+        # take messages one at a time, in server order (a ticket system may care).
+        parallel = MAILDIR_PARALLEL if all(s.kind == "maildir" for s in self.account.sinks) else 1
+        slots = asyncio.Semaphore(parallel)
+        running: set[asyncio.Task[None]] = set()
+
+        async def handle(item: Downloaded) -> None:
+            try:
+                uid = uids[item.number]
+                try:
+                    outcome = await self._handle(item, uid, item.number in oversize)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(item.path)
+                done(item.number, item.size, outcome)
+            finally:
+                slots.release()
+
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Downloaded):
+                    await slots.acquire()
+                    task = asyncio.create_task(handle(item))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                else:
+                    self._retr_failed(uids, *item)
+                if self._stop.is_set():
+                    self.result.stopped = True
+                    break
+        finally:
+            # Messages in the sinks' hands finish (a stop waits for them, too).
+            finished = await asyncio.gather(*running, return_exceptions=True)
+            await self._stop_download(downloader, queue)
+        for outcome in finished:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        self._raise_download_failure(downloader)
+
+    async def _batched(
+        self,
+        session: Pop3Session,
+        fetch: list[int],
+        sizes: dict[int, int],
+        uids: dict[int, str],
+        oversize: set[int],
+        done: Callable[[int, int, str], None],
+    ) -> None:
+        """Deliver in batches: while one batch is made durable (files, one directory
+        fsync, one state commit), the next downloads; its size follows the disk."""
+        queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None] = asyncio.Queue(
+            maxsize=BATCH_MAX_MESSAGES
+        )
+        downloader = asyncio.create_task(
+            self._download(session, fetch, sizes, queue, keep_below=MEMORY_BODY_MAX)
+        )
+        batch: list[Downloaded] = []
+        try:
+            finished = False
+            while not finished:
+                item: Downloaded | tuple[int, ErrReply] | None = await queue.get()
+                octets = 0
+                while True:
+                    if item is None:
+                        finished = True
+                        break
+                    if isinstance(item, Downloaded):
+                        batch.append(item)
+                        octets += item.size
+                    else:
+                        self._retr_failed(uids, *item)
+                    if (
+                        len(batch) >= BATCH_MAX_MESSAGES
+                        or octets >= BATCH_MAX_OCTETS
+                        or queue.empty()
+                    ):
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    await self._deliver_downloads(batch, uids, oversize, done)
+                    batch = []
+                if self._stop.is_set():
+                    self.result.stopped = True
+                    break
+        finally:
+            _unlink_spooled(batch)
+            await self._stop_download(downloader, queue)
+        self._raise_download_failure(downloader)
+
+    async def _deliver_downloads(
+        self,
+        items: list[Downloaded],
+        uids: dict[int, str],
+        oversize: set[int],
+        done: Callable[[int, int, str], None],
+    ) -> None:
+        try:
+            hashed = await asyncio.to_thread(_with_digests, items)
+            normal = [item for item in hashed if item.number not in oversize]
+            for item in hashed:
+                if item.number in oversize:
+                    await asyncio.to_thread(_spill, [item])  # the quarantine copies a file
+                    try:
+                        outcome = await self._handle(item, uids[item.number], True)
+                    finally:
+                        _unlink_spilled([item])
+                    done(item.number, item.size, outcome)
+            if normal:
+                messages = [
+                    FetchedMessage(
+                        self.account.name, uids[i.number], i.size, i.digest, i.path, i.data
+                    )
+                    for i in normal
+                ]
+                outcomes = await self.deliver_batch(messages)
+                for item, outcome in zip(normal, outcomes, strict=True):
+                    done(item.number, item.size, outcome)
+        finally:
+            _unlink_spooled(items)
+
+    def _retr_failed(self, uids: dict[int, str], number: int, reply: ErrReply) -> None:
+        self.result.failed += 1
+        self.db.record_failure(self.account.name, uids[number], f"RETR: {reply.text}")
+        log.warning("RETR failed account=%s number=%d: %s", self.account.name, number, reply.text)
+
+    @staticmethod
+    async def _stop_download(
+        downloader: asyncio.Task[None],
+        queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None],
+    ) -> None:
+        if not downloader.done():
+            downloader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([downloader])
+        # Bodies downloaded but not delivered (a stop, an error) leave the spool.
+        while not queue.empty():
+            left = queue.get_nowait()
+            if isinstance(left, Downloaded):
+                _unlink_spooled([left])
+
+    @staticmethod
+    def _raise_download_failure(downloader: asyncio.Task[None]) -> None:
+        if not downloader.cancelled():
+            failure = downloader.exception()
+            if failure is not None:
+                raise failure
+
     async def _download(
         self,
         session: Pop3Session,
         fetch: list[int],
         sizes: dict[int, int],
         queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None],
+        *,
+        keep_below: int = 0,
     ) -> None:
+        bodies = session.retrieve(fetch, sizes, self._spool, keep_below=keep_below)
         try:
-            async with contextlib.aclosing(session.retrieve(fetch, sizes, self._spool)) as stream:
+            async with contextlib.aclosing(bodies) as stream:
                 async for item in stream:
                     await queue.put(item)
         except asyncio.CancelledError:
@@ -443,18 +586,89 @@ class Poller:
     # ---------------------------------------------------------------- one message
 
     async def _handle(self, item: Downloaded, uid: str, oversize: bool) -> str:
-        message = FetchedMessage(self.account.name, uid, item.size, item.sha256, item.path)
+        message = FetchedMessage(self.account.name, uid, item.size, item.digest, item.path)
         self.result.octets += item.size
         if oversize:
             await self.db.call(self.db.start_attempt, self.account.name, uid, item.size)
             return self._quarantine(message, f"over max_message_size ({item.size} octets)")
         return await self.deliver(message)
 
-    async def deliver(self, message: FetchedMessage) -> str:
+    async def deliver_batch(self, messages: Sequence[FetchedMessage]) -> list[str]:
+        """``deliver`` for several messages, made durable together: each sink takes the
+        messages it lacks as one batch, and one state commit records them all. A batch
+        a sink fails is offered again message by message (so one bad message is
+        quarantined alone, as ``deliver`` would). Outcomes in the order given."""
+        name = self.account.name
+        for message in messages:
+            self.result.octets += message.size
+        attempts, sinks_done = await self.db.call(
+            self._begin_batch, name, [(m.uidl, m.size) for m in messages]
+        )
+        last: dict[str, str] = {}
+        try:
+            for index, sink in enumerate(self.sinks):
+                assert isinstance(sink, BatchSink)
+                lacking = [m for m in messages if sink.name not in sinks_done.get(m.uidl, ())]
+                if not lacking:
+                    continue
+                timeout = self._timeouts[index] if index < len(self._timeouts) else 60.0
+                try:
+                    # The per-message timeout, for each message of the batch.
+                    await asyncio.wait_for(sink.deliver_batch(lacking), timeout * len(lacking))
+                except TimeoutError as exc:
+                    raise SinkError(f"{sink.name}: batch not taken in time") from exc
+                earlier = [(m.uidl, last[m.uidl]) for m in lacking if m.uidl in last]
+                if earlier:
+                    await self.db.call(self.db.record_sinks, name, earlier)
+                # The last confirmation is recorded with "delivered", in one commit.
+                last.update((m.uidl, sink.name) for m in lacking)
+        except Exception as exc:
+            if not isinstance(exc, SinkError):
+                log.exception("sink raised unexpectedly account=%s batch", name)
+            log.info(
+                "batch failed account=%s messages=%d: %s; one by one", name, len(messages), exc
+            )
+            if last:
+                await self.db.call(self.db.record_sinks, name, list(last.items()))
+            # One by one, sinks (and the quarantine) read files: write out what is held.
+            await asyncio.to_thread(_spill, messages)
+            try:
+                return [
+                    await self.deliver(message, attempts=attempts[message.uidl], counted=True)
+                    for message in messages
+                ]
+            finally:
+                _unlink_spilled(messages)
+        rows = await asyncio.to_thread(
+            lambda: [
+                Delivered(name, m.uidl, m.sha256, last.get(m.uidl), _header_uid_of(m))
+                for m in messages
+            ]
+        )
+        await self.db.call(self.db.record_delivered_many, rows)
+        log.debug("batch delivered account=%s messages=%d", name, len(messages))
+        for message in messages:
+            log.info("delivered account=%s uid=%s size=%d", name, message.uidl, message.size)
+        self.result.delivered += len(messages)
+        return ["delivered"] * len(messages)
+
+    def _begin_batch(
+        self, name: str, entries: list[tuple[str, int]]
+    ) -> tuple[dict[str, int], dict[str, set[str]]]:
+        attempts = self.db.start_attempts(name, entries)
+        return attempts, self.db.sinks_done_many(name, attempts)
+
+    async def deliver(
+        self, message: FetchedMessage, *, attempts: int = 0, counted: bool = False
+    ) -> str:
         """Offer the message to every sink that lacks it; "delivered", "quarantined" or
-        "failed" (temporary; retried next run)."""
+        "failed" (temporary; retried next run). ``counted``: this attempt is already
+        counted (``attempts``), as when a failed batch retries its messages."""
         name, uid = self.account.name, message.uidl
-        attempts, done = await self.db.call(self._begin, name, uid, message.size)
+        if counted:
+            done = await self.db.call(self.db.sinks_done, name, uid)
+        else:
+            attempts, done = await self.db.call(self._begin, name, uid, message.size)
         last: str | None = None
         try:
             for index, sink in enumerate(self.sinks):
@@ -545,6 +759,26 @@ class _AccountLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the lock
             self._fd = None
+
+
+def _with_digests(items: list[Downloaded]) -> list[Downloaded]:
+    return [item.with_digest() for item in items]
+
+
+def _unlink_spooled(items: Iterable[Downloaded]) -> None:
+    """Remove spool files; a body held in memory has none (``_spill`` writes one only
+    for the moment it is needed, and ``_unlink_spilled`` removes it)."""
+    for item in items:
+        if item.data is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item.path)
+
+
+def _unlink_spilled(items: Iterable[Downloaded | FetchedMessage]) -> None:
+    for item in items:
+        if item.data is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item.path)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -32,6 +32,8 @@ T = TypeVar("T")
 # How long a writer waits for another collector process holding the database; a
 # daemon and a cron run may overlap for a moment.
 BUSY_TIMEOUT_SECONDS: Final = 30.0
+# Values in one ``IN (...)`` list: SQLite before 3.32 allows 999 parameters per query.
+SQL_IN_CHUNK: Final = 500
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -289,6 +291,62 @@ class StateDB:
                 return self._count_attempt(account, uid, size)
             finally:
                 self._db.execute("PRAGMA synchronous = FULL")
+
+    def start_attempts(self, account: str, entries: Sequence[tuple[str, int]]) -> dict[str, int]:
+        """``start_attempt`` for a batch of (uid, size), in one commit; uid -> count."""
+        with self._lock:
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                return self._count_attempts(account, entries)
+            finally:
+                self._db.execute("PRAGMA synchronous = FULL")
+
+    def _count_attempts(self, account: str, entries: Sequence[tuple[str, int]]) -> dict[str, int]:
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
+                " VALUES (?, ?, ?, ?)",
+                [(account, uid, size, now) for uid, size in entries],
+            )
+            db.executemany(
+                "UPDATE messages SET attempts = attempts + 1 WHERE account = ? AND uid = ?",
+                [(account, uid) for uid, _ in entries],
+            )
+            counts: dict[str, int] = {}
+            for uid, _ in entries:
+                row = db.execute(
+                    "SELECT attempts FROM messages WHERE account = ? AND uid = ?", (account, uid)
+                ).fetchone()
+                counts[uid] = int(row[0])
+        return counts
+
+    def sinks_done_many(self, account: str, uids: Iterable[str]) -> dict[str, set[str]]:
+        """``sinks_done`` for several uids: uid -> sinks (only uids some sink has)."""
+        wanted = sorted(set(uids))
+        done: dict[str, set[str]] = {}
+        with self._lock:
+            # The primary key (account, uid, sink) answers each IN list by index.
+            for start in range(0, len(wanted), SQL_IN_CHUNK):
+                chunk = wanted[start : start + SQL_IN_CHUNK]
+                marks = ",".join("?" * len(chunk))  # placeholders only, never values
+                rows = self._db.execute(
+                    f"SELECT uid, sink FROM sink_deliveries WHERE account = ? AND uid IN ({marks})",  # noqa: S608
+                    (account, *chunk),
+                ).fetchall()
+                for uid, sink in rows:
+                    done.setdefault(uid, set()).add(sink)
+        return done
+
+    def record_sinks(self, account: str, entries: Iterable[tuple[str, str]]) -> None:
+        """Several (uid, sink) confirmations in one commit."""
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO sink_deliveries (account, uid, sink, delivered_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(account, uid, sink, now) for uid, sink in entries],
+            )
 
     def _count_attempt(self, account: str, uid: str, size: int) -> int:
         with self._write() as db:
