@@ -3,13 +3,16 @@
 This side of a session sees exactly one Maildrop and never a credential. Bodies go
 from ``maildrop.read_message`` through a ``WireEncoder`` to the transport chunk by
 chunk, waiting on the transport's flow control, so a 200 MB RETR holds only a chunk
-or two in memory. Whatever ends the session other than QUIT releases the maildrop
+or two in memory. A RETR of a wire-ready file (``Maildrop.open_wire_ready``) on a
+plain connection skips all that: the outlet sends the file itself (net.zerocopy).
+Whatever ends the session other than QUIT releases the maildrop
 without deleting (RFC 1939 section 6, DESIGN.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Final, Protocol
 
 from popbox.errors import StoreError
@@ -17,7 +20,7 @@ from popbox.net.log import SessionStats
 from popbox.proto.events import Quit, Retrieve
 from popbox.proto.server import ServerConnection
 from popbox.proto.wire import WireEncoder
-from popbox.store.base import Maildrop
+from popbox.store.base import Maildrop, WireReadyFile
 
 __all__ = ["BodyInterrupted", "Outlet", "TransactionStage"]
 
@@ -40,6 +43,19 @@ class Outlet(Protocol):
 
     async def drain(self) -> None:
         """Return once the transport wants more; raise ConnectionError if it is gone."""
+        ...
+
+    @property
+    def can_send_files(self) -> bool:
+        """Whether ``send_file`` works here: a plain socket, no TLS layer in between."""
+        ...
+
+    async def send_file(self, head: bytes, file: WireReadyFile) -> int:
+        """Send ``head``, then the file's dot-stuffed wire form and the terminator.
+
+        Returns the octets sent after ``head``. Raises ConnectionError if the peer
+        left, another OSError if the file could not be read.
+        """
         ...
 
 
@@ -72,16 +88,21 @@ class TransactionStage:
         If the message cannot be opened the client gets ``-ERR [SYS/TEMP]`` and the
         session goes on; if the store fails mid-body, BodyInterrupted is raised.
         """
+        if event.body_lines is None and out.can_send_files:
+            try:
+                ready = await self._maildrop.open_wire_ready(event.index)
+            except StoreError as exc:
+                self._unavailable(conn, event, out, exc)
+                return
+            if ready is not None:
+                await self._send_file(conn, event, out, ready)
+                return
         chunks = self._maildrop.read_message(event.index)
         try:
             try:
                 first = await anext(chunks, b"")
             except StoreError as exc:
-                log.warning(
-                    "session=%s message %d unavailable: %s",
-                    self._session_id, event.number, exc, exc_info=exc,
-                )
-                out.write(conn.message_unavailable(event))
+                self._unavailable(conn, event, out, exc)
                 return
             encoder = WireEncoder(event.body_lines)
             # The +OK line goes out with the first piece of the body, and the
@@ -124,6 +145,31 @@ class TransactionStage:
             self._stats.bytes_retrieved += sent
         else:
             self._stats.tops += 1
+
+    async def _send_file(
+        self, conn: ServerConnection, event: Retrieve, out: Outlet, ready: WireReadyFile
+    ) -> None:
+        try:
+            sent = await out.send_file(conn.message_start(event), ready)
+        except ConnectionError:
+            raise
+        except OSError as exc:
+            # The file failed mid-body (an I/O error, a file cut short): as with a
+            # store failure while streaming, the session must end.
+            raise BodyInterrupted(f"message {event.number}: {exc}") from exc
+        finally:
+            os.close(ready.fd)
+        self._stats.retrieved += 1
+        self._stats.bytes_retrieved += sent
+
+    def _unavailable(
+        self, conn: ServerConnection, event: Retrieve, out: Outlet, exc: StoreError
+    ) -> None:
+        log.warning(
+            "session=%s message %d unavailable: %s",
+            self._session_id, event.number, exc, exc_info=exc,
+        )
+        out.write(conn.message_unavailable(event))
 
     async def quit(self, conn: ServerConnection, event: Quit) -> bytes:
         """Commit the deletions durably, then return QUIT's reply (RFC 1939 UPDATE state).
