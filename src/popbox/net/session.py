@@ -380,7 +380,10 @@ class Pop3Session(asyncio.Protocol):
                 if self._write_paused:
                     await self.drain()
                 else:
-                    await asyncio.sleep(0)
+                    # Both asyncio and uvloop pause at once when the limits drop
+                    # below the buffered size; this only guards against a loop that
+                    # would not, without spinning.
+                    await asyncio.sleep(0.001)
             finally:
                 if not self._lost:
                     transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
