@@ -378,7 +378,10 @@ class PasswdFilePassDB:
 
     async def verify(self, username: str, password: str) -> UserRecord | None:
         """The user if the password is right; None for a wrong password or unknown user."""
-        return await asyncio.to_thread(self._verify_blocking, username, password)
+        # run_in_executor, not to_thread: a login needs no context variables copied
+        # into the hashing thread, and this is once per login.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._verify_blocking, username, password)
 
     async def lookup(self, username: str) -> UserRecord | None:
         """The user, without a password check (delivery, quotas); None if unknown."""

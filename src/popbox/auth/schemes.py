@@ -7,7 +7,8 @@ passwd file written by ``doveadm pw`` works here unchanged, and the hashes we wr
 work in Dovecot.
 
 Argon2 comes from argon2-cffi, bcrypt from bcrypt, the SHA-crypt and MD5-crypt
-families from libpass (imported as ``passlib``), and the LDAP-style ``{SHA512}`` /
+families from the system's libxcrypt (``popbox.auth.libcrypt``, without the GIL) with
+libpass (imported as ``passlib``) where that is missing, and the LDAP-style ``{SHA512}`` /
 ``{SSHA512}`` digests from hashlib. Every comparison of secrets is constant-time
 (the libraries' own, or ``hmac.compare_digest``). A stored value we cannot use never
 verifies; its scheme is logged once per process, not once per login attempt.
@@ -31,6 +32,8 @@ import bcrypt
 from argon2.exceptions import VerificationError
 from passlib.exc import PasswordSizeError
 from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
+
+from popbox.auth import libcrypt
 
 __all__ = [
     "DEFAULT_COST",
@@ -56,6 +59,10 @@ DEFAULT_SCHEME: Final = "ARGON2ID"
 # bcrypt reads at most 72 bytes of password (the Blowfish key schedule); longer
 # passwords are truncated by every implementation, including Dovecot's.
 BCRYPT_MAX_PASSWORD: Final = 72
+
+# The longest password the crypt family hashes (passlib's cap, kept for the C path):
+# SHA-crypt's work grows with the password's length, so an endless one is a DoS.
+MAX_CRYPT_PASSWORD: Final = 4096
 
 # Dovecot's SSHA* schemes salt with 4 random bytes; we do the same so that hashes we
 # write look like the ones doveadm writes.
@@ -229,13 +236,19 @@ def _verify_bcrypt(secret: bytes, parsed: _Stored) -> bool:
 
 
 def _verify_passlib(secret: bytes, parsed: _Stored) -> bool:
-    truncated = secret.split(b"\0", 1)[0]  # passlib refuses NUL; see _verify_bcrypt
-    try:
-        ok: bool = _PASSLIB[parsed.scheme].verify(truncated, parsed.data)
-    except PasswordSizeError:
-        # Over passlib's 4096-byte cap (a DoS guard): no stored hash can match it, and
-        # it is the client's input that is wrong, not the hash, so nothing is logged.
+    truncated = secret.split(b"\0", 1)[0]  # C and passlib stop at NUL; see _verify_bcrypt
+    if len(truncated) > MAX_CRYPT_PASSWORD:
+        # A DoS guard (passlib's own cap): no stored hash can match it, and it is the
+        # client's input that is wrong, not the hash, so nothing is logged.
         return False
+    computed = libcrypt.crypt(truncated, parsed.data)
+    if computed is not None:
+        ok = hmac.compare_digest(computed, parsed.data.encode("ascii"))
+    else:
+        try:
+            ok = bool(_PASSLIB[parsed.scheme].verify(truncated, parsed.data))
+        except PasswordSizeError:
+            return False
     return ok and b"\0" not in secret
 
 
