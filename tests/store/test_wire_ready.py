@@ -93,7 +93,8 @@ async def test_open_wire_ready_only_for_files_in_wire_form(tmp_path: Path) -> No
         assert ready[1] is None  # bare LFs: S= and W= differ
         assert ready[2] is None  # RETR adds the final CRLF: not the file as it is
         first, foreign = ready[0], ready[3]
-        assert first is not None and foreign is not None
+        assert first is not None
+        assert foreign is not None
         assert first.size == maildrop.messages[0].size
         assert read_fd(first.fd) == b"Subject: a\r\n\r\nstored CRLF\r\n"
         assert foreign.size == maildrop.messages[3].size
