@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,36 @@ async def test_retr_of_crlf_stored_mail_is_exact_and_zero_copy(
     # The logout line counts what went out exactly as the encoder path counts it.
     total = sum(len(body) for body in bodies)
     assert any(f"retr={len(MAILDROP)}/{total}" in r.getMessage() for r in caplog.records)
+
+
+async def test_tls_retr_of_crlf_stored_mail_is_exact_without_sendfile(
+    tmp_path: Path,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    sendfile_calls: list[int],
+) -> None:
+    store = MaildirStore(tmp_path / "mail", save_crlf=True)
+    for message in MAILDROP:
+        await store.deliver("alice", message)
+    service = Pop3Service(
+        make_config(), store, MemoryPassDB({"alice": PASSWORD}), server_context
+    )
+    await service.start()
+    try:
+        client = await Raw.connect(
+            service.tls_addresses[0],
+            ssl=client_context,
+            server_hostname="localhost",
+            limit=1 << 24,
+        )
+        await client.login()
+        bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
+        assert bodies == [received_body(m) for m in MAILDROP]
+        # TLS needs the bytes in Python: the wire-ready files are read and stuffed.
+        assert sendfile_calls == []
+        client.close()
+    finally:
+        await service.shutdown()
 
 
 async def test_lf_stored_mail_still_goes_through_the_encoder(

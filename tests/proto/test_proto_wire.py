@@ -13,6 +13,7 @@ from popbox.proto.wire import (
     WireDecoder,
     WireEncoder,
     dot_stuffing_offsets,
+    stuff_wire_ready,
     wire_ending,
     wire_size,
 )
@@ -274,3 +275,17 @@ def test_dot_lines_are_found_across_search_windows() -> None:
     offsets = dot_stuffing_offsets(stored, len(stored))
     assert [stored[o : o + 2] for o in offsets] == [b".x", b".\r", b".y"]
     assert planned_wire(stored) == encode(stored, [])
+
+
+@given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6))
+def test_stuffing_wire_ready_pieces_gives_the_encoders_bytes(
+    data: bytes, cuts: list[int]
+) -> None:
+    stored = crlf_stored(data, [])
+    out, at_line_start = [], True
+    for piece in split_at(stored, cuts):
+        if piece:
+            out.append(stuff_wire_ready(piece, at_line_start))
+            at_line_start = piece.endswith(b"\n")
+    ending = wire_ending(len(stored), stored[-1] if stored else 0)
+    assert b"".join(out) + ending == encode(stored, [])

@@ -21,6 +21,7 @@ __all__ = [
     "WireDecoder",
     "WireEncoder",
     "dot_stuffing_offsets",
+    "stuff_wire_ready",
     "wire_ending",
     "wire_size",
 ]
@@ -95,6 +96,20 @@ def wire_ending(length: int, last_octet: int) -> bytes:
     if length == 0 or last_octet == _LF:
         return _TERMINATOR
     return b"\r\n" + _TERMINATOR
+
+
+def stuff_wire_ready(chunk: bytes, at_line_start: bool) -> bytes:
+    """Dot-stuff the next piece of CRLF-clean stored bytes (no bare LF anywhere).
+
+    ``at_line_start``: the bytes before ended with LF (True for the first piece). The
+    pieces followed by ``wire_ending`` are the encoder's output, for one C-level
+    ``replace`` per piece: the encoder must first count line ends to learn what the
+    store already knows.
+    """
+    stuffed = chunk.replace(b"\n.", b"\n..")
+    if at_line_start and chunk[:1] == b".":
+        return b"." + stuffed
+    return stuffed
 
 
 class CrlfNormaliser:
