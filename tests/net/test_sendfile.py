@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -355,3 +356,19 @@ async def test_client_vanishing_mid_body_ends_the_session_and_keeps_the_mail(
     await again.send(b"STAT\r\n")
     assert (await again.line()).startswith(b"+OK %d " % len(MAILDROP))
     again.close()
+
+
+async def test_out_of_descriptors_for_the_duplicate_falls_back_to_streaming(
+    maildir_server: Callable[..., Awaitable[Pop3Service]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await maildir_server()
+
+    def no_fd(*args: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    # Fault injection: the one dup() the zero-copy path needs fails, as at the fd limit.
+    monkeypatch.setattr(session_module.socket, "fromfd", no_fd)
+    client = await login(service)
+    bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
+    assert bodies == [received_body(m) for m in MAILDROP]
+    client.close()

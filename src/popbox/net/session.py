@@ -352,7 +352,7 @@ class Pop3Session(asyncio.Protocol):
             and transport.get_extra_info("socket") is not None
         )
 
-    async def send_file(self, head: bytes, file: WireReadyFile) -> int:
+    async def send_file(self, head: bytes, file: WireReadyFile) -> int | None:
         await self._flush_transport()
         transport = self._transport
         if self._lost or transport is None or transport.is_closing():
@@ -361,7 +361,10 @@ class Pop3Session(asyncio.Protocol):
         # A duplicate of the socket: the loop refuses a second watcher on the
         # transport's own fd, and the duplicate stays this socket even if the transport
         # closes its fd meanwhile (its number could then name another connection).
-        sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+        try:
+            sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+        except OSError:
+            return None  # out of descriptors: the caller streams it instead
         try:
             return await send_wire_file(sock, head, file, self._socket_writable, self._progress)
         finally:

@@ -51,11 +51,12 @@ class Outlet(Protocol):
         """Whether ``send_file`` works here: a plain socket, no TLS layer in between."""
         ...
 
-    async def send_file(self, head: bytes, file: WireReadyFile) -> int:
+    async def send_file(self, head: bytes, file: WireReadyFile) -> int | None:
         """Send ``head``, then the file's dot-stuffed wire form and the terminator.
 
-        Returns the octets sent after ``head``. Raises ConnectionError if the peer
-        left, another OSError if the file could not be read.
+        Returns the octets sent after ``head``, or None if it could not start (nothing
+        was sent; out of file descriptors). Raises ConnectionError if the peer left,
+        another OSError if the file could not be read.
         """
         ...
 
@@ -96,9 +97,7 @@ class TransactionStage:
                 self._unavailable(conn, event, out, exc)
                 return
             if ready is not None:
-                if out.can_send_files:
-                    await self._send_file(conn, event, out, ready)
-                else:
+                if not (out.can_send_files and await self._send_file(conn, event, out, ready)):
                     await self._stream_wire_ready(conn, event, out, ready)
                 return
         chunks = self._maildrop.read_message(event.index)
@@ -152,19 +151,27 @@ class TransactionStage:
 
     async def _send_file(
         self, conn: ServerConnection, event: Retrieve, out: Outlet, ready: WireReadyFile
-    ) -> None:
+    ) -> bool:
+        """Send by the outlet's zero-copy path; False if it could not start (fd kept)."""
         try:
             sent = await out.send_file(conn.message_start(event), ready)
         except ConnectionError:
+            os.close(ready.fd)
             raise
         except OSError as exc:
+            os.close(ready.fd)
             # The file failed mid-body (an I/O error, a file cut short): as with a
             # store failure while streaming, the session must end.
             raise BodyInterrupted(f"message {event.number}: {exc}") from exc
-        finally:
+        except BaseException:
             os.close(ready.fd)
+            raise
+        if sent is None:
+            return False
+        os.close(ready.fd)
         self._stats.retrieved += 1
         self._stats.bytes_retrieved += sent
+        return True
 
     async def _stream_wire_ready(
         self, conn: ServerConnection, event: Retrieve, out: Outlet, ready: WireReadyFile
