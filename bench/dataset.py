@@ -114,7 +114,7 @@ def _hash(scheme: str) -> str:
 def build(work: Path, sizes: Sizes, scheme: str = "SHA512-CRYPT", log: bool = True) -> Dataset:
     """Build (or reuse) the seed data for ``sizes`` under ``work/data``."""
     root = work / "data"
-    stamp = {"seed": SEED, "sizes": asdict(sizes), "scheme": scheme, "format": 3}
+    stamp = {"seed": SEED, "sizes": asdict(sizes), "scheme": scheme, "format": 4}
     stamp_file = root / "stamp.json"
     dataset = Dataset(root, sizes, scheme)
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
@@ -130,6 +130,9 @@ def build(work: Path, sizes: Sizes, scheme: str = "SHA512-CRYPT", log: bool = Tr
     plan: list[tuple[str, int, mailgen.Profile, bool, Path]] = []
     plan += [(u, sizes.login_messages, mailgen.SMALL, True, dataset.mail)
              for u in dataset.login_users()]
+    # The RETR mailboxes are stored as popbox's delivery stores mail (CRLF, S= == W=);
+    # Dovecot gets the same files. The rest keeps LF, as other MTAs write it.
+    crlf_users = set(dataset.retr_users())
     plan += [(u, sizes.retr_messages, mailgen.REALISTIC, True, dataset.mail)
              for u in dataset.retr_users()]
     plan += [(u, sizes.churn_messages, mailgen.SMALL, True, dataset.mail)
@@ -144,7 +147,8 @@ def build(work: Path, sizes: Sizes, scheme: str = "SHA512-CRYPT", log: bool = Tr
         if log and count >= 1000:
             print(f"  generating {count} messages for {user}", flush=True)
         manifest = mailgen.write_maildir(
-            base / user, SEED, user, count, profile=profile, with_sizes=with_sizes
+            base / user, SEED, user, count, profile=profile, with_sizes=with_sizes,
+            crlf=user in crlf_users,
         )
         manifest.save(root / "manifests" / f"{user}.json")
     stored = _hash(scheme)

@@ -4,7 +4,8 @@ Every message is a pure function of (seed, mailbox, number), so two runs on two 
 build the same bytes. The mix is what a small office's POP3 box holds: mostly 2-50 KB
 text/plain or multipart/alternative HTML, a few with 1-5 MB base64 attachments, 8-bit
 UTF-8 bodies, and lines that start with '.' (so dot-stuffing is exercised). Messages are
-stored as an MTA stores them in a Maildir: LF line ends, no CR anywhere, final LF.
+stored as an MTA stores them in a Maildir: LF line ends, no CR anywhere, final LF; or,
+with ``crlf``, as popbox's delivery and Dovecot's ``mail_save_crlf`` store them: CRLF.
 
 A manifest per mailbox records the SHA-256 of each message's *wire form* (CRLF line
 ends, before dot-stuffing: what a client has after undoing the stuffing), which is what
@@ -164,7 +165,12 @@ def message(seed: int, mailbox: str, number: int, profile: Profile = REALISTIC) 
 
 
 def wire_form(stored: bytes) -> bytes:
-    """What RETR carries before dot-stuffing: our messages have LF only and end in LF."""
+    """What RETR carries before dot-stuffing: CRLF line ends (our messages end in one).
+
+    Generated messages have LF only; stored ones may already be CRLF (``crlf``).
+    """
+    if b"\r" in stored:
+        stored = stored.replace(b"\r\n", b"\n")
     return stored.replace(b"\n", b"\r\n")
 
 
@@ -209,13 +215,16 @@ def write_maildir(
     *,
     profile: Profile = REALISTIC,
     with_sizes: bool = True,
+    crlf: bool = False,
     uid: int = -1,
     gid: int = -1,
 ) -> MailboxManifest:
     """Write ``count`` messages into ``maildir/new`` as an MTA would; return the manifest.
 
     ``,S=`` is the stored size and ``,W=`` the wire size (Dovecot's virtual size), the
-    fields both servers use to skip opening files.
+    fields both servers use to skip opening files. ``crlf`` stores every message with
+    CRLF line ends, as popbox's delivery does (``storage.save_crlf``) and Dovecot's
+    with ``mail_save_crlf``: then S= equals W=.
     """
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
@@ -225,6 +234,8 @@ def write_maildir(
     for number in range(count):
         data = message(seed, mailbox, number, profile)
         wire = wire_form(data)
+        if crlf:
+            data = wire
         hashes.append(hashlib.sha256(wire).hexdigest())
         octets += len(wire)
         base = f"{EPOCH + number}.M{number}P4242Q{number}.bench"

@@ -235,7 +235,7 @@ async def serve_listeners(config: Config, listeners: Listeners) -> None:
     from popbox.net.service import Pop3Service
     from popbox.store.maildir import MaildirStore
 
-    store = MaildirStore(config.storage.maildir_root)
+    store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
     passdb = PasswdFilePassDB(config.auth.passwd_file, default_scheme=config.auth.default_scheme)
     pop3 = Pop3Service(config, store, passdb, listeners.ssl_context)
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)

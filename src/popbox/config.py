@@ -172,6 +172,9 @@ class StorageSettings(_Section):
     backend: Literal["maildir"] = "maildir"
     maildir_root: Path = Path(DEFAULT_DATA_DIR) / "mail"
     """Each user's Maildir is ``maildir_root/USER`` (with cur/, new/, tmp/)."""
+    save_crlf: bool = True
+    """Store delivered mail with CRLF line ends (Dovecot's ``mail_save_crlf``): RETR then
+    sends the file as it is (sendfile). ``false`` keeps the line ends as received."""
 
 
 class QuotaSettings(_Section):

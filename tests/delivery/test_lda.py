@@ -23,6 +23,7 @@ from popbox.delivery.lda import (
     run_lda,
 )
 from popbox.errors import PermanentStoreError, StoreError
+from popbox.store.index import size_fields
 from popbox.store.memory import MemoryStore
 
 MESSAGE = b"From: carol@example.net\nSubject: lda\n\nbody line\n"
@@ -175,9 +176,18 @@ def test_maildir_and_passwd_file_in_a_subprocess(tmp_path: Path) -> None:
     files = sorted((tmp_path / "mail" / "alice" / "new").iterdir())
     assert len(files) == 2
     contents = {path.read_bytes() for path in files}
+    # Stored with CRLF line ends (storage.save_crlf defaults to true), so RETR can
+    # send the files as they are.
     assert contents == {
-        b"Return-Path: <carol@example.net>\nDelivered-To: alice\n" + MESSAGE,
-        b"Return-Path: <>\nDelivered-To: Alice+tag@example.test\n" + MESSAGE,
+        (b"Return-Path: <carol@example.net>\nDelivered-To: alice\n" + MESSAGE).replace(
+            b"\n", b"\r\n"
+        ),
+        (b"Return-Path: <>\nDelivered-To: Alice+tag@example.test\n" + MESSAGE).replace(
+            b"\n", b"\r\n"
+        ),
     }
-    # Maildir names carry the sizes, so POP3 LIST never opens the files.
-    assert all(",S=" in path.name and ",W=" in path.name for path in files)
+    # Maildir names carry the sizes, so POP3 LIST never opens the files; stored CRLF,
+    # the stored size is the wire size.
+    for path in files:
+        stored, virtual = size_fields(path.name)
+        assert stored == virtual == path.stat().st_size

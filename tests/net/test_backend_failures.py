@@ -20,7 +20,7 @@ from net_support import (
 
 from popbox.auth.base import UserRecord
 from popbox.errors import AuthError, PermanentStoreError, StoreError
-from popbox.store.base import Maildrop, MessageInfo
+from popbox.store.base import Maildrop, MessageInfo, WireReadyFile
 from popbox.store.memory import MemoryStore
 
 
@@ -48,6 +48,11 @@ class FaultyMaildrop:
                 raise StoreError("disk on fire halfway")
             sent += len(chunk)
             yield chunk
+
+    async def open_wire_ready(self, index: int) -> WireReadyFile | None:
+        if "open" in self._faults:
+            raise StoreError("disk on fire")
+        return await self._inner.open_wire_ready(index)
 
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         if "commit" in self._faults:

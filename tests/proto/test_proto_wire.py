@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popbox.proto.wire import WireDecoder, WireEncoder, wire_size
+from popbox.proto.wire import (
+    CrlfNormaliser,
+    WireDecoder,
+    WireEncoder,
+    dot_stuffing_offsets,
+    stuff_wire_ready,
+    wire_ending,
+    wire_size,
+)
 
 # Bytes rich in the octets that matter: line ends, dots, CR, NUL and 8-bit.
 MESSAGE_BYTES = st.lists(
@@ -203,3 +211,81 @@ def test_encoder_works_on_large_chunks_without_per_line_cost() -> None:
 @pytest.mark.parametrize("data", [b"", b"a", b"a\n", b"a\r\n", b"a\r", b"\n\n", b"a\nb"])
 def test_wire_size_examples(data: bytes) -> None:
     assert wire_size(data) == len(normalise(data))
+
+
+# -- CRLF storage and the sendfile plan (proto.wire.CrlfNormaliser, dot_stuffing_offsets)
+
+
+def crlf_stored(data: bytes, cuts: list[int]) -> bytes:
+    """What delivery stores with save_crlf: ``data`` normalised piece by piece."""
+    normaliser = CrlfNormaliser()
+    return b"".join(normaliser.convert(piece) for piece in split_at(data, cuts))
+
+
+def planned_wire(stored: bytes) -> bytes:
+    """The RETR body the sendfile path sends: a dot before each offset, the ending."""
+    offsets = dot_stuffing_offsets(stored, len(stored))
+    pieces, start = [], 0
+    for offset in offsets:
+        pieces += [stored[start:offset], b"."]
+        start = offset
+    pieces.append(stored[start:])
+    return b"".join(pieces) + wire_ending(len(stored), stored[-1] if stored else 0)
+
+
+@given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6))
+def test_crlf_storage_keeps_the_wire_form_and_size(data: bytes, cuts: list[int]) -> None:
+    stored = crlf_stored(data, cuts)
+    # Delivered and RETRieved: the client sees exactly what LF storage would give it.
+    assert encode(stored, []) == encode(data, [])
+    assert wire_size(stored) == wire_size(data)
+    # No bare LF is left, and a CR LF split across pieces stayed one line end.
+    assert stored.count(b"\n") == stored.count(b"\r\n")
+    assert stored == crlf_stored(data, [])
+
+
+@given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6))
+def test_stuffing_offsets_give_the_encoders_bytes(data: bytes, cuts: list[int]) -> None:
+    stored = crlf_stored(data, cuts)
+    assert planned_wire(stored) == encode(stored, cuts)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"",
+        b".",
+        b".\r\n",
+        b"..\r\n.\r\n",
+        b"a\r\n.b\r\n.\r\n",
+        b"no final line end",
+        b"ends in a bare CR\r",
+        b"bare CR \r. is no line start\r\n",
+    ],
+)
+def test_stuffing_examples(stored: bytes) -> None:
+    assert planned_wire(stored) == encode(stored, [])
+
+
+def test_dot_lines_are_found_across_search_windows() -> None:
+    # A base64-like run with no dot, then dotted lines right at and after the 64 KiB
+    # window boundary (the memchr pre-check must not skip them).
+    window = 64 * 1024
+    stored = b"A" * (window - 2) + b"\r\n.x\r\n" + b"B" * window + b"\r\n.\r\n.y\r\n"
+    offsets = dot_stuffing_offsets(stored, len(stored))
+    assert [stored[o : o + 2] for o in offsets] == [b".x", b".\r", b".y"]
+    assert planned_wire(stored) == encode(stored, [])
+
+
+@given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6))
+def test_stuffing_wire_ready_pieces_gives_the_encoders_bytes(
+    data: bytes, cuts: list[int]
+) -> None:
+    stored = crlf_stored(data, [])
+    out, at_line_start = [], True
+    for piece in split_at(stored, cuts):
+        if piece:
+            out.append(stuff_wire_ready(piece, at_line_start))
+            at_line_start = piece.endswith(b"\n")
+    ending = wire_ending(len(stored), stored[-1] if stored else 0)
+    assert b"".join(out) + ending == encode(stored, [])

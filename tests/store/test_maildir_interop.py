@@ -91,8 +91,12 @@ async def test_popbox_reads_what_dovecot_lda_delivers(dovecot: DovecotServer) ->
     await again.release()
 
 
-async def test_dovecot_serves_what_popbox_delivered(dovecot: DovecotServer, tls_files: Any) -> None:
-    store = MaildirStore(dovecot.maildir("alice").parent)
+@pytest.mark.parametrize("save_crlf", [True, False], ids=["crlf", "as-received"])
+async def test_dovecot_serves_what_popbox_delivered(
+    dovecot: DovecotServer, tls_files: Any, save_crlf: bool
+) -> None:
+    # storage.save_crlf (the default) stores CRLF, as Dovecot's mail_save_crlf does.
+    store = MaildirStore(dovecot.maildir("alice").parent, save_crlf=save_crlf)
     for message in MESSAGES:
         await store.deliver("alice", message)
     maildrop = await store.open_maildrop("alice")  # indexes, moves new/ to cur/

@@ -126,7 +126,7 @@ async def _deliver(
     if store is None:
         from popbox.store.maildir import MaildirStore
 
-        store = MaildirStore(config.storage.maildir_root)
+        store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
     if passdb is None:
         from popbox.auth.passwdfile import PasswdFilePassDB
 

@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Coroutine
 from typing import Any, Final, cast
@@ -34,6 +35,7 @@ from popbox.net.log import EndReason, SessionStats
 from popbox.net.login import CODE_AUTH, authenticate
 from popbox.net.tls import TlsLayer
 from popbox.net.transaction import BodyInterrupted, TransactionStage
+from popbox.net.zerocopy import send_wire_file
 from popbox.proto.events import (
     FLUSH,
     NEED_DATA,
@@ -48,7 +50,7 @@ from popbox.proto.events import (
 )
 from popbox.proto.server import ServerConnection, ServerSettings
 from popbox.proto.state import SessionState
-from popbox.store.base import MailStore
+from popbox.store.base import MailStore, WireReadyFile
 
 __all__ = ["Pop3Session", "SessionHub"]
 
@@ -340,6 +342,88 @@ class Pop3Session(asyncio.Protocol):
             await waiter
         finally:
             self._drain_waiter = None
+
+    @property
+    def can_send_files(self) -> bool:
+        transport = self._transport
+        return (
+            not self._stats.tls
+            and self._upgrade is None
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_extra_info("socket") is not None
+        )
+
+    async def send_file(self, head: bytes, file: WireReadyFile) -> int | None:
+        await self._flush_transport()
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        raw = transport.get_extra_info("socket")
+        # A duplicate of the socket: the loop refuses a second watcher on the
+        # transport's own fd, and the duplicate stays this socket even if the transport
+        # closes its fd meanwhile (its number could then name another connection).
+        try:
+            sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+        except OSError:
+            return None  # out of descriptors: the caller streams it instead
+        try:
+            return await send_wire_file(sock, head, file, self._socket_writable, self._progress)
+        finally:
+            sock.close()
+
+    async def _flush_transport(self) -> None:
+        """Wait until every byte written through the transport is in the kernel's hands.
+
+        What goes around the transport (send_file) must not overtake earlier replies.
+        A low-water mark of 0 makes the transport call resume_writing once it is empty.
+        """
+        transport = self._transport
+        while transport is not None and transport.get_write_buffer_size() > 0:
+            transport.set_write_buffer_limits(0, 0)
+            try:
+                if self._write_paused:
+                    await self.drain()
+                else:
+                    # Both asyncio and uvloop pause at once when the limits drop
+                    # below the buffered size; this only guards against a loop that
+                    # would not, without spinning.
+                    await asyncio.sleep(0.001)
+            finally:
+                if not self._lost:
+                    transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+            if self._lost:
+                raise ConnectionResetError("connection lost")
+
+    async def _socket_writable(self, fd: int) -> None:
+        """Wait until ``fd`` (a duplicate of our socket) can take more bytes.
+
+        The wait counts as the client not reading: the watchdog cuts a session that
+        stays here past its timeout, as it does one stuck in drain().
+        """
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        waiter = self._loop.create_future()
+
+        def ready() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self._loop.add_writer(fd, ready)
+        self._drain_waiter = waiter
+        self._write_paused = True
+        try:
+            await waiter
+        finally:
+            self._loop.remove_writer(fd)
+            self._drain_waiter = None
+            self._write_paused = False
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+
+    def _progress(self) -> None:
+        self._last_progress = self._loop.time()
 
     def _write(self, data: bytes) -> None:
         transport = self._transport

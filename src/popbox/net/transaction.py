@@ -3,21 +3,24 @@
 This side of a session sees exactly one Maildrop and never a credential. Bodies go
 from ``maildrop.read_message`` through a ``WireEncoder`` to the transport chunk by
 chunk, waiting on the transport's flow control, so a 200 MB RETR holds only a chunk
-or two in memory. Whatever ends the session other than QUIT releases the maildrop
+or two in memory. A RETR of a wire-ready file (``Maildrop.open_wire_ready``) on a
+plain connection skips all that: the outlet sends the file itself (net.zerocopy).
+Whatever ends the session other than QUIT releases the maildrop
 without deleting (RFC 1939 section 6, DESIGN.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Final, Protocol
 
 from popbox.errors import StoreError
 from popbox.net.log import SessionStats
 from popbox.proto.events import Quit, Retrieve
 from popbox.proto.server import ServerConnection
-from popbox.proto.wire import WireEncoder
-from popbox.store.base import Maildrop
+from popbox.proto.wire import WireEncoder, stuff_wire_ready, wire_ending
+from popbox.store.base import Maildrop, WireReadyFile
 
 __all__ = ["BodyInterrupted", "Outlet", "TransactionStage"]
 
@@ -27,6 +30,7 @@ log = logging.getLogger("popbox.pop3")
 # Maildir store's 64 KiB chunks per syscall and per flow-control wait, while a session
 # still holds well under 1 MiB (this batch plus the transport's 256 KiB high water).
 WRITE_BATCH: Final = 256 * 1024
+_LF: Final = 0x0A
 
 
 class Outlet(Protocol):
@@ -40,6 +44,20 @@ class Outlet(Protocol):
 
     async def drain(self) -> None:
         """Return once the transport wants more; raise ConnectionError if it is gone."""
+        ...
+
+    @property
+    def can_send_files(self) -> bool:
+        """Whether ``send_file`` works here: a plain socket, no TLS layer in between."""
+        ...
+
+    async def send_file(self, head: bytes, file: WireReadyFile) -> int | None:
+        """Send ``head``, then the file's dot-stuffed wire form and the terminator.
+
+        Returns the octets sent after ``head``, or None if it could not start (nothing
+        was sent; out of file descriptors). Raises ConnectionError if the peer left,
+        another OSError if the file could not be read.
+        """
         ...
 
 
@@ -72,16 +90,22 @@ class TransactionStage:
         If the message cannot be opened the client gets ``-ERR [SYS/TEMP]`` and the
         session goes on; if the store fails mid-body, BodyInterrupted is raised.
         """
+        if event.body_lines is None:
+            try:
+                ready = await self._maildrop.open_wire_ready(event.index)
+            except StoreError as exc:
+                self._unavailable(conn, event, out, exc)
+                return
+            if ready is not None:
+                if not (out.can_send_files and await self._send_file(conn, event, out, ready)):
+                    await self._stream_wire_ready(conn, event, out, ready)
+                return
         chunks = self._maildrop.read_message(event.index)
         try:
             try:
                 first = await anext(chunks, b"")
             except StoreError as exc:
-                log.warning(
-                    "session=%s message %d unavailable: %s",
-                    self._session_id, event.number, exc, exc_info=exc,
-                )
-                out.write(conn.message_unavailable(event))
+                self._unavailable(conn, event, out, exc)
                 return
             encoder = WireEncoder(event.body_lines)
             # The +OK line goes out with the first piece of the body, and the
@@ -124,6 +148,87 @@ class TransactionStage:
             self._stats.bytes_retrieved += sent
         else:
             self._stats.tops += 1
+
+    async def _send_file(
+        self, conn: ServerConnection, event: Retrieve, out: Outlet, ready: WireReadyFile
+    ) -> bool:
+        """Send by the outlet's zero-copy path; False if it could not start (fd kept)."""
+        try:
+            sent = await out.send_file(conn.message_start(event), ready)
+        except ConnectionError:
+            os.close(ready.fd)
+            raise
+        except OSError as exc:
+            os.close(ready.fd)
+            # The file failed mid-body (an I/O error, a file cut short): as with a
+            # store failure while streaming, the session must end.
+            raise BodyInterrupted(f"message {event.number}: {exc}") from exc
+        except BaseException:
+            os.close(ready.fd)
+            raise
+        if sent is None:
+            return False
+        os.close(ready.fd)
+        self._stats.retrieved += 1
+        self._stats.bytes_retrieved += sent
+        return True
+
+    async def _stream_wire_ready(
+        self, conn: ServerConnection, event: Retrieve, out: Outlet, ready: WireReadyFile
+    ) -> None:
+        """RETR of a wire-ready file through the transport (TLS): only the dots to add.
+
+        Reads happen on the event loop, as read_message's do (a page-cache read is
+        cheaper than a hop to a thread).
+        """
+        batch = [conn.message_start(event)]
+        batched = 0
+        sent = 0
+        remaining = ready.size
+        at_line_start = True
+        last = 0
+        try:
+            while remaining > 0:
+                try:
+                    chunk = os.read(ready.fd, min(remaining, WRITE_BATCH))
+                except OSError as exc:
+                    out.writelines(batch)
+                    raise BodyInterrupted(f"message {event.number}: {exc}") from exc
+                if not chunk:
+                    out.writelines(batch)
+                    raise BodyInterrupted(
+                        f"message {event.number}: file ended {remaining} octets early"
+                    )
+                remaining -= len(chunk)
+                wire = stuff_wire_ready(chunk, at_line_start)
+                at_line_start = chunk[-1] == _LF
+                last = chunk[-1]
+                batch.append(wire)
+                batched += len(wire)
+                if batched >= WRITE_BATCH and remaining > 0:
+                    out.writelines(batch)
+                    sent += batched
+                    batch = []
+                    batched = 0
+                    await out.drain()
+            ending = wire_ending(ready.size, last)
+            batch.append(ending)
+            out.writelines(batch)
+            sent += batched + len(ending)
+            await out.drain()
+        finally:
+            os.close(ready.fd)
+        self._stats.retrieved += 1
+        self._stats.bytes_retrieved += sent
+
+    def _unavailable(
+        self, conn: ServerConnection, event: Retrieve, out: Outlet, exc: StoreError
+    ) -> None:
+        log.warning(
+            "session=%s message %d unavailable: %s",
+            self._session_id, event.number, exc, exc_info=exc,
+        )
+        out.write(conn.message_unavailable(event))
 
     async def quit(self, conn: ServerConnection, event: Quit) -> bytes:
         """Commit the deletions durably, then return QUIT's reply (RFC 1939 UPDATE state).

@@ -2,7 +2,10 @@
 
 ``wire_size`` is the size rule STAT and LIST report. ``WireEncoder`` turns stored bytes
 into what RETR and TOP send, chunk by chunk, and ``WireDecoder`` undoes it on the client
-side. Both carry their state across chunk boundaries and work with whole-chunk bytes
+side. ``CrlfNormaliser`` is what delivery stores (CRLF line ends, so that stored bytes
+are already wire form), and ``dot_stuffing_offsets`` with ``wire_ending`` describe how
+to send such bytes without copying them (the server's sendfile path). The encoder and
+decoder carry their state across chunk boundaries and work with whole-chunk bytes
 operations (replace, find, count), because this is the hot path for 200 MB messages.
 Nothing but line endings and leading dots changes: bare CR, NUL, 8-bit bytes and long
 lines pass through.
@@ -10,9 +13,18 @@ lines pass through.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Protocol
 
-__all__ = ["WireDecoder", "WireEncoder", "wire_size"]
+__all__ = [
+    "CrlfNormaliser",
+    "Searchable",
+    "WireDecoder",
+    "WireEncoder",
+    "dot_stuffing_offsets",
+    "stuff_wire_ready",
+    "wire_ending",
+    "wire_size",
+]
 
 _TERMINATOR: Final = b".\r\n"
 # An empty line in the CRLF-normalised stream, preceded by the end of the line before
@@ -22,6 +34,10 @@ _HEADER_END: Final = b"\n\r\n"
 _LF: Final = 0x0A
 _CR: Final = 0x0D
 _DOT: Final = 0x2E
+# dot_stuffing_offsets looks for a "." with memchr over windows of this size before it
+# runs the slower two-octet search: base64 attachments (most of RETR's bytes) have no
+# dot at all, so most windows cost a memchr (~20 GB/s) instead of a search (~0.5 GB/s).
+_DOT_WINDOW: Final = 64 * 1024
 
 
 def wire_size(data: bytes) -> int:
@@ -37,6 +53,95 @@ def wire_size(data: bytes) -> int:
     if not data.endswith(b"\n"):
         size += 2
     return size
+
+
+class Searchable(Protocol):
+    """What dot_stuffing_offsets needs of the stored bytes: bytes and mmap both fit."""
+
+    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
+def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = True) -> list[int]:
+    """Offsets of the lines of ``data[:length]`` that start with ``.``, in order.
+
+    For CRLF-clean bytes (no bare LF) this is the whole of dot-stuffing: the wire form
+    is ``data`` with one more ``.`` before each offset, then ``wire_ending``. A message
+    scanned in pieces passes ``at_line_start``: whether the piece before ended with LF.
+    """
+    offsets: list[int] = []
+    if length <= 0:
+        return offsets
+    if at_line_start and data[0] == _DOT:
+        offsets.append(0)
+    for start in range(0, length, _DOT_WINDOW):
+        end = min(start + _DOT_WINDOW, length)
+        if data.find(b".", start, end) < 0:
+            continue
+        # A line start at ``start`` itself follows an LF at start - 1.
+        found = data.find(b"\n.", max(start - 1, 0), end)
+        while found >= 0:
+            offsets.append(found + 1)
+            found = data.find(b"\n.", found + 2, end)
+    return offsets
+
+
+def wire_ending(length: int, last_octet: int) -> bytes:
+    """What follows CRLF-clean stored bytes on the wire: a missing final CRLF, then ``.``.
+
+    ``last_octet`` is the stored bytes' last octet (ignored when ``length`` is 0), the
+    same rule as ``WireEncoder.finish``.
+    """
+    if length == 0 or last_octet == _LF:
+        return _TERMINATOR
+    return b"\r\n" + _TERMINATOR
+
+
+def stuff_wire_ready(chunk: bytes, at_line_start: bool) -> bytes:
+    """Dot-stuff the next piece of CRLF-clean stored bytes (no bare LF anywhere).
+
+    ``at_line_start``: the bytes before ended with LF (True for the first piece). The
+    pieces followed by ``wire_ending`` are the encoder's output, for one C-level
+    ``replace`` per piece: the encoder must first count line ends to learn what the
+    store already knows.
+    """
+    stuffed = chunk.replace(b"\n.", b"\n..")
+    if at_line_start and chunk[:1] == b".":
+        return b"." + stuffed
+    return stuffed
+
+
+class CrlfNormaliser:
+    """Stored bytes fed in pieces -> the same with every bare LF turned into CRLF.
+
+    Delivery stores this form (as Dovecot's ``mail_save_crlf = yes`` does), so that a
+    stored message is its own wire form but for dot-stuffing. A CR LF split between two
+    pieces stays one line end; bare CRs and every other octet pass through unchanged.
+    """
+
+    __slots__ = ("_after_cr",)
+
+    def __init__(self) -> None:
+        self._after_cr = False
+
+    def convert(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        head = b""
+        if self._after_cr and chunk[0] == _LF:
+            # This LF ends the line the previous piece's CR started: already CRLF.
+            head, chunk = b"\n", chunk[1:]
+        self._after_cr = chunk[-1:] == b"\r"
+        if b"\n" not in chunk:
+            body = chunk
+        elif b"\r" not in chunk:
+            body = chunk.replace(b"\n", b"\r\n")
+        elif chunk.count(b"\n") == chunk.count(b"\r\n"):
+            body = chunk
+        else:
+            body = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        return head + body if head else body
 
 
 def _may_need_stuffing(chunk: bytes) -> bool:

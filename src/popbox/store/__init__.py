@@ -4,7 +4,7 @@
 the reference implementation for tests, ``MaildirStore`` the embedded default.
 """
 
-from popbox.store.base import Maildrop, MailStore, MessageInfo, Usage
+from popbox.store.base import Maildrop, MailStore, MessageInfo, Usage, WireReadyFile
 from popbox.store.maildir import MaildirMaildrop, MaildirStore
 from popbox.store.memory import MemoryMaildrop, MemoryStore
 
@@ -17,4 +17,5 @@ __all__ = [
     "MemoryStore",
     "MessageInfo",
     "Usage",
+    "WireReadyFile",
 ]

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload
 
-__all__ = ["MailStore", "Maildrop", "MessageInfo", "MessageTable", "Usage"]
+__all__ = ["MailStore", "Maildrop", "MessageInfo", "MessageTable", "Usage", "WireReadyFile"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +86,20 @@ class Usage:
     octets: int
 
 
+@dataclass(frozen=True, slots=True)
+class WireReadyFile:
+    """A stored message whose bytes are already its wire form, but for dot-stuffing.
+
+    CRLF line ends throughout and a final CRLF (or empty), so ``size`` equals the
+    snapshot's wire size: the server may send the file with ``os.sendfile`` and only
+    insert the stuffing dots. ``fd`` is open for reading and owned by the caller, who
+    must close it.
+    """
+
+    fd: int
+    size: int
+
+
 class Maildrop(Protocol):
     """One user's maildrop, locked for one POP3 session.
 
@@ -105,6 +119,15 @@ class Maildrop(Protocol):
 
         The bytes are the message as stored (bare LF or CRLF line ends); the caller
         turns them into wire form. Raises StoreError if the message vanished.
+        """
+        ...
+
+    async def open_wire_ready(self, index: int) -> WireReadyFile | None:
+        """The message as an open file if its stored bytes are wire-ready, else None.
+
+        None means "stream it through read_message": mail stored with LF line ends or
+        without a final line end, or a store that does not keep files. Raises
+        StoreError if the message vanished.
         """
         ...
 

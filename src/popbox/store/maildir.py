@@ -6,6 +6,8 @@ session's login takes a ``flock`` on ``popbox.lock`` (the kernel drops it when t
 process dies), reconciles the directory with the index (store.index), assigns UIDLs
 to messages it has not seen, and moves new/ mail to cur/ as every Maildir reader
 does. Delivery never takes that lock: tmp/ -> fsync -> link into new/ -> fsync.
+Delivered mail is stored with CRLF line ends unless ``save_crlf`` is off, so that RETR
+can send the file as it is (``open_wire_ready``); LF-stored mail is served as well.
 
 Sizes are indexed once: from W= in the name (Dovecot's "virtual size", not opened),
 else by reading the file. W= leaves out the CRLF that RETR adds after a last line
@@ -39,7 +41,8 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
-from popbox.store.base import MessageTable, Usage
+from popbox.proto.wire import CrlfNormaliser
+from popbox.store.base import MessageTable, Usage, WireReadyFile
 from popbox.store.index import (
     CorruptIndex,
     IndexColumns,
@@ -51,6 +54,7 @@ from popbox.store.index import (
     read_header,
     read_index,
     scan_messages,
+    size_fields,
     write_index,
 )
 from popbox.store.maildir_sync import (
@@ -275,6 +279,37 @@ class MaildirMaildrop:
         finally:
             os.close(fd)
 
+    async def open_wire_ready(self, index: int) -> WireReadyFile | None:
+        """The message's file if its stored bytes are its wire form (but for dots).
+
+        Wire size == file size holds exactly when the file has no bare LF and ends with
+        a line end (or is empty): every bare LF adds one octet to the wire size and a
+        missing final line end two. The snapshot's size is that wire size (from W= or
+        from reading the file), so one fstat decides, and a name whose S= and W= differ
+        (stored with LF) is refused without opening it.
+        """
+        wire_size = self._infos.sizes[index]
+        stored, virtual = size_fields(self._path(index).rpartition("/")[2])
+        if stored is not None and virtual is not None and stored != virtual:
+            return None
+        action = f"read message {self._infos.uidls[index]} of {self._user}"
+        try:
+            fd = os.open(self._maildir / self._path(index), _READ_FLAGS)
+        except FileNotFoundError:
+            fd = await asyncio.to_thread(self._open_moved, index, action)
+        except OSError as exc:
+            raise _store_error(action, exc) from exc
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            os.close(fd)
+            raise _store_error(action, exc) from exc
+        if size != wire_size:
+            os.close(fd)
+            return None
+        # The open fd keeps the file readable whatever renames happen meanwhile.
+        return WireReadyFile(fd, size)
+
     def _path(self, index: int) -> str:
         moved = self._moved.get(index)
         if moved is not None:
@@ -369,8 +404,17 @@ class MaildirMaildrop:
 class MaildirStore:
     """Maildirs under ``root``: ``root/USER`` holds one user's cur/, new/ and tmp/."""
 
-    def __init__(self, root: Path, *, tmp_sweep_interval: float = TMP_SWEEP_INTERVAL) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        tmp_sweep_interval: float = TMP_SWEEP_INTERVAL,
+        save_crlf: bool = False,
+    ) -> None:
+        """``save_crlf``: store delivered mail with CRLF line ends (``storage.save_crlf``,
+        on by default in the config; off here, so a store made in code keeps bytes)."""
         self._root = Path(root)
+        self._save_crlf = save_crlf
         # Cached once: gethostname() per delivery is a syscall for a constant. The
         # replacements are maildir(5)'s, plus ',' which starts the size fields.
         host = socket.gethostname() or "localhost"
@@ -526,6 +570,9 @@ class MaildirStore:
             base = self._unique_name()
             tmp_path = maildir / "tmp" / base
             counter = WireSizeCounter()
+            # CRLF on disk (Dovecot's mail_save_crlf): the file is then its own wire
+            # form but for dot-stuffing, and RETR can send it with sendfile.
+            normaliser = CrlfNormaliser() if self._save_crlf else None
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             try:
                 fd = os.open(tmp_path, flags, FILE_MODE)
@@ -537,6 +584,8 @@ class MaildirStore:
             try:
                 with open(fd, "wb") as handle:
                     for chunk in chunks:
+                        if normaliser is not None:
+                            chunk = normaliser.convert(chunk)
                         counter.feed(chunk)
                         handle.write(chunk)
                     handle.flush()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from popbox.errors import MaildropInUse, StoreError
 from popbox.proto.wire import wire_size
-from popbox.store.base import MessageInfo, Usage
+from popbox.store.base import MessageInfo, Usage, WireReadyFile
 
 __all__ = ["MemoryMaildrop", "MemoryStore"]
 
@@ -53,6 +53,10 @@ class MemoryMaildrop:
         for start in range(0, len(data), CHUNK_SIZE):
             yield data[start : start + CHUNK_SIZE]
             await asyncio.sleep(0)
+
+    async def open_wire_ready(self, index: int) -> WireReadyFile | None:
+        # Bytes in memory are no file to send: they always go through read_message.
+        return None
 
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         if self._released:

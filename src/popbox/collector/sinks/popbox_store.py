@@ -231,7 +231,7 @@ def create_sink(settings: PopboxSinkSettings, context: SinkContext) -> PopboxSto
             f"sink {settings.label}: set `config` to the popbox server config file"
         )
     config = load_config(config_path)
-    store = MaildirStore(config.storage.maildir_root)
+    store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
     return PopboxStoreSink(
         store,
         settings.user,
