@@ -64,8 +64,10 @@ __all__ = [
     "index_signature",
     "is_message_name",
     "message_key",
+    "messages_by_key",
     "read_header",
     "read_index",
+    "regular_names",
     "scan_messages",
     "size_fields",
     "sorted_by_arrival",
@@ -92,6 +94,10 @@ _SWAP: Final = sys.byteorder != "little"
 _UID_8_DIGITS: Final = 1 << 32
 # Whether a DIR/NAME path is in new/, as a C-level callable for map().
 _IN_NEW: Final = operator.methodcaller("startswith", "new/")
+# Directory entries that are regular files (not symlinks), and their names, as
+# C-level callables for filter() and map().
+_IS_REGULAR: Final = operator.methodcaller("is_file", follow_symlinks=False)
+_ENTRY_NAME: Final = operator.attrgetter("name")
 # A header line is short; reading at most this much keeps a garbage file from costing
 # memory when only the header is wanted (quota checks).
 MAX_HEADER_LINE: Final = 4096
@@ -276,31 +282,40 @@ def arrival_order(name: str) -> tuple[int, str]:
     return seconds, name
 
 
-def scan_messages(directory: Path) -> tuple[dict[str, str], list[str]]:
-    """Message names in ``directory`` by key, and the names whose key was seen twice.
+def regular_names(directory: Path | str) -> list[str]:
+    """Every regular file's name in ``directory``, symlinks excluded, in listing order.
 
-    Only regular files count (DirEntry.is_file uses d_type, so no stat per entry).
+    DirEntry.is_file uses d_type, so no stat per entry, and filter/map keep the loop
+    in C: a cold login lists 100,000 names here. No Maildir writer makes links, and
+    one planted in a Maildir must not make a session read a file elsewhere.
+    """
+    with os.scandir(directory) as entries:
+        return list(map(_ENTRY_NAME, filter(_IS_REGULAR, entries)))
+
+
+def messages_by_key(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Message names (``is_message_name``) by key, and the names whose key was seen twice.
+
     A key that appears twice (foreign software gone wrong) keeps its first name.
     """
     by_key: dict[str, str] = {}
     duplicates: list[str] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            name = entry.name
-            # is_message_name() and message_key() inline: this loop runs once per
-            # file of a 100,000-message cold login. scandir never yields "".
-            if name[0] == "." or "\n" in name or "\r" in name:
-                continue
-            # Regular files only, symlinks excluded: no Maildir writer makes links, and
-            # one planted in a Maildir must not make a session read a file elsewhere.
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            key = name.partition(":")[0]
-            if key in by_key:
-                duplicates.append(name)
-            else:
-                by_key[key] = name
+    for name in names:
+        # is_message_name() and message_key() inline: this loop runs once per
+        # file of a 100,000-message login. Directory listings never hold "".
+        if name[0] == "." or "\n" in name or "\r" in name:
+            continue
+        key = name.partition(":")[0]
+        if key in by_key:
+            duplicates.append(name)
+        else:
+            by_key[key] = name
     return by_key, duplicates
+
+
+def scan_messages(directory: Path) -> tuple[dict[str, str], list[str]]:
+    """``messages_by_key`` of the regular files in ``directory``."""
+    return messages_by_key(regular_names(directory))
 
 
 def fsync_dir(directory: Path) -> None:
@@ -453,9 +468,14 @@ class MaildirIndex:
         """
         if self._columns is None and not self.entries:
             uids = array(_WORD_TYPE, range(self.next_uid, self.next_uid + len(paths)))
-            uidls = self.uidls_of(uids)
+            # The listing straight from the UIDs, in one C-level format; the UIDL
+            # strings only when a session asks for one (like an index just read).
             self._columns = IndexColumns(
-                uids, list(sizes), list(paths), uidls, render_listing(uidls)
+                uids,
+                list(sizes),
+                list(paths),
+                _Deferred(len(uids), lambda: self.uidls_of(uids)),
+                self.uidl_listing_of(uids),
             )
             self._entries = None
             self.next_uid += len(paths)
@@ -477,6 +497,13 @@ class MaildirIndex:
     def uidls_of(self, uids: Iterable[int]) -> list[str]:
         """``uidl()`` of each UID; one C-level format per UID, the prefix made once."""
         return list(map(f"{self.uidvalidity:08x}%08x".__mod__, uids))
+
+    def uidl_listing_of(self, uids: Sequence[int]) -> bytes:
+        """``render_listing(self.uidls_of(uids))`` without making the UIDL strings."""
+        line = f"%d {self.uidvalidity:08x}%08x\r\n"
+        numbers = range(1, len(uids) + 1)
+        numbered = tuple(itertools.chain.from_iterable(zip(numbers, uids, strict=True)))
+        return ((line * len(uids)) % numbered).encode("ascii")
 
     def uidls(self) -> list[str]:
         """``uidl()`` of every entry in order."""
