@@ -15,10 +15,10 @@ from popbox.store import MaildirStore
 from popbox.store.index import (
     MaildirIndex,
     messages_by_key,
-    read_index,
     sorted_by_arrival,
     wire_field,
 )
+from popbox.store.index_file import read_index
 from popbox.store.maildir_sync import _reconcile_names, _simple_listing, reconcile
 
 

@@ -43,14 +43,16 @@ from popbox.store.base import MessageTable, Usage
 from popbox.store.index import (
     CorruptIndex,
     IndexColumns,
-    IndexSignature,
     MaildirIndex,
     WireSizeCounter,
     fsync_dir,
+    scan_messages,
+)
+from popbox.store.index_file import (
+    IndexSignature,
     index_signature,
     read_header,
     read_index,
-    scan_messages,
     write_index,
 )
 from popbox.store.maildir_sync import (
