@@ -59,6 +59,7 @@ from popbox.store.maildir_sync import (
     count_usage,
     estimate_size,
     header_is_current,
+    nothing_to_reconcile,
     reconcile,
     trusted_mtime,
 )
@@ -450,7 +451,7 @@ class MaildirStore:
             if current is None:
                 lock.close()
                 return None
-            if self._unchanged_since(maildir, current.index):
+            if nothing_to_reconcile(maildir, current.index, INLINE_OPEN_MAX_NEW_BYTES):
                 return MaildirMaildrop(self, user, lock, current)
             self._keep_index(user, current)  # the worker thread takes it from here
         except OSError:
@@ -460,17 +461,6 @@ class MaildirStore:
             raise
         lock.close()
         return None
-
-    @staticmethod
-    def _unchanged_since(maildir: Path, index: MaildirIndex) -> bool:
-        """Whether reconcile would find nothing to do, without listing anything big."""
-        if index.cur_mtime != os.stat(maildir / "cur").st_mtime_ns:
-            return False
-        new = maildir / "new"
-        if os.stat(new).st_size > INLINE_OPEN_MAX_NEW_BYTES:
-            return False  # a directory that once held a lot: list it in a thread
-        names, duplicates = scan_messages(new)
-        return not names and not duplicates
 
     def _open_sync(self, user: str, maildir: Path) -> MaildirMaildrop:
         with _os_errors(f"open maildrop of {user}"):

@@ -36,6 +36,7 @@ __all__ = [
     "estimate_size",
     "header_is_current",
     "move_new_to_cur",
+    "nothing_to_reconcile",
     "reconcile",
     "trusted_mtime",
 ]
@@ -116,6 +117,24 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
         cur_names, duplicates = scan_messages(maildir / "cur")
         warn_duplicates(user, "cur", duplicates)
     return _reconcile_names(user, maildir, index, cur_mtime, new_names, cur_names)
+
+
+def nothing_to_reconcile(maildir: Path, index: MaildirIndex, max_new_bytes: int) -> bool:
+    """Whether ``reconcile`` would leave ``index`` as it is, proven cheaply or not at all.
+
+    True only for an index that trusts cur/'s mtime, which is unchanged, and a new/
+    of at most ``max_new_bytes`` that holds no message; False means "cannot tell
+    cheaply", not "changed". A directory that once held a lot stays big when empty.
+    """
+    if not index.cur_mtime or index.written_in_new:
+        return False
+    if index.cur_mtime != os.stat(maildir / "cur").st_mtime_ns:
+        return False
+    new = maildir / "new"
+    if os.stat(new).st_size > max_new_bytes:
+        return False
+    names, duplicates = scan_messages(new)
+    return not names and not duplicates
 
 
 def _reconcile_names(
