@@ -37,7 +37,7 @@ from typing import Final
 
 from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
-from popbox.store.index import INDEX_NAME
+from popbox.store.index_file import INDEX_NAME
 
 # Repetitions per warm figure; the median hides the noise of a shared machine.
 REPEATS: Final = 5

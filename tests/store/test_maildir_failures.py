@@ -21,7 +21,7 @@ from storetools import message_files, read_all
 
 from popbox.errors import MaildropInUse, StoreError
 from popbox.store import MaildirStore
-from popbox.store.index import INDEX_NAME, INDEX_TMP_NAME
+from popbox.store.index_file import INDEX_NAME, INDEX_TMP_NAME
 
 HOLD_LOCK = """
 import asyncio, sys, time

@@ -14,21 +14,18 @@ from hypothesis import strategies as st
 
 from popbox.proto.wire import wire_size
 from popbox.store.index import (
-    INDEX_NAME,
     CorruptIndex,
     MaildirIndex,
     WireSizeCounter,
     arrival_order,
     is_message_name,
     message_key,
-    read_header,
-    read_index,
     size_fields,
     sorted_by_arrival,
     wire_field,
     wire_size_of_file,
-    write_index,
 )
+from popbox.store.index_file import INDEX_NAME, read_header, read_index, write_index
 
 # Bytes that matter to the size rule, so hypothesis hits CR/LF pairs often.
 LINE_BYTES = st.binary(max_size=200).map(lambda b: b.replace(b"a", b"\r").replace(b"b", b"\n"))

@@ -46,21 +46,24 @@ from popbox.store.base import MessageTable, Usage, WireReadyFile
 from popbox.store.index import (
     CorruptIndex,
     IndexColumns,
-    IndexSignature,
     MaildirIndex,
     WireSizeCounter,
     fsync_dir,
+    scan_messages,
+    size_fields,
+)
+from popbox.store.index_file import (
+    IndexSignature,
     index_signature,
     read_header,
     read_index,
-    scan_messages,
-    size_fields,
     write_index,
 )
 from popbox.store.maildir_sync import (
     count_usage,
     estimate_size,
     header_is_current,
+    nothing_to_reconcile,
     reconcile,
     trusted_mtime,
 )
@@ -89,6 +92,12 @@ MAX_LOCK_NOTE: Final = 64
 # messages (about 0.5 KB each): the 100,000-message maildrop of issue 6 fits, so its
 # warm login skips parsing; many small maildrops share the rest.
 INDEX_CACHE_MESSAGES: Final = 150_000
+# A login opens a maildrop on the event loop, without a worker thread, only when its
+# cached index is current and holds at most this many messages (a snapshot not made
+# yet is per-message work), and new/ is a directory this small (an empty ext4
+# directory that once held 100,000 names is 8 MB to read).
+INLINE_OPEN_MAX_MESSAGES: Final = 10_000
+INLINE_OPEN_MAX_NEW_BYTES: Final = 16 * 1024
 # NAME_MAX on Linux filesystems; a longer user name cannot be a directory anyway.
 MAX_USER_LENGTH: Final = 255
 # Maildir directories and files are private to the mail owner (Dovecot, Postfix).
@@ -444,6 +453,9 @@ class MaildirStore:
 
     async def open_maildrop(self, user: str) -> MaildirMaildrop:
         maildir = self.maildir(user)
+        unchanged = self._open_unchanged(user, maildir)
+        if unchanged is not None:
+            return unchanged
         opening = asyncio.ensure_future(asyncio.to_thread(self._open_sync, user, maildir))
         try:
             return await asyncio.shield(opening)
@@ -452,6 +464,47 @@ class MaildirStore:
             # see the maildrop, so give the lock back as soon as the thread is done.
             opening.add_done_callback(_release_abandoned)
             raise
+
+    def _open_unchanged(self, user: str, maildir: Path) -> MaildirMaildrop | None:
+        """Open on the event loop a small maildrop whose cached index is current.
+
+        A poll that finds nothing new costs the store a handful of syscalls on
+        inodes this process touched lately (lock, index stat, cur/ stat, new/
+        listing), less than the hop to a worker thread and back, which was most of
+        the store's share of a login (docs/performance.md). Anything else, a big,
+        changed, locked or unknown maildrop, gives up (None) before it could block
+        for long, and the worker thread does the whole open as before.
+        """
+        with self._cache_guard:
+            loaded = self._cache.get(user)
+        if (
+            loaded is None
+            or len(loaded.index) > INLINE_OPEN_MAX_MESSAGES
+            or loaded.index.written_in_new
+            or not loaded.index.cur_mtime
+            or maildir not in self._known_maildirs
+            or self._tmp_sweep_due(maildir)
+        ):
+            return None
+        try:
+            lock = _FileLock(maildir / LOCK_NAME)
+        except OSError:
+            return None  # in use, or gone: the worker thread reports it
+        try:
+            current = self._cached_index(user, maildir)
+            if current is None:
+                lock.close()
+                return None
+            if nothing_to_reconcile(maildir, current.index, INLINE_OPEN_MAX_NEW_BYTES):
+                return MaildirMaildrop(self, user, lock, current)
+            self._keep_index(user, current)  # the worker thread takes it from here
+        except OSError:
+            pass  # the worker thread tries again and reports what it finds
+        except BaseException:
+            lock.close()
+            raise
+        lock.close()
+        return None
 
     def _open_sync(self, user: str, maildir: Path) -> MaildirMaildrop:
         with _os_errors(f"open maildrop of {user}"):
@@ -516,12 +569,15 @@ class MaildirStore:
             return _LoadedIndex(index, index_signature(maildir))
         return loaded
 
+    def _tmp_sweep_due(self, maildir: Path) -> bool:
+        last = self._tmp_swept.get(maildir)
+        return last is None or time.monotonic() - last >= self._tmp_sweep_interval
+
     def _sweep_tmp(self, maildir: Path) -> None:
         """Remove dead deliveries from tmp/, at most once per interval per process."""
-        now = time.monotonic()
-        last = self._tmp_swept.get(maildir)
-        if last is not None and now - last < self._tmp_sweep_interval:
+        if not self._tmp_sweep_due(maildir):
             return
+        now = time.monotonic()
         _remove_stale_tmp(maildir / "tmp")
         if len(self._tmp_swept) >= MAX_KNOWN_MAILDIRS:
             self._tmp_swept.clear()  # forgetting only costs a sweep

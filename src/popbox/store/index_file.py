@@ -1,0 +1,367 @@
+"""The on-disk format of the Maildir index, read and written whole.
+
+Everything here is synchronous and raises plain ``OSError``; ``store.maildir`` runs it
+in worker threads and translates errors. The index file (``popbox-index`` in the
+Maildir's root, a sibling of cur/, new/ and tmp/) is one ASCII header line and then
+four columns, every message in UID order (version 2)::
+
+    popbox-maildir-index 2 uidvalidity=65f0a1b2 next=4 count=2 octets=9146 cur_mtime=0
+        in_new=0 paths=97 uidls=40 crc=1c2b3a4d     (one line in the file)
+    UIDs       count x 8 octets, unsigned little-endian
+    sizes      count x 8 octets, unsigned little-endian (wire sizes)
+    paths      DIR/FILENAME of each message, UTF-8 (surrogateescape), joined by LF
+    UIDLs      the lines of the full UIDL listing, ``1 UIDL\\r\\n2 UIDL\\r\\n``...
+               (popbox.proto.server.render_listing), ASCII
+
+so that a process that has never seen the maildrop loads 100,000 messages with a few
+C-level operations (``array.frombytes``, a checksum) and sends the UIDL listing as it
+was stored: no per-message object is made until something changes, paths are split
+when a message is first read and UIDL strings made when one is first asked for
+(docs/performance.md). ``crc`` is the CRC-32 of everything after the header line.
+Version 1 (one text line per message, ``UID WIRE_SIZE DIR/FILENAME``) is read once
+and rewritten as version 2, keeping every UID, the UIDVALIDITY and ``next``.
+
+A message's key (what survives flag renames and new/ -> cur/ moves) is the file name
+up to the first ``:``. ``next`` is the next UID to hand out; it only grows, so a UIDL
+is never reused even after its message is deleted. ``count`` and ``octets`` are the
+totals of the listed messages and ``cur_mtime`` the mtime of cur/ when the index was
+written (0 when it was too recent to trust) and ``in_new`` how many listed messages
+were still in new/; together they let a login skip listing cur/ and a quota check
+skip reading past the header.
+
+A message's UIDL is ``f"{uidvalidity:08x}{uid:08x}"`` (16 hex digits). A rebuilt
+index takes a larger UIDVALIDITY (also noted in ``popbox.lock``), so no UIDL repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import operator
+import os
+import sys
+import zlib
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from popbox.store.index import (
+    CorruptIndex,
+    DeferredColumn,
+    IndexColumns,
+    IndexEntry,
+    IndexHeader,
+    MaildirIndex,
+    fsync_dir,
+)
+
+__all__ = [
+    "INDEX_NAME",
+    "INDEX_TMP_NAME",
+    "IndexSignature",
+    "index_signature",
+    "read_header",
+    "read_index",
+    "write_index",
+]
+
+INDEX_NAME: Final = "popbox-index"
+# Written beside the index and renamed over it, so a crash leaves the old or the new.
+INDEX_TMP_NAME: Final = "popbox-index.tmp"
+# The first token of the header; a file that does not start with it is not ours.
+INDEX_MAGIC: Final = "popbox-maildir-index"
+# Bumped when the format changes; an unknown version is rebuilt, not guessed at.
+INDEX_VERSION: Final = "2"
+# The text format before it, one line per message: read, then rewritten as version 2
+# (its UIDs must survive; rebuilding it would change every UIDL once).
+INDEX_VERSION_TEXT: Final = "1"
+# UIDs and sizes are stored as unsigned 64-bit little-endian words.
+_WORD_TYPE: Final = "Q"
+_WORD: Final = 8
+_SWAP: Final = sys.byteorder != "little"
+# UIDs below this format as exactly 8 hex digits in a UIDL.
+_UID_8_DIGITS: Final = 1 << 32
+# A header line is short; reading at most this much keeps a garbage file from costing
+# memory when only the header is wanted (quota checks).
+MAX_HEADER_LINE: Final = 4096
+# The text encoding of the index: Maildir names are bytes to the kernel, and
+# surrogateescape carries any non-UTF-8 name through unchanged.
+_ENCODING: Final = "utf-8"
+_ERRORS: Final = "surrogateescape"
+
+
+def _format_header(header: IndexHeader, paths: int, uidls: int, crc: int) -> str:
+    return (
+        f"{INDEX_MAGIC} {INDEX_VERSION} uidvalidity={header.uidvalidity:x}"
+        f" next={header.next_uid} count={header.count} octets={header.octets}"
+        f" cur_mtime={header.cur_mtime} in_new={header.in_new}"
+        f" paths={paths} uidls={uidls} crc={crc:08x}\n"
+    )
+
+
+_HEADER_FIELDS: Final = ("uidvalidity", "next", "count", "octets", "cur_mtime", "in_new")
+# Fields only version 2 has: the lengths of its text columns and its checksum.
+_COLUMN_FIELDS: Final = ("paths", "uidls", "crc")
+_HEX_FIELDS: Final = frozenset({"uidvalidity", "crc"})
+
+
+def _parse_header(line: str) -> tuple[IndexHeader, str, dict[str, int]]:
+    """The header, the format version and every numeric field by name."""
+    tokens = line.split()
+    if len(tokens) < 2 or tokens[0] != INDEX_MAGIC:
+        raise CorruptIndex("not a popbox index")
+    values: dict[str, int] = {}
+    for token in tokens[2:]:
+        name, _, value = token.partition("=")
+        try:
+            values[name] = int(value, 16 if name in _HEX_FIELDS else 10)
+        except ValueError:
+            raise CorruptIndex(f"bad header field {token!r}") from None
+    uidvalidity = values.get("uidvalidity")
+    version = tokens[1]
+    if version not in (INDEX_VERSION, INDEX_VERSION_TEXT):
+        raise CorruptIndex(f"unknown index version {version!r}", uidvalidity)
+    wanted = _HEADER_FIELDS + (_COLUMN_FIELDS if version == INDEX_VERSION else ())
+    missing = [name for name in wanted if name not in values]
+    if missing or any(values[name] < 0 for name in wanted):
+        raise CorruptIndex(f"bad header {line.strip()!r}", uidvalidity)
+    header = IndexHeader(
+        uidvalidity=values["uidvalidity"],
+        next_uid=values["next"],
+        count=values["count"],
+        octets=values["octets"],
+        cur_mtime=values["cur_mtime"],
+        in_new=values["in_new"],
+    )
+    return header, version, values
+
+
+def read_header(maildir: Path) -> IndexHeader | None:
+    """The index header, or None if there is no index or it is not readable as ours."""
+    try:
+        fd = os.open(maildir / INDEX_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, MAX_HEADER_LINE)
+    finally:
+        os.close(fd)
+    try:
+        return _parse_header(data.partition(b"\n")[0].decode("ascii", "replace"))[0]
+    except CorruptIndex:
+        return None
+
+
+def read_index(maildir: Path) -> MaildirIndex | None:
+    """Load the index; None if there is none. Raises CorruptIndex if it is damaged.
+
+    Damage means anything that breaks the invariants this module writes: a checksum
+    or header that disagrees with the columns, a UID out of order or not below
+    ``next``, a path outside cur/ and new/. A version-1 file is read as it always was
+    and comes back with ``outdated_format`` set, for the caller to write it anew.
+    """
+    try:
+        data = (maildir / INDEX_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    end = data.find(b"\n")
+    header_line = data[: end if end >= 0 else len(data)]
+    header, version, values = _parse_header(header_line.decode("ascii", "replace"))
+    if version == INDEX_VERSION_TEXT:
+        index = _read_text_lines(header, data[end + 1 :].decode(_ENCODING, _ERRORS))
+        index.outdated_format = True
+        return index
+    return _read_columns(header, values, memoryview(data)[end + 1 :])
+
+
+def _listing_length(count: int, uidl_length: int) -> int:
+    """Octets of ``n UIDL\\r\\n`` for n = 1..count, every UIDL ``uidl_length`` long."""
+    total = count * (uidl_length + 3)  # " ", CR, LF
+    digits, low = 1, 1
+    while low <= count:
+        total += digits * (min(count, low * 10 - 1) - low + 1)
+        digits, low = digits + 1, low * 10
+    return total
+
+
+def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview) -> MaildirIndex:
+    """Version 2: the columns, checked in C-level passes (no per-message Python)."""
+    uidvalidity = header.uidvalidity
+    count = header.count
+    numbers = count * _WORD
+    paths_end = 2 * numbers + values["paths"]
+    if len(body) != paths_end + values["uidls"] or zlib.crc32(body) != values["crc"]:
+        raise CorruptIndex("the columns do not match the header's checksum", uidvalidity)
+    uids = array(_WORD_TYPE)
+    uids.frombytes(body[:numbers])
+    sizes = array(_WORD_TYPE)
+    sizes.frombytes(body[numbers : 2 * numbers])
+    if _SWAP:
+        uids.byteswap()
+        sizes.byteswap()
+    paths = body[2 * numbers : paths_end].tobytes()
+    listing = body[paths_end:].tobytes()
+    # A name holds no "/" and no LF, so these count path starts: every path is in
+    # cur/ or new/. Names themselves (no dotfiles, no line breaks) are the writer's
+    # to keep right, as it takes them from scan_messages; the CRC covers damage.
+    # Single C-level passes: a warm login on a big maildrop pays for each.
+    in_new = paths.count(b"\nnew/") + paths.startswith(b"new/")
+    in_cur = paths.count(b"\ncur/") + paths.startswith(b"cur/")
+    if (
+        listing.count(b"\r\n") != count
+        or paths.count(b"\n") != max(count - 1, 0)
+        or in_new + in_cur != count
+        or in_new != header.in_new
+    ):
+        raise CorruptIndex("column lengths or paths disagree with the header", uidvalidity)
+    if count and (
+        uids[0] < 1
+        or uids[-1] >= header.next_uid
+        or not all(map(operator.lt, uids, itertools.islice(uids, 1, None)))
+    ):
+        raise CorruptIndex("UIDs out of order or not below next", uidvalidity)
+    if sum(sizes) != header.octets:
+        raise CorruptIndex("header totals disagree with the columns", uidvalidity)
+    # The listing is derived data: it must agree with the UIDs, or a client would see
+    # a UIDL that the next rewrite changes. The checksum guards against damage, so
+    # C-level checks suffice: every line carries this UIDVALIDITY, the whole is as
+    # long as n + UIDL lines are (8 hex digits per UID below 2**32), and the first
+    # and last lines match their UIDs.
+    prefix = f"{uidvalidity:08x}"
+    last = f"{count} {prefix}{uids[-1]:08x}\r\n".encode("ascii") if count else b""
+    if count and (
+        not listing.startswith(f"1 {prefix}{uids[0]:08x}\r\n".encode("ascii"))
+        or not listing.endswith(last)
+        or (len(listing) > len(last) and listing[-len(last) - 1] != ord("\n"))
+        or listing.count(prefix.encode("ascii")) < count
+        or (uids[-1] < _UID_8_DIGITS and len(listing) != _listing_length(count, len(prefix) + 8))
+    ):
+        raise CorruptIndex("the UIDL listing disagrees with the UIDs", uidvalidity)
+    index = MaildirIndex(
+        uidvalidity,
+        header.next_uid,
+        header.cur_mtime,
+        written_in_new=header.in_new,
+    )
+    columns = IndexColumns(
+        uids,
+        sizes.tolist(),
+        DeferredColumn(count, lambda: _split_paths(paths), paths),
+        DeferredColumn(count, lambda: index.uidls_of(uids)),
+        listing,
+    )
+    index.take_columns(columns)
+    return index
+
+
+def _split_paths(data: bytes) -> list[str]:
+    return data.decode(_ENCODING, _ERRORS).split("\n") if data else []
+
+
+def _read_text_lines(header: IndexHeader, body: str) -> MaildirIndex:
+    """Version 1: one ``UID WIRE_SIZE DIR/FILENAME`` line per message."""
+    index = MaildirIndex(
+        header.uidvalidity, header.next_uid, header.cur_mtime, written_in_new=header.in_new
+    )
+    entries = index.entries
+    previous_uid = 0
+    octets = 0
+    in_new = 0
+    lines = 0
+    for line in body.splitlines():
+        lines += 1
+        try:
+            uid_text, size_text, path = line.split(" ", 2)
+            uid = int(uid_text)
+            size = int(size_text)
+        except ValueError:
+            raise CorruptIndex(f"bad line {line[:80]!r}", header.uidvalidity) from None
+        prefix = path[:4]
+        if prefix == "new/":
+            in_new += 1
+        elif prefix != "cur/":
+            raise CorruptIndex(f"bad directory in {line[:80]!r}", header.uidvalidity)
+        key = path[4:].partition(":")[0]
+        if uid <= previous_uid or size < 0 or not key or key[0] == ".":
+            raise CorruptIndex(f"inconsistent line {line[:80]!r}", header.uidvalidity)
+        previous_uid = uid
+        octets += size
+        entries[key] = IndexEntry(uid, size, path)
+    if previous_uid >= header.next_uid:
+        raise CorruptIndex("a UID is not below next", header.uidvalidity)
+    if (
+        lines != header.count
+        or len(entries) != lines
+        or octets != header.octets
+        or in_new != header.in_new
+    ):
+        raise CorruptIndex("header totals disagree with the lines", header.uidvalidity)
+    return index
+
+
+def _packed(numbers: Sequence[int]) -> bytes:
+    words = numbers if isinstance(numbers, array) else array(_WORD_TYPE, numbers)
+    if _SWAP:
+        words = array(_WORD_TYPE, words)
+        words.byteswap()
+    return words.tobytes()
+
+
+def write_index(
+    maildir: Path, index: MaildirIndex, columns: IndexColumns | None = None
+) -> IndexSignature:
+    """Replace the index atomically: temporary file, fsync, rename, directory fsync.
+
+    A crash at any point leaves either the old index or the new one, never a mix; the
+    caller holds the maildrop lock, so no other writer races for the temporary name.
+    ``columns`` is ``index.columns()`` if the caller has it already. Returns the new
+    file's signature.
+    """
+    if columns is None:
+        columns = index.columns()
+    header = index.header(columns)
+    if isinstance(columns.paths, DeferredColumn) and columns.paths.source is not None:
+        paths = columns.paths.source  # unchanged since read: as it was
+    else:
+        paths = "\n".join(columns.paths).encode(_ENCODING, _ERRORS)
+    uidls = columns.uidl_listing
+    body = b"".join((_packed(columns.uids), _packed(columns.sizes), paths, uidls))
+    head = _format_header(header, len(paths), len(uidls), zlib.crc32(body)).encode("ascii")
+    tmp_path = maildir / INDEX_TMP_NAME
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb", closefd=True) as handle:
+            handle.write(head)
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, maildir / INDEX_NAME)
+    except BaseException:
+        # The original error is the one worth reporting.
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        raise
+    fsync_dir(maildir)
+    index.written_in_new = header.in_new
+    index.outdated_format = False
+    signature = index_signature(maildir)
+    if signature is None:
+        raise FileNotFoundError(errno.ENOENT, "index vanished after writing", str(maildir))
+    return signature
+
+
+IndexSignature = tuple[int, int, int, int]
+"""(inode, size, mtime_ns, ctime_ns) of the index file: every write renames a new
+file into place, so a new inode tells another process's write apart even where
+mtimes are coarse."""
+
+
+def index_signature(maildir: Path) -> IndexSignature | None:
+    """The signature of the index file, or None if there is none."""
+    try:
+        st = os.stat(maildir / INDEX_NAME)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
