@@ -352,7 +352,11 @@ async def retr_throughput(server: Server, users: Sequence[str],
         while True:
             client = await Pop3Client.connect(server, security, tls)
             await client.login(user, password)
-            totals[0] += await download_mailbox(client, manifests[user])
+            # Not ``totals[0] += await ...``: that reads totals[0] before the await and
+            # writes it back after, losing what the other clients added meanwhile (with
+            # 4 clients about three quarters of the octets went uncounted).
+            octets = await download_mailbox(client, manifests[user])
+            totals[0] += octets
             totals[1] += len(manifests[user].hashes)
             await client.quit()
             if time.perf_counter() >= deadline:
