@@ -18,7 +18,7 @@ import os
 import ssl
 import tempfile
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -419,50 +419,48 @@ class Pop3Session:
                 parts.append(piece)
                 kept += len(piece)
 
-    async def _read_to_memory(self, number: int, listed: int) -> Downloaded:
+    async def _read_body(self, number: int, listed: int, consume: Callable[[bytes], object]) -> int:
+        """Hand each piece of a RETR body to ``consume``; return its size.
+
+        A body that runs far past its LIST size is a broken or hostile server.
+        """
         limit = max(listed * 2, listed + SIZE_SLACK)
-        parts: list[bytes] = []
         size = 0
         while True:
             event = await self._event()
             if isinstance(event, MessageEnd):
-                break
+                return size
             if isinstance(event, MessageData):
                 size += len(event.data)
                 if size > limit:
                     raise RemoteServerError(
                         f"message {number} runs past {limit} octets (LIST said {listed})"
                     )
-                parts.append(event.data)
-        data = b"".join(parts)
+                consume(event.data)
+
+    async def _read_to_memory(self, number: int, listed: int) -> Downloaded:
+        parts: list[bytes] = []
+        size = await self._read_body(number, listed, parts.append)
         path = self._spool / f"mem-{os.getpid()}-{number}"
-        return Downloaded(number, path, size, None, data)
+        return Downloaded(number, path, size, None, b"".join(parts))
 
     async def _read_to_spool(self, number: int) -> Downloaded:
         listed = self._sizes.get(number, 0)
         if listed < self._keep_below:
             return await self._read_to_memory(number, listed)
-        limit = max(listed * 2, listed + SIZE_SLACK)
         digest = hashlib.sha256()
-        size = 0
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed over as a path
             dir=self._spool, prefix="retr-", delete=False
         )
         path = Path(handle.name)
+
+        def consume(data: bytes) -> None:
+            digest.update(data)
+            handle.write(data)
+
         try:
             with handle:
-                while True:
-                    event = await self._event()
-                    if isinstance(event, MessageEnd):
-                        break
-                    if isinstance(event, MessageData):
-                        size += len(event.data)
-                        if size > limit:
-                            raise RemoteServerError(
-                                f"message {number} runs past {limit} octets (LIST said {listed})"
-                            )
-                        digest.update(event.data)
-                        handle.write(event.data)
+                size = await self._read_body(number, listed, consume)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -285,12 +285,7 @@ class StateDB:
         a WAL commit without fsync survives that, so this commit skips the fsync (the
         next FULL commit syncs it along). Only power loss could forget an attempt.
         """
-        with self._lock:
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            try:
-                return self._count_attempt(account, uid, size)
-            finally:
-                self._db.execute("PRAGMA synchronous = FULL")
+        return self.start_attempts(account, [(uid, size)])[uid]
 
     def start_attempts(self, account: str, entries: Sequence[tuple[str, int]]) -> dict[str, int]:
         """``start_attempt`` for a batch of (uid, size), in one commit; uid -> count."""
@@ -348,29 +343,8 @@ class StateDB:
                 [(account, uid, sink, now) for uid, sink in entries],
             )
 
-    def _count_attempt(self, account: str, uid: str, size: int) -> int:
-        with self._write() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO messages (account, uid, size, first_seen)"
-                " VALUES (?, ?, ?, ?)",
-                (account, uid, size, time.time()),
-            )
-            db.execute(
-                "UPDATE messages SET attempts = attempts + 1 WHERE account = ? AND uid = ?",
-                (account, uid),
-            )
-            row = db.execute(
-                "SELECT attempts FROM messages WHERE account = ? AND uid = ?", (account, uid)
-            ).fetchone()
-        return int(row[0])
-
     def record_sink(self, account: str, uid: str, sink: str) -> None:
-        with self._write() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO sink_deliveries (account, uid, sink, delivered_at)"
-                " VALUES (?, ?, ?, ?)",
-                (account, uid, sink, time.time()),
-            )
+        self.record_sinks(account, [(uid, sink)])
 
     def record_delivered(
         self,

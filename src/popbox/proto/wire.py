@@ -128,20 +128,25 @@ class CrlfNormaliser:
     def convert(self, chunk: bytes) -> bytes:
         if not chunk:
             return chunk
-        head = b""
-        if self._after_cr and chunk[0] == _LF:
-            # This LF ends the line the previous piece's CR started: already CRLF.
-            head, chunk = b"\n", chunk[1:]
-        self._after_cr = chunk[-1:] == b"\r"
-        if b"\n" not in chunk:
-            body = chunk
-        elif b"\r" not in chunk:
-            body = chunk.replace(b"\n", b"\r\n")
-        elif chunk.count(b"\n") == chunk.count(b"\r\n"):
-            body = chunk
-        else:
-            body = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        return head + body if head else body
+        after_cr, self._after_cr = self._after_cr, chunk[-1] == _CR
+        return _to_crlf(chunk, after_cr)
+
+
+def _to_crlf(chunk: bytes, after_cr: bool) -> bytes:
+    """``chunk`` with every bare LF made CRLF; ``after_cr``: the piece before ended in CR.
+
+    An LF opening the chunk after such a piece ends that CR's line: already CRLF.
+    """
+    head = b""
+    if after_cr and chunk[:1] == b"\n":
+        head, chunk = b"\n", chunk[1:]
+    if b"\r" not in chunk:
+        body = chunk.replace(b"\n", b"\r\n")
+    elif chunk.count(b"\r\n") == chunk.count(b"\n"):
+        body = chunk  # already CRLF throughout (or only bare CRs): nothing to do
+    else:
+        body = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return head + body if head else body
 
 
 def _may_need_stuffing(chunk: bytes) -> bool:
@@ -214,18 +219,8 @@ class WireEncoder:
 
     def _encode_general(self, chunk: bytes) -> bytes:
         """TOP, and a chunk whose LF completes a CR that ended the chunk before."""
-        if self._after_cr and chunk.startswith(b"\n"):
-            head, chunk = b"\n", chunk[1:]
-        else:
-            head = b""
-        self._after_cr = chunk.endswith(b"\r")
-        if b"\r" not in chunk:
-            body = chunk.replace(b"\n", b"\r\n")
-        elif chunk.count(b"\r\n") == chunk.count(b"\n"):
-            body = chunk  # already CRLF throughout (or only bare CRs): nothing to do
-        else:
-            body = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        normal = head + body if head else body
+        after_cr, self._after_cr = self._after_cr, chunk[-1] == _CR
+        normal = _to_crlf(chunk, after_cr)
         if self._body_lines is not None:
             normal = self._cut_top(normal)
         if not normal:

@@ -266,7 +266,8 @@ class MaildirMaildrop:
     def messages(self) -> MessageTable:
         return self._infos
 
-    async def read_message(self, index: int) -> AsyncIterator[bytes]:
+    async def _open_message(self, index: int) -> tuple[int, str]:
+        """Open message ``index`` for reading, following a rename; (fd, action text)."""
         action = f"read message {self._infos.uidls[index]} of {self._user}"
         # open() and read() of a local file stay on the event loop: a hop to a worker
         # thread costs ~150 us against ~3 us for the open and less than that for a
@@ -278,6 +279,10 @@ class MaildirMaildrop:
             fd = await asyncio.to_thread(self._open_moved, index, action)
         except OSError as exc:
             raise _store_error(action, exc) from exc
+        return fd, action
+
+    async def read_message(self, index: int) -> AsyncIterator[bytes]:
+        fd, action = await self._open_message(index)
         try:
             while True:
                 with _os_errors(action):
@@ -301,13 +306,7 @@ class MaildirMaildrop:
         stored, virtual = size_fields(self._path(index).rpartition("/")[2])
         if stored is not None and virtual is not None and stored != virtual:
             return None
-        action = f"read message {self._infos.uidls[index]} of {self._user}"
-        try:
-            fd = os.open(self._maildir / self._path(index), _READ_FLAGS)
-        except FileNotFoundError:
-            fd = await asyncio.to_thread(self._open_moved, index, action)
-        except OSError as exc:
-            raise _store_error(action, exc) from exc
+        fd, action = await self._open_message(index)
         try:
             size = os.fstat(fd).st_size
         except OSError as exc:
