@@ -287,26 +287,48 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         self.writelines((data,))
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        # Encrypted a record at a time, so the outgoing memory BIO (which keeps its
-        # largest buffer for good) never holds more than one record: a session that
-        # sent a 256 KiB RETR batch through it would otherwise keep ~350 KiB while it
-        # idles. The pieces still leave in one gathered write, as uvloop's do.
+        # The pieces are one stream cut into full records: a RETR's +OK line rides in
+        # the body's first record and the terminator in its last, and a record is
+        # copied only where it spans two pieces. Encrypted a record at a time, so the
+        # outgoing memory BIO (which keeps its largest buffer for good) never holds
+        # more than one record: a session that sent a 256 KiB RETR batch through it
+        # would otherwise keep ~350 KiB while it idles. The records still leave in one
+        # gathered write, as uvloop's do. Nothing of the caller's is kept afterwards.
         if self._state != _OPEN:
             return
         encrypt, outgoing = self._sslobj.write, self._outgoing
         pieces: list[bytes] = []
+        # The start of the next record: parts of pieces, fewer than a record's octets.
+        held: list[bytes | bytearray | memoryview] = []
+        held_size = 0
         try:
             for data in list_of_data:
                 size = len(data)
-                if size <= TLS_RECORD_PLAINTEXT:
+                if held_size + size < TLS_RECORD_PLAINTEXT:
                     if size:
-                        encrypt(data)
-                        pieces.append(outgoing.read())
+                        held.append(data)
+                        held_size += size
                     continue
-                with memoryview(data) as view:
-                    for start in range(0, size, TLS_RECORD_PLAINTEXT):
-                        encrypt(view[start : start + TLS_RECORD_PLAINTEXT])
-                        pieces.append(outgoing.read())
+                view = memoryview(data)
+                start = 0
+                if held:
+                    start = TLS_RECORD_PLAINTEXT - held_size
+                    held.append(view[:start])
+                    encrypt(b"".join(held))
+                    pieces.append(outgoing.read())
+                    held = []
+                    held_size = 0
+                end = size - TLS_RECORD_PLAINTEXT
+                while start <= end:
+                    encrypt(view[start : start + TLS_RECORD_PLAINTEXT])
+                    pieces.append(outgoing.read())
+                    start += TLS_RECORD_PLAINTEXT
+                if start < size:
+                    held.append(view[start:])
+                    held_size = size - start
+            if held:
+                encrypt(held[0] if len(held) == 1 else b"".join(held))
+                pieces.append(outgoing.read())
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
