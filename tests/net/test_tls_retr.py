@@ -11,6 +11,8 @@ that sees every record.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 import ssl
 import struct
@@ -296,3 +298,43 @@ async def test_retr_goes_out_in_full_records(
     assert small_records == 1
     full = -(-len(big) // TLS_RECORD_PLAINTEXT)
     assert full <= big_records <= full + -(-len(big) // BATCH)
+
+
+async def test_tls_error_after_the_handshake_is_the_logged_reason(
+    tls_maildir: Callable[..., Awaitable[Pop3Service]],
+    client_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A record that fails to decrypt ends the session; the log line says it was TLS
+    and why, not just "disconnect"."""
+    service = await tls_maildir([b"x\r\n"])
+    caplog.set_level(logging.INFO, logger="popbox.pop3")
+
+    def session() -> None:
+        raw = socket.create_connection(service.tls_addresses[0], timeout=10)
+        tls = client_context.wrap_socket(raw, server_hostname="localhost")
+        with tls:
+            tls.recv(1000)
+            tls.sendall(f"USER alice\r\nPASS {PASSWORD}\r\n".encode())
+            received = b""
+            while received.count(b"\r\n") < 2:
+                received += tls.recv(1000)
+            # An application-data record the server cannot decrypt, on the same socket.
+            with socket.socket(fileno=os.dup(tls.fileno())) as same:
+                same.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))
+            try:
+                while tls.recv(1000):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    await asyncio.to_thread(session)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while service.session_count:
+        assert loop.time() - started < 10
+        await asyncio.sleep(0.02)
+    (line,) = [r.getMessage() for r in caplog.records if "reason=" in r.getMessage()]
+    assert "user=alice" in line
+    assert "reason=tls-error" in line
+    assert "detail='[SSL: " in line

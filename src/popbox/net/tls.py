@@ -191,6 +191,7 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
 
     __slots__ = (
         "_app",
+        "_error",
         "_incoming",
         "_on_failed",
         "_on_ready",
@@ -220,6 +221,8 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._state = _HANDSHAKE
         self._reading_paused = False
+        # Why a TLS error after the handshake ended the connection, for the session.
+        self._error: ssl.SSLError | None = None
         loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             handshake_timeout, self._handshake_timed_out
@@ -279,7 +282,7 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         elif state != _FAILED:
             self._state = _CLOSED
             if self._app is not None:
-                self._app.connection_lost(exc)
+                self._app.connection_lost(self._error or exc)
 
     # -- the session side (asyncio.Transport) -----------------------------------------
 
@@ -484,9 +487,10 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         if on_failed is not None:
             on_failed(exc)
 
-    def _fatal(self, exc: BaseException) -> None:
-        """A TLS error after the handshake: the session sees the connection lost."""
+    def _fatal(self, exc: ssl.SSLError) -> None:
+        """A TLS error after the handshake: the session sees the connection lost by it."""
         self._state = _CLOSED
+        self._error = exc
         if self._raw is not None:
             self._raw.abort()
 
