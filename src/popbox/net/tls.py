@@ -437,10 +437,15 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
     def _deliver(self) -> None:
         """Hand decrypted records to the session until none is left or it pauses."""
         app = self._app
+        incoming, sslobj = self._incoming, self._sslobj
         while self._state == _OPEN and not self._reading_paused and app is not None:
+            if not incoming.pending and not sslobj.pending():
+                # Nothing to decrypt: skip the read and its SSLWantReadError, which
+                # otherwise ends every delivery (a Python exception per command).
+                break
             try:
                 # With a buffer, read() returns the count (typeshed says bytes).
-                count = cast(int, self._sslobj.read(TLS_RECORD_PLAINTEXT, _read_buffer))
+                count = cast(int, sslobj.read(TLS_RECORD_PLAINTEXT, _read_buffer))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
