@@ -99,12 +99,13 @@ def wire_ending(length: int, last_octet: int) -> bytes:
 
 
 def stuff_wire_ready(chunk: bytes, at_line_start: bool) -> bytes:
-    """Dot-stuff the next piece of CRLF-clean stored bytes.
+    """Dot-stuff the next piece of CRLF-clean stored bytes (the encoder's stuffing too).
 
-    ``at_line_start``: the bytes before ended with LF (True for the first piece). The
-    pieces followed by ``wire_ending`` are the encoder's output. A piece with no line
-    starting with ``.`` comes back as the same object; otherwise one ``join`` copies it
-    with the dots in. As everywhere here, a line starts after any LF, CR or not.
+    ``at_line_start``: the bytes before ended with LF (True for the first piece). For
+    CRLF-clean bytes, the pieces followed by ``wire_ending`` are the encoder's output. A
+    piece with no line starting with ``.`` comes back as the same object; otherwise one
+    ``join`` copies it with the dots in. As everywhere here, a line starts after any LF,
+    CR or not.
     """
     offsets = _dotted_line_starts(chunk, at_line_start)
     if not offsets:
@@ -180,13 +181,6 @@ def _to_crlf(chunk: bytes, after_cr: bool) -> bytes:
     return head + body if head else body
 
 
-def _may_need_stuffing(chunk: bytes) -> bool:
-    """Whether a line in ``chunk`` starts with a dot (after the chunk's first line)."""
-    # A one-octet search is memchr (tens of GB/s) and base64 attachments, most of the
-    # bytes RETR sends, have no dots at all; the two-octet search runs at ~1 GB/s.
-    return b"." in chunk and b"\n." in chunk
-
-
 class WireEncoder:
     """Stored bytes -> dot-stuffed wire bytes, for RETR (``body_lines`` None) or TOP.
 
@@ -222,7 +216,8 @@ class WireEncoder:
 
         RETR's common chunks cost one or two C-level scans: a chunk already in wire
         form (CRLF throughout, no line starting with ``.``) comes back as the same
-        object, and an LF-only chunk is one ``replace`` (two with dot-stuffing).
+        object, and an LF-only chunk is one ``replace`` (and a ``join`` if a line in it
+        starts with ``.``).
         """
         if self._done or not chunk:
             return b""
@@ -231,21 +226,16 @@ class WireEncoder:
             self._empty = False
             self._after_cr = chunk[-1] == _CR
             self._at_line_start = chunk[-1] == _LF
+            # Stuffing before the LF->CRLF rewrite is the same (a line starts after
+            # an LF either way) and scans the shorter string.
             if b"\r" not in chunk:
-                # Typical Maildir content: LF line ends only. Stuffing before the
-                # LF->CRLF rewrite is the same and scans the shorter string.
-                if _may_need_stuffing(chunk):
-                    chunk = chunk.replace(b"\n.", b"\n..")
-                wire = chunk.replace(b"\n", b"\r\n")
-            elif chunk.count(b"\n") == chunk.count(b"\r\n"):
+                # Typical Maildir content: LF line ends only.
+                return stuff_wire_ready(chunk, at_line_start).replace(b"\n", b"\r\n")
+            if chunk.count(b"\n") == chunk.count(b"\r\n"):
                 # Already CRLF throughout (bare CRs pass through): only the dots.
-                wire = chunk.replace(b"\n.", b"\n..") if _may_need_stuffing(chunk) else chunk
-            else:
-                wire = chunk.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
-                wire = wire.replace(b"\n", b"\r\n")
-            if at_line_start and chunk[0] == _DOT:
-                return b"." + wire
-            return wire
+                return stuff_wire_ready(chunk, at_line_start)
+            lf_only = chunk.replace(b"\r\n", b"\n")
+            return stuff_wire_ready(lf_only, at_line_start).replace(b"\n", b"\r\n")
         return self._encode_general(chunk)
 
     def _encode_general(self, chunk: bytes) -> bytes:
@@ -257,9 +247,7 @@ class WireEncoder:
         if not normal:
             return b""
         self._empty = False
-        stuffed = normal.replace(b"\n.", b"\n..")
-        if self._at_line_start and normal.startswith(b"."):
-            stuffed = b"." + stuffed
+        stuffed = stuff_wire_ready(normal, self._at_line_start)
         self._at_line_start = normal.endswith(b"\n")
         return stuffed
 
