@@ -325,9 +325,9 @@ def write_report(run: Run, out: Path, started: float, extra_sections: list[str])
         f"({run.dataset.manifest('retr0').wire_octets / 1e6:.1f} MB each, 2-50 KB text/HTML "
         f"and 1-5 MB attachments); idle {sizes.idle_users} sessions; big maildrop "
         f"{sizes.bigbox_messages:,} messages of 1-4 KB; churn {sizes.churn_users} users "
-        f"with {s.churn_rate:.0f} deliveries/s, each into the server's own LMTP (one "
-        "connection, one message per transaction); every delivered message is checked to "
-        "have been retrieved by a poll or to be left in the mailbox.",
+        f"with {s.churn_rate:.0f} deliveries/s into each server's own LMTP (one message "
+        "per transaction, MAIL/RCPT/DATA pipelined, up to 8 connections); every delivered "
+        "message is checked to have been retrieved by a poll or to be left in the mailbox.",
         f"- durations: login {s.login_seconds:g} s, retr {s.retr_seconds:g} s, "
         f"churn {s.churn_seconds:g} s per figure and repetition.",
         *(f"- {note}" for note in run.notes),
