@@ -310,7 +310,11 @@ def _packed(numbers: Sequence[int]) -> bytes:
 
 
 def write_index(
-    maildir: Path, index: MaildirIndex, columns: IndexColumns | None = None
+    maildir: Path,
+    index: MaildirIndex,
+    columns: IndexColumns | None = None,
+    *,
+    durable: bool = True,
 ) -> IndexSignature:
     """Replace the index atomically: temporary file, fsync, rename, directory fsync.
 
@@ -318,6 +322,12 @@ def write_index(
     caller holds the maildrop lock, so no other writer races for the temporary name.
     ``columns`` is ``index.columns()`` if the caller has it already. Returns the new
     file's signature.
+
+    ``durable=False`` leaves out the directory fsync, for a caller to whom the old
+    index coming back after a crash is as good as the new one (one that only dropped
+    entries whose files are durably gone: the next login's reconcile drops them
+    again). The file is still fsynced before the rename, so whichever index is
+    found is whole.
     """
     if columns is None:
         columns = index.columns()
@@ -343,7 +353,8 @@ def write_index(
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
         raise
-    fsync_dir(maildir)
+    if durable:
+        fsync_dir(maildir)
     index.written_in_new = header.in_new
     index.outdated_format = False
     signature = index_signature(maildir)
