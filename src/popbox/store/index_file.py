@@ -55,6 +55,7 @@ from popbox.store.index import (
     IndexHeader,
     MaildirIndex,
     fsync_dir,
+    write_all,
 )
 
 __all__ = [
@@ -342,11 +343,12 @@ def write_index(
     tmp_path = maildir / INDEX_TMP_NAME
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with open(fd, "wb", closefd=True) as handle:
-            handle.write(head)
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            write_all(fd, head)
+            write_all(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_path, maildir / INDEX_NAME)
     except BaseException:
         # The original error is the one worth reporting.

@@ -51,6 +51,7 @@ from popbox.store.index import (
     fsync_dir,
     scan_messages,
     size_fields,
+    write_all,
 )
 from popbox.store.index_file import (
     IndexSignature,
@@ -647,14 +648,12 @@ class MaildirStore:
                 self._ensure_maildir(maildir)
                 fd = os.open(tmp_path, flags, FILE_MODE)
             try:
-                # Straight to the fd: a buffered file object would add an fstat, an
-                # ioctl and an lseek to every delivery.
                 try:
                     for chunk in chunks:
                         if normaliser is not None:
                             chunk = normaliser.convert(chunk)
                         counter.feed(chunk)
-                        _write_all(fd, chunk)
+                        write_all(fd, chunk)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -747,14 +746,6 @@ def _remove_stale_tmp(tmp: Path) -> None:
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until every octet is written (a regular file may take less at once)."""
-    with memoryview(data) as view:
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
 
 
 def _link_no_clobber(source: Path, target: Path) -> None:
