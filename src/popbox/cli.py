@@ -7,12 +7,16 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from popbox.config import Config, load_config
 from popbox.errors import PopboxError
+
+if TYPE_CHECKING:
+    # The server's settings load only for the commands that use them: `popbox fetch`
+    # (run by cron every minute) reads its own [fetch] table and never needs them.
+    from popbox.config import Config
 
 __all__ = ["main"]
 
@@ -28,6 +32,8 @@ config_option = click.option(
 
 
 def _load(config_path: Path | None) -> Config:
+    from popbox.config import load_config
+
     try:
         return load_config(config_path)
     except PopboxError as exc:
@@ -325,6 +331,7 @@ def deliver(config_path: Path | None, recipient: str, sender: str | None) -> Non
     Exit codes follow sysexits: 0 delivered, 67 no such user, 75 temporary failure
     (the MTA retries), 73 cannot create, 65 data error.
     """
+    from popbox.config import load_config
     from popbox.delivery.lda import EX_TEMPFAIL, run_lda
 
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,28 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert status.exit_code == EXIT_OK
     assert "cannot connect" in status.output
     assert load_fetch_settings(good).accounts[0].name == "a"
+
+
+def test_fetch_does_not_load_the_server_settings(tmp_path: Path) -> None:
+    """cron runs `popbox fetch` every minute; the server's config module is not its."""
+    config = write_config(
+        tmp_path,
+        '[[fetch.accounts]]\nname = "a"\nhost = "127.0.0.1"\nport = 1\n'
+        'username = "u"\npassword_env = "NOPE_UNSET"\nconnect_timeout = 2\n'
+        '[[fetch.accounts.sinks]]\nkind = "maildir"\npath = "m"\n',
+    )
+    probe = (
+        "import sys\n"
+        "from popbox.cli import main\n"
+        "try:\n"
+        "    main(['fetch', '--config', sys.argv[1]])\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, 'popbox.config' in sys.modules)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert run.stdout.split() == [str(EXIT_ACCOUNT_FAILED), "False"], run.stderr
 
 
 async def test_group_commit_shares_transactions_and_waits_for_durability(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from popbox.collector.base import FetchedMessage
 from popbox.collector.config import (
@@ -15,7 +17,7 @@ from popbox.collector.config import (
     MboxSinkSettings,
 )
 from popbox.collector.sinks.command import CommandSink
-from popbox.collector.sinks.maildir import MaildirSink
+from popbox.collector.sinks.maildir import MaildirSink, crlf_to_lf
 from popbox.collector.sinks.mbox import MboxSink, mboxrd_lines
 from popbox.errors import PermanentSinkError, TemporarySinkError
 
@@ -55,6 +57,11 @@ async def test_maildir_crlf_split_across_copy_chunks(tmp_path: Path) -> None:
     )
     [stored] = list((box / "new").iterdir())
     assert stored.read_bytes() == data.replace(b"\r\n", b"\n")
+
+
+@given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"\r\r\n", b".", b"x"])).map(b"".join))
+def test_crlf_to_lf_changes_only_crlf(data: bytes) -> None:
+    assert crlf_to_lf(data) == data.replace(b"\r\n", b"\n")
 
 
 def test_mboxrd_quoting_reverses(tmp_path: Path) -> None:

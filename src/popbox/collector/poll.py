@@ -19,6 +19,7 @@ have it are skipped, so a failure of one sink never duplicates into the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -61,9 +62,12 @@ MAILDIR_PARALLEL: Final = 4
 # messages, small enough to bound the spool and what a crash makes the next run redo.
 BATCH_MAX_MESSAGES: Final = 256
 BATCH_MAX_OCTETS: Final = 64 * 1024 * 1024
+# Batches being made durable at once: a second one keeps the disk busy with its file
+# writes while the first waits on its directory fsync and state commits.
+BATCHES_IN_FLIGHT: Final = 2
 # Bodies LIST calls smaller than this stay in memory on their way to batch sinks (no
 # spool file to create, write, read and remove); with BATCH_MAX_MESSAGES queued and
-# one batch in the sinks' hands that is at most 128 MiB, typically a few.
+# BATCHES_IN_FLIGHT batches in the sinks' hands that is at most 192 MiB, typically a few.
 MEMORY_BODY_MAX: Final = 256 * 1024
 # Prefix of uids computed from headers, so they never collide with a server's UIDL.
 HEADER_UID_PREFIX: Final = "hdr:"
@@ -450,8 +454,10 @@ class Poller:
         oversize: set[int],
         done: Callable[[int, int, str], None],
     ) -> None:
-        """Deliver in batches: while one batch is made durable (files, one directory
-        fsync, one state commit), the next downloads; its size follows the disk."""
+        """Deliver in batches: while batches are made durable (files, one directory
+        fsync, one state commit each), the next downloads; its size follows the disk.
+        Two batches run at once, so one's directory fsync and state commits overlap
+        the other's file writes instead of leaving the disk idle."""
         queue: asyncio.Queue[Downloaded | tuple[int, ErrReply] | None] = asyncio.Queue(
             maxsize=BATCH_MAX_MESSAGES
         )
@@ -459,6 +465,9 @@ class Poller:
             self._download(session, fetch, sizes, queue, keep_below=MEMORY_BODY_MAX)
         )
         batch: list[Downloaded] = []
+        # Oldest first; each batch is made durable and recorded on its own, so two at
+        # once change nothing about what a crash leaves.
+        in_flight: collections.deque[asyncio.Task[None]] = collections.deque()
         try:
             finished = False
             while not finished:
@@ -481,14 +490,23 @@ class Poller:
                         break
                     item = queue.get_nowait()
                 if batch:
-                    await self._deliver_downloads(batch, uids, oversize, done)
+                    in_flight.append(
+                        asyncio.create_task(self._deliver_downloads(batch, uids, oversize, done))
+                    )
                     batch = []
+                    if len(in_flight) >= BATCHES_IN_FLIGHT:
+                        await in_flight.popleft()
                 if self._stop.is_set():
                     self.result.stopped = True
                     break
         finally:
             _unlink_spooled(batch)
+            # Batches in the sinks' hands finish (a stop or an error waits for them).
+            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
             await self._stop_download(downloader, queue)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self._raise_download_failure(downloader)
 
     async def _deliver_downloads(
