@@ -170,10 +170,18 @@ def _start_proxy(target: int, delay_ms: float) -> tuple[subprocess.Popen[bytes],
     raise RuntimeError("the latency proxy did not start")
 
 
-def measure(client: str, work: Path, port: int, user: str, expected: int
+def measure(client: str, base: Path, port: int, user: str, expected: int
             ) -> tuple[float, str]:
-    """Seconds for one full download by ``client``; the second item is a problem or ""."""
-    base = _fresh(work / client.replace(" ", "-"))
+    """Seconds for one full download by ``client`` into a new directory ``base``.
+
+    The second item is a problem or "". Every run gets a directory of its own and the
+    runs' trees are deleted only after the last one: on ext4, creating a file scans
+    past the inodes deleted in the last minute, so deleting 5,000 messages just before
+    a run made that run pay for it (seconds of kernel time, by chance of order). The
+    disk is synced first, so no run pays for the previous one's writeback either.
+    """
+    base = _fresh(base)
+    os.sync()
     for path in [base, *base.parents]:
         if path == Path("/"):
             break
@@ -230,6 +238,10 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
     times: dict[tuple[str, str], list[float]] = {}
     problems: list[str] = []
     proxy: subprocess.Popen[bytes] | None = None
+    runs = work / "collector"
+    if runs.exists():  # a run that was cut short
+        shutil.rmtree(runs)
+    count = 0
     try:
         proxy, proxy_port = _start_proxy(server.pop3_port, 10.0)
         for rep in range(reps):
@@ -238,7 +250,9 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
                     continue
                 order = clients[rep % len(clients):] + clients[: rep % len(clients)]
                 for client in order:
-                    elapsed, problem = measure(client, work / "collector", port, user, expected)
+                    count += 1
+                    base = runs / f"{count:03d}-{client.replace(' ', '-')}"
+                    elapsed, problem = measure(client, base, port, user, expected)
                     print(f"    {client:14s} {link:10s} {elapsed:8.2f} s {problem}", flush=True)
                     if problem:
                         problems.append(f"{client} ({link}): {problem}")
@@ -249,6 +263,7 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
             os.killpg(proxy.pid, signal.SIGKILL)
             proxy.wait()
         server.stop()
+        shutil.rmtree(runs, ignore_errors=True)
     lines = [
         "",
         "## Collector",
