@@ -13,7 +13,9 @@ lines pass through.
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+import mmap
+import re
+from typing import Final, TypeAlias
 
 __all__ = [
     "CrlfNormaliser",
@@ -36,8 +38,12 @@ _CR: Final = 0x0D
 _DOT: Final = 0x2E
 # dot_stuffing_offsets looks for a "." with memchr over windows of this size before it
 # runs the slower two-octet search: base64 attachments (most of RETR's bytes) have no
-# dot at all, so most windows cost a memchr (~20 GB/s) instead of a search (~0.5 GB/s).
+# dot at all, so most windows cost a memchr (~20 GB/s) instead of a search (~1-2 GB/s).
 _DOT_WINDOW: Final = 64 * 1024
+# The two-octet search is a regular expression, not bytes.find: on text (a "." every few
+# dozen octets, a line every ~70) re's literal-prefix scan runs about 1.7x faster than
+# find's (0.49 against 0.85 s/GB on the benchmark's text mail).
+_DOTTED_LINE: Final = re.compile(rb"\n\.")
 
 
 def wire_size(data: bytes) -> int:
@@ -55,12 +61,8 @@ def wire_size(data: bytes) -> int:
     return size
 
 
-class Searchable(Protocol):
-    """What dot_stuffing_offsets needs of the stored bytes: bytes and mmap both fit."""
-
-    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
-
-    def __getitem__(self, index: int, /) -> int: ...
+# What dot_stuffing_offsets scans: anything with find() and the buffer protocol.
+Searchable: TypeAlias = bytes | bytearray | mmap.mmap
 
 
 def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = True) -> list[int]:
@@ -75,15 +77,13 @@ def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = Tr
         return offsets
     if at_line_start and data[0] == _DOT:
         offsets.append(0)
+    dotted_lines = _DOTTED_LINE.finditer
     for start in range(0, length, _DOT_WINDOW):
         end = min(start + _DOT_WINDOW, length)
         if data.find(b".", start, end) < 0:
             continue
         # A line start at ``start`` itself follows an LF at start - 1.
-        found = data.find(b"\n.", max(start - 1, 0), end)
-        while found >= 0:
-            offsets.append(found + 1)
-            found = data.find(b"\n.", found + 2, end)
+        offsets += [found.start() + 1 for found in dotted_lines(data, max(start - 1, 0), end)]
     return offsets
 
 
