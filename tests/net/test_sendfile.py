@@ -372,3 +372,39 @@ async def test_out_of_descriptors_for_the_duplicate_falls_back_to_streaming(
     bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
     assert bodies == [received_body(m) for m in MAILDROP]
     client.close()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("ending", ["quit", "reset"])
+async def test_the_duplicate_socket_is_one_per_session_and_closes_with_it(
+    maildir_server: Callable[..., Awaitable[Pop3Service]], sendfile_calls: list[int], ending: str
+) -> None:
+    service = await maildir_server()
+    before = open_descriptors()
+    client = await login(service)
+    assert await retr_raw(client, 1) == received_body(MAILDROP[0])
+    after_one = open_descriptors()
+    for _ in range(3):
+        for index in SENDFILE_INDEXES:
+            assert await retr_raw(client, index + 1) == received_body(MAILDROP[index])
+    # Ten zero-copy RETRs later the session holds no more descriptors than after one.
+    assert open_descriptors() == after_one
+    assert len(sendfile_calls) == 1 + 3 * len(SENDFILE_INDEXES)
+    if ending == "quit":
+        await client.send(b"QUIT\r\n")
+        assert (await client.line()).startswith(b"+OK")
+        # The kept duplicate must not hold the TCP stream open after the server's close.
+        await asyncio.wait_for(client.closed(), 5)
+    else:
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.writer.transport.abort()
+    client.close()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while service.session_count or open_descriptors() > before:
+        assert loop.time() - started < 10, "the session's descriptors were not all closed"
+        await asyncio.sleep(0.02)

@@ -176,6 +176,7 @@ class Pop3Session(asyncio.Protocol):
         "_counted",
         "_detail",
         "_drain_waiter",
+        "_file_socket",
         "_hub",
         "_implicit_tls",
         "_ip",
@@ -216,6 +217,8 @@ class Pop3Session(asyncio.Protocol):
         self._user_slot: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        # send_file's duplicate of the socket, kept between RETRs (None while in use).
+        self._file_socket: socket.socket | None = None
         self._write_paused = False
         self._reading_paused = False
         # "discard": between STLS's +OK and the protocol switch, bytes are plaintext
@@ -303,6 +306,7 @@ class Pop3Session(asyncio.Protocol):
             return  # a failed STLS handshake may report the loss twice
         self._lost = True
         self._closing = True
+        self._close_file_socket()
         if self._reason is None:
             self._reason = EndReason.DISCONNECT
             if exc is not None:
@@ -359,17 +363,30 @@ class Pop3Session(asyncio.Protocol):
         transport = self._transport
         if self._lost or transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
-        raw = transport.get_extra_info("socket")
         # A duplicate of the socket: the loop refuses a second watcher on the
         # transport's own fd, and the duplicate stays this socket even if the transport
         # closes its fd meanwhile (its number could then name another connection).
-        try:
-            sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
-        except OSError:
-            return None  # out of descriptors: the caller streams it instead
+        # It is made once per session, not per RETR (a dup, a getsockname and a close
+        # each time), and closed with the session, never while a send uses it.
+        sock, self._file_socket = self._file_socket, None
+        if sock is None:
+            raw = transport.get_extra_info("socket")
+            try:
+                sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+            except OSError:
+                return None  # out of descriptors: the caller streams it instead
         try:
             return await send_wire_file(sock, head, file, self._socket_writable, self._progress)
         finally:
+            if self._closing:
+                sock.close()
+            else:
+                self._file_socket = sock
+
+    def _close_file_socket(self) -> None:
+        """Close send_file's duplicate, so that the transport's close ends the TCP stream."""
+        sock, self._file_socket = self._file_socket, None
+        if sock is not None:
             sock.close()
 
     async def _flush_transport(self) -> None:
@@ -689,6 +706,7 @@ class Pop3Session(asyncio.Protocol):
             self._reason = reason
             self._detail = detail
         self._closing = True
+        self._close_file_socket()
         transport = self._transport
         if transport is None or self._lost:
             return
