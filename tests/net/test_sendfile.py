@@ -99,16 +99,27 @@ async def send_and_receive(
     return bytes(received), sent
 
 
-@pytest.mark.parametrize("tiny", [False, True], ids=["production", "tiny-runs"])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {},
+        # Every run by sendfile and a handful of pieces per sendmsg.
+        {"SENDFILE_MIN": 1, "MAX_IOV": 3},
+        # Windows of a few octets: dotted lines and CR LF split across window ends,
+        # with short windows gathered and longer ones sent as runs.
+        {"READ_WINDOW": 5, "SENDFILE_MIN": 3, "MAX_IOV": 3},
+        # Small windows, every piece gathered: a dot at a window's first octet.
+        {"READ_WINDOW": 2},
+    ],
+    ids=["production", "tiny-runs", "tiny-windows", "gathered-windows"],
+)
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stored=STORED_PIECES)
 def test_sent_bytes_equal_the_encoders(
-    stored: bytes, tiny: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stored: bytes, limits: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if tiny:
-        # Every run by sendfile and a handful of pieces per sendmsg: every branch.
-        monkeypatch.setattr(zerocopy, "SENDFILE_MIN", 1)
-        monkeypatch.setattr(zerocopy, "MAX_IOV", 3)
+    for name, value in limits.items():
+        monkeypatch.setattr(zerocopy, name, value)
     received, sent = asyncio.run(send_and_receive(stored, tmp_path / "message"))
     body = encoded(stored)
     assert received == b"+OK\r\n" + body
