@@ -419,3 +419,47 @@ async def test_the_duplicate_socket_is_one_per_session_and_closes_with_it(
     while service.session_count or open_descriptors() > before:
         assert loop.time() - started < 10, "the session's descriptors were not all closed"
         await asyncio.sleep(0.02)
+
+
+async def test_commands_sent_while_a_retr_is_sending_are_answered_after_it(
+    maildir_server: Callable[..., Awaitable[Pop3Service]],
+    sendfile_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[int] = []
+    real_wait = session_module.Pop3Session._socket_writable
+
+    async def counted_wait(self: session_module.Pop3Session, fd: int) -> None:
+        waits.append(fd)
+        await real_wait(self, fd)
+
+    real_fromfd = socket.fromfd
+
+    def small_send_buffer(*args: Any) -> socket.socket:
+        # The duplicate is the session's socket: a small send buffer there makes the
+        # server block mid-body at once, while the client still reads at full speed.
+        duplicate = real_fromfd(*args)
+        duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        return duplicate
+
+    monkeypatch.setattr(session_module.Pop3Session, "_socket_writable", counted_wait)
+    monkeypatch.setattr(session_module.socket, "fromfd", small_send_buffer)
+    service = await maildir_server()
+    client = await login(service)
+    client.writer.transport.pause_reading()
+    await client.send(b"RETR 6\r\n")
+    await asyncio.sleep(0.1)
+    assert waits, "the body fitted in the socket buffers: nothing is tested"
+    # The big body cannot fit in the socket buffers: the server is mid-send when the
+    # next commands arrive, and must answer them only after the terminator.
+    await client.send(b"NOOP\r\nRETR 1\r\nSTAT\r\n")
+    await asyncio.sleep(0.1)
+    client.writer.transport.resume_reading()
+    assert (await client.line()).startswith(b"+OK")
+    body = await asyncio.wait_for(client.reader.readuntil(b"\r\n.\r\n"), 30)
+    assert body == received_body(MAILDROP[5])
+    assert (await client.line()).startswith(b"+OK")  # NOOP
+    assert await retr_raw_after_send(client) == received_body(MAILDROP[0])
+    assert (await client.line()).startswith(b"+OK %d " % len(MAILDROP))
+    assert len(sendfile_calls) == 2
+    client.close()
