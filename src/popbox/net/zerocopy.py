@@ -138,6 +138,10 @@ async def _sendmsg_all(
             await wait_writable(sock.fileno())
             continue
         progress()
+        if sent == sum(map(len, batch)):
+            # The usual case, the whole batch left: no Python step per piece.
+            first += len(batch)
+            continue
         # Drop what left; a piece sent in part is replaced by its rest.
         while first < len(pieces):
             length = len(pieces[first])
