@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import random
 import ssl
 import time
@@ -504,13 +503,20 @@ async def pipeline(server: Server, user: str, password: str, *, commands: int = 
     return await measured(server, body)
 
 
-class Deliverer:
-    """Puts new mail into the churn users' mailboxes while they are polled."""
+# Concurrent LMTP connections of the churn scenario's deliveries at most (Postfix's
+# default_destination_concurrency_limit is 20; a handful keeps 50/s going).
+LMTP_CONNECTIONS: Final = 8
 
-    def __init__(self, server: Server, owner: tuple[int, int] | None) -> None:
+
+class Deliverer:
+    """Puts new mail into the churn users' mailboxes over the server's own LMTP.
+
+    Both servers get their mail the same way, one message per transaction, so the
+    delivery is the server's work in either figure.
+    """
+
+    def __init__(self, server: Server) -> None:
         self.server = server
-        self.owner = owner
-        self.sequence = 0
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -526,50 +532,79 @@ class Deliverer:
                 return line
 
     async def deliver(self, user: str, data: bytes) -> None:
-        self.sequence += 1
-        if self.server.lmtp_port is not None:
-            if self.writer is None:
-                self.reader, self.writer = await asyncio.open_connection(
-                    self.server.host, self.server.lmtp_port)
-                await self._lmtp_reply()
-                self.writer.write(b"LHLO bench.example\r\n")
-                await self._lmtp_reply()
-            stuffed = data.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
-            if stuffed.startswith(b"."):
-                stuffed = b"." + stuffed
-            self.writer.write(b"MAIL FROM:<bench@example.org>\r\n")
+        """Deliver ``data`` (LF or CRLF line ends) to ``user``; return on its 250.
+
+        MAIL, RCPT and DATA go in one write (PIPELINING, which both servers offer
+        and Postfix's LMTP client uses), then the message.
+        """
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(
+                self.server.host, self.server.lmtp_port)
             await self._lmtp_reply()
-            self.writer.write(f"RCPT TO:<{user}>\r\n".encode())
+            self.writer.write(b"LHLO bench.example\r\n")
             await self._lmtp_reply()
-            self.writer.write(b"DATA\r\n")
+        stuffed = data.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+        if stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        if not stuffed.endswith(b"\r\n"):
+            stuffed += b"\r\n"
+        self.writer.write(b"MAIL FROM:<bench@example.org>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+                          % user.encode())
+        for _ in range(3):
             await self._lmtp_reply()
-            self.writer.write(stuffed + b".\r\n")
-            await self._lmtp_reply()
-        else:
-            # Dovecot: a direct Maildir delivery (tmp/, then rename into new/), the
-            # cheapest way in; it costs this process, not the server.
-            maildir = self.server.maildir_root / user
-            name = f"{time.time():.0f}.M{self.sequence}P{os.getpid()}.churn"
-            tmp = maildir / "tmp" / name
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            if self.owner is not None:
-                os.chown(tmp, *self.owner)
-            os.rename(tmp, maildir / "new" / name)
+        self.writer.write(stuffed + b".\r\n")
+        await self._lmtp_reply()
 
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.write(b"QUIT\r\n")
+            with contextlib.suppress(OSError, Pop3Error):
+                await self._lmtp_reply()
             self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.writer = self.reader = None
+
+
+async def mailbox_counts(server: Server, users: Sequence[str], password: str) -> Counter[str]:
+    """Each user's message count as the server's POP3 side shows it (STAT)."""
+    counts: Counter[str] = Counter()
+    for user in users:
+        client = await Pop3Client.connect(server, "plain", None)
+        await client.login(user, password)
+        counts[user] = int((await client.command("STAT")).split()[1])
+        await client.quit()
+    return counts
+
+
+def check_churn_accounting(before: Counter[str], delivered: Counter[str],
+                           retrieved: Counter[str], after: Counter[str], failed: int) -> None:
+    """Every message delivered over LMTP was seen over POP3 exactly once, or is still there.
+
+    Per user: messages before + delivered = retrieved and deleted by the polls + left
+    after. A failed poll may have committed its deletions before it broke, uncounted,
+    so with failures the retrieved side may only fall short, never exceed.
+    """
+    for user in sorted(set(before) | set(delivered) | set(retrieved) | set(after)):
+        arrived = before[user] + delivered[user]
+        accounted = retrieved[user] + after[user]
+        if accounted > arrived or (accounted < arrived and not failed):
+            raise Pop3Error(
+                f"churn: {user} had {before[user]} messages and was delivered "
+                f"{delivered[user]}, but the polls retrieved {retrieved[user]} and "
+                f"{after[user]} are left")
 
 
 async def churn(server: Server, users: Sequence[str], password: str, *, duration: float,
-                deliveries_per_second: float, message_source: Callable[[int], bytes],
-                owner: tuple[int, int] | None) -> Result:
-    """Poll sessions per second: STAT, UIDL, RETR all, DELE all, QUIT, while mail arrives."""
+                deliveries_per_second: float, message_source: Callable[[int], bytes]) -> Result:
+    """Poll sessions per second: STAT, UIDL, RETR all, DELE all, QUIT, while mail arrives.
+
+    Mail arrives over the server's LMTP. Outside the measured time, each mailbox is
+    counted before and after, and every delivered message must have been retrieved by
+    a poll or still be there (``check_churn_accounting``).
+    """
+    delivered: Counter[str] = Counter()
+    retrieved: Counter[str] = Counter()
 
     async def poller(user: str, deadline: float, totals: list[int]) -> None:
         while time.perf_counter() < deadline:
@@ -589,24 +624,53 @@ async def churn(server: Server, users: Sequence[str], password: str, *, duration
                 continue
             totals[0] += 1
             totals[1] += count
+            retrieved[user] += count
 
     async def delivery(deadline: float, totals: list[int]) -> None:
-        deliverer = Deliverer(server, owner)
+        # Deliveries start at the offered rate whatever each one takes, on as many
+        # connections as are busy (up to an MTA's concurrency), so a slow delivery
+        # does not lower the load the server is measured under.
+        idle: list[Deliverer] = []
+        every: list[Deliverer] = []
+        running: set[asyncio.Task[None]] = set()
+        free = asyncio.Semaphore(LMTP_CONNECTIONS)
         rng = random.Random(7)
         interval = 1.0 / deliveries_per_second
+
+        async def one(deliverer: Deliverer, user: str, data: bytes) -> None:
+            try:
+                await deliverer.deliver(user, data)
+                delivered[user] += 1
+                totals[2] += 1
+            finally:
+                idle.append(deliverer)
+                free.release()
+
         next_at = time.perf_counter()
         try:
             while (now := time.perf_counter()) < deadline:
                 if now < next_at:
                     await asyncio.sleep(next_at - now)
                 next_at += interval
-                await deliverer.deliver(rng.choice(users), message_source(totals[2]))
-                totals[2] += 1
+                await free.acquire()
+                if not idle:
+                    every.append(Deliverer(server))
+                    idle.append(every[-1])
+                data = message_source(totals[4])
+                totals[4] += 1
+                task = asyncio.create_task(one(idle.pop(), rng.choice(users), data))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            # The last ones finish (and are counted) before the mailboxes are.
+            await asyncio.gather(*running)
         finally:
-            await deliverer.close()
+            for deliverer in every:
+                await deliverer.close()
+
+    # sessions, messages retrieved, delivered, failed sessions, deliveries started
+    totals = [0, 0, 0, 0, 0]
 
     async def body() -> tuple[float, str, dict[str, float]]:
-        totals = [0, 0, 0, 0]
         start = time.perf_counter()
         deadline = start + duration
         await asyncio.gather(delivery(deadline, totals),
@@ -616,4 +680,8 @@ async def churn(server: Server, users: Sequence[str], password: str, *, duration
             "sessions": totals[0], "retrieved": totals[1], "delivered": totals[2],
             "failed": totals[3]}
 
-    return await measured(server, body)
+    before = await mailbox_counts(server, users, password)
+    result = await measured(server, body)
+    after = await mailbox_counts(server, users, password)
+    check_churn_accounting(before, delivered, retrieved, after, totals[3])
+    return result

@@ -80,7 +80,7 @@ class Server:
     maildir_root: Path
     pop3_port: int
     pop3s_port: int
-    lmtp_port: int | None
+    lmtp_port: int
     process: subprocess.Popen[bytes]
     notes: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -145,11 +145,12 @@ def _wait_ready(server: Server, log: Path) -> Server:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited at start:\n{log.read_text(errors='replace')}")
         try:
-            for port in (server.pop3_port, server.pop3s_port):
+            for port in (server.pop3_port, server.pop3s_port, server.lmtp_port):
                 with socket.create_connection((server.host, port), 2) as sock:
-                    if port == server.pop3_port:
+                    greeting = {server.pop3_port: b"+OK", server.lmtp_port: b"220"}
+                    if port in greeting:
                         sock.settimeout(5)
-                        if not sock.recv(100).startswith(b"+OK"):
+                        if not sock.recv(100).startswith(greeting[port]):
                             raise OSError("no greeting")
             return server
         except OSError:
@@ -211,7 +212,8 @@ listen = ["127.0.0.1:{lmtp}"]
 
 
 def _dovecot_config(
-    root: Path, mode: str, pop3: int, pop3s: int, cert: Path, key: Path, sessions: int
+    root: Path, mode: str, pop3: int, pop3s: int, lmtp: int, cert: Path, key: Path,
+    sessions: int,
 ) -> str:
     uid, gid = mail_ids()
     # Enough processes and clients for the idle scenario's sessions, with headroom.
@@ -233,7 +235,7 @@ base_dir = {run}/run
 state_dir = {run}/state
 log_path = {run}/dovecot.log
 info_log_path = {run}/dovecot.log
-protocols = pop3
+protocols = pop3 lmtp
 listen = 127.0.0.1
 ssl = yes
 ssl_cert = <{cert}
@@ -277,6 +279,14 @@ service pop3-login {{
 service pop3 {{
   process_limit = {limit}
 {pop3_service}}}
+# Mail comes in over Dovecot's own LMTP, as into popbox's: the delivery is the
+# server's work in both. It saves as the userdb's uid into the Maildir pop3 reads.
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {lmtp}
+  }}
+}}
 """
 
 
@@ -293,9 +303,9 @@ def start_dovecot(root: Path, mode: str, cert: Path, key: Path, *, sessions: int
         if path == Path("/"):
             break
         path.chmod(path.stat().st_mode | 0o711)
-    pop3, pop3s = free_port(), free_port()
+    pop3, pop3s, lmtp = free_port(), free_port(), free_port()
     config = run / "dovecot.conf"
-    config.write_text(_dovecot_config(root, mode, pop3, pop3s, cert, key, sessions))
+    config.write_text(_dovecot_config(root, mode, pop3, pop3s, lmtp, cert, key, sessions))
     check = subprocess.run([DOVECOT, "-n", "-c", str(config)], capture_output=True, text=True)
     if check.returncode != 0:
         raise RuntimeError(f"dovecot -n rejected the config: {check.stderr}")
@@ -307,5 +317,5 @@ def start_dovecot(root: Path, mode: str, cert: Path, key: Path, *, sessions: int
             stderr=stderr,
             start_new_session=True,
         )
-    server = Server(mode, "dovecot", root, root / "mail", pop3, pop3s, None, process)
+    server = Server(mode, "dovecot", root, root / "mail", pop3, pop3s, lmtp, process)
     return _wait_ready(server, log)

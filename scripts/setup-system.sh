@@ -6,7 +6,7 @@
 # on loopback ports with their own configuration.
 set -euo pipefail
 
-PACKAGES=(curl ca-certificates fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d
+PACKAGES=(curl ca-certificates fetchmail mpop getmail6 postfix dovecot-core dovecot-pop3d dovecot-lmtpd
           iproute2 procps)
 
 missing=()

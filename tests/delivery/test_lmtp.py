@@ -7,6 +7,7 @@ acts on (retry, bounce, done) and what the mailbox holds afterwards.
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import socket
 import threading
@@ -18,6 +19,7 @@ from lmtptools import RunningLmtp, StartLmtp, make_config, users
 
 from popbox.auth.base import UserRecord
 from popbox.config import QuotaSettings
+from popbox.delivery.lmtp import AIOSMTPD_LOGGER
 from popbox.errors import AuthError, StoreError
 from popbox.store.memory import MemoryStore
 
@@ -370,3 +372,31 @@ def test_hangup_after_the_final_dot_still_completes_the_delivery(
     # stop() waits for deliveries in progress before it closes sessions.
     server.run(server.service.stop())
     assert len(server.messages("alice")) == 1
+
+
+def test_aiosmtpd_command_chatter_stays_out_of_an_info_log(
+    start_lmtp: StartLmtp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line per delivery at INFO, popbox's own, as Dovecot's LMTP logs it; not
+    aiosmtpd's five (every command, every connection event)."""
+    chatty = logging.getLogger(AIOSMTPD_LOGGER)
+    level = chatty.level
+    chatty.setLevel(logging.NOTSET)
+    try:
+        with caplog.at_level(logging.INFO):
+            server = start_lmtp()
+            transaction(server, "carol@example.net", ["alice@example.test"], MESSAGE)
+        names = [record.name for record in caplog.records]
+        assert "popbox.delivery" in names
+        assert AIOSMTPD_LOGGER not in names
+        # aiosmtpd's warnings and errors still come.
+        assert chatty.getEffectiveLevel() == logging.WARNING
+        # An operator at DEBUG gets it all.
+        chatty.setLevel(logging.NOTSET)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            server = start_lmtp()
+            transaction(server, "carol@example.net", ["alice@example.test"], MESSAGE)
+        assert AIOSMTPD_LOGGER in [record.name for record in caplog.records]
+    finally:
+        chatty.setLevel(level)

@@ -289,3 +289,28 @@ def test_stuffing_wire_ready_pieces_gives_the_encoders_bytes(
             at_line_start = piece.endswith(b"\n")
     ending = wire_ending(len(stored), stored[-1] if stored else 0)
     assert b"".join(out) + ending == encode(stored, [])
+
+
+@settings(max_examples=500)
+@given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6), st.booleans())
+def test_stuffing_wire_ready_is_a_dot_after_every_lf_whatever_the_bytes(
+    data: bytes, cuts: list[int], at_line_start: bool
+) -> None:
+    """Bare LFs, bare CRs, runs of dots and dots on piece boundaries: the stuffed pieces
+    are the data with a dot added after every LF that precedes one, and at the start."""
+    expected = data.replace(b"\n.", b"\n..")
+    if at_line_start and data.startswith(b"."):
+        expected = b"." + expected
+    out, at = [], at_line_start
+    for piece in split_at(data, cuts):
+        if piece:
+            out.append(stuff_wire_ready(piece, at))
+            at = piece.endswith(b"\n")
+    assert b"".join(out) == expected
+
+
+def test_stuffing_wire_ready_returns_an_undotted_piece_itself() -> None:
+    piece = b"no dotted line. Dots inside.\r\n" * 1000
+    assert stuff_wire_ready(piece, True) is piece
+    assert stuff_wire_ready(b".x\r\n", False) == b".x\r\n"
+    assert stuff_wire_ready(b".x\r\n.\r\n", True) == b"..x\r\n..\r\n"

@@ -60,6 +60,10 @@ log = logging.getLogger("popbox.lmtp")
 UNIX_SOCKET_MODE: Final = 0o666
 # What the greeting names after the host name; no version, nothing to fingerprint.
 IDENT: Final = "popbox LMTP"
+# aiosmtpd's logger. It writes every command and connection event at INFO, five
+# lines per delivery beside popbox's own one ("delivered to=..."), which is all that
+# Dovecot's LMTP logs too; its chatter is kept for debug logging only.
+AIOSMTPD_LOGGER: Final = "mail.log"
 
 # aiosmtpd's own replies, reworded with RFC 3463 enhanced status codes so that every
 # answer an MTA logs says the same thing whichever layer produced it.
@@ -245,6 +249,7 @@ class LmtpService:
     def __init__(self, config: Config, store: MailStore, passdb: PassDB) -> None:
         self._config = config
         self.deliverer = Deliverer(config, store, passdb)
+        _quiet_aiosmtpd()
         self._servers: list[asyncio.Server] = []
         self._socket_path: Path | None = None
         self.sessions: set[_LmtpSession] = set()
@@ -333,6 +338,17 @@ class LmtpService:
         if self._socket_path is not None:
             _remove_stale_socket(self._socket_path)
             self._socket_path = None
+
+
+def _quiet_aiosmtpd() -> None:
+    """Keep aiosmtpd's per-command INFO lines out of a log that is not at DEBUG.
+
+    Its warnings and errors still come through; a level an operator set on its
+    logger themselves is left alone.
+    """
+    chatty = logging.getLogger(AIOSMTPD_LOGGER)
+    if chatty.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
+        chatty.setLevel(logging.WARNING)
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -24,6 +24,7 @@ class EndReason:
     SHUTDOWN: Final = "shutdown"
     ERROR: Final = "error"
     TLS_FAILED: Final = "tls handshake failed"
+    TLS_ERROR: Final = "tls error"
     TOO_MANY_CONNECTIONS: Final = "too many connections"
     PROXY_HEADER: Final = "bad proxy header"
 

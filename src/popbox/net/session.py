@@ -315,7 +315,10 @@ class Pop3Session(asyncio.Protocol):
         self._closing = True
         self._close_file_socket()
         if self._reason is None:
-            self._reason = EndReason.DISCONNECT
+            # A TLS error after the handshake (a bad record, an alert) is the TLS
+            # layer's reason for the loss: the log says which.
+            tls_error = isinstance(exc, ssl.SSLError)
+            self._reason = EndReason.TLS_ERROR if tls_error else EndReason.DISCONNECT
             if exc is not None:
                 self._detail = str(exc) or type(exc).__name__
         self._cancel_watchdog()

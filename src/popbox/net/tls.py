@@ -191,6 +191,7 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
 
     __slots__ = (
         "_app",
+        "_error",
         "_incoming",
         "_on_failed",
         "_on_ready",
@@ -220,6 +221,8 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._state = _HANDSHAKE
         self._reading_paused = False
+        # Why a TLS error after the handshake ended the connection, for the session.
+        self._error: ssl.SSLError | None = None
         loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = loop.call_later(
             handshake_timeout, self._handshake_timed_out
@@ -279,7 +282,7 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         elif state != _FAILED:
             self._state = _CLOSED
             if self._app is not None:
-                self._app.connection_lost(exc)
+                self._app.connection_lost(self._error or exc)
 
     # -- the session side (asyncio.Transport) -----------------------------------------
 
@@ -287,26 +290,48 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         self.writelines((data,))
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        # Encrypted a record at a time, so the outgoing memory BIO (which keeps its
-        # largest buffer for good) never holds more than one record: a session that
-        # sent a 256 KiB RETR batch through it would otherwise keep ~350 KiB while it
-        # idles. The pieces still leave in one gathered write, as uvloop's do.
+        # The pieces are one stream cut into full records: a RETR's +OK line rides in
+        # the body's first record and the terminator in its last, and a record is
+        # copied only where it spans two pieces. Encrypted a record at a time, so the
+        # outgoing memory BIO (which keeps its largest buffer for good) never holds
+        # more than one record: a session that sent a 256 KiB RETR batch through it
+        # would otherwise keep ~350 KiB while it idles. The records still leave in one
+        # gathered write, as uvloop's do. Nothing of the caller's is kept afterwards.
         if self._state != _OPEN:
             return
         encrypt, outgoing = self._sslobj.write, self._outgoing
         pieces: list[bytes] = []
+        # The start of the next record: parts of pieces, fewer than a record's octets.
+        held: list[bytes | bytearray | memoryview] = []
+        held_size = 0
         try:
             for data in list_of_data:
                 size = len(data)
-                if size <= TLS_RECORD_PLAINTEXT:
+                if held_size + size < TLS_RECORD_PLAINTEXT:
                     if size:
-                        encrypt(data)
-                        pieces.append(outgoing.read())
+                        held.append(data)
+                        held_size += size
                     continue
-                with memoryview(data) as view:
-                    for start in range(0, size, TLS_RECORD_PLAINTEXT):
-                        encrypt(view[start : start + TLS_RECORD_PLAINTEXT])
-                        pieces.append(outgoing.read())
+                view = memoryview(data)
+                start = 0
+                if held:
+                    start = TLS_RECORD_PLAINTEXT - held_size
+                    held.append(view[:start])
+                    encrypt(b"".join(held))
+                    pieces.append(outgoing.read())
+                    held = []
+                    held_size = 0
+                end = size - TLS_RECORD_PLAINTEXT
+                while start <= end:
+                    encrypt(view[start : start + TLS_RECORD_PLAINTEXT])
+                    pieces.append(outgoing.read())
+                    start += TLS_RECORD_PLAINTEXT
+                if start < size:
+                    held.append(view[start:])
+                    held_size = size - start
+            if held:
+                encrypt(held[0] if len(held) == 1 else b"".join(held))
+                pieces.append(outgoing.read())
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
@@ -412,10 +437,15 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
     def _deliver(self) -> None:
         """Hand decrypted records to the session until none is left or it pauses."""
         app = self._app
+        incoming, sslobj = self._incoming, self._sslobj
         while self._state == _OPEN and not self._reading_paused and app is not None:
+            if not incoming.pending and not sslobj.pending():
+                # Nothing to decrypt: skip the read and its SSLWantReadError, which
+                # otherwise ends every delivery (a Python exception per command).
+                break
             try:
                 # With a buffer, read() returns the count (typeshed says bytes).
-                count = cast(int, self._sslobj.read(TLS_RECORD_PLAINTEXT, _read_buffer))
+                count = cast(int, sslobj.read(TLS_RECORD_PLAINTEXT, _read_buffer))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -462,9 +492,10 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         if on_failed is not None:
             on_failed(exc)
 
-    def _fatal(self, exc: BaseException) -> None:
-        """A TLS error after the handshake: the session sees the connection lost."""
+    def _fatal(self, exc: ssl.SSLError) -> None:
+        """A TLS error after the handshake: the session sees the connection lost by it."""
         self._state = _CLOSED
+        self._error = exc
         if self._raw is not None:
             self._raw.abort()
 

@@ -55,6 +55,7 @@ from popbox.store.index import (
     IndexHeader,
     MaildirIndex,
     fsync_dir,
+    write_all,
 )
 
 __all__ = [
@@ -310,7 +311,11 @@ def _packed(numbers: Sequence[int]) -> bytes:
 
 
 def write_index(
-    maildir: Path, index: MaildirIndex, columns: IndexColumns | None = None
+    maildir: Path,
+    index: MaildirIndex,
+    columns: IndexColumns | None = None,
+    *,
+    durable: bool = True,
 ) -> IndexSignature:
     """Replace the index atomically: temporary file, fsync, rename, directory fsync.
 
@@ -318,6 +323,12 @@ def write_index(
     caller holds the maildrop lock, so no other writer races for the temporary name.
     ``columns`` is ``index.columns()`` if the caller has it already. Returns the new
     file's signature.
+
+    ``durable=False`` leaves out the directory fsync, for a caller to whom the old
+    index coming back after a crash is as good as the new one (one that only dropped
+    entries whose files are durably gone: the next login's reconcile drops them
+    again). The file is still fsynced before the rename, so whichever index is
+    found is whole.
     """
     if columns is None:
         columns = index.columns()
@@ -332,18 +343,20 @@ def write_index(
     tmp_path = maildir / INDEX_TMP_NAME
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with open(fd, "wb", closefd=True) as handle:
-            handle.write(head)
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            write_all(fd, head)
+            write_all(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_path, maildir / INDEX_NAME)
     except BaseException:
         # The original error is the one worth reporting.
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
         raise
-    fsync_dir(maildir)
+    if durable:
+        fsync_dir(maildir)
     index.written_in_new = header.in_new
     index.outdated_format = False
     signature = index_signature(maildir)

@@ -51,6 +51,7 @@ from popbox.store.index import (
     fsync_dir,
     scan_messages,
     size_fields,
+    write_all,
 )
 from popbox.store.index_file import (
     IndexSignature,
@@ -358,16 +359,22 @@ class MaildirMaildrop:
         try:
             failure: OSError | None = None
             relocated: dict[str, str] | None = None
+            # The directories an unlink (or an attempt) touched: only they need an
+            # fsync. The login moved new/ mail to cur/, so new/ is usually not one.
+            touched: set[str] = set()
             for i in doomed:
+                path = self._path(i)
+                touched.add(path[:3])
                 try:
-                    os.unlink(self._maildir / self._path(i))
+                    os.unlink(self._maildir / path)
                 except FileNotFoundError:
                     if relocated is None:
                         relocated = self._all_paths()
-                    path = relocated.get(self._keys[i])
-                    if path is not None:  # renamed since the snapshot; else already gone
+                    found = relocated.get(self._keys[i])
+                    if found is not None:  # renamed since the snapshot; else already gone
+                        touched.add(found[:3])
                         try:
-                            os.unlink(self._maildir / path)
+                            os.unlink(self._maildir / found)
                         except FileNotFoundError:
                             pass
                         except OSError as exc:
@@ -378,14 +385,18 @@ class MaildirMaildrop:
                     continue
                 self._index.entries.pop(self._keys[i], None)
             with _os_errors(action):
-                fsync_dir(self._maildir / "cur")
-                fsync_dir(self._maildir / "new")
+                for directory in sorted(touched):
+                    fsync_dir(self._maildir / directory)
                 # After a failed unlink nobody knows what cur/ holds: make the next
                 # login rescan it rather than trust its mtime.
                 cur_mtime = os.stat(self._maildir / "cur").st_mtime_ns
                 self._index.cur_mtime = 0 if failure else trusted_mtime(cur_mtime)
                 written = self._index.columns()
-                signature = write_index(self._maildir, self._index, written)
+                # The deletions are durable now. This index only drops their entries:
+                # should the old one come back after a crash, the next login's
+                # reconcile drops them again, with every other UIDL as it was. So its
+                # rename needs no directory fsync of its own before QUIT's +OK.
+                signature = write_index(self._maildir, self._index, written, durable=False)
             # The next snapshot is what the index now holds, as written.
             loaded = _LoadedIndex(self._index, signature, written)
             # Handed back before unlocking, so the next session finds it in the cache.
@@ -638,14 +649,15 @@ class MaildirStore:
                 self._ensure_maildir(maildir)
                 fd = os.open(tmp_path, flags, FILE_MODE)
             try:
-                with open(fd, "wb") as handle:
+                try:
                     for chunk in chunks:
                         if normaliser is not None:
                             chunk = normaliser.convert(chunk)
                         counter.feed(chunk)
-                        handle.write(chunk)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                        write_all(fd, chunk)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 # W= means Dovecot's virtual size, which is the wire size only for a
                 # message that ends with a line end; for one that does not, W= is
                 # left out so whoever indexes it counts it exactly (a rare case:

@@ -333,7 +333,11 @@ def move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[st
     """Rename indexed new/ messages into cur/ as Maildir readers do; True if any moved.
 
     The key stays the same, so UIDLs do too; a move the next crash undoes is found
-    again in new/ by its key. Leaving new/ to fresh arrivals keeps usage() cheap.
+    again in new/ by its key (and cur/'s mtime, back to its old value, no longer
+    matches the index, so the next login rescans). That is why the moves get no fsync
+    of their own: the index write that follows makes them durable where the
+    filesystem orders metadata, and nothing is lost where it does not. Leaving new/
+    to fresh arrivals keeps usage() cheap.
     """
     if not keys:
         return False
@@ -358,9 +362,6 @@ def move_new_to_cur(user: str, maildir: Path, index: MaildirIndex, keys: list[st
                     continue
                 entry.path = f"cur/{target}"
                 moved = True
-            if moved:
-                os.fsync(cur_fd)
-                os.fsync(new_fd)
         finally:
             os.close(cur_fd)
     finally:
