@@ -2,8 +2,7 @@
 
 A message stored with CRLF line ends (store.base.WireReadyFile) is its own wire form
 but for dot-stuffing. The file is read in windows only to find the lines that start
-with ``.``: one C-level ``re`` split per window at each "\\n." (the same search as
-proto.wire.dot_stuffing_offsets, without a Python step per dot), and the socket gets:
+with ``.`` (one memchr per ".", proto.wire.dot_stuffing_offsets), and the socket gets:
 
 * long runs of the file with ``os.sendfile``: page cache to socket, no copy through
   Python and no encoder;
@@ -22,12 +21,11 @@ while this runs, and anything queued before must have left.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from popbox.proto.wire import wire_ending
+from popbox.proto.wire import dot_stuffing_offsets, wire_ending
 from popbox.store.base import WireReadyFile
 
 __all__ = ["READ_WINDOW", "SENDFILE_MIN", "send_wire_file"]
@@ -41,11 +39,6 @@ SENDFILE_MIN: Final = 32 * 1024
 # Pieces per sendmsg, well below Linux's IOV_MAX (1024).
 MAX_IOV: Final = 512
 _LF: Final = 0x0A
-_DOT: Final = 0x2E
-# A line that starts with "." (after the first): the split point, and what goes out
-# in its place (the dot doubled, RFC 1939 section 3).
-_DOTTED_LINE: Final = re.compile(rb"\n\.")
-_STUFFED: Final = b"\n.."
 
 WaitWritable = Callable[[int], Awaitable[None]]
 
@@ -77,36 +70,34 @@ async def send_wire_file(
             count = os.preadv(file.fd, [view[: min(size - offset, READ_WINDOW)]], offset)
             if count == 0:
                 raise OSError(f"message file ended {size - offset} octets early")
-            if at_line_start and window[0] == _DOT:
-                pending.append(b".")
-                stuffed += 1
-            data = view[:count]
-            # One C-level split at the dotted lines (views into the window, no copy);
-            # a window without a "." at all (base64) costs one memchr.
-            pieces = [data] if window.find(b".", 0, count) < 0 else _DOTTED_LINE.split(data)
-            stuffed += len(pieces) - 1
+            dots = dot_stuffing_offsets(window, count, at_line_start)
+            stuffed += len(dots)
             if count < SENDFILE_MIN:
-                # No run long enough for sendfile: interleave the pieces with the
-                # stuffed line starts by slice assignment, no Python step per dot.
-                gathered: list[bytes | memoryview] = [_STUFFED] * (2 * len(pieces) - 1)
-                gathered[::2] = pieces
-                pending += gathered
+                # No run long enough for sendfile: the runs between dotted lines as
+                # views, interleaved with the stuffing dots by one slice assignment.
+                if dots:
+                    bounds = zip([0, *dots], [*dots, count], strict=True)
+                    runs = [view[start:stop] for start, stop in bounds]
+                    gathered: list[bytes | memoryview] = [b"."] * (2 * len(runs) - 1)
+                    gathered[::2] = runs
+                    pending += gathered
+                else:
+                    pending.append(view[:count])
             else:
-                start = offset
-                for index, piece in enumerate(pieces):
-                    if index:
-                        pending.append(_STUFFED)
-                        start += 2  # the "\n." the split took out
-                    length = len(piece)
-                    if length >= SENDFILE_MIN:
+                start = 0
+                for stop in [*dots, count]:
+                    if stop - start >= SENDFILE_MIN:
                         # MSG_MORE: what is gathered waits for the run, no small segment.
                         await _sendmsg_all(sock, pending, socket.MSG_MORE, wait_writable, progress)
                         pending = []
-                        await _sendfile_all(sock, file.fd, start, length, wait_writable, progress)
-                    elif length:
-                        pending.append(piece)
-                    start += length
-            del data, pieces
+                        await _sendfile_all(
+                            sock, file.fd, offset + start, stop - start, wait_writable, progress
+                        )
+                    elif stop > start:
+                        pending.append(view[start:stop])
+                    if stop < count:
+                        pending.append(b".")
+                    start = stop
             last = window[count - 1]
             at_line_start = last == _LF
             offset += count
