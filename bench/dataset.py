@@ -74,12 +74,12 @@ class Dataset:
         return MailboxManifest.load(self.root / "manifests" / f"{user}.json")
 
     def retr_manifest(self, user: str) -> MailboxManifest:
-        """The manifest with ``stuffed_hashes`` filled in, for the RETR scenario."""
+        """The manifest with ``stuffed_bodies`` filled in, for the RETR scenario."""
         manifest = self.manifest(user)
         # The generated Maildir is never touched by the servers (each has its own copy).
         files = sorted((self.mail / user).glob("*/*"))
-        manifest.stuffed_hashes = [mailgen.stuffed_sha256(path.read_bytes()) for path in files]
-        if len(manifest.stuffed_hashes) != len(manifest.hashes):
+        manifest.stuffed_bodies = [mailgen.stuffed_wire(path.read_bytes()) for path in files]
+        if len(manifest.stuffed_bodies) != len(manifest.hashes):
             raise RuntimeError(f"{user}: {len(files)} stored messages, manifest says "
                                f"{len(manifest.hashes)}; rebuild the data (delete --work)")
         return manifest

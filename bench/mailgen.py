@@ -178,14 +178,15 @@ def wire_sha256(stored: bytes) -> str:
     return hashlib.sha256(wire_form(stored)).hexdigest()
 
 
-def stuffed_sha256(stored: bytes) -> str:
-    """SHA-256 of the body as RETR sends it, dot-stuffed, before the terminator.
-
-    The load generator hashes the received bytes as they are, so checking a download
-    costs one hash and no un-stuffing copy; a server that stuffs wrongly fails it.
-    """
+def stuffed_wire(stored: bytes) -> bytes:
+    """The body as RETR sends it, dot-stuffed, before the terminator."""
     wire = wire_form(stored).replace(b"\r\n.", b"\r\n..")
-    return hashlib.sha256(b"." + wire if wire.startswith(b".") else wire).hexdigest()
+    return b"." + wire if wire.startswith(b".") else wire
+
+
+def stuffed_sha256(stored: bytes) -> str:
+    """SHA-256 of ``stuffed_wire``: what a download must match, in a manifest's size."""
+    return hashlib.sha256(stuffed_wire(stored)).hexdigest()
 
 
 @dataclass
@@ -195,11 +196,12 @@ class MailboxManifest:
     mailbox: str
     hashes: list[str]
     wire_octets: int
-    # Filled in by the dataset from the stored files (not saved): see stuffed_sha256.
-    stuffed_hashes: list[str] = field(default_factory=list)
+    # Filled in by the dataset from the stored files (not saved): see stuffed_wire.
+    # The load generator compares what it receives with these bytes (memcmp speed).
+    stuffed_bodies: list[bytes] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        saved = {k: v for k, v in self.__dict__.items() if k != "stuffed_hashes"}
+        saved = {k: v for k, v in self.__dict__.items() if k != "stuffed_bodies"}
         path.write_text(json.dumps(saved))
 
     @classmethod

@@ -99,16 +99,27 @@ async def send_and_receive(
     return bytes(received), sent
 
 
-@pytest.mark.parametrize("tiny", [False, True], ids=["production", "tiny-runs"])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {},
+        # Every run by sendfile and a handful of pieces per sendmsg.
+        {"SENDFILE_MIN": 1, "MAX_IOV": 3},
+        # Windows of a few octets: dotted lines and CR LF split across window ends,
+        # with short windows gathered and longer ones sent as runs.
+        {"READ_WINDOW": 5, "SENDFILE_MIN": 3, "MAX_IOV": 3},
+        # Small windows, every piece gathered: a dot at a window's first octet.
+        {"READ_WINDOW": 2},
+    ],
+    ids=["production", "tiny-runs", "tiny-windows", "gathered-windows"],
+)
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stored=STORED_PIECES)
 def test_sent_bytes_equal_the_encoders(
-    stored: bytes, tiny: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stored: bytes, limits: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if tiny:
-        # Every run by sendfile and a handful of pieces per sendmsg: every branch.
-        monkeypatch.setattr(zerocopy, "SENDFILE_MIN", 1)
-        monkeypatch.setattr(zerocopy, "MAX_IOV", 3)
+    for name, value in limits.items():
+        monkeypatch.setattr(zerocopy, name, value)
     received, sent = asyncio.run(send_and_receive(stored, tmp_path / "message"))
     body = encoded(stored)
     assert received == b"+OK\r\n" + body
@@ -371,4 +382,84 @@ async def test_out_of_descriptors_for_the_duplicate_falls_back_to_streaming(
     client = await login(service)
     bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
     assert bodies == [received_body(m) for m in MAILDROP]
+    client.close()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("ending", ["quit", "reset"])
+async def test_the_duplicate_socket_is_one_per_session_and_closes_with_it(
+    maildir_server: Callable[..., Awaitable[Pop3Service]], sendfile_calls: list[int], ending: str
+) -> None:
+    service = await maildir_server()
+    before = open_descriptors()
+    client = await login(service)
+    assert await retr_raw(client, 1) == received_body(MAILDROP[0])
+    after_one = open_descriptors()
+    for _ in range(3):
+        for index in SENDFILE_INDEXES:
+            assert await retr_raw(client, index + 1) == received_body(MAILDROP[index])
+    # Ten zero-copy RETRs later the session holds no more descriptors than after one.
+    assert open_descriptors() == after_one
+    assert len(sendfile_calls) == 1 + 3 * len(SENDFILE_INDEXES)
+    if ending == "quit":
+        await client.send(b"QUIT\r\n")
+        assert (await client.line()).startswith(b"+OK")
+        # The kept duplicate must not hold the TCP stream open after the server's close.
+        await asyncio.wait_for(client.closed(), 5)
+    else:
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.writer.transport.abort()
+    client.close()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while service.session_count or open_descriptors() > before:
+        assert loop.time() - started < 10, "the session's descriptors were not all closed"
+        await asyncio.sleep(0.02)
+
+
+async def test_commands_sent_while_a_retr_is_sending_are_answered_after_it(
+    maildir_server: Callable[..., Awaitable[Pop3Service]],
+    sendfile_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[int] = []
+    real_wait = session_module.Pop3Session._socket_writable
+
+    async def counted_wait(self: session_module.Pop3Session, fd: int) -> None:
+        waits.append(fd)
+        await real_wait(self, fd)
+
+    real_fromfd = socket.fromfd
+
+    def small_send_buffer(*args: Any) -> socket.socket:
+        # The duplicate is the session's socket: a small send buffer there makes the
+        # server block mid-body at once, while the client still reads at full speed.
+        duplicate = real_fromfd(*args)
+        duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        return duplicate
+
+    monkeypatch.setattr(session_module.Pop3Session, "_socket_writable", counted_wait)
+    monkeypatch.setattr(session_module.socket, "fromfd", small_send_buffer)
+    service = await maildir_server()
+    client = await login(service)
+    client.writer.transport.pause_reading()
+    await client.send(b"RETR 6\r\n")
+    await asyncio.sleep(0.1)
+    assert waits, "the body fitted in the socket buffers: nothing is tested"
+    # The big body cannot fit in the socket buffers: the server is mid-send when the
+    # next commands arrive, and must answer them only after the terminator.
+    await client.send(b"NOOP\r\nRETR 1\r\nSTAT\r\n")
+    await asyncio.sleep(0.1)
+    client.writer.transport.resume_reading()
+    assert (await client.line()).startswith(b"+OK")
+    body = await asyncio.wait_for(client.reader.readuntil(b"\r\n.\r\n"), 30)
+    assert body == received_body(MAILDROP[5])
+    assert (await client.line()).startswith(b"+OK")  # NOOP
+    assert await retr_raw_after_send(client) == received_body(MAILDROP[0])
+    assert (await client.line()).startswith(b"+OK %d " % len(MAILDROP))
+    assert len(sendfile_calls) == 2
     client.close()

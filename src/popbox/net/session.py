@@ -176,6 +176,7 @@ class Pop3Session(asyncio.Protocol):
         "_counted",
         "_detail",
         "_drain_waiter",
+        "_file_socket",
         "_hub",
         "_implicit_tls",
         "_ip",
@@ -216,6 +217,8 @@ class Pop3Session(asyncio.Protocol):
         self._user_slot: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        # send_file's duplicate of the socket, kept between RETRs (None while in use).
+        self._file_socket: socket.socket | None = None
         self._write_paused = False
         self._reading_paused = False
         # "discard": between STLS's +OK and the protocol switch, bytes are plaintext
@@ -275,6 +278,13 @@ class Pop3Session(asyncio.Protocol):
             self._conn.receive_data(data)
             return  # answered once _start_tls() has switched to the TLS layer
         self._conn.receive_data(data)
+        if self._task is not None:
+            # A command is still running (a pipelining client): keep what came and
+            # read no more until it is done, the rest waits in the kernel's buffers.
+            # Pausing here rather than for every command saves two epoll changes
+            # per RETR for a client that waits for each reply.
+            self._pause_reading()
+            return
         self._pump()
 
     def eof_received(self) -> bool | None:
@@ -303,6 +313,7 @@ class Pop3Session(asyncio.Protocol):
             return  # a failed STLS handshake may report the loss twice
         self._lost = True
         self._closing = True
+        self._close_file_socket()
         if self._reason is None:
             # A TLS error after the handshake (a bad record, an alert) is the TLS
             # layer's reason for the loss: the log says which.
@@ -362,17 +373,30 @@ class Pop3Session(asyncio.Protocol):
         transport = self._transport
         if self._lost or transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
-        raw = transport.get_extra_info("socket")
         # A duplicate of the socket: the loop refuses a second watcher on the
         # transport's own fd, and the duplicate stays this socket even if the transport
         # closes its fd meanwhile (its number could then name another connection).
-        try:
-            sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
-        except OSError:
-            return None  # out of descriptors: the caller streams it instead
+        # It is made once per session, not per RETR (a dup, a getsockname and a close
+        # each time), and closed with the session, never while a send uses it.
+        sock, self._file_socket = self._file_socket, None
+        if sock is None:
+            raw = transport.get_extra_info("socket")
+            try:
+                sock = socket.fromfd(raw.fileno(), raw.family, raw.type)
+            except OSError:
+                return None  # out of descriptors: the caller streams it instead
         try:
             return await send_wire_file(sock, head, file, self._socket_writable, self._progress)
         finally:
+            if self._closing:
+                sock.close()
+            else:
+                self._file_socket = sock
+
+    def _close_file_socket(self) -> None:
+        """Close send_file's duplicate, so that the transport's close ends the TCP stream."""
+        sock, self._file_socket = self._file_socket, None
+        if sock is not None:
             sock.close()
 
     async def _flush_transport(self) -> None:
@@ -460,8 +484,6 @@ class Pop3Session(asyncio.Protocol):
             if event is FLUSH:
                 continue  # the loop's top waits for the transport if it is full
             self._dispatch(conn, event)
-        if self._task is not None:
-            self._pause_reading()
 
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, LoginRequest | ApopRequest):
@@ -472,6 +494,9 @@ class Pop3Session(asyncio.Protocol):
             self._spawn(self._quit(conn, event))
         elif isinstance(event, StartTls):
             self._upgrade = "discard"
+            # The client's ClientHello must stay in the kernel for the TLS layer, not
+            # reach data_received (which drops what comes before the switch).
+            self._pause_reading()
             self._spawn(self._start_tls(conn))
         elif isinstance(event, CloseConnection):
             self._close(event.reason or EndReason.ERROR)
@@ -481,7 +506,6 @@ class Pop3Session(asyncio.Protocol):
             raise TypeError(f"unexpected protocol event {event!r}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._pause_reading()
         self._task = self._loop.create_task(self._run(coro))
 
     async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -692,6 +716,7 @@ class Pop3Session(asyncio.Protocol):
             self._reason = reason
             self._detail = detail
         self._closing = True
+        self._close_file_socket()
         transport = self._transport
         if transport is None or self._lost:
             return

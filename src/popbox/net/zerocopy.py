@@ -2,7 +2,7 @@
 
 A message stored with CRLF line ends (store.base.WireReadyFile) is its own wire form
 but for dot-stuffing. The file is read in windows only to find the lines that start
-with ``.`` (C-level searches, proto.wire.dot_stuffing_offsets), and the socket gets:
+with ``.`` (one memchr per ".", proto.wire.dot_stuffing_offsets), and the socket gets:
 
 * long runs of the file with ``os.sendfile``: page cache to socket, no copy through
   Python and no encoder;
@@ -72,20 +72,32 @@ async def send_wire_file(
                 raise OSError(f"message file ended {size - offset} octets early")
             dots = dot_stuffing_offsets(window, count, at_line_start)
             stuffed += len(dots)
-            start = 0
-            for stop in [*dots, count]:
-                if stop - start >= SENDFILE_MIN:
-                    # MSG_MORE: what is gathered waits for the run, no small segment.
-                    await _sendmsg_all(sock, pending, socket.MSG_MORE, wait_writable, progress)
-                    pending = []
-                    await _sendfile_all(
-                        sock, file.fd, offset + start, stop - start, wait_writable, progress
-                    )
-                elif stop > start:
-                    pending.append(view[start:stop])
-                if stop < count:
-                    pending.append(b".")
-                start = stop
+            if count < SENDFILE_MIN:
+                # No run long enough for sendfile: the runs between dotted lines as
+                # views, interleaved with the stuffing dots by one slice assignment.
+                if dots:
+                    bounds = zip([0, *dots], [*dots, count], strict=True)
+                    runs = [view[start:stop] for start, stop in bounds]
+                    gathered: list[bytes | memoryview] = [b"."] * (2 * len(runs) - 1)
+                    gathered[::2] = runs
+                    pending += gathered
+                else:
+                    pending.append(view[:count])
+            else:
+                start = 0
+                for stop in [*dots, count]:
+                    if stop - start >= SENDFILE_MIN:
+                        # MSG_MORE: what is gathered waits for the run, no small segment.
+                        await _sendmsg_all(sock, pending, socket.MSG_MORE, wait_writable, progress)
+                        pending = []
+                        await _sendfile_all(
+                            sock, file.fd, offset + start, stop - start, wait_writable, progress
+                        )
+                    elif stop > start:
+                        pending.append(view[start:stop])
+                    if stop < count:
+                        pending.append(b".")
+                    start = stop
             last = window[count - 1]
             at_line_start = last == _LF
             offset += count
@@ -117,6 +129,10 @@ async def _sendmsg_all(
             await wait_writable(sock.fileno())
             continue
         progress()
+        if sent == sum(map(len, batch)):
+            # The usual case, the whole batch left: no Python step per piece.
+            first += len(batch)
+            continue
         # Drop what left; a piece sent in part is replaced by its rest.
         while first < len(pieces):
             length = len(pieces[first])

@@ -13,7 +13,8 @@ lines pass through.
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+import mmap
+from typing import Final, TypeAlias
 
 __all__ = [
     "CrlfNormaliser",
@@ -34,11 +35,6 @@ _HEADER_END: Final = b"\n\r\n"
 _LF: Final = 0x0A
 _CR: Final = 0x0D
 _DOT: Final = 0x2E
-# dot_stuffing_offsets looks for a "." with memchr over windows of this size before it
-# runs the slower two-octet search: base64 attachments (most of RETR's bytes) have no
-# dot at all, so most windows cost a memchr (~20 GB/s) instead of a search (~0.5 GB/s).
-_DOT_WINDOW: Final = 64 * 1024
-
 
 def wire_size(data: bytes) -> int:
     """Octets RETR sends for ``data`` before dot-stuffing (what STAT and LIST report).
@@ -55,12 +51,8 @@ def wire_size(data: bytes) -> int:
     return size
 
 
-class Searchable(Protocol):
-    """What dot_stuffing_offsets needs of the stored bytes: bytes and mmap both fit."""
-
-    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
-
-    def __getitem__(self, index: int, /) -> int: ...
+# What dot_stuffing_offsets scans: anything with find() and the buffer protocol.
+Searchable: TypeAlias = bytes | bytearray | mmap.mmap
 
 
 def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = True) -> list[int]:
@@ -73,17 +65,20 @@ def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = Tr
     offsets: list[int] = []
     if length <= 0:
         return offsets
-    if at_line_start and data[0] == _DOT:
-        offsets.append(0)
-    for start in range(0, length, _DOT_WINDOW):
-        end = min(start + _DOT_WINDOW, length)
-        if data.find(b".", start, end) < 0:
-            continue
-        # A line start at ``start`` itself follows an LF at start - 1.
-        found = data.find(b"\n.", max(start - 1, 0), end)
-        while found >= 0:
-            offsets.append(found + 1)
-            found = data.find(b"\n.", found + 2, end)
+    # One memchr per "." (as _dotted_line_starts): base64 has none, text a few per line,
+    # and that beats any search for the two octets "\n." (bytes.find ~0.85 s/GB on the
+    # benchmark's text mail, re ~0.55, this ~0.2).
+    find = data.find
+    found = find(b".", 0, length)
+    if found == 0:
+        if at_line_start:
+            offsets.append(0)
+        found = find(b".", 1, length)
+    append = offsets.append
+    while found >= 0:
+        if data[found - 1] == _LF:
+            append(found)
+        found = find(b".", found + 1, length)
     return offsets
 
 
