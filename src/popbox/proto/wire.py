@@ -65,9 +65,10 @@ def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = Tr
     offsets: list[int] = []
     if length <= 0:
         return offsets
-    # One memchr per "." (as _dotted_line_starts): base64 has none, text a few per line,
-    # and that beats any search for the two octets "\n." (bytes.find ~0.85 s/GB on the
-    # benchmark's text mail, re ~0.55, this ~0.2).
+    # One memchr per ".": base64 has none, so most of RETR's bytes cost one memchr in
+    # all, and text has a few per line. That beats any search for the two octets "\n."
+    # (bytes.find and replace run a general substring search, ~0.85 s/GB on the
+    # benchmark's text mail; re ~0.55; this ~0.2).
     find = data.find
     found = find(b".", 0, length)
     if found == 0:
@@ -102,7 +103,7 @@ def stuff_wire_ready(chunk: bytes, at_line_start: bool) -> bytes:
     ``join`` copies it with the dots in. As everywhere here, a line starts after any LF,
     CR or not.
     """
-    offsets = _dotted_line_starts(chunk, at_line_start)
+    offsets = dot_stuffing_offsets(chunk, len(chunk), at_line_start)
     if not offsets:
         return chunk
     with memoryview(chunk) as view:
@@ -114,29 +115,6 @@ def stuff_wire_ready(chunk: bytes, at_line_start: bool) -> bytes:
         segments.append(view[start:])
         # join puts one "." between neighbours: right before each dotted line.
         return b".".join(segments)
-
-
-def _dotted_line_starts(data: bytes, at_line_start: bool) -> list[int]:
-    """Offsets in ``data`` of the lines that start with ``.``; ``at_line_start`` as above.
-
-    One memchr per ``.`` in the data: base64 has none, so most of RETR's bytes cost one
-    memchr in all, and text has a few per line. That is about 3x faster on text than a
-    search for the two octets ``\n.`` (``bytes.replace`` and ``find`` run a general
-    substring search for it, which does not use memchr).
-    """
-    offsets: list[int] = []
-    find = data.find
-    found = find(b".")
-    if found == 0:
-        if at_line_start:
-            offsets.append(0)
-        found = find(b".", 1)
-    append = offsets.append
-    while found >= 0:
-        if data[found - 1] == _LF:
-            append(found)
-        found = find(b".", found + 1)
-    return offsets
 
 
 class CrlfNormaliser:
