@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from popbox.auth.base import UserRecord
+from popbox.auth.hasher import Hasher, shared_hasher
 from popbox.auth.names import is_valid_username, validate_username
 from popbox.auth.schemes import (
     DEFAULT_SCHEME,
@@ -246,8 +247,11 @@ class PasswdFilePassDB:
         *,
         default_scheme: str = DEFAULT_SCHEME,
         check_interval: float = RELOAD_CHECK_INTERVAL,
+        hasher: Hasher | None = None,
     ) -> None:
+        """``hasher`` runs the password checks (default: the process's shared one)."""
         self._path = Path(path)
+        self._hasher = hasher if hasher is not None else shared_hasher()
         self._check_interval = check_interval
         self._lock = threading.Lock()
         self._entries: dict[str, PasswdEntry] = {}
@@ -378,10 +382,8 @@ class PasswdFilePassDB:
 
     async def verify(self, username: str, password: str) -> UserRecord | None:
         """The user if the password is right; None for a wrong password or unknown user."""
-        # run_in_executor, not to_thread: a login needs no context variables copied
-        # into the hashing thread, and this is once per login.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._verify_blocking, username, password)
+        # The Hasher's threads, not the default executor: see popbox.auth.hasher.
+        return await self._hasher.run(self._verify_blocking, username, password)
 
     async def lookup(self, username: str) -> UserRecord | None:
         """The user, without a password check (delivery, quotas); None if unknown."""
