@@ -7,6 +7,7 @@ file (or the working directory for the embedded default).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import stat
@@ -322,8 +323,12 @@ def _check_config_file_mode(path: Path, info: os.stat_result) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
-    """True for a loopback peer address (plaintext_auth = "loopback")."""
+    """True for a loopback peer address (plaintext_auth = "loopback").
+
+    Asked once per connection, mostly for the same few addresses: cached.
+    """
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
