@@ -237,8 +237,7 @@ async def serve_listeners(config: Config, listeners: Listeners) -> None:
     from popbox.store.maildir import MaildirStore
 
     store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
-    # One worker's share of the cores hashes its logins; more threads only pre-empt.
-    hasher = Hasher(default_threads(config.pop3.workers))
+    hasher = Hasher(default_threads())
     passdb = PasswdFilePassDB(
         config.auth.passwd_file, default_scheme=config.auth.default_scheme, hasher=hasher
     )

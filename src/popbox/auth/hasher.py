@@ -2,17 +2,16 @@
 
 A login's hash (SHA512-CRYPT at 5,000 rounds: about 1 ms in libxcrypt, outside the
 GIL) cannot run on the event loop. ``loop.run_in_executor`` on the default pool moves
-it off, but pays per login for a concurrent Future chained to an asyncio Future, a
-wake of one of up to 32 pool threads sleeping on one queue (each woken thread then
-fights the event loop for the GIL, and several of them pre-empt each other on the
-cores), and one wake of the loop per finished hash.
+it off, but pays per login for a concurrent Future chained to an asyncio Future,
+a wake of a pool thread through the executor's queue and idle semaphore, and one wake
+of the loop per finished hash.
 
-A ``Hasher`` keeps a few threads (by default one per core this process may expect to
-have to itself) that wait on a queue of their own. The loop hands a job over with a
-queue put; a thread runs it and appends the outcome to a list, and only the first
-outcome of a batch wakes the loop (``call_soon_threadsafe``), which then settles every
-finished job in one callback. Under load, several hashes end per loop turn and share
-one wake.
+A ``Hasher`` keeps threads of its own (by default as many as the default executor
+would start: the cores plus four, at most 32) waiting on a queue of their own. The
+loop hands a job over with one queue put; a thread runs it and appends the outcome
+to a list, and only the first outcome of a batch wakes the loop
+(``call_soon_threadsafe``), which then settles every finished job in one callback.
+Under load, several hashes end per loop turn and share one wake.
 
 A job that raises hands its exception to its caller; the thread lives on. ``close()``
 stops the threads after the jobs already queued; a job submitted after it fails with
@@ -29,25 +28,33 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-__all__ = ["DEFAULT_THREAD_CEILING", "Hasher", "default_threads", "shared_hasher"]
+__all__ = [
+    "DEFAULT_EXTRA_THREADS",
+    "DEFAULT_THREAD_CEILING",
+    "Hasher",
+    "default_threads",
+    "shared_hasher",
+]
 
 T = TypeVar("T")
 
-# More hashing threads than cores only adds pre-emption; a worker's share of the
-# machine is all it should ever hash on at once (Dovecot hashes in one auth process).
+# ThreadPoolExecutor's default size, min(32, cores + 4), which hashed logins before.
+# Fewer threads (one worker's share of the cores) were measured to cost throughput on
+# a machine shared with other processes: the kernel shares a core between runnable
+# threads, so a worker with one hashing thread got less of the machine for its hashes.
 DEFAULT_THREAD_CEILING: Final = 32
+DEFAULT_EXTRA_THREADS: Final = 4
 # What a thread takes off the queue to stop.
 _STOP: Final = object()
 
 
-def default_threads(workers: int) -> int:
-    """Threads for one of ``workers`` processes: its share of the cores, at least one."""
+def default_threads() -> int:
+    """Hashing threads for one process: the cores it may run on plus four, at most 32."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    share = -(-cores // max(1, workers))  # rounded up: an odd core is not left idle
-    return max(1, min(share, DEFAULT_THREAD_CEILING))
+    return min(cores + DEFAULT_EXTRA_THREADS, DEFAULT_THREAD_CEILING)
 
 
 _shared: tuple[int, Hasher] | None = None
@@ -61,7 +68,7 @@ def shared_hasher() -> Hasher:
     with _shared_guard:
         pid = os.getpid()
         if _shared is None or _shared[0] != pid:
-            _shared = (pid, Hasher(default_threads(1)))
+            _shared = (pid, Hasher(default_threads()))
         return _shared[1]
 
 
