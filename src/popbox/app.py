@@ -237,7 +237,7 @@ async def serve_listeners(config: Config, listeners: Listeners) -> None:
     from popbox.store.maildir import MaildirStore
 
     store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
-    hasher = Hasher(default_threads())
+    hasher = Hasher(config.auth.hash_threads or default_threads())
     passdb = PasswdFilePassDB(
         config.auth.passwd_file, default_scheme=config.auth.default_scheme, hasher=hasher
     )

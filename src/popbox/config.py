@@ -167,6 +167,9 @@ class AuthSettings(_Section):
     passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
     """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
     default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = "ARGON2ID"
+    hash_threads: int = Field(default=0, ge=0, le=32)
+    """Threads per worker process that verify passwords; 0 means as many as Python's
+    default executor starts (the cores plus four, at most 32)."""
 
 
 class StorageSettings(_Section):

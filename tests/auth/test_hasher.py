@@ -112,3 +112,14 @@ async def test_passwd_file_logins_through_the_hasher_all_get_the_right_answer(
             assert record.name == name
         else:
             assert record is None
+
+
+def test_hash_threads_setting_is_bounded_and_named_in_errors(tmp_path: Path) -> None:
+    from popbox.config import config_from_dict
+    from popbox.errors import ConfigError
+
+    assert config_from_dict({}, tmp_path).auth.hash_threads == 0  # the default size
+    assert config_from_dict({"auth": {"hash_threads": 2}}, tmp_path).auth.hash_threads == 2
+    for bad in (-1, 33):
+        with pytest.raises(ConfigError, match="hash_threads"):
+            config_from_dict({"auth": {"hash_threads": bad}}, tmp_path)
