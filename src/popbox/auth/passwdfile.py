@@ -287,9 +287,14 @@ class PasswdFilePassDB:
         return [entry.record for entry in self._entries.values()]
 
     def _maybe_refresh(self) -> None:
+        if self._may_have_changed():
+            self._reload_changed()
+
+    def _may_have_changed(self) -> bool:
+        """False when the file is the one loaded (or refused): one stat(), any thread."""
         now = time.monotonic()
         if now - self._checked_at < self._check_interval:
-            return
+            return False
         # The common case, a file unchanged since it was loaded, is one stat() and a
         # tuple comparison: no lock (the loaded version is replaced whole, so reading
         # its key unlocked is safe), no open, no parse.
@@ -299,7 +304,11 @@ class PasswdFilePassDB:
             key = None
         if key is not None and key in (self._key, self._refused_key):
             self._checked_at = now  # a race here only costs another stat()
-            return
+            return False
+        return True
+
+    def _reload_changed(self) -> None:
+        """Re-read the file if it changed (blocking: a worker thread's job)."""
         try:
             self._refresh(force=False, strict=False)
         except OSError as exc:
@@ -356,14 +365,20 @@ class PasswdFilePassDB:
             self._dummies[common] = hash_like(secrets.token_urlsafe(24), example[common])
         return self._dummies[common]
 
-    def _entry(self, username: str) -> PasswdEntry | None:
-        self._maybe_refresh()
+    def _entry(self, username: str, *, check: bool = True) -> PasswdEntry | None:
+        """``check=False``: the caller has just found the file unchanged."""
+        if check:
+            self._maybe_refresh()
         if not is_valid_username(username):
             return None
         return self._entries.get(username)
 
-    def _verify_blocking(self, username: str, password: str) -> UserRecord | None:
-        entry = self._entry(username)
+    def _verify_blocking(
+        self, username: str, password: str, changed: bool = True
+    ) -> UserRecord | None:
+        if changed:
+            self._reload_changed()
+        entry = self._entry(username, check=False)
         known = entry is not None and entry.can_login
         stored = entry.password if entry is not None and known else self._dummy
         # The hash runs whatever the outcome, so every failure costs the same work.
@@ -382,8 +397,12 @@ class PasswdFilePassDB:
 
     async def verify(self, username: str, password: str) -> UserRecord | None:
         """The user if the password is right; None for a wrong password or unknown user."""
-        # The Hasher's threads, not the default executor: see popbox.auth.hasher.
-        return await self._hasher.run(self._verify_blocking, username, password)
+        # The Hasher's threads, not the default executor: see popbox.auth.hasher. The
+        # stat of the file is made here, on the loop (microseconds), not on the hashing
+        # thread, where each system call gives up the GIL and must win it back from
+        # the loop; a file that changed is re-read on the thread, as before.
+        changed = self._may_have_changed()
+        return await self._hasher.run(self._verify_blocking, username, password, changed)
 
     async def lookup(self, username: str) -> UserRecord | None:
         """The user, without a password check (delivery, quotas); None if unknown."""
