@@ -230,13 +230,17 @@ def serve(config: Config) -> None:
 
 async def serve_listeners(config: Config, listeners: Listeners) -> None:
     """Run POP3 (and LMTP) on bound sockets until SIGTERM/SIGINT, then shut down."""
+    from popbox.auth.hasher import Hasher, default_threads
     from popbox.auth.passwdfile import PasswdFilePassDB
     from popbox.delivery.lmtp import LmtpService
     from popbox.net.service import Pop3Service
     from popbox.store.maildir import MaildirStore
 
     store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
-    passdb = PasswdFilePassDB(config.auth.passwd_file, default_scheme=config.auth.default_scheme)
+    hasher = Hasher(config.auth.hash_threads or default_threads())
+    passdb = PasswdFilePassDB(
+        config.auth.passwd_file, default_scheme=config.auth.default_scheme, hasher=hasher
+    )
     pop3 = Pop3Service(config, store, passdb, listeners.ssl_context)
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
@@ -259,6 +263,7 @@ async def serve_listeners(config: Config, listeners: Listeners) -> None:
             await lmtp_service.stop()
         await pop3.shutdown()
         await store.close()
+        hasher.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 

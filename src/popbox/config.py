@@ -7,6 +7,7 @@ file (or the working directory for the embedded default).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import stat
@@ -166,6 +167,9 @@ class AuthSettings(_Section):
     passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
     """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
     default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = "ARGON2ID"
+    hash_threads: int = Field(default=0, ge=0, le=32)
+    """Threads per worker process that verify passwords; 0 means as many as Python's
+    default executor starts (the cores plus four, at most 32)."""
 
 
 class StorageSettings(_Section):
@@ -322,8 +326,12 @@ def _check_config_file_mode(path: Path, info: os.stat_result) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
-    """True for a loopback peer address (plaintext_auth = "loopback")."""
+    """True for a loopback peer address (plaintext_auth = "loopback").
+
+    Asked once per connection, mostly for the same few addresses: cached.
+    """
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:

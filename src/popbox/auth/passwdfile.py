@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from popbox.auth.base import UserRecord
+from popbox.auth.hasher import Hasher, shared_hasher
 from popbox.auth.names import is_valid_username, validate_username
 from popbox.auth.schemes import (
     DEFAULT_SCHEME,
@@ -246,8 +247,11 @@ class PasswdFilePassDB:
         *,
         default_scheme: str = DEFAULT_SCHEME,
         check_interval: float = RELOAD_CHECK_INTERVAL,
+        hasher: Hasher | None = None,
     ) -> None:
+        """``hasher`` runs the password checks (default: the process's shared one)."""
         self._path = Path(path)
+        self._hasher = hasher if hasher is not None else shared_hasher()
         self._check_interval = check_interval
         self._lock = threading.Lock()
         self._entries: dict[str, PasswdEntry] = {}
@@ -283,9 +287,14 @@ class PasswdFilePassDB:
         return [entry.record for entry in self._entries.values()]
 
     def _maybe_refresh(self) -> None:
+        if self._may_have_changed():
+            self._reload_changed()
+
+    def _may_have_changed(self) -> bool:
+        """False when the file is the one loaded (or refused): one stat(), any thread."""
         now = time.monotonic()
         if now - self._checked_at < self._check_interval:
-            return
+            return False
         # The common case, a file unchanged since it was loaded, is one stat() and a
         # tuple comparison: no lock (the loaded version is replaced whole, so reading
         # its key unlocked is safe), no open, no parse.
@@ -295,7 +304,11 @@ class PasswdFilePassDB:
             key = None
         if key is not None and key in (self._key, self._refused_key):
             self._checked_at = now  # a race here only costs another stat()
-            return
+            return False
+        return True
+
+    def _reload_changed(self) -> None:
+        """Re-read the file if it changed (blocking: a worker thread's job)."""
         try:
             self._refresh(force=False, strict=False)
         except OSError as exc:
@@ -352,14 +365,20 @@ class PasswdFilePassDB:
             self._dummies[common] = hash_like(secrets.token_urlsafe(24), example[common])
         return self._dummies[common]
 
-    def _entry(self, username: str) -> PasswdEntry | None:
-        self._maybe_refresh()
+    def _entry(self, username: str, *, check: bool = True) -> PasswdEntry | None:
+        """``check=False``: the caller has just found the file unchanged."""
+        if check:
+            self._maybe_refresh()
         if not is_valid_username(username):
             return None
         return self._entries.get(username)
 
-    def _verify_blocking(self, username: str, password: str) -> UserRecord | None:
-        entry = self._entry(username)
+    def _verify_blocking(
+        self, username: str, password: str, changed: bool = True
+    ) -> UserRecord | None:
+        if changed:
+            self._reload_changed()
+        entry = self._entry(username, check=False)
         known = entry is not None and entry.can_login
         stored = entry.password if entry is not None and known else self._dummy
         # The hash runs whatever the outcome, so every failure costs the same work.
@@ -378,10 +397,12 @@ class PasswdFilePassDB:
 
     async def verify(self, username: str, password: str) -> UserRecord | None:
         """The user if the password is right; None for a wrong password or unknown user."""
-        # run_in_executor, not to_thread: a login needs no context variables copied
-        # into the hashing thread, and this is once per login.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._verify_blocking, username, password)
+        # The Hasher's threads, not the default executor: see popbox.auth.hasher. The
+        # stat of the file is made here, on the loop (microseconds), not on the hashing
+        # thread, where each system call gives up the GIL and must win it back from
+        # the loop; a file that changed is re-read on the thread, as before.
+        changed = self._may_have_changed()
+        return await self._hasher.run(self._verify_blocking, username, password, changed)
 
     async def lookup(self, username: str) -> UserRecord | None:
         """The user, without a password check (delivery, quotas); None if unknown."""

@@ -76,8 +76,8 @@ class AuthPenalty:
 
     def delay(self, host: str) -> float:
         """Seconds to wait before checking a login from ``host``; 0.0 when none."""
-        if self._cap <= 0:
-            return 0.0
+        if self._cap <= 0 or not self._entries:
+            return 0.0  # nobody has failed lately: no address to work out
         key = penalty_key(host)
         entry = self._entries.get(key)
         if entry is None:
@@ -104,4 +104,5 @@ class AuthPenalty:
 
     def succeeded(self, host: str) -> None:
         """A good login from ``host`` clears its penalty (Dovecot does the same)."""
-        self._entries.pop(penalty_key(host), None)
+        if self._entries:
+            self._entries.pop(penalty_key(host), None)

@@ -68,11 +68,21 @@ TOO_MANY_USER_SESSIONS: Final = "Too many sessions for this user."
 SHUTDOWN_REPLY: Final = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
 
 _ids = itertools.count(1)
+# The pid keeps ids unique across worker processes sharing one log; taken once per
+# process rather than by a getpid() syscall per connection.
+_id_prefix = f"{os.getpid():x}."
+
+
+def _forked() -> None:
+    global _id_prefix
+    _id_prefix = f"{os.getpid():x}."
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _next_session_id() -> str:
-    # The pid keeps ids unique across worker processes sharing one log.
-    return f"{os.getpid():x}.{next(_ids):x}"
+    return f"{_id_prefix}{next(_ids):x}"
 
 
 class SessionHub:
@@ -94,6 +104,9 @@ class SessionHub:
         self.store = store
         self.passdb = passdb
         self.ssl_context = ssl_context
+        # Made inside the loop (Pop3Service.start); sessions take it from here, as
+        # get_running_loop() costs a getpid() syscall per call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
         try:
             self.settings = ServerSettings(
                 implementation=config.pop3.implementation,
@@ -203,7 +216,7 @@ class Pop3Session(asyncio.Protocol):
         """``peer`` overrides the socket's peer address (from a PROXY header)."""
         self._hub = hub
         self._peer = peer
-        self._loop = asyncio.get_running_loop()
+        self._loop = hub.loop
         self._implicit_tls = implicit_tls
         self._stats = SessionStats(_next_session_id())
         self._transport: asyncio.Transport | None = None

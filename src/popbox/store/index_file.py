@@ -65,6 +65,7 @@ __all__ = [
     "index_signature",
     "read_header",
     "read_index",
+    "signature_of",
     "write_index",
 ]
 
@@ -373,8 +374,13 @@ mtimes are coarse."""
 
 def index_signature(maildir: Path) -> IndexSignature | None:
     """The signature of the index file, or None if there is none."""
+    return signature_of(maildir / INDEX_NAME)
+
+
+def signature_of(path: Path) -> IndexSignature | None:
+    """The signature of the index file at ``path``, or None if there is none."""
     try:
-        st = os.stat(maildir / INDEX_NAME)
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

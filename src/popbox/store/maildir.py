@@ -54,10 +54,12 @@ from popbox.store.index import (
     write_all,
 )
 from popbox.store.index_file import (
+    INDEX_NAME,
     IndexSignature,
     index_signature,
     read_header,
     read_index,
+    signature_of,
     write_index,
 )
 from popbox.store.maildir_sync import (
@@ -142,6 +144,23 @@ def check_user(user: str) -> None:
         or any(ord(char) < 0x20 or ord(char) == 0x7F for char in user)
     ):
         raise PermanentStoreError(f"invalid user name {user!r}")
+
+
+class _Layout:
+    """The paths of one user's Maildir, joined once per process rather than per login.
+
+    pathlib joins cost a microsecond or two each, and a Path made once keeps its
+    string and hash, so the stats and set lookups of every later login are cheaper.
+    """
+
+    __slots__ = ("cur", "index", "lock", "maildir", "new")
+
+    def __init__(self, maildir: Path) -> None:
+        self.maildir = maildir
+        self.lock = maildir / LOCK_NAME
+        self.index = maildir / INDEX_NAME
+        self.cur = maildir / "cur"
+        self.new = maildir / "new"
 
 
 class _FileLock:
@@ -450,6 +469,8 @@ class MaildirStore:
         self._known_maildirs: set[Path] = set()
         self._tmp_swept: dict[Path, float] = {}
         self._tmp_sweep_interval = tmp_sweep_interval
+        # Paths by user (checked names only); bounded like the Maildirs known above.
+        self._layouts: dict[str, _Layout] = {}
 
     @property
     def root(self) -> Path:
@@ -457,14 +478,23 @@ class MaildirStore:
 
     def maildir(self, user: str) -> Path:
         """The Maildir of ``user``; raises PermanentStoreError for a path trick."""
-        check_user(user)
-        return self._root / user
+        return self._layout(user).maildir
+
+    def _layout(self, user: str) -> _Layout:
+        layout = self._layouts.get(user)
+        if layout is None:
+            check_user(user)
+            if len(self._layouts) >= MAX_KNOWN_MAILDIRS:
+                self._layouts.clear()  # forgetting only costs the joins again
+            layout = self._layouts[user] = _Layout(self._root / user)
+        return layout
 
     # -- sessions ---------------------------------------------------------------
 
     async def open_maildrop(self, user: str) -> MaildirMaildrop:
-        maildir = self.maildir(user)
-        unchanged = self._open_unchanged(user, maildir)
+        layout = self._layout(user)
+        maildir = layout.maildir
+        unchanged = self._open_unchanged(user, layout)
         if unchanged is not None:
             return unchanged
         opening = asyncio.ensure_future(asyncio.to_thread(self._open_sync, user, maildir))
@@ -476,7 +506,7 @@ class MaildirStore:
             opening.add_done_callback(_release_abandoned)
             raise
 
-    def _open_unchanged(self, user: str, maildir: Path) -> MaildirMaildrop | None:
+    def _open_unchanged(self, user: str, layout: _Layout) -> MaildirMaildrop | None:
         """Open on the event loop a small maildrop whose cached index is current.
 
         A poll that finds nothing new costs the store a handful of syscalls on
@@ -486,6 +516,7 @@ class MaildirStore:
         changed, locked or unknown maildrop, gives up (None) before it could block
         for long, and the worker thread does the whole open as before.
         """
+        maildir = layout.maildir
         with self._cache_guard:
             loaded = self._cache.get(user)
         if (
@@ -498,7 +529,7 @@ class MaildirStore:
         ):
             return None
         try:
-            lock = _FileLock(maildir / LOCK_NAME)
+            lock = _FileLock(layout.lock)
         except OSError:
             return None  # in use, or gone: the worker thread reports it
         try:
@@ -506,7 +537,9 @@ class MaildirStore:
             if current is None:
                 lock.close()
                 return None
-            if nothing_to_reconcile(maildir, current.index, INLINE_OPEN_MAX_NEW_BYTES):
+            if nothing_to_reconcile(
+                maildir, current.index, INLINE_OPEN_MAX_NEW_BYTES, cur=layout.cur, new=layout.new
+            ):
                 return MaildirMaildrop(self, user, lock, current)
             self._keep_index(user, current)  # the worker thread takes it from here
         except OSError:
@@ -560,7 +593,7 @@ class MaildirStore:
         with self._cache_guard:
             # Taken out: the session owns (and may change) it until it hands it back.
             loaded = self._cache.pop(user, None)
-        if loaded is None or loaded.signature != index_signature(maildir):
+        if loaded is None or loaded.signature != signature_of(self._layout(user).index):
             return None
         return loaded
 

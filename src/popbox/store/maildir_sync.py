@@ -119,18 +119,26 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
     return _reconcile_names(user, maildir, index, cur_mtime, new_names, cur_names)
 
 
-def nothing_to_reconcile(maildir: Path, index: MaildirIndex, max_new_bytes: int) -> bool:
+def nothing_to_reconcile(
+    maildir: Path,
+    index: MaildirIndex,
+    max_new_bytes: int,
+    *,
+    cur: Path | None = None,
+    new: Path | None = None,
+) -> bool:
     """Whether ``reconcile`` would leave ``index`` as it is, proven cheaply or not at all.
 
     True only for an index that trusts cur/'s mtime, which is unchanged, and a new/
     of at most ``max_new_bytes`` that holds no message; False means "cannot tell
     cheaply", not "changed". A directory that once held a lot stays big when empty.
+    ``cur`` and ``new`` are the Maildir's subdirectories when the caller has them.
     """
     if not index.cur_mtime or index.written_in_new:
         return False
-    if index.cur_mtime != os.stat(maildir / "cur").st_mtime_ns:
+    if index.cur_mtime != os.stat(cur or maildir / "cur").st_mtime_ns:
         return False
-    new = maildir / "new"
+    new = new or maildir / "new"
     if os.stat(new).st_size > max_new_bytes:
         return False
     names, duplicates = scan_messages(new)
