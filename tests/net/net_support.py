@@ -105,6 +105,22 @@ class Raw:
         data = await asyncio.wait_for(self.reader.readuntil(b"\r\n.\r\n"), 10)
         return unstuff(data[: -len(b".\r\n")])
 
+    async def retr(self, number: int, timeout: float = 30.0) -> bytes:
+        """RETR ``number``: the body as received (stuffed, terminator included)."""
+        await self.send(b"RETR %d\r\n" % number)
+        return await self.retr_reply(timeout)
+
+    async def retr_reply(self, timeout: float = 30.0) -> bytes:
+        """The reply to a RETR already sent: its body as ``retr`` returns it."""
+        status = await self.line()
+        assert status.startswith(b"+OK"), status
+        body = await asyncio.wait_for(self.reader.readuntil(b".\r\n"), timeout)
+        # The terminator is a line of its own: the body's first line or after a CRLF
+        # (a body that is one "." line arrives as "..\r\n.\r\n").
+        while body != b".\r\n" and not body.endswith(b"\r\n.\r\n"):
+            body += await asyncio.wait_for(self.reader.readuntil(b".\r\n"), timeout)
+        return body
+
     async def login(self, user: str = "alice") -> None:
         assert (await self.line()).startswith(b"+OK")
         await self.send(f"USER {user}\r\nPASS {PASSWORD}\r\n".encode())

@@ -219,16 +219,6 @@ async def login(service: Pop3Service, **kwargs: Any) -> Raw:
     return client
 
 
-async def retr_raw(client: Raw, number: int) -> bytes:
-    """RETR ``number``: the body as received (stuffed, terminator included)."""
-    await client.send(b"RETR %d\r\n" % number)
-    status = await client.line()
-    assert status.startswith(b"+OK"), status
-    if (peek := await client.reader.readexactly(3)) == b".\r\n":
-        return peek
-    return peek + await asyncio.wait_for(client.reader.readuntil(b"\r\n.\r\n"), 30)
-
-
 async def test_retr_of_crlf_stored_mail_is_exact_and_zero_copy(
     maildir_server: Callable[..., Awaitable[Pop3Service]],
     sendfile_calls: list[int],
@@ -236,7 +226,7 @@ async def test_retr_of_crlf_stored_mail_is_exact_and_zero_copy(
 ) -> None:
     service = await maildir_server()
     client = await login(service)
-    bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
+    bodies = [await client.retr(n + 1) for n in range(len(MAILDROP))]
     assert bodies == [received_body(m) for m in MAILDROP]
     assert len(sendfile_calls) == len(SENDFILE_INDEXES)
     with caplog.at_level(logging.INFO, logger="popbox.pop3"):
@@ -272,7 +262,7 @@ async def test_tls_retr_of_crlf_stored_mail_is_exact_without_sendfile(
             limit=1 << 24,
         )
         await client.login()
-        bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
+        bodies = [await client.retr(n + 1) for n in range(len(MAILDROP))]
         assert bodies == [received_body(m) for m in MAILDROP]
         # TLS needs the bytes in Python: the wire-ready files are read and stuffed.
         assert sendfile_calls == []
@@ -286,7 +276,7 @@ async def test_lf_stored_mail_still_goes_through_the_encoder(
 ) -> None:
     service = await maildir_server(save_crlf=False)
     client = await login(service)
-    bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
+    bodies = [await client.retr(n + 1) for n in range(len(MAILDROP))]
     assert bodies == [received_body(m) for m in MAILDROP]
     # Only the messages without a bare LF are wire-ready as stored: the empty one and
     # the one delivered with CRLF.
@@ -306,18 +296,10 @@ async def test_pipelined_commands_keep_their_order_around_sendfile(
         assert (await client.line()).startswith(b"+OK")  # STAT
         listing = await asyncio.wait_for(client.reader.readuntil(b"\r\n.\r\n"), 10)
         assert listing.startswith(b"+OK")
-        assert await retr_raw_after_send(client) == received_body(MAILDROP[number - 1])
+        assert await client.retr_reply() == received_body(MAILDROP[number - 1])
         assert (await client.line()).startswith(b"+OK")  # NOOP
     assert len(sendfile_calls) == sum(1 for n in numbers if n - 1 in SENDFILE_INDEXES)
     client.close()
-
-
-async def retr_raw_after_send(client: Raw) -> bytes:
-    status = await client.line()
-    assert status.startswith(b"+OK"), status
-    if (peek := await client.reader.readexactly(3)) == b".\r\n":
-        return peek
-    return peek + await asyncio.wait_for(client.reader.readuntil(b"\r\n.\r\n"), 30)
 
 
 async def test_client_that_stops_reading_is_cut_at_the_idle_timeout(
@@ -380,7 +362,7 @@ async def test_out_of_descriptors_for_the_duplicate_falls_back_to_streaming(
     # Fault injection: the one dup() the zero-copy path needs fails, as at the fd limit.
     monkeypatch.setattr(session_module.socket, "fromfd", no_fd)
     client = await login(service)
-    bodies = [await retr_raw(client, n + 1) for n in range(len(MAILDROP))]
+    bodies = [await client.retr(n + 1) for n in range(len(MAILDROP))]
     assert bodies == [received_body(m) for m in MAILDROP]
     client.close()
 
@@ -396,11 +378,11 @@ async def test_the_duplicate_socket_is_one_per_session_and_closes_with_it(
     service = await maildir_server()
     before = open_descriptors()
     client = await login(service)
-    assert await retr_raw(client, 1) == received_body(MAILDROP[0])
+    assert await client.retr(1) == received_body(MAILDROP[0])
     after_one = open_descriptors()
     for _ in range(3):
         for index in SENDFILE_INDEXES:
-            assert await retr_raw(client, index + 1) == received_body(MAILDROP[index])
+            assert await client.retr(index + 1) == received_body(MAILDROP[index])
     # Ten zero-copy RETRs later the session holds no more descriptors than after one.
     assert open_descriptors() == after_one
     assert len(sendfile_calls) == 1 + 3 * len(SENDFILE_INDEXES)
@@ -459,7 +441,7 @@ async def test_commands_sent_while_a_retr_is_sending_are_answered_after_it(
     body = await asyncio.wait_for(client.reader.readuntil(b"\r\n.\r\n"), 30)
     assert body == received_body(MAILDROP[5])
     assert (await client.line()).startswith(b"+OK")  # NOOP
-    assert await retr_raw_after_send(client) == received_body(MAILDROP[0])
+    assert await client.retr_reply() == received_body(MAILDROP[0])
     assert (await client.line()).startswith(b"+OK %d " % len(MAILDROP))
     assert len(sendfile_calls) == 2
     client.close()

@@ -95,18 +95,6 @@ async def tls_login(service: Pop3Service, context: ssl.SSLContext) -> Raw:
     return client
 
 
-async def retr_raw(client: Raw, number: int) -> bytes:
-    """RETR ``number``: the body as received (stuffed, terminator included)."""
-    await client.send(b"RETR %d\r\n" % number)
-    status = await client.line()
-    assert status.startswith(b"+OK"), status
-    body = await asyncio.wait_for(client.reader.readuntil(b".\r\n"), 30)
-    # The terminator is a line of its own: the body's first line or after a CRLF.
-    while body != b".\r\n" and not body.endswith(b"\r\n.\r\n"):
-        body += await asyncio.wait_for(client.reader.readuntil(b".\r\n"), 30)
-    return body
-
-
 async def retr_all_over_tls(
     messages: list[bytes], root: Path, server: ssl.SSLContext, client: ssl.SSLContext
 ) -> list[bytes]:
@@ -117,7 +105,7 @@ async def retr_all_over_tls(
     await service.start()
     try:
         raw = await tls_login(service, client)
-        bodies = [await retr_raw(raw, n + 1) for n in range(len(messages))]
+        bodies = [await raw.retr(n + 1) for n in range(len(messages))]
         raw.close()
         return bodies
     finally:
