@@ -102,3 +102,24 @@ async def test_a_removed_maildir_is_made_again(maildir_store: MaildirStore) -> N
     for name in os.listdir(maildir):
         os.unlink(maildir / name)
     assert await uidls(maildir_store) == []
+
+
+async def test_the_paths_kept_per_user_stay_bounded_and_right(tmp_path: Any) -> None:
+    """Many users' logins keep at most MAX_LAYOUTS users' paths, and a user whose
+    paths were forgotten still opens its own Maildir."""
+    from popbox.store.maildir import MAX_LAYOUTS
+
+    store = MaildirStore(tmp_path)
+    users = [f"user{i}" for i in range(MAX_LAYOUTS + 10)]
+    for user in users:
+        await store.deliver(user, f"Subject: {user}\r\n\r\nfor {user}\r\n".encode())
+        maildrop = await store.open_maildrop(user)
+        await maildrop.release()
+        assert len(store._layouts) <= MAX_LAYOUTS
+    assert store.maildir(users[0]) == tmp_path / users[0]
+    maildrop = await store.open_maildrop(users[0])
+    try:
+        body = await read_all(maildrop, 0)
+    finally:
+        await maildrop.release()
+    assert b"for user0" in body

@@ -146,6 +146,10 @@ def check_user(user: str) -> None:
         raise PermanentStoreError(f"invalid user name {user!r}")
 
 
+# How many users' joined paths a store keeps (see MaildirStore._layouts).
+MAX_LAYOUTS = 256
+
+
 class _Layout:
     """The paths of one user's Maildir, joined once per process rather than per login.
 
@@ -469,7 +473,9 @@ class MaildirStore:
         self._known_maildirs: set[Path] = set()
         self._tmp_swept: dict[Path, float] = {}
         self._tmp_sweep_interval = tmp_sweep_interval
-        # Paths by user (checked names only); bounded like the Maildirs known above.
+        # Paths by user (checked names only), for the users that log in often: a
+        # layout is ~1.5 KB of Path objects, so a server with many users keeps only
+        # the last MAX_LAYOUTS' worth rather than one per user it has seen.
         self._layouts: dict[str, _Layout] = {}
 
     @property
@@ -484,7 +490,7 @@ class MaildirStore:
         layout = self._layouts.get(user)
         if layout is None:
             check_user(user)
-            if len(self._layouts) >= MAX_KNOWN_MAILDIRS:
+            if len(self._layouts) >= MAX_LAYOUTS:
                 self._layouts.clear()  # forgetting only costs the joins again
             layout = self._layouts[user] = _Layout(self._root / user)
         return layout
