@@ -134,9 +134,34 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
-        # Per-session children that outlived the master would skew the next server.
+        # Per-session children that outlived the master would skew the next server,
+        # and one still holding a socket makes the next Dovecot refuse to start
+        # ("already running?"): SIGKILL them and wait until they are gone.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        _wait_group_gone(self.process.pid)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    """Wait until no live (non-zombie) process is left in process group ``pgid``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    fields = stat.read().rpartition(b")")[2].split()
+            except OSError:
+                continue  # gone meanwhile
+            # After the command: state, ppid, pgrp.
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+                alive = True
+                break
+        if not alive:
+            return
+        time.sleep(0.05)
 
 
 def _wait_ready(server: Server, log: Path) -> Server:
