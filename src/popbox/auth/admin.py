@@ -24,6 +24,7 @@ from popbox.auth.names import validate_username
 from popbox.auth.passwdfile import PASSWD_FIELDS, QUOTA_RULE_KEY, parse_line, parse_passwd
 from popbox.auth.schemes import DEFAULT_COST, DEFAULT_SCHEME, HashCost, hash_password
 from popbox.errors import AuthError
+from popbox.fileio import fsync_dir
 
 __all__ = [
     "NoSuchUser",
@@ -112,14 +113,6 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_lines(path: Path, lines: list[str]) -> None:
     """Replace ``path`` atomically; keep its mode (minus group/other write) and owner."""
     text = "".join(line + "\n" for line in lines)
@@ -147,7 +140,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _find(lines: list[str], name: str) -> int | None:

@@ -47,6 +47,7 @@ from popbox.errors import (
     RemoteServerError,
     SinkError,
 )
+from popbox.fileio import write_all
 from popbox.proto.client import ErrReply, UidListing
 
 __all__ = ["PollObserver", "PollResult", "Poller", "header_uid"]
@@ -125,9 +126,7 @@ def _spill(items: Iterable[Downloaded | FetchedMessage]) -> None:
         if item.data is not None and not item.path.exists():
             fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(item.data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, item.data)
             finally:
                 os.close(fd)
 

@@ -18,20 +18,13 @@ from pathlib import Path
 from typing import Final
 
 from popbox.errors import CollectorError
+from popbox.fileio import fsync_dir
 
 __all__ = ["Quarantine"]
 
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
 # Keep file names short and readable: a UIDL may be 70 characters of anything.
 NAME_UIDL_CHARS: Final = 40
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _with(base: Path, suffix: str) -> Path:
@@ -78,7 +71,7 @@ class Quarantine:
                 writer.flush()
                 os.fsync(writer.fileno())
             os.replace(reason_tmp, _with(base, ".reason"))
-            _fsync_dir(base.parent)
+            fsync_dir(base.parent)
         except OSError as exc:
             raise CollectorError(f"quarantine {base.parent}: {exc}") from exc
         return target

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, overload
 
+from popbox.fileio import fsync_dir, write_all
 from popbox.proto.server import render_listing
 
 __all__ = [
@@ -272,27 +273,6 @@ def messages_by_key(names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
 def scan_messages(directory: Path) -> tuple[dict[str, str], list[str]]:
     """``messages_by_key`` of the regular files in ``directory``."""
     return messages_by_key(regular_names(directory))
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every octet is written (a regular file may take less at once).
-
-    Straight to the fd: a file object around it would add an fstat, an ioctl and an
-    lseek to every message and index written, for one or two writes.
-    """
-    with memoryview(data) as view:
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the entries of ``directory`` (creations, renames, unlinks) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(slots=True)

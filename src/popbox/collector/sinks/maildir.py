@@ -33,6 +33,7 @@ from popbox.collector.base import FetchedMessage
 from popbox.collector.config import MaildirSinkSettings
 from popbox.collector.sinks import SinkContext
 from popbox.errors import TemporarySinkError
+from popbox.fileio import fsync_dir, write_all
 
 __all__ = ["MaildirSink", "create_sink", "crlf_to_lf", "key_tag"]
 
@@ -52,14 +53,6 @@ def key_tag(idempotency_key: str) -> str:
     return hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:24]
 
 
-def _fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _discard(paths: Iterable[str | Path]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
@@ -73,13 +66,6 @@ def crlf_to_lf(data: bytes) -> bytes:
     return b"\n".join(data.split(b"\r\n"))
 
 
-def _write_all(fd: int, data: bytes) -> int:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return len(data)
-
-
 def copy_as_lf(source: Path, target_fd: int) -> int:
     """Copy a CRLF message into ``target_fd`` with LF line ends; return octets written."""
     written = 0
@@ -91,9 +77,9 @@ def copy_as_lf(source: Path, target_fd: int) -> int:
             carry = b"\r" if data.endswith(b"\r") else b""
             if carry:
                 data = data[:-1]
-            written += _write_all(target_fd, crlf_to_lf(data))
+            written += write_all(target_fd, crlf_to_lf(data))
     if carry:
-        written += os.write(target_fd, carry)
+        written += write_all(target_fd, carry)
     return written
 
 
@@ -137,7 +123,7 @@ class MaildirSink:
             if known:
                 # A run killed between its renames and its directory fsync left entries
                 # the disk may not hold yet; they count as delivered only once it does.
-                _fsync_dir(self._new_dir)
+                fsync_dir(self._new_dir)
             self._known = known
         return self._known
 
@@ -153,7 +139,7 @@ class MaildirSink:
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if message.data is not None:
-                size = _write_all(fd, crlf_to_lf(message.data))
+                size = write_all(fd, crlf_to_lf(message.data))
             else:
                 size = copy_as_lf(message.path, fd)
             os.fsync(fd)
@@ -169,7 +155,7 @@ class MaildirSink:
         if tag not in known:
             return False
         if tag in self._unsynced:
-            _fsync_dir(self._new_dir)
+            fsync_dir(self._new_dir)
             with self._prepare_lock:
                 self._unsynced.discard(tag)
         return True
@@ -181,7 +167,7 @@ class MaildirSink:
             return
         tmp_path, final = self._write_tmp(message, tag)
         os.rename(tmp_path, final)
-        _fsync_dir(self._new_dir)
+        fsync_dir(self._new_dir)
         known.add(tag)
 
     def _write_slice(
@@ -214,7 +200,7 @@ class MaildirSink:
                 tmp_path for written in slices for tag, tmp_path, _ in written if tag not in moved
             )
         if moved or resync:
-            _fsync_dir(self._new_dir)
+            fsync_dir(self._new_dir)
         with self._prepare_lock:
             self._unsynced.difference_update(moved)
 
@@ -260,7 +246,7 @@ class MaildirSink:
         if self._unsynced:
             # Keys reported as taken must not vanish with a power loss after we go.
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(_fsync_dir, self._root / "new")
+                await asyncio.to_thread(fsync_dir, self._root / "new")
         self._known = None
         self._unsynced.clear()
 

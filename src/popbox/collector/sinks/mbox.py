@@ -29,6 +29,7 @@ from popbox.collector.config import MboxSinkSettings
 from popbox.collector.sinks import SinkContext
 from popbox.collector.sinks.maildir import key_tag
 from popbox.errors import TemporarySinkError
+from popbox.fileio import write_all
 
 __all__ = ["MboxSink", "create_sink", "mboxrd_lines"]
 
@@ -197,11 +198,7 @@ class MboxSink:
                 self._write_recent(recent)
                 written = 0
                 for piece in self._entry_pieces(from_line.encode(), message):
-                    view = memoryview(piece)
-                    while view:
-                        count = os.write(fd, view)
-                        view = view[count:]
-                        written += count
+                    written += write_all(fd, piece)
                 os.fsync(fd)
                 entry["length"] = written
                 self._write_recent(recent)
