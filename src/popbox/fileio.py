@@ -1,4 +1,4 @@
-"""Small durable-file helpers shared by the store, the collector and user admin.
+"""Durable files and file locks, shared by the store, the collector and user admin.
 
 Kept apart from popbox.store so that `popbox fetch` can use them without importing
 the store package.
@@ -6,9 +6,16 @@ the store package.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
+from types import TracebackType
+from typing import Final
 
-__all__ = ["fsync_dir", "write_all"]
+__all__ = ["FileLock", "fsync_dir", "write_all"]
+
+# Lock files hold nothing secret, but they sit beside private mail and user data.
+LOCK_FILE_MODE: Final = 0o600
 
 
 def write_all(fd: int, data: bytes) -> int:
@@ -32,3 +39,59 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FileLock:
+    """An exclusive ``flock`` on a file, held while this object's descriptor is open.
+
+    flock, not fcntl locks: it conflicts between two opens in one process too (two
+    sessions of one worker), and the kernel drops it when the holder dies, so a crash
+    never wedges it. ``FileLock(path)`` creates the file if needed and raises
+    BlockingIOError when another holder has it (``wait=True`` waits instead); any
+    other OSError as it comes. ``close`` releases it, from any thread, any number of
+    times; so does leaving a ``with`` block, and so does the garbage collector for a
+    holder that was dropped without either (a crashed task must not keep it).
+    """
+
+    __slots__ = ("_fd", "_guard")
+
+    def __init__(self, path: str | os.PathLike[str], *, wait: bool = False) -> None:
+        self._guard = threading.Lock()
+        self._fd = -1
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    @property
+    def fd(self) -> int:
+        """The locked file's descriptor (-1 once released), for a note kept in it."""
+        return self._fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def close(self) -> None:
+        """Release the lock (closing the descriptor drops it). Idempotent."""
+        with self._guard:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

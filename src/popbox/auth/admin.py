@@ -11,7 +11,6 @@ users' lines and unknown extra fields are kept byte for byte.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import stat
 import tempfile
@@ -24,7 +23,7 @@ from popbox.auth.names import validate_username
 from popbox.auth.passwdfile import PASSWD_FIELDS, QUOTA_RULE_KEY, parse_line, parse_passwd
 from popbox.auth.schemes import DEFAULT_COST, DEFAULT_SCHEME, HashCost, hash_password
 from popbox.errors import AuthError
-from popbox.fileio import fsync_dir
+from popbox.fileio import FileLock, fsync_dir
 
 __all__ = [
     "NoSuchUser",
@@ -81,16 +80,9 @@ def _locked(path: Path) -> Iterator[None]:
     """Hold the exclusive edit lock for ``path``, creating its directory if needed."""
     with _os_errors(path, "lock the passwd file"):
         path.parent.mkdir(mode=NEW_DIR_MODE, parents=True, exist_ok=True)
-        fd = os.open(
-            path.with_name(path.name + LOCK_SUFFIX),
-            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-            NEW_FILE_MODE,
-        )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock = FileLock(path.with_name(path.name + LOCK_SUFFIX), wait=True)
+    with lock:
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 def _real(path: Path) -> Path:
