@@ -14,6 +14,7 @@ directly and once through bench.latency_proxy with 10 ms each way (20 ms round t
 
     .venv/bin/python -m bench.collector [--messages 5000] [--reps 1]   # alone, as root
     .venv/bin/python -m bench.collector --clients "popbox fetch,mpop" --links loopback
+    .venv/bin/python -m bench.collector --baseline /path/to/older/checkout   # old vs new
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CLIENTS: Final = ("popbox fetch", "mpop", "getmail6", "fetchmail")
 # A client that has not finished in this time is stuck; the figure is reported missing.
 CLIENT_TIMEOUT: Final = 1800.0
 POPBOX: Final = str(Path(sys.executable).with_name("popbox"))
+# `popbox fetch` of an earlier commit (--baseline), measured in the same run.
+BASELINE_CLIENT: Final = "popbox fetch@base"
 
 
 def _count(maildir: Path) -> int:
@@ -80,6 +83,12 @@ kind = "maildir"
 path = "{dest}"
 """)
     return [POPBOX, "fetch", "--config", str(config)]
+
+
+def _popbox_base(base: Path, port: int, user: str, password: str, dest: Path) -> list[str]:
+    """The same run by another checkout's popbox (PYTHONPATH names its src/)."""
+    command = _popbox(base, port, user, password, dest)
+    return [sys.executable, "-m", "popbox", *command[1:]]
 
 
 def _mpop(base: Path, port: int, user: str, password: str, dest: Path) -> list[str]:
@@ -145,6 +154,7 @@ poll 127.0.0.1 service {port} protocol pop3 auth password:
 
 BUILDERS: Final[dict[str, Callable[[Path, int, str, str, Path], list[str]]]] = {
     "popbox fetch": _popbox,
+    BASELINE_CLIENT: _popbox_base,
     "mpop": _mpop,
     "getmail6": _getmail,
     "fetchmail": _fetchmail,
@@ -170,8 +180,8 @@ def _start_proxy(target: int, delay_ms: float) -> tuple[subprocess.Popen[bytes],
     raise RuntimeError("the latency proxy did not start")
 
 
-def measure(client: str, base: Path, port: int, user: str, expected: int
-            ) -> tuple[float, str]:
+def measure(client: str, base: Path, port: int, user: str, expected: int,
+            baseline: Path | None = None) -> tuple[float, str]:
     """Seconds for one full download by ``client`` into a new directory ``base``.
 
     The second item is a problem or "". Every run gets a directory of its own and the
@@ -189,6 +199,10 @@ def measure(client: str, base: Path, port: int, user: str, expected: int
     dest = _maildir(base / "Maildir")
     command = BUILDERS[client](base, port, user, ds.PASSWORD, dest)
     env = {**os.environ, "HOME": str(base), "FETCHMAILHOME": str(base)}
+    if client == BASELINE_CLIENT:
+        if baseline is None:
+            raise ValueError(f"{BASELINE_CLIENT} needs a baseline checkout")
+        env["PYTHONPATH"] = str(baseline / "src")
     # getmail refuses to deliver as root, so it runs as the mail user; the others stay
     # root (popbox's virtualenv lives under /root here, out of other users' reach).
     uid = gid = -1
@@ -221,11 +235,14 @@ LINKS: Final = ("loopback", "20 ms RTT")
 
 def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
                    reps: int | None = None, clients: tuple[str, ...] = CLIENTS,
-                   links: tuple[str, ...] = LINKS) -> str:
+                   links: tuple[str, ...] = LINKS, baseline: Path | None = None) -> str:
     """Run every client on loopback and at 20 ms RTT; return a Markdown section.
 
-    ``clients`` and ``links`` narrow the run (a quick loop while working on one client).
+    ``clients`` and ``links`` narrow the run (a quick loop while working on one client);
+    ``baseline``, a checkout of an earlier popbox, adds its `popbox fetch` as a client.
     """
+    if baseline is not None and BASELINE_CLIENT not in clients:
+        clients = (*clients, BASELINE_CLIENT)
     user = dataset.collector_user
     manifest = dataset.manifest(user)
     expected = len(manifest.hashes)
@@ -252,7 +269,8 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
                 for client in order:
                     count += 1
                     base = runs / f"{count:03d}-{client.replace(' ', '-')}"
-                    elapsed, problem = measure(client, base, port, user, expected)
+                    elapsed, problem = measure(client, base, port, user, expected,
+                                               baseline)
                     print(f"    {client:14s} {link:10s} {elapsed:8.2f} s {problem}", flush=True)
                     if problem:
                         problems.append(f"{client} ({link}): {problem}")
@@ -284,10 +302,10 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
                 lines.append(f"| {client} | {link} | — | — | — | — |")
                 continue
             seconds = statistics.median(samples)
-            ratio = (f"{seconds / statistics.median(ours):.2f}"
-                     if ours and client != "popbox fetch" else "—")
+            advantage = (f"{seconds / statistics.median(ours):.2f}"
+                         if ours and client != "popbox fetch" else "—")
             lines.append(f"| {client} | {link} | {seconds:.1f} | {expected / seconds:,.0f} | "
-                         f"{megabytes / seconds:.1f} | {ratio} |")
+                         f"{megabytes / seconds:.1f} | {advantage} |")
     targets = [("mpop", "loopback", 2.0), ("fetchmail", "20 ms RTT", 5.0),
                ("getmail6", "20 ms RTT", 5.0)]
     lines += ["", "Targets of issue 6 (messages/s ratio popbox fetch / other):", ""]
@@ -316,6 +334,8 @@ def main() -> None:
                         help="comma-separated subset of: " + ", ".join(CLIENTS))
     parser.add_argument("--links", default=",".join(LINKS),
                         help="comma-separated subset of: " + ", ".join(LINKS))
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of an earlier popbox commit to run beside this one")
     args = parser.parse_args()
     clients = tuple(c.strip() for c in args.clients.split(",") if c.strip())
     links = tuple(link.strip() for link in args.links.split(",") if link.strip())
@@ -328,7 +348,8 @@ def main() -> None:
                      collector_messages=args.messages)
     dataset = ds.build(args.work, sizes)
     ds.install(dataset, args.work / "dovecot", owner=servers.mail_ids(), collector=True)
-    print(run_comparison(dataset, args.work, reps=args.reps, clients=clients, links=links))
+    print(run_comparison(dataset, args.work, reps=args.reps, clients=clients, links=links,
+                         baseline=args.baseline.resolve() if args.baseline else None))
 
 
 if __name__ == "__main__":

@@ -90,8 +90,20 @@ def summarise(figures: Sequence[Figure], data: dict[str, dict[str, list[float]]]
     return rows
 
 
-def markdown_table(rows: Sequence[Row], servers: Sequence[str]) -> str:
-    head = ["figure", "unit", *servers, "best Dovecot", "popbox/Dovecot", "target", "met"]
+def base_ratio(row: Row, base: str) -> str:
+    """popbox against an earlier popbox of the same run (the medians' ratio)."""
+    mine, theirs = row.samples.get("popbox"), row.samples.get(base)
+    if not mine or not theirs or not _median(theirs):
+        return "—"
+    return f"{_median(mine) / _median(theirs):.2f}"
+
+
+def markdown_table(rows: Sequence[Row], servers: Sequence[str], base: str | None = None) -> str:
+    """The figures as a table; ``base`` names an earlier popbox to compare with."""
+    compared = [] if base is None or base not in servers else [
+        f"popbox/{base.removeprefix('popbox-')}"]
+    head = ["figure", "unit", *servers, *compared, "best Dovecot", "popbox/Dovecot", "target",
+            "met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         figure = row.figure
@@ -105,6 +117,7 @@ def markdown_table(rows: Sequence[Row], servers: Sequence[str]) -> str:
             f"{figure.label}",
             f"{figure.unit} ({better} is better)",
             *(_cell(row.samples.get(server, [])) for server in servers),
+            *([base_ratio(row, base)] if compared and base is not None else []),
             (row.best or "—").removeprefix("dovecot-"),
             "—" if row.ratio is None else f"{row.ratio:.2f}",
             target,

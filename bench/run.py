@@ -80,6 +80,8 @@ FIGURES: Final = [
            False),
 ]
 SERVERS: Final = ("popbox", *servers.DOVECOT_MODES)
+# An earlier commit of popbox, measured in the same run (--baseline), under this name.
+BASELINE: Final = "popbox-base"
 
 
 @dataclass
@@ -97,6 +99,13 @@ class Settings:
     collector: bool
     profile: bool
     doc: bool = True
+    baseline: Path | None = None
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        if self.baseline is None:
+            return SERVERS
+        return ("popbox", BASELINE, *servers.DOVECOT_MODES)
 
 
 # Each part runs on a server started for it. Idle memory in particular is measured on
@@ -119,7 +128,7 @@ class Run:
         self.samples: dict[str, dict[str, list[float]]] = {}
         self.details: list[dict[str, Any]] = []
         self.notes: list[str] = []
-        self.first_done: set[tuple[str, str]] = set()
+        self.first_done: set[tuple[str, str]] = set()  # (mail copy, user)
         self.tls = loadgen.client_tls_context(dataset.cert)
 
     def record(self, key: str, server: str, rep: int, result: loadgen.Result,
@@ -192,13 +201,15 @@ class Run:
     async def bigbox(self, server: servers.Server, rep: int) -> None:
         count = self.settings.sizes.bigbox_messages
         for user, variant in zip(self.dataset.bigbox_users, ("sized", "plain"), strict=True):
-            if (server.kind, user) not in self.first_done:
+            # Keyed by the copy of the mail: the two Dovecot shapes share one.
+            copy = (str(server.root), user)
+            if copy not in self.first_done:
                 # The first login after the files were written also moves new/ to cur/;
                 # it happens once per copy, so it is shown apart and not repeated.
                 servers.drop_caches()
                 result = await loadgen.bigbox_login(server, user, ds.PASSWORD, count)
                 self.record(f"bigbox.{variant}.first", server.name, rep, result)
-                self.first_done.add((server.kind, user))
+                self.first_done.add(copy)
             server.forget_index(user)
             if not servers.drop_caches():
                 self.note("cold = no index (the page cache could not be dropped)")
@@ -221,11 +232,15 @@ class Run:
         if name == "popbox":
             return servers.start_popbox(work / "popbox", d.cert, d.key,
                                         workers=self.settings.popbox_workers)
+        if name == BASELINE:
+            return servers.start_popbox(work / BASELINE, d.cert, d.key,
+                                        workers=self.settings.popbox_workers, name=BASELINE,
+                                        source=self.settings.baseline)
         return servers.start_dovecot(work / "dovecot", name, d.cert, d.key,
                                      sessions=self.settings.sizes.idle_users)
 
     def run_servers(self) -> None:
-        order = list(SERVERS)
+        order = list(self.settings.servers)
         for rep in range(self.settings.reps):
             print(f"repetition {rep + 1}/{self.settings.reps}: {', '.join(order)}", flush=True)
             for name in order:
@@ -302,9 +317,16 @@ def environment() -> list[str]:
     ]
 
 
+def baseline_line(baseline: Path) -> str:
+    commit = subprocess.run(["git", "-C", str(baseline), "log", "-1", "--format=%h %s"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return (f"{BASELINE}: popbox at commit {commit or '?'} (from {baseline}), the same "
+            "settings and its own copy of the mail; popbox/base is the ratio of the medians")
+
+
 def write_report(run: Run, out: Path, started: float, extra_sections: list[str]) -> str:
     rows = report.summarise(FIGURES, run.samples)
-    table = report.markdown_table(rows, SERVERS)
+    table = report.markdown_table(rows, run.settings.servers, BASELINE)
     report.chart(rows, out / "chart.png", "popbox vs the better Dovecot shape, per figure")
     s = run.settings
     sizes = s.sizes
@@ -315,6 +337,7 @@ def write_report(run: Run, out: Path, started: float, extra_sections: list[str])
         "(median, min-max in brackets).",
         "",
         *(f"- {line}" for line in environment()),
+        *([f"- {baseline_line(s.baseline)}"] if s.baseline is not None else []),
         f"- popbox: `popbox serve`, pop3.workers = {s.popbox_workers}, uvloop, log level INFO; "
         "Dovecot: per-session (service_count = 1 for pop3 and pop3-login) and reuse "
         "(pop3 service_count = 100, pop3-login service_count = 0), both logging at info.",
@@ -418,6 +441,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-doc", action="store_true",
                         help="leave docs/performance.md alone (trial runs while developing)")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of an earlier popbox commit (e.g. a git worktree) "
+                        f"to measure in the same run as {BASELINE}")
     args = parser.parse_args(argv)
     if args.quick:
         sizes = ds.Sizes(retr_messages=60, idle_users=200, bigbox_messages=20_000,
@@ -443,6 +469,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         only=set(args.only.split(",")) if args.only else None,
         collector=not args.no_collector, profile=not args.no_profile,
         doc=not args.no_doc,
+        baseline=args.baseline.resolve() if args.baseline else None,
     )
 
 
@@ -462,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = ds.build(settings.work, settings.sizes)
     print("installing a copy of the mail for each server", flush=True)
     ds.install(dataset, settings.work / "popbox", owner=None)
+    if settings.baseline is not None:
+        ds.install(dataset, settings.work / BASELINE, owner=None)
     ds.install(dataset, settings.work / "dovecot", owner=servers.mail_ids(),
                collector=settings.collector)
     run = Run(settings, dataset)
@@ -475,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench import collector
 
         print("collector comparison", flush=True)
-        sections.append(collector.run_comparison(dataset, settings.work, quick=settings.quick))
+        sections.append(collector.run_comparison(dataset, settings.work, quick=settings.quick,
+                                                 baseline=settings.baseline))
     profile_text = None
     if settings.profile:
         from bench import profile

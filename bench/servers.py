@@ -185,10 +185,14 @@ def _wait_ready(server: Server, log: Path) -> Server:
 
 
 def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1,
-                 limits: dict[str, float] | None = None) -> Server:
+                 limits: dict[str, float] | None = None, name: str = "popbox",
+                 source: Path | None = None) -> Server:
     """Start ``popbox serve`` on ``root`` (which holds mail/ and passwd) on free ports.
 
     ``limits`` adds settings to the config's [limits] table (bench.idle raises the caps).
+    ``source`` runs the popbox of another checkout (its ``src/`` goes first on the
+    path, with this environment's dependencies): an earlier commit measured in the
+    same run as this one, under ``name``.
     """
     pop3, pop3s, lmtp = free_port(), free_port(), free_port()
     # Every benchmark client comes from loopback; the per-IP bound would refuse them.
@@ -223,14 +227,20 @@ listen = ["127.0.0.1:{lmtp}"]
 """
     )
     log = root / "popbox.log"
+    command = [POPBOX, "serve", "--config", str(config)]
+    env = None
+    if source is not None:
+        command = [sys.executable, "-m", "popbox", "serve", "--config", str(config)]
+        env = {**os.environ, "PYTHONPATH": str(source / "src")}
     with log.open("ab") as stderr:
         process = subprocess.Popen(
-            [POPBOX, "serve", "--config", str(config)],
+            command,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
+            env=env,
         )
-    server = Server("popbox", "popbox", root, root / "mail", pop3, pop3s, lmtp, process)
+    server = Server(name, "popbox", root, root / "mail", pop3, pop3s, lmtp, process)
     if workers > 1:
         server.notes.append(f"pop3.workers = {workers}")
     return _wait_ready(server, log)
