@@ -74,18 +74,18 @@ class HashCost:
     """How expensive newly written hashes are. Verification reads cost from the hash."""
 
     # OWASP's Password Storage Cheat Sheet minimum for Argon2id: 19 MiB, 2 passes, 1
-    # lane. Measured ~23 ms per hash on the 2-core development machine, so a login
-    # stays well under the auth failure delay, and six concurrent verifications (the
-    # default thread pool on 2 cores) need ~114 MiB rather than the ~384 MiB that
-    # Dovecot's m=65536,t=3 (~130 ms here) would take. Dovecot's hashes still verify.
+    # lane. A login then stays well under the auth failure delay, and the concurrent
+    # verifications of the hashing threads need a fraction of the memory Dovecot's
+    # m=65536,t=3 would (docs/performance.md, "Measured costs behind the code").
+    # Dovecot's hashes still verify.
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
     argon2_parallelism: int = 1
-    # OWASP's minimum work factor for bcrypt; ~52 ms here. Dovecot writes 5 (~2 ms),
-    # which is too cheap against offline guessing today.
+    # OWASP's minimum work factor for bcrypt. Dovecot writes 5, which is too cheap
+    # against offline guessing today.
     bcrypt_rounds: int = 10
-    # Dovecot (and glibc) default to 5000 rounds (~2 ms here); 100,000 costs ~38 ms
-    # for SHA-512 and ~29 ms for SHA-256, in line with the other schemes.
+    # Dovecot (and glibc) default to 5000 rounds; 100,000 puts SHA-crypt in line with
+    # the cost of the other schemes.
     sha_crypt_rounds: int = 100_000
 
 
