@@ -1,6 +1,6 @@
 """OAuth2 access tokens for XOAUTH2/OAUTHBEARER: token providers and `popbox oauth login`.
 
-Every provider implements ``popbox.collector.auth.TokenProvider``: it caches the
+Every provider implements ``popbox.collector.tokens.TokenProvider``: it caches the
 access token until shortly before it expires and fetches a new one when asked with
 ``force_refresh`` (the server rejected the old one mid-run). Sources:
 
@@ -36,13 +36,13 @@ from typing import Any, Final
 import click
 import httpx
 
-from popbox.collector.auth import TokenProvider
 from popbox.collector.config import (
     AccountSettings,
     FetchSettings,
     OAuthSettings,
     load_fetch_settings,
 )
+from popbox.collector.tokens import TokenProvider
 from popbox.errors import CollectorError, ConfigError, PopboxError
 
 __all__ = [
