@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from popbox.errors import CollectorError
+from popbox.fileio import fsync_dir
 
 __all__ = ["TokenFile"]
 
@@ -49,8 +50,4 @@ class TokenFile:
             with contextlib.suppress(OSError):
                 temporary.unlink()
             raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself must survive a crash
-        finally:
-            os.close(directory)
+        fsync_dir(self.path.parent)  # the rename itself must survive a crash
