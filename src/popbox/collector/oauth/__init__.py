@@ -1,0 +1,68 @@
+"""OAuth2 access tokens for XOAUTH2/OAUTHBEARER: token providers and `popbox oauth login`.
+
+Every provider implements ``popbox.collector.tokens.TokenProvider``: it caches the
+access token until shortly before it expires and fetches a new one when asked with
+``force_refresh`` (the server rejected the old one mid-run). Sources:
+
+- ``CommandTokenProvider``: a command prints the token (oama, a vault, a script).
+- ``MsalRefreshTokenProvider`` (Microsoft): msal's token cache, written by
+  ``popbox oauth login`` (device-code flow) to a 0600 file in the state directory.
+- ``RefreshTokenProvider`` (Google, any RFC 6749 server): a stored refresh token,
+  exchanged at the token endpoint with httpx; rotated refresh tokens are saved.
+- ``MsalClientCredentialsProvider`` (Microsoft 365 app-only, POP.AccessAsApp) and
+  ``ClientCredentialsProvider`` (any RFC 6749 server): no user, no stored token.
+
+One job per module: ``bearer`` (token check and cache), ``tokenfile`` (the 0600
+store), ``flows`` (RFC 6749/8628 over httpx), ``providers`` (the sources above that
+need no msal, and ``create_token_provider``), ``microsoft`` (msal), ``login`` (the
+click command). msal is imported only when a Microsoft name is first used, so an
+account with a token command or a Google login never loads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from popbox.collector.oauth.flows import DeviceCode, OAuthHttpClient, generic_device_login
+from popbox.collector.oauth.login import login_command
+from popbox.collector.oauth.providers import (
+    ClientCredentialsProvider,
+    CommandTokenProvider,
+    RefreshTokenProvider,
+    create_token_provider,
+)
+from popbox.collector.oauth.tokenfile import TokenFile
+
+if TYPE_CHECKING:
+    from popbox.collector.oauth.microsoft import (
+        MsalClientCredentialsProvider,
+        MsalRefreshTokenProvider,
+        msal_device_login,
+    )
+
+__all__ = [
+    "ClientCredentialsProvider",
+    "CommandTokenProvider",
+    "DeviceCode",
+    "MsalClientCredentialsProvider",
+    "MsalRefreshTokenProvider",
+    "OAuthHttpClient",
+    "RefreshTokenProvider",
+    "TokenFile",
+    "create_token_provider",
+    "generic_device_login",
+    "login_command",
+    "msal_device_login",
+]
+
+_FROM_MICROSOFT = frozenset(
+    {"MsalClientCredentialsProvider", "MsalRefreshTokenProvider", "msal_device_login"}
+)
+
+
+def __getattr__(name: str) -> object:
+    """The msal names, imported on first use (PEP 562) so msal stays unloaded until then."""
+    if name in _FROM_MICROSOFT:
+        return getattr(importlib.import_module("popbox.collector.oauth.microsoft"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
