@@ -18,8 +18,8 @@ from popbox.store.index_file import IndexSignature
 __all__ = ["INDEX_CACHE_MESSAGES", "IndexCache", "LoadedIndex"]
 
 # Parsed indexes kept per worker process for maildrops no session holds, counted in
-# messages (about 0.5 KB each): the 100,000-message maildrop of issue 6 fits, so its
-# warm login skips parsing; many small maildrops share the rest.
+# messages (about 0.5 KB each): a 100,000-message maildrop fits, so its warm login
+# skips parsing; many small maildrops share the rest.
 INDEX_CACHE_MESSAGES: Final = 150_000
 
 

@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 TMP_MAX_AGE: Final = 36 * 3600
 # How often one worker process sweeps a maildrop's tmp/ at login. Against a 36-hour
 # age limit an hour's delay changes nothing, and it takes a directory listing off
-# almost every login (2-3% of a login's samples in docs/performance.md).
+# almost every login (docs/performance.md).
 TMP_SWEEP_INTERVAL: Final = 3600.0
 # Maildirs this process made or found complete, remembered so that a login skips the
 # five mkdir() attempts; past this many the memory is simply started afresh (a forgotten
@@ -113,7 +113,7 @@ def check_user(user: str) -> None:
 class _Layout:
     """The paths of one user's Maildir, joined once per process rather than per login.
 
-    pathlib joins cost a microsecond or two each, and a Path made once keeps its
+    pathlib joins are not free at every login, and a Path made once keeps its
     string and hash, so the stats and set lookups of every later login are cheaper.
     """
 

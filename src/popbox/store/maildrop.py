@@ -107,11 +107,12 @@ class MaildirMaildrop:
         """Open message ``index`` for reading, following a rename; (fd, action text)."""
         action = f"read message {self._infos.uidls[index]} of {self._user}"
         # open() and read() of a local file stay on the event loop: a hop to a worker
-        # thread costs ~150 us against ~3 us for the open and less than that for a
-        # 64 KiB read from the page cache (bench/maildir_index.py measures reads).
-        # Only the search for a renamed file, a directory scan, goes to a thread.
+        # thread costs many times the open or a 64 KiB read from the page cache
+        # (bench/maildir_index.py measures reads). Only the search for a renamed
+        # file, a directory scan, goes to a thread.
         try:
-            # An f-string, not Path /: this runs once per RETR and pathlib costs ~1 us.
+            # An f-string, not Path /: this runs once per RETR, and a pathlib join
+            # costs more than the formatting.
             fd = os.open(f"{self._maildir}/{self._path(index)}", _READ_FLAGS)
         except FileNotFoundError:
             fd = await asyncio.to_thread(self._open_moved, index, action)
@@ -182,7 +183,7 @@ class MaildirMaildrop:
         if not doomed:
             # Nothing to delete: the index on disk was made durable when the maildrop
             # was opened (or was already current), so QUIT only unlocks. Rewriting and
-            # fsyncing it here was 36-42% of a login (docs/performance.md).
+            # fsyncing it here was a large share of a login (docs/performance.md).
             self._cache.keep(self._user, self._loaded)
             self._lock.close()
             return
