@@ -19,6 +19,7 @@ from storetools import message_files, read_all
 from popbox.errors import PermanentStoreError, StoreError
 from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore, Usage
+from popbox.store.index_cache import IndexCache
 from popbox.store.index_file import INDEX_NAME, read_index
 
 DOVECOT_NAME = "1700000001.M20P30.mail.example,S={s},W={w}:2,S"
@@ -406,21 +407,20 @@ async def test_size_fields_follow_dovecots_meaning(maildir_store: MaildirStore) 
     await maildrop.release()
 
 
-async def test_index_cache_stays_within_its_bound(
-    maildir_store: MaildirStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_index_cache_stays_within_its_bound(tmp_path: Path) -> None:
     """Cached indexes are bounded in messages per worker, least recently used out."""
-    monkeypatch.setattr("popbox.store.maildir.INDEX_CACHE_MESSAGES", 3)
+    cache = IndexCache(max_messages=3)
+    store = MaildirStore(tmp_path / "mail", index_cache=cache)
     for user in ("alice", "bob", "carol"):
         for n in range(2):
-            await maildir_store.deliver(user, f"{user} {n}\n".encode())
+            await store.deliver(user, f"{user} {n}\n".encode())
     for user in ("alice", "bob", "carol"):
-        assert len(await uidls(maildir_store, user)) == 2
-    cached = maildir_store._cache  # the bound is about memory, which only shows here
-    assert list(cached) == ["carol"]
-    monkeypatch.setattr("popbox.store.maildir.INDEX_CACHE_MESSAGES", 1)
-    await uidls(maildir_store, "carol")  # too big for the cache: not kept at all
-    assert list(cached) == []
+        assert len(await uidls(store, user)) == 2
+    assert cache.users() == ["carol"]  # the bound is about memory, which only shows here
+    for n in range(2, 4):
+        await store.deliver("carol", f"carol {n}\n".encode())
+    assert len(await uidls(store, "carol")) == 4  # too big for the cache: not kept at all
+    assert cache.users() == []
 
 
 def index_stamp(store: MaildirStore, user: str) -> tuple[int, int, int]:

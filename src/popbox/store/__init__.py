@@ -5,7 +5,8 @@ the reference implementation for tests, ``MaildirStore`` the embedded default.
 """
 
 from popbox.store.base import Maildrop, MailStore, MessageInfo, Usage, WireReadyFile
-from popbox.store.maildir import MaildirMaildrop, MaildirStore
+from popbox.store.maildir import MaildirStore
+from popbox.store.maildrop import MaildirMaildrop
 from popbox.store.memory import MemoryMaildrop, MemoryStore
 
 __all__ = [
