@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from authtools import CHEAP, WritePasswd
 
 from popbox.auth.hasher import Hasher, default_threads, shared_hasher
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.auth.schemes import hash_password
+from support.auth import CHEAP, WritePasswd
 
 
 @pytest.fixture

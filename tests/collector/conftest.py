@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings
 
 from popbox.collector.config import FetchSettings, fetch_settings_from_dict
 from support.dovecot import DovecotServer, start_dovecot
+from support.fetch import MakeSettings
 
 
 @pytest.fixture

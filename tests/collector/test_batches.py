@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakepop import FakePop
-from fetchtools import maildir_messages, message
 from test_crash import _write_config
 from test_misbehaving import crlf_message, lf, poll, settings_for
 
@@ -26,6 +24,8 @@ from popbox.collector.sinks.maildir import MaildirSink
 from popbox.collector.state import StateDB
 from popbox.errors import PermanentSinkError, TemporarySinkError
 from support.dovecot import DovecotServer
+from support.fakepop import FakePop
+from support.fetch import maildir_messages, message
 
 # Run as a script: a poll whose Maildir sink is SIGKILLed right after the N-th batch is
 # in new/ (files fsynced, renamed, directory fsynced) and before the state commit.

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import maildir_messages, message
 
 from support.dovecot import DovecotServer
+from support.fetch import maildir_messages, message
 
 pytestmark = pytest.mark.interop
 

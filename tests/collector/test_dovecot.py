@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings, maildir_messages, message, only_account
 
 from popbox.collector.poll import Poller
 from popbox.collector.state import StateDB
 from support.dovecot import DovecotServer
+from support.fetch import MakeSettings, maildir_messages, message, only_account
 
 pytestmark = pytest.mark.interop
 

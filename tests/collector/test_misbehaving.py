@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakepop import FakePop
-from fetchtools import maildir_messages
 
 from popbox.collector.auth import StaticTokenProvider
 from popbox.collector.config import FetchSettings, fetch_settings_from_dict
 from popbox.collector.poll import Poller
 from popbox.collector.state import StateDB
 from popbox.errors import ConfigError
+from support.fakepop import FakePop
+from support.fetch import maildir_messages
 
 
 def crlf_message(index: int) -> bytes:

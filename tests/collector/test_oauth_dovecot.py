@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings, maildir_messages, message, only_account
 from test_oauth import CLIENT_ID, FakeAuthServer, serve_auth
 
 from popbox.collector.auth import build_token_provider
@@ -26,6 +25,7 @@ from popbox.collector.oauth import RefreshTokenProvider, TokenFile
 from popbox.collector.poll import Poller
 from popbox.collector.state import StateDB
 from support.dovecot import DOVECOT, DovecotServer, start_dovecot
+from support.fetch import MakeSettings, maildir_messages, message, only_account
 
 pytestmark = pytest.mark.interop
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakepop import FakePop
-from fetchtools import maildir_messages, message
 from test_misbehaving import crlf_message, poll, settings_for
 
 from support.dovecot import DovecotServer
+from support.fakepop import FakePop
+from support.fetch import maildir_messages, message
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import maildir_messages, message
 
 from popbox.auth.memory import MemoryPassDB
 from popbox.collector.config import fetch_settings_from_dict
@@ -17,6 +16,7 @@ from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.net.tls import make_server_context
 from popbox.store.memory import MemoryStore
+from support.fetch import maildir_messages, message
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings, message, only_account
 from test_webhook import SECRET, Received, Receiver, Reply, serve
 
 from popbox.collector.config import FetchSettings
 from popbox.collector.poll import Poller
 from popbox.collector.state import StateDB
 from support.dovecot import DovecotServer, start_dovecot
+from support.fetch import MakeSettings, message, only_account
 
 pytestmark = pytest.mark.interop
 

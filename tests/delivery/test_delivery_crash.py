@@ -22,10 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from postfix_instance import free_port
 
 from popbox.proto.wire import wire_size
 from popbox.store.maildir import MaildirStore
+from support.postfix import free_port
 
 USERS = ("alice", "bob")
 # How long `popbox serve` may take to listen (imports, passwd file, first-run cert).

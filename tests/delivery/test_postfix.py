@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from lmtptools import RunningLmtp, StartLmtp, make_config
-from postfix_instance import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
 
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.config import Config, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.maildir import MaildirStore
+from support.lmtp import RunningLmtp, StartLmtp, make_config
+from support.postfix import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
 
 pytestmark = [
     pytest.mark.interop,

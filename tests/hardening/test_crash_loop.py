@@ -19,9 +19,8 @@ import smtplib
 import threading
 from pathlib import Path
 
-from serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
-
 from popbox.store.maildir import MaildirStore
+from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
 
 USERS = ("alice", "bob", "carol")
 # Bounded for CI on two cores: about a second a round.

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverproc import deliver_lmtp, make_server, running
 
 from popbox.store.maildir import MaildirStore
+from support.serverproc import deliver_lmtp, make_server, running
 
 EX_TEMPFAIL = 75
 

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, free_port, make_server, running
 
 from popbox.config import load_config
 from popbox.errors import ConfigError
 from popbox.store.maildir import MaildirStore
+from support.serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, free_port, make_server, running
 
 RUN_AS = "nobody"
 RUN_AS_GROUP = "nogroup"

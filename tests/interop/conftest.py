@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop_support import MESSAGES, PASSWORD, USER, InteropServer
 
 from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.net.tls import make_server_context
 from popbox.store.memory import MemoryStore
+from support.interop import MESSAGES, PASSWORD, USER, InteropServer
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from interop_support import MESSAGES, PASSWORD, USER, InteropServer, require, wire
+
+from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require, wire
 
 pytestmark = pytest.mark.interop
 

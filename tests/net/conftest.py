@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from net_support import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
 
 from popbox.auth.base import PassDB
 from popbox.auth.memory import MemoryPassDB
@@ -19,6 +18,7 @@ from popbox.net.service import Pop3Service
 from popbox.net.tls import make_server_context
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
+from support.pop3service import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
 
 _HERE = Path(__file__).parent
 

@@ -8,11 +8,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from net_support import PASSWORD, Connect, StartServer, until_no_sessions
 
 from popbox.net.limits import PENALTY_DECAY, PENALTY_INITIAL, AuthPenalty, penalty_key
 from popbox.store.base import Maildrop, MailStore
 from popbox.store.memory import MemoryStore
+from support.pop3service import PASSWORD, Connect, StartServer, until_no_sessions
 
 
 class Clock:

@@ -12,10 +12,10 @@ import logging
 import ssl
 
 import pytest
-from net_support import MESSAGES, Connect, StartServer, unstuff, until_no_sessions, wire
 
 from popbox.net.session import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
+from support.pop3service import MESSAGES, Connect, StartServer, unstuff, until_no_sessions, wire
 
 # StreamReader.readuntil() must hold a whole multi-line reply.
 LARGE = 16 * 1024 * 1024

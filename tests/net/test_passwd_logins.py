@@ -8,13 +8,12 @@ import ssl
 import time
 from pathlib import Path
 
-from net_support import make_config
-
 from popbox.auth.hasher import Hasher
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.auth.schemes import HashCost, hash_password
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
+from support.pop3service import make_config
 
 # Real SHA512-CRYPT, cheap enough for a test (the bench uses 5,000 rounds).
 COST = HashCost(sha_crypt_rounds=1000)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storetools import read_all
 
 from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
 from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer, start_dovecot
+from support.maildrop import read_all
 
 DOVECOT_LDA = "/usr/lib/dovecot/deliver"
 GETMAIL_MAILDIR = shutil.which("getmail_maildir")
