@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from popbox.collector.base import FetchedMessage
 from popbox.collector.sinks.webhook import WebhookSink, build_payload, encode_payload
 from popbox.errors import PermanentSinkError, TemporarySinkError
+from support.ports import free_port
 
 SECRET = "s3cret-webhook-key"
 
@@ -345,11 +346,7 @@ async def test_slow_receiver_times_out_as_temporary(
 
 
 async def test_connection_refused_is_temporary(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as probe:  # a port nobody listens on any more
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     sink = _sink(f"http://127.0.0.1:{port}/hook", max_attempts=2)
     try:
         with pytest.raises(TemporarySinkError, match="connection failed"):

@@ -25,7 +25,7 @@ import pytest
 
 from popbox.proto.wire import wire_size
 from popbox.store.maildir import MaildirStore
-from support.postfix import free_port
+from support.ports import free_port
 
 USERS = ("alice", "bob")
 # How long `popbox serve` may take to listen (imports, passwd file, first-run cert).

@@ -24,7 +24,8 @@ import pytest
 from popbox.config import load_config
 from popbox.errors import ConfigError
 from popbox.store.maildir import MaildirStore
-from support.serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, free_port, make_server, running
+from support.ports import free_port
+from support.serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, make_server, running
 
 RUN_AS = "nobody"
 RUN_AS_GROUP = "nogroup"

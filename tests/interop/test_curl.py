@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require, wire
+from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require
+from support.wire import wire
 
 pytestmark = pytest.mark.interop
 

@@ -20,8 +20,8 @@ from support.pop3service import (
     Server,
     StartServer,
     until_no_sessions,
-    wire,
 )
+from support.wire import wire
 
 
 class FaultyMaildrop:

@@ -15,7 +15,8 @@ import pytest
 
 from popbox.net.session import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
-from support.pop3service import MESSAGES, Connect, StartServer, unstuff, until_no_sessions, wire
+from support.pop3service import MESSAGES, Connect, StartServer, until_no_sessions
+from support.wire import unstuff, wire
 
 # StreamReader.readuntil() must hold a whole multi-line reply.
 LARGE = 16 * 1024 * 1024

@@ -13,7 +13,8 @@ import socket
 import ssl
 
 from popbox.net.tls import TlsLayer
-from support.pop3service import MESSAGES, PASSWORD, Connect, StartServer, until_no_sessions, wire
+from support.pop3service import MESSAGES, PASSWORD, Connect, StartServer, until_no_sessions
+from support.wire import wire
 
 
 def _tls_client(

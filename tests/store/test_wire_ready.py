@@ -19,6 +19,7 @@ from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore, MemoryStore
 from popbox.store.index import size_fields
 from popbox.store.maildir import CHUNK_SIZE
+from support.wire import crlf
 
 MESSAGES = [
     b"Subject: lf\n\nbare LF line ends\n.dot line\n",
@@ -27,10 +28,6 @@ MESSAGES = [
     b"",
     b"\x00\xff 8-bit\n" + b"x" * 5000 + b"\n",
 ]
-
-
-def crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def stored_files(maildir: Path) -> list[Path]:

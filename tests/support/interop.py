@@ -26,12 +26,6 @@ MESSAGES = [
 ]
 
 
-def wire(message: bytes) -> bytes:
-    """The message as a POP3 client sees it un-stuffed: CRLF line ends, final CRLF."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return data if data.endswith(b"\r\n") else data + b"\r\n"
-
-
 @dataclass
 class InteropServer:
     service: Pop3Service

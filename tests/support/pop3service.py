@@ -11,6 +11,7 @@ from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
+from support.wire import unstuff
 
 PASSWORD = "correct horse"
 
@@ -19,12 +20,6 @@ MESSAGES = [
     b"From: b@example.org\r\nSubject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n",
     b"Subject: three\n\nno final newline",
 ]
-
-
-def wire(message: bytes) -> bytes:
-    """What a POP3 client sees after un-stuffing: CRLF line ends and a final CRLF."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return data if data.endswith(b"\r\n") or not data else data + b"\r\n"
 
 
 def make_config(
@@ -133,11 +128,6 @@ class Raw:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def unstuff(body: bytes) -> bytes:
-    """Undo dot-stuffing of a multi-line body (without its terminator)."""
-    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
 
 
 Connect = Callable[..., Awaitable[Raw]]

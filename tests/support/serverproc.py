@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from support.ports import free_port
+
 # How long `popbox serve` may take to listen (imports, passwd file, first-run cert).
 START_TIMEOUT = 30.0
 PASSWORD = "secret"
@@ -34,12 +36,6 @@ class ClosingPOP3(poplib.POP3):
             if sock is not None:
                 sock.close()
             raise
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

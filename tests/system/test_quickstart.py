@@ -25,16 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from support.ports import free_port
+from support.wire import crlf
+
 POPBOX = [sys.executable, "-m", "popbox"]
 MESSAGE = b"From: carol@example.org\nSubject: hello\n\nfirst line\n.starts with a dot\n\xe9 8-bit\n"
 # How long the server may take to start listening; generous for a loaded CI machine.
 START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -78,7 +75,7 @@ class Running:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[Running]:
-    pop3, pop3s, lmtp = _free_port(), _free_port(), _free_port()
+    pop3, pop3s, lmtp = free_port(), free_port(), free_port()
     config = tmp_path / "popbox.toml"
     config.write_text(
         f"""
@@ -123,10 +120,6 @@ def _add_user(running: Running, name: str, password: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
 def test_user_deliver_and_read_with_poplib_over_stls_and_tls(running: Running) -> None:
     _add_user(running, "alice", "correct horse")
     result = running.popbox("deliver", "alice", "--from", "carol@example.org", stdin=MESSAGE)
@@ -141,7 +134,7 @@ def test_user_deliver_and_read_with_poplib_over_stls_and_tls(running: Running) -
     _, lines, octets = client.retr(1)
     body = b"\r\n".join(lines) + b"\r\n"
     assert octets == size
-    assert body.endswith(_crlf(MESSAGE))
+    assert body.endswith(crlf(MESSAGE))
     assert b"Return-Path: <carol@example.org>" in body
     uidl = client.uidl(1)
     client.quit()
@@ -166,7 +159,7 @@ def test_lmtp_delivery_then_curl_over_stls_and_pop3s(running: Running) -> None:
     _add_user(running, "bob", "s3cret")
     with smtplib.LMTP("127.0.0.1", running.lmtp) as lmtp:
         # smtplib sends bytes as given: SMTP wants CRLF line ends on the wire.
-        refused = lmtp.sendmail("carol@example.org", ["bob@example.org"], _crlf(MESSAGE))
+        refused = lmtp.sendmail("carol@example.org", ["bob@example.org"], crlf(MESSAGE))
     assert refused == {}
 
     for url in (f"pop3://localhost:{running.pop3}/1", f"pop3s://localhost:{running.pop3s}/1"):
@@ -175,7 +168,7 @@ def test_lmtp_delivery_then_curl_over_stls_and_pop3s(running: Running) -> None:
             args.insert(1, "--ssl-reqd")
         fetched = subprocess.run(args, capture_output=True, timeout=60, check=False)
         assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.endswith(_crlf(MESSAGE))
+        assert fetched.stdout.endswith(crlf(MESSAGE))
         assert b"Delivered-To: bob@example.org" in fetched.stdout
 
 
