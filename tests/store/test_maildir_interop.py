@@ -21,7 +21,7 @@ import pytest
 from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
 from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer, start_dovecot
-from support.maildrop import read_all
+from support.maildrop import message_files, read_all
 
 DOVECOT_LDA = "/usr/lib/dovecot/deliver"
 GETMAIL_MAILDIR = shutil.which("getmail_maildir")
@@ -56,8 +56,7 @@ def chown_tree(path: Path) -> None:
 
 
 def files_in_delivery_order(maildir: Path) -> list[bytes]:
-    paths = [p for sub in ("new", "cur") for p in (maildir / sub).iterdir()]
-    return [p.read_bytes() for p in sorted(paths, key=lambda p: p.name)]
+    return [path.read_bytes() for path in message_files(maildir)]
 
 
 async def test_popbox_reads_what_dovecot_lda_delivers(dovecot: DovecotServer) -> None:

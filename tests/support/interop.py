@@ -12,6 +12,7 @@ import pytest
 
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
+from support.maildrop import stored_messages
 
 USER = "alice"
 PASSWORD = "s3cret pass"
@@ -42,14 +43,7 @@ class InteropServer:
         return self.service.tls_addresses[0][1]
 
     async def stored(self) -> list[bytes]:
-        maildrop = await self.store.open_maildrop(USER)
-        try:
-            return [
-                b"".join([chunk async for chunk in maildrop.read_message(index)])
-                for index in range(len(maildrop.messages))
-            ]
-        finally:
-            await maildrop.release()
+        return await stored_messages(self.store, USER)
 
     async def run(self, *argv: str, env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
         """Run a client; returns (exit status, stdout, stderr). Bounded by a timeout."""

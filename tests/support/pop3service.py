@@ -11,6 +11,7 @@ from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
+from support.maildrop import stored_messages
 from support.wire import unstuff
 
 PASSWORD = "correct horse"
@@ -63,14 +64,7 @@ class Server:
 
     async def messages(self, user: str = "alice") -> list[bytes]:
         """What is stored for ``user`` now (through a fresh maildrop)."""
-        maildrop = await self.store.open_maildrop(user)
-        try:
-            out = []
-            for index in range(len(maildrop.messages)):
-                out.append(b"".join([c async for c in maildrop.read_message(index)]))
-            return out
-        finally:
-            await maildrop.release()
+        return await stored_messages(self.store, user)
 
 
 StartServer = Callable[..., Awaitable[Server]]
