@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from popbox.collector.config import FetchSettings, fetch_settings_from_dict
+from popbox.collector.config import FetchSettings
 from support.dovecot import DovecotServer, start_dovecot
-from support.fetch import MakeSettings
+from support.fetch import PASSWORD_ENV, MakeSettings, account_entry, fetch_settings, tls_fields
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def dovecot(tls_files: Any, shared_tmp: Path) -> Iterator[DovecotServer]:
 @pytest.fixture
 def make_settings(tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatch) -> MakeSettings:
     """Build FetchSettings for one account on the dovecot fixture's server."""
-    monkeypatch.setenv("POPBOX_TEST_PASSWORD", "secret")
+    monkeypatch.setenv(PASSWORD_ENV, "secret")
 
     def make(
         server: DovecotServer,
@@ -35,19 +35,10 @@ def make_settings(tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatc
         sinks: list[dict[str, Any]] | None = None,
         **account: Any,
     ) -> FetchSettings:
-        entry: dict[str, Any] = {
-            "name": "alice",
-            "host": "127.0.0.1",
-            "port": server.pop3s_port,
-            "username": "alice",
-            "password_env": "POPBOX_TEST_PASSWORD",
-            "ca_file": str(tls_files.ca),
-            "tls_server_name": "localhost",
-            "sinks": sinks or [{"kind": "maildir", "path": str(tmp_path / "out")}],
-        }
+        entry = account_entry(server.pop3s_port, tmp_path / "out", **tls_fields(tls_files.ca))
+        if sinks:
+            entry["sinks"] = sinks
         entry.update(account)
-        return fetch_settings_from_dict(
-            {"state_dir": str(tmp_path / "state"), "accounts": [entry]}, tmp_path
-        )
+        return fetch_settings(tmp_path, entry)
 
     return make

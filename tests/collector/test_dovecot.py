@@ -9,20 +9,10 @@ from typing import Any
 
 import pytest
 
-from popbox.collector.poll import Poller
-from popbox.collector.state import StateDB
 from support.dovecot import DovecotServer
-from support.fetch import MakeSettings, maildir_messages, message, only_account
+from support.fetch import MakeSettings, maildir_messages, message, poll
 
 pytestmark = pytest.mark.interop
-
-
-async def poll(settings: Any, **kwargs: Any) -> Any:
-    db = StateDB(settings.state_db_path)
-    try:
-        return await Poller(only_account(settings), settings, db).run(**kwargs)
-    finally:
-        db.close()
 
 
 async def test_fetches_every_message_once_over_verified_tls(

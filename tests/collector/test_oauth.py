@@ -38,6 +38,7 @@ from popbox.collector.oauth import (
     login_command,
 )
 from popbox.errors import CollectorError
+from support.fetch import write_fetch_config
 
 CLIENT_ID = "popbox-test-client"
 CLIENT_SECRET = "client-s3cret"
@@ -404,17 +405,11 @@ async def _in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _config(tmp_path: Path, oauth: dict[str, Any]) -> Path:
-    lines = [
-        "[fetch]", f'state_dir = "{tmp_path / "state"}"', "",
-        "[[fetch.accounts]]", 'name = "desk"', 'host = "127.0.0.1"', 'username = "alice"',
-        'auth = "oauth2"', "",
-        "[fetch.accounts.oauth]",
-        *(f"{key} = {json.dumps(value)}" for key, value in oauth.items()), "",
-        "[[fetch.accounts.sinks]]", 'kind = "maildir"', f'path = "{tmp_path / "md"}"',
-    ]
-    path = tmp_path / "popbox.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    account = {
+        "name": "desk", "host": "127.0.0.1", "username": "alice", "auth": "oauth2",
+        "oauth": oauth, "sinks": [{"kind": "maildir", "path": str(tmp_path / "md")}],
+    }
+    return write_fetch_config(tmp_path / "popbox.toml", account, state_dir=tmp_path / "state")
 
 
 def test_login_command_runs_the_generic_device_flow(

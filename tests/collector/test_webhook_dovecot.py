@@ -16,11 +16,8 @@ from typing import Any
 import pytest
 from test_webhook import SECRET, Received, Receiver, Reply, serve
 
-from popbox.collector.config import FetchSettings
-from popbox.collector.poll import Poller
-from popbox.collector.state import StateDB
 from support.dovecot import DovecotServer, start_dovecot
-from support.fetch import MakeSettings, message, only_account
+from support.fetch import MakeSettings, message, poll
 
 pytestmark = pytest.mark.interop
 
@@ -67,14 +64,6 @@ def mailbox(tls_files: Any) -> Iterator[DovecotServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _poll(settings: FetchSettings) -> Any:
-    db = StateDB(settings.state_db_path)
-    try:
-        return await Poller(only_account(settings), settings, db).run()
-    finally:
-        db.close()
-
-
 async def test_one_ticket_per_message_and_the_poison_one_quarantined(
     mailbox: DovecotServer, helpdesk: Helpdesk, make_settings: MakeSettings,
     monkeypatch: pytest.MonkeyPatch,
@@ -87,7 +76,7 @@ async def test_one_ticket_per_message_and_the_poison_one_quarantined(
         "secret_env": "POPBOX_TEST_WEBHOOK_SECRET", "retries": 2,
     }])
 
-    result = await _poll(settings)
+    result = await poll(settings)
     assert result.ok, result.error
     assert (result.delivered, result.quarantined) == (4, 1)
     assert sorted(t["subject"] for t in helpdesk.tickets.values()) == [
@@ -103,7 +92,7 @@ async def test_one_ticket_per_message_and_the_poison_one_quarantined(
     # The next run sends nothing: delivered ones are recorded, the poison one waits
     # in quarantine for --retry-quarantined.
     sent = len(helpdesk.requests)
-    again = await _poll(settings)
+    again = await poll(settings)
     assert again.ok, again.error
     assert again.delivered == 0
     assert len(helpdesk.requests) == sent
