@@ -1,4 +1,4 @@
-"""Fixtures shared by every test area: a test CA, a server certificate, shared dirs."""
+"""Fixtures shared by several test areas: a test CA and certificate, shared dirs, Dovecot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+from support.dovecot import DovecotServer, start_dovecot
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,14 @@ def shared_tmp() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot(tls_files: TlsFiles, shared_tmp: Path) -> Iterator[DovecotServer]:
+    """A private Dovecot with user alice (password "secret") and an empty Maildir."""
+    server = start_dovecot(shared_tmp / "dovecot", tls_files.cert, tls_files.key)
+    server.add_user("alice", "secret")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""Fixtures for collector tests: a real Dovecot, account settings, message helpers."""
+"""Fixtures for collector tests: account settings on the shared Dovecot, an OAuth server."""
 
 from __future__ import annotations
 
@@ -9,19 +9,15 @@ from typing import Any
 import pytest
 
 from popbox.collector.config import FetchSettings
-from support.dovecot import DovecotServer, start_dovecot
+from support.dovecot import DovecotServer
 from support.fetch import PASSWORD_ENV, MakeSettings, account_entry, fetch_settings, tls_fields
+from support.oauth import FakeAuthServer, serve_auth
 
 
 @pytest.fixture
-def dovecot(tls_files: Any, shared_tmp: Path) -> Iterator[DovecotServer]:
-    """A private Dovecot with user alice (password "secret") and an empty Maildir."""
-    server = start_dovecot(shared_tmp, tls_files.cert, tls_files.key)
-    server.add_user("alice", "secret")
-    try:
-        yield server
-    finally:
-        server.stop()
+def auth_server() -> Iterator[FakeAuthServer]:
+    """A local OAuth2 authorization server over plain HTTP."""
+    yield from serve_auth(FakeAuthServer())
 
 
 @pytest.fixture

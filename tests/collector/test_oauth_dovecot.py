@@ -9,21 +9,19 @@ simulated by the server revoking every access token it issued.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_oauth import CLIENT_ID, FakeAuthServer, serve_auth
 
 from popbox.collector.auth import build_token_provider
 from popbox.collector.config import FetchSettings
 from popbox.collector.oauth import RefreshTokenProvider, TokenFile
 from support.dovecot import DOVECOT, DovecotServer, start_dovecot
 from support.fetch import MakeSettings, maildir_messages, message, only_account, poll
+from support.oauth import CLIENT_ID, FakeAuthServer
 
 pytestmark = pytest.mark.interop
 
@@ -52,25 +50,18 @@ def _oauth2_config(root: Path, introspection_url: str) -> str:
 
 
 @pytest.fixture
-def auth_server() -> Iterator[FakeAuthServer]:
-    yield from serve_auth(FakeAuthServer())
-
-
-@pytest.fixture
-def oauth_dovecot(tls_files: Any, auth_server: FakeAuthServer) -> Iterator[DovecotServer]:
-    # Not under tmp_path: another pytest run on the machine resets /tmp/pytest-of-USER
-    # to 0700, and Dovecot's unprivileged processes then lose their way in.
-    root = Path(tempfile.mkdtemp(prefix="popbox-oauth-dovecot-"))
+def oauth_dovecot(
+    tls_files: Any, shared_tmp: Path, auth_server: FakeAuthServer
+) -> Iterator[DovecotServer]:
+    """A private Dovecot that checks bearer tokens with ``auth_server``."""
+    root = shared_tmp / "dovecot"
+    extra = _oauth2_config(root, f"{auth_server.url}/introspect")
+    server = start_dovecot(root, tls_files.cert, tls_files.key, extra_config=extra)
+    server.add_user("alice", "not-used-by-oauth")
     try:
-        extra = _oauth2_config(root, f"{auth_server.url}/introspect")
-        server = start_dovecot(root, tls_files.cert, tls_files.key, extra_config=extra)
-        server.add_user("alice", "not-used-by-oauth")
-        try:
-            yield server
-        finally:
-            server.stop()
+        yield server
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 def _settings(

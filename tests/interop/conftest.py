@@ -30,15 +30,8 @@ async def interop_server(tls_files: Any, tmp_path: Path) -> AsyncIterator[Intero
     for message in MESSAGES:
         await store.deliver(USER, message)
     passdb = MemoryPassDB({USER: PASSWORD})
-    # fetchmail insists on a subject CN (the shared fixture's certificate has SANs
-    # only), so issue one from the same test CA with CN=localhost.
-    leaf = tls_files.authority.issue_cert(
-        "localhost", "127.0.0.1", "::1", common_name="localhost"
-    )
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    context = make_server_context(cert, key, "TLSv1.2")
+    # fetchmail insists on a subject CN: the shared certificate has one.
+    context = make_server_context(tls_files.cert, tls_files.key, "TLSv1.2")
     service = Pop3Service(config, store, passdb, context)
     await service.start()
     workdir = tmp_path / "client"
