@@ -8,7 +8,6 @@ TLS, verifying the generated certificate.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import poplib
 import shutil
@@ -17,8 +16,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +23,10 @@ from pathlib import Path
 import pytest
 
 from support.ports import free_port
+from support.serverproc import POPBOX, wait_listening
 from support.wire import crlf
 
-POPBOX = [sys.executable, "-m", "popbox"]
 MESSAGE = b"From: carol@example.org\nSubject: hello\n\nfirst line\n.starts with a dot\n\xe9 8-bit\n"
-# How long the server may take to start listening; generous for a loaded CI machine.
-START_TIMEOUT = 30.0
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"popbox serve exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
-
-
 @dataclass
 class Running:
     directory: Path
@@ -101,7 +83,7 @@ domains = ["example.org"]
         )
     try:
         for port in (pop3, pop3s, lmtp):
-            _wait_listening(port, process)
+            wait_listening(port, process)
         yield Running(tmp_path, config, pop3, pop3s, lmtp, process, log)
     finally:
         if process.poll() is None:
@@ -238,7 +220,7 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
     )
     try:
         for port in (1110, 1995, 2424):
-            _wait_listening(port, process)
+            wait_listening(port, process)
         data = tmp_path / "popbox-data"
         assert (data / "passwd").stat().st_mode & 0o077 == 0
         assert (data / "tls" / "key.pem").stat().st_mode & 0o077 == 0

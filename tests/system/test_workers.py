@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_quickstart import POPBOX, _wait_listening
 
 from support.ports import free_port
+from support.serverproc import POPBOX, wait_listening
 
 USERS = ("ann", "ben", "cat", "dan")
 
@@ -65,7 +65,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_listening(port, process)
+        wait_listening(port, process)
         yield process, port
     finally:
         if process.poll() is None:
