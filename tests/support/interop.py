@@ -1,4 +1,4 @@
-"""Helpers for the interop tests: the test mailbox, its wire form, running a client."""
+"""The interop tests' side: the mailbox served to independent clients, and running one."""
 
 from __future__ import annotations
 

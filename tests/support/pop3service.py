@@ -1,4 +1,9 @@
-"""Helpers for the net tests: the test mailbox, the wire form of a message, a tiny config."""
+"""An in-process Pop3Service on loopback with a memory store, and a raw POP3 client.
+
+The net tests start it through the ``start_server`` fixture (tests/net/conftest.py)
+with the test mailbox and a config whose limits may go below production minimums;
+``Raw`` sends exactly the bytes it is told to and reads replies as they come.
+"""
 
 from __future__ import annotations
 
