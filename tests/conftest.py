@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from popbox.net.tls import make_server_context
 from support.dovecot import DovecotServer, start_dovecot
 
 
@@ -37,6 +39,20 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     server.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     server.private_key_pem.write_to_path(str(key_path))
     return TlsFiles(ca=ca_path, cert=cert_path, key=key_path, authority=ca)
+
+
+@pytest.fixture
+def server_context(tls_files: TlsFiles) -> ssl.SSLContext:
+    """popbox's server-side TLS context for the shared certificate."""
+    return make_server_context(tls_files.cert, tls_files.key, "TLSv1.2")
+
+
+@pytest.fixture
+def client_context(tls_files: TlsFiles) -> ssl.SSLContext:
+    """A client context that trusts the test CA and checks the host name."""
+    context = ssl.create_default_context(cafile=str(tls_files.ca))
+    assert context.check_hostname
+    return context
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,6 @@ import pytest
 from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
-from popbox.net.tls import make_server_context
 from popbox.store.memory import MemoryStore
 from support.fetch import (
     PASSWORD_ENV,
@@ -25,7 +25,9 @@ from support.fetch import (
 
 
 @pytest.fixture
-async def popbox_server(tls_files: Any) -> AsyncIterator[tuple[Pop3Service, MemoryStore]]:
+async def popbox_server(
+    server_context: ssl.SSLContext,
+) -> AsyncIterator[tuple[Pop3Service, MemoryStore]]:
     config = Config(
         pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=["127.0.0.1:0"]),
         limits=LimitSettings(auth_failure_delay=0, shutdown_grace=1),
@@ -35,7 +37,7 @@ async def popbox_server(tls_files: Any) -> AsyncIterator[tuple[Pop3Service, Memo
         config,
         store,
         MemoryPassDB({"alice": "secret"}),
-        make_server_context(tls_files.cert, tls_files.key, "TLSv1.2"),
+        server_context,
     )
     await service.start()
     try:
