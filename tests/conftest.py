@@ -1,8 +1,9 @@
-"""Fixtures shared by every test area: a test CA, a server certificate, shared dirs."""
+"""Fixtures shared by several test areas: a test CA and certificate, shared dirs, Dovecot."""
 
 from __future__ import annotations
 
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+from popbox.net.tls import make_server_context
+from support.dovecot import DovecotServer, start_dovecot
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,20 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 
 @pytest.fixture
+def server_context(tls_files: TlsFiles) -> ssl.SSLContext:
+    """popbox's server-side TLS context for the shared certificate."""
+    return make_server_context(tls_files.cert, tls_files.key, "TLSv1.2")
+
+
+@pytest.fixture
+def client_context(tls_files: TlsFiles) -> ssl.SSLContext:
+    """A client context that trusts the test CA and checks the host name."""
+    context = ssl.create_default_context(cafile=str(tls_files.ca))
+    assert context.check_hostname
+    return context
+
+
+@pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A temporary directory that other system users can traverse (mode 0711).
 
@@ -51,3 +69,14 @@ def shared_tmp() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot(tls_files: TlsFiles, shared_tmp: Path) -> Iterator[DovecotServer]:
+    """A private Dovecot with user alice (password "secret") and an empty Maildir."""
+    server = start_dovecot(shared_tmp / "dovecot", tls_files.cert, tls_files.key)
+    server.add_user("alice", "secret")
+    try:
+        yield server
+    finally:
+        server.stop()

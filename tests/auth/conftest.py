@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from authtools import CHEAP, WritePasswd
 
 from popbox.auth.schemes import HashCost
+from support.auth import CHEAP, WritePasswd
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from authtools import CHEAP
 
 from popbox.auth.admin import (
     NoSuchUser,
@@ -25,6 +24,7 @@ from popbox.auth.admin import (
 from popbox.auth.base import UserRecord
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.errors import AuthError, InvalidUsername
+from support.auth import CHEAP
 
 EXISTING = (
     "# Dovecot users, kept by hand\n"

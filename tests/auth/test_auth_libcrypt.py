@@ -76,13 +76,10 @@ def test_the_gil_is_released_while_hashing() -> None:
             done.set()
 
     worker = threading.Thread(target=hash_it)
-    started = time.monotonic()
     worker.start()
     while not done.is_set():
         ticks += 1
         time.sleep(0)
     worker.join()
-    elapsed = time.monotonic() - started
-    # 2,000,000 rounds take hundreds of ms; the other thread looped all the while.
-    assert elapsed > 0.05
+    # 2,000,000 rounds are a long C call; the other thread looped all the while.
     assert ticks > 1000

@@ -10,13 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from authtools import CHEAP, WritePasswd
 
 import popbox.auth.passwdfile as passwdfile
 from popbox.auth.base import PassDB, UserRecord
 from popbox.auth.passwdfile import PasswdFilePassDB, parse_line, parse_size, quota_from_fields
 from popbox.auth.schemes import cost_signature, hash_password
 from popbox.errors import ConfigError
+from support.auth import CHEAP, WritePasswd
 
 ALICE = hash_password("alice-pw", "SHA512-CRYPT", cost=CHEAP)
 BOB = hash_password("bob-pw", "SHA512-CRYPT", cost=CHEAP)

@@ -1,4 +1,4 @@
-"""Fixtures for collector tests: a real Dovecot, account settings, message helpers."""
+"""Fixtures for collector tests: account settings on the shared Dovecot, an OAuth server."""
 
 from __future__ import annotations
 
@@ -7,27 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings
 
-from popbox.collector.config import FetchSettings, fetch_settings_from_dict
-from support.dovecot import DovecotServer, start_dovecot
+from popbox.collector.config import FetchSettings
+from support.dovecot import DovecotServer
+from support.fetch import PASSWORD_ENV, MakeSettings, account_entry, fetch_settings, tls_fields
+from support.oauth import FakeAuthServer, serve_auth
 
 
 @pytest.fixture
-def dovecot(tls_files: Any, shared_tmp: Path) -> Iterator[DovecotServer]:
-    """A private Dovecot with user alice (password "secret") and an empty Maildir."""
-    server = start_dovecot(shared_tmp, tls_files.cert, tls_files.key)
-    server.add_user("alice", "secret")
-    try:
-        yield server
-    finally:
-        server.stop()
+def auth_server() -> Iterator[FakeAuthServer]:
+    """A local OAuth2 authorization server over plain HTTP."""
+    yield from serve_auth(FakeAuthServer())
 
 
 @pytest.fixture
 def make_settings(tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatch) -> MakeSettings:
     """Build FetchSettings for one account on the dovecot fixture's server."""
-    monkeypatch.setenv("POPBOX_TEST_PASSWORD", "secret")
+    monkeypatch.setenv(PASSWORD_ENV, "secret")
 
     def make(
         server: DovecotServer,
@@ -35,19 +31,10 @@ def make_settings(tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatc
         sinks: list[dict[str, Any]] | None = None,
         **account: Any,
     ) -> FetchSettings:
-        entry: dict[str, Any] = {
-            "name": "alice",
-            "host": "127.0.0.1",
-            "port": server.pop3s_port,
-            "username": "alice",
-            "password_env": "POPBOX_TEST_PASSWORD",
-            "ca_file": str(tls_files.ca),
-            "tls_server_name": "localhost",
-            "sinks": sinks or [{"kind": "maildir", "path": str(tmp_path / "out")}],
-        }
+        entry = account_entry(server.pop3s_port, tmp_path / "out", **tls_fields(tls_files.ca))
+        if sinks:
+            entry["sinks"] = sinks
         entry.update(account)
-        return fetch_settings_from_dict(
-            {"state_dir": str(tmp_path / "state"), "accounts": [entry]}, tmp_path
-        )
+        return fetch_settings(tmp_path, entry)
 
     return make

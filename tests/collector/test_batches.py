@@ -14,10 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakepop import FakePop
-from fetchtools import maildir_messages, message
-from test_crash import _write_config
-from test_misbehaving import crlf_message, lf, poll, settings_for
 
 from popbox.collector.base import BatchSink, FetchedMessage
 from popbox.collector.config import MaildirSinkSettings, load_fetch_settings
@@ -26,6 +22,18 @@ from popbox.collector.sinks.maildir import MaildirSink
 from popbox.collector.state import StateDB
 from popbox.errors import PermanentSinkError, TemporarySinkError
 from support.dovecot import DovecotServer
+from support.fakepop import FakePop
+from support.fetch import (
+    account_entry,
+    crlf_message,
+    maildir_messages,
+    message,
+    poll,
+    settings_for,
+    tls_fields,
+    write_fetch_config,
+)
+from support.wire import lf
 
 # Run as a script: a poll whose Maildir sink is SIGKILLed right after the N-th batch is
 # in new/ (files fsynced, renamed, directory fsynced) and before the state commit.
@@ -82,8 +90,18 @@ def test_kill_between_a_batch_in_new_and_its_state_commit_doubles_nothing(
         dovecot.add_message("alice", body)
     out = tmp_path / "out"
     config = tmp_path / "popbox.toml"
-    _write_config(config, dovecot, tls_files, out)
-    config.write_text(config.read_text().replace("max_messages_per_run = 6\n", ""))
+    # The crash suite's account (test_crash.py), without its per-run limit.
+    write_fetch_config(
+        config,
+        account_entry(
+            dovecot.pop3s_port,
+            out,
+            **tls_fields(tls_files.ca),
+            delete="after_delivery",
+            max_in_flight=4,
+        ),
+        state_dir=tmp_path / "state",
+    )
     harness = tmp_path / "killed.py"
     harness.write_text(KILLED_AFTER_BATCH)
     env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")

@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import maildir_messages, message
 
 from support.dovecot import DovecotServer
+from support.fetch import (
+    account_entry,
+    maildir_messages,
+    message,
+    tls_fields,
+    write_fetch_config,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -28,28 +34,16 @@ MESSAGES = 30
 def _write_config(
     path: Path, dovecot: DovecotServer, tls_files: Any, out: Path, kind: str = "maildir"
 ) -> None:
-    path.write_text(
-        f"""
-[fetch]
-state_dir = "{path.parent / "state"}"
-
-[[fetch.accounts]]
-name = "alice"
-host = "127.0.0.1"
-port = {dovecot.pop3s_port}
-username = "alice"
-password_env = "POPBOX_TEST_PASSWORD"
-ca_file = "{tls_files.ca}"
-tls_server_name = "localhost"
-delete = "after_delivery"
-max_messages_per_run = 6
-max_in_flight = 4
-
-[[fetch.accounts.sinks]]
-kind = "{kind}"
-path = "{out}"
-"""
+    account = account_entry(
+        dovecot.pop3s_port,
+        out,
+        **tls_fields(tls_files.ca),
+        delete="after_delivery",
+        max_messages_per_run=6,
+        max_in_flight=4,
+        sinks=[{"kind": kind, "path": str(out)}],
     )
+    write_fetch_config(path, account, state_dir=path.parent / "state")
 
 
 def _run(config: Path, rng: random.Random | None, log: list[bytes] | None = None) -> int | None:

@@ -8,21 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings, maildir_messages, message, only_account
 
-from popbox.collector.poll import Poller
-from popbox.collector.state import StateDB
 from support.dovecot import DovecotServer
+from support.fetch import MakeSettings, maildir_messages, message, poll
 
 pytestmark = pytest.mark.interop
-
-
-async def poll(settings: Any, **kwargs: Any) -> Any:
-    db = StateDB(settings.state_db_path)
-    try:
-        return await Poller(only_account(settings), settings, db).run(**kwargs)
-    finally:
-        db.close()
 
 
 async def test_fetches_every_message_once_over_verified_tls(

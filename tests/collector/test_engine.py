@@ -17,6 +17,7 @@ from popbox.collector.poll import PollResult
 from popbox.collector.scheduler import next_delay
 from popbox.collector.state import StateDB
 from popbox.errors import ConfigError
+from support.fetch import account_entry, write_fetch_config
 
 
 def account(**extra: object) -> dict[str, object]:
@@ -113,24 +114,30 @@ def test_backoff_grows_and_honours_response_codes(tmp_path: Path) -> None:
     assert next_delay(acct, delayed, 1, settings, rng) == 1800
 
 
-def write_config(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "popbox.toml"
-    path.write_text(f'[pop3]\nlisten = []\n\n[fetch]\nstate_dir = "{tmp_path}/st"\n' + body)
-    return path
+def write_config(tmp_path: Path, *accounts: dict[str, object], **fetch: object) -> Path:
+    """A popbox.toml with server settings too, as `popbox fetch` finds it in practice."""
+    return write_fetch_config(
+        tmp_path / "popbox.toml",
+        *accounts,
+        before="[pop3]\nlisten = []\n\n",
+        state_dir=tmp_path / "st",
+        **fetch,
+    )
+
+
+# An account nothing answers for, so a fetch fails fast.
+UNREACHABLE = account_entry(
+    1, Path("m"), name="a", username="u", password_env="NOPE_UNSET", connect_timeout=2
+)
 
 
 def test_cli_exit_codes(tmp_path: Path) -> None:
     runner = CliRunner()
-    bad = write_config(tmp_path, "bogus = 1\n")
+    bad = write_config(tmp_path, bogus=1)
     result = runner.invoke(fetch_command, ["--config", str(bad)])
     assert result.exit_code == EXIT_CONFIG
     assert "fetch.bogus" in result.output
-    good = write_config(
-        tmp_path,
-        '[[fetch.accounts]]\nname = "a"\nhost = "127.0.0.1"\nport = 1\n'
-        'username = "u"\npassword_env = "NOPE_UNSET"\nconnect_timeout = 2\n'
-        '[[fetch.accounts.sinks]]\nkind = "maildir"\npath = "m"\n',
-    )
+    good = write_config(tmp_path, UNREACHABLE)
     assert runner.invoke(fetch_command, ["--config", str(good), "--account", "zz"]).exit_code == (
         EXIT_CONFIG
     )
@@ -144,12 +151,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
 
 def test_fetch_does_not_load_the_server_settings(tmp_path: Path) -> None:
     """cron runs `popbox fetch` every minute; the server's config module is not its."""
-    config = write_config(
-        tmp_path,
-        '[[fetch.accounts]]\nname = "a"\nhost = "127.0.0.1"\nport = 1\n'
-        'username = "u"\npassword_env = "NOPE_UNSET"\nconnect_timeout = 2\n'
-        '[[fetch.accounts.sinks]]\nkind = "maildir"\npath = "m"\n',
-    )
+    config = write_config(tmp_path, UNREACHABLE)
     probe = (
         "import sys\n"
         "from popbox.cli import main\n"

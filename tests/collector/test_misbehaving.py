@@ -5,24 +5,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fakepop import FakePop
-from fetchtools import maildir_messages
 
 from popbox.collector.auth import StaticTokenProvider
-from popbox.collector.config import FetchSettings, fetch_settings_from_dict
-from popbox.collector.poll import Poller
-from popbox.collector.state import StateDB
 from popbox.errors import ConfigError
-
-
-def crlf_message(index: int) -> bytes:
-    return (
-        f"From: a@example.com\r\nSubject: fake {index}\r\nMessage-ID: <f{index}@x>\r\n\r\n"
-        f"body {index}\r\n.dot line\r\n"
-    ).encode()
+from support.fakepop import FakePop
+from support.fetch import crlf_message, maildir_messages, poll, settings_for
+from support.wire import lf
 
 
 @pytest.fixture
@@ -30,38 +20,6 @@ async def fake() -> AsyncIterator[FakePop]:
     server = await FakePop([crlf_message(i) for i in range(1, 5)]).start()
     yield server
     await server.stop()
-
-
-def settings_for(
-    server: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **account: Any
-) -> FetchSettings:
-    monkeypatch.setenv("FAKE_PASSWORD", "secret")
-    entry: dict[str, Any] = {
-        "name": "fake",
-        "host": "127.0.0.1",
-        "port": server.port,
-        "security": "none",
-        "allow_plaintext_password": True,
-        "username": "alice",
-        "password_env": "FAKE_PASSWORD",
-        "sinks": [{"kind": "maildir", "path": str(tmp_path / "out")}],
-    }
-    entry.update(account)
-    return fetch_settings_from_dict(
-        {"state_dir": str(tmp_path / "state"), "accounts": [entry]}, tmp_path
-    )
-
-
-async def poll(settings: FetchSettings, **kwargs: Any) -> Any:
-    db = StateDB(settings.state_db_path)
-    try:
-        return await Poller(settings.accounts[0], settings, db, **kwargs).run()
-    finally:
-        db.close()
-
-
-def lf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n")
 
 
 @pytest.mark.parametrize("mode", ["missing", "duplicate", "invalid"])

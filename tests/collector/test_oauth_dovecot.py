@@ -9,23 +9,19 @@ simulated by the server revoking every access token it issued.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings, maildir_messages, message, only_account
-from test_oauth import CLIENT_ID, FakeAuthServer, serve_auth
 
 from popbox.collector.auth import build_token_provider
 from popbox.collector.config import FetchSettings
 from popbox.collector.oauth import RefreshTokenProvider, TokenFile
-from popbox.collector.poll import Poller
-from popbox.collector.state import StateDB
 from support.dovecot import DOVECOT, DovecotServer, start_dovecot
+from support.fetch import MakeSettings, maildir_messages, message, only_account, poll
+from support.oauth import CLIENT_ID, FakeAuthServer
 
 pytestmark = pytest.mark.interop
 
@@ -54,25 +50,18 @@ def _oauth2_config(root: Path, introspection_url: str) -> str:
 
 
 @pytest.fixture
-def auth_server() -> Iterator[FakeAuthServer]:
-    yield from serve_auth(FakeAuthServer())
-
-
-@pytest.fixture
-def oauth_dovecot(tls_files: Any, auth_server: FakeAuthServer) -> Iterator[DovecotServer]:
-    # Not under tmp_path: another pytest run on the machine resets /tmp/pytest-of-USER
-    # to 0700, and Dovecot's unprivileged processes then lose their way in.
-    root = Path(tempfile.mkdtemp(prefix="popbox-oauth-dovecot-"))
+def oauth_dovecot(
+    tls_files: Any, shared_tmp: Path, auth_server: FakeAuthServer
+) -> Iterator[DovecotServer]:
+    """A private Dovecot that checks bearer tokens with ``auth_server``."""
+    root = shared_tmp / "dovecot"
+    extra = _oauth2_config(root, f"{auth_server.url}/introspect")
+    server = start_dovecot(root, tls_files.cert, tls_files.key, extra_config=extra)
+    server.add_user("alice", "not-used-by-oauth")
     try:
-        extra = _oauth2_config(root, f"{auth_server.url}/introspect")
-        server = start_dovecot(root, tls_files.cert, tls_files.key, extra_config=extra)
-        server.add_user("alice", "not-used-by-oauth")
-        try:
-            yield server
-        finally:
-            server.stop()
+        yield server
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 def _settings(
@@ -101,14 +90,6 @@ def _store_login(settings: FetchSettings, auth_server: FakeAuthServer) -> TokenF
     return token_file
 
 
-async def _poll(settings: FetchSettings, tokens: Any) -> Any:
-    db = StateDB(settings.state_db_path)
-    try:
-        return await Poller(only_account(settings), settings, db, tokens=tokens).run()
-    finally:
-        db.close()
-
-
 def test_dovecot_accepts_the_oauth2_configuration(oauth_dovecot: DovecotServer) -> None:
     shown = subprocess.run(
         [DOVECOT, "-n", "-c", str(oauth_dovecot.config_path)],
@@ -129,7 +110,7 @@ async def test_bearer_token_from_our_provider_logs_in(
     tokens = build_token_provider(only_account(settings), settings)
     assert isinstance(tokens, RefreshTokenProvider)
 
-    result = await _poll(settings, tokens)
+    result = await poll(settings, tokens=tokens)
     assert result.ok, f"{result.error}\n{oauth_dovecot.log()}"
     assert result.delivered == 1
     assert maildir_messages(tmp_path / "out") == [message(1)]
@@ -146,14 +127,14 @@ async def test_expired_token_is_refreshed_and_the_session_reauthenticated(
     _store_login(settings, auth_server)
     tokens = build_token_provider(only_account(settings), settings)
     oauth_dovecot.add_message("alice", message(1))
-    first = await _poll(settings, tokens)
+    first = await poll(settings, tokens=tokens)
     assert first.ok, f"{first.error}\n{oauth_dovecot.log()}"
     assert auth_server.grants("refresh_token") == 1
 
     # The cached access token dies between polls (a daemon an hour later).
     auth_server.revoke_access_tokens()
     oauth_dovecot.add_message("alice", message(2))
-    second = await _poll(settings, tokens)
+    second = await poll(settings, tokens=tokens)
     assert second.ok, f"{second.error}\n{oauth_dovecot.log()}"
     assert second.delivered == 1
     # One refused AUTH with the stale token, one refresh, one accepted AUTH.
@@ -170,7 +151,7 @@ async def test_revoked_login_fails_the_account_not_the_messages(
     tokens = build_token_provider(only_account(settings), settings)
     oauth_dovecot.add_message("alice", message(1))
     auth_server.refresh_tokens.clear()  # the user revoked popbox's access
-    result = await _poll(settings, tokens)
+    result = await poll(settings, tokens=tokens)
     assert not result.ok
     assert "invalid_grant" in str(result.error)
     assert token_file.load() is not None  # nothing was thrown away

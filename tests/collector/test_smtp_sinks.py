@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from aiosmtpd.smtp import SMTP
 from popbox.collector.base import FetchedMessage
 from popbox.collector.sinks.smtp import LmtpSink, SmtpSink
 from popbox.errors import PermanentSinkError, TemporarySinkError
+from support.ports import free_port
 
 MESSAGE = (
     b"From: Sender <sender@example.org>\r\nTo: desk@example.com\r\n"
@@ -210,9 +210,7 @@ async def test_lmtp_over_a_unix_socket(tmp_path: Path) -> None:
 
 
 async def test_unreachable_servers_are_temporary(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.raises(TemporarySinkError):
         await _lmtp(port, "a@x.test").deliver(_fetched(tmp_path))
     with pytest.raises(TemporarySinkError):

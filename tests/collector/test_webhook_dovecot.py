@@ -7,20 +7,14 @@ receiver that checks signatures and refuses one message for good (a poison messa
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchtools import MakeSettings, message, only_account
-from test_webhook import SECRET, Received, Receiver, Reply, serve
 
-from popbox.collector.config import FetchSettings
-from popbox.collector.poll import Poller
-from popbox.collector.state import StateDB
-from support.dovecot import DovecotServer, start_dovecot
+from support.dovecot import DovecotServer
+from support.fetch import MakeSettings, message, poll
+from support.webhook import SECRET, Received, Receiver, Reply, serve
 
 pytestmark = pytest.mark.interop
 
@@ -52,42 +46,19 @@ def helpdesk() -> Iterator[Helpdesk]:
     yield from serve(Helpdesk())
 
 
-@pytest.fixture
-def mailbox(tls_files: Any) -> Iterator[DovecotServer]:
-    # Outside pytest's tmp tree, which a concurrent pytest run may reset to 0700.
-    root = Path(tempfile.mkdtemp(prefix="popbox-webhook-dovecot-"))
-    try:
-        server = start_dovecot(root, tls_files.cert, tls_files.key)
-        server.add_user("alice", "secret")
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def _poll(settings: FetchSettings) -> Any:
-    db = StateDB(settings.state_db_path)
-    try:
-        return await Poller(only_account(settings), settings, db).run()
-    finally:
-        db.close()
-
-
 async def test_one_ticket_per_message_and_the_poison_one_quarantined(
-    mailbox: DovecotServer, helpdesk: Helpdesk, make_settings: MakeSettings,
+    dovecot: DovecotServer, helpdesk: Helpdesk, make_settings: MakeSettings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("POPBOX_TEST_WEBHOOK_SECRET", SECRET)
     for index in range(5):
-        mailbox.add_message("alice", message(index))
-    settings = make_settings(mailbox, sinks=[{
+        dovecot.add_message("alice", message(index))
+    settings = make_settings(dovecot, sinks=[{
         "kind": "webhook", "url": helpdesk.url,
         "secret_env": "POPBOX_TEST_WEBHOOK_SECRET", "retries": 2,
     }])
 
-    result = await _poll(settings)
+    result = await poll(settings)
     assert result.ok, result.error
     assert (result.delivered, result.quarantined) == (4, 1)
     assert sorted(t["subject"] for t in helpdesk.tickets.values()) == [
@@ -103,7 +74,7 @@ async def test_one_ticket_per_message_and_the_poison_one_quarantined(
     # The next run sends nothing: delivered ones are recorded, the poison one waits
     # in quarantine for --retry-quarantined.
     sent = len(helpdesk.requests)
-    again = await _poll(settings)
+    again = await poll(settings)
     assert again.ok, again.error
     assert again.delivered == 0
     assert len(helpdesk.requests) == sent

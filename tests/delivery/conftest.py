@@ -7,13 +7,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from lmtptools import RunningLmtp, StartLmtp, make_config, users
 
 from popbox.auth.base import PassDB
 from popbox.config import Config
 from popbox.delivery.lmtp import LmtpService
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
+from support.lmtp import RunningLmtp, StartLmtp, make_config, users
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from lmtptools import make_config, users
 
 from popbox.auth.base import UserRecord
 from popbox.config import QuotaSettings
@@ -17,6 +16,7 @@ from popbox.errors import (
 )
 from popbox.proto.wire import wire_size
 from popbox.store.memory import MemoryStore
+from support.lmtp import make_config, users
 
 
 async def test_lf_message_gets_lf_trace_headers() -> None:

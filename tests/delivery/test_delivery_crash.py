@@ -18,14 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
-from postfix_instance import free_port
 
-from popbox.proto.wire import wire_size
-from popbox.store.maildir import MaildirStore
+from support.crash import audit_maildrops
+from support.ports import free_port
 
 USERS = ("alice", "bob")
 # How long `popbox serve` may take to listen (imports, passwd file, first-run cert).
@@ -114,41 +112,18 @@ def deliver_until_killed(
         return next_number
 
 
+def trace_headers(user: str) -> bytes:
+    """What the server adds before a message it delivers to ``user``."""
+    return b"Return-Path: <sender@example.net>\r\nDelivered-To: %s@example.test\r\n" % (
+        user.encode()
+    )
+
+
 async def audit(root: Path, sent: dict[int, bytes], acked: list[tuple[str, int]]) -> int:
     """Open every maildrop as a POP3 login would and check the promises; count mail."""
-    store = MaildirStore(root)
-    total = 0
-    try:
-        for user in USERS:
-            drop = await store.open_maildrop(user)
-            try:
-                numbers = []
-                for index, info in enumerate(drop.messages):
-                    data = b"".join([chunk async for chunk in drop.read_message(index)])
-                    match = MESSAGE_ID.search(data)
-                    assert match is not None, f"{user}: a message without its ID: {data[:200]!r}"
-                    number = int(match.group(1))
-                    trace = (
-                        b"Return-Path: <sender@example.net>\r\n"
-                        b"Delivered-To: %s@example.test\r\n" % user.encode()
-                    )
-                    assert data == trace + sent[number], f"{user}: message {number} is partial"
-                    # The index (LIST sizes) agrees with what RETR would send.
-                    assert info.size == wire_size(data)
-                    numbers.append(number)
-                counts = Counter(numbers)
-                duplicated = [n for n, c in counts.items() if c > 1]
-                assert not duplicated, f"{user}: delivered twice: {duplicated}"
-                missing = [n for u, n in acked if u == user and n not in counts]
-                assert not missing, f"{user}: acknowledged with 250 but lost: {missing}"
-                usage = await store.usage(user)
-                assert usage.messages == len(numbers)
-                total += len(numbers)
-            finally:
-                await drop.release()
-    finally:
-        await store.close()
-    return total
+    return await audit_maildrops(
+        root, USERS, message_id=MESSAGE_ID, sent=sent, acked=acked, trace=trace_headers
+    )
 
 
 def test_sigkill_during_deliveries_loses_no_acknowledged_message(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmtptools import make_config, users
 
 from popbox.auth.base import UserRecord
 from popbox.config import QuotaSettings
@@ -25,6 +24,7 @@ from popbox.delivery.lda import (
 from popbox.errors import PermanentStoreError, StoreError
 from popbox.store.index import size_fields
 from popbox.store.memory import MemoryStore
+from support.lmtp import make_config, users
 
 MESSAGE = b"From: carol@example.net\nSubject: lda\n\nbody line\n"
 

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from lmtptools import RunningLmtp, StartLmtp, make_config, users
 
 from popbox.auth.base import UserRecord
 from popbox.config import QuotaSettings
 from popbox.delivery.lmtp import AIOSMTPD_LOGGER
 from popbox.errors import AuthError, StoreError
 from popbox.store.memory import MemoryStore
+from support.lmtp import RunningLmtp, StartLmtp, make_config, users
 
 MESSAGE = (
     b"From: Carol <carol@example.net>\r\n"

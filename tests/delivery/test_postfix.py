@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import poplib
 import re
-import shutil
 import smtplib
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from lmtptools import RunningLmtp, StartLmtp, make_config
-from postfix_instance import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
 
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.config import Config, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.maildir import MaildirStore
+from support.lmtp import RunningLmtp, StartLmtp, make_config
+from support.postfix import DOMAIN, PostfixInstance, postfix_unavailable, running_postfix
 
 pytestmark = [
     pytest.mark.interop,
@@ -53,15 +51,6 @@ MESSAGE = (
     b"Content-Transfer-Encoding: 8bit\r\n"
     b"\r\n" + BODY
 )
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory Postfix's unprivileged daemons can enter (pytest's tmp is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="popbox-postfix-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for(condition: Callable[[], bool], what: str, postfix: PostfixInstance) -> None:
@@ -129,10 +118,10 @@ def retrieve_over_pop3(popbox: RunningLmtp, user: str) -> list[bytes]:
 
 
 def test_postfix_relays_over_lmtp_with_trace_headers_and_exact_body(
-    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+    start_lmtp: StartLmtp, tmp_path: Path, shared_tmp: Path
 ) -> None:
     popbox = start_popbox(start_lmtp, tmp_path)
-    with running_postfix(shared_dir / "postfix", f"inet:127.0.0.1:{popbox.port}") as postfix:
+    with running_postfix(shared_tmp / "postfix", f"inet:127.0.0.1:{popbox.port}") as postfix:
         send(postfix, "carol@example.net", [f"alice@{DOMAIN}"], MESSAGE)
         wait_for(lambda: len(popbox.messages("alice")) == 1, "delivery to alice", postfix)
     (stored,) = popbox.messages("alice")
@@ -151,12 +140,12 @@ def test_postfix_relays_over_lmtp_with_trace_headers_and_exact_body(
 
 
 def test_postfix_acts_on_each_per_recipient_reply(
-    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+    start_lmtp: StartLmtp, tmp_path: Path, shared_tmp: Path
 ) -> None:
     popbox = start_popbox(start_lmtp, tmp_path)
     popbox.run(popbox.store.deliver("carol", b"Subject: filler\r\n\r\nx\r\n"))
     recipients = [f"{name}@{DOMAIN}" for name in ("alice", "nobody", "carol", "bob")]
-    with running_postfix(shared_dir / "postfix", f"inet:127.0.0.1:{popbox.port}") as postfix:
+    with running_postfix(shared_tmp / "postfix", f"inet:127.0.0.1:{popbox.port}") as postfix:
         # One SMTP transaction, so Postfix's lmtp client sends one LMTP transaction
         # with all four recipients and must match the replies to them.
         send(postfix, "sender@example.net", recipients, MESSAGE)
@@ -177,13 +166,13 @@ def test_postfix_acts_on_each_per_recipient_reply(
 
 
 def test_postfix_over_a_unix_socket(
-    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+    start_lmtp: StartLmtp, tmp_path: Path, shared_tmp: Path
 ) -> None:
-    socket_path = shared_dir / "lmtp" / "popbox.sock"
+    socket_path = shared_tmp / "lmtp" / "popbox.sock"
     socket_path.parent.mkdir()
     socket_path.parent.chmod(0o755)
     popbox = start_popbox(start_lmtp, tmp_path, listen=[], socket=socket_path)
-    with running_postfix(shared_dir / "postfix", f"unix:{socket_path}") as postfix:
+    with running_postfix(shared_tmp / "postfix", f"unix:{socket_path}") as postfix:
         send(postfix, "", [f"Bob+Lists@{DOMAIN}"], MESSAGE)
         wait_for(lambda: len(popbox.messages("bob")) == 1, "delivery to bob", postfix)
     (stored,) = popbox.messages("bob")
@@ -195,7 +184,7 @@ def test_postfix_over_a_unix_socket(
 
 
 def test_address_verification_refuses_unknown_users_during_smtp(
-    start_lmtp: StartLmtp, tmp_path: Path, shared_dir: Path
+    start_lmtp: StartLmtp, tmp_path: Path, shared_tmp: Path
 ) -> None:
     # The main.cf that docs/delivery.md recommends: Postfix probes popbox's RCPT
     # answer and refuses an unknown user while the sender is still connected.
@@ -208,7 +197,7 @@ def test_address_verification_refuses_unknown_users_during_smtp(
         "mynetworks =\n"
     )
     target = f"inet:127.0.0.1:{popbox.port}"
-    with running_postfix(shared_dir / "postfix", target, verify) as postfix, smtplib.SMTP(
+    with running_postfix(shared_tmp / "postfix", target, verify) as postfix, smtplib.SMTP(
         "127.0.0.1", postfix.smtp_port, timeout=60
     ) as client:
         client.ehlo("client.example.net")

@@ -37,18 +37,9 @@ from popbox.proto.server import ServerConnection, ServerSettings
 from popbox.proto.state import SessionState
 from popbox.proto.wire import WireEncoder, wire_size
 from popbox.store.base import MessageInfo
+from support.wire import unstuff, wire
 
 USER, PASSWORD = "mrose", "tanstaaf"
-
-
-def wire_body(data: bytes) -> bytes:
-    """What a client un-stuffs from RETR: CRLF line ends and a final CRLF."""
-    text = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return text if not text or text.endswith(b"\r\n") else text + b"\r\n"
-
-
-def unstuff(body: bytes) -> bytes:
-    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
 
 
 @dataclass
@@ -253,7 +244,7 @@ class Rfc1939Session(RuleBasedStateMachine):
         data = self.messages[number - 1]
         # Sizes are wire sizes: exactly the octets RETR sends, un-stuffed.
         assert status == b"+OK %d octets" % wire_size(data)
-        assert body == wire_body(data)
+        assert body == wire(data)
         assert len(body) == wire_size(data)
 
     @precondition(lambda self: self.open and self.in_transaction)
@@ -265,7 +256,7 @@ class Rfc1939Session(RuleBasedStateMachine):
         status, body = read_multiline(reply)
         assert status.startswith(b"+OK")
         # TOP sends a prefix of what RETR sends.
-        assert wire_body(self.messages[number - 1]).startswith(body)
+        assert wire(self.messages[number - 1]).startswith(body)
 
     @precondition(lambda self: self.open and self.in_transaction)
     @rule(number=st.integers(min_value=0, max_value=8))

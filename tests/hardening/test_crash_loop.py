@@ -19,9 +19,8 @@ import smtplib
 import threading
 from pathlib import Path
 
-from serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
-
-from popbox.store.maildir import MaildirStore
+from support.crash import audit_maildrops
+from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
 
 USERS = ("alice", "bob", "carol")
 # Bounded for CI on two cores: about a second a round.
@@ -130,38 +129,16 @@ def pop_session(client: poplib.POP3, user: str, ledger: Ledger, rng: random.Rand
 
 async def audit(root: Path, ledger: Ledger) -> int:
     """Open every maildrop as the restarted server would and check the promises."""
-    store = MaildirStore(root)
-    total = 0
-    try:
-        for user in USERS:
-            drop = await store.open_maildrop(user)
-            try:
-                present = []
-                for index, info in enumerate(drop.messages):
-                    data = b"".join([chunk async for chunk in drop.read_message(index)])
-                    match = MESSAGE_ID.search(data)
-                    assert match is not None, f"{user}: a message without its ID"
-                    number = int(match.group(1))
-                    original = ledger.sent[number].replace(b"\r\n", b"\n")
-                    assert data.replace(b"\r\n", b"\n").endswith(original), (
-                        f"{user}: message {number} is partial"
-                    )
-                    assert (user, number) not in ledger.deleted, (
-                        f"{user}: message {number} came back after its QUIT +OK"
-                    )
-                    ledger.saw_uidl(user, number, info.uidl)
-                    present.append(number)
-                assert len(present) == len(set(present)), f"{user}: duplicates"
-                lost = {
-                    n for u, n in ledger.acked - ledger.maybe_deleted if u == user
-                } - set(present)
-                assert not lost, f"{user}: acknowledged with 250 but lost: {sorted(lost)}"
-                total += len(present)
-            finally:
-                await drop.release()
-    finally:
-        await store.close()
-    return total
+    return await audit_maildrops(
+        root,
+        USERS,
+        message_id=MESSAGE_ID,
+        sent=ledger.sent,
+        acked=ledger.acked,
+        deleted=ledger.deleted,
+        maybe_deleted=ledger.maybe_deleted,
+        saw_uidl=ledger.saw_uidl,
+    )
 
 
 def test_sigkill_during_quits_deliveries_and_index_updates_loses_and_resurrects_nothing(

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverproc import deliver_lmtp, make_server, running
 
 from popbox.store.maildir import MaildirStore
+from support.maildrop import stored_messages
+from support.serverproc import deliver_lmtp, make_server, running
 
 EX_TEMPFAIL = 75
 
@@ -52,14 +53,7 @@ def _files(root: Path) -> list[Path]:
 async def _visible(root: Path, user: str) -> list[bytes]:
     store = MaildirStore(root)
     try:
-        drop = await store.open_maildrop(user)
-        try:
-            return [
-                b"".join([chunk async for chunk in drop.read_message(index)])
-                for index in range(len(drop.messages))
-            ]
-        finally:
-            await drop.release()
+        return await stored_messages(store, user)
     finally:
         await store.close()
 

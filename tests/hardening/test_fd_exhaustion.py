@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from serverproc import make_server, running
+from support.serverproc import make_server, running
 
 # Low enough that a hundred connections exhaust it, high enough for the server's own
 # files (listeners, passwd file, the interpreter's imports).

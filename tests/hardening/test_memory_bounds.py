@@ -11,7 +11,7 @@ import socket
 import time
 from pathlib import Path
 
-from serverproc import PASSWORD, ServerProcess, deliver_lmtp, make_server, running
+from support.serverproc import PASSWORD, ServerProcess, deliver_lmtp, make_server, running
 
 # What a client sends or asks for is 64 MiB or more in each test; growth by a quarter of
 # that would mean the server is buffering it.

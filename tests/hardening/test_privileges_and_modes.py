@@ -8,23 +8,21 @@ import asyncio
 import grp
 import os
 import pwd
-import shutil
 import socket
 import ssl
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, free_port, make_server, running
 
 from popbox.config import load_config
 from popbox.errors import ConfigError
 from popbox.store.maildir import MaildirStore
+from support.ports import free_port
+from support.serverproc import PASSWORD, ClosingPOP3, deliver_lmtp, make_server, running
 
 RUN_AS = "nobody"
 RUN_AS_GROUP = "nogroup"
@@ -41,30 +39,20 @@ def _port_or_free(port: int) -> int:
     return port
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A data directory the unprivileged user can reach (pytest's tmp is root-only)."""
-    directory = Path(tempfile.mkdtemp(prefix="popbox-priv-", dir="/tmp"))
-    directory.chmod(0o755)
-    yield directory
-    if not os.environ.get("POPBOX_KEEP"):
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def _ids(text: str) -> list[int]:
     return [int(part) for part in text.split()]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start as root and drop")
 def test_root_started_server_runs_as_the_configured_user_after_binding(
-    shared_dir: Path,
+    shared_tmp: Path,
 ) -> None:
     """A server exploited after start must not hold root; mail must still work."""
     uid = pwd.getpwnam(RUN_AS).pw_uid
     gid = grp.getgrnam(RUN_AS_GROUP).gr_gid
     port = _port_or_free(110)
     server = make_server(
-        shared_dir / "data",
+        shared_tmp / "data",
         extra=f'user = "{RUN_AS}"\ngroup = "{RUN_AS_GROUP}"\n',
         pop3_port=port,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from interop_support import MESSAGES, PASSWORD, USER, InteropServer, require, wire
+
+from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require
+from support.wire import wire
 
 pytestmark = pytest.mark.interop
 

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-from interop_support import MESSAGES, PASSWORD, USER, InteropServer, require
+
+from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require
 
 pytestmark = pytest.mark.interop
 

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from interop_support import MESSAGES, PASSWORD, USER, InteropServer, require
+
+from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require
 
 pytestmark = pytest.mark.interop
 

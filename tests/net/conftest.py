@@ -11,28 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from net_support import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
 
 from popbox.auth.base import PassDB
 from popbox.auth.memory import MemoryPassDB
 from popbox.net.service import Pop3Service
-from popbox.net.tls import make_server_context
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
+from support.pop3service import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
 
 _HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def server_context(tls_files: Any) -> ssl.SSLContext:
-    return make_server_context(tls_files.cert, tls_files.key, "TLSv1.2")
-
-
-@pytest.fixture
-def client_context(tls_files: Any) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(tls_files.ca))
-    assert context.check_hostname
-    return context
 
 
 @pytest.fixture

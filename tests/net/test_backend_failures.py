@@ -7,7 +7,12 @@ import hashlib
 from collections.abc import AsyncIterator, Collection, Sequence
 
 import pytest
-from net_support import (
+
+from popbox.auth.base import UserRecord
+from popbox.errors import AuthError, PermanentStoreError, StoreError
+from popbox.store.base import Maildrop, MessageInfo, WireReadyFile
+from popbox.store.memory import MemoryStore
+from support.pop3service import (
     MESSAGES,
     PASSWORD,
     Connect,
@@ -15,13 +20,8 @@ from net_support import (
     Server,
     StartServer,
     until_no_sessions,
-    wire,
 )
-
-from popbox.auth.base import UserRecord
-from popbox.errors import AuthError, PermanentStoreError, StoreError
-from popbox.store.base import Maildrop, MessageInfo, WireReadyFile
-from popbox.store.memory import MemoryStore
+from support.wire import wire
 
 
 class FaultyMaildrop:

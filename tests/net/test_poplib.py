@@ -12,7 +12,9 @@ import socket
 import ssl
 
 import pytest
-from net_support import MESSAGES, PASSWORD, Server, StartServer, until_no_sessions, wire
+
+from support.pop3service import MESSAGES, PASSWORD, Server, StartServer, until_no_sessions
+from support.wire import wire
 
 
 def _login(host: str, port: int) -> poplib.POP3:

@@ -11,7 +11,6 @@ import ssl
 import struct
 
 import pytest
-from net_support import PASSWORD, Connect, StartServer, until_no_sessions
 
 from popbox.net.proxy import (
     PROXY_V2_SIGNATURE,
@@ -20,6 +19,7 @@ from popbox.net.proxy import (
     parse_v1,
     parse_v2,
 )
+from support.pop3service import PASSWORD, Connect, StartServer, until_no_sessions
 
 
 def v2(source: str, port: int, *, command: int = 0x21, tlv: bytes = b"") -> bytes:

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from net_support import PASSWORD, Raw, make_config
 
 from popbox.auth.memory import MemoryPassDB
 from popbox.net import session as session_module
@@ -31,6 +30,7 @@ from popbox.net.service import Pop3Service
 from popbox.proto.wire import WireEncoder
 from popbox.store.base import WireReadyFile
 from popbox.store.maildir import MaildirStore
+from support.pop3service import PASSWORD, Raw, make_config
 
 # Bytes rich in what matters to the wire form: line ends, dots, bare CRs.
 STORED_PIECES = st.lists(

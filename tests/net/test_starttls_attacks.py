@@ -10,11 +10,11 @@ import ssl
 from collections.abc import AsyncIterator
 
 import pytest
-from net_support import PASSWORD, Connect, StartServer
 
 from popbox.collector.client import Pop3Session as CollectorSession
 from popbox.collector.config import AccountSettings
 from popbox.errors import RemoteServerError
+from support.pop3service import PASSWORD, Connect, StartServer
 
 
 async def test_credentials_injected_in_plaintext_after_stls_do_not_log_in(

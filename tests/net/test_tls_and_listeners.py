@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from net_support import PASSWORD, make_config
 
 from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, Pop3Settings, config_from_dict
 from popbox.errors import ConfigError
 from popbox.net import Pop3Service, bind_sockets, ensure_self_signed_cert, make_server_context
 from popbox.store.memory import MemoryStore
+from support.pop3service import PASSWORD, make_config
 
 
 def test_generated_certificate_names_host_and_loopback(tmp_path: Path) -> None:

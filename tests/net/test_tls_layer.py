@@ -12,9 +12,9 @@ import asyncio
 import socket
 import ssl
 
-from net_support import MESSAGES, PASSWORD, Connect, StartServer, until_no_sessions, wire
-
 from popbox.net.tls import TlsLayer
+from support.pop3service import MESSAGES, PASSWORD, Connect, StartServer, until_no_sessions
+from support.wire import wire
 
 
 def _tls_client(

@@ -25,7 +25,6 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from net_support import PASSWORD, Raw, make_config
 
 from popbox.auth.memory import MemoryPassDB
 from popbox.net import transaction
@@ -33,6 +32,7 @@ from popbox.net.service import Pop3Service
 from popbox.net.tls import TLS_RECORD_PLAINTEXT
 from popbox.proto.wire import WireEncoder
 from popbox.store.maildir import MaildirStore
+from support.pop3service import PASSWORD, Raw, make_config
 
 BATCH = transaction.WRITE_BATCH
 

@@ -7,7 +7,6 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from proto_glue import Glue, connect
 
 from popbox.proto.commands import Verb
 from popbox.proto.events import (
@@ -23,6 +22,7 @@ from popbox.proto.server import OUTPUT_HIGH_WATER, ServerSettings
 from popbox.proto.state import TRANSITIONS, SessionState
 from popbox.proto.wire import wire_size
 from popbox.store.base import MessageInfo
+from support.proto import Glue, connect
 
 BASE_CAPABILITIES = [
     "TOP",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-from proto_glue import Glue, connect
 
 from popbox.proto.events import (
     NEED_DATA,
@@ -18,6 +17,7 @@ from popbox.proto.events import (
 from popbox.proto.sasl import apop_digest
 from popbox.proto.server import PLAINTEXT_DISALLOWED, ServerSettings
 from popbox.proto.state import SessionState
+from support.proto import Glue, connect
 
 MESSAGES = [b"Subject: one\n\nfirst body\n" + b"x" * 100 + b"\n", b"Subject: two\n\n.dot\n"]
 

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from storetools import message_files, read_all
 
 from popbox.errors import MaildropInUse, StoreError
 from popbox.store import MaildirStore
 from popbox.store.index_file import INDEX_NAME, INDEX_TMP_NAME
+from support.maildrop import message_files, read_all
 
 HOLD_LOCK = """
 import asyncio, sys, time

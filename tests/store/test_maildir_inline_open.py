@@ -9,10 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from storetools import read_all
 
 from popbox.errors import MaildropInUse
 from popbox.store import MaildirStore
+from support.maildrop import read_all
 
 
 @pytest.fixture

@@ -12,16 +12,15 @@ import poplib
 import shutil
 import ssl
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from storetools import read_all
 
 from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
-from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer, start_dovecot
+from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer
+from support.maildrop import message_files, read_all
 
 DOVECOT_LDA = "/usr/lib/dovecot/deliver"
 GETMAIL_MAILDIR = shutil.which("getmail_maildir")
@@ -35,16 +34,11 @@ MESSAGES = [
 
 
 @pytest.fixture
-def dovecot(shared_tmp: Path, tls_files: Any) -> Iterator[DovecotServer]:
-    """A private Dovecot (POP3 and its LDA) with user alice, password "secret"."""
+def dovecot(dovecot: DovecotServer) -> DovecotServer:
+    """The shared private Dovecot (tests/conftest.py); these tests need its LDA too."""
     if not Path(DOVECOT_LDA).exists():
         pytest.skip("dovecot-lda is not installed (apt-get install dovecot-core)")
-    server = start_dovecot(shared_tmp / "dovecot", tls_files.cert, tls_files.key)
-    server.add_user("alice", "secret")
-    try:
-        yield server
-    finally:
-        server.stop()
+    return dovecot
 
 
 def chown_tree(path: Path) -> None:
@@ -56,8 +50,7 @@ def chown_tree(path: Path) -> None:
 
 
 def files_in_delivery_order(maildir: Path) -> list[bytes]:
-    paths = [p for sub in ("new", "cur") for p in (maildir / sub).iterdir()]
-    return [p.read_bytes() for p in sorted(paths, key=lambda p: p.name)]
+    return [path.read_bytes() for path in message_files(maildir)]
 
 
 async def test_popbox_reads_what_dovecot_lda_delivers(dovecot: DovecotServer) -> None:

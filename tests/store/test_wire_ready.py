@@ -19,6 +19,8 @@ from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore, MemoryStore
 from popbox.store.index import size_fields
 from popbox.store.maildrop import CHUNK_SIZE
+from support.maildrop import message_files
+from support.wire import crlf
 
 MESSAGES = [
     b"Subject: lf\n\nbare LF line ends\n.dot line\n",
@@ -29,21 +31,11 @@ MESSAGES = [
 ]
 
 
-def crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def stored_files(maildir: Path) -> list[Path]:
-    return sorted(
-        (p for sub in ("new", "cur") for p in (maildir / sub).iterdir()), key=lambda p: p.name
-    )
-
-
 async def test_delivery_stores_crlf_with_equal_sizes(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path / "mail", save_crlf=True)
     for message in MESSAGES:
         await store.deliver("alice", message)
-    files = stored_files(tmp_path / "mail" / "alice")
+    files = message_files(tmp_path / "mail" / "alice")
     assert [p.read_bytes() for p in files] == [crlf(m) for m in MESSAGES]
     for path in files:
         stored, virtual = size_fields(path.name)
@@ -59,14 +51,14 @@ async def test_streamed_delivery_keeps_a_crlf_split_between_chunks(tmp_path: Pat
     # CR as the last octet of one read, its LF the first of the next: one line end.
     message = b"A" * (CHUNK_SIZE - 1) + b"\r\n" + b"B\n" * 10 + b"C" * CHUNK_SIZE + b"\n"
     await store.deliver_file("alice", io.BytesIO(message))
-    (path,) = stored_files(tmp_path / "mail" / "alice")
+    (path,) = message_files(tmp_path / "mail" / "alice")
     assert path.read_bytes() == crlf(message)
 
 
 async def test_save_crlf_off_keeps_the_bytes(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path / "mail", save_crlf=False)
     await store.deliver("alice", MESSAGES[0])
-    (path,) = stored_files(tmp_path / "mail" / "alice")
+    (path,) = message_files(tmp_path / "mail" / "alice")
     assert path.read_bytes() == MESSAGES[0]
 
 
@@ -112,7 +104,7 @@ async def test_open_wire_ready_follows_a_rename_and_reports_a_vanished_file(
     await store.deliver("alice", b"Subject: b\n\nsecond\n")
     maildrop = await store.open_maildrop("alice")
     try:
-        first, second = stored_files(root / "alice")
+        first, second = message_files(root / "alice")
         # A MUA marks the first one seen meanwhile, another deletes the second.
         first.rename(first.with_name(first.name.split(":")[0] + ":2,S"))
         second.unlink()

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["DovecotServer", "dovecot_skip_reason", "free_port", "start_dovecot"]
+from support.ports import free_port
+
+__all__ = ["DovecotServer", "dovecot_skip_reason", "start_dovecot"]
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 # Dovecot refuses uid 0 for mail access; Debian's "mail" user owns the test Maildirs.
@@ -46,12 +48,6 @@ def dovecot_skip_reason() -> str | None:
     if not Path("/usr/lib/dovecot/pop3").exists():
         return "dovecot-pop3d is not installed"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -8,7 +8,6 @@ TLS, verifying the generated certificate.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import poplib
 import shutil
@@ -17,37 +16,17 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-POPBOX = [sys.executable, "-m", "popbox"]
+from support.ports import free_port
+from support.serverproc import POPBOX, wait_listening
+from support.wire import crlf
+
 MESSAGE = b"From: carol@example.org\nSubject: hello\n\nfirst line\n.starts with a dot\n\xe9 8-bit\n"
-# How long the server may take to start listening; generous for a loaded CI machine.
-START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"popbox serve exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
-
-
 @dataclass
 class Running:
     directory: Path
@@ -78,7 +57,7 @@ class Running:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[Running]:
-    pop3, pop3s, lmtp = _free_port(), _free_port(), _free_port()
+    pop3, pop3s, lmtp = free_port(), free_port(), free_port()
     config = tmp_path / "popbox.toml"
     config.write_text(
         f"""
@@ -104,7 +83,7 @@ domains = ["example.org"]
         )
     try:
         for port in (pop3, pop3s, lmtp):
-            _wait_listening(port, process)
+            wait_listening(port, process)
         yield Running(tmp_path, config, pop3, pop3s, lmtp, process, log)
     finally:
         if process.poll() is None:
@@ -123,10 +102,6 @@ def _add_user(running: Running, name: str, password: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _crlf(data: bytes) -> bytes:
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
 def test_user_deliver_and_read_with_poplib_over_stls_and_tls(running: Running) -> None:
     _add_user(running, "alice", "correct horse")
     result = running.popbox("deliver", "alice", "--from", "carol@example.org", stdin=MESSAGE)
@@ -141,7 +116,7 @@ def test_user_deliver_and_read_with_poplib_over_stls_and_tls(running: Running) -
     _, lines, octets = client.retr(1)
     body = b"\r\n".join(lines) + b"\r\n"
     assert octets == size
-    assert body.endswith(_crlf(MESSAGE))
+    assert body.endswith(crlf(MESSAGE))
     assert b"Return-Path: <carol@example.org>" in body
     uidl = client.uidl(1)
     client.quit()
@@ -166,7 +141,7 @@ def test_lmtp_delivery_then_curl_over_stls_and_pop3s(running: Running) -> None:
     _add_user(running, "bob", "s3cret")
     with smtplib.LMTP("127.0.0.1", running.lmtp) as lmtp:
         # smtplib sends bytes as given: SMTP wants CRLF line ends on the wire.
-        refused = lmtp.sendmail("carol@example.org", ["bob@example.org"], _crlf(MESSAGE))
+        refused = lmtp.sendmail("carol@example.org", ["bob@example.org"], crlf(MESSAGE))
     assert refused == {}
 
     for url in (f"pop3://localhost:{running.pop3}/1", f"pop3s://localhost:{running.pop3s}/1"):
@@ -175,7 +150,7 @@ def test_lmtp_delivery_then_curl_over_stls_and_pop3s(running: Running) -> None:
             args.insert(1, "--ssl-reqd")
         fetched = subprocess.run(args, capture_output=True, timeout=60, check=False)
         assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.endswith(_crlf(MESSAGE))
+        assert fetched.stdout.endswith(crlf(MESSAGE))
         assert b"Delivered-To: bob@example.org" in fetched.stdout
 
 
@@ -245,7 +220,7 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
     )
     try:
         for port in (1110, 1995, 2424):
-            _wait_listening(port, process)
+            wait_listening(port, process)
         data = tmp_path / "popbox-data"
         assert (data / "passwd").stat().st_mode & 0o077 == 0
         assert (data / "tls" / "key.pem").stat().st_mode & 0o077 == 0

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_quickstart import POPBOX, _free_port, _wait_listening
+
+from support.ports import free_port
+from support.serverproc import POPBOX, wait_listening
 
 USERS = ("ann", "ben", "cat", "dan")
 
@@ -33,7 +35,7 @@ Workers = tuple["subprocess.Popen[bytes]", int]
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    port, lmtp = _free_port(), _free_port()
+    port, lmtp = free_port(), free_port()
     config = tmp_path / "popbox.toml"
     config.write_text(
         f'[pop3]\nlisten = ["127.0.0.1:{port}"]\ntls_listen = []\nworkers = 2\n'
@@ -63,7 +65,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_listening(port, process)
+        wait_listening(port, process)
         yield process, port
     finally:
         if process.poll() is None:

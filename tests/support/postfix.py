@@ -28,6 +28,8 @@ from typing import Final
 
 import pytest
 
+from support.ports import free_port
+
 POSTFIX: Final = "/usr/sbin/postfix"
 # The Debian package's daemon programs; master.cf below names them.
 DAEMON_DIRECTORY: Final = Path("/usr/lib/postfix/sbin")
@@ -164,12 +166,6 @@ def postfix_unavailable() -> str | None:
     except KeyError:
         return f"the {MAIL_OWNER!r} system user is missing (install the postfix package)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for_port(port: int, deadline: float) -> bool:

@@ -1,4 +1,9 @@
-"""Helpers for the net tests: the test mailbox, the wire form of a message, a tiny config."""
+"""An in-process Pop3Service on loopback with a memory store, and a raw POP3 client.
+
+The net tests start it through the ``start_server`` fixture (tests/net/conftest.py)
+with the test mailbox and a config whose limits may go below production minimums;
+``Raw`` sends exactly the bytes it is told to and reads replies as they come.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
+from support.maildrop import stored_messages
+from support.wire import unstuff
 
 PASSWORD = "correct horse"
 
@@ -19,12 +26,6 @@ MESSAGES = [
     b"From: b@example.org\r\nSubject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n",
     b"Subject: three\n\nno final newline",
 ]
-
-
-def wire(message: bytes) -> bytes:
-    """What a POP3 client sees after un-stuffing: CRLF line ends and a final CRLF."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return data if data.endswith(b"\r\n") or not data else data + b"\r\n"
 
 
 def make_config(
@@ -68,14 +69,7 @@ class Server:
 
     async def messages(self, user: str = "alice") -> list[bytes]:
         """What is stored for ``user`` now (through a fresh maildrop)."""
-        maildrop = await self.store.open_maildrop(user)
-        try:
-            out = []
-            for index in range(len(maildrop.messages)):
-                out.append(b"".join([c async for c in maildrop.read_message(index)]))
-            return out
-        finally:
-            await maildrop.release()
+        return await stored_messages(self.store, user)
 
 
 StartServer = Callable[..., Awaitable[Server]]
@@ -133,11 +127,6 @@ class Raw:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def unstuff(body: bytes) -> bytes:
-    """Undo dot-stuffing of a multi-line body (without its terminator)."""
-    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
 
 
 Connect = Callable[..., Awaitable[Raw]]

@@ -1,4 +1,4 @@
-"""Helpers shared by the auth tests (a module, not conftest, so imports are unambiguous)."""
+"""Password-database test material: the cheapest hash costs and the passwd writer's type."""
 
 from __future__ import annotations
 

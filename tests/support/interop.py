@@ -1,4 +1,4 @@
-"""Helpers for the interop tests: the test mailbox, its wire form, running a client."""
+"""The interop tests' side: the mailbox served to independent clients, and running one."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
+from support.maildrop import stored_messages
 
 USER = "alice"
 PASSWORD = "s3cret pass"
@@ -24,12 +25,6 @@ MESSAGES = [
     b"From: c@example.org\nTo: alice@example.org\nSubject: three\n\n8-bit \xe9\xe8 and a "
     b"bare CR\r in the middle\nno final newline",
 ]
-
-
-def wire(message: bytes) -> bytes:
-    """The message as a POP3 client sees it un-stuffed: CRLF line ends, final CRLF."""
-    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 @dataclass
@@ -48,14 +43,7 @@ class InteropServer:
         return self.service.tls_addresses[0][1]
 
     async def stored(self) -> list[bytes]:
-        maildrop = await self.store.open_maildrop(USER)
-        try:
-            return [
-                b"".join([chunk async for chunk in maildrop.read_message(index)])
-                for index in range(len(maildrop.messages))
-            ]
-        finally:
-            await maildrop.release()
+        return await stored_messages(self.store, USER)
 
     async def run(self, *argv: str, env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
         """Run a client; returns (exit status, stdout, stderr). Bounded by a timeout."""

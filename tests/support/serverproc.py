@@ -17,9 +17,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from support.ports import free_port
+
+# The popbox command line of the interpreter running the tests.
+POPBOX = [sys.executable, "-m", "popbox"]
 # How long `popbox serve` may take to listen (imports, passwd file, first-run cert).
 START_TIMEOUT = 30.0
 PASSWORD = "secret"
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``; fail if
+    ``process`` exits first or nothing listens within START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"popbox serve exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
 
 
 class ClosingPOP3(poplib.POP3):
@@ -34,12 +51,6 @@ class ClosingPOP3(poplib.POP3):
             if sock is not None:
                 sock.close()
             raise
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -70,7 +81,7 @@ class ServerProcess:
         """Start the server and wait until both POP3 and LMTP accept connections."""
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "popbox", "serve", "--config", str(self.config)],
+                [*POPBOX, "serve", "--config", str(self.config)],
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 preexec_fn=preexec_fn,

@@ -19,6 +19,7 @@ from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LmtpSettings, QuotaSettings
 from popbox.delivery.lmtp import LmtpService
 from popbox.store.base import MailStore
+from support.maildrop import stored_messages
 
 T = TypeVar("T")
 
@@ -63,18 +64,7 @@ class RunningLmtp:
 
     def messages(self, user: str) -> list[bytes]:
         """Every message in ``user``'s maildrop, oldest first (takes and drops the lock)."""
-
-        async def read() -> list[bytes]:
-            drop = await self.store.open_maildrop(user)
-            try:
-                out = []
-                for index in range(len(drop.messages)):
-                    out.append(b"".join([chunk async for chunk in drop.read_message(index)]))
-                return out
-            finally:
-                await drop.release()
-
-        return self.run(read())
+        return self.run(stored_messages(self.store, user))
 
     def stop(self) -> None:
         if self.stopped:

@@ -1,0 +1,92 @@
+"""The crash auditor: after a SIGKILL, check every maildrop against what clients were told.
+
+Both crash suites (LMTP delivery alone, and delivery with POP3 QUITs and index updates)
+kill ``popbox serve`` at random moments and then ask the same questions of what a
+restarted server shows: is every message whole, is none there twice, is every message
+acknowledged with LMTP 250 still there, and has none whose deletion a QUIT confirmed
+come back. Each suite passes what it knows; the auditor opens each maildrop as a POP3
+login would (a fresh MaildirStore, the lock, the snapshot) and asserts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping
+from pathlib import Path
+
+from popbox.store.maildir import MaildirStore
+from support.maildrop import read_all
+from support.wire import lf, wire
+
+__all__ = ["audit_maildrops"]
+
+Message = tuple[str, int]  # (user, message number)
+
+
+async def audit_maildrops(
+    root: Path,
+    users: Iterable[str],
+    *,
+    message_id: re.Pattern[bytes],
+    sent: Mapping[int, bytes],
+    acked: Iterable[Message],
+    deleted: Collection[Message] = frozenset(),
+    maybe_deleted: Collection[Message] = frozenset(),
+    trace: Callable[[str], bytes] | None = None,
+    saw_uidl: Callable[[str, int, str], None] | None = None,
+) -> int:
+    """Audit the Maildirs under ``root``; the number of messages found, all users together.
+
+    ``message_id`` finds a message's number (its first group) in the stored bytes;
+    ``sent`` maps each number to the message as the client sent it. ``acked`` are the
+    deliveries the server confirmed: each must be present, unless it is also in
+    ``maybe_deleted`` (a DELE whose QUIT was sent: the commit may have happened before
+    the kill). ``deleted`` are deletions a QUIT confirmed: none may be present.
+
+    With ``trace``, the trace headers the server adds for a user, a stored message must
+    be exactly those headers and the message sent; without, it must end with the message
+    sent (line ends aside). ``saw_uidl`` is told every (user, number, UIDL) seen, so a
+    suite can check that UIDLs never change.
+    """
+    acked = set(acked)
+    store = MaildirStore(root)
+    total = 0
+    try:
+        for user in users:
+            drop = await store.open_maildrop(user)
+            try:
+                present = []
+                for index, info in enumerate(drop.messages):
+                    data = await read_all(drop, index)
+                    match = message_id.search(data)
+                    assert match is not None, f"{user}: a message without its ID: {data[:200]!r}"
+                    number = int(match.group(1))
+                    if trace is not None:
+                        whole = data == trace(user) + sent[number]
+                    else:
+                        whole = lf(data).endswith(lf(sent[number]))
+                    assert whole, f"{user}: message {number} is partial"
+                    assert (user, number) not in deleted, (
+                        f"{user}: message {number} came back after its QUIT +OK"
+                    )
+                    # The index (LIST sizes) agrees with what RETR would send.
+                    assert info.size == len(wire(data)), f"{user}: message {number}: size"
+                    if saw_uidl is not None:
+                        saw_uidl(user, number, info.uidl)
+                    present.append(number)
+                counts = Counter(present)
+                duplicated = sorted(n for n, c in counts.items() if c > 1)
+                assert not duplicated, f"{user}: delivered twice: {duplicated}"
+                lost = sorted(
+                    n for u, n in acked - set(maybe_deleted) if u == user and n not in counts
+                )
+                assert not lost, f"{user}: acknowledged with 250 but lost: {lost}"
+                usage = await store.usage(user)
+                assert usage.messages == len(present), f"{user}: usage disagrees"
+                total += len(present)
+            finally:
+                await drop.release()
+    finally:
+        await store.close()
+    return total
