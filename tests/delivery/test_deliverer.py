@@ -15,8 +15,8 @@ from popbox.errors import (
     TemporaryDeliveryError,
     UnknownRecipient,
 )
-from popbox.proto.wire import wire_size
 from popbox.store.memory import MemoryStore
+from popbox.wireform import wire_size
 
 
 async def test_lf_message_gets_lf_trace_headers() -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from postfix_instance import free_port
 
-from popbox.proto.wire import wire_size
 from popbox.store.maildir import MaildirStore
+from popbox.wireform import wire_size
 
 USERS = ("alice", "bob")
 # How long `popbox serve` may take to listen (imports, passwd file, first-run cert).

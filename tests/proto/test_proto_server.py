@@ -21,8 +21,8 @@ from popbox.proto.events import (
 )
 from popbox.proto.server import OUTPUT_HIGH_WATER, ServerSettings
 from popbox.proto.state import TRANSITIONS, SessionState
-from popbox.proto.wire import wire_size
 from popbox.store.base import MessageInfo
+from popbox.wireform import wire_size
 
 BASE_CAPABILITIES = [
     "TOP",

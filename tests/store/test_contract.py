@@ -11,8 +11,8 @@ import pytest
 from storetools import read_all
 
 from popbox.errors import MaildropInUse, StoreError
-from popbox.proto.wire import wire_size
 from popbox.store import MailStore, Usage
+from popbox.wireform import wire_size
 
 # Messages whose wire size differs from their stored size in every way the rule knows.
 SAMPLES: list[bytes] = [

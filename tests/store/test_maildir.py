@@ -17,9 +17,9 @@ import pytest
 from storetools import message_files, read_all
 
 from popbox.errors import PermanentStoreError, StoreError
-from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore, Usage
 from popbox.store.index_file import INDEX_NAME, read_index
+from popbox.wireform import wire_size
 
 DOVECOT_NAME = "1700000001.M20P30.mail.example,S={s},W={w}:2,S"
 POSTFIX_NAME = "1700000002.V801I2345M678.mail.example"

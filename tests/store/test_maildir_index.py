@@ -1,4 +1,5 @@
-"""The pieces under the Maildir store: name parsing, streamed wire sizes, the index file."""
+"""The pieces under the Maildir store: name parsing, file sizes and the index file (the
+streamed size rule itself: tests/test_wireform.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popbox.proto.wire import wire_size
 from popbox.store.index import (
     CorruptIndex,
     MaildirIndex,
-    WireSizeCounter,
     arrival_order,
     is_message_name,
     message_key,
@@ -26,22 +25,7 @@ from popbox.store.index import (
     wire_size_of_file,
 )
 from popbox.store.index_file import INDEX_NAME, read_header, read_index, write_index
-
-# Bytes that matter to the size rule, so hypothesis hits CR/LF pairs often.
-LINE_BYTES = st.binary(max_size=200).map(lambda b: b.replace(b"a", b"\r").replace(b"b", b"\n"))
-
-
-@given(data=LINE_BYTES, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6))
-def test_streamed_wire_size_equals_the_size_rule(data: bytes, cuts: list[int]) -> None:
-    """However the message is cut into chunks (CR LF split included), the size is one."""
-    counter = WireSizeCounter()
-    start = 0
-    for cut in sorted(set(cuts)):
-        counter.feed(data[start:cut])
-        start = max(start, cut)
-    counter.feed(data[start:])
-    assert counter.wire == wire_size(data)
-    assert counter.stored == len(data)
+from popbox.wireform import wire_size
 
 
 def test_wire_size_of_file_crosses_chunk_boundaries(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from storetools import read_all
 
-from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
+from popbox.wireform import wire_size
 from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer, start_dovecot
 
 DOVECOT_LDA = "/usr/lib/dovecot/deliver"

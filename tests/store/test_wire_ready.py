@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from popbox.errors import StoreError
-from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore, MemoryStore
 from popbox.store.index import size_fields
 from popbox.store.maildir import CHUNK_SIZE
+from popbox.wireform import wire_size
 
 MESSAGES = [
     b"Subject: lf\n\nbare LF line ends\n.dot line\n",

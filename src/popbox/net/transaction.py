@@ -19,8 +19,9 @@ from popbox.errors import StoreError
 from popbox.net.log import SessionStats
 from popbox.proto.events import Quit, Retrieve
 from popbox.proto.server import ServerConnection
-from popbox.proto.wire import WireEncoder, stuff_wire_ready, wire_ending
+from popbox.proto.wire import WireEncoder
 from popbox.store.base import Maildrop, WireReadyFile
+from popbox.wireform import DotStuffer
 
 __all__ = ["BodyInterrupted", "Outlet", "TransactionStage"]
 
@@ -30,7 +31,6 @@ log = logging.getLogger("popbox.pop3")
 # Maildir store's 64 KiB chunks per syscall and per flow-control wait, while a session
 # still holds well under 1 MiB (this batch plus the transport's 256 KiB high water).
 WRITE_BATCH: Final = 256 * 1024
-_LF: Final = 0x0A
 
 
 class Outlet(Protocol):
@@ -185,8 +185,7 @@ class TransactionStage:
         batched = 0
         sent = 0
         remaining = ready.size
-        at_line_start = True
-        last = 0
+        stuffer = DotStuffer()
         try:
             while remaining > 0:
                 try:
@@ -200,9 +199,7 @@ class TransactionStage:
                         f"message {event.number}: file ended {remaining} octets early"
                     )
                 remaining -= len(chunk)
-                wire = stuff_wire_ready(chunk, at_line_start)
-                at_line_start = chunk[-1] == _LF
-                last = chunk[-1]
+                wire = stuffer.stuff(chunk)
                 batch.append(wire)
                 batched += len(wire)
                 if batched >= WRITE_BATCH and remaining > 0:
@@ -211,7 +208,7 @@ class TransactionStage:
                     batch = []
                     batched = 0
                     await out.drain()
-            ending = wire_ending(ready.size, last)
+            ending = stuffer.ending()
             batch.append(ending)
             out.writelines(batch)
             sent += batched + len(ending)

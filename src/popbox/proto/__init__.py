@@ -31,7 +31,7 @@ from popbox.proto.server import (
     ServerSettings,
 )
 from popbox.proto.state import SessionState
-from popbox.proto.wire import WireDecoder, WireEncoder, wire_size
+from popbox.proto.wire import WireDecoder, WireEncoder
 
 __all__ = [
     "FLUSH",
@@ -58,5 +58,4 @@ __all__ = [
     "WireDecoder",
     "WireEncoder",
     "apop_digest",
-    "wire_size",
 ]

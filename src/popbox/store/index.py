@@ -31,6 +31,7 @@ from typing import Final, overload
 
 from popbox.fileio import fsync_dir, write_all
 from popbox.proto.server import render_listing
+from popbox.wireform import WireSizeCounter, wire_size
 
 __all__ = [
     "CorruptIndex",
@@ -39,7 +40,6 @@ __all__ = [
     "IndexEntry",
     "IndexHeader",
     "MaildirIndex",
-    "WireSizeCounter",
     "arrival_order",
     "fsync_dir",
     "is_message_name",
@@ -79,55 +79,6 @@ class CorruptIndex(ValueError):
         self.uidvalidity = uidvalidity
 
 
-class WireSizeCounter:
-    """Counts wire octets (popbox.proto.wire.wire_size) of data fed in pieces.
-
-    Carries the last byte across pieces so that a CR LF split between two chunks
-    counts as one line ending, exactly as if the whole message were counted at once.
-    """
-
-    __slots__ = ("_crlf", "_last", "_lf", "_octets")
-
-    def __init__(self) -> None:
-        self._octets = 0
-        self._lf = 0
-        self._crlf = 0
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        self._octets += len(chunk)
-        self._lf += chunk.count(b"\n")
-        self._crlf += chunk.count(b"\r\n")
-        if self._last == b"\r" and chunk[:1] == b"\n":
-            self._crlf += 1
-        self._last = chunk[-1:]
-
-    @property
-    def stored(self) -> int:
-        """Octets fed so far, as they are stored."""
-        return self._octets
-
-    @property
-    def virtual(self) -> int:
-        """Dovecot's "virtual size", what its W= field holds: every LF counted as CRLF,
-        but no final CRLF added to a message that lacks one."""
-        return self._octets + self._lf - self._crlf
-
-    @property
-    def terminated(self) -> bool:
-        """Whether the data is empty or ends with a line end (then virtual == wire)."""
-        return not self._octets or self._last == b"\n"
-
-    @property
-    def wire(self) -> int:
-        """The wire size of everything fed so far (RETR adds the missing final CRLF)."""
-        if not self._octets:
-            return 0
-        return self.virtual + (0 if self.terminated else 2)
-
-
 def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
     """Read ``path`` once, in bounded chunks, and return its wire size.
 
@@ -141,7 +92,7 @@ def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
         if len(data) < READ_CHUNK:
             rest = os.read(fd, READ_CHUNK)  # a short read is EOF for a file on Linux,
             if not rest:  # but one more read proves it for the price of a syscall
-                return _wire_size_of_bytes(data)
+                return wire_size(data)
             data += rest
         counter = WireSizeCounter()
         while data:
@@ -150,14 +101,6 @@ def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
         return counter.wire
     finally:
         os.close(fd)
-
-
-def _wire_size_of_bytes(data: bytes) -> int:
-    """WireSizeCounter's answer for one whole message, in three C-speed passes."""
-    if not data:
-        return 0
-    wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
-    return wire if data[-1:] == b"\n" else wire + 2
 
 
 def is_message_name(name: str) -> bool:

@@ -41,13 +41,11 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
-from popbox.proto.wire import CrlfNormaliser
 from popbox.store.base import MessageTable, Usage, WireReadyFile
 from popbox.store.index import (
     CorruptIndex,
     IndexColumns,
     MaildirIndex,
-    WireSizeCounter,
     fsync_dir,
     scan_messages,
     size_fields,
@@ -70,6 +68,7 @@ from popbox.store.maildir_sync import (
     reconcile,
     trusted_mtime,
 )
+from popbox.wireform import CrlfNormaliser, WireSizeCounter
 
 __all__ = ["MaildirMaildrop", "MaildirStore"]
 
