@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popbox.proto.server import render_listing
+from popbox.proto.snapshot import render_listing
 from popbox.store import MaildirStore
 from popbox.store.index import (
     MaildirIndex,

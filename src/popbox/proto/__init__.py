@@ -26,10 +26,10 @@ from popbox.proto.sasl import apop_digest
 from popbox.proto.server import (
     MAX_AUTH_FAILURES,
     MAX_BAD_COMMANDS,
-    MessageLike,
     ServerConnection,
     ServerSettings,
 )
+from popbox.proto.snapshot import MessageLike
 from popbox.proto.state import SessionState
 from popbox.proto.wire import WireDecoder, WireEncoder
 

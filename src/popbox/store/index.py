@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final, overload
 
 from popbox.fileio import fsync_dir, write_all
-from popbox.proto.server import render_listing
+from popbox.proto.snapshot import render_listing
 from popbox.wireform import WireSizeCounter, wire_size
 
 __all__ = [
