@@ -21,6 +21,7 @@ __all__ = [
     "MessageColumns",
     "MessageLike",
     "Snapshot",
+    "TemplatedColumn",
     "render_listing",
 ]
 
@@ -56,6 +57,24 @@ class MessageColumns(Protocol):
 
     @property
     def rendered(self) -> dict[str, bytes]: ...
+
+
+@runtime_checkable
+class TemplatedColumn(Protocol):
+    """A column of strings that says how they are made: item i is ``template %
+    arguments[i]``, ``template`` holding exactly one %-conversion and no other ``%``.
+
+    A store whose UIDLs are a fixed prefix and a number (store.index.UidlColumn)
+    offers this on its ``uidls``: the core then renders a listing with one %-format
+    straight from the arguments, and a session that only lists never makes the
+    strings.
+    """
+
+    @property
+    def template(self) -> str: ...
+
+    @property
+    def arguments(self) -> Sequence[object]: ...
 
 
 ListingKind = Literal["LIST", "UIDL"]
@@ -170,15 +189,23 @@ class Snapshot:
         a line with a dot (lines start with the number), so no stuffing is needed.
         The full listing (nothing deleted) is kept with the snapshot's columns.
         """
+        if not self._deleted:
+            block = self._rendered.get(kind)
+            if block is None:
+                block = self._rendered[kind] = self._render(kind, None)
+            return block
+        live = [i for i in range(len(self._sizes)) if i not in self._deleted]
+        return self._render(kind, live)
+
+    def _render(self, kind: ListingKind, live: list[int] | None) -> bytes:
+        """The lines for the messages at ``live`` (None: all of them)."""
         values: Sequence[object] = self._sizes if kind == "LIST" else self._uidls
-        if self._deleted:
-            live = [i for i in range(len(values)) if i not in self._deleted]
-            return _render_listing([i + 1 for i in live], [values[i] for i in live])
-        block = self._rendered.get(kind)
-        if block is None:
-            block = render_listing(values)
-            self._rendered[kind] = block
-        return block
+        template = "%s"
+        if isinstance(values, TemplatedColumn):  # once per rendering, not per login
+            template, values = values.template, values.arguments
+        if live is None:
+            return _render_listing(range(1, len(values) + 1), values, template)
+        return _render_listing([i + 1 for i in live], [values[i] for i in live], template)
 
     def stat(self) -> tuple[int, int]:
         """Count and octets of the messages not marked deleted."""
@@ -197,19 +224,22 @@ class Snapshot:
         return frozenset(self._deleted)
 
 
-# One line of a LIST or UIDL listing.
-_LISTING_LINE: Final = "%d %s\r\n"
+# One line of a LIST or UIDL listing, around the value's %-conversion.
+_LISTING_LINE: Final = "%%d %s\r\n"
 
 
 def render_listing(values: Sequence[object]) -> bytes:
     """The lines of a full LIST or UIDL listing (``n value\\r\\n``, n from 1), without
-    its status line and terminator: what a store may keep beside its index so that
-    a process that has never listed this snapshot sends it without rendering it."""
+    its status line and terminator: what ``Snapshot.listing`` keeps with the columns."""
     return _render_listing(range(1, len(values) + 1), values)
 
 
-def _render_listing(numbers: Iterable[int], values: Sequence[object]) -> bytes:
+def _render_listing(
+    numbers: Iterable[int], values: Sequence[object], template: str = "%s"
+) -> bytes:
     """The lines of a listing, made by ONE %-format of the repeated line (C-level,
-    twice as fast as a format call per line: docs/performance.md)."""
+    twice as fast as a format call per line: docs/performance.md); each value goes
+    through ``template`` (a TemplatedColumn's) on the way."""
+    line = _LISTING_LINE % template
     pairs = tuple(itertools.chain.from_iterable(zip(numbers, values, strict=True)))
-    return ((_LISTING_LINE * len(values)) % pairs).encode("ascii")
+    return ((line * len(values)) % pairs).encode("ascii")
