@@ -35,9 +35,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
-from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
 from popbox.store.index_file import INDEX_NAME
+from popbox.wireform import wire_size
 
 # Repetitions per warm figure; the median hides the noise of a shared machine.
 REPEATS: Final = 5

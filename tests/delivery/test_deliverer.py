@@ -14,8 +14,8 @@ from popbox.errors import (
     TemporaryDeliveryError,
     UnknownRecipient,
 )
-from popbox.proto.wire import wire_size
 from popbox.store.memory import MemoryStore
+from popbox.wireform import wire_size
 from support.lmtp import make_config, users
 
 

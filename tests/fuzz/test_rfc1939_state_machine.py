@@ -35,8 +35,9 @@ from popbox.proto.events import (
 )
 from popbox.proto.server import ServerConnection, ServerSettings
 from popbox.proto.state import SessionState
-from popbox.proto.wire import WireEncoder, wire_size
+from popbox.proto.wire import WireEncoder
 from popbox.store.base import MessageInfo
+from popbox.wireform import wire_size
 from support.wire import unstuff, wire
 
 USER, PASSWORD = "mrose", "tanstaaf"

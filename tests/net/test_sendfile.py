@@ -75,8 +75,7 @@ async def send_and_receive(
     """Send ``stored`` (as a file) with send_wire_file; return what arrived and the count."""
     path.write_bytes(stored)
     loop = asyncio.get_running_loop()
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with WireReadyFile(os.open(path, os.O_RDONLY), len(stored)) as file:
         async with tcp_pair() as (server, client):
             if sndbuf is not None:
                 server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -90,12 +89,10 @@ async def send_and_receive(
 
             reader = asyncio.create_task(read_all())
             sent = await zerocopy.send_wire_file(
-                server, b"+OK\r\n", WireReadyFile(fd, len(stored)), wait_writable, lambda: None
+                server, b"+OK\r\n", file, wait_writable, lambda: None
             )
             server.shutdown(socket.SHUT_WR)
             await asyncio.wait_for(reader, 30)
-    finally:
-        os.close(fd)
     return bytes(received), sent
 
 
@@ -145,17 +142,13 @@ async def test_large_message_through_a_small_send_buffer_is_exact(tmp_path: Path
 async def test_a_file_shorter_than_announced_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "short"
     path.write_bytes(b"x" * 100_000 + b"\r\n")
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with WireReadyFile(os.open(path, os.O_RDONLY), 100_002) as file:
         async with tcp_pair() as (server, _client):
-            size = os.fstat(fd).st_size
             os.truncate(path, 40_000)  # cut short after the store looked
             with pytest.raises(OSError, match="early"):
                 await zerocopy.send_wire_file(
-                    server, b"+OK\r\n", WireReadyFile(fd, size), wait_writable, lambda: None
+                    server, b"+OK\r\n", file, wait_writable, lambda: None
                 )
-    finally:
-        os.close(fd)
 
 
 # -- through the server ---------------------------------------------------------------

@@ -20,8 +20,8 @@ from popbox.proto.events import (
 )
 from popbox.proto.server import OUTPUT_HIGH_WATER, ServerSettings
 from popbox.proto.state import TRANSITIONS, SessionState
-from popbox.proto.wire import wire_size
 from popbox.store.base import MessageInfo
+from popbox.wireform import wire_size
 from support.proto import Glue, connect
 
 BASE_CAPABILITIES = [
@@ -478,3 +478,34 @@ def test_columns_whose_uidls_are_not_vouched_for_are_still_cleaned() -> None:
     unchecked = Columns(["ok", "x\r\n+OK forged"], [1, 1], checked=False)
     lines = session_output(unchecked, b"UIDL\r\n").split(b"\r\n")
     assert lines[3:6] == [b"1 ok", b"2 x  +OK forged", b"."]
+
+
+class Templated(list[str]):
+    """UIDLs that also say how they are made, as the Maildir store's UidlColumn does."""
+
+    def __init__(self, template: str, arguments: list[int]) -> None:
+        super().__init__(template % argument for argument in arguments)
+        self.template = template
+        self.arguments = arguments
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(st.integers(min_value=1, max_value=2**40), unique=True, max_size=30).map(sorted),
+    st.sets(st.integers(min_value=1, max_value=32)),
+    st.sampled_from(["6b07cf9c%08x", "%08x", "u%x"]),
+)
+def test_uidls_given_by_their_template_list_exactly_as_the_strings(
+    uids: list[int], deleted: set[int], template: str
+) -> None:
+    """The listing rendered from the template (one %-format from the UIDs) is the one
+    rendered from the strings, before DELE, after it and in the next session."""
+    sizes = [100 + uid % 7 for uid in uids]
+    commands = b"UIDL\r\nLIST\r\n"
+    commands += b"".join(b"DELE %d\r\n" % number for number in sorted(deleted))
+    commands += b"UIDL\r\nLIST\r\nUIDL 1\r\n"
+    infos = [MessageInfo(template % uid, size) for uid, size in zip(uids, sizes, strict=True)]
+    plain = session_output(infos, commands)
+    shared = Columns(Templated(template, uids), sizes, checked=True)
+    assert session_output(shared, commands) == plain
+    assert session_output(shared, commands) == plain

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popbox.proto.wire import (
-    CrlfNormaliser,
-    WireDecoder,
-    WireEncoder,
-    dot_stuffing_offsets,
-    stuff_wire_ready,
-    wire_ending,
-    wire_size,
-)
+from popbox.proto.wire import WireDecoder, WireEncoder
+from popbox.wireform import CrlfNormaliser, DotStuffer, wire_size
+from support.wire_reference import normalise, split_at, stuff, top_content
 
 # Bytes rich in the octets that matter: line ends, dots, CR, NUL and 8-bit.
 MESSAGE_BYTES = st.lists(
@@ -25,47 +17,10 @@ MESSAGE_BYTES = st.lists(
 ).map(b"".join) | st.binary(max_size=200)
 
 
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({cut % (len(data) + 1) for cut in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return pieces
-
-
 def encode(data: bytes, cuts: list[int], body_lines: int | None = None) -> bytes:
     encoder = WireEncoder(body_lines)
     out = b"".join(encoder.encode(piece) for piece in split_at(data, cuts))
     return out + encoder.finish()
-
-
-def normalise(data: bytes) -> bytes:
-    """The reference: every line end CRLF, a final CRLF unless empty."""
-    if not data:
-        return b""
-    lines = re.split(b"\r?\n", data)
-    if lines[-1] == b"":
-        lines.pop()
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-def top_reference(data: bytes, body_lines: int) -> bytes:
-    lines = normalise(data).split(b"\r\n")[:-1]
-    if b"" not in lines:
-        kept = lines
-    else:
-        blank = lines.index(b"")
-        kept = lines[: blank + 1 + body_lines]
-    return b"".join(line + b"\r\n" for line in kept)
-
-
-def stuff(content: bytes) -> bytes:
-    return b"".join(
-        (b"." + line if line.startswith(b".") else line) + b"\r\n"
-        for line in content.split(b"\r\n")[:-1]
-    )
 
 
 CUTS = st.lists(st.integers(min_value=0, max_value=10_000), max_size=8)
@@ -136,7 +91,7 @@ def test_mixed_line_ends_split_at_every_position(pieces: list[bytes]) -> None:
 @settings(max_examples=300)
 @given(MESSAGE_BYTES, CUTS, st.integers(min_value=0, max_value=6) | st.just(10**12))
 def test_top_matches_reference(data: bytes, cuts: list[int], body_lines: int) -> None:
-    assert encode(data, cuts, body_lines) == stuff(top_reference(data, body_lines)) + b".\r\n"
+    assert encode(data, cuts, body_lines) == stuff(top_content(data, body_lines)) + b".\r\n"
 
 
 def test_top_sets_done_and_ignores_the_rest() -> None:
@@ -213,7 +168,8 @@ def test_wire_size_examples(data: bytes) -> None:
     assert wire_size(data) == len(normalise(data))
 
 
-# -- CRLF storage and the sendfile plan (proto.wire.CrlfNormaliser, dot_stuffing_offsets)
+# -- the encoder against the other RETR paths' use of popbox.wireform (CRLF storage,
+# the zero-copy path's offsets, the wire-ready path's stuffing)
 
 
 def crlf_stored(data: bytes, cuts: list[int]) -> bytes:
@@ -224,13 +180,14 @@ def crlf_stored(data: bytes, cuts: list[int]) -> bytes:
 
 def planned_wire(stored: bytes) -> bytes:
     """The RETR body the sendfile path sends: a dot before each offset, the ending."""
-    offsets = dot_stuffing_offsets(stored, len(stored))
+    stuffer = DotStuffer()
+    offsets = stuffer.offsets(stored, len(stored))
     pieces, start = [], 0
     for offset in offsets:
         pieces += [stored[start:offset], b"."]
         start = offset
     pieces.append(stored[start:])
-    return b"".join(pieces) + wire_ending(len(stored), stored[-1] if stored else 0)
+    return b"".join(pieces) + stuffer.ending()
 
 
 @given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6))
@@ -267,50 +224,11 @@ def test_stuffing_examples(stored: bytes) -> None:
     assert planned_wire(stored) == encode(stored, [])
 
 
-def test_dot_lines_are_found_across_search_windows() -> None:
-    # A base64-like run with no dot, then dotted lines right at and after the 64 KiB
-    # window boundary (the memchr pre-check must not skip them).
-    window = 64 * 1024
-    stored = b"A" * (window - 2) + b"\r\n.x\r\n" + b"B" * window + b"\r\n.\r\n.y\r\n"
-    offsets = dot_stuffing_offsets(stored, len(stored))
-    assert [stored[o : o + 2] for o in offsets] == [b".x", b".\r", b".y"]
-    assert planned_wire(stored) == encode(stored, [])
-
-
 @given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6))
 def test_stuffing_wire_ready_pieces_gives_the_encoders_bytes(
     data: bytes, cuts: list[int]
 ) -> None:
     stored = crlf_stored(data, [])
-    out, at_line_start = [], True
-    for piece in split_at(stored, cuts):
-        if piece:
-            out.append(stuff_wire_ready(piece, at_line_start))
-            at_line_start = piece.endswith(b"\n")
-    ending = wire_ending(len(stored), stored[-1] if stored else 0)
-    assert b"".join(out) + ending == encode(stored, [])
-
-
-@settings(max_examples=500)
-@given(MESSAGE_BYTES, st.lists(st.integers(min_value=0), max_size=6), st.booleans())
-def test_stuffing_wire_ready_is_a_dot_after_every_lf_whatever_the_bytes(
-    data: bytes, cuts: list[int], at_line_start: bool
-) -> None:
-    """Bare LFs, bare CRs, runs of dots and dots on piece boundaries: the stuffed pieces
-    are the data with a dot added after every LF that precedes one, and at the start."""
-    expected = data.replace(b"\n.", b"\n..")
-    if at_line_start and data.startswith(b"."):
-        expected = b"." + expected
-    out, at = [], at_line_start
-    for piece in split_at(data, cuts):
-        if piece:
-            out.append(stuff_wire_ready(piece, at))
-            at = piece.endswith(b"\n")
-    assert b"".join(out) == expected
-
-
-def test_stuffing_wire_ready_returns_an_undotted_piece_itself() -> None:
-    piece = b"no dotted line. Dots inside.\r\n" * 1000
-    assert stuff_wire_ready(piece, True) is piece
-    assert stuff_wire_ready(b".x\r\n", False) == b".x\r\n"
-    assert stuff_wire_ready(b".x\r\n.\r\n", True) == b"..x\r\n..\r\n"
+    stuffer = DotStuffer()
+    out = [stuffer.stuff(piece) for piece in split_at(stored, cuts)]
+    assert b"".join(out) + stuffer.ending() == encode(stored, [])

@@ -10,8 +10,8 @@ import asyncio
 import pytest
 
 from popbox.errors import MaildropInUse, StoreError
-from popbox.proto.wire import wire_size
 from popbox.store import MailStore, Usage
+from popbox.wireform import wire_size
 from support.maildrop import read_all
 
 # Messages whose wire size differs from their stored size in every way the rule knows.

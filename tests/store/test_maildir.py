@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from popbox.errors import PermanentStoreError, StoreError
-from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore, Usage
 from popbox.store.index_cache import IndexCache
 from popbox.store.index_file import INDEX_NAME, read_index
+from popbox.wireform import wire_size
 from support.maildrop import message_files, read_all
 
 DOVECOT_NAME = "1700000001.M20P30.mail.example,S={s},W={w}:2,S"
@@ -572,7 +572,7 @@ async def test_an_index_of_the_previous_format_keeps_every_uidl(
         3, sum(len(f"message {n}\n") + 1 for n in range(3))
     )
     assert await uidls(upgraded, "alice") == before
-    assert (maildir / INDEX_NAME).read_bytes().startswith(b"popbox-maildir-index 2 ")
+    assert (maildir / INDEX_NAME).read_bytes().startswith(b"popbox-maildir-index 3 ")
     await upgraded.deliver("alice", b"late\n")
     after = await uidls(MaildirStore(maildir_store.root), "alice")
     assert after[:3] == before

@@ -10,10 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popbox.proto.server import render_listing
+from popbox.proto.snapshot import Snapshot, render_listing
 from popbox.store import MaildirStore
+from popbox.store.base import MessageTable
 from popbox.store.index import (
     MaildirIndex,
+    UidlColumn,
     messages_by_key,
     sorted_by_arrival,
     wire_field,
@@ -95,12 +97,18 @@ def test_names_the_general_path_must_judge_decline_the_bulk_path(cur: list[str])
 
 
 @pytest.mark.parametrize("first_uid", [1, 7, 2**32 - 2])
-def test_a_fresh_index_renders_its_listing_like_the_uidls(first_uid: int) -> None:
+def test_a_fresh_index_lists_its_uidls_from_their_template(first_uid: int) -> None:
     index = MaildirIndex(uidvalidity=0x65F0A1B2, next_uid=first_uid)
     index.assign_all(["cur/1", "cur/2", "new/3"], [1, 2, 3])
     columns = index.columns()
-    assert list(columns.uidls) == index.uidls_of(columns.uids)
-    assert columns.uidl_listing == render_listing(list(columns.uidls))
+    uidls = columns.uidls
+    assert isinstance(uidls, UidlColumn)
+    assert list(uidls) == [index.uidl(uid) for uid in columns.uids]
+    assert [uidls.template % uid for uid in uidls.arguments] == list(uidls)
+    # The protocol core renders the listing from the template: the same lines.
+    fresh = index.columns().uidls
+    snapshot = Snapshot(MessageTable(fresh, columns.sizes, uidls_checked=True))
+    assert snapshot.listing("UIDL") == render_listing(list(uidls))
 
 
 def make_maildir(root: Path, cur: dict[str, bytes], new: dict[str, bytes]) -> Path:
@@ -152,4 +160,4 @@ async def test_a_cold_login_lists_every_message_once_with_its_size(tmp_path: Pat
     await again.release()
     written = read_index(maildir)
     assert written is not None
-    assert written.columns().uidl_listing == render_listing(uidls)
+    assert list(written.columns().uidls) == uidls

@@ -198,7 +198,7 @@ async def test_index_write_failure_on_commit_is_reported(maildir_store: MaildirS
         pytest.param(lambda data: data[:-1] + bytes([data[-1] ^ 1]), id="flipped-bit"),
         pytest.param(lambda data: data.replace(b"count=3", b"count=9"), id="wrong-count"),
         pytest.param(lambda data: data + data[-17:], id="appended"),
-        pytest.param(lambda data: data.replace(b"index 2 ", b"index 99 "), id="future-version"),
+        pytest.param(lambda data: data.replace(b"index 3 ", b"index 99 "), id="future-version"),
         pytest.param(None, id="missing"),
     ],
 )

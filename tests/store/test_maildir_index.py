@@ -1,4 +1,5 @@
-"""The pieces under the Maildir store: name parsing, streamed wire sizes, the index file."""
+"""The pieces under the Maildir store: name parsing, file sizes, the index file and the
+conversion of the formats before it (the streamed size rule itself: tests/test_wireform.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popbox.proto.wire import wire_size
+from popbox.store import MaildirStore
 from popbox.store.index import (
     CorruptIndex,
     MaildirIndex,
-    WireSizeCounter,
     arrival_order,
     is_message_name,
     message_key,
@@ -25,23 +25,14 @@ from popbox.store.index import (
     wire_field,
     wire_size_of_file,
 )
-from popbox.store.index_file import INDEX_NAME, read_header, read_index, write_index
-
-# Bytes that matter to the size rule, so hypothesis hits CR/LF pairs often.
-LINE_BYTES = st.binary(max_size=200).map(lambda b: b.replace(b"a", b"\r").replace(b"b", b"\n"))
-
-
-@given(data=LINE_BYTES, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6))
-def test_streamed_wire_size_equals_the_size_rule(data: bytes, cuts: list[int]) -> None:
-    """However the message is cut into chunks (CR LF split included), the size is one."""
-    counter = WireSizeCounter()
-    start = 0
-    for cut in sorted(set(cuts)):
-        counter.feed(data[start:cut])
-        start = max(start, cut)
-    counter.feed(data[start:])
-    assert counter.wire == wire_size(data)
-    assert counter.stored == len(data)
+from popbox.store.index_file import (
+    INDEX_NAME,
+    INDEX_VERSION,
+    read_header,
+    read_index,
+    write_index,
+)
+from popbox.wireform import wire_size
 
 
 def test_wire_size_of_file_crosses_chunk_boundaries(tmp_path: Path) -> None:
@@ -130,7 +121,7 @@ def rewrite_index(path: Path, edit: Callable[[dict[str, str], Columns], None]) -
     tokens = head.decode().split()
     fields = dict(token.partition("=")[::2] for token in tokens[2:])
     count = int(fields["count"])
-    paths_len, uidls_len = int(fields["paths"]), int(fields["uidls"])
+    paths_len = int(fields["paths"])
     words = count * 8
     columns: Columns = {
         "uids": list(struct.unpack(f"<{count}Q", body[:words])),
@@ -138,24 +129,17 @@ def rewrite_index(path: Path, edit: Callable[[dict[str, str], Columns], None]) -
         "paths": body[2 * words : 2 * words + paths_len]
         .decode("utf-8", "surrogateescape")
         .split("\n"),
-        # The stored UIDL listing, "n UIDL\r\n" per message, as its UIDLs.
-        "uidls": [
-            line.partition(" ")[2]
-            for line in body[2 * words + paths_len :][:uidls_len].decode().split("\r\n")[:-1]
-        ],
     }
     fields["version"] = tokens[1]
     edit(fields, columns)
     n = len(columns["uids"])
     paths = "\n".join(map(str, columns["paths"])).encode("utf-8", "surrogateescape")
-    uidls = "".join(f"{n} {uidl}\r\n" for n, uidl in enumerate(columns["uidls"], 1)).encode()
     new_body = (
         struct.pack(f"<{n}q", *columns["uids"])  # signed: a negative size shows as huge
         + struct.pack(f"<{len(columns['sizes'])}q", *columns["sizes"])
         + paths
-        + uidls
     )
-    fields["paths"], fields["uidls"] = str(len(paths)), str(len(uidls))
+    fields["paths"] = str(len(paths))
     fields["crc"] = format(zlib.crc32(new_body), "08x")
     version = fields.pop("version")
     header = " ".join([tokens[0], version] + [f"{k}={v}" for k, v in fields.items()])
@@ -192,13 +176,11 @@ def _field(name: str, value: str) -> Callable[[dict[str, str], Columns], None]:
         pytest.param(_set("uids", 2, 1), id="uids-out-of-order"),
         pytest.param(_set("uids", 2, 9), id="uid-not-below-next"),
         pytest.param(_set("sizes", 1, -10), id="negative-size"),
-        pytest.param(_set("uidls", 2, "6b07cf9c00000009"), id="uidl-not-of-its-uid"),
-        pytest.param(_set("uidls", 1, "6b07cf9d00000002"), id="uidl-of-another-uidvalidity"),
         pytest.param(_field("octets", "22"), id="octets"),
         pytest.param(_field("in_new", "0"), id="in-new"),
         pytest.param(_field("count", "2"), id="count"),
         pytest.param(_field("next", "four"), id="next-not-a-number"),
-        pytest.param(_field("version", "3"), id="unknown-version"),
+        pytest.param(_field("version", "4"), id="unknown-version"),
     ],
 )
 def test_damaged_index_is_detected(
@@ -250,7 +232,123 @@ def test_a_version_1_index_is_read_with_its_uids_and_marked_for_rewriting(
     assert again is not None
     assert again == index
     assert not again.outdated_format
-    assert (tmp_path / INDEX_NAME).read_bytes().startswith(b"popbox-maildir-index 2 ")
+    assert (tmp_path / INDEX_NAME).read_bytes().startswith(b"popbox-maildir-index 3 ")
+
+
+def version_2_file(
+    uidvalidity: int, next_uid: int, entries: list[tuple[int, int, str]], cur_mtime: int = 0
+) -> bytes:
+    """An index as the popbox before the current format wrote it (version 2): UIDs,
+    sizes and paths as now, then the rendered UIDL listing as a fourth column."""
+    uids = [uid for uid, _, _ in entries]
+    sizes = [size for _, size, _ in entries]
+    paths = "\n".join(path for _, _, path in entries).encode("utf-8", "surrogateescape")
+    listing = "".join(f"{n} {uidvalidity:08x}{uid:08x}\r\n" for n, uid in enumerate(uids, 1))
+    body = (
+        struct.pack(f"<{len(uids)}Q", *uids)
+        + struct.pack(f"<{len(sizes)}Q", *sizes)
+        + paths
+        + listing.encode("ascii")
+    )
+    in_new = sum(path.startswith("new/") for _, _, path in entries)
+    header = (
+        f"popbox-maildir-index 2 uidvalidity={uidvalidity:x} next={next_uid}"
+        f" count={len(uids)} octets={sum(sizes)} cur_mtime={cur_mtime} in_new={in_new}"
+        f" paths={len(paths)} uidls={len(listing)} crc={zlib.crc32(body):08x}\n"
+    )
+    return header.encode("ascii") + body
+
+
+VERSION_2_ENTRIES = [
+    (3, 4, "cur/1.M1.host,S=3,W=4:2,S"),
+    (7, 10, "new/2.with space"),
+    (8, 7, "cur/3.latin1-\udce9:2,"),
+]
+
+
+def test_a_version_2_index_is_read_with_its_uids_and_rewritten_without_its_listing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / INDEX_NAME).write_bytes(version_2_file(0x6B07CF9C, 9, VERSION_2_ENTRIES, 17))
+    index = read_index(tmp_path)
+    assert index is not None
+    assert index.outdated_format
+    assert (index.uidvalidity, index.next_uid, index.cur_mtime) == (0x6B07CF9C, 9, 17)
+    uidls = ["6b07cf9c00000003", "6b07cf9c00000007", "6b07cf9c00000008"]
+    assert index.uidls() == uidls
+    assert list(index.columns().paths) == [path for _, _, path in VERSION_2_ENTRIES]
+    header = read_header(tmp_path)
+    assert header is not None
+    assert (header.count, header.octets, header.in_new) == (3, 21, 1)
+    write_index(tmp_path, index)
+    data = (tmp_path / INDEX_NAME).read_bytes()
+    assert data.startswith(f"popbox-maildir-index {INDEX_VERSION} ".encode())
+    assert b" uidls=" not in data
+    assert b"\r\n" not in data  # no listing kept
+    again = read_index(tmp_path)
+    assert again is not None
+    assert not again.outdated_format
+    assert again == index
+    assert again.uidls() == uidls
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[:-1] + b"X", id="checksum"),
+        pytest.param(lambda data: data[:-5], id="listing-cut-short"),
+        pytest.param(lambda data: data.replace(b" uidls=", b" listing="), id="no-uidls-field"),
+    ],
+)
+def test_a_damaged_version_2_index_is_detected(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    data = version_2_file(0x6B07CF9C, 9, VERSION_2_ENTRIES)
+    (tmp_path / INDEX_NAME).write_bytes(damage(data))
+    with pytest.raises(CorruptIndex) as raised:
+        read_index(tmp_path)
+    assert raised.value.uidvalidity == 0x6B07CF9C
+
+
+def test_a_version_2_listing_of_the_wrong_length_is_detected(tmp_path: Path) -> None:
+    """Checksum and lengths right, but the listing a line end short: not what popbox wrote."""
+    data = version_2_file(0x6B07CF9C, 9, VERSION_2_ENTRIES)
+    head, _, body = data.partition(b"\n")
+    body = body.removesuffix(b"3 6b07cf9c00000008\r\n") + b"3 6b07cf9c00000008\n\n"
+    fields = dict(token.split(b"=") for token in head.split()[2:])
+    fields[b"crc"] = b"%08x" % zlib.crc32(body)
+    head = b" ".join([b"popbox-maildir-index", b"2"] + [k + b"=" + v for k, v in fields.items()])
+    (tmp_path / INDEX_NAME).write_bytes(head + b"\n" + body)
+    with pytest.raises(CorruptIndex):
+        read_index(tmp_path)
+
+
+async def test_a_maildrop_with_a_version_2_index_keeps_every_uidl_at_its_next_login(
+    tmp_path: Path,
+) -> None:
+    store = MaildirStore(tmp_path)
+    for number in range(5):
+        await store.deliver("alice", b"Subject: %d\n\nbody\n" % number)
+    first = await store.open_maildrop("alice")
+    uidls = list(first.messages.uidls)
+    await first.release()
+    # The same state as the popbox before this format left it on disk.
+    maildir = tmp_path / "alice"
+    written = read_index(maildir)
+    assert written is not None
+    columns = written.columns()
+    entries = list(zip(columns.uids, columns.sizes, columns.paths, strict=True))
+    (maildir / INDEX_NAME).write_bytes(
+        version_2_file(written.uidvalidity, written.next_uid, entries, written.cur_mtime)
+    )
+    # The next login (a worker that has not seen the maildrop) converts it.
+    second = await MaildirStore(tmp_path).open_maildrop("alice")
+    assert list(second.messages.uidls) == uidls
+    await second.release()
+    assert (maildir / INDEX_NAME).read_bytes().startswith(b"popbox-maildir-index 3 ")
+    third = await MaildirStore(tmp_path).open_maildrop("alice")
+    assert list(third.messages.uidls) == uidls
+    await third.release()
 
 
 @pytest.mark.parametrize(

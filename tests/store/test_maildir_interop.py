@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from popbox.proto.wire import wire_size
 from popbox.store import MaildirStore
+from popbox.wireform import wire_size
 from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer
 from support.maildrop import message_files, read_all
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from popbox.errors import StoreError
-from popbox.proto.wire import wire_size
-from popbox.store import MaildirStore, MemoryStore
+from popbox.store import MaildirStore, MemoryStore, WireReadyFile
 from popbox.store.index import size_fields
 from popbox.store.maildrop import CHUNK_SIZE
+from popbox.wireform import wire_size
 from support.maildrop import message_files
 from support.wire import crlf
 
@@ -62,11 +62,9 @@ async def test_save_crlf_off_keeps_the_bytes(tmp_path: Path) -> None:
     assert path.read_bytes() == MESSAGES[0]
 
 
-def read_fd(fd: int) -> bytes:
-    try:
-        return os.pread(fd, 1 << 20, 0)
-    finally:
-        os.close(fd)
+def read_all(file: WireReadyFile) -> bytes:
+    with file:
+        return os.pread(file.fd, 1 << 20, 0)
 
 
 async def test_open_wire_ready_only_for_files_in_wire_form(tmp_path: Path) -> None:
@@ -88,9 +86,9 @@ async def test_open_wire_ready_only_for_files_in_wire_form(tmp_path: Path) -> No
         assert first is not None
         assert foreign is not None
         assert first.size == maildrop.messages[0].size
-        assert read_fd(first.fd) == b"Subject: a\r\n\r\nstored CRLF\r\n"
+        assert read_all(first) == b"Subject: a\r\n\r\nstored CRLF\r\n"
         assert foreign.size == maildrop.messages[3].size
-        assert read_fd(foreign.fd) == b"X: y\r\n\r\nz\r\n"
+        assert read_all(foreign) == b"X: y\r\n\r\nz\r\n"
     finally:
         await maildrop.release()
 
@@ -110,7 +108,7 @@ async def test_open_wire_ready_follows_a_rename_and_reports_a_vanished_file(
         second.unlink()
         ready = await maildrop.open_wire_ready(0)
         assert ready is not None
-        assert read_fd(ready.fd) == b"Subject: a\r\n\r\nfirst\r\n"
+        assert read_all(ready) == b"Subject: a\r\n\r\nfirst\r\n"
         with pytest.raises(StoreError):
             await maildrop.open_wire_ready(1)
     finally:

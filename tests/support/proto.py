@@ -18,8 +18,9 @@ from popbox.proto.events import (
 )
 from popbox.proto.sasl import apop_digest
 from popbox.proto.server import ServerConnection, ServerSettings
-from popbox.proto.wire import WireEncoder, wire_size
+from popbox.proto.wire import WireEncoder
 from popbox.store.base import MessageInfo
+from popbox.wireform import wire_size
 
 
 def connect(

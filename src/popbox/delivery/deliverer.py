@@ -38,8 +38,8 @@ from popbox.errors import (
     TemporaryDeliveryError,
     UnknownRecipient,
 )
-from popbox.proto.wire import wire_size
 from popbox.store.base import MailStore
+from popbox.wireform import wire_size
 
 __all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "trace_headers"]
 

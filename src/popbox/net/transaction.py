@@ -19,8 +19,9 @@ from popbox.errors import StoreError
 from popbox.net.log import SessionStats
 from popbox.proto.events import Quit, Retrieve
 from popbox.proto.server import ServerConnection
-from popbox.proto.wire import WireEncoder, stuff_wire_ready, wire_ending
+from popbox.proto.wire import WireEncoder
 from popbox.store.base import Maildrop, WireReadyFile
+from popbox.wireform import DotStuffer
 
 __all__ = ["BodyInterrupted", "Outlet", "TransactionStage"]
 
@@ -30,7 +31,6 @@ log = logging.getLogger("popbox.pop3")
 # Maildir store's 64 KiB chunks per syscall and per flow-control wait, while a session
 # still holds well under 1 MiB (this batch plus the transport's 256 KiB high water).
 WRITE_BATCH: Final = 256 * 1024
-_LF: Final = 0x0A
 
 
 class Outlet(Protocol):
@@ -97,8 +97,9 @@ class TransactionStage:
                 self._unavailable(conn, event, out, exc)
                 return
             if ready is not None:
-                if not (out.can_send_files and await self._send_file(conn, event, out, ready)):
-                    await self._stream_wire_ready(conn, event, out, ready)
+                with ready:
+                    if not (out.can_send_files and await self._send_file(conn, event, out, ready)):
+                        await self._stream_wire_ready(conn, event, out, ready)
                 return
         chunks = self._maildrop.read_message(event.index)
         try:
@@ -152,23 +153,17 @@ class TransactionStage:
     async def _send_file(
         self, conn: ServerConnection, event: Retrieve, out: Outlet, ready: WireReadyFile
     ) -> bool:
-        """Send by the outlet's zero-copy path; False if it could not start (fd kept)."""
+        """Send by the outlet's zero-copy path; False if it could not start (nothing sent)."""
         try:
             sent = await out.send_file(conn.message_start(event), ready)
         except ConnectionError:
-            os.close(ready.fd)
-            raise
+            raise  # the peer left: the session ends as for any lost connection
         except OSError as exc:
-            os.close(ready.fd)
             # The file failed mid-body (an I/O error, a file cut short): as with a
             # store failure while streaming, the session must end.
             raise BodyInterrupted(f"message {event.number}: {exc}") from exc
-        except BaseException:
-            os.close(ready.fd)
-            raise
         if sent is None:
             return False
-        os.close(ready.fd)
         self._stats.retrieved += 1
         self._stats.bytes_retrieved += sent
         return True
@@ -179,45 +174,39 @@ class TransactionStage:
         """RETR of a wire-ready file through the transport (TLS): only the dots to add.
 
         Reads happen on the event loop, as read_message's do (a page-cache read is
-        cheaper than a hop to a thread).
+        cheaper than a hop to a thread). The caller closes ``ready``.
         """
         batch = [conn.message_start(event)]
         batched = 0
         sent = 0
         remaining = ready.size
-        at_line_start = True
-        last = 0
-        try:
-            while remaining > 0:
-                try:
-                    chunk = os.read(ready.fd, min(remaining, WRITE_BATCH))
-                except OSError as exc:
-                    out.writelines(batch)
-                    raise BodyInterrupted(f"message {event.number}: {exc}") from exc
-                if not chunk:
-                    out.writelines(batch)
-                    raise BodyInterrupted(
-                        f"message {event.number}: file ended {remaining} octets early"
-                    )
-                remaining -= len(chunk)
-                wire = stuff_wire_ready(chunk, at_line_start)
-                at_line_start = chunk[-1] == _LF
-                last = chunk[-1]
-                batch.append(wire)
-                batched += len(wire)
-                if batched >= WRITE_BATCH and remaining > 0:
-                    out.writelines(batch)
-                    sent += batched
-                    batch = []
-                    batched = 0
-                    await out.drain()
-            ending = wire_ending(ready.size, last)
-            batch.append(ending)
-            out.writelines(batch)
-            sent += batched + len(ending)
-            await out.drain()
-        finally:
-            os.close(ready.fd)
+        stuffer = DotStuffer()
+        while remaining > 0:
+            try:
+                chunk = os.read(ready.fd, min(remaining, WRITE_BATCH))
+            except OSError as exc:
+                out.writelines(batch)
+                raise BodyInterrupted(f"message {event.number}: {exc}") from exc
+            if not chunk:
+                out.writelines(batch)
+                raise BodyInterrupted(
+                    f"message {event.number}: file ended {remaining} octets early"
+                )
+            remaining -= len(chunk)
+            wire = stuffer.stuff(chunk)
+            batch.append(wire)
+            batched += len(wire)
+            if batched >= WRITE_BATCH and remaining > 0:
+                out.writelines(batch)
+                sent += batched
+                batch = []
+                batched = 0
+                await out.drain()
+        ending = stuffer.ending()
+        batch.append(ending)
+        out.writelines(batch)
+        sent += batched + len(ending)
+        await out.drain()
         self._stats.retrieved += 1
         self._stats.bytes_retrieved += sent
 

@@ -2,7 +2,7 @@
 
 A message stored with CRLF line ends (store.base.WireReadyFile) is its own wire form
 but for dot-stuffing. The file is read in windows only to find the lines that start
-with ``.`` (one memchr per ".", proto.wire.dot_stuffing_offsets), and the socket gets:
+with ``.`` (one memchr per ".", popbox.wireform.DotStuffer.offsets), and the socket gets:
 
 * long runs of the file with ``os.sendfile``: page cache to socket, no copy through
   Python and no encoder;
@@ -25,8 +25,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from popbox.proto.wire import dot_stuffing_offsets, wire_ending
 from popbox.store.base import WireReadyFile
+from popbox.wireform import DotStuffer
 
 __all__ = ["READ_WINDOW", "SENDFILE_MIN", "send_wire_file"]
 
@@ -38,7 +38,6 @@ READ_WINDOW: Final = 256 * 1024
 SENDFILE_MIN: Final = 32 * 1024
 # Pieces per sendmsg, well below Linux's IOV_MAX (1024).
 MAX_IOV: Final = 512
-_LF: Final = 0x0A
 
 WaitWritable = Callable[[int], Awaitable[None]]
 
@@ -62,15 +61,14 @@ async def send_wire_file(
     window = bytearray(min(size, READ_WINDOW))
     pending: list[bytes | memoryview] = [head]
     stuffed = 0
-    last = 0
-    at_line_start = True
+    stuffer = DotStuffer()
     offset = 0
     with memoryview(window) as view:
         while offset < size:
             count = os.preadv(file.fd, [view[: min(size - offset, READ_WINDOW)]], offset)
             if count == 0:
                 raise OSError(f"message file ended {size - offset} octets early")
-            dots = dot_stuffing_offsets(window, count, at_line_start)
+            dots = stuffer.offsets(window, count)
             stuffed += len(dots)
             if count < SENDFILE_MIN:
                 # No run long enough for sendfile: the runs between dotted lines as
@@ -98,14 +96,12 @@ async def send_wire_file(
                     if stop < count:
                         pending.append(b".")
                     start = stop
-            last = window[count - 1]
-            at_line_start = last == _LF
             offset += count
             if offset < size:
                 # The views point into the window, which the next read overwrites.
                 await _sendmsg_all(sock, pending, socket.MSG_MORE, wait_writable, progress)
                 pending = []
-        ending = wire_ending(size, last)
+        ending = stuffer.ending()
         pending.append(ending)
         await _sendmsg_all(sock, pending, 0, wait_writable, progress)
         pending = []

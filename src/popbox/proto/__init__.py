@@ -26,12 +26,12 @@ from popbox.proto.sasl import apop_digest
 from popbox.proto.server import (
     MAX_AUTH_FAILURES,
     MAX_BAD_COMMANDS,
-    MessageLike,
     ServerConnection,
     ServerSettings,
 )
+from popbox.proto.snapshot import MessageLike
 from popbox.proto.state import SessionState
-from popbox.proto.wire import WireDecoder, WireEncoder, wire_size
+from popbox.proto.wire import WireDecoder, WireEncoder
 
 __all__ = [
     "FLUSH",
@@ -58,5 +58,4 @@ __all__ = [
     "WireDecoder",
     "WireEncoder",
     "apop_digest",
-    "wire_size",
 ]

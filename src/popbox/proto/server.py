@@ -8,15 +8,14 @@ the next event, so a pipelining client gets its replies in order.
 
 from __future__ import annotations
 
-import itertools
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, TypeGuard, runtime_checkable
+from typing import Final, Literal
 
 from popbox.proto import replies
-from popbox.proto.commands import BadCommand, Command, MessageNumber, Verb, parse_command
+from popbox.proto.commands import BadCommand, Command, Verb, parse_command
 from popbox.proto.events import (
     FLUSH,
     NEED_DATA,
@@ -27,7 +26,6 @@ from popbox.proto.events import (
     LoginRequest,
     Quit,
     Retrieve,
-    SnapshotIndex,
     StartTls,
 )
 from popbox.proto.lines import LINE_TOO_LONG, MAX_COMMAND_LINE, MAX_SASL_LINE, LineReader
@@ -41,17 +39,15 @@ from popbox.proto.sasl import (
     decode_response,
     new_mechanism,
 )
+from popbox.proto.snapshot import MessageLike, Snapshot
 from popbox.proto.state import SessionState, accepts, next_state
 
 __all__ = [
     "MAX_AUTH_FAILURES",
     "MAX_BAD_COMMANDS",
     "OUTPUT_HIGH_WATER",
-    "MessageColumns",
-    "MessageLike",
     "ServerConnection",
     "ServerSettings",
-    "render_listing",
 ]
 
 # Dovecot's CLIENT_MAX_BAD_COMMANDS: a client that keeps sending garbage is cut off.
@@ -67,42 +63,6 @@ PLAINTEXT_DISALLOWED: Final = (
 )
 # RFC 2449 section 4 is the floor for a command line; less breaks real clients.
 _MIN_LINE: Final = 255
-
-
-class MessageLike(Protocol):
-    """What the core needs of a snapshot entry (popbox.store.base.MessageInfo fits)."""
-
-    @property
-    def uidl(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-
-@runtime_checkable
-class MessageColumns(Protocol):
-    """A snapshot that also offers its fields as columns (store.base.MessageTable).
-
-    The core then reads ``uidls`` and ``sizes`` as they are instead of asking every
-    message, trusts ``uidls_checked`` (the provider guarantees RFC 1939 UIDLs), and
-    keeps the full listings it renders in ``rendered``, which lives as long as the
-    provider's snapshot does, so the sessions that share it render each one once.
-    """
-
-    @property
-    def uidls(self) -> Sequence[str]: ...
-
-    @property
-    def sizes(self) -> Sequence[int]: ...
-
-    @property
-    def uidls_checked(self) -> bool: ...
-
-    @property
-    def rendered(self) -> dict[str, bytes]: ...
-
-
-_ListingKind = Literal["LIST", "UIDL"]
 
 
 @dataclass(frozen=True)
@@ -129,160 +89,6 @@ class ServerSettings:
             raise ValueError(f"line limits must be at least {_MIN_LINE} octets")
         if min(self.max_bad_commands, self.max_auth_failures) < 1:
             raise ValueError("max_bad_commands and max_auth_failures must be at least 1")
-
-
-# Whether a type offers MessageColumns, by type: isinstance() against a runtime
-# Protocol inspects every member each time (about 15 us on Python 3.11), and every
-# connection makes two snapshots (the empty one, then the maildrop's).
-_COLUMN_TYPES: dict[type, bool] = {tuple: False, list: False}
-
-
-def _offers_columns(messages: object) -> TypeGuard[MessageColumns]:
-    kind = type(messages)
-    offers = _COLUMN_TYPES.get(kind)
-    if offers is None:
-        offers = _COLUMN_TYPES[kind] = isinstance(messages, MessageColumns)
-    return offers
-
-
-class _Snapshot:
-    """The session's view of the maildrop: numbering and deletion marks.
-
-    This is the one place where a message number becomes a snapshot index and back.
-    """
-
-    __slots__ = (
-        "_deleted",
-        "_deleted_octets",
-        "_rendered",
-        "_sizes",
-        "_total",
-        "_uidls",
-        "_uidls_clean",
-    )
-
-    def __init__(self, messages: Sequence[MessageLike]) -> None:
-        # Whether every UIDL is already a safe wire token (checked once, on first use).
-        self._uidls_clean: bool | None = None
-        self._uidls: Sequence[str]
-        self._sizes: Sequence[int]
-        if _offers_columns(messages):
-            # Shared, never changed: a 100,000-message login copies nothing.
-            self._uidls = messages.uidls
-            self._sizes = messages.sizes
-            self._rendered = messages.rendered
-            if messages.uidls_checked:
-                self._uidls_clean = True
-        else:
-            self._uidls = [message.uidl for message in messages]
-            self._sizes = [message.size for message in messages]
-            self._rendered = {}
-        # Kept up to date so that STAT, asked again and again by pipelining and
-        # polling clients, does not sum 100,000 sizes each time.
-        self._total = sum(self._sizes)
-        self._deleted_octets = 0
-        self._deleted: set[SnapshotIndex] = set()
-
-    @staticmethod
-    def number_of(index: SnapshotIndex) -> MessageNumber:
-        return MessageNumber(index + 1)
-
-    def index_of(self, number: MessageNumber) -> SnapshotIndex | bytes:
-        """The index of a live message, or the -ERR reply saying why there is none."""
-        if not 1 <= number <= len(self._sizes):
-            return err("No such message.")
-        index = SnapshotIndex(number - 1)
-        if index in self._deleted:
-            return err(f"Message {number} already deleted.")
-        return index
-
-    def live(self) -> Iterator[tuple[MessageNumber, SnapshotIndex]]:
-        for position in range(len(self._sizes)):
-            index = SnapshotIndex(position)
-            if index not in self._deleted:
-                yield self.number_of(index), index
-
-    def size(self, index: SnapshotIndex) -> int:
-        return self._sizes[index]
-
-    def uidl(self, index: SnapshotIndex) -> str:
-        return self._uidls[index]
-
-    @property
-    def sizes(self) -> Sequence[int]:
-        return self._sizes
-
-    @property
-    def uidls(self) -> Sequence[str]:
-        return self._uidls
-
-    def uidls_clean(self) -> bool:
-        """Every UIDL is 1-70 printable ASCII octets without spaces (RFC 1939 s7).
-
-        The store guarantees it; checking it once here, in a few C-level passes,
-        lets the listings skip the per-line cleaning that guards free text.
-        """
-        if self._uidls_clean is None:
-            uidls = self._uidls
-            joined = "".join(uidls)
-            self._uidls_clean = (
-                joined.isascii()
-                and joined.isprintable()
-                and " " not in joined
-                and (not uidls or (min(map(len, uidls)) >= 1 and max(map(len, uidls)) <= 70))
-            )
-        return self._uidls_clean
-
-    def listing(self, kind: _ListingKind) -> bytes:
-        """``n value\\r\\n`` for every live message, as one block.
-
-        The values are the sizes (LIST) or the clean UIDLs (UIDL); neither can start
-        a line with a dot (lines start with the number), so no stuffing is needed.
-        The full listing (nothing deleted) is kept with the snapshot's columns.
-        """
-        values: Sequence[object] = self._sizes if kind == "LIST" else self._uidls
-        if self._deleted:
-            live = [i for i in range(len(values)) if i not in self._deleted]
-            return _render_listing([i + 1 for i in live], [values[i] for i in live])
-        block = self._rendered.get(kind)
-        if block is None:
-            block = render_listing(values)
-            self._rendered[kind] = block
-        return block
-
-    def stat(self) -> tuple[int, int]:
-        """Count and octets of the messages not marked deleted."""
-        return len(self._sizes) - len(self._deleted), self._total - self._deleted_octets
-
-    def delete(self, index: SnapshotIndex) -> None:
-        if index not in self._deleted:
-            self._deleted.add(index)
-            self._deleted_octets += self._sizes[index]
-
-    def undelete_all(self) -> None:
-        self._deleted.clear()
-        self._deleted_octets = 0
-
-    def deletions(self) -> frozenset[int]:
-        return frozenset(self._deleted)
-
-
-# One line of a LIST or UIDL listing.
-_LISTING_LINE: Final = "%d %s\r\n"
-
-
-def render_listing(values: Sequence[object]) -> bytes:
-    """The lines of a full LIST or UIDL listing (``n value\\r\\n``, n from 1), without
-    its status line and terminator: what a store may keep beside its index so that
-    a process that has never listed this snapshot sends it without rendering it."""
-    return _render_listing(range(1, len(values) + 1), values)
-
-
-def _render_listing(numbers: Iterable[int], values: Sequence[object]) -> bytes:
-    """The lines of a listing, made by ONE %-format of the repeated line (C-level,
-    twice as fast as a format call per line: docs/performance.md)."""
-    pairs = tuple(itertools.chain.from_iterable(zip(numbers, values, strict=True)))
-    return ((_LISTING_LINE * len(values)) % pairs).encode("ascii")
 
 
 _OK_LINE: Final = b"+OK\r\n"
@@ -323,7 +129,7 @@ class ServerConnection:
         self._sasl: Mechanism | None = None
         self._bad_commands = 0
         self._auth_failures = 0
-        self._snapshot = _Snapshot(())
+        self._snapshot = Snapshot(())
         self._timestamp = (
             f"<{os.getpid()}.{secrets.token_hex(8)}@{settings.hostname}>"
             if settings.apop_enabled
@@ -410,7 +216,7 @@ class ServerConnection:
     def login_succeeded(self, messages: Sequence[MessageLike]) -> None:
         """The login was verified and the maildrop opened: enter TRANSACTION."""
         self._expect("login")
-        self._snapshot = _Snapshot(messages)
+        self._snapshot = Snapshot(messages)
         self._state = self._login_next
         count, octets = self._snapshot.stat()
         self._queue(ok(f"Logged in, {count} messages ({octets} octets)."))

@@ -1,157 +1,24 @@
-"""Wire form of a stored message: LF -> CRLF, a final CRLF, dot-stuffing (RFC 1939 s3).
+"""RETR and TOP on top of popbox.wireform: stored bytes to wire bytes, and back.
 
-``wire_size`` is the size rule STAT and LIST report. ``WireEncoder`` turns stored bytes
-into what RETR and TOP send, chunk by chunk, and ``WireDecoder`` undoes it on the client
-side. ``CrlfNormaliser`` is what delivery stores (CRLF line ends, so that stored bytes
-are already wire form), and ``dot_stuffing_offsets`` with ``wire_ending`` describe how
-to send such bytes without copying them (the server's sendfile path). The encoder and
-decoder carry their state across chunk boundaries and work with whole-chunk bytes
-operations (replace, find, count), because this is the hot path for 200 MB messages.
-Nothing but line endings and leading dots changes: bare CR, NUL, 8-bit bytes and long
-lines pass through.
+``WireEncoder`` turns a stored message into what RETR and TOP send, chunk by chunk: the
+wire form itself (CRLF, dot-stuffing, the ending) is popbox.wireform's; what is
+protocol here is TOP's cut, the headers and n body lines. ``WireDecoder`` undoes the
+wire form on the client side. Both carry their state across chunk boundaries.
 """
 
 from __future__ import annotations
 
-import mmap
-from typing import Final, TypeAlias
+from typing import Final
 
-__all__ = [
-    "CrlfNormaliser",
-    "Searchable",
-    "WireDecoder",
-    "WireEncoder",
-    "dot_stuffing_offsets",
-    "stuff_wire_ready",
-    "wire_ending",
-    "wire_size",
-]
+from popbox.wireform import DotStuffer, to_crlf, to_wire
 
-_TERMINATOR: Final = b".\r\n"
+__all__ = ["WireDecoder", "WireEncoder"]
+
 # An empty line in the CRLF-normalised stream, preceded by the end of the line before
 # it: the separator between a message's headers and its body (RFC 5322 section 2.1).
 _HEADER_END: Final = b"\n\r\n"
-# Octet values, so the hot path compares ints instead of slicing one-byte strings.
-_LF: Final = 0x0A
+# The octet value of CR, so the hot path compares ints instead of slicing bytes.
 _CR: Final = 0x0D
-_DOT: Final = 0x2E
-
-def wire_size(data: bytes) -> int:
-    """Octets RETR sends for ``data`` before dot-stuffing (what STAT and LIST report).
-
-    Every bare LF becomes CRLF and a message that does not end in a line ending gets
-    a final CRLF. An empty message stays empty.
-    """
-    if not data:
-        return 0
-    bare_lf = data.count(b"\n") - data.count(b"\r\n")
-    size = len(data) + bare_lf
-    if not data.endswith(b"\n"):
-        size += 2
-    return size
-
-
-# What dot_stuffing_offsets scans: anything with find() and the buffer protocol.
-Searchable: TypeAlias = bytes | bytearray | mmap.mmap
-
-
-def dot_stuffing_offsets(data: Searchable, length: int, at_line_start: bool = True) -> list[int]:
-    """Offsets of the lines of ``data[:length]`` that start with ``.``, in order.
-
-    For CRLF-clean bytes (no bare LF) this is the whole of dot-stuffing: the wire form
-    is ``data`` with one more ``.`` before each offset, then ``wire_ending``. A message
-    scanned in pieces passes ``at_line_start``: whether the piece before ended with LF.
-    """
-    offsets: list[int] = []
-    if length <= 0:
-        return offsets
-    # One memchr per ".": base64 has none, so most of RETR's bytes cost one memchr in
-    # all, and text has a few per line. That beats any search for the two octets "\n."
-    # (bytes.find and replace run a general substring search, ~0.85 s/GB on the
-    # benchmark's text mail; re ~0.55; this ~0.2).
-    find = data.find
-    found = find(b".", 0, length)
-    if found == 0:
-        if at_line_start:
-            offsets.append(0)
-        found = find(b".", 1, length)
-    append = offsets.append
-    while found >= 0:
-        if data[found - 1] == _LF:
-            append(found)
-        found = find(b".", found + 1, length)
-    return offsets
-
-
-def wire_ending(length: int, last_octet: int) -> bytes:
-    """What follows CRLF-clean stored bytes on the wire: a missing final CRLF, then ``.``.
-
-    ``last_octet`` is the stored bytes' last octet (ignored when ``length`` is 0), the
-    same rule as ``WireEncoder.finish``.
-    """
-    if length == 0 or last_octet == _LF:
-        return _TERMINATOR
-    return b"\r\n" + _TERMINATOR
-
-
-def stuff_wire_ready(chunk: bytes, at_line_start: bool) -> bytes:
-    """Dot-stuff the next piece of CRLF-clean stored bytes (the encoder's stuffing too).
-
-    ``at_line_start``: the bytes before ended with LF (True for the first piece). For
-    CRLF-clean bytes, the pieces followed by ``wire_ending`` are the encoder's output. A
-    piece with no line starting with ``.`` comes back as the same object; otherwise one
-    ``join`` copies it with the dots in. As everywhere here, a line starts after any LF,
-    CR or not.
-    """
-    offsets = dot_stuffing_offsets(chunk, len(chunk), at_line_start)
-    if not offsets:
-        return chunk
-    with memoryview(chunk) as view:
-        segments = []
-        start = 0
-        for offset in offsets:
-            segments.append(view[start:offset])
-            start = offset
-        segments.append(view[start:])
-        # join puts one "." between neighbours: right before each dotted line.
-        return b".".join(segments)
-
-
-class CrlfNormaliser:
-    """Stored bytes fed in pieces -> the same with every bare LF turned into CRLF.
-
-    Delivery stores this form (as Dovecot's ``mail_save_crlf = yes`` does), so that a
-    stored message is its own wire form but for dot-stuffing. A CR LF split between two
-    pieces stays one line end; bare CRs and every other octet pass through unchanged.
-    """
-
-    __slots__ = ("_after_cr",)
-
-    def __init__(self) -> None:
-        self._after_cr = False
-
-    def convert(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return chunk
-        after_cr, self._after_cr = self._after_cr, chunk[-1] == _CR
-        return _to_crlf(chunk, after_cr)
-
-
-def _to_crlf(chunk: bytes, after_cr: bool) -> bytes:
-    """``chunk`` with every bare LF made CRLF; ``after_cr``: the piece before ended in CR.
-
-    An LF opening the chunk after such a piece ends that CR's line: already CRLF.
-    """
-    head = b""
-    if after_cr and chunk[:1] == b"\n":
-        head, chunk = b"\n", chunk[1:]
-    if b"\r" not in chunk:
-        body = chunk.replace(b"\n", b"\r\n")
-    elif chunk.count(b"\r\n") == chunk.count(b"\n"):
-        body = chunk  # already CRLF throughout (or only bare CRs): nothing to do
-    else:
-        body = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return head + body if head else body
 
 
 class WireEncoder:
@@ -175,8 +42,7 @@ class WireEncoder:
         # The stored stream so far ended in CR: an LF opening the next chunk ends that
         # line as CRLF and is not a bare LF.
         self._after_cr = False
-        self._at_line_start = True
-        self._empty = True
+        self._stuffer = DotStuffer()
         self._done = False
 
     @property
@@ -185,44 +51,14 @@ class WireEncoder:
         return self._done
 
     def encode(self, chunk: bytes) -> bytes:
-        """Wire bytes for the next piece of the stored message.
-
-        RETR's common chunks cost one or two C-level scans: a chunk already in wire
-        form (CRLF throughout, no line starting with ``.``) comes back as the same
-        object, and an LF-only chunk is one ``replace`` (and a ``join`` if a line in it
-        starts with ``.``).
-        """
+        """Wire bytes for the next piece of the stored message (``wireform.to_wire``:
+        a piece already in wire form comes back as the same object)."""
         if self._done or not chunk:
             return b""
-        if self._body_lines is None and not (self._after_cr and chunk[0] == _LF):
-            at_line_start = self._at_line_start
-            self._empty = False
-            self._after_cr = chunk[-1] == _CR
-            self._at_line_start = chunk[-1] == _LF
-            # Stuffing before the LF->CRLF rewrite is the same (a line starts after
-            # an LF either way) and scans the shorter string.
-            if b"\r" not in chunk:
-                # Typical Maildir content: LF line ends only.
-                return stuff_wire_ready(chunk, at_line_start).replace(b"\n", b"\r\n")
-            if chunk.count(b"\n") == chunk.count(b"\r\n"):
-                # Already CRLF throughout (bare CRs pass through): only the dots.
-                return stuff_wire_ready(chunk, at_line_start)
-            lf_only = chunk.replace(b"\r\n", b"\n")
-            return stuff_wire_ready(lf_only, at_line_start).replace(b"\n", b"\r\n")
-        return self._encode_general(chunk)
-
-    def _encode_general(self, chunk: bytes) -> bytes:
-        """TOP, and a chunk whose LF completes a CR that ended the chunk before."""
         after_cr, self._after_cr = self._after_cr, chunk[-1] == _CR
-        normal = _to_crlf(chunk, after_cr)
-        if self._body_lines is not None:
-            normal = self._cut_top(normal)
-        if not normal:
-            return b""
-        self._empty = False
-        stuffed = stuff_wire_ready(normal, self._at_line_start)
-        self._at_line_start = normal.endswith(b"\n")
-        return stuffed
+        if self._body_lines is None:
+            return to_wire(chunk, after_cr, self._stuffer)
+        return self._stuffer.stuff(self._cut_top(to_crlf(chunk, after_cr)))
 
     def _cut_top(self, normal: bytes) -> bytes:
         """The part of ``normal`` that TOP sends; sets ``done`` at the line limit."""
@@ -253,10 +89,7 @@ class WireEncoder:
 
     def finish(self) -> bytes:
         """A final CRLF if the message lacked one, then the terminating ``.``."""
-        if self._empty or self._at_line_start:
-            return _TERMINATOR
-        self._at_line_start = True
-        return b"\r\n" + _TERMINATOR
+        return self._stuffer.ending()
 
 
 class WireDecoder:

@@ -8,6 +8,7 @@ before it returns; ``release`` ends the session without deleting anything.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload
@@ -86,18 +87,46 @@ class Usage:
     octets: int
 
 
-@dataclass(frozen=True, slots=True)
 class WireReadyFile:
     """A stored message whose bytes are already its wire form, but for dot-stuffing.
 
     CRLF line ends throughout and a final CRLF (or empty), so ``size`` equals the
     snapshot's wire size: the server may send the file with ``os.sendfile`` and only
-    insert the stuffing dots. ``fd`` is open for reading and owned by the caller, who
-    must close it.
+    insert the stuffing dots. It owns ``fd``, open for reading: whoever receives it
+    closes it with ``close()`` or a ``with`` block (closing twice is harmless), and
+    never closes ``fd`` itself.
     """
 
-    fd: int
-    size: int
+    __slots__ = ("_fd", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor; ValueError once the file is closed."""
+        if self._fd < 0:
+            raise ValueError("wire-ready file is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> WireReadyFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WireReadyFile(fd={self._fd}, size={self.size})"
 
 
 class Maildrop(Protocol):
@@ -126,8 +155,8 @@ class Maildrop(Protocol):
         """The message as an open file if its stored bytes are wire-ready, else None.
 
         None means "stream it through read_message": mail stored with LF line ends or
-        without a final line end, or a store that does not keep files. Raises
-        StoreError if the message vanished.
+        without a final line end, or a store that does not keep files. The caller owns
+        the file and closes it (``with``). Raises StoreError if the message vanished.
         """
         ...
 

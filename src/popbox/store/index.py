@@ -1,4 +1,4 @@
-"""The Maildir side of the store: file names, wire sizes and the per-maildrop index.
+"""The Maildir side of the store: file names, file sizes and the per-maildrop index.
 
 Everything here is synchronous and raises plain ``OSError``; ``store.maildir`` runs it
 in worker threads and translates errors. The index in memory (``MaildirIndex``) is
@@ -20,7 +20,6 @@ index takes a larger UIDVALIDITY (also noted in ``popbox.lock``), so no UIDL rep
 
 from __future__ import annotations
 
-import itertools
 import operator
 import os
 from array import array
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Final, overload
 
 from popbox.fileio import fsync_dir, write_all
-from popbox.proto.server import render_listing
+from popbox.wireform import WireSizeCounter, wire_size
 
 __all__ = [
     "CorruptIndex",
@@ -39,7 +38,7 @@ __all__ = [
     "IndexEntry",
     "IndexHeader",
     "MaildirIndex",
-    "WireSizeCounter",
+    "UidlColumn",
     "arrival_order",
     "fsync_dir",
     "is_message_name",
@@ -79,55 +78,6 @@ class CorruptIndex(ValueError):
         self.uidvalidity = uidvalidity
 
 
-class WireSizeCounter:
-    """Counts wire octets (popbox.proto.wire.wire_size) of data fed in pieces.
-
-    Carries the last byte across pieces so that a CR LF split between two chunks
-    counts as one line ending, exactly as if the whole message were counted at once.
-    """
-
-    __slots__ = ("_crlf", "_last", "_lf", "_octets")
-
-    def __init__(self) -> None:
-        self._octets = 0
-        self._lf = 0
-        self._crlf = 0
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        self._octets += len(chunk)
-        self._lf += chunk.count(b"\n")
-        self._crlf += chunk.count(b"\r\n")
-        if self._last == b"\r" and chunk[:1] == b"\n":
-            self._crlf += 1
-        self._last = chunk[-1:]
-
-    @property
-    def stored(self) -> int:
-        """Octets fed so far, as they are stored."""
-        return self._octets
-
-    @property
-    def virtual(self) -> int:
-        """Dovecot's "virtual size", what its W= field holds: every LF counted as CRLF,
-        but no final CRLF added to a message that lacks one."""
-        return self._octets + self._lf - self._crlf
-
-    @property
-    def terminated(self) -> bool:
-        """Whether the data is empty or ends with a line end (then virtual == wire)."""
-        return not self._octets or self._last == b"\n"
-
-    @property
-    def wire(self) -> int:
-        """The wire size of everything fed so far (RETR adds the missing final CRLF)."""
-        if not self._octets:
-            return 0
-        return self.virtual + (0 if self.terminated else 2)
-
-
 def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
     """Read ``path`` once, in bounded chunks, and return its wire size.
 
@@ -141,7 +91,7 @@ def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
         if len(data) < READ_CHUNK:
             rest = os.read(fd, READ_CHUNK)  # a short read is EOF for a file on Linux,
             if not rest:  # but one more read proves it for the price of a syscall
-                return _wire_size_of_bytes(data)
+                return wire_size(data)
             data += rest
         counter = WireSizeCounter()
         while data:
@@ -150,14 +100,6 @@ def wire_size_of_file(path: Path | str, dir_fd: int | None = None) -> int:
         return counter.wire
     finally:
         os.close(fd)
-
-
-def _wire_size_of_bytes(data: bytes) -> int:
-    """WireSizeCounter's answer for one whole message, in three C-speed passes."""
-    if not data:
-        return 0
-    wire = len(data) + data.count(b"\n") - data.count(b"\r\n")
-    return wire if data[-1:] == b"\n" else wire + 2
 
 
 def is_message_name(name: str) -> bool:
@@ -309,16 +251,14 @@ class IndexColumns:
     sizes: Sequence[int]
     paths: Sequence[str]
     uidls: Sequence[str]
-    uidl_listing: bytes
-    """``render_listing(uidls)``: kept with the index, rendered once per version."""
 
 
 class MaildirIndex:
     """The whole index in memory: entries by key, in UID order.
 
-    An index read from a version-2 file starts as its columns; ``entries`` (a dict of
-    IndexEntry by key, which every change goes through) is built on first use, so a
-    login that finds nothing new never makes 100,000 objects.
+    An index read from a file in a column format starts as its columns; ``entries``
+    (a dict of IndexEntry by key, which every change goes through) is built on first
+    use, so a login that finds nothing new never makes 100,000 objects.
     """
 
     __slots__ = (
@@ -377,13 +317,11 @@ class MaildirIndex:
             return self._columns
         entries = self.entries.values()
         uids = [entry.uid for entry in entries]
-        uidls = self.uidls_of(uids)
         return IndexColumns(
             uids,
             [entry.size for entry in entries],
             [entry.path for entry in entries],
-            uidls,
-            render_listing(uidls),
+            self.uidl_column(uids),
         )
 
     def __len__(self) -> int:
@@ -416,14 +354,12 @@ class MaildirIndex:
         """
         if self._columns is None and not self.entries:
             uids = array(_UID_ARRAY, range(self.next_uid, self.next_uid + len(paths)))
-            # The listing straight from the UIDs, in one C-level format; the UIDL
-            # strings only when a session asks for one (like an index just read).
+            # The UIDL strings only when a session asks for them (like an index just read).
             self._columns = IndexColumns(
                 uids,
                 list(sizes),
                 list(paths),
-                DeferredColumn(len(uids), lambda: self.uidls_of(uids)),
-                self.uidl_listing_of(uids),
+                self.uidl_column(uids),
             )
             self._entries = None
             self.next_uid += len(paths)
@@ -438,20 +374,19 @@ class MaildirIndex:
         self.entries[key] = entry
         return entry
 
+    @property
+    def uidl_template(self) -> str:
+        """The UIDL of UID u is ``uidl_template % u``: the UIDVALIDITY and the UID in
+        8+ hex digits each, printable ASCII, stable while the index is."""
+        return f"{self.uidvalidity:08x}%08x"
+
     def uidl(self, uid: int) -> str:
-        """The UIDL of a UID: 16+ hex digits, printable ASCII, stable while the index is."""
-        return f"{self.uidvalidity:08x}{uid:08x}"
+        """The UIDL of a UID (``uidl_template``)."""
+        return self.uidl_template % uid
 
-    def uidls_of(self, uids: Iterable[int]) -> list[str]:
-        """``uidl()`` of each UID; one C-level format per UID, the prefix made once."""
-        return list(map(f"{self.uidvalidity:08x}%08x".__mod__, uids))
-
-    def uidl_listing_of(self, uids: Sequence[int]) -> bytes:
-        """``render_listing(self.uidls_of(uids))`` without making the UIDL strings."""
-        line = f"%d {self.uidvalidity:08x}%08x\r\n"
-        numbers = range(1, len(uids) + 1)
-        numbered = tuple(itertools.chain.from_iterable(zip(numbers, uids, strict=True)))
-        return ((line * len(uids)) % numbered).encode("ascii")
+    def uidl_column(self, uids: Sequence[int]) -> UidlColumn:
+        """The UIDLs of ``uids`` as a column whose strings are made on first use."""
+        return UidlColumn(self.uidl_template, uids)
 
     def uidls(self) -> list[str]:
         """``uidl()`` of every entry in order."""
@@ -475,9 +410,9 @@ class DeferredColumn(Sequence[str]):
     """A list of strings made on first use, whose length is known before.
 
     The paths column is only needed to read or delete a message and the UIDL strings
-    only for ``UIDL n`` or a listing after DELE, so a login that only lists (a poll
-    that finds nothing new) makes neither. ``source`` is the stored form, if any, to
-    write back unchanged.
+    only for ``UIDL n`` (listings are rendered from the UIDs, ``UidlColumn``), so a
+    login that only lists (a poll that finds nothing new) makes neither. ``source`` is
+    the stored form, if any, to write back unchanged.
     """
 
     __slots__ = ("_items", "_length", "_make", "source")
@@ -511,3 +446,21 @@ class DeferredColumn(Sequence[str]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._list())
+
+
+class UidlColumn(DeferredColumn):
+    """The UIDLs of a snapshot, made on first use, that also say how they are made.
+
+    Item i is ``template % arguments[i]`` (the UIDVALIDITY prefix, then the UID in
+    hex), which the protocol core reads (proto.snapshot.TemplatedColumn) to render a
+    listing with one %-format straight from the UIDs: a poll that only lists never
+    makes the UIDL strings.
+    """
+
+    __slots__ = ("arguments", "template")
+
+    def __init__(self, template: str, uids: Sequence[int]) -> None:
+        # One C-level format per UID, the prefix made once.
+        super().__init__(len(uids), lambda: list(map(template.__mod__, uids)))
+        self.template = template
+        self.arguments = uids

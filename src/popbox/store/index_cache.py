@@ -55,10 +55,8 @@ class LoadedIndex:
         if self._table is None:
             columns = self._columns
             # The index makes every UIDL as 16+ hex digits: checked by construction.
+            # The core keeps the listings it renders in the table, once per version.
             self._table = MessageTable(columns.uidls, columns.sizes, uidls_checked=True)
-            # Rendered when the index was written, so a worker that has never listed
-            # this version sends it as stored (the core keeps its listings here).
-            self._table.rendered["UIDL"] = columns.uidl_listing
         return self._table, self._columns
 
 

@@ -3,23 +3,26 @@
 Everything here is synchronous and raises plain ``OSError``; ``store.maildir`` runs it
 in worker threads and translates errors. The index file (``popbox-index`` in the
 Maildir's root, a sibling of cur/, new/ and tmp/) is one ASCII header line and then
-four columns, every message in UID order (version 2)::
+three columns, every message in UID order (version 3)::
 
-    popbox-maildir-index 2 uidvalidity=65f0a1b2 next=4 count=2 octets=9146 cur_mtime=0
-        in_new=0 paths=97 uidls=40 crc=1c2b3a4d     (one line in the file)
+    popbox-maildir-index 3 uidvalidity=65f0a1b2 next=4 count=2 octets=9146 cur_mtime=0
+        in_new=0 paths=97 crc=1c2b3a4d     (one line in the file)
     UIDs       count x 8 octets, unsigned little-endian
     sizes      count x 8 octets, unsigned little-endian (wire sizes)
     paths      DIR/FILENAME of each message, UTF-8 (surrogateescape), joined by LF
-    UIDLs      the lines of the full UIDL listing, ``1 UIDL\\r\\n2 UIDL\\r\\n``...
-               (popbox.proto.server.render_listing), ASCII
 
 so that a process that has never seen the maildrop loads 100,000 messages with a few
-C-level operations (``array.frombytes``, a checksum) and sends the UIDL listing as it
-was stored: no per-message object is made until something changes, paths are split
-when a message is first read and UIDL strings made when one is first asked for
-(docs/performance.md). ``crc`` is the CRC-32 of everything after the header line.
-Version 1 (one text line per message, ``UID WIRE_SIZE DIR/FILENAME``) is read once
-and rewritten as version 2, keeping every UID, the UIDVALIDITY and ``next``.
+C-level operations (``array.frombytes``, a checksum): no per-message object is made
+until something changes, paths are split when a message is first read and UIDL
+strings made when one is first asked for (docs/performance.md). ``crc`` is the
+CRC-32 of everything after the header line. The UIDL listing is not stored: the
+protocol core renders it once per index version and keeps it with the snapshot.
+
+Older formats are read once and rewritten in this one at the next login, keeping
+every UID, the UIDVALIDITY and ``next`` (so every UIDL): version 2 is version 3 with
+a fourth column, the rendered UIDL listing (``uidls=`` in the header gives its
+length), which is checked for length and skipped; version 1 is one text line per
+message, ``UID WIRE_SIZE DIR/FILENAME``.
 
 A message's key (what survives flag renames and new/ -> cur/ moves) is the file name
 up to the first ``:``. ``next`` is the next UID to hand out; it only grows, so a UIDL
@@ -75,16 +78,16 @@ INDEX_TMP_NAME: Final = "popbox-index.tmp"
 # The first token of the header; a file that does not start with it is not ours.
 INDEX_MAGIC: Final = "popbox-maildir-index"
 # Bumped when the format changes; an unknown version is rebuilt, not guessed at.
-INDEX_VERSION: Final = "2"
-# The text format before it, one line per message: read, then rewritten as version 2
-# (its UIDs must survive; rebuilding it would change every UIDL once).
+INDEX_VERSION: Final = "3"
+# The formats before it, read and then rewritten as the current version (their UIDs
+# must survive; rebuilding would change every UIDL once): the columns with the
+# rendered UIDL listing as a fourth, and the text format, one line per message.
+INDEX_VERSION_LISTING: Final = "2"
 INDEX_VERSION_TEXT: Final = "1"
 # UIDs and sizes are stored as unsigned 64-bit little-endian words.
 _WORD_TYPE: Final = "Q"
 _WORD: Final = 8
 _SWAP: Final = sys.byteorder != "little"
-# UIDs below this format as exactly 8 hex digits in a UIDL.
-_UID_8_DIGITS: Final = 1 << 32
 # A header line is short; reading at most this much keeps a garbage file from costing
 # memory when only the header is wanted (quota checks).
 MAX_HEADER_LINE: Final = 4096
@@ -94,18 +97,22 @@ _ENCODING: Final = "utf-8"
 _ERRORS: Final = "surrogateescape"
 
 
-def _format_header(header: IndexHeader, paths: int, uidls: int, crc: int) -> str:
+def _format_header(header: IndexHeader, paths: int, crc: int) -> str:
     return (
         f"{INDEX_MAGIC} {INDEX_VERSION} uidvalidity={header.uidvalidity:x}"
         f" next={header.next_uid} count={header.count} octets={header.octets}"
         f" cur_mtime={header.cur_mtime} in_new={header.in_new}"
-        f" paths={paths} uidls={uidls} crc={crc:08x}\n"
+        f" paths={paths} crc={crc:08x}\n"
     )
 
 
 _HEADER_FIELDS: Final = ("uidvalidity", "next", "count", "octets", "cur_mtime", "in_new")
-# Fields only version 2 has: the lengths of its text columns and its checksum.
-_COLUMN_FIELDS: Final = ("paths", "uidls", "crc")
+# Fields only the column formats have: the lengths of their text columns, a checksum.
+_COLUMN_FIELDS: Final = {
+    INDEX_VERSION: ("paths", "crc"),
+    INDEX_VERSION_LISTING: ("paths", "uidls", "crc"),
+    INDEX_VERSION_TEXT: (),
+}
 _HEX_FIELDS: Final = frozenset({"uidvalidity", "crc"})
 
 
@@ -123,9 +130,9 @@ def _parse_header(line: str) -> tuple[IndexHeader, str, dict[str, int]]:
             raise CorruptIndex(f"bad header field {token!r}") from None
     uidvalidity = values.get("uidvalidity")
     version = tokens[1]
-    if version not in (INDEX_VERSION, INDEX_VERSION_TEXT):
+    if version not in _COLUMN_FIELDS:
         raise CorruptIndex(f"unknown index version {version!r}", uidvalidity)
-    wanted = _HEADER_FIELDS + (_COLUMN_FIELDS if version == INDEX_VERSION else ())
+    wanted = _HEADER_FIELDS + _COLUMN_FIELDS[version]
     missing = [name for name in wanted if name not in values]
     if missing or any(values[name] < 0 for name in wanted):
         raise CorruptIndex(f"bad header {line.strip()!r}", uidvalidity)
@@ -161,8 +168,9 @@ def read_index(maildir: Path) -> MaildirIndex | None:
 
     Damage means anything that breaks the invariants this module writes: a checksum
     or header that disagrees with the columns, a UID out of order or not below
-    ``next``, a path outside cur/ and new/. A version-1 file is read as it always was
-    and comes back with ``outdated_format`` set, for the caller to write it anew.
+    ``next``, a path outside cur/ and new/. A file in an older format is read as it
+    always was and comes back with ``outdated_format`` set, for the caller to write it
+    anew.
     """
     try:
         data = (maildir / INDEX_NAME).read_bytes()
@@ -173,28 +181,24 @@ def read_index(maildir: Path) -> MaildirIndex | None:
     header, version, values = _parse_header(header_line.decode("ascii", "replace"))
     if version == INDEX_VERSION_TEXT:
         index = _read_text_lines(header, data[end + 1 :].decode(_ENCODING, _ERRORS))
-        index.outdated_format = True
-        return index
-    return _read_columns(header, values, memoryview(data)[end + 1 :])
-
-
-def _listing_length(count: int, uidl_length: int) -> int:
-    """Octets of ``n UIDL\\r\\n`` for n = 1..count, every UIDL ``uidl_length`` long."""
-    total = count * (uidl_length + 3)  # " ", CR, LF
-    digits, low = 1, 1
-    while low <= count:
-        total += digits * (min(count, low * 10 - 1) - low + 1)
-        digits, low = digits + 1, low * 10
-    return total
+    else:
+        index = _read_columns(header, values, memoryview(data)[end + 1 :])
+    index.outdated_format = version != INDEX_VERSION
+    return index
 
 
 def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview) -> MaildirIndex:
-    """Version 2: the columns, checked in C-level passes (no per-message Python)."""
+    """Versions 3 and 2: the columns, checked in C-level passes (no per-message Python).
+
+    Version 2's fourth column, the UIDL listing it stored, is derived data: its lines
+    are counted and it is dropped (the UIDLs come from the UIDs, as they always did).
+    """
     uidvalidity = header.uidvalidity
     count = header.count
     numbers = count * _WORD
     paths_end = 2 * numbers + values["paths"]
-    if len(body) != paths_end + values["uidls"] or zlib.crc32(body) != values["crc"]:
+    listing_length = values.get("uidls", 0)
+    if len(body) != paths_end + listing_length or zlib.crc32(body) != values["crc"]:
         raise CorruptIndex("the columns do not match the header's checksum", uidvalidity)
     uids = array(_WORD_TYPE)
     uids.frombytes(body[:numbers])
@@ -204,7 +208,6 @@ def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview)
         uids.byteswap()
         sizes.byteswap()
     paths = body[2 * numbers : paths_end].tobytes()
-    listing = body[paths_end:].tobytes()
     # A name holds no "/" and no LF, so these count path starts: every path is in
     # cur/ or new/. Names themselves (no dotfiles, no line breaks) are the writer's
     # to keep right, as it takes them from scan_messages; the CRC covers damage.
@@ -212,7 +215,7 @@ def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview)
     in_new = paths.count(b"\nnew/") + paths.startswith(b"new/")
     in_cur = paths.count(b"\ncur/") + paths.startswith(b"cur/")
     if (
-        listing.count(b"\r\n") != count
+        ("uidls" in values and body[paths_end:].tobytes().count(b"\r\n") != count)
         or paths.count(b"\n") != max(count - 1, 0)
         or in_new + in_cur != count
         or in_new != header.in_new
@@ -226,21 +229,6 @@ def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview)
         raise CorruptIndex("UIDs out of order or not below next", uidvalidity)
     if sum(sizes) != header.octets:
         raise CorruptIndex("header totals disagree with the columns", uidvalidity)
-    # The listing is derived data: it must agree with the UIDs, or a client would see
-    # a UIDL that the next rewrite changes. The checksum guards against damage, so
-    # C-level checks suffice: every line carries this UIDVALIDITY, the whole is as
-    # long as n + UIDL lines are (8 hex digits per UID below 2**32), and the first
-    # and last lines match their UIDs.
-    prefix = f"{uidvalidity:08x}"
-    last = f"{count} {prefix}{uids[-1]:08x}\r\n".encode("ascii") if count else b""
-    if count and (
-        not listing.startswith(f"1 {prefix}{uids[0]:08x}\r\n".encode("ascii"))
-        or not listing.endswith(last)
-        or (len(listing) > len(last) and listing[-len(last) - 1] != ord("\n"))
-        or listing.count(prefix.encode("ascii")) < count
-        or (uids[-1] < _UID_8_DIGITS and len(listing) != _listing_length(count, len(prefix) + 8))
-    ):
-        raise CorruptIndex("the UIDL listing disagrees with the UIDs", uidvalidity)
     index = MaildirIndex(
         uidvalidity,
         header.next_uid,
@@ -251,8 +239,7 @@ def _read_columns(header: IndexHeader, values: dict[str, int], body: memoryview)
         uids,
         sizes.tolist(),
         DeferredColumn(count, lambda: _split_paths(paths), paths),
-        DeferredColumn(count, lambda: index.uidls_of(uids)),
-        listing,
+        index.uidl_column(uids),
     )
     index.take_columns(columns)
     return index
@@ -338,9 +325,8 @@ def write_index(
         paths = columns.paths.source  # unchanged since read: as it was
     else:
         paths = "\n".join(columns.paths).encode(_ENCODING, _ERRORS)
-    uidls = columns.uidl_listing
-    body = b"".join((_packed(columns.uids), _packed(columns.sizes), paths, uidls))
-    head = _format_header(header, len(paths), len(uidls), zlib.crc32(body)).encode("ascii")
+    body = b"".join((_packed(columns.uids), _packed(columns.sizes), paths))
+    head = _format_header(header, len(paths), zlib.crc32(body)).encode("ascii")
     tmp_path = maildir / INDEX_TMP_NAME
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Final
 
 from popbox.fileio import fsync_dir, write_all
-from popbox.proto.wire import CrlfNormaliser
-from popbox.store.index import WireSizeCounter
 from popbox.store.maildir_errors import os_errors
+from popbox.wireform import CrlfNormaliser, WireSizeCounter
 
 __all__ = ["MaildirDelivery", "link_no_clobber"]
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 
 from popbox.errors import MaildropInUse, StoreError
-from popbox.proto.wire import wire_size
 from popbox.store.base import MessageInfo, Usage, WireReadyFile
+from popbox.wireform import wire_size
 
 __all__ = ["MemoryMaildrop", "MemoryStore"]
 

@@ -1,0 +1,73 @@
+"""A reference model of the wire form (RFC 1939 sections 3 and 11), written to be
+obviously right rather than fast: what the tests compare every RETR and TOP path with.
+
+A stored message's lines end in LF or CRLF (a bare CR is no line end). On the wire
+every line ends in CRLF, a message that lacks a final line end gets one, a line that
+starts with ``.`` gets one more, and a ``.`` line ends the reply.
+"""
+
+from __future__ import annotations
+
+import re
+
+TERMINATOR = b".\r\n"
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at each of ``cuts`` (taken modulo its length + 1), empty pieces kept."""
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    pieces, start = [], 0
+    for point in points:
+        pieces.append(data[start:point])
+        start = point
+    pieces.append(data[start:])
+    return pieces
+
+
+def normalise(data: bytes) -> bytes:
+    """Every line end CRLF, a final CRLF unless empty: the content RETR sends."""
+    if not data:
+        return b""
+    lines = re.split(b"\r?\n", data)
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def stuff(content: bytes) -> bytes:
+    """CRLF-normalised content with a ``.`` before every line that starts with one."""
+    return b"".join(
+        (b"." + line if line.startswith(b".") else line) + b"\r\n"
+        for line in content.split(b"\r\n")[:-1]
+    )
+
+
+def top_content(data: bytes, body_lines: int) -> bytes:
+    """What ``TOP n body_lines`` sends before stuffing: headers, blank line, n lines."""
+    lines = normalise(data).split(b"\r\n")[:-1]
+    if b"" not in lines:
+        kept = lines
+    else:
+        blank = lines.index(b"")
+        kept = lines[: blank + 1 + body_lines]
+    return b"".join(line + b"\r\n" for line in kept)
+
+
+def retr_wire(stored: bytes) -> bytes:
+    """The body of RETR's reply for ``stored``, terminator included."""
+    return stuff(normalise(stored)) + TERMINATOR
+
+
+def top_wire(stored: bytes, body_lines: int) -> bytes:
+    """The body of TOP's reply for ``stored``, terminator included."""
+    return stuff(top_content(stored, body_lines)) + TERMINATOR
+
+
+def dotted_after_lf(data: bytes, at_line_start: bool = True) -> bytes:
+    """``data`` with a ``.`` added before each ``.`` that follows an LF (or opens it,
+    when ``at_line_start``), whatever else the bytes hold: dot-stuffing alone."""
+    lines = re.split(b"(?<=\n)", data)
+    out = [b"." + line if line.startswith(b".") else line for line in lines]
+    if not at_line_start and lines[0].startswith(b"."):
+        out[0] = lines[0]
+    return b"".join(out)
