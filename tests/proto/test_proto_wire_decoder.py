@@ -143,7 +143,8 @@ def test_waiting_for_more_returns_nothing() -> None:
 
 
 def test_a_body_that_turns_dot_dense_midway() -> None:
-    # Sparse first (each dot visited), then dense (the scan takes over for the rest).
+    # Sparse first (each dot visited), then dense (the scan takes over), read in pieces
+    # that hold one or the other or both.
     lines = [b"x" * 500, b".a", b"x" * 500] + [b".", b"a.b.c.d.e.f", b".."] * 200
     body = b"".join(line + b"\r\n" for line in lines)
     wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)

@@ -270,20 +270,19 @@ class WireDecoder:
     pieces handed in one by one and keeps what follows the terminator in ``leftover``.
     """
 
-    __slots__ = ("_at_line_start", "_dense", "_finished", "_pending")
+    __slots__ = ("_at_line_start", "_finished", "_pending")
 
     # The walk over the dots gives way to the scan once it has met more than one dot
     # in 64 octets (plus this slack): past that, a dot costs more in Python than the
-    # scan's C-level search and split cost per octet.
+    # scan's C-level search and split cost per octet. The choice is made for each call,
+    # not for the whole body: dot-dense headers do not cost an attachment the walk.
     _WALK_SHIFT: Final = 6
-    _WALK_SLACK: Final = 16
+    _WALK_SLACK: Final = 8
     # Octets are compared as ints: 0x2E ".", 0x0A LF, 0x0D CR.
 
     def __init__(self) -> None:
         # Starts True: the first line of the body starts right after the status line.
         self._at_line_start = True
-        # This body turned out dot-dense: the rest of it goes through _scan.
-        self._dense = False
         self._finished = False
         # What ``decode`` was given and has not decoded (after the end: the leftover).
         self._pending = bytearray()
@@ -322,8 +321,6 @@ class WireDecoder:
             if b".\r\n".startswith(head):
                 return b""
             start = 1  # the stuffed dot of this line
-        if self._dense:
-            return self._scan(received, start)
         return self._walk(received, start)
 
     def _walk(self, received: bytearray, start: int) -> bytes:
@@ -340,7 +337,6 @@ class WireDecoder:
         while dot >= 0:
             visited += 1
             if visited > ((dot - start) >> shift) + slack:
-                self._dense = True
                 return self._scan(received, start)
             if received[dot - 1] == 0x0A:
                 after = dot + 1
