@@ -167,7 +167,7 @@ async def test_changing_uidls_fall_back_to_headers_without_redelivery(
 async def test_apop_sends_the_rfc1939_digest(
     fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from popbox.proto.client import apop_digest
+    from popbox.proto.sasl import apop_digest
 
     result = await poll(settings_for(fake, tmp_path, monkeypatch, auth_mechanism="apop"))
     assert result.ok, result.error

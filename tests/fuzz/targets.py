@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from popbox.errors import RemoteServerError
+from popbox.errors import ProtocolError
 from popbox.proto.client import NEED_DATA as CLIENT_NEED_DATA
 from popbox.proto.client import ClientConnection
 from popbox.proto.commands import BadCommand, Command, parse_command
@@ -101,7 +101,7 @@ _CLIENT_COMMANDS: list[Callable[[ClientConnection], bytes]] = [
 
 
 def fuzz_client(data: bytes) -> None:
-    """The collector's parser: any server bytes end in an event or RemoteServerError."""
+    """The collector's parser: any server bytes end in an event or ProtocolError."""
     if not data:
         return
     command = _CLIENT_COMMANDS[data[0] % len(_CLIENT_COMMANDS)]
@@ -118,7 +118,7 @@ def fuzz_client(data: bytes) -> None:
                 raise AssertionError("the client parser never asked for more data")
         conn.receive_data(b"")
         conn.next_event()
-    except RemoteServerError:
+    except ProtocolError:
         pass  # the documented refusal of a misbehaving server
 
 

@@ -186,3 +186,60 @@ def test_lines_come_out_whole_and_in_order_wherever_the_feeds_split(
             got.append(line)
     assert got == expected
     assert reader.buffered == 0
+
+
+# -- a shared buffer (the client: reply lines, then a body read raw from the same bytes)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.sampled_from([b"+OK", b"", b"x" * 40, b"a\rb", b"\rx", b".", b"y" * 62]),
+        max_size=20,
+    ),
+    st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=1),
+    st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+)
+def test_shared_buffer_gives_the_same_lines_one_at_a_time(
+    lines: list[bytes], ends: list[bytes], cuts: list[int]
+) -> None:
+    limit = 64
+    stream = b"".join(line + ends[i % len(ends)] for i, line in enumerate(lines))
+    points = [*sorted({cut % (len(stream) + 1) for cut in cuts}), len(stream)]
+    batch, shared, received = LineReader(limit), [], bytearray()
+    reader = LineReader(limit, shared=received)
+    expected, start = [], 0
+    for point in points:
+        batch.feed(stream[start:point])
+        reader.feed(stream[start:point])
+        start = point
+        while (line := batch.read_line(limit)) is not None:
+            expected.append(line)
+        while (line := reader.read_line(limit)) is not None:
+            shared.append(line)
+            # Only the line left the buffer: the rest is as received.
+            assert stream[:start].endswith(bytes(received))
+    assert LINE_TOO_LONG not in expected
+    assert shared == expected
+    assert received == b""
+
+
+def test_shared_buffer_keeps_what_follows_a_line_as_received() -> None:
+    received = bytearray()
+    reader = LineReader(64, shared=received)
+    body = b"line one\r\n" + b"x" * 5000  # no line end within any limit: not a line
+    reader.feed(b"+OK\r\n" + body)
+    assert reader.read_line(64) == b"+OK"
+    assert received == body  # kept whole, though longer than the hard limit
+    assert reader.buffered == len(body)
+
+
+def test_shared_buffer_reports_too_long_and_leaves_the_line() -> None:
+    received = bytearray()
+    reader = LineReader(64, shared=received)
+    reader.feed(b"a" * 63)
+    assert reader.read_line(64) is None  # 63 octets: the LF may still make it 64
+    reader.feed(b"a")
+    assert reader.read_line(64) is LINE_TOO_LONG
+    assert reader.read_line(64) is LINE_TOO_LONG  # the caller ends the session
+    assert len(received) == 64

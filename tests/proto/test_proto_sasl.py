@@ -1,4 +1,5 @@
-"""SASL mechanisms as pure state machines, and strict base64 (RFC 4616, 5034)."""
+"""SASL for both sides: the server's mechanisms as pure state machines, strict base64
+(RFC 4616, 5034), the client's responses and the APOP digest (RFC 1939)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ from popbox.proto.sasl import (
     LoginMechanism,
     PlainMechanism,
     SaslFailure,
+    apop_digest,
+    decode_challenge,
     decode_response,
+    login_responses,
     new_mechanism,
+    oauthbearer_response,
+    plain_response,
+    xoauth2_response,
 )
 
 
@@ -92,3 +99,59 @@ def test_mechanisms_never_raise(data: bytes) -> None:
             step = mechanism.respond(data)
         assert isinstance(step, Credentials | SaslFailure)
     assert decode_response(data) is None or isinstance(decode_response(data), bytes)
+
+
+# -- the client's side
+
+
+def test_apop_digest_matches_rfc1939_example() -> None:
+    assert (
+        apop_digest("<1896.697170952@dbc.mtview.ca.us>", "tanstaaf")
+        == "c4c9334bac560ecc979e58001b3e22fb"
+    )
+
+
+def test_oauthbearer_gs2_header() -> None:
+    assert oauthbearer_response("a,b=c", "TOK") == b"n,a=a=2Cb=3Dc,\x01auth=Bearer TOK\x01\x01"
+    assert (
+        oauthbearer_response("u", "T", "mail.example", 995)
+        == b"n,a=u,\x01host=mail.example\x01port=995\x01auth=Bearer T\x01\x01"
+    )
+
+
+def test_xoauth2_response() -> None:
+    assert xoauth2_response("u@example.com", "T") == b"user=u@example.com\x01auth=Bearer T\x01\x01"
+
+
+# Names and passwords as accounts hold them: any printable text, 8-bit included.
+CREDENTIAL = st.text(
+    st.characters(min_codepoint=0x20, blacklist_categories=["Cc", "Cs"]), min_size=1
+)
+
+
+@settings(max_examples=100)
+@given(CREDENTIAL, CREDENTIAL)
+def test_client_plain_and_login_answer_the_server_mechanisms(username: str, password: str) -> None:
+    # What the collector sends is what popbox's own server takes apart.
+    assert PlainMechanism().start(plain_response(username, password)) == Credentials(
+        username, password
+    )
+    login = LoginMechanism()
+    first, second = login_responses(username, password)
+    assert login.start(None) == Challenge(b"Username:")
+    assert login.respond(first) == Challenge(b"Password:")
+    assert login.respond(second) == Credentials(username, password)
+
+
+@pytest.mark.parametrize(
+    ("text", "data"),
+    [
+        ("", b""),
+        ("VXNlcm5hbWU6", b"Username:"),
+        ("eyJzdGF0dXMiOiI0MDEifQ==", b'{"status":"401"}'),
+        ("not base64!", None),
+        ("YQ", None),
+    ],
+)
+def test_decode_challenge(text: str, data: bytes | None) -> None:
+    assert decode_challenge(text) == data

@@ -6,7 +6,8 @@ does not offer STLS, refuses it or fails the handshake ends the session, never a
 plaintext fallback; passwords never cross an unencrypted connection unless the account
 says ``allow_plaintext_password``. Every read has a timeout. With PIPELINING, UIDL and
 LIST go out together, several RETRs stay in flight and DELEs go out as one batch.
-Bodies are written to a spool file as they arrive, hashed on the way.
+Bodies are written to a spool file as they arrive, hashed on the way. The protocol
+core's errors become the collector's in one place, ``_collector_errors``.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ import os
 import ssl
 import tempfile
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, ParamSpec
 
 from popbox.collector.auth import TokenProvider
 from popbox.collector.config import AccountSettings
-from popbox.errors import CollectorError, RemoteServerError
+from popbox.errors import CollectorError, ProtocolError, RemoteServerError
 from popbox.proto.client import (
-    NEED_DATA,
     Capabilities,
     ClientConnection,
     ConnectionClosed,
@@ -37,10 +37,13 @@ from popbox.proto.client import (
     Greeting,
     MessageData,
     MessageEnd,
+    NeedData,
     OkReply,
     ScanListing,
     StatReply,
     UidListing,
+)
+from popbox.proto.sasl import (
     apop_digest,
     login_responses,
     oauthbearer_response,
@@ -59,6 +62,24 @@ MAX_HEADER_BYTES: Final = 256 * 1024
 # A body may exceed its LIST size a little (servers that count LF, not CRLF); twice
 # the size plus 1 MiB still stops a server that streams without end.
 SIZE_SLACK: Final = 1024 * 1024
+
+_Args = ParamSpec("_Args")
+
+
+@contextlib.contextmanager
+def _collector_errors() -> Iterator[None]:
+    """Where the protocol core's errors become the collector's: the one place.
+
+    A server that broke the protocol or one of its bounds is a RemoteServerError like
+    any other misbehaving server; an argument the core refuses to send (a line break in
+    a username or password would smuggle a second command) is the account's error.
+    """
+    try:
+        yield
+    except ProtocolError as exc:
+        raise RemoteServerError(str(exc)) from exc
+    except ValueError as exc:
+        raise CollectorError(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +210,8 @@ class Pop3Session:
         event = await self._event()
         if not isinstance(event, OkReply):
             raise RemoteServerError("server refused STLS; not falling back to plaintext")
-        self._conn.start_tls()
+        with _collector_errors():
+            self._conn.start_tls()
         try:
             await asyncio.wait_for(
                 self._writer.start_tls(context, server_hostname=server_name),
@@ -209,9 +231,9 @@ class Pop3Session:
 
     async def _event(self) -> Event:
         while True:
-            event = self._conn.next_event()
-            if event is not NEED_DATA:
-                assert not isinstance(event, type(NEED_DATA))
+            with _collector_errors():
+                event = self._conn.next_event()
+            if not isinstance(event, NeedData):
                 if isinstance(event, ConnectionClosed):
                     raise RemoteServerError("server closed the connection")
                 return event
@@ -224,7 +246,12 @@ class Pop3Session:
                 raise RemoteServerError(f"connection lost: {exc}") from exc
             self._conn.receive_data(data)
 
-    async def _simple(self, data: bytes) -> OkReply:
+    async def _simple(
+        self, command: Callable[_Args, bytes], *args: _Args.args, **kwargs: _Args.kwargs
+    ) -> OkReply:
+        """Send ``command(*args)`` of the connection, then expect ``+OK``."""
+        with _collector_errors():
+            data = command(*args, **kwargs)
         self._send(data)
         event = await self._event()
         if isinstance(event, ErrReply):
@@ -254,12 +281,11 @@ class Pop3Session:
         if mechanism == "apop":
             if self.greeting is None or self.greeting.apop_timestamp is None:
                 raise RemoteServerError("APOP asked for but the greeting has no timestamp")
-            await self._simple(
-                self._conn.apop(username, apop_digest(self.greeting.apop_timestamp, password))
-            )
+            digest = apop_digest(self.greeting.apop_timestamp, password)
+            await self._simple(self._conn.apop, username, digest)
         elif mechanism == "user":
-            await self._simple(self._conn.user(username))
-            await self._simple(self._conn.pass_(password))
+            await self._simple(self._conn.user, username)
+            await self._simple(self._conn.pass_, password)
         elif mechanism == "plain":
             await self._sasl("PLAIN", [plain_response(username, password)], inline_ok=True)
         else:
@@ -486,7 +512,7 @@ class Pop3Session:
     async def quit(self) -> None:
         """QUIT; the server commits deletions before its +OK (RFC 1939 UPDATE state)."""
         await self.finish_pending()
-        await self._simple(self._conn.quit())
+        await self._simple(self._conn.quit)
         await self.close()
 
     async def close(self) -> None:

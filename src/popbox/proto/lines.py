@@ -1,9 +1,10 @@
-"""CRLF line framing for the server's input, with line-length limits that never buffer.
+"""CRLF line framing for both sides' input, with line-length limits.
 
-A line ends at LF; a CR before it is dropped (RFC 1939 wants CRLF, but bare-LF clients
-exist and accepting them costs nothing). A line longer than its limit is reported once
-as ``LINE_TOO_LONG`` and the rest of it is dropped as it arrives, so a hostile client
-sending a 1 MiB line never makes us hold more than the limit plus one received chunk.
+A line ends at LF; a CR before it is dropped (RFC 1939 wants CRLF, but bare-LF peers
+exist and accepting them costs nothing). On the server a line longer than its limit is
+reported once as ``LINE_TOO_LONG`` and the rest of it is dropped as it arrives, so a
+hostile client sending a 1 MiB line never makes us hold more than the limit plus one
+received chunk. The client shares its buffer with the body decoder (see ``LineReader``).
 """
 
 from __future__ import annotations
@@ -40,13 +41,20 @@ class LineReader:
 
     ``hard_limit`` must be at least every ``limit`` later passed to ``read_line``: it
     bounds what ``feed`` keeps of a partial line before anyone has asked for it.
+
+    With a ``shared`` buffer the lines may be followed by bytes that are not lines and
+    that another reader takes from the front of the same buffer (the client: a RETR
+    body after its status line, for a ``WireDecoder``). Then ``feed`` keeps every byte,
+    ``read_line`` takes one line at a time and leaves what follows it as received, and
+    a LINE_TOO_LONG is left where it is: the caller ends the session over it.
     """
 
-    def __init__(self, hard_limit: int) -> None:
+    def __init__(self, hard_limit: int, *, shared: bytearray | None = None) -> None:
         if hard_limit < 2:
             raise ValueError("a line limit must leave room for CRLF")
         self._hard_limit = hard_limit
-        self._buffer = bytearray()
+        self._shared = shared is not None
+        self._buffer = bytearray() if shared is None else shared
         # True while the bytes arriving belong to a line already known to be too long;
         # they are dropped up to and including its LF.
         self._discarding = False
@@ -57,11 +65,15 @@ class LineReader:
 
     @property
     def buffered(self) -> int:
-        """Octets held right now (for tests that prove the bound)."""
+        """Octets received and not read yet (the bound tests check it; the client must
+        hold none when TLS starts)."""
         return len(self._buffer) + sum(len(line) + 1 + self._crlf for line in self._ready)
 
     def feed(self, data: bytes) -> None:
         """Append received bytes, dropping what belongs to an over-long line."""
+        if self._shared:
+            self._buffer += data
+            return
         if self._discarding:
             end = data.find(b"\n")
             if end < 0:
@@ -88,6 +100,8 @@ class LineReader:
         """
         if limit > self._hard_limit:
             raise ValueError(f"limit {limit} exceeds the reader's hard limit")
+        if self._shared:
+            return self._take_line(limit)
         ready = self._ready
         if not ready and not self._split():
             buffer = self._buffer
@@ -104,6 +118,20 @@ class LineReader:
         if not crlf and line.endswith(b"\r"):
             return line[:-1]
         return line
+
+    def _take_line(self, limit: int) -> bytes | LineTooLongMarker | None:
+        """``read_line`` for a shared buffer: only the next line leaves it.
+
+        The same rule as the split below: a line and its ending fit in ``limit``.
+        """
+        buffer = self._buffer
+        end = buffer.find(b"\n", 0, limit)
+        if end < 0:
+            return LINE_TOO_LONG if len(buffer) >= limit else None
+        line = bytes(buffer[:end])
+        # CPython drops the head of a bytearray by moving its start, not the rest.
+        del buffer[: end + 1]
+        return line[:-1] if line.endswith(b"\r") else line
 
     def _split(self) -> bool:
         """Move every complete line out of the buffer; False if there is none.

@@ -1,13 +1,17 @@
-"""Server-side SASL mechanisms (RFC 4616 PLAIN, the LOGIN draft) and the APOP digest.
+"""SASL for both sides (RFC 4616 PLAIN, the LOGIN draft, OAuth2 bearers) and APOP.
 
-Each mechanism is a small pure state machine: it is started with the client's initial
-response (or None), answers each client response with the next step, and ends in
-``Credentials`` or ``SaslFailure``. Base64 framing (RFC 5034 section 4) is decoded here
-too, strictly: anything that is not canonical base64 is a failure, never an exception.
+Server side: each mechanism is a small pure state machine: it is started with the
+client's initial response (or None), answers each client response with the next step,
+and ends in ``Credentials`` or ``SaslFailure``. Base64 framing (RFC 5034 section 4) is
+decoded here too, strictly: anything that is not canonical base64 is a failure, never an
+exception. Client side: the collector's responses (PLAIN, LOGIN, XOAUTH2, OAUTHBEARER)
+and the decoding of the server's challenges, pure functions of their inputs. The APOP
+digest serves both.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 from dataclasses import dataclass, field
@@ -23,8 +27,13 @@ __all__ = [
     "SaslFailure",
     "SaslStep",
     "apop_digest",
+    "decode_challenge",
     "decode_response",
+    "login_responses",
     "new_mechanism",
+    "oauthbearer_response",
+    "plain_response",
+    "xoauth2_response",
 ]
 
 # The LOGIN draft (draft-murchison-sasl-login) prompts, as every client expects them:
@@ -170,3 +179,44 @@ def apop_digest(timestamp: str, secret: str) -> str:
     """
     data = (timestamp + secret).encode("utf-8")
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+# ---------------------------------------------------------------------------- client
+
+
+def decode_challenge(text: str) -> bytes | None:
+    """A server's challenge (the text after ``+``, stripped), or None if not base64."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def plain_response(username: str, password: str, authzid: str = "") -> bytes:
+    """RFC 4616: ``authzid NUL authcid NUL passwd``."""
+    return b"\0".join(part.encode("utf-8") for part in (authzid, username, password))
+
+
+def login_responses(username: str, password: str) -> tuple[bytes, bytes]:
+    """The LOGIN mechanism's two answers (to "Username:" and "Password:")."""
+    return username.encode("utf-8"), password.encode("utf-8")
+
+
+def xoauth2_response(username: str, token: str) -> bytes:
+    """Google/Microsoft XOAUTH2: ``user=U ^A auth=Bearer T ^A ^A``."""
+    return f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def oauthbearer_response(
+    username: str, token: str, host: str | None = None, port: int | None = None
+) -> bytes:
+    """RFC 7628 OAUTHBEARER: a GS2 header naming the user, then key=value pairs."""
+    # RFC 5801 section 4: "," and "=" in the authzid are escaped as =2C and =3D.
+    authzid = username.replace("=", "=3D").replace(",", "=2C")
+    parts = [f"n,a={authzid},"]
+    if host is not None:
+        parts.append(f"host={host}")
+    if port is not None:
+        parts.append(f"port={port}")
+    parts.append(f"auth=Bearer {token}")
+    return ("\x01".join(parts) + "\x01\x01").encode()
