@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -47,7 +46,7 @@ from popbox.errors import (
     RemoteServerError,
     SinkError,
 )
-from popbox.fileio import write_all
+from popbox.fileio import FileLock, write_all
 from popbox.proto.client import ErrReply, UidListing
 
 __all__ = ["PollObserver", "PollResult", "Poller", "header_uid"]
@@ -181,17 +180,19 @@ class Poller:
 
     async def run(self, *, retry_quarantined: bool = False) -> PollResult:
         name = self.account.name
-        lock = _AccountLock(self.settings.state_dir / "locks" / f"{name}.lock")
-        if not lock.acquire():
+        locks = self.settings.state_dir / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        try:
+            # One poll of an account at a time, machine-wide (and within one process).
+            lock = FileLock(locks / f"{name}.lock")
+        except BlockingIOError:
             # A cron run overlapping a daemon: polling the same account twice at once
             # could hand a message to a sink twice, so the later one steps aside.
             self.result.notes.append("skipped: another collector is polling this account")
             log.info("skipped account=%s reason=locked-by-another-collector", name)
             return self.result
-        try:
+        with lock:
             return await self._locked_run(retry_quarantined)
-        finally:
-            lock.release()
 
     async def _locked_run(self, retry_quarantined: bool) -> PollResult:
         name = self.account.name
@@ -751,31 +752,6 @@ class Poller:
             message = FetchedMessage(self.account.name, uid, size, data_hash, path)
             if await self.deliver(message) == "delivered":
                 self.quarantine.remove(self.account.name, uid)
-
-
-class _AccountLock:
-    """An flock on a per-account file: one poll of an account at a time, machine-wide
-    (the lock is per open file, so it also keeps two polls in one process apart)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock
-            self._fd = None
 
 
 def _with_digests(items: list[Downloaded]) -> list[Downloaded]:
