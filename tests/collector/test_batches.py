@@ -17,7 +17,7 @@ import pytest
 
 from popbox.collector.base import BatchSink, FetchedMessage
 from popbox.collector.config import MaildirSinkSettings, load_fetch_settings
-from popbox.collector.poll import BATCH_MAX_MESSAGES, BATCHES_IN_FLIGHT, MEMORY_BODY_MAX
+from popbox.collector.pipeline import BATCH_MAX_MESSAGES, BATCHES_IN_FLIGHT, MEMORY_BODY_MAX
 from popbox.collector.sinks.maildir import MaildirSink
 from popbox.collector.state import StateDB
 from popbox.errors import PermanentSinkError, TemporarySinkError
@@ -121,7 +121,8 @@ def test_kill_between_a_batch_in_new_and_its_state_commit_doubles_nothing(
     settings = load_fetch_settings(config)
     db = StateDB(settings.state_db_path)
     try:
-        delivered = [r for r in db.records("alice").values() if r.delivered_at is not None]
+        records = asyncio.run(db.records("alice"))
+        delivered = [r for r in records.values() if r.delivered_at is not None]
     finally:
         db.close()
     # The batch's files are not recorded; neither may be those of the batch that was
@@ -189,7 +190,7 @@ async def test_a_failed_batch_goes_one_by_one_and_quarantines_only_the_bad_messa
     assert poisoned.deleted == {1, 2, 4, 5}
     db = StateDB(settings.state_db_path)
     try:
-        records = db.records("fake")
+        records = await db.records("fake")
     finally:
         db.close()
     # The batch counted one attempt per message; going one by one did not add another.
@@ -296,18 +297,3 @@ async def test_maildir_batch_skips_keys_it_holds_and_repeats_within_a_batch(
     assert written == sorted(lf(crlf_message(index)) for index in range(6))
     assert list((tmp_path / "md" / "tmp").iterdir()) == []
     assert all(not (spool / f"m{index}").exists() for index in range(0, 6, 2))
-
-
-def test_state_batch_calls_count_once_and_answer_by_uid(tmp_path: Path) -> None:
-    db = StateDB(tmp_path / "state.sqlite")
-    try:
-        assert db.start_attempt("a", "u1", 10) == 1
-        uids = [f"u{n}" for n in range(1, 1203)]  # past one IN list's chunk
-        counts = db.start_attempts("a", [(uid, 10) for uid in uids])
-        assert (counts["u1"], counts["u2"], len(counts)) == (2, 1, len(uids))
-        db.record_sinks("a", [("u1", "maildir:x"), ("u1200", "maildir:x"), ("u3", "other")])
-        db.record_sink("b", "u2", "maildir:x")  # another account's record is not ours
-        done = db.sinks_done_many("a", uids)
-        assert done == {"u1": {"maildir:x"}, "u1200": {"maildir:x"}, "u3": {"other"}}
-    finally:
-        db.close()

@@ -1,9 +1,8 @@
-"""Config validation, the state DB, daemon backoff and the fetch command's exit codes."""
+"""Config validation, daemon backoff and the fetch command's exit codes."""
 
 from __future__ import annotations
 
 import random
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from popbox.collector.cli import EXIT_ACCOUNT_FAILED, EXIT_CONFIG, EXIT_OK, fetc
 from popbox.collector.config import fetch_settings_from_dict, load_fetch_settings
 from popbox.collector.poll import PollResult
 from popbox.collector.scheduler import next_delay
-from popbox.collector.state import StateDB
 from popbox.errors import ConfigError
 from support.fetch import account_entry, write_fetch_config
 
@@ -78,24 +76,6 @@ def test_every_sink_kind_and_oauth_source_validates(tmp_path: Path) -> None:
     assert settings.accounts[0].oauth.effective_scopes() == [
         "https://outlook.office365.com/.default"
     ]
-
-
-def test_state_survives_reopen_and_is_durable(tmp_path: Path) -> None:
-    db = StateDB(tmp_path / "s.sqlite")
-    assert db.start_attempt("a", "u1", 10) == 1
-    db.record_sink("a", "u1", "maildir:x")
-    db.record_delivered("a", "u1", 10, "f" * 64)
-    db.close()
-    raw = sqlite3.connect(tmp_path / "s.sqlite")
-    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    raw.close()
-    again = StateDB(tmp_path / "s.sqlite")
-    record = again.records("a")["u1"]
-    assert record.delivered_at is not None
-    assert again.sinks_done("a", "u1") == {"maildir:x"}
-    [status] = again.status(["a"])
-    assert status.delivered == 1
-    again.close()
 
 
 def test_backoff_grows_and_honours_response_codes(tmp_path: Path) -> None:
@@ -164,31 +144,3 @@ def test_fetch_does_not_load_the_server_settings(tmp_path: Path) -> None:
         [sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=60
     )
     assert run.stdout.split() == [str(EXIT_ACCOUNT_FAILED), "False"], run.stderr
-
-
-async def test_group_commit_shares_transactions_and_waits_for_durability(tmp_path: Path) -> None:
-    import asyncio
-
-    from popbox.collector.state import Delivered, DeliveryRecorder
-
-    db = StateDB(tmp_path / "s.sqlite")
-    batches: list[int] = []
-    original = db.record_delivered_many
-
-    def spy(rows: list[Delivered]) -> None:
-        batches.append(len(rows))
-        original(rows)
-
-    db.record_delivered_many = spy  # type: ignore[method-assign]
-    for index in range(10):
-        db.start_attempt("a", f"u{index}", 1)
-    recorder = DeliveryRecorder(db)
-    await asyncio.gather(
-        *(recorder.record(Delivered("a", f"u{index}", "0" * 64, "sink")) for index in range(10))
-    )
-    assert sum(batches) == 10
-    assert len(batches) < 10
-    records = db.records("a")
-    assert all(records[f"u{index}"].delivered_at is not None for index in range(10))
-    assert db.sinks_done("a", "u3") == {"sink"}
-    db.close()

@@ -83,7 +83,7 @@ def _print_status(db: StateDB, accounts: list[AccountSettings]) -> None:
     table = Table(title="popbox fetch status")
     for column in ("account", "last success", "last error", "delivered", "quarantined", "pending"):
         table.add_column(column)
-    for status in db.status([account.name for account in accounts]):
+    for status in asyncio.run(db.status([account.name for account in accounts])):
         error = "-"
         if status.last_error and (
             status.last_success is None or (status.last_error_at or 0) > status.last_success

@@ -19,7 +19,7 @@ from typing import Final
 
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.poll import Poller, PollObserver, PollResult
-from popbox.collector.state import StateDB
+from popbox.collector.state import CollectorState
 
 __all__ = ["next_delay", "run_daemon", "run_once"]
 
@@ -62,7 +62,7 @@ def next_delay(
 async def run_once(
     settings: FetchSettings,
     accounts: Sequence[AccountSettings],
-    db: StateDB,
+    db: CollectorState,
     *,
     retry_quarantined: bool = False,
     stop: asyncio.Event | None = None,
@@ -103,7 +103,7 @@ async def run_once(
 async def run_daemon(
     settings: FetchSettings,
     accounts: Sequence[AccountSettings],
-    db: StateDB,
+    db: CollectorState,
     *,
     stop: asyncio.Event,
     observer: PollObserver | None = None,
