@@ -158,10 +158,10 @@ class _Job:
 
 async def _open(job: _Job, number: int, context: ssl.SSLContext | None) -> Pop3Client:
     source = f"127.0.0.{job.first_source + number // SESSIONS_PER_SOURCE}"
-    reader, writer = await asyncio.open_connection(
-        job.host, job.port, ssl=context, server_hostname="localhost" if context else None,
-        local_addr=(source, 0), limit=4096)
-    client = Pop3Client(reader, writer)
+    transport, buffer = await asyncio.get_running_loop().create_connection(
+        loadgen._ReceiveBuffer, job.host, job.port, ssl=context,
+        server_hostname="localhost" if context else None, local_addr=(source, 0))
+    client = Pop3Client(transport, buffer)
     try:
         await client.expect_ok()
         await client.login(user_name(number), ds.PASSWORD)
