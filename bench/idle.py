@@ -114,7 +114,7 @@ def prepare(work: Path, sessions: int) -> tuple[Path, Path, Path]:
     root = work / "popbox"
     cert, key = work / "tls" / "cert.pem", work / "tls" / "key.pem"
     from popbox.auth.schemes import DEFAULT_COST, HashCost, hash_password
-    from popbox.net.tls import ensure_self_signed_cert
+    from popbox.net.tls_context import ensure_self_signed_cert
 
     ensure_self_signed_cert(cert, key, "localhost")
     stamp = root / "stamp.json"

@@ -15,7 +15,7 @@ from popbox.collector.poll import Poller
 from popbox.collector.state import StateDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
-from popbox.net.tls import make_server_context
+from popbox.net.tls_context import make_server_context
 from popbox.store.memory import MemoryStore
 
 

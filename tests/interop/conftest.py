@@ -16,7 +16,7 @@ from interop_support import MESSAGES, PASSWORD, USER, InteropServer
 from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LimitSettings, Pop3Settings
 from popbox.net.service import Pop3Service
-from popbox.net.tls import make_server_context
+from popbox.net.tls_context import make_server_context
 from popbox.store.memory import MemoryStore
 
 

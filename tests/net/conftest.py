@@ -16,7 +16,7 @@ from net_support import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, m
 from popbox.auth.base import PassDB
 from popbox.auth.memory import MemoryPassDB
 from popbox.net.service import Pop3Service
-from popbox.net.tls import make_server_context
+from popbox.net.tls_context import make_server_context
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
 
