@@ -14,7 +14,7 @@ import ssl
 import pytest
 from net_support import MESSAGES, Connect, StartServer, unstuff, until_no_sessions, wire
 
-from popbox.net.session import WRITE_HIGH_WATER
+from popbox.net.flow import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
 
 # StreamReader.readuntil() must hold a whole multi-line reply.
@@ -220,9 +220,9 @@ async def test_logout_line_counts_what_happened(
 def _write_buffers(server: object) -> int:
     hub = server.service._hub  # type: ignore[attr-defined]
     return sum(
-        s._transport.get_write_buffer_size()
+        s.transport.get_write_buffer_size()
         for s in hub.sessions
-        if s._transport is not None and not s._transport.is_closing()
+        if s.transport is not None and not s.transport.is_closing()
     )
 
 
