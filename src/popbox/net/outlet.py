@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 from popbox.net.flow import WRITE_HIGH_WATER, WRITE_LOW_WATER, FlowControl
 from popbox.net.watchdog import Watchdog
@@ -60,8 +62,10 @@ class TransportOutlet:
             transport.writelines(data)
             self._watchdog.progress()
 
-    async def drain(self) -> None:
-        await self._flow.drain()
+    def drain(self) -> Coroutine[Any, Any, None]:
+        # The flow control's own coroutine, not one awaiting it: a RETR drains once
+        # per batch, and a second coroutine frame each time would buy nothing.
+        return self._flow.drain()
 
     @property
     def can_send_files(self) -> bool:

@@ -60,6 +60,10 @@ IDLE_REPLY: Final = err("Disconnected for inactivity.")
 TOO_MANY_CONNECTIONS_REPLY: Final = err("too many connections", CODE_SYS_TEMP)
 SHUTDOWN_REPLY: Final = err("Server shutting down.", CODE_SYS_TEMP)
 
+# A tuple, not ``LoginRequest | ApopRequest``: that would build a union object on every
+# event dispatched.
+_LOGIN_EVENTS: Final = (LoginRequest, ApopRequest)
+
 _ids = itertools.count(1)
 # The pid keeps ids unique across worker processes sharing one log; taken once per
 # process rather than by a getpid() syscall per connection.
@@ -95,7 +99,6 @@ class Pop3Session(asyncio.Protocol):
         "_detail",
         "_flow",
         "_hub",
-        "_implicit_tls",
         "_ip",
         "_loop",
         "_outlet",
@@ -117,8 +120,9 @@ class Pop3Session(asyncio.Protocol):
         self._hub = hub
         self._peer = peer
         self._loop = loop = hub.loop
-        self._implicit_tls = implicit_tls
         self._stats = SessionStats(_next_session_id())
+        # An implicit-TLS session starts on the TLS layer; over STLS it is set later.
+        self._stats.tls = implicit_tls
         self._flow = FlowControl(loop)
         self._watchdog = Watchdog(loop)
         self._conn: ServerConnection | None = None
@@ -153,8 +157,7 @@ class Pop3Session(asyncio.Protocol):
         self._peer = None
         self._ip = host
         self._stats.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        tls_active = self._implicit_tls
-        self._stats.tls = tls_active
+        tls_active = self._stats.tls
         if not self._hub.admit(self, host):
             self._write(TOO_MANY_CONNECTIONS_REPLY)
             self._close(EndReason.TOO_MANY_CONNECTIONS)
@@ -273,7 +276,7 @@ class Pop3Session(asyncio.Protocol):
             self._dispatch(conn, event)
 
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
-        if isinstance(event, LoginRequest | ApopRequest):
+        if isinstance(event, _LOGIN_EVENTS):
             self._spawn(self._login(conn, event))
         elif isinstance(event, Retrieve):
             self._spawn(self._retrieve(conn, event))
