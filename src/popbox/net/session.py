@@ -19,9 +19,7 @@ STLS), each through the object that does that one job. Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import ssl
 from collections.abc import Coroutine
 from typing import Any, Final, cast
@@ -30,7 +28,7 @@ from popbox.config import is_loopback
 from popbox.net.broker import Refused
 from popbox.net.flow import FlowControl
 from popbox.net.hub import SessionHub
-from popbox.net.log import EndReason, SessionStats
+from popbox.net.log import EndReason, SessionStats, next_session_id
 from popbox.net.outlet import TransportOutlet
 from popbox.net.starttls import TlsUpgrade
 from popbox.net.transaction import BodyInterrupted, TransactionStage
@@ -63,23 +61,6 @@ SHUTDOWN_REPLY: Final = err("Server shutting down.", CODE_SYS_TEMP)
 # A tuple, not ``LoginRequest | ApopRequest``: that would build a union object on every
 # event dispatched.
 _LOGIN_EVENTS: Final = (LoginRequest, ApopRequest)
-
-_ids = itertools.count(1)
-# The pid keeps ids unique across worker processes sharing one log; taken once per
-# process rather than by a getpid() syscall per connection.
-_id_prefix = f"{os.getpid():x}."
-
-
-def _forked() -> None:
-    global _id_prefix
-    _id_prefix = f"{os.getpid():x}."
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
-def _next_session_id() -> str:
-    return f"{_id_prefix}{next(_ids):x}"
 
 
 class Pop3Session(asyncio.Protocol):
@@ -120,7 +101,7 @@ class Pop3Session(asyncio.Protocol):
         self._hub = hub
         self._peer = peer
         self._loop = loop = hub.loop
-        self._stats = SessionStats(_next_session_id())
+        self._stats = SessionStats(next_session_id())
         # An implicit-TLS session starts on the TLS layer; over STLS it is set later.
         self._stats.tls = implicit_tls
         self._flow = FlowControl(loop)
