@@ -123,7 +123,7 @@ def build(work: Path, sizes: Sizes, scheme: str = "SHA512-CRYPT", log: bool = Tr
         shutil.rmtree(root)
     (root / "manifests").mkdir(parents=True)
     (root / "tls").mkdir()
-    from popbox.net.tls import ensure_self_signed_cert
+    from popbox.net.tls_context import ensure_self_signed_cert
 
     ensure_self_signed_cert(dataset.cert, dataset.key, "localhost")
     # The key must be readable by Dovecot's config reader and popbox alike (both root).

@@ -114,7 +114,7 @@ def prepare(work: Path, sessions: int) -> tuple[Path, Path, Path]:
     root = work / "popbox"
     cert, key = work / "tls" / "cert.pem", work / "tls" / "key.pem"
     from popbox.auth.schemes import DEFAULT_COST, HashCost, hash_password
-    from popbox.net.tls import ensure_self_signed_cert
+    from popbox.net.tls_context import ensure_self_signed_cert
 
     ensure_self_signed_cert(cert, key, "localhost")
     stamp = root / "stamp.json"
@@ -158,10 +158,10 @@ class _Job:
 
 async def _open(job: _Job, number: int, context: ssl.SSLContext | None) -> Pop3Client:
     source = f"127.0.0.{job.first_source + number // SESSIONS_PER_SOURCE}"
-    reader, writer = await asyncio.open_connection(
-        job.host, job.port, ssl=context, server_hostname="localhost" if context else None,
-        local_addr=(source, 0), limit=4096)
-    client = Pop3Client(reader, writer)
+    transport, buffer = await asyncio.get_running_loop().create_connection(
+        loadgen._ReceiveBuffer, job.host, job.port, ssl=context,
+        server_hostname="localhost" if context else None, local_addr=(source, 0))
+    client = Pop3Client(transport, buffer)
     try:
         await client.expect_ok()
         await client.login(user_name(number), ds.PASSWORD)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from popbox.net.tls import make_server_context
+from popbox.net.tls_context import make_server_context
 from support.dovecot import DovecotServer, start_dovecot
 
 

@@ -58,7 +58,7 @@ def prepare_data_dir(config: Config) -> list[str]:
         os.close(fd)
         made.append(f"created an empty user database {passwd}")
     if config.tls.cert is None and config.tls.key is None:
-        from popbox.net.tls import ensure_self_signed_cert
+        from popbox.net.tls_context import ensure_self_signed_cert
 
         if ensure_self_signed_cert(config.tls_cert_path(), config.tls_key_path(), config.hostname):
             made.append(f"generated a self-signed certificate {config.tls_cert_path()}")
@@ -72,7 +72,7 @@ def build_ssl_context(config: Config) -> ssl.SSLContext | None:
         if config.tls.cert is not None or config.tls.key is not None:
             raise ConfigError(f"tls.cert/tls.key: {cert} or {key} does not exist")
         return None
-    from popbox.net.tls import make_server_context
+    from popbox.net.tls_context import make_server_context
 
     try:
         return make_server_context(cert, key, config.tls.min_version)

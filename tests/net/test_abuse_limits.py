@@ -223,4 +223,4 @@ async def test_one_users_credentials_cannot_open_unbounded_sessions(
     await until_no_sessions(server)
     hub = server.service._hub
     assert hub is not None
-    assert hub.per_user == {}
+    assert hub.broker.per_user == {}

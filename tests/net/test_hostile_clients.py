@@ -13,7 +13,7 @@ import ssl
 
 import pytest
 
-from popbox.net.session import WRITE_HIGH_WATER
+from popbox.net.flow import WRITE_HIGH_WATER
 from popbox.net.transaction import WRITE_BATCH
 from support.pop3service import MESSAGES, Connect, StartServer, until_no_sessions
 from support.wire import unstuff, wire
@@ -225,9 +225,9 @@ async def test_logout_line_counts_what_happened(
 def _write_buffers(server: object) -> int:
     hub = server.service._hub  # type: ignore[attr-defined]
     return sum(
-        s._transport.get_write_buffer_size()
+        s.transport.get_write_buffer_size()
         for s in hub.sessions
-        if s._transport is not None and not s._transport.is_closing()
+        if s.transport is not None and not s.transport.is_closing()
     )
 
 

@@ -124,14 +124,14 @@ async def test_shutdown_with_logins_in_flight_does_not_hang(
 def test_session_ids_name_the_worker_process_they_come_from() -> None:
     # Workers are forked from one supervisor; their logout lines share one log, so an
     # id must carry the pid of the process that made it, not its parent's.
-    from popbox.net.session import _next_session_id
+    from popbox.net.log import next_session_id
 
-    assert _next_session_id().startswith(f"{os.getpid():x}.")
+    assert next_session_id().startswith(f"{os.getpid():x}.")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its first id and leave at once
         try:
-            os.write(write_end, _next_session_id().encode())
+            os.write(write_end, next_session_id().encode())
         finally:
             os._exit(0)
     os.close(write_end)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from popbox.auth.memory import MemoryPassDB
-from popbox.net import session as session_module
+from popbox.net import outlet as outlet_module
 from popbox.net import zerocopy
 from popbox.net.service import Pop3Service
 from popbox.proto.wire import WireEncoder
@@ -195,13 +195,13 @@ async def maildir_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitabl
 def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the files the session sent by the zero-copy path (the real function)."""
     calls: list[int] = []
-    real = session_module.send_wire_file
+    real = outlet_module.send_wire_file
 
     async def spy(sock: socket.socket, head: bytes, file: WireReadyFile, *args: Any) -> int:
         calls.append(file.size)
         return await real(sock, head, file, *args)
 
-    monkeypatch.setattr(session_module, "send_wire_file", spy)
+    monkeypatch.setattr(outlet_module, "send_wire_file", spy)
     return calls
 
 
@@ -353,7 +353,7 @@ async def test_out_of_descriptors_for_the_duplicate_falls_back_to_streaming(
         raise OSError(errno.EMFILE, "Too many open files")
 
     # Fault injection: the one dup() the zero-copy path needs fails, as at the fd limit.
-    monkeypatch.setattr(session_module.socket, "fromfd", no_fd)
+    monkeypatch.setattr(outlet_module.socket, "fromfd", no_fd)
     client = await login(service)
     bodies = [await client.retr(n + 1) for n in range(len(MAILDROP))]
     assert bodies == [received_body(m) for m in MAILDROP]
@@ -402,9 +402,9 @@ async def test_commands_sent_while_a_retr_is_sending_are_answered_after_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     waits: list[int] = []
-    real_wait = session_module.Pop3Session._socket_writable
+    real_wait = outlet_module.TransportOutlet._socket_writable
 
-    async def counted_wait(self: session_module.Pop3Session, fd: int) -> None:
+    async def counted_wait(self: outlet_module.TransportOutlet, fd: int) -> None:
         waits.append(fd)
         await real_wait(self, fd)
 
@@ -417,8 +417,8 @@ async def test_commands_sent_while_a_retr_is_sending_are_answered_after_it(
         duplicate.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         return duplicate
 
-    monkeypatch.setattr(session_module.Pop3Session, "_socket_writable", counted_wait)
-    monkeypatch.setattr(session_module.socket, "fromfd", small_send_buffer)
+    monkeypatch.setattr(outlet_module.TransportOutlet, "_socket_writable", counted_wait)
+    monkeypatch.setattr(outlet_module.socket, "fromfd", small_send_buffer)
     service = await maildir_server()
     client = await login(service)
     client.writer.transport.pause_reading()

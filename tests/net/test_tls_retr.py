@@ -154,8 +154,8 @@ async def test_big_message_through_a_small_send_buffer_is_exact(
     hub = service._hub
     assert hub is not None
     (session,) = hub.sessions
-    assert session._transport is not None
-    server_socket = session._transport.get_extra_info("socket")
+    assert session.transport is not None
+    server_socket = session.transport.get_extra_info("socket")
     server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     await client.send(b"RETR 1\r\n")
     assert (await client.line()).startswith(b"+OK")
@@ -191,7 +191,7 @@ async def test_client_that_stops_reading_is_cut_without_the_message_piling_up(
     while service.session_count:
         assert loop.time() - started < 10, "a client that never reads pinned the session"
         for session in hub.sessions:
-            transport = session._transport
+            transport = session.transport
             if transport is not None:
                 buffered = max(buffered, transport.get_write_buffer_size())
         await asyncio.sleep(0.02)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from popbox.net.service import Pop3Service, bind_addresses, bind_sockets
-from popbox.net.tls import ensure_self_signed_cert, make_server_context
+from popbox.net.tls_context import ensure_self_signed_cert, make_server_context
 
 __all__ = [
     "Pop3Service",

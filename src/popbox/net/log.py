@@ -1,4 +1,5 @@
-"""The per-session counters and the one log line each POP3 session leaves when it ends.
+"""The per-session counters, the session id, and the one log line each POP3 session leaves
+when it ends.
 
 Like Dovecot's logout line, it says who, from where, over what, what they did and why
 it ended, so an operator can answer "did alice fetch her mail at 09:14?" from the log.
@@ -6,13 +7,33 @@ it ended, so an operator can answer "did alice fetch her mail at 09:14?" from th
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 from typing import Final
 
-__all__ = ["SESSION_LOG", "EndReason", "SessionStats"]
+__all__ = ["SESSION_LOG", "EndReason", "SessionStats", "next_session_id"]
 
 SESSION_LOG: Final = logging.getLogger("popbox.pop3")
+
+_ids = itertools.count(1)
+# The pid keeps ids unique across worker processes sharing one log; taken once per
+# process rather than by a getpid() syscall per connection.
+_id_prefix = f"{os.getpid():x}."
+
+
+def _forked() -> None:
+    global _id_prefix
+    _id_prefix = f"{os.getpid():x}."
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def next_session_id() -> str:
+    """A new session id: this process's pid and a counter, in hex (``1a2b.3f``)."""
+    return f"{_id_prefix}{next(_ids):x}"
 
 
 class EndReason:

@@ -16,15 +16,13 @@ from typing import Final
 from popbox.auth.base import PassDB
 from popbox.errors import AuthError
 from popbox.proto.events import ApopRequest, LoginRequest
+from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP
 from popbox.proto.sasl import apop_digest
 
 __all__ = ["AuthOutcome", "authenticate"]
 
 log = logging.getLogger("popbox.pop3")
 
-# RFC 2449 / RFC 3206 response codes the glue hands to conn.login_failed().
-CODE_AUTH: Final = "AUTH"
-CODE_SYS_TEMP: Final = "SYS/TEMP"
 # One wording for unknown user and wrong password, so replies reveal no names.
 TEXT_AUTH_FAILED: Final = "Authentication failed."
 TEXT_AUTH_UNAVAILABLE: Final = "Authentication is temporarily unavailable, try again later."

@@ -18,8 +18,9 @@ from typing import Final
 from popbox.auth.base import PassDB
 from popbox.config import Config, parse_listen
 from popbox.errors import ConfigError
+from popbox.net.hub import SessionHub
 from popbox.net.proxy import ProxyAddress, ProxyHeaderReader
-from popbox.net.session import Pop3Session, SessionHub
+from popbox.net.session import Pop3Session
 from popbox.net.tls import TlsLayer
 from popbox.store.base import MailStore
 
@@ -28,7 +29,7 @@ __all__ = ["LISTEN_BACKLOG", "Pop3Service", "bind_addresses", "bind_sockets"]
 log = logging.getLogger("popbox.pop3")
 
 # Linux caps the accept queue at net.core.somaxconn (4096 on current kernels); a burst
-# of logins (issue 6: thousands of sessions) must not be refused by a short queue.
+# of logins (thousands of sessions) must not be refused by a short queue.
 LISTEN_BACKLOG: Final = 4096
 # Sessions told "shutting down" get this long to take the reply before they are dropped.
 SHUTDOWN_FLUSH: Final = 1.0

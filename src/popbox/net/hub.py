@@ -1,0 +1,109 @@
+"""What every POP3 session of one service shares: settings, the login broker, the caps'
+counts, and the set of live sessions that graceful shutdown walks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Protocol
+
+from popbox.auth.base import PassDB
+from popbox.config import Config
+from popbox.errors import ConfigError
+from popbox.net.broker import LoginBroker
+from popbox.net.limits import AuthPenalty
+from popbox.net.tls import TlsLayer
+from popbox.proto.server import ServerSettings
+from popbox.store.base import MailStore
+
+__all__ = ["LiveSession", "SessionHub"]
+
+
+class LiveSession(Protocol):
+    """A running session, as graceful shutdown sees it."""
+
+    def shutdown(self) -> None:
+        """The server is stopping: say so between commands, drop mid-command."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection now (the maildrop is released without deleting)."""
+        ...
+
+
+class SessionHub:
+    """What every session of one service shares: config, backends, and the live set.
+
+    Tracks connections per peer IP and connections not logged in yet (for the caps),
+    failed logins per IP (the penalty, which the broker applies), and the sessions
+    that are still running (for graceful shutdown).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: MailStore,
+        passdb: PassDB,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.config = config
+        self.ssl_context = ssl_context
+        # Made inside the loop (Pop3Service.start); sessions take it from here, as
+        # get_running_loop() costs a getpid() syscall per call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
+        try:
+            self.settings = ServerSettings(
+                implementation=config.pop3.implementation,
+                expire=config.pop3.expire,
+                apop_enabled=config.pop3.apop,
+                hostname=config.hostname,
+                max_command_line=config.limits.max_command_line,
+                max_sasl_line=config.limits.max_sasl_line,
+                max_bad_commands=config.limits.max_bad_commands,
+                max_auth_failures=config.limits.max_auth_failures,
+            )
+        except ValueError as exc:
+            # The core is stricter than the config model (e.g. no spaces in
+            # pop3.implementation, which goes on the wire in CAPA).
+            raise ConfigError(f"pop3/hostname/limits: {exc}") from exc
+        self.sessions: set[LiveSession] = set()
+        self.per_ip: dict[str, int] = {}
+        self.login_sessions = 0
+        self.penalty = AuthPenalty(config.limits.auth_penalty_max)
+        self.broker = LoginBroker(passdb, store, self.penalty, config.limits)
+        self.shutting_down = False
+        # Implicit-TLS connections still in their handshake, before they become sessions.
+        self.handshakes: set[TlsLayer] = set()
+        self.all_ended = asyncio.Event()
+        self.all_ended.set()
+
+    def admit(self, session: LiveSession, ip: str) -> bool:
+        """Register a new connection; False when ``ip`` is already at its cap."""
+        self.sessions.add(session)
+        self.all_ended.clear()
+        limits = self.config.limits
+        count = self.per_ip.get(ip, 0)
+        if count >= limits.max_connections_per_ip:
+            return False
+        if self.login_sessions >= limits.max_login_sessions:
+            return False
+        self.per_ip[ip] = count + 1
+        self.login_sessions += 1
+        return True
+
+    def logged_in(self) -> None:
+        """A counted connection has left the login stage (it is no longer pre-auth)."""
+        self.login_sessions -= 1
+
+    def disconnected(self, ip: str) -> None:
+        count = self.per_ip.get(ip, 0) - 1
+        if count > 0:
+            self.per_ip[ip] = count
+        else:
+            self.per_ip.pop(ip, None)
+
+    def ended(self, session: LiveSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self.all_ended.set()
