@@ -1,5 +1,6 @@
 """The composition root's builders: the store, the user database and the Deliverer for
-a Config. Only popbox.cli and popbox.app import this module.
+a Config, and the collector's way into local maildrops. Only popbox.cli and popbox.app
+import this module.
 
 Every import of a backend happens inside the builder that needs it: ``popbox deliver``
 runs once per message under an MTA, and ``popbox user list`` needs only the store.
@@ -8,11 +9,13 @@ runs once per message under an MTA, and ``popbox user list`` needs only the stor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from popbox.auth.base import PassDB
     from popbox.auth.hasher import Hasher
+    from popbox.collector.base import LocalDeliveryHandle
     from popbox.config import Config
     from popbox.delivery.deliverer import Deliverer
     from popbox.store.base import MailStore
@@ -23,6 +26,7 @@ __all__ = [
     "build_passdb",
     "build_store",
     "open_delivery",
+    "open_local_delivery",
 ]
 
 
@@ -66,11 +70,20 @@ class DeliveryBackend:
 
 
 def open_delivery(config: Config) -> DeliveryBackend:
-    """A Deliverer on the configured store and user database (``popbox deliver``);
-    close it when done."""
+    """A Deliverer on the configured store and user database (``popbox deliver``, the
+    collector's popbox sink); close it when done."""
     from popbox.delivery.deliverer import Deliverer
 
     store = build_store(config)
     passdb = build_passdb(config)
     return DeliveryBackend(Deliverer(config, store, passdb), store, passdb)
 
+
+def open_local_delivery(config_path: Path) -> LocalDeliveryHandle:
+    """The collector's popbox sink's way in: the Deliverer of the popbox server whose
+    config file the sink names (``popbox fetch`` hands this to the collector)."""
+    from popbox.collector.base import LocalDeliveryHandle
+    from popbox.config import load_config
+
+    backend = open_delivery(load_config(config_path))
+    return LocalDeliveryHandle(backend.deliverer, backend.close)

@@ -88,8 +88,12 @@ class _PopboxGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self._LAZY:
-            from popbox.collector.cli import fetch_command, oauth_group
+            from popbox.backends import open_local_delivery
+            from popbox.collector.cli import fetch_command, oauth_group, provide_local_delivery
 
+            # The collector never builds a store itself: a popbox sink gets the
+            # Deliverer of the server config it names from here.
+            provide_local_delivery(ctx, open_local_delivery)
             return fetch_command if cmd_name == "fetch" else oauth_group
         return super().get_command(ctx, cmd_name)
 

@@ -50,7 +50,7 @@ def _run(config: Path, rng: random.Random | None, log: list[bytes] | None = None
     """Run one fetch; with ``rng``, SIGKILL it at a random point. None = killed."""
     env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")
     process = subprocess.Popen(
-        [sys.executable, "-m", "popbox.collector.cli", "--config", str(config)],
+        [sys.executable, "-m", "popbox", "fetch", "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
