@@ -1,5 +1,8 @@
 """Assembles popbox's server side from a Config and runs it until SIGTERM or SIGINT.
 
+The parts (store, user database, Deliverer) come from popbox.backends, the builders
+that ``popbox deliver``, ``popbox user list`` and ``popbox fetch`` use too.
+
 The embedded default (no config file) keeps everything under ./popbox-data: the
 Maildirs, the passwd file and a generated self-signed certificate.
 """
@@ -88,6 +91,7 @@ PRELOAD_BEFORE_DROP: Final = (
     "email.parser",
     "email.policy",
     "popbox.auth.passwdfile",
+    "popbox.backends",
     "popbox.delivery.lmtp",
     "popbox.net.service",
     "popbox.store.maildir",
@@ -230,22 +234,19 @@ def serve(config: Config) -> None:
 
 async def serve_listeners(config: Config, listeners: Listeners) -> None:
     """Run POP3 (and LMTP) on bound sockets until SIGTERM/SIGINT, then shut down."""
-    from popbox.auth.hasher import Hasher, default_threads
-    from popbox.auth.passwdfile import PasswdFilePassDB
+    from popbox.backends import build_hasher, build_passdb, build_store
+    from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
     from popbox.net.service import Pop3Service
-    from popbox.store.maildir import MaildirStore
 
-    store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
-    hasher = Hasher(config.auth.hash_threads or default_threads())
-    passdb = PasswdFilePassDB(
-        config.auth.passwd_file, default_scheme=config.auth.default_scheme, hasher=hasher
-    )
+    store = build_store(config)
+    hasher = build_hasher(config)
+    passdb = build_passdb(config, hasher=hasher)
     pop3 = Pop3Service(config, store, passdb, listeners.ssl_context)
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
     if listeners.lmtp:
-        lmtp_service = LmtpService(config, store, passdb)
+        lmtp_service = LmtpService(config, Deliverer(config, store, passdb))
         await lmtp_service.start(sockets=listeners.lmtp)
 
     stop = asyncio.Event()

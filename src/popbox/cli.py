@@ -88,8 +88,12 @@ class _PopboxGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self._LAZY:
-            from popbox.collector.cli import fetch_command, oauth_group
+            from popbox.backends import open_local_delivery
+            from popbox.collector.cli import fetch_command, oauth_group, provide_local_delivery
 
+            # The collector never builds a store itself: a popbox sink gets the
+            # Deliverer of the server config it names from here.
+            provide_local_delivery(ctx, open_local_delivery)
             return fetch_command if cmd_name == "fetch" else oauth_group
         return super().get_command(ctx, cmd_name)
 
@@ -292,14 +296,14 @@ def user_list(config_path: Path | None) -> None:
     from rich.table import Table
 
     from popbox.auth.admin import list_users
-    from popbox.store.maildir import MaildirStore
+    from popbox.backends import build_store
 
     config = _load(config_path)
     try:
         records = list_users(config.auth.passwd_file)
     except (PopboxError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    store = MaildirStore(config.storage.maildir_root)
+    store = build_store(config)
 
     async def usages() -> list[Any]:
         try:
@@ -339,7 +343,7 @@ def deliver(config_path: Path | None, recipient: str, sender: str | None) -> Non
     (the MTA retries), 73 cannot create, 65 data error.
     """
     from popbox.config import load_config
-    from popbox.delivery.lda import EX_TEMPFAIL, run_lda
+    from popbox.delivery.lda import EX_TEMPFAIL
 
     try:
         config = load_config(config_path)
@@ -348,4 +352,19 @@ def deliver(config_path: Path | None, recipient: str, sender: str | None) -> Non
         click.echo(f"popbox deliver: configuration: {exc}", err=True)
         sys.exit(EX_TEMPFAIL)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    sys.exit(run_lda(config, recipient, sender, sys.stdin.buffer))
+    sys.exit(asyncio.run(_deliver_stdin(config, recipient, sender)))
+
+
+async def _deliver_stdin(config: Config, recipient: str, sender: str | None) -> int:
+    """`popbox deliver`: build the Deliverer, hand it the message on stdin, close it."""
+    from popbox.backends import open_delivery
+    from popbox.delivery.lda import report_setup_failure, run_lda
+
+    try:
+        backend = open_delivery(config)
+    except (PopboxError, OSError) as exc:
+        return report_setup_failure(exc)
+    try:
+        return await run_lda(backend.deliverer, recipient, sender, sys.stdin.buffer)
+    finally:
+        await backend.close()

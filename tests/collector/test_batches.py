@@ -130,7 +130,7 @@ def test_kill_between_a_batch_in_new_and_its_state_commit_doubles_nothing(
     assert len(delivered) <= len(landed) - in_batch
     assert len(dovecot.stored_messages("alice")) == len(expected)
     again = subprocess.run(
-        [sys.executable, "-m", "popbox.collector.cli", "--config", str(config)],
+        [sys.executable, "-m", "popbox", "fetch", "--config", str(config)],
         env=env,
         capture_output=True,
         timeout=120,

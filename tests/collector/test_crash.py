@@ -1,6 +1,7 @@
 """Crash injection: the collector is SIGKILLed at random moments while it fetches from a
-real Dovecot into a Maildir with the delete policy on; a final clean run must leave
-every message in the Maildir exactly once and the server empty."""
+real Dovecot into a Maildir (an mbox, a popbox maildrop) with the delete policy on; a
+final clean run must leave every message in the sink exactly once and the server
+empty."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ MESSAGES = 30
 def _write_config(
     path: Path, dovecot: DovecotServer, tls_files: Any, out: Path, kind: str = "maildir"
 ) -> None:
+    sink: dict[str, str] = {"kind": kind, "path": str(out)}
+    before = ""
+    if kind == "popbox":
+        # The same file is the popbox server's config: its data (Maildirs, passwd
+        # file with alice) under ``out``, and the sink delivers through its rules.
+        sink = {"kind": "popbox", "user": "alice", "config": str(path)}
+        before = f'data_dir = "{out}"\n'
+        out.mkdir()
+        (out / "passwd").write_text("alice:{PLAIN}secret::::::\n")
+        (out / "passwd").chmod(0o600)
     account = account_entry(
         dovecot.pop3s_port,
         out,
@@ -41,16 +52,16 @@ def _write_config(
         delete="after_delivery",
         max_messages_per_run=6,
         max_in_flight=4,
-        sinks=[{"kind": kind, "path": str(out)}],
+        sinks=[sink],
     )
-    write_fetch_config(path, account, state_dir=path.parent / "state")
+    write_fetch_config(path, account, before=before, state_dir=path.parent / "state")
 
 
 def _run(config: Path, rng: random.Random | None, log: list[bytes] | None = None) -> int | None:
     """Run one fetch; with ``rng``, SIGKILL it at a random point. None = killed."""
     env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")
     process = subprocess.Popen(
-        [sys.executable, "-m", "popbox.collector.cli", "--config", str(config)],
+        [sys.executable, "-m", "popbox", "fetch", "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -86,7 +97,20 @@ def mbox_messages(path: Path) -> list[bytes]:
     return sorted(re.sub(rb"(?m)^>(>*From )", rb"\1", entry[:-1]) for entry in entries)
 
 
-@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+def written_messages(kind: str, out: Path) -> list[bytes]:
+    """What the sink holds, as the message bodies the server had."""
+    if kind == "maildir":
+        return maildir_messages(out)
+    if kind == "mbox":
+        return mbox_messages(out)
+    # The popbox store keeps CRLF line ends and writes the Delivered-To trace header.
+    trace = b"Delivered-To: alice\r\n"
+    stored = maildir_messages(out / "mail" / "alice")
+    assert all(data.startswith(trace) for data in stored)
+    return sorted(data[len(trace) :].replace(b"\r\n", b"\n") for data in stored)
+
+
+@pytest.mark.parametrize("kind", ["maildir", "mbox", "popbox"])
 def test_sigkill_at_random_points_loses_and_doubles_nothing(
     dovecot: DovecotServer, tls_files: Any, tmp_path: Path, kind: str
 ) -> None:
@@ -120,6 +144,5 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(
         assert status == 0, output[-1].decode(errors="replace")[-1000:] + dovecot.log()[-3000:]
     print(f"crash rounds={ROUNDS} killed={killed}")
     assert killed >= ROUNDS // 3, "the kills should mostly land while the collector runs"
-    written = maildir_messages(out) if kind == "maildir" else mbox_messages(out)
-    assert written == sorted(expected)
+    assert written_messages(kind, out) == sorted(expected)
     assert dovecot.stored_messages("alice") == []

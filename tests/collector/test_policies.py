@@ -144,7 +144,7 @@ def test_daemon_stops_cleanly_on_sigterm(
     )
     write_fetch_config(config, account, state_dir=tmp_path / "state")
     process = subprocess.Popen(
-        [sys.executable, "-m", "popbox.collector.cli", "--config", str(config), "--daemon"],
+        [sys.executable, "-m", "popbox", "fetch", "--config", str(config), "--daemon"],
         env=dict(os.environ, POPBOX_TEST_PASSWORD="secret"),
         stderr=subprocess.PIPE,
     )

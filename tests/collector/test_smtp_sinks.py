@@ -281,6 +281,7 @@ async def test_lmtp_into_popbox_own_lmtp_service_with_a_full_mailbox(tmp_path: P
     """The real thing on the other end: popbox's LMTP listener, quota and store."""
     from popbox.auth.memory import MemoryPassDB
     from popbox.config import Config, LmtpSettings, QuotaSettings
+    from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
     from popbox.store.memory import MemoryStore
 
@@ -290,7 +291,8 @@ async def test_lmtp_into_popbox_own_lmtp_service_with_a_full_mailbox(tmp_path: P
         lmtp=LmtpSettings(listen=["127.0.0.1:0"]),
         quota=QuotaSettings(messages=1),
     )
-    service = LmtpService(config, store, MemoryPassDB({"alice": "x", "bob": "x"}))
+    passdb = MemoryPassDB({"alice": "x", "bob": "x"})
+    service = LmtpService(config, Deliverer(config, store, passdb))
     await service.start()
     try:
         await store.deliver("bob", b"Subject: already here\r\n\r\nold\r\n")  # bob is full

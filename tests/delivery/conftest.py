@@ -10,6 +10,7 @@ import pytest
 
 from popbox.auth.base import PassDB
 from popbox.config import Config
+from popbox.delivery.deliverer import Deliverer
 from popbox.delivery.lmtp import LmtpService
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
@@ -18,7 +19,8 @@ from support.lmtp import RunningLmtp, StartLmtp, make_config, users
 
 @pytest.fixture
 def start_lmtp() -> Iterator[StartLmtp]:
-    """Start LmtpService(config, store, passdb) in a thread; stopped at teardown."""
+    """Start an LmtpService delivering into ``store`` for the users of ``passdb``, in a
+    thread; stopped at teardown."""
     running: list[RunningLmtp] = []
 
     def start(
@@ -32,7 +34,7 @@ def start_lmtp() -> Iterator[StartLmtp]:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
-        service = LmtpService(config, store, passdb)
+        service = LmtpService(config, Deliverer(config, store, passdb))
         asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
         server = RunningLmtp(service, store, passdb, loop, thread)
         running.append(server)

@@ -12,6 +12,7 @@ import pytest
 
 from popbox.auth.base import UserRecord
 from popbox.config import QuotaSettings
+from popbox.delivery.deliverer import Deliverer
 from popbox.delivery.lda import (
     EX_CANTCREAT,
     EX_DATAERR,
@@ -19,6 +20,7 @@ from popbox.delivery.lda import (
     EX_NOUSER,
     EX_OK,
     EX_TEMPFAIL,
+    report_setup_failure,
     run_lda,
 )
 from popbox.errors import PermanentStoreError, StoreError
@@ -52,9 +54,10 @@ def lda(
     store = kwargs.pop("store", None) or MemoryStore()
     config = kwargs.pop("config", None) or make_config()
     passdb = kwargs.pop("passdb", None) or users("alice", full=UserRecord("full", quota_messages=1))
+    deliverer = Deliverer(config, store, passdb)  # type: ignore[arg-type]
     err = io.StringIO()
     source = io.BytesIO(data) if isinstance(data, bytes) else data
-    code = run_lda(config, recipient, sender, source, store=store, passdb=passdb, stderr=err)  # type: ignore[arg-type]
+    code = asyncio.run(run_lda(deliverer, recipient, sender, source, stderr=err))  # type: ignore[arg-type]
     return code, err.getvalue(), store  # type: ignore[return-value]
 
 
@@ -152,17 +155,15 @@ def test_maildir_and_passwd_file_in_a_subprocess(tmp_path: Path) -> None:
     (tmp_path / "passwd").chmod(0o600)
     config = tmp_path / "popbox.toml"
     config.write_text(f'data_dir = "{tmp_path}"\n')
-    script = (
-        "import sys; from pathlib import Path\n"
-        "from popbox.config import load_config\n"
-        "from popbox.delivery.lda import run_lda\n"
-        "sender = sys.argv[3] if len(sys.argv) > 3 else None\n"
-        "sys.exit(run_lda(load_config(Path(sys.argv[1])), sys.argv[2], sender, sys.stdin.buffer))\n"
-    )
 
     def deliver(recipient: str, *sender: str) -> subprocess.CompletedProcess[bytes]:
+        # `popbox deliver` as an MTA runs it: the composition root builds the store,
+        # the user database and the Deliverer from the config file.
+        command = [sys.executable, "-m", "popbox", "deliver", "--config", str(config)]
+        if sender:
+            command += ["--from", *sender]
         return subprocess.run(
-            [sys.executable, "-c", script, str(config), recipient, *sender],
+            [*command, recipient],
             input=MESSAGE,
             capture_output=True,
             timeout=60,
@@ -191,3 +192,13 @@ def test_maildir_and_passwd_file_in_a_subprocess(tmp_path: Path) -> None:
     for path in files:
         stored, virtual = size_fields(path.name)
         assert stored == virtual == path.stat().st_size
+
+
+def test_a_store_that_cannot_be_set_up_makes_the_mta_retry_or_bounce() -> None:
+    # Built by the composition root before run_lda; the same exit statuses apply.
+    err = io.StringIO()
+    assert report_setup_failure(OSError(13, "Permission denied"), stderr=err) == EX_TEMPFAIL
+    assert err.getvalue().startswith("popbox deliver: 4.3.0 ")
+    assert report_setup_failure(PermanentStoreError("read-only"), stderr=io.StringIO()) == (
+        EX_CANTCREAT
+    )

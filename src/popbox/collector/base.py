@@ -6,16 +6,28 @@ returns only once the message is durable on its side; it raises
 TemporarySinkError (retry later) or PermanentSinkError (quarantine) otherwise.
 A sink that can make many messages durable at once for the price of one (a Maildir:
 one directory fsync for the lot) also offers ``deliver_batch`` (``BatchSink``).
+
+The collector never opens a local popbox maildrop itself: the popbox sink is handed a
+``LocalDelivery`` (the server's Deliverer) by the composition root, through a
+``LocalDeliveryFactory`` in the sink context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["BatchSink", "FetchedMessage", "Sink"]
+__all__ = [
+    "BatchSink",
+    "DeliveryReceipt",
+    "FetchedMessage",
+    "LocalDelivery",
+    "LocalDeliveryFactory",
+    "LocalDeliveryHandle",
+    "Sink",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +88,46 @@ class BatchSink(Sink, Protocol):
     """
 
     async def deliver_batch(self, messages: Sequence[FetchedMessage]) -> None: ...
+
+
+class DeliveryReceipt(Protocol):
+    """What a local delivery reports: the store's key for the stored message."""
+
+    @property
+    def key(self) -> str: ...
+
+
+class LocalDelivery(Protocol):
+    """Delivery into this machine's popbox maildrops by the server's delivery rules.
+
+    popbox's ``Deliverer`` is one: recipient mapping, size limit, quota and trace
+    headers apply exactly as for LMTP and ``popbox deliver``. Verdicts are popbox
+    errors: UnknownRecipient, MessageTooBig, QuotaExceeded (``permanent`` per
+    ``quota.over_quota``) and TemporaryDeliveryError (its cause a
+    PermanentStoreError when retrying cannot help).
+    """
+
+    async def deliver_file(
+        self, recipient: str, sender: str | None, path: Path
+    ) -> DeliveryReceipt:
+        """Store the message in ``path`` durably for ``recipient``; ``sender`` is the
+        envelope sender if known (POP3 gives none)."""
+        ...
+
+    async def holds(self, recipient: str, sender: str | None, path: Path) -> bool:
+        """Whether ``recipient``'s maildrop already holds the message as
+        ``deliver_file`` would have stored it (trace headers included); raises
+        MaildropInUse while a POP3 session holds the maildrop."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDeliveryHandle:
+    """A LocalDelivery and how to close what it was built on (the store)."""
+
+    delivery: LocalDelivery
+    close: Callable[[], Awaitable[None]]
+
+
+# Given the popbox server config file a popbox sink names, its local delivery.
+LocalDeliveryFactory = Callable[[Path], LocalDeliveryHandle]

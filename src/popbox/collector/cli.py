@@ -7,8 +7,11 @@ Exit codes, for cron jobs and systemd units:
 - 2: the configuration is wrong (a message names the key) or an unknown --account.
 
 On a terminal a rich progress bar shows the run; otherwise each step is one log line
-(``delivered account=... uid=... size=...``) on standard error. Run it standalone with
-``python -m popbox.collector.cli --config FILE`` (what the crash tests do).
+(``delivered account=... uid=... size=...``) on standard error. Run it as ``popbox
+fetch`` (or ``python -m popbox fetch``, what the crash tests do): the composition root
+(popbox.cli) hands it, through ``provide_local_delivery``, the way into local popbox
+maildrops that a popbox sink needs. ``python -m popbox.collector.cli --config FILE``
+runs the same command on its own, without that, so without the popbox sink.
 """
 
 from __future__ import annotations
@@ -26,17 +29,26 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
+from popbox.collector.base import LocalDeliveryFactory
 from popbox.collector.config import AccountSettings, FetchSettings, load_fetch_settings
-from popbox.collector.poll import PollObserver, PollResult
-from popbox.collector.scheduler import run_daemon, run_once
+from popbox.collector.poll import Poller, PollObserver, PollResult
+from popbox.collector.scheduler import PollFactory, run_daemon, run_once
+from popbox.collector.sinks import SinkContext, build_sink
 from popbox.collector.state import StateDB
-from popbox.errors import PopboxError
+from popbox.errors import ConfigError, PopboxError
 
 if TYPE_CHECKING:
     # rich loads only for a terminal or --status (30 ms of every cron run otherwise).
     from rich.progress import Progress, TaskID
 
-__all__ = ["EXIT_ACCOUNT_FAILED", "EXIT_CONFIG", "EXIT_OK", "fetch_command", "oauth_group"]
+__all__ = [
+    "EXIT_ACCOUNT_FAILED",
+    "EXIT_CONFIG",
+    "EXIT_OK",
+    "fetch_command",
+    "oauth_group",
+    "provide_local_delivery",
+]
 
 T = TypeVar("T")
 
@@ -44,6 +56,50 @@ EXIT_OK: Final = 0
 EXIT_ACCOUNT_FAILED: Final = 1
 EXIT_CONFIG: Final = 2
 CONFIG_ENV: Final = "POPBOX_CONFIG"
+# The key in click's context meta (shared by every nested context) under which the
+# composition root leaves the popbox sink's LocalDeliveryFactory.
+LOCAL_DELIVERY_META: Final = "popbox.collector.local_delivery"
+
+
+def provide_local_delivery(ctx: click.Context, factory: LocalDeliveryFactory) -> None:
+    """Give the ``fetch`` command run under ``ctx`` its way into local maildrops."""
+    ctx.meta[LOCAL_DELIVERY_META] = factory
+
+
+def _provided_local_delivery() -> LocalDeliveryFactory | None:
+    factory: LocalDeliveryFactory | None = click.get_current_context().meta.get(
+        LOCAL_DELIVERY_META
+    )
+    return factory
+
+
+def _refuse_popbox_sinks(accounts: list[AccountSettings]) -> None:
+    """Without a composition root there is no way into local popbox maildrops."""
+    for account in accounts:
+        for sink in account.sinks:
+            if sink.kind == "popbox":
+                raise ConfigError(
+                    f"account {account.name}: sink {sink.label}: a popbox sink needs "
+                    "`popbox fetch` (it delivers through the popbox server's rules)"
+                )
+
+
+def _pollers(
+    settings: FetchSettings,
+    db: StateDB,
+    *,
+    stop: asyncio.Event,
+    observer: PollObserver | None,
+    local_delivery: LocalDeliveryFactory | None,
+) -> PollFactory:
+    """One Poller per poll, its sinks built with what the composition root provided."""
+
+    def make(account: AccountSettings) -> Poller:
+        context = SinkContext(account, settings, local_delivery=local_delivery)
+        sinks = [build_sink(sink, context) for sink in account.sinks]
+        return Poller(account, settings, db, sinks=sinks, stop=stop, observer=observer)
+
+    return make
 
 
 class _ProgressObserver(PollObserver):
@@ -125,15 +181,21 @@ async def _main(
     daemon: bool,
     retry_quarantined: bool,
     observer: PollObserver | None,
+    local_delivery: LocalDeliveryFactory | None,
 ) -> list[PollResult]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # Finish the message in hand, then QUIT cleanly: nothing is lost or doubled.
         loop.add_signal_handler(signum, stop.set)
+    factory = _pollers(
+        settings, db, stop=stop, observer=observer, local_delivery=local_delivery
+    )
     try:
         if daemon:
-            await run_daemon(settings, accounts, db, stop=stop, observer=observer)
+            await run_daemon(
+                settings, accounts, db, stop=stop, observer=observer, factory=factory
+            )
             return []
         return await run_once(
             settings,
@@ -142,6 +204,7 @@ async def _main(
             retry_quarantined=retry_quarantined,
             stop=stop,
             observer=observer,
+            factory=factory,
         )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -182,6 +245,7 @@ def fetch_command(
     verbose: bool,
 ) -> None:
     """Poll POP3 accounts and deliver every new message exactly once."""
+    local_delivery = _provided_local_delivery()
     use_bar = sys.stderr.isatty() and not daemon and not verbose and not status
     if use_bar:
         # On a terminal the bar tells the story; only warnings (quarantine, failed
@@ -200,6 +264,8 @@ def fetch_command(
     try:
         settings = load_fetch_settings(config_path)
         accounts = _select(settings, account_names)
+        if local_delivery is None and not status:
+            _refuse_popbox_sinks(accounts)
         _prepare_dirs(settings)
         db = StateDB(settings.state_db_path)
     except PopboxError as exc:
@@ -240,6 +306,7 @@ def fetch_command(
                         daemon=daemon,
                         retry_quarantined=retry_quarantined,
                         observer=_ProgressObserver(progress),
+                        local_delivery=local_delivery,
                     )
                 )
         else:
@@ -251,6 +318,7 @@ def fetch_command(
                     daemon=daemon,
                     retry_quarantined=retry_quarantined,
                     observer=None,
+                    local_delivery=local_delivery,
                 )
             )
     finally:

@@ -18,20 +18,36 @@ same numbers the store reports and POP3's LIST shows, so "2 MB used" means the s
 everywhere. The check and the write are not one atomic step: two deliveries racing
 for the last free octets may both pass, exactly as with Dovecot's quota plug-in; a
 quota is a bound on growth, not an exact ledger.
+
+Mail that comes as a file rather than over SMTP (the collector's popbox sink) goes
+through ``deliver_file``, streamed into the store, and ``holds`` answers whether a
+maildrop already has a message as ``deliver_file`` would have stored it (after a crash
+left the outcome of a delivery unknown).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from popbox.auth.base import PassDB, UserRecord
 from popbox.config import Config
 from popbox.delivery.recipients import Recipient, parse_recipient
+from popbox.delivery.spooled import (
+    HEAD_OCTETS,
+    FileDeliveringStore,
+    measure_file,
+    normalised_digest,
+    prefixed,
+)
 from popbox.errors import (
     AuthError,
     InvalidUsername,
+    MaildropInUse,
     MessageTooBig,
     QuotaExceeded,
     StoreError,
@@ -41,7 +57,7 @@ from popbox.errors import (
 from popbox.store.base import MailStore
 from popbox.wireform import wire_size
 
-__all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "trace_headers"]
+__all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "has_return_path", "trace_headers"]
 
 log = logging.getLogger("popbox.delivery")
 
@@ -49,6 +65,10 @@ log = logging.getLogger("popbox.delivery")
 # Return-Path; Delivered-To is the Postfix/qmail convention every MDA follows).
 RETURN_PATH: Final = b"Return-Path"
 DELIVERED_TO: Final = b"Delivered-To"
+# A stored copy may differ from the message in line ends (a final one added), which
+# changes its wire size by at most this much. The size only picks the copies worth
+# reading; their content decides.
+SIZE_SLACK: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +125,25 @@ def trace_headers(recipient: str, sender: str | None, data: bytes) -> bytes:
     return b"".join(lines)
 
 
+def has_return_path(data: bytes) -> bool:
+    """True when the header block of ``data`` already holds a Return-Path field."""
+    header_end = len(data)
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        found = data.find(separator)
+        if found != -1:
+            header_end = min(header_end, found)
+    prefix = RETURN_PATH.lower() + b":"
+    header = b"\n" + data[:header_end]
+    return any(line.lower().startswith(prefix) for line in header.split(b"\n"))
+
+
 class Deliverer:
-    """The one delivery path for LMTP and the LDA.
+    """The one delivery path for LMTP, the LDA and the collector's popbox sink.
 
     ``resolve`` answers "is this recipient ours?" (LMTP asks it at RCPT time, like
     Dovecot); ``deliver_to`` stores one message for a resolved recipient; ``deliver``
-    does both for callers that only have an address.
+    does both for callers that only have an address; ``deliver_file`` and ``holds``
+    serve mail that comes as a file.
     """
 
     def __init__(self, config: Config, store: MailStore, passdb: PassDB) -> None:
@@ -144,9 +177,12 @@ class Deliverer:
 
     def check_size(self, data: bytes) -> None:
         """Raise MessageTooBig when the message as received exceeds the limit."""
+        self._check_octets(len(data))
+
+    def _check_octets(self, octets: int) -> None:
         limit = self.max_message_size
-        if len(data) > limit:
-            raise MessageTooBig(f"message of {len(data)} octets exceeds the limit of {limit}")
+        if octets > limit:
+            raise MessageTooBig(f"message of {octets} octets exceeds the limit of {limit}")
 
     def _limits(self, record: UserRecord) -> tuple[int, int]:
         quota = self._config.quota
@@ -189,21 +225,9 @@ class Deliverer:
         message = data
         if add_trace:
             message = trace_headers(target.recipient.address, sender, data) + data
-        size = wire_size(message)
-        try:
-            await self.check_quota(target.record, size)
-            key = await self._store.deliver(target.user, message)
-        except QuotaExceeded:
-            raise
-        except (StoreError, OSError) as exc:
-            # A store is meant to translate OSError itself; taking it here too means a
-            # disk error can never turn into a bounce or a traceback.
-            raise TemporaryDeliveryError(f"cannot store for {target.user}: {exc}") from exc
-        log.info(
-            "delivered to=%s user=%s key=%s size=%d", target.recipient.address, target.user,
-            key, size,
+        return await self._checked_store(
+            target, wire_size(message), lambda: self._store.deliver(target.user, message)
         )
-        return Delivered(user=target.user, key=key, size=size)
 
     async def deliver(
         self,
@@ -216,3 +240,91 @@ class Deliverer:
         """Resolve ``recipient`` and deliver to it; raise a DeliveryError/QuotaExceeded."""
         target = await self.resolve(recipient)
         return await self.deliver_to(target, sender, data, add_trace=add_trace)
+
+    async def deliver_file(self, recipient: str, sender: str | None, path: Path) -> Delivered:
+        """Deliver the message in ``path`` (left as it is) to ``recipient``.
+
+        For mail that did not come over SMTP (the collector's): Delivered-To is always
+        written; Return-Path only when ``sender`` is known and the message carries
+        none, since a message fetched from another maildrop usually holds the one its
+        first delivery wrote (RFC 5321 section 4.4: the final delivery writes it). Streamed
+        into a store that takes files. The verdicts of ``deliver``.
+        """
+        target = await self.resolve(recipient)
+        try:
+            measured = await asyncio.to_thread(measure_file, path)
+        except OSError as exc:
+            raise TemporaryDeliveryError(f"cannot read the message {path}: {exc}") from exc
+        self._check_octets(measured.octets)
+        trace = self._file_trace(target, sender, measured.head)
+        store = self._store
+
+        async def write() -> str:
+            if isinstance(store, FileDeliveringStore):
+                with path.open("rb") as source:
+                    return await store.deliver_file(target.user, prefixed(trace, source))
+            data = await asyncio.to_thread(path.read_bytes)
+            return await store.deliver(target.user, trace + data)
+
+        return await self._checked_store(target, wire_size(trace) + measured.wire_size, write)
+
+    async def holds(self, recipient: str, sender: str | None, path: Path) -> bool:
+        """Whether ``recipient``'s maildrop already holds the message in ``path`` as
+        ``deliver_file`` would have stored it, trace headers included.
+
+        Asked when a crash left a delivery's outcome unknown. The maildrop is opened
+        as a POP3 session would (under its lock, deleting nothing); raises
+        MaildropInUse while a session holds it, since answering blind could
+        duplicate or lose the message; otherwise the verdicts of ``deliver``.
+        """
+        target = await self.resolve(recipient)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise TemporaryDeliveryError(f"cannot read the message {path}: {exc}") from exc
+        expected = self._file_trace(target, sender, data[:HEAD_OCTETS]) + data
+        size, wanted = wire_size(expected), normalised_digest(expected)
+        try:
+            maildrop = await self._store.open_maildrop(target.user)
+        except MaildropInUse:
+            raise
+        except (StoreError, OSError) as exc:
+            text = f"cannot open the maildrop of {target.user}: {exc}"
+            raise TemporaryDeliveryError(text) from exc
+        try:
+            for index, info in enumerate(maildrop.messages):
+                if abs(info.size - size) > SIZE_SLACK:
+                    continue
+                stored = b"".join([chunk async for chunk in maildrop.read_message(index)])
+                if normalised_digest(stored) == wanted:
+                    return True
+            return False
+        except (StoreError, OSError) as exc:
+            text = f"cannot read the maildrop of {target.user}: {exc}"
+            raise TemporaryDeliveryError(text) from exc
+        finally:
+            await maildrop.release()
+
+    def _file_trace(self, target: ResolvedRecipient, sender: str | None, head: bytes) -> bytes:
+        if sender is not None and has_return_path(head):
+            sender = None
+        return trace_headers(target.recipient.address, sender, head)
+
+    async def _checked_store(
+        self, target: ResolvedRecipient, size: int, write: Callable[[], Awaitable[str]]
+    ) -> Delivered:
+        """Check the quota for ``size`` more octets, then ``write``; return once durable."""
+        try:
+            await self.check_quota(target.record, size)
+            key = await write()
+        except QuotaExceeded:
+            raise
+        except (StoreError, OSError) as exc:
+            # A store is meant to translate OSError itself; taking it here too means a
+            # disk error can never turn into a bounce or a traceback.
+            raise TemporaryDeliveryError(f"cannot store for {target.user}: {exc}") from exc
+        log.info(
+            "delivered to=%s user=%s key=%s size=%d", target.recipient.address, target.user,
+            key, size,
+        )
+        return Delivered(user=target.user, key=key, size=size)

@@ -18,17 +18,17 @@ The input may begin with an mbox ``From sender date`` line (Postfix's local(8)
 and Exim's pipe transport write one); it is envelope, not message, and is dropped,
 giving the sender when ``--from`` is absent. When the message already carries a
 ``Return-Path`` header, the MTA has written the trace itself and we add none.
+
+The ``Deliverer`` (with its store and user database) is built by the composition
+root (``popbox.cli``) and handed in.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import BinaryIO, Final, TextIO
 
-from popbox.auth.base import PassDB
-from popbox.config import Config
-from popbox.delivery.deliverer import RETURN_PATH, Deliverer
+from popbox.delivery.deliverer import Deliverer, has_return_path
 from popbox.errors import (
     MessageTooBig,
     NoSuchMailbox,
@@ -38,7 +38,6 @@ from popbox.errors import (
     TemporaryDeliveryError,
     UnknownRecipient,
 )
-from popbox.store.base import MailStore
 
 __all__ = [
     "EX_CANTCREAT",
@@ -47,6 +46,7 @@ __all__ = [
     "EX_NOUSER",
     "EX_OK",
     "EX_TEMPFAIL",
+    "report_setup_failure",
     "run_lda",
 ]
 
@@ -86,18 +86,6 @@ def _strip_postmark(data: bytes) -> tuple[bytes, str | None]:
     return data[end + 1 :], sender
 
 
-def _has_return_path(data: bytes) -> bool:
-    """True when the header block already holds a Return-Path field."""
-    header_end = len(data)
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        found = data.find(separator)
-        if found != -1:
-            header_end = min(header_end, found)
-    prefix = RETURN_PATH.lower() + b":"
-    header = b"\n" + data[:header_end]
-    return any(line.lower().startswith(prefix) for line in header.split(b"\n"))
-
-
 def _outcome(error: BaseException) -> tuple[int, str]:
     """The exit status and stderr line for a failed delivery."""
     if isinstance(error, UnknownRecipient):
@@ -114,53 +102,25 @@ def _outcome(error: BaseException) -> tuple[int, str]:
     return EX_TEMPFAIL, f"4.3.0 temporary failure: {error}"
 
 
-async def _deliver(
-    config: Config,
-    recipient: str,
-    sender: str | None,
-    data: bytes,
-    store: MailStore | None,
-    passdb: PassDB | None,
-) -> None:
-    own_store = store is None
-    if store is None:
-        from popbox.store.maildir import MaildirStore
-
-        store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
-    if passdb is None:
-        from popbox.auth.passwdfile import PasswdFilePassDB
-
-        passdb = PasswdFilePassDB(
-            config.auth.passwd_file, default_scheme=config.auth.default_scheme
-        )
-    try:
-        deliverer = Deliverer(config, store, passdb)
-        await deliverer.deliver(recipient, sender, data, add_trace=not _has_return_path(data))
-    finally:
-        if own_store:
-            await store.close()
-
-
-def run_lda(
-    config: Config,
+async def run_lda(
+    deliverer: Deliverer,
     recipient: str,
     sender: str | None,
     source: BinaryIO,
     *,
-    store: MailStore | None = None,
-    passdb: PassDB | None = None,
     stderr: TextIO | None = None,
 ) -> int:
     """Deliver the message read from ``source`` to ``recipient``; return a sysexits code.
 
     ``sender`` is the envelope sender (``--from``; "" for the null sender); None takes
-    it from an mbox ``From`` line if there is one. ``store`` and ``passdb`` default to
-    the configured Maildir store and passwd file (tests pass their own). On failure
-    one line goes to ``stderr`` (sys.stderr by default).
+    it from an mbox ``From`` line if there is one. On failure one line goes to
+    ``stderr`` (sys.stderr by default).
     """
     err = stderr if stderr is not None else sys.stderr
     try:
-        data = _read_message(source, config.lmtp.max_message_size)
+        # A blocking read is what an LDA wants: nothing else runs until the message
+        # is in, and the MTA is waiting on this one process.
+        data = _read_message(source, deliverer.max_message_size)
     except MessageTooBig as exc:
         code, reason = _outcome(exc)
         print(f"popbox deliver: {reason}", file=err)
@@ -173,12 +133,18 @@ def run_lda(
     if sender is None:
         sender = postmark_sender
     try:
-        asyncio.run(_deliver(config, recipient, sender, data, store, passdb))
+        await deliverer.deliver(recipient, sender, data, add_trace=not has_return_path(data))
     except (PopboxError, OSError) as exc:
-        # Besides the delivery verdicts: the store or user database could not be
-        # set up (bad path, unreadable file), which is ours to fix and the MTA's to retry.
         code, reason = _outcome(exc)
     else:
         return EX_OK
     print(f"popbox deliver: {reason}", file=err)
+    return code
+
+
+def report_setup_failure(error: PopboxError | OSError, *, stderr: TextIO | None = None) -> int:
+    """The exit status (and stderr line) when the store or user database could not be
+    set up (bad path, unreadable file): ours to fix and the MTA's to retry."""
+    code, reason = _outcome(error)
+    print(f"popbox deliver: {reason}", file=stderr if stderr is not None else sys.stderr)
     return code

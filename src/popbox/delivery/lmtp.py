@@ -39,7 +39,6 @@ from typing import Any, Final
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from popbox.auth.base import PassDB
 from popbox.config import Config, parse_listen
 from popbox.delivery.deliverer import Deliverer, ResolvedRecipient
 from popbox.errors import (
@@ -48,7 +47,6 @@ from popbox.errors import (
     TemporaryDeliveryError,
     UnknownRecipient,
 )
-from popbox.store.base import MailStore
 
 __all__ = ["LmtpService", "reply_for_error"]
 
@@ -244,11 +242,15 @@ class _LmtpSession(LMTP):
 
 
 class LmtpService:
-    """LMTP listeners on config.lmtp.listen (TCP) and config.lmtp.socket (unix)."""
+    """LMTP listeners on config.lmtp.listen (TCP) and config.lmtp.socket (unix).
 
-    def __init__(self, config: Config, store: MailStore, passdb: PassDB) -> None:
+    ``deliverer`` (built by the composition root on the server's store and user
+    database) answers RCPT and stores each message.
+    """
+
+    def __init__(self, config: Config, deliverer: Deliverer) -> None:
         self._config = config
-        self.deliverer = Deliverer(config, store, passdb)
+        self.deliverer = deliverer
         _quiet_aiosmtpd()
         self._servers: list[asyncio.Server] = []
         self._socket_path: Path | None = None

@@ -20,7 +20,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from popbox.collector.base import Sink
+from popbox.collector.base import LocalDeliveryFactory, Sink
 from popbox.collector.config import AccountSettings, FetchSettings, SinkSettings
 
 __all__ = ["SinkContext", "build_sink"]
@@ -39,10 +39,15 @@ _MODULES: dict[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class SinkContext:
-    """What a sink may know besides its own settings."""
+    """What a sink may know besides its own settings.
+
+    ``local_delivery`` is how a popbox sink reaches local maildrops; the composition
+    root (``popbox fetch``) provides it, and without it there is no popbox sink.
+    """
 
     account: AccountSettings
     settings: FetchSettings
+    local_delivery: LocalDeliveryFactory | None = None
 
     @property
     def state_dir(self) -> Path:

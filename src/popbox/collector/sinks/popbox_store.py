@@ -1,13 +1,21 @@
 """The popbox sink: deliver fetched mail into a local popbox user's maildrop.
 
-The store's ``deliver`` and our record of it cannot be one atomic step, so every
-delivery goes through a small SQLite ledger keyed by (sink, idempotency key):
+The message goes through the popbox server's own delivery rules (a ``LocalDelivery``
+handed in by the composition root: the server's Deliverer), as if it had come over
+LMTP: recipient mapping, size limit, quota, and a ``Delivered-To`` trace header. POP3
+carries no envelope sender, so no Return-Path is added; the one the message got at its
+first delivery stays. Verdicts become sink outcomes: no such user, too big, over a
+permanent quota or a store that cannot take it -> PermanentSinkError (quarantine);
+over a temporary quota or any fault that may pass -> TemporarySinkError.
+
+The delivery and our record of it cannot be one atomic step, so every delivery goes
+through a small SQLite ledger keyed by (sink, idempotency key):
 
 1. ``delivered`` row present -> a redelivery after a crash: skip it.
 2. ``pending`` row present -> a previous attempt died between the store write and
-   the ledger update. The maildrop is opened (under its lock, deleting nothing) and
-   searched for the same content (messages of about the same wire size are hashed
-   with line ends normalised); found -> mark delivered, skip.
+   the ledger update. The Deliverer searches the maildrop (under its lock, deleting
+   nothing) for the message as it would have stored it, trace headers included;
+   found -> mark delivered, skip.
 3. Otherwise write ``pending`` durably, deliver, then write ``delivered``.
 
 So the message is neither lost (the row is written before the store is touched) nor
@@ -19,27 +27,28 @@ then it is delivered again, which errs towards not losing mail.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final
 
-from popbox.collector.base import FetchedMessage
+from popbox.collector.base import FetchedMessage, LocalDelivery
 from popbox.errors import (
     ConfigError,
-    InvalidUsername,
     MaildropInUse,
+    MessageTooBig,
     NoSuchMailbox,
     PermanentSinkError,
     PermanentStoreError,
+    PopboxError,
     QuotaExceeded,
-    StoreError,
+    TemporaryDeliveryError,
     TemporarySinkError,
+    UnknownRecipient,
 )
-from popbox.store.base import MailStore
 
 if TYPE_CHECKING:
     from popbox.collector.config import PopboxSinkSettings
@@ -53,9 +62,8 @@ LEDGER_NAME: Final = "popbox-sink.sqlite"
 # Several accounts may share the ledger file; a writer waits this long for another's
 # transaction (a few fsyncs) before the delivery counts as a temporary failure.
 LEDGER_BUSY_TIMEOUT: Final = 30.0
-# A stored message may differ from the fetched one only in line ends (CRLF vs LF, a
-# final newline added), which changes its wire size by at most this much.
-SIZE_SLACK: Final = 2
+# The envelope sender handed to the delivery: POP3 does not carry one.
+UNKNOWN_SENDER: Final = None
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -67,19 +75,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (sink, idempotency_key)
 )
 """
-
-
-@runtime_checkable
-class _FileDeliveringStore(Protocol):
-    """Stores that can stream a delivery from a file (MaildirStore does)."""
-
-    async def deliver_file(self, user: str, source: BinaryIO) -> str: ...
-
-
-def normalised_digest(data: bytes) -> str:
-    """SHA-256 of ``data`` with CRLF as LF and one final newline, for comparing copies."""
-    body = data.replace(b"\r\n", b"\n").rstrip(b"\n") + b"\n"
-    return hashlib.sha256(body).hexdigest()
 
 
 class DeliveryLedger:
@@ -118,32 +113,38 @@ class DeliveryLedger:
             )
 
 
-def _sink_error(user: str, exc: StoreError) -> TemporarySinkError | PermanentSinkError:
-    """Store errors to sink outcomes: what retrying cannot fix goes to quarantine."""
-    permanent = isinstance(exc, PermanentStoreError | NoSuchMailbox) or (
-        isinstance(exc, QuotaExceeded) and exc.permanent
+def _sink_error(name: str, exc: PopboxError) -> TemporarySinkError | PermanentSinkError:
+    """Delivery verdicts to sink outcomes: what retrying cannot fix goes to quarantine."""
+    cause = exc.__cause__ if isinstance(exc, TemporaryDeliveryError) else exc
+    permanent = (
+        isinstance(exc, UnknownRecipient | MessageTooBig)
+        or isinstance(cause, PermanentStoreError | NoSuchMailbox)
+        or (isinstance(exc, QuotaExceeded) and exc.permanent)
     )
-    text = f"popbox store refused a message for {user}: {exc}"
+    reason = "over quota" if isinstance(exc, QuotaExceeded) else "popbox refused the message"
+    text = f"{name}: {reason}: {exc}"
     return PermanentSinkError(text) if permanent else TemporarySinkError(text)
 
 
 class PopboxStoreSink:
-    """Deliver into ``user``'s maildrop in ``store``, once per idempotency key."""
+    """Deliver to ``user`` through ``delivery``, once per idempotency key."""
 
     def __init__(
         self,
-        store: MailStore,
+        delivery: LocalDelivery,
         user: str,
         *,
         ledger_path: Path,
         name: str | None = None,
-        owns_store: bool = False,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._store = store
+        """``user`` is a recipient as LMTP would take it (mapped to a popbox user);
+        ``on_close`` releases what ``delivery`` was built on."""
+        self._delivery = delivery
         self._user = user
         self._ledger = DeliveryLedger(ledger_path)
         self._name = name or f"popbox:{user}"
-        self._owns_store = owns_store
+        self._on_close = on_close
         # One delivery at a time per sink: the pending-check must not race a write.
         self._lock = asyncio.Lock()
 
@@ -152,8 +153,8 @@ class PopboxStoreSink:
         return self._name
 
     async def close(self) -> None:
-        if self._owns_store:
-            await self._store.close()
+        if self._on_close is not None:
+            await self._on_close()
 
     async def deliver(self, message: FetchedMessage) -> None:
         key = message.idempotency_key
@@ -183,59 +184,45 @@ class PopboxStoreSink:
 
     async def _store_message(self, message: FetchedMessage) -> str:
         try:
-            if isinstance(self._store, _FileDeliveringStore):
-                with message.path.open("rb") as source:
-                    return await self._store.deliver_file(self._user, source)
-            data = await asyncio.to_thread(message.read_bytes)
-            return await self._store.deliver(self._user, data)
-        except InvalidUsername as exc:
-            raise PermanentSinkError(f"{self._name}: {exc}") from exc
-        except StoreError as exc:
-            raise _sink_error(self._user, exc) from exc
+            receipt = await self._delivery.deliver_file(
+                self._user, UNKNOWN_SENDER, message.path
+            )
+        except PopboxError as exc:
+            raise _sink_error(self._name, exc) from exc
         except OSError as exc:
-            raise TemporarySinkError(f"{self._name}: cannot read spooled message: {exc}") from exc
+            raise TemporarySinkError(f"{self._name}: cannot deliver: {exc}") from exc
+        return receipt.key
 
     async def _already_stored(self, message: FetchedMessage) -> bool:
-        """Whether the maildrop holds this message (opened read-only, deletes nothing)."""
-        wanted = normalised_digest(await asyncio.to_thread(message.read_bytes))
+        """Whether the maildrop holds this message (searched read-only by the delivery)."""
         try:
-            maildrop = await self._store.open_maildrop(self._user)
+            return await self._delivery.holds(self._user, UNKNOWN_SENDER, message.path)
         except MaildropInUse as exc:
             # Cannot look while a POP3 session holds it; deciding blind could duplicate.
             raise TemporarySinkError(f"{self._name}: maildrop busy, will retry") from exc
-        except StoreError as exc:
-            raise _sink_error(self._user, exc) from exc
-        try:
-            for index, info in enumerate(maildrop.messages):
-                if abs(info.size - message.size) > SIZE_SLACK:
-                    continue
-                data = b"".join([chunk async for chunk in maildrop.read_message(index)])
-                if normalised_digest(data) == wanted:
-                    return True
-            return False
-        except StoreError as exc:
-            raise _sink_error(self._user, exc) from exc
-        finally:
-            await maildrop.release()
+        except PopboxError as exc:
+            raise _sink_error(self._name, exc) from exc
+        except OSError as exc:
+            raise TemporarySinkError(f"{self._name}: cannot search the maildrop: {exc}") from exc
 
 
 def create_sink(settings: PopboxSinkSettings, context: SinkContext) -> PopboxStoreSink:
     """Build the sink for ``settings`` (called by popbox.collector.sinks.build_sink)."""
-    from popbox.config import load_config
-    from popbox.store.maildir import MaildirStore
-
-    # "None = this file": the context may carry the collector's own config path.
-    config_path: Path | None = settings.config or getattr(context, "config_path", None)
-    if config_path is None:
+    if settings.config is None:
         raise ConfigError(
             f"sink {settings.label}: set `config` to the popbox server config file"
         )
-    config = load_config(config_path)
-    store = MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
+    if context.local_delivery is None:
+        # Only the composition root may open a popbox store (`popbox fetch` does).
+        raise ConfigError(
+            f"sink {settings.label}: a popbox sink needs `popbox fetch` "
+            "(it delivers through the popbox server's rules)"
+        )
+    handle = context.local_delivery(settings.config)
     return PopboxStoreSink(
-        store,
+        handle.delivery,
         settings.user,
         ledger_path=context.state_dir / LEDGER_NAME,
         name=settings.label,
-        owns_store=True,
+        on_close=handle.close,
     )
