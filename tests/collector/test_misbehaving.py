@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from popbox.collector.auth import StaticTokenProvider
+from popbox.collector.tokens import StaticTokenProvider
 from popbox.errors import ConfigError
 from support.fakepop import FakePop
 from support.fetch import crlf_message, maildir_messages, poll, settings_for

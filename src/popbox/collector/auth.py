@@ -19,10 +19,10 @@ never this module.
 from __future__ import annotations
 
 from popbox.collector.config import AccountSettings, FetchSettings
-from popbox.collector.tokens import StaticTokenProvider, TokenProvider
+from popbox.collector.tokens import TokenProvider
 from popbox.errors import ConfigError
 
-__all__ = ["StaticTokenProvider", "TokenProvider", "build_token_provider", "read_password"]
+__all__ = ["build_token_provider", "read_password"]
 
 
 def build_token_provider(account: AccountSettings, settings: FetchSettings) -> TokenProvider:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, ParamSpec
 
-from popbox.collector.auth import TokenProvider
 from popbox.collector.config import AccountSettings
+from popbox.collector.tokens import TokenProvider
 from popbox.errors import CollectorError, ProtocolError, RemoteServerError
 from popbox.proto.client import (
     Capabilities,
@@ -43,6 +43,7 @@ from popbox.proto.client import (
     StatReply,
     UidListing,
 )
+from popbox.proto.replies import CODE_AUTH
 from popbox.proto.sasl import (
     apop_digest,
     login_responses,
@@ -316,7 +317,7 @@ class Pop3Session:
                 return
             except RemoteServerError as exc:
                 # An expired token is refused once; a fresh one gets one more try.
-                if exc.code not in (None, "AUTH"):
+                if exc.code not in (None, CODE_AUTH):
                     raise
                 failure = exc
         assert failure is not None
@@ -337,7 +338,7 @@ class Pop3Session:
                 return
             elif isinstance(event, ErrReply):
                 raise RemoteServerError(
-                    f"AUTH {mechanism} refused: {event.text}", code=event.code or "AUTH"
+                    f"AUTH {mechanism} refused: {event.text}", code=event.code or CODE_AUTH
                 )
             else:
                 raise RemoteServerError(f"unexpected reply to AUTH: {type(event).__name__}")

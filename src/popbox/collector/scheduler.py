@@ -20,6 +20,7 @@ from typing import Final
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.poll import Poller, PollObserver, PollResult
 from popbox.collector.state import CollectorState
+from popbox.proto.replies import CODE_IN_USE, CODE_LOGIN_DELAY
 
 __all__ = ["next_delay", "run_daemon", "run_once"]
 
@@ -51,9 +52,9 @@ def next_delay(
     if result.ok:
         base = account.interval
     else:
-        first = IN_USE_RETRY if result.error_code == "IN-USE" else FIRST_RETRY
+        first = IN_USE_RETRY if result.error_code == CODE_IN_USE else FIRST_RETRY
         base = min(settings.max_backoff, first * 2 ** max(failures - 1, 0))
-        if result.error_code == "LOGIN-DELAY":
+        if result.error_code == CODE_LOGIN_DELAY:
             base = max(base, result.login_delay or DEFAULT_LOGIN_DELAY, account.interval)
     spread = base * settings.jitter
     return max(1.0, base + rng.uniform(-spread, spread))

@@ -15,6 +15,7 @@ from typing import Final
 __all__ = [
     "CODE_AUTH",
     "CODE_IN_USE",
+    "CODE_LOGIN_DELAY",
     "CODE_SYS_PERM",
     "CODE_SYS_TEMP",
     "CRLF",
