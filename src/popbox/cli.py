@@ -44,7 +44,7 @@ class _Formatter(logging.Formatter):
     """logging's default line, with the timestamp's text made once per second.
 
     Every POP3 session writes one line; the stock ``formatTime`` runs localtime and
-    strftime for each, which was 6% of a busy worker's Python time under login load.
+    strftime for each, which showed in a busy worker's profile under login load.
     """
 
     _second = -1

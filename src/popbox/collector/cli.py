@@ -38,7 +38,7 @@ from popbox.collector.state import StateDB
 from popbox.errors import ConfigError, PopboxError
 
 if TYPE_CHECKING:
-    # rich loads only for a terminal or --status (30 ms of every cron run otherwise).
+    # rich loads only for a terminal or --status: every cron run would pay its import.
     from rich.progress import Progress, TaskID
 
 __all__ = [

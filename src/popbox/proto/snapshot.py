@@ -81,7 +81,7 @@ ListingKind = Literal["LIST", "UIDL"]
 
 
 # Whether a type offers MessageColumns, by type: isinstance() against a runtime
-# Protocol inspects every member each time (about 15 us on Python 3.11), and every
+# Protocol inspects every member each time, which is slow, and every
 # connection makes two snapshots (the empty one, then the maildrop's).
 _COLUMN_TYPES: dict[type, bool] = {tuple: False, list: False}
 
@@ -238,7 +238,7 @@ def _render_listing(
     numbers: Iterable[int], values: Sequence[object], template: str = "%s"
 ) -> bytes:
     """The lines of a listing, made by ONE %-format of the repeated line (C-level,
-    twice as fast as a format call per line: docs/performance.md); each value goes
+    where a format call per line costs a Python step per message); each value goes
     through ``template`` (a TemplatedColumn's) on the way."""
     line = _LISTING_LINE % template
     pairs = tuple(itertools.chain.from_iterable(zip(numbers, values, strict=True)))
