@@ -1,5 +1,5 @@
 """Properties of popbox.wireform: sizes, CRLF normalisation and dot-stuffing agree with
-a simple reference model (support.wire_reference) however a message is cut in pieces."""
+a simple reference model (support.wire) however a message is cut in pieces."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from popbox.wireform import (
     to_wire,
     wire_size,
 )
-from support.wire_reference import dotted_after_lf, normalise, retr_wire, split_at
+from support.wire import dotted_after_lf, retr_wire, split_at
+from support.wire import wire as normalise
 
 # Bytes rich in the octets that matter: line ends, dots, CR, NUL and 8-bit.
 MESSAGE_BYTES = st.lists(

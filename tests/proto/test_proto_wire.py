@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from popbox.proto.wire import WireDecoder, WireEncoder
 from popbox.wireform import CrlfNormaliser, DotStuffer, wire_size
-from support.wire_reference import normalise, split_at, stuff, top_content
+from support.wire import split_at, stuff, top_content
+from support.wire import wire as normalise
 
 # Bytes rich in the octets that matter: line ends, dots, CR, NUL and 8-bit.
 MESSAGE_BYTES = st.lists(

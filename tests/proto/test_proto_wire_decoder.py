@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popbox.proto.wire import WireDecoder
+from support.wire import split_at
 
 
 def reference(wire: bytes) -> tuple[bytes, bool, bytes]:
@@ -33,14 +34,6 @@ def reference(wire: bytes) -> tuple[bytes, bool, bytes]:
         position = end + 1
 
 
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({cut % (len(data) + 1) for cut in cuts})
-    pieces, start = [], 0
-    for point in points:
-        pieces.append(data[start:point])
-        start = point
-    pieces.append(data[start:])
-    return pieces
 
 
 # Octets that matter (line ends, dots, the terminator and its beginnings), long lines
