@@ -31,9 +31,8 @@ import click
 
 from popbox.collector.base import LocalDeliveryFactory
 from popbox.collector.config import AccountSettings, FetchSettings, load_fetch_settings
-from popbox.collector.poll import Poller, PollObserver, PollResult
-from popbox.collector.scheduler import PollFactory, run_daemon, run_once
-from popbox.collector.sinks import SinkContext, build_sink
+from popbox.collector.poll import PollObserver, PollResult
+from popbox.collector.scheduler import run_daemon, run_once
 from popbox.collector.state import StateDB
 from popbox.errors import ConfigError, PopboxError
 
@@ -82,24 +81,6 @@ def _refuse_popbox_sinks(accounts: list[AccountSettings]) -> None:
                     f"account {account.name}: sink {sink.label}: a popbox sink needs "
                     "`popbox fetch` (it delivers through the popbox server's rules)"
                 )
-
-
-def _pollers(
-    settings: FetchSettings,
-    db: StateDB,
-    *,
-    stop: asyncio.Event,
-    observer: PollObserver | None,
-    local_delivery: LocalDeliveryFactory | None,
-) -> PollFactory:
-    """One Poller per poll, its sinks built with what the composition root provided."""
-
-    def make(account: AccountSettings) -> Poller:
-        context = SinkContext(account, settings, local_delivery=local_delivery)
-        sinks = [build_sink(sink, context) for sink in account.sinks]
-        return Poller(account, settings, db, sinks=sinks, stop=stop, observer=observer)
-
-    return make
 
 
 class _ProgressObserver(PollObserver):
@@ -188,13 +169,15 @@ async def _main(
     for signum in (signal.SIGTERM, signal.SIGINT):
         # Finish the message in hand, then QUIT cleanly: nothing is lost or doubled.
         loop.add_signal_handler(signum, stop.set)
-    factory = _pollers(
-        settings, db, stop=stop, observer=observer, local_delivery=local_delivery
-    )
     try:
         if daemon:
             await run_daemon(
-                settings, accounts, db, stop=stop, observer=observer, factory=factory
+                settings,
+                accounts,
+                db,
+                stop=stop,
+                observer=observer,
+                local_delivery=local_delivery,
             )
             return []
         return await run_once(
@@ -204,7 +187,7 @@ async def _main(
             retry_quarantined=retry_quarantined,
             stop=stop,
             observer=observer,
-            factory=factory,
+            local_delivery=local_delivery,
         )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

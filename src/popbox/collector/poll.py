@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from popbox.collector.auth import build_token_provider, read_password
-from popbox.collector.base import FetchedMessage, Sink
+from popbox.collector.base import FetchedMessage, LocalDeliveryFactory, Sink
 from popbox.collector.client import Downloaded, Pop3Session
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.handoff import Handoff, Outcome
@@ -102,6 +102,7 @@ class Poller:
         state: CollectorState,
         *,
         sinks: Sequence[Sink] | None = None,
+        local_delivery: LocalDeliveryFactory | None = None,
         tokens: TokenProvider | None = None,
         stop: asyncio.Event | None = None,
         observer: PollObserver | None = None,
@@ -110,7 +111,9 @@ class Poller:
         self.settings = settings
         self.state = state
         self.quarantine = Quarantine(settings.quarantine_path)
-        context = SinkContext(account=account, settings=settings)
+        # Sinks not handed in are built from the account's settings; a popbox sink
+        # needs the composition root's way into local mailboxes (``local_delivery``).
+        context = SinkContext(account, settings, local_delivery=local_delivery)
         self.sinks = (
             list(sinks)
             if sinks is not None

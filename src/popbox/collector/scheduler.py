@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
+from popbox.collector.base import LocalDeliveryFactory
 from popbox.collector.config import AccountSettings, FetchSettings
 from popbox.collector.poll import Poller, PollObserver, PollResult
 from popbox.collector.state import CollectorState
@@ -37,9 +38,6 @@ DEFAULT_LOGIN_DELAY: Final = 900.0
 # The first polls of a daemon start spread over a few seconds, not a whole interval:
 # a freshly started daemon should show that it works.
 FIRST_POLL_SPREAD: Final = 5.0
-
-PollFactory = Callable[[AccountSettings], Poller]
-
 
 def next_delay(
     account: AccountSettings,
@@ -68,16 +66,16 @@ async def run_once(
     retry_quarantined: bool = False,
     stop: asyncio.Event | None = None,
     observer: PollObserver | None = None,
-    factory: PollFactory | None = None,
+    local_delivery: LocalDeliveryFactory | None = None,
 ) -> list[PollResult]:
     """Poll each account once, concurrently under the global cap."""
     stop = stop or asyncio.Event()
     limit = asyncio.Semaphore(settings.max_concurrent_accounts)
 
     def make(account: AccountSettings) -> Poller:
-        return Poller(account, settings, db, stop=stop, observer=observer)
-
-    build = factory or make
+        return Poller(
+            account, settings, db, local_delivery=local_delivery, stop=stop, observer=observer
+        )
 
     async def one(account: AccountSettings) -> PollResult:
         async with limit:
@@ -85,7 +83,7 @@ async def run_once(
                 result = PollResult(account.name, stopped=True)
                 result.error = "stopped before the poll began"
                 return result
-            return await build(account).run(retry_quarantined=retry_quarantined)
+            return await make(account).run(retry_quarantined=retry_quarantined)
 
     outcomes = await asyncio.gather(*(one(account) for account in accounts), return_exceptions=True)
     results: list[PollResult] = []
@@ -108,7 +106,7 @@ async def run_daemon(
     *,
     stop: asyncio.Event,
     observer: PollObserver | None = None,
-    factory: PollFactory | None = None,
+    local_delivery: LocalDeliveryFactory | None = None,
     rng: random.Random | None = None,
 ) -> None:
     """Poll every account on its own schedule until ``stop`` is set."""
@@ -116,9 +114,9 @@ async def run_daemon(
     limit = asyncio.Semaphore(settings.max_concurrent_accounts)
 
     def make(account: AccountSettings) -> Poller:
-        return Poller(account, settings, db, stop=stop, observer=observer)
-
-    build = factory or make
+        return Poller(
+            account, settings, db, local_delivery=local_delivery, stop=stop, observer=observer
+        )
 
     async def wait(seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -133,7 +131,7 @@ async def run_daemon(
                 if stop.is_set():
                     return
                 try:
-                    result = await build(account).run()
+                    result = await make(account).run()
                 except Exception as exc:  # a bug in one account's poll: back off, go on
                     log.error("poll crashed account=%s", account.name, exc_info=exc)
                     result = PollResult(account.name, error=f"internal error: {exc!r}")
