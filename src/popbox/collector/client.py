@@ -7,7 +7,7 @@ plaintext fallback; passwords never cross an unencrypted connection unless the a
 says ``allow_plaintext_password``. Every read has a timeout. With PIPELINING, UIDL and
 LIST go out together, several RETRs stay in flight and DELEs go out as one batch.
 Bodies are written to a spool file as they arrive, hashed on the way. The protocol
-core's errors become the collector's in one place, ``_collector_errors``.
+core's errors become the collector's in one place, ``_collector_error``.
 """
 
 from __future__ import annotations
@@ -67,20 +67,25 @@ SIZE_SLACK: Final = 1024 * 1024
 _Args = ParamSpec("_Args")
 
 
-@contextlib.contextmanager
-def _collector_errors() -> Iterator[None]:
+def _collector_error(exc: ProtocolError | ValueError) -> CollectorError:
     """Where the protocol core's errors become the collector's: the one place.
 
     A server that broke the protocol or one of its bounds is a RemoteServerError like
     any other misbehaving server; an argument the core refuses to send (a line break in
     a username or password would smuggle a second command) is the account's error.
     """
+    if isinstance(exc, ProtocolError):
+        return RemoteServerError(str(exc))
+    return CollectorError(str(exc))
+
+
+@contextlib.contextmanager
+def _collector_errors() -> Iterator[None]:
+    """``_collector_error`` around a block (the per-event path uses it inline)."""
     try:
         yield
-    except ProtocolError as exc:
-        raise RemoteServerError(str(exc)) from exc
-    except ValueError as exc:
-        raise CollectorError(str(exc)) from exc
+    except (ProtocolError, ValueError) as exc:
+        raise _collector_error(exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +237,10 @@ class Pop3Session:
 
     async def _event(self) -> Event:
         while True:
-            with _collector_errors():
+            try:
                 event = self._conn.next_event()
+            except (ProtocolError, ValueError) as exc:
+                raise _collector_error(exc) from exc
             if not isinstance(event, NeedData):
                 if isinstance(event, ConnectionClosed):
                     raise RemoteServerError("server closed the connection")
