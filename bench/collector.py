@@ -308,7 +308,7 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
                          f"{megabytes / seconds:.1f} | {advantage} |")
     targets = [("mpop", "loopback", 2.0), ("fetchmail", "20 ms RTT", 5.0),
                ("getmail6", "20 ms RTT", 5.0)]
-    lines += ["", "Targets of issue 6 (messages/s ratio popbox fetch / other):", ""]
+    lines += ["", "Targets (messages/s ratio popbox fetch / other):", ""]
     for client, link, goal in targets:
         ours, theirs = times.get(("popbox fetch", link)), times.get((client, link))
         if not ours or not theirs:

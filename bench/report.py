@@ -3,7 +3,7 @@
 A figure's samples are one value per repetition per server. The report shows median
 and min-max for popbox and each Dovecot shape, picks the better Dovecot shape per
 figure (the one to beat), and gives the ratio popbox/Dovecot of the medians with the
-target of issue 6 marked met or not.
+target marked met or not.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ __all__ = [
     "set_quota",
 ]
 
-# A new passwd file holds password hashes: readable by its owner only (issue 5).
+# A new passwd file holds password hashes: readable by its owner only.
 NEW_FILE_MODE: Final = 0o600
 # The directory that holds it (the data dir by default) is private too.
 NEW_DIR_MODE: Final = 0o700
