@@ -13,6 +13,10 @@ met them, with ``raise ... from exc`` so the cause stays in the log::
     ├── StoreError                the mail store failed                 -> [SYS/TEMP]
     │   ├── MaildropInUse         another session holds the maildrop    -> [IN-USE]
     │   ├── PermanentStoreError   retrying will not help                -> [SYS/PERM]
+    │   │   ├── InvalidMailboxName  a folder or device name that cannot be one
+    │   │   ├── NoSuchFolder        the login names a folder that does not exist
+    │   │   └── TooManyDevices      the folder has as many devices as it may hold
+    │   ├── LoginTooSoon          the device logged in less than LOGIN-DELAY ago -> [LOGIN-DELAY]
     │   ├── NoSuchMailbox         the user has no maildrop
     │   └── QuotaExceeded         delivery would pass the user's quota
     ├── DeliveryError             a message could not be delivered
@@ -33,10 +37,13 @@ __all__ = [
     "CollectorError",
     "ConfigError",
     "DeliveryError",
+    "InvalidMailboxName",
     "InvalidUsername",
     "LineTooLong",
+    "LoginTooSoon",
     "MaildropInUse",
     "MessageTooBig",
+    "NoSuchFolder",
     "NoSuchMailbox",
     "PermanentSinkError",
     "PermanentStoreError",
@@ -48,6 +55,7 @@ __all__ = [
     "StoreError",
     "TemporaryDeliveryError",
     "TemporarySinkError",
+    "TooManyDevices",
     "UnknownRecipient",
 ]
 
@@ -86,6 +94,26 @@ class MaildropInUse(StoreError):
 
 class PermanentStoreError(StoreError):
     """The mail store failed in a way that retrying will not fix; [SYS/PERM]."""
+
+
+class InvalidMailboxName(PermanentStoreError):
+    """A folder or device name that can never name one (path tricks, control characters)."""
+
+
+class NoSuchFolder(PermanentStoreError):
+    """The folder a login names does not exist in the user's mailbox."""
+
+
+class TooManyDevices(PermanentStoreError):
+    """A new device, and the folder already holds as many active devices as it may."""
+
+
+class LoginTooSoon(StoreError):
+    """The device logged in again before its LOGIN-DELAY (RFC 2449) was up."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NoSuchMailbox(StoreError):

@@ -4,6 +4,12 @@ A maildrop follows POP3's lifecycle (RFC 1939 section 8 and DESIGN.md): opening 
 takes an exclusive lock and a snapshot; bodies stream from the snapshot; deletions
 are committed only by ``commit_deletions`` (POP3's UPDATE state) and must be durable
 before it returns; ``release`` ends the session without deleting anything.
+
+A maildrop is one folder of a user's mailbox as one device sees it (store.mailbox):
+the snapshot leaves out what that device deleted, and a commit records the device's
+deletions and removes, per the policy's disposition, what no holding device wants
+any more (store.devices has the rules). With one device and the DELETE disposition
+that is exactly RFC 1939.
 """
 
 from __future__ import annotations
@@ -12,6 +18,15 @@ import os
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload
+
+from popbox.store.mailbox import (
+    DEFAULT_VIEW,
+    INBOX,
+    DeviceReport,
+    MailboxPolicy,
+    MailboxView,
+    SweepReport,
+)
 
 __all__ = ["MailStore", "Maildrop", "MessageInfo", "MessageTable", "Usage", "WireReadyFile"]
 
@@ -160,11 +175,22 @@ class Maildrop(Protocol):
         """
         ...
 
-    async def commit_deletions(self, indexes: Collection[int]) -> None:
-        """Delete these messages durably, then release the lock.
+    def mark_retrieved(self, index: int) -> None:
+        """Note that the session sent message ``index`` whole (RETR).
 
-        Returns only once the deletions survive a crash. On failure raises StoreError
-        and the lock is still released.
+        Kept in memory; ``commit_deletions`` and ``release`` record it where a
+        retention counts from the first retrieval (RFC 2449 EXPIRE). With a
+        retention of 0 days a retrieved message counts as deleted at QUIT.
+        """
+        ...
+
+    async def commit_deletions(self, indexes: Collection[int]) -> None:
+        """Delete these messages for this device durably, then release the lock.
+
+        Returns only once the deletions survive a crash: this device never sees them
+        again, and whatever no holding device wants any more is removed per the
+        policy's disposition. On failure raises StoreError and the lock is still
+        released.
         """
         ...
 
@@ -176,23 +202,50 @@ class Maildrop(Protocol):
 class MailStore(Protocol):
     """Where mailboxes live. One instance serves every user."""
 
-    async def open_maildrop(self, user: str) -> Maildrop:
-        """Lock the user's maildrop and snapshot it.
+    async def open_maildrop(self, user: str, view: MailboxView = DEFAULT_VIEW) -> Maildrop:
+        """Lock one folder of the user's mailbox and snapshot it as ``view`` sees it.
 
-        Creates an empty maildrop for a user who has none. Raises MaildropInUse if
-        another session (in any process) holds it, StoreError on other failures.
+        Notes the device's login (LOGIN-DELAY, activity). Creates an empty INBOX for a
+        user who has none. Raises MaildropInUse if another session (in any process)
+        holds the folder, NoSuchFolder for a folder that does not exist,
+        LoginTooSoon inside the device's login delay, TooManyDevices, StoreError on
+        other failures.
         """
         ...
 
-    async def deliver(self, user: str, message: bytes) -> str:
+    async def deliver(self, user: str, message: bytes, *, folder: str = INBOX) -> str:
         """Store one message durably for ``user``; return the store's key for it (logs).
 
         The UIDL is assigned when a session first sees the message (under the
         maildrop lock), so delivery never waits for a session. Returns only once the
         message survives a crash. Never blocks on a POP3
         session's lock: delivery and sessions run side by side. A session that is
-        open sees the message at its next login.
+        open sees the message at its next login. A folder that does not exist yet
+        is created.
         """
+        ...
+
+    async def folders(self, user: str) -> list[str]:
+        """The user's folders: INBOX first, then the others by name."""
+        ...
+
+    async def devices(self, user: str) -> list[DeviceReport]:
+        """Every device of every folder of the user (``popbox user show``)."""
+        ...
+
+    async def forget_device(self, user: str, device: str) -> int:
+        """Drop ``device`` from every folder, releasing what it held; returns in how
+        many folders it was known. Raises MaildropInUse if a session holds one of
+        them (nothing is changed then in that folder)."""
+        ...
+
+    async def sweep(
+        self, user: str, policy: MailboxPolicy, *, now: float | None = None
+    ) -> SweepReport:
+        """Remove, per ``policy``, what may go in each folder of the user's mailbox:
+        messages every holding device deleted, expired retention, hidden messages
+        whose time is up, and Trash older than ``trash_days``. A folder a session
+        holds is skipped and named in the report."""
         ...
 
     async def usage(self, user: str) -> Usage:
