@@ -7,18 +7,29 @@ file (or the working directory for the embedded default).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
+import logging
 import os
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from popbox.errors import ConfigError
 from popbox.proto import MAX_AUTH_FAILURES, MAX_BAD_COMMANDS, MAX_COMMAND_LINE, MAX_SASL_LINE
+from popbox.store.mailbox import Disposition, MailboxPolicy
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -26,6 +37,7 @@ __all__ = [
     "Config",
     "LimitSettings",
     "LmtpSettings",
+    "MailboxSettings",
     "Pop3Settings",
     "QuotaSettings",
     "StorageSettings",
@@ -61,6 +73,21 @@ SHUTDOWN_GRACE: Final = 10.0
 # Postfix's message_size_limit default (10 MB) is small for today's attachments;
 # Dovecot's LMTP has no limit by default. 100 MiB keeps a runaway sender bounded.
 MAX_MESSAGE_SIZE: Final = 100 * 1024 * 1024
+
+# Gmail's recent mode looks back 30 days; so does popbox's by default.
+RECENT_DAYS: Final = 30
+# A device that has not logged in for a month (a lost phone, an old laptop) stops
+# holding mail back; its own deletions still count while it comes back.
+ACTIVE_DAYS: Final = 30
+# What a Trash folder keeps, and what the KEEP disposition hides, before it goes:
+# Thunderbird's and Gmail's 30 days.
+TRASH_DAYS: Final = 30
+KEEP_DAYS: Final = 30
+# How often `popbox serve` sweeps every mailbox (expired retention, Trash, devices
+# gone idle). Retention is counted in days, so an hour late changes nothing.
+SWEEP_INTERVAL: Final = 3600.0
+
+log = logging.getLogger(__name__)
 
 # RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction;
 # Postfix sends at most lmtp_destination_recipient_limit (50) at a time anyway.
@@ -109,7 +136,8 @@ class Pop3Settings(_Section):
     apop: bool = False
     """APOP needs plaintext-equivalent secrets, so it is off unless asked for."""
     expire: str = "NEVER"
-    """The EXPIRE capability (RFC 2449): days as a number, or NEVER."""
+    """Kept for older configs: a number of days here is ``mailbox.retention_days``
+    (which EXPIRE in CAPA reports, and the sweeper enforces)."""
     implementation: str = "popbox"
     workers: int = Field(default=1, ge=1, le=256)
     """Worker processes sharing the listeners."""
@@ -209,6 +237,107 @@ class LmtpSettings(_Section):
     _listen = field_validator("listen")(_check_listen)
 
 
+class MailboxSettings(_Section):
+    """Folders, devices, retention and what removal does (docs/mailbox-model.md).
+
+    Every policy value may be set per user by an extra field in the passwd file:
+    ``popbox_disposition``, ``popbox_keep_days``, ``popbox_trash_days``,
+    ``popbox_retention_days`` (a number or ``never``), ``popbox_active_days``,
+    ``popbox_recent_days``, ``popbox_login_delay``; ``popbox_shared_with`` names the
+    users (comma-separated) who may open the mailbox as ``MAILBOX*USER``.
+    """
+
+    device_separator: str = "~"
+    """``alice~phone`` logs in as the device ``phone``; "" turns device names off.
+    "~" is unreserved in URLs (curl), and not a user-name character."""
+    folder_separator: str = "+"
+    """``alice+invoices`` opens the folder ``invoices`` (Cyrus's form); "" turns it off."""
+    master_separator: str = "*"
+    """``support*bob`` opens the shared mailbox ``support`` with bob's password (Dovecot's
+    master-user form); "" turns shared logins off."""
+    recent_prefix: str = "recent:"
+    """``recent:alice`` is a recent-mode login (Gmail's form); "" turns it off."""
+    disposition: Literal["delete", "trash", "archive", "keep"] = "delete"
+    keep_days: int = Field(default=KEEP_DAYS, ge=0)
+    trash_days: int = Field(default=TRASH_DAYS, ge=0)
+    retention_days: int | None = Field(default=None, ge=0)
+    """Days after its first retrieval when a message is removed (EXPIRE); unset: never."""
+    active_days: int = Field(default=ACTIVE_DAYS, ge=1)
+    recent_days: int = Field(default=RECENT_DAYS, ge=1)
+    login_delay: int = Field(default=0, ge=0)
+    """Least seconds between two logins of one device (LOGIN-DELAY); 0: none."""
+    folder_delivery: Literal["create", "existing", "inbox"] = "create"
+    """Where mail for ``alice+invoices@`` goes: the folder, created on first delivery;
+    the folder only if it exists (else INBOX); or always INBOX."""
+    sweep_interval: float = Field(default=SWEEP_INTERVAL, gt=0)
+    """Seconds between two sweeps of every mailbox inside ``popbox serve``."""
+
+    @field_validator("device_separator", "folder_separator", "master_separator")
+    @classmethod
+    def _check_separator(cls, value: str) -> str:
+        if len(value) > 1 or (
+            value and (value.isalnum() or value in "._-@/:" or not value.isprintable())
+        ):
+            raise ValueError("must be one character that cannot be part of a name, or empty")
+        return value
+
+    def default_policy(self) -> MailboxPolicy:
+        return MailboxPolicy(
+            disposition=Disposition(self.disposition),
+            keep_days=self.keep_days,
+            trash_days=self.trash_days,
+            retention_days=self.retention_days,
+            active_days=self.active_days,
+            recent_days=self.recent_days,
+            login_delay=self.login_delay,
+        )
+
+    def policy_for(self, extra: Mapping[str, str], *, user: str = "") -> MailboxPolicy:
+        """The server's policy with the user's own extra fields on top.
+
+        A malformed field is logged and ignored (the server's value stays): a typo
+        in one line of the passwd file must not lock a user out or lose mail.
+        """
+        policy = self.default_policy()
+        if not any(key.startswith(USER_POLICY_PREFIX) for key in extra):
+            return policy
+        values: dict[str, Any] = {}
+        for name in _POLICY_DAYS:
+            text = extra.get(USER_POLICY_PREFIX + name)
+            if text is None:
+                continue
+            if name == "retention_days" and text.lower() == "never":
+                values[name] = None
+            elif text.isascii() and text.isdigit() and (name != "active_days" or int(text) > 0):
+                values[name] = int(text)
+            else:
+                log.warning("user %s: %s%s=%r ignored", user, USER_POLICY_PREFIX, name, text)
+        text = extra.get(USER_POLICY_PREFIX + "disposition")
+        if text is not None:
+            try:
+                values["disposition"] = Disposition(text.lower())
+            except ValueError:
+                log.warning("user %s: %sdisposition=%r ignored", user, USER_POLICY_PREFIX, text)
+        return dataclasses.replace(policy, **values)
+
+    def shared_with(self, extra: Mapping[str, str]) -> frozenset[str]:
+        """The users who may open this user's mailbox as members (``popbox_shared_with``)."""
+        text = extra.get(USER_POLICY_PREFIX + "shared_with", "")
+        return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
+# Per-user policy fields in the passwd file's extra fields start with this.
+USER_POLICY_PREFIX: Final = "popbox_"
+_POLICY_DAYS: Final = (
+    "keep_days",
+    "trash_days",
+    "retention_days",
+    "active_days",
+    "recent_days",
+    "login_delay",
+)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -225,12 +354,29 @@ class Config(_Section):
     storage: StorageSettings = StorageSettings()
     quota: QuotaSettings = QuotaSettings()
     lmtp: LmtpSettings = LmtpSettings()
+    mailbox: MailboxSettings = MailboxSettings()
     log: LogSettings = LogSettings()
     fetch: dict[str, Any] = {}
     """The collector's own settings; validated by popbox.collector when it runs."""
     user: str | None = None
     """Unprivileged user to switch to after binding listeners when started as root."""
     group: str | None = None
+
+    @model_validator(mode="after")
+    def _expire_is_retention(self) -> Config:
+        # pop3.expire once only printed EXPIRE in CAPA; it now means the retention
+        # it promised, and may not contradict mailbox.retention_days.
+        if self.pop3.expire == "NEVER":
+            return self
+        days = int(self.pop3.expire)
+        if self.mailbox.retention_days is None:
+            mailbox = self.mailbox.model_copy(update={"retention_days": days})
+            object.__setattr__(self, "mailbox", mailbox)
+        elif self.mailbox.retention_days != days:
+            raise ValueError(
+                "pop3.expire and mailbox.retention_days disagree; set only retention_days"
+            )
+        return self
 
     def tls_cert_path(self) -> Path:
         return self.tls.cert or self.data_dir / "tls" / "cert.pem"
