@@ -18,12 +18,14 @@ from popbox.errors import (
     LoginTooSoon,
     MaildropInUse,
     NoSuchFolder,
+    StoreError,
 )
 from popbox.store import MaildirStore, MailStore, MemoryStore
 from popbox.store.mailbox import (
     ARCHIVE,
     DAY,
     INBOX,
+    INSPECT_VIEW,
     TRASH,
     Disposition,
     MailboxPolicy,
@@ -246,6 +248,21 @@ async def test_device_names_that_cannot_be_one_are_refused(mailbox_store: MailSt
     for bad in ("", "../x", "a/b/c", "pho\nne", ".hidden", "-opt", "x" * 300):
         with pytest.raises(InvalidMailboxName):
             await mailbox_store.open_maildrop("alice", view(bad))
+
+
+async def test_an_inspecting_view_sees_everything_stored_and_is_no_device(
+    mailbox_store: MailStore,
+) -> None:
+    await deliver(mailbox_store, 2)
+    await uidls_seen(mailbox_store, "alice", view("laptop"))
+    everything = await delete_all(mailbox_store, "alice", view("phone"))
+    assert await uidls_seen(mailbox_store, "alice", INSPECT_VIEW) == everything
+    assert {r.device for r in await mailbox_store.devices("alice")} == {"laptop", "phone"}
+    inspecting = await mailbox_store.open_maildrop("alice", INSPECT_VIEW)
+    with pytest.raises(StoreError):
+        await inspecting.commit_deletions([0])
+    assert (await mailbox_store.usage("alice")).messages == 2
+    await uidls_seen(mailbox_store, "alice", view("laptop"))  # the lock was released
 
 
 # -- recent mode ---------------------------------------------------------------------
