@@ -1,7 +1,8 @@
 """Assembles popbox's server side from a Config and runs it until SIGTERM or SIGINT.
 
 The parts (store, user database, Deliverer) come from popbox.backends, the builders
-that ``popbox deliver``, ``popbox user list`` and ``popbox fetch`` use too.
+that ``popbox deliver``, ``popbox user list`` and ``popbox fetch`` use too. One process
+of the server also sweeps every mailbox in the background (popbox.mailboxes).
 
 The embedded default (no config file) keeps everything under ./popbox-data: the
 Maildirs, the passwd file and a generated self-signed certificate.
@@ -227,16 +228,21 @@ def serve(config: Config) -> None:
         "" if config.pop3.workers == 1 else "s",
     )
     if config.pop3.workers == 1:
-        run_loop(serve_listeners(config, listeners))
+        run_loop(serve_listeners(config, listeners, sweep=True))
     else:
         WorkerSupervisor(config, listeners).run()
 
 
-async def serve_listeners(config: Config, listeners: Listeners) -> None:
-    """Run POP3 (and LMTP) on bound sockets until SIGTERM/SIGINT, then shut down."""
+async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) -> None:
+    """Run POP3 (and LMTP) on bound sockets until SIGTERM/SIGINT, then shut down.
+
+    ``sweep``: this process also runs the mailbox sweeper (one process of the server
+    does, see ``WorkerSupervisor``).
+    """
     from popbox.backends import build_hasher, build_passdb, build_store
     from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
+    from popbox.mailboxes import MailboxSweeper, stop_task
     from popbox.net.service import Pop3Service
 
     store = build_store(config)
@@ -248,6 +254,7 @@ async def serve_listeners(config: Config, listeners: Listeners) -> None:
     if listeners.lmtp:
         lmtp_service = LmtpService(config, Deliverer(config, store, passdb))
         await lmtp_service.start(sockets=listeners.lmtp)
+    sweeper = MailboxSweeper(config, store).start() if sweep else None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -260,6 +267,8 @@ async def serve_listeners(config: Config, listeners: Listeners) -> None:
             "shutting down: no new connections, sessions get %ss to finish",
             config.limits.shutdown_grace,
         )
+        if sweeper is not None:
+            await stop_task(sweeper)
         if lmtp_service is not None:
             await lmtp_service.stop()
         await pop3.shutdown()
@@ -275,49 +284,53 @@ class WorkerSupervisor:
     The kernel spreads connections over the processes accepting on the same sockets;
     the maildrop lock (flock) already works across processes. Per-IP limits count
     per worker. SIGTERM/SIGINT are passed on and each worker shuts down gracefully.
+    Each worker has a slot; the worker in slot 0 (and the one that replaces it) also
+    runs the mailbox sweeper, so there is always exactly one.
     """
 
     def __init__(self, config: Config, listeners: Listeners) -> None:
         self._config = config
         self._listeners = listeners
-        self._children: dict[int, float] = {}
+        self._children: dict[int, tuple[float, int]] = {}
         self._stopping = False
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        for _ in range(self._config.pop3.workers):
-            self._spawn()
+        for slot in range(self._config.pop3.workers):
+            self._spawn(slot)
         while self._children:
             try:
                 pid, status = os.wait()
             except ChildProcessError:
                 break
-            started = self._children.pop(pid, None)
-            if started is None or self._stopping:
+            child = self._children.pop(pid, None)
+            if child is None or self._stopping:
                 continue
+            started, slot = child
             log.error("worker %d ended unexpectedly (%s); starting another", pid, _describe(status))
             if time.monotonic() - started < WORKER_RESTART_DELAY:
                 # A worker that dies at once would otherwise be restarted in a hot loop.
                 time.sleep(WORKER_RESTART_DELAY)
             if not self._stopping:
-                self._spawn()
+                self._spawn(slot)
 
-    def _spawn(self) -> None:
+    def _spawn(self, slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                run_loop(serve_listeners(self._config, self._listeners))
+                log.info("worker %d started in slot %d", os.getpid(), slot)
+                run_loop(serve_listeners(self._config, self._listeners, sweep=slot == 0))
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
                 code = 1
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self._children[pid] = time.monotonic()
+        self._children[pid] = (time.monotonic(), slot)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True

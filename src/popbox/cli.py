@@ -1,4 +1,4 @@
-"""The `popbox` command: serve, user, deliver, check-config, fetch, oauth."""
+"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import click
 
 from popbox.errors import PopboxError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     # The server's settings load only for the commands that use them: `popbox fetch`
     # (run by cron every minute) reads its own [fetch] table and never needs them.
+    from popbox.auth.base import UserRecord
     from popbox.config import Config
+    from popbox.store.base import MailStore, Usage
+    from popbox.store.mailbox import DeviceReport
+
+T = TypeVar("T")
 
 __all__ = ["main"]
 
@@ -288,6 +295,49 @@ def _human(octets: int) -> str:
     return f"{octets} B"
 
 
+def _quota(config: Config, record: UserRecord) -> tuple[int, int]:
+    """The user's (messages, octets) quota; 0 is no limit."""
+    # A per-user 0 means "no limit" and overrides the default (as in Dovecot).
+    messages = config.quota.messages if record.quota_messages is None else record.quota_messages
+    octets = config.quota.octets if record.quota_octets is None else record.quota_octets
+    return messages, octets
+
+
+def _users(config: Config) -> list[UserRecord]:
+    from popbox.auth.admin import list_users
+
+    try:
+        return list_users(config.auth.passwd_file)
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _user(config: Config, name: str) -> UserRecord:
+    """The passwd file's record of ``name``; a ClickException (exit 1) if none."""
+    for record in _users(config):
+        if record.name == name:
+            return record
+    raise click.ClickException(f"no user {name} in {config.auth.passwd_file}")
+
+
+def _run_on_store(config: Config, work: Callable[[MailStore], Awaitable[T]]) -> T:
+    """Run ``work`` on the configured store and close it; a store error exits 1."""
+    from popbox.backends import build_store
+
+    store = build_store(config)
+
+    async def run() -> T:
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except PopboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @user.command("list")
 @config_option
 def user_list(config_path: Path | None) -> None:
@@ -295,33 +345,16 @@ def user_list(config_path: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from popbox.auth.admin import list_users
-    from popbox.backends import build_store
-
     config = _load(config_path)
-    try:
-        records = list_users(config.auth.passwd_file)
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    store = build_store(config)
+    records = _users(config)
 
-    async def usages() -> list[Any]:
-        try:
-            return [await store.usage(record.name) for record in records]
-        finally:
-            await store.close()
+    async def usages(store: MailStore) -> list[Usage]:
+        return [await store.usage(record.name) for record in records]
 
-    try:
-        used = asyncio.run(usages())
-    except PopboxError as exc:
-        raise click.ClickException(str(exc)) from exc
+    used = _run_on_store(config, usages)
     table = Table("user", "messages", "size", "quota messages", "quota size")
     for record, usage in zip(records, used, strict=True):
-        # A per-user 0 means "no limit" and overrides the default (as in Dovecot).
-        quota_messages = (
-            config.quota.messages if record.quota_messages is None else record.quota_messages
-        )
-        quota_octets = config.quota.octets if record.quota_octets is None else record.quota_octets
+        quota_messages, quota_octets = _quota(config, record)
         table.add_row(
             record.name,
             str(usage.messages),
@@ -330,6 +363,176 @@ def user_list(config_path: Path | None) -> None:
             f"{_human(usage.octets)}/{_human(quota_octets)}" if quota_octets else "-",
         )
     Console().print(table)
+
+
+def _when(stamp: float, now: float) -> str:
+    """A human date for a login time: ``2026-12-07 16:53 (3 days ago)``, or ``never``."""
+    from datetime import date
+
+    if stamp <= 0:
+        return "never"
+    days = (date.fromtimestamp(now) - date.fromtimestamp(stamp)).days
+    ago = {0: "today", 1: "yesterday"}.get(days, f"{days} days ago")
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(stamp))} ({ago})"
+
+
+@user.command("show")
+@config_option
+@click.argument("name")
+def user_show(config_path: Path | None, name: str) -> None:
+    """Show a user's mail, folders, devices and mailbox policy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from popbox.mailboxes import device_holds, policy_values
+
+    config = _load(config_path)
+    record = _user(config, name)
+    policy, values = policy_values(config.mailbox, record.extra, user=name)
+
+    async def facts(store: MailStore) -> tuple[Usage, list[str], list[DeviceReport]]:
+        return await store.usage(name), await store.folders(name), await store.devices(name)
+
+    usage, folders, devices = _run_on_store(config, facts)
+    now = time.time()
+    # Names and passwd fields are shown as they are, never read as rich markup.
+    console = Console(markup=False, highlight=False)
+    quota_messages, quota_octets = _quota(config, record)
+    quota = ", ".join(
+        [f"{usage.messages}/{quota_messages} messages"] * bool(quota_messages)
+        + [f"{_human(usage.octets)}/{_human(quota_octets)}"] * bool(quota_octets)
+    )
+    console.print(f"user {name}")
+    console.print(
+        f"  mail: {usage.messages} message{'s' * (usage.messages != 1)}, "
+        f"{_human(usage.octets)}; quota: {quota or 'none'}"
+    )
+    members = sorted(config.mailbox.shared_with(record.extra))
+    if members:
+        console.print(f"  shared with: {', '.join(members)} (each a device named after them)")
+    removal = [f"{folder} (removal: {policy.disposition_in(folder).value})" for folder in folders]
+    console.print(f"  folders: {', '.join(removal)}")
+    settings = Table("policy", "value", "from", title=None)
+    for value in values:
+        settings.add_row(value.name, value.value, value.source)
+    console.print(settings)
+    table = Table("folder", "device", "last login", "holds mail", "pending", "deleted")
+    for folder in folders:
+        rows = [device for device in devices if device.folder == folder]
+        if not rows:
+            table.add_row(folder, "(none yet)", "", "", "", "")
+        for device in rows:
+            table.add_row(
+                folder,
+                device.device,
+                _when(device.last_login, now),
+                "yes" if device_holds(device, policy, now) else "no",
+                str(device.pending),
+                str(device.deleted),
+            )
+    console.print(table)
+
+
+@main.group()
+def device() -> None:
+    """Manage the devices that read a user's mailbox (docs/mailbox-model.md)."""
+
+
+@device.command("forget")
+@config_option
+@click.argument("name")
+@click.argument("device_name", metavar="DEVICE")
+def device_forget(config_path: Path | None, name: str, device_name: str) -> None:
+    """Forget DEVICE of user NAME in every folder: it stops holding mail back, and
+    at its next login it sees every message again, as a new device."""
+    from popbox.errors import MaildropInUse
+    from popbox.mailboxes import known_devices
+
+    config = _load(config_path)
+    _user(config, name)
+
+    async def forget(store: MailStore) -> tuple[int, list[str]]:
+        try:
+            count = await store.forget_device(name, device_name)
+        except MaildropInUse as exc:
+            raise click.ClickException(
+                f"cannot forget device {device_name} of {name} now: a POP3 session holds "
+                "one of its folders (nothing changed in that one); try again when the "
+                "session has ended"
+            ) from exc
+        return count, [] if count else known_devices(await store.devices(name))
+
+    count, known = _run_on_store(config, forget)
+    if not count:
+        raise click.ClickException(
+            f"{name} has no device {device_name!r}; known devices: {', '.join(known) or 'none'}"
+        )
+    click.echo(f"forgot device {device_name} of {name} in {count} folder{'s' * (count != 1)}")
+
+
+def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``--now``: ISO 8601 (local time if it gives no offset) or epoch seconds."""
+    if value is None:
+        return None
+    from datetime import datetime
+
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither ISO 8601 (2027-01-31T12:00+00:00) nor epoch seconds"
+        ) from None
+
+
+@main.command()
+@config_option
+@click.argument("users", nargs=-1, metavar="[USER]...")
+@click.option(
+    "--now",
+    metavar="ISO-8601|EPOCH",
+    callback=_moment,
+    help="Act as if it were this time (ISO 8601 or epoch seconds): to try a policy, "
+    "or in tests. Removals are real.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every user's sweep.")
+def expire(
+    config_path: Path | None, users: tuple[str, ...], now: float | None, verbose: bool
+) -> None:
+    """Sweep every user's mailbox (or only USERs) once, for cron.
+
+    Removes what the mailbox policy lets go: messages every active device deleted,
+    expired retention, hidden messages past keep_days, Trash past trash_days.
+    `popbox serve` does the same every mailbox.sweep_interval. Exit code 1 if some
+    user's sweep failed.
+    """
+    from popbox.mailboxes import describe_report, sweep_users
+
+    config = _load(config_path)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    records = _users(config)
+    if users:
+        by_name = {record.name: record for record in records}
+        unknown = [name for name in users if name not in by_name]
+        if unknown:
+            raise click.ClickException(f"no user {', '.join(unknown)} in {config.auth.passwd_file}")
+        records = [by_name[name] for name in dict.fromkeys(users)]
+
+    summary = _run_on_store(
+        config, lambda store: sweep_users(config.mailbox, store, records, now=now)
+    )
+    if now is not None:
+        click.echo(f"as if at {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(now))}")
+    for item in summary.users:
+        if item.report is not None and item.did_something:
+            click.echo(f"{item.user}: {describe_report(item.report)}")
+    click.echo(summary.describe())
+    if summary.failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from popbox.errors import LoginTooSoon, PermanentStoreError, TooManyDevices
+from popbox.errors import InvalidMailboxName, LoginTooSoon, PermanentStoreError, TooManyDevices
 from popbox.store.mailbox import (
     ARCHIVE,
     DAY,
@@ -445,7 +445,7 @@ class FolderState:
             return cls._from_document(document)
         except StateFormatError:
             raise
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError, InvalidMailboxName) as exc:
             raise StateFormatError(f"device state is damaged: {exc}") from exc
 
     @classmethod

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_DEVICE",
     "DEFAULT_VIEW",
     "INBOX",
+    "INSPECT_VIEW",
     "MAX_DEVICE_NAME",
     "MAX_FOLDER_NAME",
     "TRASH",
@@ -147,9 +148,15 @@ class MailboxView:
     """Recent mode: the last ``policy.recent_days`` of mail, whatever other devices
     deleted; such a login never holds mail back from removal."""
     policy: MailboxPolicy = field(default_factory=MailboxPolicy)
+    inspect: bool = False
+    """popbox's own look at the folder (a delivery's duplicate check, an audit), not a
+    device's login: it notes no login, sees every message stored but the hidden
+    ones, and may not commit deletions."""
 
 
 DEFAULT_VIEW: Final = MailboxView()
+# The view for popbox's own looks at a folder (MailboxView.inspect).
+INSPECT_VIEW: Final = MailboxView(inspect=True)
 
 
 @dataclass(frozen=True, slots=True)

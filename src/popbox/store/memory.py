@@ -107,6 +107,9 @@ class MemoryMaildrop:
             # The lock is gone (maybe held by another session now): deleting would
             # act outside POP3's UPDATE state.
             raise StoreError(f"maildrop of {self._user} was already released")
+        if self._view.inspect:
+            await self.release()
+            raise StoreError("an inspecting view cannot delete messages")
         try:
             doomed = [self._snapshot[i].uid for i in indexes]
             view = self._view
@@ -162,9 +165,12 @@ class MemoryStore:
         if folder.locked:
             raise MaildropInUse(f"maildrop of {user} is locked by another session")
         now = self.now()
-        folder.state.log_in(view.device, now, holds=not view.recent, policy=view.policy)
+        if view.inspect:
+            excluded = folder.state.hidden()
+        else:
+            folder.state.log_in(view.device, now, holds=not view.recent, policy=view.policy)
+            excluded = folder.state.excluded_for(view.device)
         folder.locked = True
-        excluded = folder.state.excluded_for(view.device)
         since = now - view.policy.recent_days * DAY if view.recent else None
         visible = [
             m
