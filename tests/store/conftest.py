@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from popbox.store import MaildirStore, MailStore, MemoryStore
+from popbox.store.mailbox import DAY
 
 
 class FakeClock:
@@ -24,8 +25,8 @@ class FakeClock:
     def __call__(self) -> float:
         return time.time() + self.skipped
 
-    def advance(self, seconds: float) -> None:
-        self.skipped += seconds
+    def advance(self, *, days: float = 0, seconds: float = 0) -> None:
+        self.skipped += days * DAY + seconds
 
 
 @pytest.fixture

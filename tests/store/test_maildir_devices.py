@@ -25,7 +25,7 @@ from popbox.errors import MaildropInUse, PermanentStoreError
 from popbox.store import MaildirStore
 from popbox.store.devices import STATE_FORMAT
 from popbox.store.index_file import INDEX_NAME
-from popbox.store.mailbox import DAY, MailboxPolicy, MailboxView
+from popbox.store.mailbox import MailboxPolicy, MailboxView
 from popbox.store.maildir_state import STATE_NAME
 from support.maildrop import read_all
 
@@ -154,7 +154,7 @@ async def test_a_login_is_noted_at_most_hourly(maildir_store: MaildirStore, cloc
     first = state_file(maildir_store).stat().st_ino
     await seen(maildir_store, PHONE)
     assert state_file(maildir_store).stat().st_ino == first  # a poll writes nothing
-    clock.advance(3600)
+    clock.advance(seconds=3600)
     await seen(maildir_store, PHONE)
     assert state_file(maildir_store).stat().st_ino != first
 
@@ -241,6 +241,17 @@ async def test_expire_zero_removes_what_a_session_retrieved_at_its_quit(
     dropped.mark_retrieved(0)
     await dropped.release()  # no QUIT: recorded, not removed
     assert len(await seen(maildir_store, MailboxView(device="laptop", policy=policy))) == 2
-    clock.advance(DAY)
+    clock.advance(days=1)
     assert (await maildir_store.sweep("alice", policy)).removed == 1
     assert await seen(maildir_store, MailboxView(device="laptop", policy=policy)) == bodies[2:]
+
+
+async def test_a_sweep_of_folders_nobody_logged_in_to_writes_no_state(
+    maildir_store: MaildirStore,
+) -> None:
+    await deliver(maildir_store, 2)
+    await deliver(maildir_store, 1, folder="Archive")
+    report = await maildir_store.sweep("alice", MailboxPolicy())
+    assert (report.removed, report.moved, report.hidden) == (0, 0, 0)
+    assert not state_file(maildir_store).exists()
+    assert not state_file(maildir_store, "Archive").exists()

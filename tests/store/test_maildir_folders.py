@@ -175,3 +175,22 @@ async def test_dovecot_reads_popbox_folders_and_popbox_reads_dovecots(
     saved = await store.open_maildrop("alice", MailboxView(folder="lists.python"))
     assert b"saved by doveadm" in await read_all(saved, 0)
     await saved.release()
+
+
+async def test_a_move_into_a_folder_a_session_holds_is_seen_after_its_quit(
+    maildir_store: MaildirStore,
+) -> None:
+    """A session reading Trash commits while a QUIT in INBOX moves mail into Trash's
+    cur/: the Trash index it writes must not claim cur/ unchanged, or the moved
+    message would stay out of every later snapshot."""
+    await maildir_store.deliver(
+        "alice", b"Subject: first\n\nalready in the trash\n", folder="Trash"
+    )
+    await maildir_store.deliver("alice", b"Subject: second\n\nmoved meanwhile\n")
+    trash_session = await maildir_store.open_maildrop("alice", MailboxView(folder="Trash"))
+    inbox_session = await maildir_store.open_maildrop("alice", MailboxView(policy=TRASHING))
+    await inbox_session.commit_deletions([0])
+    await trash_session.commit_deletions([0])
+    trash = await maildir_store.open_maildrop("alice", MailboxView(folder="Trash"))
+    assert [await read_all(trash, 0)] == [b"Subject: second\n\nmoved meanwhile\n"]
+    await trash.release()

@@ -5,9 +5,9 @@ DELE, RETR, QUIT or a dropped session), days passing, sweeps and forgotten devic
 go to a MemoryStore and a MaildirStore side by side, under every disposition and
 retention; after every step both must show the same thing: what each login sees
 (message by message, oldest first), which login is refused and why, what a sweep
-did, the folders, the usage and each device's counts. The memory store is the
-model the contract is written against, so a difference is a Maildir bug (or a gap
-in the contract).
+did, the folders, the usage and each device's counts; popbox's own inspecting looks
+go along. The memory store is the model the contract is written against, so a
+difference is a Maildir bug (or a gap in the contract).
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ class Advance:
 
 
 @dataclass(frozen=True)
+class Inspect:
+    """popbox's own look at a folder (INSPECT_VIEW), which may not delete."""
+
+    folder: str
+    tries_to_delete: bool
+
+
+@dataclass(frozen=True)
 class Sweep:
     pass
 
@@ -104,6 +112,7 @@ steps = st.one_of(
     ]
     * 3,
     st.builds(Advance, st.sampled_from([1, 12, 24, 24 * 3, 24 * 8, 24 * 31])),
+    st.builds(Inspect, folders, st.booleans()),
     st.builds(Sweep),
     st.builds(Forget, st.sampled_from(DEVICES)),
     st.builds(BusySweep, st.sampled_from(DEVICES)),
@@ -149,6 +158,20 @@ async def step(
         finally:
             await held.release()
         return (sorted(report.busy), forgotten)
+    if isinstance(act, Inspect):
+        try:
+            looked = await store.open_maildrop(USER, MailboxView(folder=act.folder, inspect=True))
+        except StoreError as exc:
+            return type(exc).__name__
+        stored = [await read_all(looked, index) for index in range(len(looked.messages))]
+        if not act.tries_to_delete:
+            await looked.release()
+            return stored
+        try:
+            await looked.commit_deletions([0])
+        except StoreError as exc:
+            return stored, type(exc).__name__
+        return stored, "deleted"
     assert isinstance(act, Login)
     view = MailboxView(folder=act.folder, device=act.device, recent=act.recent, policy=policy)
     try:

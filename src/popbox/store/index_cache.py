@@ -77,7 +77,7 @@ class LoadedIndex:
         """The folder's device state as last read or written (None: not loaded)."""
         # Views by (device, recent mode), least recently used first; and each
         # message's delivery time from its name, for recent-mode views.
-        self._views: OrderedDict[tuple[str, bool], MaildropView] = OrderedDict()
+        self._views: OrderedDict[tuple[str | None, bool], MaildropView] = OrderedDict()
         self._arrivals: array[int] | None = None
 
     def snapshot(self) -> tuple[MessageTable, IndexColumns]:
@@ -91,10 +91,11 @@ class LoadedIndex:
             self._table = MessageTable(columns.uidls, columns.sizes, uidls_checked=True)
         return self._table, self._columns
 
-    def view(self, device: str, excluded: UidSet, cutoff: float | None) -> MaildropView:
-        """What ``device`` sees of this index version: everything but ``excluded``
-        and, in recent mode, only what arrived at ``cutoff`` or later (None: normal
-        mode). Reused while it holds; the whole snapshot when nothing is left out."""
+    def view(self, device: str | None, excluded: UidSet, cutoff: float | None) -> MaildropView:
+        """What ``device`` (None: popbox's inspecting look) sees of this index version:
+        everything but ``excluded`` and, in recent mode, only what arrived at
+        ``cutoff`` or later (None: normal mode). Reused while it holds; the whole
+        snapshot when nothing is left out."""
         key = (device, cutoff is not None)
         cached = self._views.get(key)
         if cached is not None and cached.holds_for(excluded, cutoff):

@@ -64,6 +64,7 @@ from popbox.store.mailbox import (
 from popbox.store.maildir_deliver import MaildirDelivery
 from popbox.store.maildir_errors import os_errors
 from popbox.store.maildir_folders import MAX_LAYOUTS, FolderLayout, Mailboxes, check_user
+from popbox.store.maildir_removal import Destination
 from popbox.store.maildir_state import write_state
 from popbox.store.maildir_sync import nothing_to_reconcile
 from popbox.store.maildir_upkeep import (
@@ -115,12 +116,7 @@ class MaildirStore:
         self._delivery = MaildirDelivery(
             save_crlf=save_crlf, make_maildir=self._mailboxes.ensure_maildir, clock=clock
         )
-        self._services = StoreServices(
-            self._index_cache,
-            clock,
-            self._mailboxes.folder_maildir,
-            self._delivery.unique_name,
-        )
+        self._services = StoreServices(self._index_cache, clock, self._destination)
 
     @property
     def root(self) -> Path:
@@ -135,6 +131,11 @@ class MaildirStore:
         """The Maildir of ``user``'s ``folder``; raises PermanentStoreError for a path
         trick (InvalidMailboxName for a folder name)."""
         return self._mailboxes.layout(user, folder).maildir
+
+    def _destination(self, user: str, folder: str) -> Destination:
+        """Where a commit or a sweep moves messages into ``folder`` (made if missing):
+        new names come from the delivery's, so they start with the time of the move."""
+        return Destination(self._mailboxes.folder_maildir(user, folder), self._delivery.unique_name)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -268,15 +269,20 @@ class MaildirStore:
         assert loaded.state is not None
         state = loaded.state.state
         now = self._clock()
-        if state.log_in(view.device, now, holds=not view.recent, policy=view.policy):
-            must_write = True
+        if view.inspect:
+            # popbox's own look: no login noted, everything stored but the hidden.
+            device, excluded = None, state.hidden()
+        else:
+            device, excluded = view.device, state.excluded_for(view.device)
+            if state.log_in(view.device, now, holds=not view.recent, policy=view.policy):
+                must_write = True
         if must_write:
             if not may_write:
                 loaded.state = None  # changed in memory only: read afresh by the thread
                 return None
             write_state(layout.maildir, loaded.state)
         cutoff = now - view.policy.recent_days * DAY if view.recent else None
-        device_view = loaded.view(view.device, state.excluded_for(view.device), cutoff)
+        device_view = loaded.view(device, excluded, cutoff)
         return MaildirMaildrop(layout.place, lock, loaded, device_view, view, self._services)
 
     # -- delivery -----------------------------------------------------------------

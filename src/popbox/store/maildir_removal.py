@@ -30,7 +30,16 @@ from popbox.store.index import IndexColumns, MaildirIndex, scan_messages
 from popbox.store.index_file import IndexSignature, write_index
 from popbox.store.maildir_sync import trusted_mtime
 
-__all__ = ["READ_FLAGS", "FolderFiles", "Removal", "carry_out", "moved_name", "remove_messages"]
+__all__ = [
+    "READ_FLAGS",
+    "Destination",
+    "FolderFiles",
+    "Removal",
+    "carry_out",
+    "moved_name",
+    "positions_of",
+    "remove_messages",
+]
 
 # Message files are opened without following a symlink swapped in after the scan.
 READ_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -101,6 +110,15 @@ def moved_name(name: str, fresh: str) -> str:
     return ",".join([fresh, *fields]) + (colon + info if colon else ":2,")
 
 
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where moved messages go: the target folder's Maildir, and how to make the
+    fresh base names they take there (unique, starting with the time)."""
+
+    maildir: Path
+    fresh_name: Callable[[], str]
+
+
 @dataclass(slots=True)
 class Removal:
     """What ``remove_messages`` did: the index it wrote and the first failure (the
@@ -116,42 +134,38 @@ def remove_messages(
     index: MaildirIndex,
     delete: Sequence[int],
     move: Sequence[int] = (),
-    target: Path | None = None,
-    fresh_name: Callable[[], str] | None = None,
+    destination: Destination | None = None,
 ) -> Removal:
     """Unlink the messages at positions ``delete``, rename those at ``move`` into
-    ``target``'s cur/ (``fresh_name`` makes their base names), make both durable,
-    drop them from ``index`` and write it. Raises OSError if the index cannot be
-    written; a failed unlink or rename is reported in ``failure``."""
+    ``destination``'s cur/, make both durable, drop them from ``index`` and write it.
+    Raises OSError if the index cannot be written; a failed unlink or rename is
+    reported in ``failure``."""
+    if move and destination is None:
+        raise ValueError("a move needs a destination")
     maildir = files.maildir
+    # cur/ as the index last saw it: if it changed since (a move into this folder
+    # from another, a MUA), the mtime after our own changes proves nothing.
+    foreign = os.stat(maildir / "cur").st_mtime_ns != index.cur_mtime
     failure: OSError | None = None
     relocated: dict[str, str] | None = None
     # The directories an unlink or rename (or an attempt) touched: only they need an
     # fsync. The login moved new/ mail to cur/, so new/ is usually not one.
     touched: set[str] = set()
     moving = set(move)
-    if moving and (target is None or fresh_name is None):
-        raise ValueError("a move needs a target folder and fresh names")
-    new_name = fresh_name or _no_name
-    target_cur = target / "cur" if target is not None else maildir
-
-    def remove(path: str, position: int) -> None:
-        touched.add(path[:3])
-        if position in moving:
-            os.rename(maildir / path, target_cur / moved_name(path[4:], new_name()))
-        else:
-            os.unlink(maildir / path)
-
-    for position in sorted({*delete, *move}):
+    for position in sorted({*delete, *moving}):
+        to = destination if position in moving else None
+        path = files.path(position)
         try:
-            remove(files.path(position), position)
+            touched.add(path[:3])
+            _remove(maildir, path, to)
         except FileNotFoundError:
             if relocated is None:
                 relocated = files.all_paths()
             found = files.find(position, relocated)
             if found is not None:  # renamed since the snapshot; else already gone
                 try:
-                    remove(found, position)
+                    touched.add(found[:3])
+                    _remove(maildir, found, to)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
@@ -161,14 +175,14 @@ def remove_messages(
             failure = failure or exc
             continue
         index.entries.pop(files.key(position), None)
-    if moving:
-        fsync_dir(target_cur)  # the new names first: never in neither folder
+    if moving and destination is not None:
+        fsync_dir(destination.maildir / "cur")  # the new names first: never in neither
     for directory in sorted(touched):
         fsync_dir(maildir / directory)
-    # After a failed unlink nobody knows what cur/ holds: make the next login rescan
-    # it rather than trust its mtime.
+    # After a failed unlink nobody knows what cur/ holds, nor after a change by
+    # others: make the next login rescan it rather than trust its mtime.
     cur_mtime = os.stat(maildir / "cur").st_mtime_ns
-    index.cur_mtime = 0 if failure else trusted_mtime(cur_mtime)
+    index.cur_mtime = 0 if failure or foreign else trusted_mtime(cur_mtime)
     written = index.columns()
     # The removals are durable now. This index only drops their entries: should the
     # old one come back after a crash, the next login's reconcile drops them again,
@@ -178,23 +192,30 @@ def remove_messages(
     return Removal(signature, written, failure)
 
 
-def _no_name() -> str:
-    raise ValueError("no fresh names without a target folder")
+def _remove(maildir: Path, path: str, destination: Destination | None) -> None:
+    """Unlink ``DIR/NAME``, or rename it into the destination's cur/ (one rename():
+    the message is in one folder or the other at every moment)."""
+    if destination is None:
+        os.unlink(maildir / path)
+    else:
+        name = moved_name(path[4:], destination.fresh_name())
+        os.rename(maildir / path, destination.maildir / "cur" / name)
 
 
 def carry_out(
     files: FolderFiles,
     index: MaildirIndex,
     plan: RemovalPlan,
-    target: Path | None = None,
-    fresh_name: Callable[[], str] | None = None,
+    destination: Callable[[str], Destination],
 ) -> Removal | None:
-    """``remove_messages`` for a plan by UID (None if nothing of it is in the index)."""
+    """``remove_messages`` for a plan by UID (None if nothing of it is in the index);
+    ``destination`` gives the plan's target folder, made if missing, when it moves."""
     delete = positions_of(files.columns.uids, plan.delete)
     move = positions_of(files.columns.uids, plan.move)
     if not delete and not move:
         return None
-    return remove_messages(files, index, delete, move, target, fresh_name)
+    to = destination(plan.target) if move and plan.target is not None else None
+    return remove_messages(files, index, delete, move, to)
 
 
 def positions_of(uids: Sequence[int], wanted: Iterable[int]) -> list[int]:

@@ -48,7 +48,10 @@ class LoadedState:
         self.signature = signature
 
     def changed(self) -> bool:
-        """Whether the state in memory differs from the file."""
+        """Whether the state in memory differs from the file (no file is an empty
+        state: a folder nobody logged in to gets none from a sweep)."""
+        if self.saved is None:
+            return not self.state.is_empty()
         return self.saved != self.state.to_bytes()
 
 

@@ -62,11 +62,11 @@ def sweep_folder(
         plan = plan_removal(
             state, columns.uids, now=now, folder=place.folder, policy=policy, also=also
         )
-        target = None
-        if plan.move and plan.target is not None:
-            target = services.folder_maildir(place.user, plan.target)
         removal = carry_out(
-            FolderFiles(layout.maildir, columns), loaded.index, plan, target, services.fresh_name
+            FolderFiles(layout.maildir, columns),
+            loaded.index,
+            plan,
+            lambda folder: services.destination(place.user, folder),
         )
         kept = loaded
         if removal is not None:

@@ -29,7 +29,7 @@ from popbox.store.index import size_fields
 from popbox.store.index_cache import IndexCache, LoadedIndex
 from popbox.store.mailbox import MailboxView
 from popbox.store.maildir_errors import os_errors, store_error
-from popbox.store.maildir_removal import READ_FLAGS, FolderFiles, carry_out
+from popbox.store.maildir_removal import READ_FLAGS, Destination, FolderFiles, carry_out
 from popbox.store.maildir_state import LoadedState, write_state
 from popbox.store.maildir_view import MaildropView
 
@@ -93,10 +93,9 @@ class StoreServices:
     cache: IndexCache
     clock: Callable[[], float]
     """The time the store believes it is."""
-    folder_maildir: Callable[[str, str], Path]
-    """(user, folder) -> that folder's Maildir, made if missing: where moves go."""
-    fresh_name: Callable[[], str]
-    """A new unique Maildir base name that starts with the time."""
+    destination: Callable[[str, str], Destination]
+    """(user, folder) -> where a move into that folder goes, the folder made if
+    missing."""
 
 
 class MaildirMaildrop:
@@ -220,6 +219,9 @@ class MaildirMaildrop:
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         if self._released:
             raise StoreError(f"maildrop of {self._place.user} was already released")
+        if self._mailbox_view.inspect:
+            await self.release()
+            raise StoreError("an inspecting view cannot delete messages")
         self._released = True
         doomed = sorted(set(indexes))
         if doomed and not 0 <= doomed[0] <= doomed[-1] < len(self._infos):
@@ -271,13 +273,13 @@ class MaildirMaildrop:
                     policy=self._mailbox_view.policy,
                 )
             with os_errors(action):
-                target = None
-                if plan.move and plan.target is not None:
-                    target = self._services.folder_maildir(place.user, plan.target)
                 # Files first: a crash before the state is written loses only this
                 # device's record of deletions it was never told were done.
                 removal = carry_out(
-                    self._files, self._index, plan, target, self._services.fresh_name
+                    self._files,
+                    self._index,
+                    plan,
+                    lambda folder: self._services.destination(place.user, folder),
                 )
                 if removal is not None:
                     state.prune(removal.columns.uids)
