@@ -59,7 +59,16 @@ class LoadedIndex:
     per-message object, even in a worker process that has never seen the maildrop.
     """
 
-    __slots__ = ("_arrivals", "_columns", "_table", "_views", "index", "signature", "state")
+    __slots__ = (
+        "_arrivals",
+        "_columns",
+        "_table",
+        "_views",
+        "_whole",
+        "index",
+        "signature",
+        "state",
+    )
 
     def __init__(
         self,
@@ -79,6 +88,7 @@ class LoadedIndex:
         # message's delivery time from its name, for recent-mode views.
         self._views: OrderedDict[tuple[str | None, bool], MaildropView] = OrderedDict()
         self._arrivals: array[int] | None = None
+        self._whole: MaildropView | None = None
 
     def snapshot(self) -> tuple[MessageTable, IndexColumns]:
         """The snapshot and the columns it came from, both in UID order."""
@@ -103,7 +113,9 @@ class LoadedIndex:
             return cached
         table, columns = self.snapshot()
         if not excluded and cutoff is None:
-            return MaildropView(table, None, excluded)  # nothing to keep: the shared one
+            if self._whole is None:  # one per version: the shared snapshot as it is
+                self._whole = MaildropView(table, None, excluded)
+            return self._whole
         if cutoff is not None and self._arrivals is None:
             self._arrivals = arrivals_of(columns)
         built = build_view(
@@ -146,13 +158,20 @@ class IndexCache:
 
     def __init__(self, max_messages: int = INDEX_CACHE_MESSAGES) -> None:
         self._max_messages = max_messages
-        self._loaded: OrderedDict[str, LoadedIndex] = OrderedDict()
+        # Each entry with its weight when kept (nobody changes it while cached), and
+        # their total, so a keep costs the same with many entries as with one.
+        self._loaded: OrderedDict[str, tuple[LoadedIndex, int]] = OrderedDict()
+        self._total = 0
         self._guard = threading.Lock()
 
     def take(self, user: str) -> LoadedIndex | None:
         """Take ``user``'s index out of the cache (None if it holds none)."""
         with self._guard:
-            return self._loaded.pop(user, None)
+            entry = self._loaded.pop(user, None)
+            if entry is None:
+                return None
+            self._total -= entry[1]
+            return entry[0]
 
     def keep(self, user: str, loaded: LoadedIndex) -> None:
         """Hand back the index of a maildrop a session is done with; it must match
@@ -161,21 +180,26 @@ class IndexCache:
         bigger than the bound is not kept, and one that is only with its views
         is kept without them."""
         with self._guard:
-            self._loaded.pop(user, None)
-            if loaded.weight() > self._max_messages:
+            old = self._loaded.pop(user, None)
+            if old is not None:
+                self._total -= old[1]
+            weight = loaded.weight()
+            if weight > self._max_messages:
                 loaded.drop_views()
-                if len(loaded.index) > self._max_messages:
+                weight = len(loaded.index)
+                if weight > self._max_messages:
                     return
-            self._loaded[user] = loaded
-            total = sum(item.weight() for item in self._loaded.values())
-            while total > self._max_messages:
-                _, evicted = self._loaded.popitem(last=False)
-                total -= evicted.weight()
+            self._loaded[user] = (loaded, weight)
+            self._total += weight
+            while self._total > self._max_messages:
+                _, (_, evicted) = self._loaded.popitem(last=False)
+                self._total -= evicted
 
     def peek(self, user: str) -> LoadedIndex | None:
         """``user``'s index, left in the cache, for a look that changes nothing."""
         with self._guard:
-            return self._loaded.get(user)
+            entry = self._loaded.get(user)
+            return entry[0] if entry is not None else None
 
     def users(self) -> list[str]:
         """The users whose indexes are cached, least recently kept first."""
@@ -185,3 +209,4 @@ class IndexCache:
     def clear(self) -> None:
         with self._guard:
             self._loaded.clear()
+            self._total = 0

@@ -53,6 +53,7 @@ from popbox.store.index_cache import IndexCache, LoadedIndex
 from popbox.store.index_file import signature_of
 from popbox.store.mailbox import (
     DAY,
+    DEFAULT_DEVICE,
     DEFAULT_VIEW,
     INBOX,
     DeviceReport,
@@ -140,7 +141,8 @@ class MaildirStore:
     # -- sessions ---------------------------------------------------------------
 
     async def open_maildrop(self, user: str, view: MailboxView = DEFAULT_VIEW) -> MaildirMaildrop:
-        check_device_name(view.device)
+        if view.device != DEFAULT_DEVICE:  # the default is a name; others are checked
+            check_device_name(view.device)  # before anything is made on disk
         layout = self._mailboxes.layout(user, view.folder)
         unchanged = self._open_unchanged(layout, view)
         if unchanged is not None:

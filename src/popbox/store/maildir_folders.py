@@ -223,7 +223,7 @@ class Mailboxes:
         """The cached index, taken out, if the file is still the one it was read from
         or wrote; the session owns (and may change) it until it hands it back."""
         loaded = self._cache.take(layout.place.key)
-        if loaded is None or loaded.signature != index_signature(layout.maildir):
+        if loaded is None or loaded.signature != signature_of(layout.index):
             return None
         return loaded
 

@@ -24,10 +24,10 @@ from typing import Final
 from popbox.errors import StoreError
 from popbox.fileio import FileLock
 from popbox.store.base import MessageTable, WireReadyFile
-from popbox.store.devices import RemovalPlan, plan_commit, plan_removal
+from popbox.store.devices import FolderState, RemovalPlan, plan_commit, plan_removal
 from popbox.store.index import size_fields
 from popbox.store.index_cache import IndexCache, LoadedIndex
-from popbox.store.mailbox import MailboxView
+from popbox.store.mailbox import MailboxPolicy, MailboxView
 from popbox.store.maildir_errors import os_errors, store_error
 from popbox.store.maildir_removal import READ_FLAGS, Destination, FolderFiles, carry_out
 from popbox.store.maildir_state import LoadedState, write_state
@@ -236,6 +236,10 @@ class MaildirMaildrop:
             # disk are current). Rewriting and fsyncing the index here was a large
             # share of a login (docs/performance.md).
             state = self._state().state
+            if _nothing_to_plan(state, policy):
+                self._services.cache.keep(self._place.key, self._loaded)
+                self._lock.close()
+                return
             revision = state.revision
             plan = plan_removal(
                 state,
@@ -334,3 +338,14 @@ class MaildirMaildrop:
             # Nothing changed: the index and state in memory still match their files.
             self._services.cache.keep(self._place.key, self._loaded)
             self._lock.close()
+
+
+def _nothing_to_plan(state: FolderState, policy: MailboxPolicy) -> bool:
+    """Whether ``plan_removal`` would find nothing, seen without running it: it only
+    ever removes what a device deleted, what a retention expired or what was hidden
+    (a single device's QUIT leaves none of them behind, and this is its every QUIT)."""
+    return (
+        policy.retention_days is None
+        and not state.hidden()
+        and not any(record.deleted for record in state.devices.values())
+    )
