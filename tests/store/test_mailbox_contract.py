@@ -54,15 +54,7 @@ def clock() -> Clock:
     return Clock(time.time())
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param(
-            "maildir",
-            marks=pytest.mark.xfail(reason="the Maildir store is being built", strict=False),
-        ),
-    ]
-)
+@pytest.fixture(params=["memory", "maildir"])
 async def mailbox_store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[MailStore]:

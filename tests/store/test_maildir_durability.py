@@ -5,7 +5,8 @@ calls, every unlink, link, rename and fsync the store makes, and check the order
 the promises need: a delivered file and its entry in new/ fsynced before deliver()
 returns; every deleted file's directory fsynced after its unlink and before
 commit_deletions() returns. They also check what a crash that undoes unsynced
-renames (new/ to cur/) would leave: every message, each with its UIDL.
+renames (new/ to cur/) would leave: every message, each with its UIDL. A move to
+Trash and a device's state follow the same rule.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 
 from popbox.store import MaildirStore
+from popbox.store.mailbox import Disposition, MailboxPolicy, MailboxView
+from popbox.store.maildir_state import STATE_NAME, STATE_TMP_NAME
 
 Event = tuple[str, str]
 
@@ -125,3 +128,46 @@ async def test_a_crash_that_undoes_the_moves_to_cur_loses_and_repeats_nothing(
             read.append(b"".join([chunk async for chunk in maildrop.read_message(index)]))
         assert sorted(read) == sorted(bodies)
         await maildrop.release()
+
+
+async def test_a_move_to_trash_is_durable_in_both_folders_before_quit_returns(
+    tmp_path: Path, syscalls: list[Event]
+) -> None:
+    """One rename per message, then the Trash's cur/ (the new names) and INBOX's cur/
+    (the old ones gone) fsynced before commit_deletions() returns. The Trash itself
+    was made durably: its directories fsynced, and the user's Maildir that holds it."""
+    store = MaildirStore(tmp_path)
+    for n in range(3):
+        await store.deliver("alice", f"message {n}\n".encode())
+    trashing = MailboxView(policy=MailboxPolicy(disposition=Disposition.TRASH))
+    maildrop = await store.open_maildrop("alice", trashing)
+    syscalls.clear()
+    await maildrop.commit_deletions([0, 2])
+    inbox, trash = store.maildir("alice"), store.maildir("alice", "Trash")
+    moved = [i for i, (call, path) in enumerate(syscalls) if call == "rename"]
+    assert [Path(syscalls[i][1]).parent for i in moved] == [trash / "cur"] * 2
+    assert synced_after(syscalls, moved[-1], str(trash / "cur"))
+    assert synced_after(syscalls, moved[-1], str(inbox / "cur"))
+    assert ("fsync", str(trash)) in syscalls
+    assert ("fsync", str(inbox)) in syscalls  # the entry .Trash in the user's Maildir
+    # One device, its deletions gone with their messages: no state to write.
+    assert not any(path.endswith(STATE_NAME) for _, path in syscalls)
+
+
+async def test_a_deletion_other_devices_hold_back_is_durable_before_quit_returns(
+    tmp_path: Path, syscalls: list[Event]
+) -> None:
+    """Nothing is removed (the laptop still wants the message), so what QUIT
+    promises the phone is its state: written, fsynced, renamed, its directory fsynced."""
+    store = MaildirStore(tmp_path)
+    await store.deliver("alice", b"message\n")
+    laptop = await store.open_maildrop("alice", MailboxView(device="laptop"))
+    await laptop.release()
+    phone = await store.open_maildrop("alice", MailboxView(device="phone"))
+    syscalls.clear()
+    await phone.commit_deletions([0])
+    maildir = store.maildir("alice")
+    replaced = syscalls.index(("replace", str(maildir / STATE_NAME)))
+    assert ("fsync", str(maildir / STATE_TMP_NAME)) in syscalls[:replaced]
+    assert synced_after(syscalls, replaced, str(maildir))
+    assert not any(call in ("unlink", "rename") for call, _ in syscalls)

@@ -115,7 +115,7 @@ async def test_the_paths_kept_per_user_stay_bounded_and_right(tmp_path: Any) -> 
         await store.deliver(user, f"Subject: {user}\r\n\r\nfor {user}\r\n".encode())
         maildrop = await store.open_maildrop(user)
         await maildrop.release()
-        assert len(store._layouts) <= MAX_LAYOUTS
+        assert store.mailboxes.layouts_kept() <= MAX_LAYOUTS
     assert store.maildir(users[0]) == tmp_path / users[0]
     maildrop = await store.open_maildrop(users[0])
     try:

@@ -32,12 +32,21 @@ class MaildirDelivery:
 
     ``save_crlf``: store the message with CRLF line ends. ``make_maildir`` is called
     with the Maildir when its tmp/ is missing (a first delivery, or a removed Maildir)
-    and must leave cur/, new/ and tmp/ in place, durably.
+    and must leave cur/, new/ and tmp/ in place, durably. ``clock`` is the time that
+    starts every name: the delivery time that recent-mode logins and the Trash count
+    from.
     """
 
-    def __init__(self, *, save_crlf: bool, make_maildir: Callable[[Path], None]) -> None:
+    def __init__(
+        self,
+        *,
+        save_crlf: bool,
+        make_maildir: Callable[[Path], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._save_crlf = save_crlf
         self._make_maildir = make_maildir
+        self._clock = clock
         # Cached once: gethostname() per delivery is a syscall for a constant. The
         # replacements are maildir(5)'s, plus ',' which starts the size fields.
         host = socket.gethostname() or "localhost"
@@ -48,7 +57,7 @@ class MaildirDelivery:
         """A new message's base name (before the size fields)."""
         # time.MusecPpidQseqRrandom.host: Dovecot's shape. pid+seq make it unique in
         # this host's processes; the random part covers pid reuse and shared roots.
-        now = time.time()
+        now = self._clock()
         return (
             f"{int(now)}.M{int(now % 1 * 1_000_000):06d}P{os.getpid()}"
             f"Q{next(self._sequence)}R{secrets.token_hex(8)}.{self._host}"
