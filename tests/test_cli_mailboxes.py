@@ -36,7 +36,6 @@ bob:{PLAIN}pw::::::popbox_keep_days=oops
 support:{PLAIN}pw::::::popbox_shared_with=bob,carol
 """
 
-NEEDS_MAILDIR_MODEL = pytest.mark.xfail(reason="needs the Maildir mailbox model", strict=False)
 
 
 @dataclass
@@ -122,7 +121,7 @@ def make_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: MemorySto
     return Site(config_path, config, memory)
 
 
-@pytest.fixture(params=["memory", pytest.param("maildir", marks=NEEDS_MAILDIR_MODEL)])
+@pytest.fixture(params=["memory", "maildir"])
 def site(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Site:
     """Each store in turn."""
     memory = MemoryStore() if request.param == "memory" else None
