@@ -539,7 +539,14 @@ def expire(
 @config_option
 @click.argument("recipient")
 @click.option("--from", "sender", help="Envelope sender (for Return-Path).")
-def deliver(config_path: Path | None, recipient: str, sender: str | None) -> None:
+@click.option(
+    "-m",
+    "--folder",
+    help="Folder to deliver into (as for RECIPIENT+FOLDER; INBOX if it may not be used).",
+)
+def deliver(
+    config_path: Path | None, recipient: str, sender: str | None, folder: str | None
+) -> None:
     """Deliver the message on stdin to RECIPIENT (a local delivery agent).
 
     Exit codes follow sysexits: 0 delivered, 67 no such user, 75 temporary failure
@@ -555,10 +562,12 @@ def deliver(config_path: Path | None, recipient: str, sender: str | None) -> Non
         click.echo(f"popbox deliver: configuration: {exc}", err=True)
         sys.exit(EX_TEMPFAIL)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    sys.exit(asyncio.run(_deliver_stdin(config, recipient, sender)))
+    sys.exit(asyncio.run(_deliver_stdin(config, recipient, sender, folder)))
 
 
-async def _deliver_stdin(config: Config, recipient: str, sender: str | None) -> int:
+async def _deliver_stdin(
+    config: Config, recipient: str, sender: str | None, folder: str | None
+) -> int:
     """`popbox deliver`: build the Deliverer, hand it the message on stdin, close it."""
     from popbox.backends import open_delivery
     from popbox.delivery.lda import report_setup_failure, run_lda
@@ -568,6 +577,8 @@ async def _deliver_stdin(config: Config, recipient: str, sender: str | None) -> 
     except (PopboxError, OSError) as exc:
         return report_setup_failure(exc)
     try:
-        return await run_lda(backend.deliverer, recipient, sender, sys.stdin.buffer)
+        return await run_lda(
+            backend.deliverer, recipient, sender, sys.stdin.buffer, folder=folder
+        )
     finally:
         await backend.close()

@@ -116,7 +116,7 @@ class _Store(MemoryStore):
         super().__init__()
         self._error = error
 
-    async def deliver(self, user: str, message: bytes) -> str:
+    async def deliver(self, user: str, message: bytes, *, folder: str = "INBOX") -> str:
         raise self._error
 
 
@@ -174,19 +174,21 @@ def test_maildir_and_passwd_file_in_a_subprocess(tmp_path: Path) -> None:
     missing = deliver("nobody", "carol@example.net")
     assert missing.returncode == EX_NOUSER
     assert missing.stderr.startswith(b"popbox deliver: 5.1.1")
-    files = sorted((tmp_path / "mail" / "alice" / "new").iterdir())
+    # The detail is a folder (mailbox.folder_delivery = "create"): Maildir++'s ".tag".
+    maildir = tmp_path / "mail" / "alice"
+    files = [*(maildir / "new").iterdir(), *(maildir / ".tag" / "new").iterdir()]
     assert len(files) == 2
-    contents = {path.read_bytes() for path in files}
+    contents = [path.read_bytes() for path in files]
     # Stored with CRLF line ends (storage.save_crlf defaults to true), so RETR can
     # send the files as they are.
-    assert contents == {
+    assert contents == [
         (b"Return-Path: <carol@example.net>\nDelivered-To: alice\n" + MESSAGE).replace(
             b"\n", b"\r\n"
         ),
         (b"Return-Path: <>\nDelivered-To: Alice+tag@example.test\n" + MESSAGE).replace(
             b"\n", b"\r\n"
         ),
-    }
+    ]
     # Maildir names carry the sizes, so POP3 LIST never opens the files; stored CRLF,
     # the stored size is the wire size.
     for path in files:

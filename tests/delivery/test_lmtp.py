@@ -143,7 +143,8 @@ def test_recipient_delimiter_and_case_map_to_the_user(start_lmtp: StartLmtp) -> 
     server = start_lmtp()
     _, replies = transaction(server, "", ["Alice+Lists@Example.TEST"], MESSAGE)
     assert replies[0][0] == 250
-    (stored,) = server.messages("alice")
+    # The detail is a folder (mailbox.folder_delivery = "create", the default).
+    (stored,) = server.messages("alice", "lists")
     # Null sender (a bounce) and the address exactly as the MTA gave it.
     assert stored.startswith(b"Return-Path: <>\r\nDelivered-To: Alice+Lists@Example.TEST\r\n")
 
@@ -286,7 +287,7 @@ def test_smtputf8_recipient_and_sender(start_lmtp: StartLmtp) -> None:
 
 
 class _BrokenStore(MemoryStore):
-    async def deliver(self, user: str, message: bytes) -> str:
+    async def deliver(self, user: str, message: bytes, *, folder: str = "INBOX") -> str:
         raise StoreError("disk on fire")
 
 
@@ -348,10 +349,10 @@ class _SlowStore(MemoryStore):
         super().__init__()
         self.started = threading.Event()
 
-    async def deliver(self, user: str, message: bytes) -> str:
+    async def deliver(self, user: str, message: bytes, *, folder: str = "INBOX") -> str:
         self.started.set()
         await asyncio.sleep(0.3)
-        return await super().deliver(user, message)
+        return await super().deliver(user, message, folder=folder)
 
 
 def test_hangup_after_the_final_dot_still_completes_the_delivery(

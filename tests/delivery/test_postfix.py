@@ -174,11 +174,12 @@ def test_postfix_over_a_unix_socket(
     popbox = start_popbox(start_lmtp, tmp_path, listen=[], socket=socket_path)
     with running_postfix(shared_tmp / "postfix", f"unix:{socket_path}") as postfix:
         send(postfix, "", [f"Bob+Lists@{DOMAIN}"], MESSAGE)
-        wait_for(lambda: len(popbox.messages("bob")) == 1, "delivery to bob", postfix)
-    (stored,) = popbox.messages("bob")
+        wait_for(lambda: len(popbox.messages("bob", "lists")) == 1, "delivery to bob", postfix)
+    (stored,) = popbox.messages("bob", "lists")
     prepended, rest = split_stored(stored)
     # A null sender (how bounces travel) becomes Return-Path: <>; the detail stays
-    # in Delivered-To while the mail lands in bob's one mailbox.
+    # in Delivered-To, and names the folder the mail lands in (lowercased, as the
+    # local part is).
     assert prepended[:2] == [b"Return-Path: <>", b"Delivered-To: Bob+Lists@example.test"]
     assert rest == MESSAGE
 

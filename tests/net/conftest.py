@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from popbox.auth.base import PassDB
+from popbox.auth.base import PassDB, UserRecord
 from popbox.auth.memory import MemoryPassDB
 from popbox.net.service import Pop3Service
 from popbox.store.base import MailStore
@@ -33,15 +33,23 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
         tls: bool = True,
         wrap_store: Callable[[MemoryStore], MailStore] | None = None,
         wrap_passdb: Callable[[MemoryPassDB], PassDB] | None = None,
+        users: Mapping[str, Mapping[str, str]] | None = None,
+        clock: Callable[[], float] | None = None,
         **options: Any,
     ) -> Server:
-        """``wrap_store``/``wrap_passdb`` put a fault-injecting layer before the backend."""
+        """``wrap_store``/``wrap_passdb`` put a fault-injecting layer before the backend;
+        ``users`` adds users (password PASSWORD) with their passwd extra fields;
+        ``clock`` is the time the store believes it is."""
         config = make_config(**options)
-        store = MemoryStore()
+        store = MemoryStore() if clock is None else MemoryStore(clock=clock)
         for message in MESSAGES if messages is None else messages:
             await store.deliver("alice", message)
         await store.deliver("bob", b"Subject: bob\n\nhi bob\n")
-        passdb = MemoryPassDB({"alice": PASSWORD, "bob": PASSWORD})
+        extra = dict(users or {})
+        passdb = MemoryPassDB(
+            dict.fromkeys(["alice", "bob", *extra], PASSWORD),
+            {name: UserRecord(name, extra=dict(fields)) for name, fields in extra.items()},
+        )
         service = Pop3Service(
             config,
             wrap_store(store) if wrap_store else store,

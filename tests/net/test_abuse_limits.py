@@ -11,6 +11,7 @@ import pytest
 
 from popbox.net.limits import PENALTY_DECAY, PENALTY_INITIAL, AuthPenalty, penalty_key
 from popbox.store.base import Maildrop, MailStore
+from popbox.store.mailbox import DEFAULT_VIEW, MailboxView
 from popbox.store.memory import MemoryStore
 from support.pop3service import PASSWORD, Connect, StartServer, until_no_sessions
 
@@ -168,10 +169,10 @@ class GatedStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
-    async def open_maildrop(self, user: str) -> Maildrop:
+    async def open_maildrop(self, user: str, view: MailboxView = DEFAULT_VIEW) -> Maildrop:
         self.waiting += 1
         await self.gate.wait()
-        return await self._inner.open_maildrop(user)
+        return await self._inner.open_maildrop(user, view)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from popbox.auth.base import UserRecord
 from popbox.errors import AuthError, PermanentStoreError, StoreError
 from popbox.store.base import Maildrop, MessageInfo, WireReadyFile
+from popbox.store.mailbox import DEFAULT_VIEW, MailboxView
 from popbox.store.memory import MemoryStore
 from support.pop3service import (
     MESSAGES,
@@ -54,6 +55,9 @@ class FaultyMaildrop:
             raise StoreError("disk on fire")
         return await self._inner.open_wire_ready(index)
 
+    def mark_retrieved(self, index: int) -> None:
+        self._inner.mark_retrieved(index)
+
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         if "commit" in self._faults:
             await self._inner.release()
@@ -69,12 +73,12 @@ class FaultyStore:
         self._inner = inner
         self.faults = faults
 
-    async def open_maildrop(self, user: str) -> Maildrop:
+    async def open_maildrop(self, user: str, view: MailboxView = DEFAULT_VIEW) -> Maildrop:
         if "login-temp" in self.faults:
             raise StoreError("store unreachable")
         if "login-perm" in self.faults:
             raise PermanentStoreError("maildrop corrupt")
-        return FaultyMaildrop(await self._inner.open_maildrop(user), self.faults)
+        return FaultyMaildrop(await self._inner.open_maildrop(user, view), self.faults)
 
     async def deliver(self, user: str, message: bytes) -> str:
         return await self._inner.deliver(user, message)

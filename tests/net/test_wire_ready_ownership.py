@@ -29,6 +29,7 @@ class OneFileMaildrop:
         self._path = path
         self._size = size
         self.opened: list[WireReadyFile] = []
+        self.marked: list[int] = []
 
     @property
     def user(self) -> str:
@@ -46,6 +47,9 @@ class OneFileMaildrop:
         file = WireReadyFile(os.open(self._path, os.O_RDONLY), self._size)
         self.opened.append(file)
         return file
+
+    def mark_retrieved(self, index: int) -> None:
+        self.marked.append(index)
 
     async def commit_deletions(self, indexes: Collection[int]) -> None:
         return None
@@ -123,6 +127,7 @@ def conn() -> ServerConnection:
 async def test_the_wire_ready_file_is_closed_on_every_path(
     tmp_path: Path, outlet: Outlet, size: int, expected: type[BaseException] | None
 ) -> None:
+    """And the message counts as retrieved (EXPIRE) only where it went out whole."""
     path = tmp_path / "message"
     path.write_bytes(STORED)
     maildrop = OneFileMaildrop(path, size)
@@ -130,9 +135,11 @@ async def test_the_wire_ready_file_is_closed_on_every_path(
     if expected is None:
         await stage.retrieve(conn(), retr(), outlet)
         assert bytes(outlet.data) == b"+OK %d octets\r\n" % len(STORED) + WIRE
+        assert maildrop.marked == [0]
     else:
         with pytest.raises(expected):
             await stage.retrieve(conn(), retr(), outlet)
+        assert maildrop.marked == []
     (file,) = maildrop.opened
     assert file.closed
 

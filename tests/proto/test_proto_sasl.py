@@ -29,7 +29,8 @@ from popbox.proto.sasl import (
     [
         (b"\0tim\0tanstaaftanstaaf", Credentials("tim", "tanstaaftanstaaf")),  # RFC 4616 s4
         (b"tim\0tim\0pw", Credentials("tim", "pw")),
-        (b"Kurt\0tim\0pw", SaslFailure("Authorization identity must be the user")),
+        (b"Kurt\0tim\0pw", Credentials("tim", "pw", "Kurt")),  # RFC 4616 section 4
+        (b"Ku\nrt\0tim\0pw", SaslFailure("Invalid authorization identity")),
         (b"\0tim\0", SaslFailure("Invalid user name or empty password")),
         (b"\0\0pw", SaslFailure("Invalid user name or empty password")),
         (b"\0t\nim\0pw", SaslFailure("Invalid user name or empty password")),

@@ -79,6 +79,58 @@ def test_capa_in_transaction_omits_login_capabilities() -> None:
     ]
 
 
+def _expire_and_delay(glue: Glue) -> list[str]:
+    return [c for c in capabilities(glue) if c.startswith(("EXPIRE", "LOGIN-DELAY"))]
+
+
+def test_capa_announces_the_servers_login_delay_and_expire_in_both_states() -> None:
+    settings = ServerSettings(expire="10", login_delay=60)
+    glue = Glue(connect(settings), messages=[b"x\n"])
+    assert _expire_and_delay(glue) == ["LOGIN-DELAY 60", "EXPIRE 10"]
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert _expire_and_delay(glue) == ["LOGIN-DELAY 60", "EXPIRE 10"]
+
+
+def test_capa_tags_per_user_values_before_login_and_gives_the_users_own_after() -> None:
+    """RFC 2449 sections 6.5 and 6.7: before authentication the largest LOGIN-DELAY
+    and the smallest EXPIRE of any user, followed by USER; after it, the user's own
+    values without the tag."""
+    settings = ServerSettings(
+        expire="5", expire_per_user=True, login_delay=900, login_delay_per_user=True
+    )
+    glue = Glue(
+        connect(settings), messages=[b"x\n"], user_values={"expire": "30", "login_delay": 0}
+    )
+    assert _expire_and_delay(glue) == ["LOGIN-DELAY 900 USER", "EXPIRE 5 USER"]
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert _expire_and_delay(glue) == ["EXPIRE 30"]
+
+
+def test_capa_after_login_keeps_the_servers_values_when_the_glue_gives_none() -> None:
+    settings = ServerSettings(expire="NEVER", expire_per_user=True, login_delay_per_user=True)
+    glue = Glue(connect(settings), messages=[b"x\n"])
+    assert _expire_and_delay(glue) == ["LOGIN-DELAY 0 USER", "EXPIRE NEVER USER"]
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert _expire_and_delay(glue) == ["EXPIRE NEVER"]
+
+
+@pytest.mark.parametrize(
+    "values", [{"expire": "-1"}, {"expire": "never"}, {"expire": "5 USER"}, {"login_delay": -1}]
+)
+def test_user_values_that_cannot_go_on_the_wire_are_refused(values: dict[str, object]) -> None:
+    glue = Glue(connect(), messages=[b"x\n"], user_values=values)
+    with pytest.raises(ValueError, match=r"expire|login_delay"):
+        glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+
+
+@pytest.mark.parametrize(
+    "options", [{"expire": "5 USER"}, {"expire": "x"}, {"login_delay": -1}]
+)
+def test_settings_that_cannot_go_on_the_wire_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"expire|login_delay"):
+        ServerSettings(**options)  # type: ignore[arg-type]
+
+
 def test_state_table_rules() -> None:
     # The documented shape: nothing is accepted in UPDATE or CLOSED, QUIT leaves
     # TRANSACTION through UPDATE, and every login command leads to TRANSACTION.

@@ -62,9 +62,10 @@ class RunningLmtp:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def messages(self, user: str) -> list[bytes]:
-        """Every message in ``user``'s maildrop, oldest first (takes and drops the lock)."""
-        return self.run(stored_messages(self.store, user))
+    def messages(self, user: str, folder: str = "INBOX") -> list[bytes]:
+        """Every message in a folder of ``user``'s mailbox, oldest first (takes and
+        drops the lock)."""
+        return self.run(stored_messages(self.store, user, folder))
 
     def stop(self) -> None:
         if self.stopped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from popbox.store import Maildrop, MailStore
+from popbox.store.mailbox import INBOX, MailboxView
 
 
 async def read_all(maildrop: Maildrop, index: int) -> bytes:
@@ -12,9 +13,13 @@ async def read_all(maildrop: Maildrop, index: int) -> bytes:
     return b"".join([chunk async for chunk in maildrop.read_message(index)])
 
 
-async def stored_messages(store: MailStore, user: str) -> list[bytes]:
-    """Every message in ``user``'s maildrop, in order (takes the lock and releases it)."""
-    maildrop = await store.open_maildrop(user)
+async def stored_messages(store: MailStore, user: str, folder: str = INBOX) -> list[bytes]:
+    """Every message in a folder of ``user``'s mailbox, in order (takes the lock and
+    releases it; the default device's view)."""
+    view = MailboxView(folder)
+    maildrop = await (
+        store.open_maildrop(user) if folder == INBOX else store.open_maildrop(user, view)
+    )
     try:
         return [await read_all(maildrop, index) for index in range(len(maildrop.messages))]
     finally:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from popbox.auth.memory import MemoryPassDB
-from popbox.config import Config, LimitSettings, Pop3Settings
+from popbox.config import Config, LimitSettings, MailboxSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
 from support.maildrop import stored_messages
@@ -33,9 +33,11 @@ def make_config(
     plaintext_auth: str = "loopback",
     apop: bool = False,
     proxy_protocol: bool = False,
+    mailbox: dict[str, Any] | None = None,
     **limits: Any,
 ) -> Config:
-    """A config on 127.0.0.1:0; ``limits`` may go below the production minimums."""
+    """A config on 127.0.0.1:0; ``limits`` may go below the production minimums;
+    ``mailbox`` sets [mailbox]."""
     base = LimitSettings().model_dump()
     base.update(auth_failure_delay=0.0, shutdown_grace=1.0)
     base.update(limits)
@@ -49,6 +51,7 @@ def make_config(
         ),
         # model_construct skips the ge= bounds so tests can use tiny timeouts.
         limits=LimitSettings.model_construct(**base),
+        mailbox=MailboxSettings(**(mailbox or {})),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from popbox.proto.events import (
     FLUSH,
@@ -46,6 +47,10 @@ class Glue:
     users: dict[str, str] = field(default_factory=lambda: {"mrose": "tanstaaf"})
     messages: list[bytes] = field(default_factory=list)
     in_use: bool = False
+    refusal: tuple[str, str] | None = None
+    """A verified login's refusal (code, text), e.g. LOGIN-DELAY."""
+    user_values: dict[str, Any] = field(default_factory=dict)
+    """The user's own EXPIRE and LOGIN-DELAY, for ``login_succeeded``."""
     commit_fails: bool = False
     unavailable: set[int] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
@@ -83,8 +88,10 @@ class Glue:
                 conn.login_failed("AUTH", "Authentication failed.")
             elif self.in_use:
                 conn.login_failed("IN-USE", "Maildrop is locked by another session.")
+            elif self.refusal is not None:
+                conn.login_failed(*self.refusal)
             else:
-                conn.login_succeeded(self.infos())
+                conn.login_succeeded(self.infos(), **self.user_values)
             return b""
         if isinstance(event, StartTls):
             conn.tls_established()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["PassDB", "UserRecord"]
+__all__ = ["PassDB", "UserDirectory", "UserRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,4 +49,15 @@ class PassDB(Protocol):
 
     async def plaintext_secret(self, username: str) -> str | None:
         """The stored plaintext-equivalent secret, for APOP; None if not available."""
+        ...
+
+
+@runtime_checkable
+class UserDirectory(Protocol):
+    """A user database that can list its users (the passwd file can; a large SQL one
+    need not). The server reads the users' own policy values from it for what CAPA
+    announces before login (RFC 2449's bounds over every user)."""
+
+    def users(self) -> list[UserRecord]:
+        """Every user, as last loaded. May block (reads the file): run it in a thread."""
         ...

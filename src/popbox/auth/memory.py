@@ -37,6 +37,9 @@ class MemoryPassDB:
         )
         return self._record(username) if ok and expected is not None else None
 
+    def users(self) -> list[UserRecord]:
+        return [self._record(username) for username in self._passwords]
+
     async def lookup(self, username: str) -> UserRecord | None:
         return self._record(username) if username in self._passwords else None
 

@@ -19,7 +19,9 @@ everywhere. The check and the write are not one atomic step: two deliveries raci
 for the last free octets may both pass, exactly as with Dovecot's quota plug-in; a
 quota is a bound on growth, not an exact ledger.
 
-Mail that comes as a file rather than over SMTP (the collector's popbox sink) goes
+A detail in the address (``alice+invoices@``) or ``popbox deliver -m`` asks for a
+folder; delivery.folders decides where such mail goes (INBOX for anything doubtful,
+never a bounce). Mail that comes as a file rather than over SMTP (the collector's popbox sink) goes
 through ``deliver_file``, streamed into the store, and ``holds`` answers whether a
 maildrop already has a message as ``deliver_file`` would have stored it (after a crash
 left the outcome of a delivery unknown).
@@ -36,6 +38,7 @@ from typing import Final
 
 from popbox.auth.base import PassDB, UserRecord
 from popbox.config import Config
+from popbox.delivery.folders import delivery_folder, wants_folder
 from popbox.delivery.recipients import Recipient, parse_recipient
 from popbox.delivery.spooled import (
     HEAD_OCTETS,
@@ -55,6 +58,7 @@ from popbox.errors import (
     UnknownRecipient,
 )
 from popbox.store.base import MailStore
+from popbox.store.mailbox import INBOX
 from popbox.wireform import wire_size
 
 __all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "has_return_path", "trace_headers"]
@@ -90,6 +94,7 @@ class Delivered:
     user: str
     key: str
     size: int
+    folder: str = INBOX
 
 
 def _line_ending(data: bytes) -> bytes:
@@ -215,19 +220,40 @@ class Deliverer:
         data: bytes,
         *,
         add_trace: bool = True,
+        folder: str | None = None,
     ) -> Delivered:
         """Store ``data`` for a resolved recipient; return once it is durable.
 
         ``add_trace=False`` keeps the message exactly as given, for an LDA behind an
         MTA whose local delivery agent already wrote Return-Path and Delivered-To.
+        ``folder`` asks for a folder in place of the address's detail (``-m``).
         """
         self.check_size(data)
         message = data
         if add_trace:
             message = trace_headers(target.recipient.address, sender, data) + data
+        where = await self.folder_for(target, folder)
         return await self._checked_store(
-            target, wire_size(message), lambda: self._store.deliver(target.user, message)
+            target,
+            wire_size(message),
+            lambda: self._store.deliver(target.user, message, folder=where),
+            where,
         )
+
+    async def folder_for(self, target: ResolvedRecipient, folder: str | None = None) -> str:
+        """The folder mail for ``target`` goes to: the one ``folder`` or else the
+        address's detail asks for, as ``mailbox.folder_delivery`` allows (INBOX for
+        anything else; delivery.folders has the rules)."""
+        mode = self._config.mailbox.folder_delivery
+        wanted = wants_folder(target.recipient.detail if folder is None else folder, mode)
+        if wanted is None:
+            return INBOX
+        try:
+            existing = await self._store.folders(target.user)
+        except (StoreError, OSError) as exc:
+            text = f"cannot list the folders of {target.user}: {exc}"
+            raise TemporaryDeliveryError(text) from exc
+        return delivery_folder(wanted, mode, existing)
 
     async def deliver(
         self,
@@ -236,10 +262,11 @@ class Deliverer:
         data: bytes,
         *,
         add_trace: bool = True,
+        folder: str | None = None,
     ) -> Delivered:
         """Resolve ``recipient`` and deliver to it; raise a DeliveryError/QuotaExceeded."""
         target = await self.resolve(recipient)
-        return await self.deliver_to(target, sender, data, add_trace=add_trace)
+        return await self.deliver_to(target, sender, data, add_trace=add_trace, folder=folder)
 
     async def deliver_file(self, recipient: str, sender: str | None, path: Path) -> Delivered:
         """Deliver the message in ``path`` (left as it is) to ``recipient``.
@@ -248,7 +275,8 @@ class Deliverer:
         written; Return-Path only when ``sender`` is known and the message carries
         none, since a message fetched from another maildrop usually holds the one its
         first delivery wrote (RFC 5321 section 4.4: the final delivery writes it). Streamed
-        into a store that takes files. The verdicts of ``deliver``.
+        into a store that takes files. Always into INBOX, where ``holds`` looks for it
+        after a crash: a detail names no folder here. The verdicts of ``deliver``.
         """
         target = await self.resolve(recipient)
         try:
@@ -311,7 +339,11 @@ class Deliverer:
         return trace_headers(target.recipient.address, sender, head)
 
     async def _checked_store(
-        self, target: ResolvedRecipient, size: int, write: Callable[[], Awaitable[str]]
+        self,
+        target: ResolvedRecipient,
+        size: int,
+        write: Callable[[], Awaitable[str]],
+        folder: str = INBOX,
     ) -> Delivered:
         """Check the quota for ``size`` more octets, then ``write``; return once durable."""
         try:
@@ -324,7 +356,7 @@ class Deliverer:
             # disk error can never turn into a bounce or a traceback.
             raise TemporaryDeliveryError(f"cannot store for {target.user}: {exc}") from exc
         log.info(
-            "delivered to=%s user=%s key=%s size=%d", target.recipient.address, target.user,
-            key, size,
+            "delivered to=%s user=%s folder=%s key=%s size=%d", target.recipient.address,
+            target.user, folder, key, size,
         )
-        return Delivered(user=target.user, key=key, size=size)
+        return Delivered(user=target.user, key=key, size=size, folder=folder)

@@ -108,13 +108,16 @@ async def run_lda(
     sender: str | None,
     source: BinaryIO,
     *,
+    folder: str | None = None,
     stderr: TextIO | None = None,
 ) -> int:
     """Deliver the message read from ``source`` to ``recipient``; return a sysexits code.
 
     ``sender`` is the envelope sender (``--from``; "" for the null sender); None takes
-    it from an mbox ``From`` line if there is one. On failure one line goes to
-    ``stderr`` (sys.stderr by default).
+    it from an mbox ``From`` line if there is one. ``folder`` (``-m``, as dovecot-lda's)
+    asks for a folder in place of the recipient's detail, under the same rules: a
+    folder that may not be used means INBOX, never a bounce. On failure one line goes
+    to ``stderr`` (sys.stderr by default).
     """
     err = stderr if stderr is not None else sys.stderr
     try:
@@ -133,7 +136,9 @@ async def run_lda(
     if sender is None:
         sender = postmark_sender
     try:
-        await deliverer.deliver(recipient, sender, data, add_trace=not has_return_path(data))
+        await deliverer.deliver(
+            recipient, sender, data, add_trace=not has_return_path(data), folder=folder
+        )
     except (PopboxError, OSError) as exc:
         code, reason = _outcome(exc)
     else:

@@ -1,24 +1,55 @@
 """Login brokering: from a login event to an open maildrop, or to the refusal to send.
 
 The one crossing from the login world (net.login, which sees only the PassDB) into the
-mail world: the address's penalty is served, the credentials are checked, the user
-takes one of their session slots, and only then does a verified name reach the store.
+mail world: the address's penalty is served, the login name is read (net.login_target:
+mailbox, folder, device, member), the login user's password is checked, a member's
+right to the shared mailbox too, the mailbox's user takes one of their session slots,
+and only then does a verified name reach the store, with the view the name asked for.
+
+Whatever can be guessed is refused alike: a wrong password, an unknown user, a name
+that can be no login, and a member login by someone the mailbox is not shared with
+all get the same ``-ERR [AUTH]``, after the same failure delay, and count against
+the address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 from typing import Final
 
 from popbox.auth.base import PassDB
-from popbox.config import LimitSettings
-from popbox.errors import MaildropInUse, PermanentStoreError, StoreError
+from popbox.config import LimitSettings, MailboxSettings
+from popbox.errors import (
+    AuthError,
+    InvalidMailboxName,
+    LoginTooSoon,
+    MaildropInUse,
+    NoSuchFolder,
+    PermanentStoreError,
+    StoreError,
+)
 from popbox.net.limits import AuthPenalty
-from popbox.net.login import authenticate
+from popbox.net.login import (
+    TEXT_AUTH_FAILED,
+    TEXT_AUTH_UNAVAILABLE,
+    authenticate,
+    fail_slowly,
+)
+from popbox.net.login_names import LoginGrammar
+from popbox.net.login_target import read_login
 from popbox.proto.events import ApopRequest, LoginRequest
-from popbox.proto.replies import CODE_AUTH, CODE_IN_USE, CODE_SYS_PERM, CODE_SYS_TEMP
+from popbox.proto.replies import (
+    CODE_AUTH,
+    CODE_IN_USE,
+    CODE_LOGIN_DELAY,
+    CODE_SYS_PERM,
+    CODE_SYS_TEMP,
+)
 from popbox.store.base import Maildrop, MailStore
+from popbox.store.mailbox import MailboxView
 
 __all__ = ["Admitted", "LoginBroker", "Refused"]
 
@@ -26,16 +57,25 @@ log = logging.getLogger("popbox.pop3")
 
 # RFC 3206: IN-USE is for "already in use"; Dovecot says the same for its per-user cap.
 TOO_MANY_USER_SESSIONS: Final = "Too many sessions for this user."
+# The name checked for a login name that can be no login: no user has it (auth.names),
+# so the check runs, and fails, exactly as for an unknown user.
+_NO_USER: Final = ""
 
 
 class Admitted:
-    """A verified user with their maildrop open; the user holds one session slot."""
+    """A verified login with its maildrop open; ``user`` holds one session slot.
+
+    ``user`` is the mailbox's user, ``login`` the user whose password opened it (a
+    member of a shared mailbox, or ``user``), ``view`` what the login asked for.
+    """
 
     # A plain class: a frozen dataclass costs twice as much to make, once per login.
-    __slots__ = ("maildrop", "user")
+    __slots__ = ("login", "maildrop", "user", "view")
 
-    def __init__(self, user: str, maildrop: Maildrop) -> None:
+    def __init__(self, user: str, login: str, view: MailboxView, maildrop: Maildrop) -> None:
         self.user = user
+        self.login = login
+        self.view = view
         self.maildrop = maildrop
 
 
@@ -51,61 +91,110 @@ class Refused:
 
 class LoginBroker:
     """Logs sessions in, for every session of one service (it holds nothing per session
-    but the count of each logged-in user's sessions, for ``max_sessions_per_user``)."""
+    but the count of each mailbox user's sessions, for ``max_sessions_per_user``)."""
 
     def __init__(
-        self, passdb: PassDB, store: MailStore, penalty: AuthPenalty, limits: LimitSettings
+        self,
+        passdb: PassDB,
+        store: MailStore,
+        penalty: AuthPenalty,
+        limits: LimitSettings,
+        mailbox: MailboxSettings,
     ) -> None:
+        """ValueError (naming the setting) for separators that make names ambiguous."""
         self._passdb = passdb
         self._store = store
         self._penalty = penalty
         self._limits = limits
-        # Sessions per user, for users with at least one.
+        self._mailbox = mailbox
+        self._grammar = LoginGrammar(
+            device_separator=mailbox.device_separator,
+            folder_separator=mailbox.folder_separator,
+            master_separator=mailbox.master_separator,
+            recent_prefix=mailbox.recent_prefix,
+        )
+        # Sessions per mailbox user, for users with at least one.
         self.per_user: dict[str, int] = {}
 
     async def log_in(
         self, event: LoginRequest | ApopRequest, *, ip: str, session_id: str
     ) -> Admitted | Refused:
-        """Check ``event``'s credentials from ``ip`` and open the user's maildrop.
+        """Check ``event``'s credentials from ``ip`` and open the maildrop it names.
 
-        On ``Admitted`` the caller holds a session slot of the user and gives it back
-        with ``release_user`` when the session ends.
+        On ``Admitted`` the caller holds a session slot of the mailbox's user and gives
+        it back with ``release_user`` when the session ends.
         """
         limits = self._limits
         penalty = self._penalty.delay(ip)
         if penalty > 0:
             # Before the check, so a penalised address costs no hashing either.
             await asyncio.sleep(penalty)
+        try:
+            name, mailbox = await read_login(self._grammar, self._passdb, event)
+        except AuthError as exc:
+            log.warning("session=%s user database unavailable: %s", session_id, exc, exc_info=exc)
+            return Refused(CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
+        wanted = name.login if name is not None else _NO_USER
+        checked = event if wanted == event.username else dataclasses.replace(event, username=wanted)
         outcome = await authenticate(
-            self._passdb, event, failure_delay=limits.auth_failure_delay, session_id=session_id
+            self._passdb, checked, failure_delay=limits.auth_failure_delay, session_id=session_id
         )
-        if outcome.user is None:
+        if outcome.record is None or name is None:
             if outcome.code == CODE_AUTH:
                 self._penalty.failed(ip)
             return Refused(outcome.code, outcome.text)
-        user = outcome.user
+        login = outcome.record.name
+        if name.shared:
+            if mailbox is None or login not in self._mailbox.shared_with(mailbox.extra):
+                # The same refusal as a wrong password: whether the mailbox exists or
+                # the password was right stays unsaid.
+                log.info(
+                    "session=%s login=%s refused: %s is not shared with them",
+                    session_id, login, name.mailbox,
+                )
+                await fail_slowly(limits.auth_failure_delay)
+                self._penalty.failed(ip)
+                return Refused(CODE_AUTH, TEXT_AUTH_FAILED)
+            # The device is named after the member as the user database spells them.
+            device = login + name.device[len(name.login) :]
+        else:
+            mailbox, device = outcome.record, name.device
         self._penalty.succeeded(ip)
+        user = mailbox.name
+        view = MailboxView(
+            name.folder,
+            device,
+            name.recent,
+            policy=self._mailbox.policy_for(mailbox.extra, user=user),
+        )
+        return await self._open(user, login, view, session_id)
+
+    async def _open(
+        self, user: str, login: str, view: MailboxView, session_id: str
+    ) -> Admitted | Refused:
+        """Take a session slot of ``user`` and open the maildrop ``view`` asks for."""
         if not self._claim_user(user):
             log.info(
                 "session=%s user=%s refused: max_sessions_per_user (%d) reached",
-                session_id, user, limits.max_sessions_per_user,
+                session_id, user, self._limits.max_sessions_per_user,
             )
             return Refused(CODE_IN_USE, TOO_MANY_USER_SESSIONS)
         try:
-            maildrop = await self._store.open_maildrop(user)
+            maildrop = await self._store.open_maildrop(user, view)
         except StoreError as exc:
+            expected = isinstance(exc, MaildropInUse | LoginTooSoon | NoSuchFolder)
             log.log(
-                logging.INFO if isinstance(exc, MaildropInUse) else logging.ERROR,
-                "session=%s user=%s cannot open maildrop: %s",
-                session_id, user, exc,
-                exc_info=None if isinstance(exc, MaildropInUse) else exc,
+                logging.INFO if expected else logging.ERROR,
+                "session=%s user=%s device=%s folder=%s cannot open maildrop: %s",
+                session_id, user, view.device, view.folder, exc,
+                exc_info=None if expected else exc,
             )
             self.release_user(user)
-            return Refused(*_store_failure(exc))
+            return Refused(*_store_failure(exc, view))
         except BaseException:
             self.release_user(user)
             raise
-        return Admitted(user, maildrop)
+        return Admitted(user, login, view, maildrop)
 
     def release_user(self, user: str) -> None:
         """Give back a session slot of ``user`` taken by an ``Admitted`` login."""
@@ -124,10 +213,19 @@ class LoginBroker:
         return True
 
 
-def _store_failure(exc: StoreError) -> tuple[str, str]:
-    """The response code and text for a store that failed at login (RFC 3206)."""
+def _store_failure(exc: StoreError, view: MailboxView) -> tuple[str, str]:
+    """The response code and text for a store that failed at login (RFC 2449, 3206)."""
     if isinstance(exc, MaildropInUse):
         return CODE_IN_USE, "Maildrop is locked by another session."
+    if isinstance(exc, LoginTooSoon):
+        # Not a failed login: the client is told to come back, not that it guessed wrong.
+        wait = max(1, math.ceil(exc.retry_after))
+        return CODE_LOGIN_DELAY, f"Logged in too recently, try again in {wait} seconds."
+    if isinstance(exc, NoSuchFolder):
+        return CODE_SYS_PERM, f"Folder {view.folder} does not exist."
+    if isinstance(exc, InvalidMailboxName):
+        # The store refused a name the login grammar let through: a bad login name.
+        return CODE_AUTH, TEXT_AUTH_FAILED
     if isinstance(exc, PermanentStoreError):
         return CODE_SYS_PERM, "Maildrop cannot be opened."
     return CODE_SYS_TEMP, "Maildrop is temporarily unavailable, try again later."

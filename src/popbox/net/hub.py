@@ -5,12 +5,14 @@ counts, and the set of live sessions that graceful shutdown walks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from typing import Protocol
 
 from popbox.auth.base import PassDB
 from popbox.config import Config
 from popbox.errors import ConfigError
+from popbox.net.announce import Announcement, Announcer
 from popbox.net.broker import LoginBroker
 from popbox.net.limits import AuthPenalty
 from popbox.net.tls import TlsLayer
@@ -55,7 +57,6 @@ class SessionHub:
         try:
             self.settings = ServerSettings(
                 implementation=config.pop3.implementation,
-                expire=config.pop3.expire,
                 apop_enabled=config.pop3.apop,
                 hostname=config.hostname,
                 max_command_line=config.limits.max_command_line,
@@ -71,15 +72,31 @@ class SessionHub:
         self.per_ip: dict[str, int] = {}
         self.login_sessions = 0
         self.penalty = AuthPenalty(config.limits.auth_penalty_max)
-        self.broker = LoginBroker(passdb, store, self.penalty, config.limits)
+        try:
+            self.broker = LoginBroker(passdb, store, self.penalty, config.limits, config.mailbox)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        # EXPIRE and LOGIN-DELAY before login (net.announce): sessions made from now
+        # on take the settings with the current bounds.
+        self.announcer = Announcer(config.mailbox, passdb, self.loop, self._announce)
         self.shutting_down = False
         # Implicit-TLS connections still in their handshake, before they become sessions.
         self.handshakes: set[TlsLayer] = set()
         self.all_ended = asyncio.Event()
         self.all_ended.set()
 
+    def _announce(self, announced: Announcement) -> None:
+        self.settings = dataclasses.replace(
+            self.settings,
+            expire=announced.expire,
+            expire_per_user=announced.expire_per_user,
+            login_delay=announced.login_delay,
+            login_delay_per_user=announced.login_delay_per_user,
+        )
+
     def admit(self, session: LiveSession, ip: str) -> bool:
         """Register a new connection; False when ``ip`` is already at its cap."""
+        self.announcer.maybe_refresh()
         self.sessions.add(session)
         self.all_ended.clear()
         limits = self.config.limits

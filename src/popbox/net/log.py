@@ -57,7 +57,10 @@ class SessionStats:
         "bytes_retrieved",
         "commands",
         "deleted",
+        "device",
+        "folder",
         "peer",
+        "recent",
         "retrieved",
         "session_id",
         "started",
@@ -71,6 +74,10 @@ class SessionStats:
         self.started = time.monotonic()
         self.peer = "-"
         self.user: str | None = None
+        """The mailbox's user (for a member of a shared mailbox, not the member)."""
+        self.device = "-"
+        self.folder = "-"
+        self.recent = False
         self.tls = False
         self.commands = 0
         self.retrieved = 0
@@ -78,14 +85,25 @@ class SessionStats:
         self.tops = 0
         self.deleted = 0
 
+    def logged_in(self, user: str, device: str, folder: str, *, recent: bool) -> None:
+        """Who read what: the mailbox's user, the device (a member's is named after
+        them: ``bob`` or ``bob/laptop``), the folder, and recent mode."""
+        self.user = user
+        self.device = device
+        self.folder = folder
+        self.recent = recent
+
     def log_end(self, reason: str, detail: str | None = None) -> None:
         """Write the session's logout line to ``popbox.pop3`` (INFO)."""
         duration = time.monotonic() - self.started
         SESSION_LOG.info(
-            "session=%s user=%s peer=%s tls=%s commands=%d retr=%d/%d top=%d del=%d "
-            "duration=%.3fs reason=%s%s",
+            "session=%s user=%s device=%s folder=%s%s peer=%s tls=%s commands=%d "
+            "retr=%d/%d top=%d del=%d duration=%.3fs reason=%s%s",
             self.session_id,
             self.user or "-",
+            self.device,
+            self.folder,
+            " recent=yes" if self.recent else "",
             self.peer,
             "yes" if self.tls else "no",
             self.commands,

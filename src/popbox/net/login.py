@@ -13,13 +13,19 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from popbox.auth.base import PassDB
+from popbox.auth.base import PassDB, UserRecord
 from popbox.errors import AuthError
 from popbox.proto.events import ApopRequest, LoginRequest
 from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP
 from popbox.proto.sasl import apop_digest
 
-__all__ = ["AuthOutcome", "authenticate"]
+__all__ = [
+    "TEXT_AUTH_FAILED",
+    "TEXT_AUTH_UNAVAILABLE",
+    "AuthOutcome",
+    "authenticate",
+    "fail_slowly",
+]
 
 log = logging.getLogger("popbox.pop3")
 
@@ -32,15 +38,20 @@ _UNKNOWN_USER_SECRET: Final = "\0no such user\0"  # noqa: S105 - never matches a
 
 @dataclass(frozen=True, slots=True)
 class AuthOutcome:
-    """The result of one login attempt: a canonical user name, or a code and text."""
+    """The result of one login attempt: the user's record, or a code and text."""
 
-    user: str | None
+    record: UserRecord | None
     code: str = CODE_AUTH
     text: str = TEXT_AUTH_FAILED
 
     @property
+    def user(self) -> str | None:
+        """The canonical user name (None if the attempt failed)."""
+        return self.record.name if self.record is not None else None
+
+    @property
     def ok(self) -> bool:
-        return self.user is not None
+        return self.record is not None
 
 
 async def authenticate(
@@ -58,26 +69,29 @@ async def authenticate(
     """
     try:
         if isinstance(event, ApopRequest):
-            user = await _verify_apop(passdb, event)
+            record = await _verify_apop(passdb, event)
         else:
             record = await passdb.verify(event.username, event.password)
-            user = record.name if record is not None else None
     except AuthError as exc:
         log.warning("session=%s user database unavailable: %s", session_id, exc, exc_info=exc)
         return AuthOutcome(None, CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
-    if user is None:
-        if failure_delay > 0:
-            await asyncio.sleep(failure_delay)
+    if record is None:
+        await fail_slowly(failure_delay)
         return AuthOutcome(None)
-    return AuthOutcome(user)
+    return AuthOutcome(record)
 
 
-async def _verify_apop(passdb: PassDB, event: ApopRequest) -> str | None:
+async def fail_slowly(failure_delay: float) -> None:
+    """Serve the failure delay: every refusal that stands for a wrong password waits it."""
+    if failure_delay > 0:
+        await asyncio.sleep(failure_delay)
+
+
+async def _verify_apop(passdb: PassDB, event: ApopRequest) -> UserRecord | None:
     """APOP (RFC 1939 section 7): MD5 of timestamp + shared secret, compared in constant time."""
     secret = await passdb.plaintext_secret(event.username)
     expected = apop_digest(event.timestamp, secret if secret is not None else _UNKNOWN_USER_SECRET)
     matches = hmac.compare_digest(expected.encode(), event.digest.lower().encode())
     if not matches or secret is None:
         return None
-    record = await passdb.lookup(event.username)
-    return record.name if record is not None else None
+    return await passdb.lookup(event.username)

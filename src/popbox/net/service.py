@@ -207,6 +207,7 @@ class Pop3Service:
         if hub is None:
             return
         hub.shutting_down = True
+        await hub.announcer.close()
         for layer in list(hub.handshakes):
             layer.abort()  # not a session yet: nothing to let finish
         grace = self._config.limits.shutdown_grace

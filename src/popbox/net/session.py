@@ -25,6 +25,7 @@ from collections.abc import Coroutine
 from typing import Any, Final, cast
 
 from popbox.config import is_loopback
+from popbox.net.announce import expire_text
 from popbox.net.broker import Refused
 from popbox.net.flow import FlowControl
 from popbox.net.hub import SessionHub
@@ -310,9 +311,15 @@ class Pop3Session(asyncio.Protocol):
             await stage.release()  # the client left while we were looking
             return
         self._stage = stage
-        self._stats.user = login.user
+        view = login.view
+        self._stats.logged_in(login.user, view.device, view.folder, recent=view.recent)
         self._leave_login_stage()
-        conn.login_succeeded(login.maildrop.messages)
+        policy = view.policy
+        conn.login_succeeded(
+            login.maildrop.messages,
+            expire=expire_text(policy.retention_days),
+            login_delay=policy.login_delay,
+        )
         # The timeout changes with the state; the watchdog takes the new one from now.
         self._watchdog.rearm(self)
 

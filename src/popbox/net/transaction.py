@@ -145,8 +145,7 @@ class TransactionStage:
             if close is not None:
                 await close()
         if event.body_lines is None:
-            self._stats.retrieved += 1
-            self._stats.bytes_retrieved += sent
+            self._retrieved(event, sent)
         else:
             self._stats.tops += 1
 
@@ -164,8 +163,7 @@ class TransactionStage:
             raise BodyInterrupted(f"message {event.number}: {exc}") from exc
         if sent is None:
             return False
-        self._stats.retrieved += 1
-        self._stats.bytes_retrieved += sent
+        self._retrieved(event, sent)
         return True
 
     async def _stream_wire_ready(
@@ -207,8 +205,14 @@ class TransactionStage:
         out.writelines(batch)
         sent += batched + len(ending)
         await out.drain()
+        self._retrieved(event, sent)
+
+    def _retrieved(self, event: Retrieve, sent: int) -> None:
+        """A whole RETR went out (TOP does not count): a retention counts from the
+        first one (RFC 2449 EXPIRE), so the maildrop hears of it."""
         self._stats.retrieved += 1
         self._stats.bytes_retrieved += sent
+        self._maildrop.mark_retrieved(event.index)
 
     def _unavailable(
         self, conn: ServerConnection, event: Retrieve, out: Outlet, exc: StoreError

@@ -61,6 +61,9 @@ class LoginRequest:
     password: str = field(repr=False)
     mechanism: str = "USER"
     """"USER" for USER/PASS, else the SASL mechanism ("PLAIN", "LOGIN")."""
+    authzid: str = ""
+    """SASL PLAIN's authorization identity when it is not ``username`` (RFC 4616):
+    open that mailbox as the member ``username``; "" for the user's own login."""
 
 
 @dataclass(frozen=True, slots=True)

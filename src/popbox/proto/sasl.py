@@ -55,6 +55,9 @@ class Credentials:
 
     username: str
     password: str = field(repr=False)
+    authzid: str = ""
+    """PLAIN's authorization identity when it names someone else (RFC 4616): the
+    mailbox ``username`` asks to open with their own password; "" for their own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +107,8 @@ class Mechanism(Protocol):
 class PlainMechanism:
     """RFC 4616: one message ``authzid NUL authcid NUL passwd``.
 
-    popbox has no proxy authorization, so the authzid must be empty or the authcid.
+    An authzid other than the authcid asks to act as that identity: for popbox, to
+    open that (shared) mailbox as a member, which the glue allows or refuses.
     """
 
     name = "PLAIN"
@@ -123,9 +127,9 @@ class PlainMechanism:
             return SaslFailure("Invalid UTF-8 in PLAIN message")
         if not _is_name(authcid) or not passwd:
             return SaslFailure("Invalid user name or empty password")
-        if authzid and authzid != authcid:
-            return SaslFailure("Authorization identity must be the user")
-        return Credentials(authcid, passwd)
+        if authzid and not _is_name(authzid):
+            return SaslFailure("Invalid authorization identity")
+        return Credentials(authcid, passwd, "" if authzid == authcid else authzid)
 
 
 class LoginMechanism:

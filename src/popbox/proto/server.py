@@ -67,10 +67,21 @@ _MIN_LINE: Final = 255
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What one server offers; the same for every connection."""
+    """What one server offers; the same for every connection.
+
+    ``expire`` and ``login_delay`` are what CAPA announces before login (RFC 2449
+    sections 6.5 and 6.7): where users have values of their own, the smallest
+    retention and the largest delay that any user has, with ``*_per_user`` set so
+    that CAPA adds the USER tag; ``login_succeeded`` then gives the user's own.
+    """
 
     implementation: str = "popbox"
     expire: str = "NEVER"
+    """EXPIRE: days or NEVER."""
+    expire_per_user: bool = False
+    login_delay: int = 0
+    """LOGIN-DELAY in seconds; 0 (and not per user) leaves the capability out."""
+    login_delay_per_user: bool = False
     apop_enabled: bool = False
     hostname: str = "localhost"
     max_command_line: int = MAX_COMMAND_LINE
@@ -79,8 +90,9 @@ class ServerSettings:
     max_auth_failures: int = MAX_AUTH_FAILURES
 
     def __post_init__(self) -> None:
-        if self.expire != "NEVER" and not (self.expire.isascii() and self.expire.isdigit()):
-            raise ValueError("expire must be a number of days or NEVER")
+        _check_expire(self.expire)
+        if self.login_delay < 0:
+            raise ValueError("login_delay must be 0 or more seconds")
         for name in ("implementation", "hostname"):
             value: str = getattr(self, name)
             if not value or not value.isascii() or not value.isprintable() or " " in value:
@@ -89,6 +101,11 @@ class ServerSettings:
             raise ValueError(f"line limits must be at least {_MIN_LINE} octets")
         if min(self.max_bad_commands, self.max_auth_failures) < 1:
             raise ValueError("max_bad_commands and max_auth_failures must be at least 1")
+
+
+def _check_expire(expire: str) -> None:
+    if expire != "NEVER" and not (expire.isascii() and expire.isdigit()):
+        raise ValueError("expire must be a number of days or NEVER")
 
 
 _OK_LINE: Final = b"+OK\r\n"
@@ -130,6 +147,9 @@ class ServerConnection:
         self._bad_commands = 0
         self._auth_failures = 0
         self._snapshot = Snapshot(())
+        # The logged-in user's own EXPIRE and LOGIN-DELAY (None: the server's).
+        self._expire: str | None = None
+        self._login_delay: int | None = None
         self._timestamp = (
             f"<{os.getpid()}.{secrets.token_hex(8)}@{settings.hostname}>"
             if settings.apop_enabled
@@ -213,9 +233,25 @@ class ServerConnection:
 
     # -- what the glue reports -----------------------------------------------------
 
-    def login_succeeded(self, messages: Sequence[MessageLike]) -> None:
-        """The login was verified and the maildrop opened: enter TRANSACTION."""
+    def login_succeeded(
+        self,
+        messages: Sequence[MessageLike],
+        *,
+        expire: str | None = None,
+        login_delay: int | None = None,
+    ) -> None:
+        """The login was verified and the maildrop opened: enter TRANSACTION.
+
+        ``expire`` (days or NEVER) and ``login_delay`` (seconds) are the user's own
+        values, which CAPA shows from now on; None keeps the server's.
+        """
+        if expire is not None:
+            _check_expire(expire)
+        if login_delay is not None and login_delay < 0:
+            raise ValueError("login_delay must be 0 or more seconds")
         self._expect("login")
+        self._expire = expire
+        self._login_delay = login_delay
         self._snapshot = Snapshot(messages)
         self._state = self._login_next
         count, octets = self._snapshot.stat()
@@ -225,7 +261,7 @@ class ServerConnection:
         """The login failed: ``-ERR [code] text``; bad credentials count as failures."""
         self._expect("login")
         self._queue(err(text, code))
-        if code not in (replies.CODE_IN_USE, replies.CODE_SYS_TEMP, replies.CODE_SYS_PERM):
+        if code not in _NOT_AUTH_FAILURES:
             self._count_auth_failure()
 
     def tls_established(self) -> None:
@@ -312,15 +348,23 @@ class ServerConnection:
 
     def _capabilities(self) -> list[str]:
         settings = self._settings
-        capabilities = [
-            "TOP",
-            "UIDL",
-            "RESP-CODES",
-            "AUTH-RESP-CODE",
-            "PIPELINING",
-            f"EXPIRE {settings.expire}",
-            f"IMPLEMENTATION {settings.implementation}",
-        ]
+        capabilities = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self._state is SessionState.TRANSACTION:
+            # RFC 2449 sections 6.5 and 6.7: after login, this user's values, untagged.
+            expire = self._expire if self._expire is not None else settings.expire
+            delay = self._login_delay if self._login_delay is not None else settings.login_delay
+            if delay > 0:
+                capabilities.append(f"LOGIN-DELAY {delay}")
+        else:
+            # Before it, the bounds over every user; USER says a second CAPA after
+            # login tells this user's own.
+            expire = settings.expire + (" USER" if settings.expire_per_user else "")
+            delay = settings.login_delay
+            if delay > 0 or settings.login_delay_per_user:
+                tag = " USER" if settings.login_delay_per_user else ""
+                capabilities.append(f"LOGIN-DELAY {delay}{tag}")
+        capabilities.append(f"EXPIRE {expire}")
+        capabilities.append(f"IMPLEMENTATION {settings.implementation}")
         if accepts(self._state, Verb.STLS) and self._stls_available and not self._tls_active:
             capabilities.append("STLS")
         if self._plaintext_allowed:
@@ -411,7 +455,7 @@ class ServerConnection:
             return None
         if isinstance(step, Credentials):
             self._awaiting = "login"
-            return LoginRequest(step.username, step.password, mechanism.name)
+            return LoginRequest(step.username, step.password, mechanism.name, step.authzid)
         return self._auth_failure(err(step.reason, CODE_AUTH))
 
     def _quit(self, command: Command, following: SessionState) -> Event | None:
@@ -493,6 +537,11 @@ class ServerConnection:
         self._queue(ok(f"Maildrop has {count} messages ({octets} octets)."))
         return None
 
+
+# Refusals after a correct password (RFC 2449 section 8.1, RFC 3206): no guess was wrong.
+_NOT_AUTH_FAILURES: Final = frozenset(
+    {replies.CODE_IN_USE, replies.CODE_LOGIN_DELAY, replies.CODE_SYS_TEMP, replies.CODE_SYS_PERM}
+)
 
 _HANDLERS: Final[dict[Verb, _Handler]] = {
     Verb.CAPA: ServerConnection._capa,
