@@ -102,7 +102,6 @@ def test_one_worker_sweeps_and_its_replacement_takes_over(two_workers: Serve) ->
     assert "Traceback" not in text
 
 
-@pytest.mark.xfail(reason="needs the Maildir mailbox model", strict=False)
 def test_the_server_empties_trash_on_its_own(tmp_path: Path) -> None:
     serve_it = _serve(
         tmp_path,

@@ -58,7 +58,7 @@ from popbox.errors import (
     UnknownRecipient,
 )
 from popbox.store.base import MailStore
-from popbox.store.mailbox import INBOX
+from popbox.store.mailbox import INBOX, INSPECT_VIEW
 from popbox.wireform import wire_size
 
 __all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "has_return_path", "trace_headers"]
@@ -313,7 +313,7 @@ class Deliverer:
         expected = self._file_trace(target, sender, data[:HEAD_OCTETS]) + data
         size, wanted = wire_size(expected), normalised_digest(expected)
         try:
-            maildrop = await self._store.open_maildrop(target.user)
+            maildrop = await self._store.open_maildrop(target.user, INSPECT_VIEW)
         except MaildropInUse:
             raise
         except (StoreError, OSError) as exc:
