@@ -18,6 +18,7 @@ from popbox.auth.base import PassDB, UserRecord
 from popbox.auth.memory import MemoryPassDB
 from popbox.config import Config, LmtpSettings, QuotaSettings
 from popbox.delivery.lmtp import LmtpService
+from popbox.errors import NoSuchFolder
 from popbox.store.base import MailStore
 from support.maildrop import stored_messages
 
@@ -64,8 +65,11 @@ class RunningLmtp:
 
     def messages(self, user: str, folder: str = "INBOX") -> list[bytes]:
         """Every message in a folder of ``user``'s mailbox, oldest first (takes and
-        drops the lock)."""
-        return self.run(stored_messages(self.store, user, folder))
+        drops the lock); none while the folder does not exist yet."""
+        try:
+            return self.run(stored_messages(self.store, user, folder))
+        except NoSuchFolder:
+            return []
 
     def stop(self) -> None:
         if self.stopped:
