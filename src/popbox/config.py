@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from popbox.auth.names import is_valid_username
 from popbox.errors import ConfigError
 from popbox.proto import MAX_AUTH_FAILURES, MAX_BAD_COMMANDS, MAX_COMMAND_LINE, MAX_SASL_LINE
 from popbox.store.mailbox import Disposition, MailboxPolicy
@@ -42,6 +43,7 @@ __all__ = [
     "QuotaSettings",
     "StorageSettings",
     "TlsSettings",
+    "check_login_separators",
     "load_config",
     "parse_listen",
 ]
@@ -281,6 +283,16 @@ class MailboxSettings(_Section):
             raise ValueError("must be one character that cannot be part of a name, or empty")
         return value
 
+    @model_validator(mode="after")
+    def _unambiguous(self) -> MailboxSettings:
+        check_login_separators(
+            device_separator=self.device_separator,
+            folder_separator=self.folder_separator,
+            master_separator=self.master_separator,
+            recent_prefix=self.recent_prefix,
+        )
+        return self
+
     def default_policy(self) -> MailboxPolicy:
         return MailboxPolicy(
             disposition=Disposition(self.disposition),
@@ -324,6 +336,34 @@ class MailboxSettings(_Section):
         """The users who may open this user's mailbox as members (``popbox_shared_with``)."""
         text = extra.get(USER_POLICY_PREFIX + "shared_with", "")
         return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
+def check_login_separators(
+    *, device_separator: str, folder_separator: str, master_separator: str, recent_prefix: str
+) -> None:
+    """ValueError (naming the setting) for separators that would make login names
+    ambiguous: two alike, a device or master separator a user name may hold, or a
+    recent prefix a user name could start with."""
+    separators = {
+        "device_separator": device_separator,
+        "folder_separator": folder_separator,
+        "master_separator": master_separator,
+    }
+    used = [value for value in separators.values() if value]
+    if len(set(used)) != len(used):
+        raise ValueError("the device, folder and master separators must differ")
+    for key in ("device_separator", "master_separator"):
+        # The folder separator may be a user-name character ("+"): the login broker
+        # asks the user database which reading is meant. The others may not.
+        if separators[key] and is_valid_username("a" + separators[key]):
+            raise ValueError(f"mailbox.{key}: {separators[key]!r} can be part of a user name")
+    if recent_prefix and (
+        is_valid_username(recent_prefix + "a") or any(s in recent_prefix for s in used)
+    ):
+        raise ValueError(
+            "mailbox.recent_prefix: must hold a character no user name has (as the "
+            "':' of 'recent:') and no separator"
+        )
 
 
 # Per-user policy fields in the passwd file's extra fields start with this.

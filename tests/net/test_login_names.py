@@ -3,11 +3,14 @@ by the rule that owns it, and every name that could be a trick refused as a bad 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popbox.errors import InvalidUsername
+from popbox.config import config_from_dict
+from popbox.errors import ConfigError, InvalidUsername
 from popbox.net.login_names import MAX_LOGIN_NAME, LoginGrammar, LoginName
 from popbox.store.mailbox import DEFAULT_DEVICE, INBOX
 
@@ -179,3 +182,11 @@ def test_any_text_parses_into_checked_parts_or_is_a_bad_login(text: str) -> None
         assert part.isprintable()
         assert ".." not in part.split("/")
         assert not part.startswith((".", "-", "/"))
+
+
+def test_check_config_refuses_ambiguous_separators_before_the_server_starts(
+    tmp_path: Path,
+) -> None:
+    settings = {"master_separator": "+", "folder_separator": ""}
+    with pytest.raises(ConfigError, match="can be part of a user name"):
+        config_from_dict({"mailbox": settings}, tmp_path)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from popbox.auth.names import MAX_USERNAME_LENGTH, is_valid_username, validate_username
+from popbox.config import check_login_separators
 from popbox.errors import InvalidMailboxName, InvalidUsername
 from popbox.store.mailbox import (
     DEFAULT_DEVICE,
@@ -93,26 +94,12 @@ class LoginGrammar:
         recent_prefix: str,
     ) -> None:
         """ValueError (naming the setting) for separators that would make names ambiguous."""
-        separators = {
-            "device_separator": device_separator,
-            "folder_separator": folder_separator,
-            "master_separator": master_separator,
-        }
-        used = [value for value in separators.values() if value]
-        if len(set(used)) != len(used):
-            raise ValueError("mailbox: the device, folder and master separators must differ")
-        for key in ("device_separator", "master_separator"):
-            # The folder separator may be a user-name character ("+"): the broker
-            # asks the user database which reading is meant. The others may not.
-            if separators[key] and is_valid_username("a" + separators[key]):
-                raise ValueError(f"mailbox.{key}: {separators[key]!r} can be part of a user name")
-        if recent_prefix and (
-            is_valid_username(recent_prefix + "a") or any(s in recent_prefix for s in used)
-        ):
-            raise ValueError(
-                "mailbox.recent_prefix: must hold a character no user name has (as the "
-                "':' of 'recent:') and no separator"
-            )
+        check_login_separators(
+            device_separator=device_separator,
+            folder_separator=folder_separator,
+            master_separator=master_separator,
+            recent_prefix=recent_prefix,
+        )
         self._device = device_separator
         self._folder = folder_separator
         self._master = master_separator

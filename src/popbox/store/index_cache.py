@@ -33,16 +33,19 @@ __all__ = [
 ]
 
 # Parsed indexes kept per worker process for maildrops no session holds, counted in
-# messages (about 0.5 KB each): a 100,000-message maildrop fits, so its warm login
-# skips parsing; many small maildrops share the rest.
-INDEX_CACHE_MESSAGES: Final = 150_000
+# messages (about 0.5 KB each, views counted as below): a 100,000-message maildrop
+# with the views of ten devices fits, so their warm logins skip parsing and
+# rendering; many small maildrops share the rest.
+INDEX_CACHE_MESSAGES: Final = 250_000
 # Device views kept per index version, least recently used out first: a family or a
 # small team each with its own deletions (the devices beyond it build their view at
 # login, a few C-level copies, and render their listings again).
 MAX_VIEWS: Final = 32
-# ... and at most this many messages in them all (10 MB at most): two views of a
-# 100,000-message folder, every device of a family on a 20,000-message one.
-MAX_VIEW_MESSAGES: Final = 200_000
+# ... and at most this many messages in them all (about 50 MB with their listings):
+# ten devices of a 100,000-message folder, each with a view of its own. Rendering a
+# view's UIDL listing again is most of what a big folder's warm login would cost
+# (bench/devices.py measures both).
+MAX_VIEW_MESSAGES: Final = 1_000_000
 # A message of a view costs 16 octets (UIDs and sizes) and about 35 more once its
 # listings are rendered: a tenth of the 0.5 KB an index's message is counted at, so
 # ten view messages weigh one index message in the cache's bound.
