@@ -6,16 +6,21 @@ the store package.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
+from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-__all__ = ["FileLock", "fsync_dir", "write_all"]
+__all__ = ["FileLock", "fsync_dir", "replace_file", "write_all"]
 
 # Lock files hold nothing secret, but they sit beside private mail and user data.
 LOCK_FILE_MODE: Final = 0o600
+# Files replaced whole (an index, a folder's device state) are private to their owner.
+REPLACED_FILE_MODE: Final = 0o600
 
 
 def write_all(fd: int, data: bytes) -> int:
@@ -30,6 +35,35 @@ def write_all(fd: int, data: bytes) -> int:
         while written < len(view):
             written += os.write(fd, view[written:])
     return written
+
+
+def replace_file(
+    directory: Path, name: str, tmp_name: str, parts: Iterable[bytes], *, durable: bool = True
+) -> None:
+    """Replace ``directory/name`` with ``parts`` as one whole file, never a partial one.
+
+    Written to ``tmp_name`` beside it (no symlink followed), fsynced, then renamed
+    into place; the temporary file is removed if anything fails. ``durable`` also
+    fsyncs the directory, so the new file (not the old) is what a crash leaves.
+    """
+    tmp_path = directory / tmp_name
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp_path, flags, REPLACED_FILE_MODE)
+    try:
+        try:
+            for part in parts:
+                write_all(fd, part)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_path, directory / name)
+    except BaseException:
+        # The original error is the one worth reporting.
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

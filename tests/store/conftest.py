@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from popbox.store import MaildirStore, MailStore, MemoryStore
-from popbox.store.mailbox import DAY
-
-
-class FakeClock:
-    """The time a store believes it is: the real time plus the days a test skipped.
-
-    It runs as the real clock does (so names made in one test keep their order and
-    file times and name times agree) and jumps forward when a test says so.
-    """
-
-    def __init__(self) -> None:
-        self.skipped = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.skipped
-
-    def advance(self, *, days: float = 0, seconds: float = 0) -> None:
-        self.skipped += days * DAY + seconds
+from support.clock import FakeClock
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from popbox.store.devices import STATE_FORMAT
 from popbox.store.index_file import INDEX_NAME
 from popbox.store.mailbox import MailboxPolicy, MailboxView
 from popbox.store.maildir_state import STATE_NAME
+from support.clock import FakeClock
 from support.maildrop import read_all
 
 PHONE = MailboxView(device="phone")
@@ -148,7 +149,9 @@ async def test_a_single_device_quit_writes_no_state(
     assert len(await seen(maildir_store, MailboxView())) == 2
 
 
-async def test_a_login_is_noted_at_most_hourly(maildir_store: MaildirStore, clock: Any) -> None:
+async def test_a_login_is_noted_at_most_hourly(
+    maildir_store: MaildirStore, clock: FakeClock
+) -> None:
     await deliver(maildir_store, 1)
     await seen(maildir_store, PHONE)
     first = state_file(maildir_store).stat().st_ino
@@ -225,7 +228,7 @@ async def test_upkeep_leaves_a_held_folder_alone(maildir_store: MaildirStore) ->
 
 
 async def test_expire_zero_removes_what_a_session_retrieved_at_its_quit(
-    maildir_store: MaildirStore, clock: Any
+    maildir_store: MaildirStore, clock: FakeClock
 ) -> None:
     """RFC 2449 EXPIRE 0: a message RETR sent whole goes at QUIT, for every device;
     one sent by a session that ended otherwise goes at the next QUIT or sweep."""

@@ -38,7 +38,6 @@ index takes a larger UIDVALIDITY (also noted in ``popbox.lock``), so no UIDL rep
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import operator
@@ -50,6 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from popbox.fileio import replace_file
 from popbox.store.index import (
     CorruptIndex,
     DeferredColumn,
@@ -57,8 +57,6 @@ from popbox.store.index import (
     IndexEntry,
     IndexHeader,
     MaildirIndex,
-    fsync_dir,
-    write_all,
 )
 
 __all__ = [
@@ -327,23 +325,7 @@ def write_index(
         paths = "\n".join(columns.paths).encode(_ENCODING, _ERRORS)
     body = b"".join((_packed(columns.uids), _packed(columns.sizes), paths))
     head = _format_header(header, len(paths), zlib.crc32(body)).encode("ascii")
-    tmp_path = maildir / INDEX_TMP_NAME
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            write_all(fd, head)
-            write_all(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp_path, maildir / INDEX_NAME)
-    except BaseException:
-        # The original error is the one worth reporting.
-        with contextlib.suppress(OSError):
-            tmp_path.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(maildir)
+    replace_file(maildir, INDEX_NAME, INDEX_TMP_NAME, (head, body), durable=durable)
     index.written_in_new = header.in_new
     index.outdated_format = False
     signature = index_signature(maildir)

@@ -12,12 +12,11 @@ to translate.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Final
 
-from popbox.fileio import fsync_dir, write_all
+from popbox.fileio import replace_file
 from popbox.store.devices import FolderState
 from popbox.store.index_file import IndexSignature, signature_of
 
@@ -26,8 +25,6 @@ __all__ = ["STATE_NAME", "STATE_TMP_NAME", "LoadedState", "read_state", "write_s
 STATE_NAME: Final = "popbox.devices"
 # Written beside the state and renamed over it, so a crash leaves the old or the new.
 STATE_TMP_NAME: Final = "popbox.devices.tmp"
-# The state is private to the mail owner, like the index and the messages.
-STATE_FILE_MODE: Final = 0o600
 
 
 class LoadedState:
@@ -78,22 +75,8 @@ def write_state(maildir: Path, loaded: LoadedState) -> None:
     """Replace the folder's state file with ``loaded.state``, durably; updates
     ``loaded.saved`` and ``loaded.signature``."""
     data = loaded.state.to_bytes()
-    tmp_path = maildir / STATE_TMP_NAME
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(tmp_path, flags, STATE_FILE_MODE)
-    try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp_path, maildir / STATE_NAME)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink(missing_ok=True)
-        raise
     # The state decides what devices see: once written it must stay, like the
-    # deletions it records, before QUIT's +OK.
-    fsync_dir(maildir)
+    # deletions it records, before QUIT's +OK (a durable replace).
+    replace_file(maildir, STATE_NAME, STATE_TMP_NAME, (data,))
     loaded.saved = data
     loaded.signature = signature_of(maildir / STATE_NAME)
