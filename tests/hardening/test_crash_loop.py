@@ -19,7 +19,7 @@ import smtplib
 import threading
 from pathlib import Path
 
-from support.crash import audit_maildrops
+from support.crash import audit_maildrops, kill_rounds
 from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
 
 USERS = ("alice", "bob", "carol")
@@ -148,28 +148,18 @@ def test_sigkill_during_quits_deliveries_and_index_updates_loses_and_resurrects_
     server = make_server(tmp_path, USERS)
     ledger = Ledger()
     errors: list[BaseException] = []
-    for _ in range(ROUNDS):
-        server.start()
-        threads = [
-            threading.Thread(
-                target=deliver_until_killed, args=(server, ledger, random.Random(rng.random()))
-            ),
-            threading.Thread(
-                target=pop_until_killed,
-                args=(server, ledger, random.Random(rng.random()), errors),
-            ),
-        ]
-        for thread in threads:
-            thread.start()
-        killer = threading.Timer(rng.uniform(*KILL_AFTER), server.kill)
-        killer.start()
-        for thread in threads:
-            thread.join(60)
-        killer.cancel()
-        server.kill()
-        assert not errors, errors[0]
-        # Audit after every kill: a later round must not mend an earlier loss.
-        asyncio.run(audit(server.maildir_root, ledger))
+    kill_rounds(
+        server,
+        rng,
+        rounds=ROUNDS,
+        kill_after=KILL_AFTER,
+        clients=[
+            lambda r: deliver_until_killed(server, ledger, r),
+            lambda r: pop_until_killed(server, ledger, r, errors),
+        ],
+        errors=errors,
+        audit=lambda: asyncio.run(audit(server.maildir_root, ledger)),
+    )
     stored = asyncio.run(audit(server.maildir_root, ledger))
     # The loop really delivered, committed deletions, and interrupted work in flight.
     assert len(ledger.acked) >= ROUNDS

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from popbox.store.mailbox import MailboxView
 from popbox.store.maildir import MaildirStore
+from support.crash import kill_rounds
 from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
 
 USER = "team"
@@ -180,27 +181,18 @@ def test_sigkill_during_device_commits_trash_moves_and_sweeps_keeps_every_promis
     for device in DEVICES:  # every device known before the mail comes
         server.pop3(f"{USER}~{device}").quit()
     server.kill()
-    for _ in range(ROUNDS):
-        server.start()
-        threads = [
-            threading.Thread(
-                target=deliver_until_killed, args=(server, ledger, random.Random(rng.random()))
-            ),
-            threading.Thread(
-                target=devices_until_killed,
-                args=(server, ledger, random.Random(rng.random()), errors),
-            ),
-        ]
-        for thread in threads:
-            thread.start()
-        killer = threading.Timer(rng.uniform(*KILL_AFTER), server.kill)
-        killer.start()
-        for thread in threads:
-            thread.join(60)
-        killer.cancel()
-        server.kill()
-        assert not errors, errors[0]
-        asyncio.run(audit(server.maildir_root, ledger))
+    kill_rounds(
+        server,
+        rng,
+        rounds=ROUNDS,
+        kill_after=KILL_AFTER,
+        clients=[
+            lambda r: deliver_until_killed(server, ledger, r),
+            lambda r: devices_until_killed(server, ledger, r, errors),
+        ],
+        errors=errors,
+        audit=lambda: asyncio.run(audit(server.maildir_root, ledger)),
+    )
     stored = asyncio.run(audit(server.maildir_root, ledger))
     gone_for_all = [
         n for n in ledger.acked if all(n in ledger.deleted[d] for d in DEVICES)

@@ -10,16 +10,19 @@ login would (a fresh MaildirStore, the lock, the snapshot) and asserts.
 
 from __future__ import annotations
 
+import random
 import re
+import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from popbox.store.maildir import MaildirStore
 from support.maildrop import read_all
+from support.serverproc import ServerProcess
 from support.wire import lf, wire
 
-__all__ = ["audit_maildrops"]
+__all__ = ["audit_maildrops", "kill_rounds"]
 
 Message = tuple[str, int]  # (user, message number)
 
@@ -90,3 +93,35 @@ async def audit_maildrops(
     finally:
         await store.close()
     return total
+
+
+def kill_rounds(
+    server: ServerProcess,
+    rng: random.Random,
+    *,
+    rounds: int,
+    kill_after: tuple[float, float],
+    clients: Sequence[Callable[[random.Random], None]],
+    errors: list[BaseException],
+    audit: Callable[[], object],
+) -> None:
+    """Start ``server``, run each client in a thread (each with a Random seeded from
+    ``rng``) until a SIGKILL at a random moment within ``kill_after`` seconds, then
+    audit; ``rounds`` times. Audited after every kill: a later round must not mend an
+    earlier loss. Clients report what the server showed them wrongly in ``errors``."""
+    for _ in range(rounds):
+        server.start()
+        threads = [
+            threading.Thread(target=client, args=(random.Random(rng.random()),))
+            for client in clients
+        ]
+        for thread in threads:
+            thread.start()
+        killer = threading.Timer(rng.uniform(*kill_after), server.kill)
+        killer.start()
+        for thread in threads:
+            thread.join(60)
+        killer.cancel()
+        server.kill()
+        assert not errors, errors[0]
+        audit()
