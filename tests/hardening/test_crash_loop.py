@@ -11,16 +11,20 @@ reply never arrived may have happened or not; either is allowed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import poplib
 import random
 import re
-import smtplib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from support.crash import audit_maildrops, kill_rounds
-from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
+from support.crash import (
+    audit_maildrops,
+    deliver_until_killed,
+    kill_rounds,
+    sessions_until_killed,
+)
+from support.serverproc import PASSWORD, make_server
 
 USERS = ("alice", "bob", "carol")
 # Bounded for CI on two cores: about a second a round.
@@ -63,42 +67,22 @@ class Ledger:
         assert first == uidl, f"{user}: message {number} changed UIDL {first} -> {uidl}"
 
 
-def deliver_until_killed(server: ServerProcess, ledger: Ledger, rng: random.Random) -> None:
-    with (
-        contextlib.suppress(smtplib.SMTPException, OSError),
-        smtplib.LMTP("127.0.0.1", server.lmtp_port, timeout=10) as client,
-    ):
-        client.ehlo("crash.test")
-        while True:
-            user = rng.choice(USERS)
-            number, data = ledger.new_message(rng)
-            client.mail("sender@example.net")
-            client.rcpt(f"{user}@example.test")
-            code, _ = client.data(data)
-            if code == 250:
-                with ledger.lock:
-                    ledger.acked.add((user, number))
+def next_delivery(
+    ledger: Ledger, rng: random.Random
+) -> tuple[str, bytes, Callable[[], None]]:
+    user = rng.choice(USERS)
+    number, data = ledger.new_message(rng)
+
+    def acked() -> None:
+        with ledger.lock:
+            ledger.acked.add((user, number))
+
+    return user, data, acked
 
 
-def pop_until_killed(
-    server: ServerProcess, ledger: Ledger, rng: random.Random, errors: list[BaseException]
-) -> None:
+def pop_session(client: poplib.POP3, ledger: Ledger, rng: random.Random) -> None:
     """Log in (the index catches up with new mail), map UIDLs, delete some, QUIT."""
-    try:
-        while True:
-            user = rng.choice(USERS)
-            client = ClosingPOP3("127.0.0.1", server.pop3_port, timeout=10)
-            try:
-                pop_session(client, user, ledger, rng)
-            finally:
-                client.close()
-    except (OSError, EOFError, poplib.error_proto):
-        return  # the kill
-    except BaseException as exc:  # an assertion about what the server showed
-        errors.append(exc)
-
-
-def pop_session(client: poplib.POP3, user: str, ledger: Ledger, rng: random.Random) -> None:
+    user = rng.choice(USERS)
     client.user(user)
     try:
         client.pass_(PASSWORD)
@@ -154,8 +138,10 @@ def test_sigkill_during_quits_deliveries_and_index_updates_loses_and_resurrects_
         rounds=ROUNDS,
         kill_after=KILL_AFTER,
         clients=[
-            lambda r: deliver_until_killed(server, ledger, r),
-            lambda r: pop_until_killed(server, ledger, r, errors),
+            lambda r: deliver_until_killed(server, r, lambda r: next_delivery(ledger, r)),
+            lambda r: sessions_until_killed(
+                server, r, errors, lambda client, r: pop_session(client, ledger, r)
+            ),
         ],
         errors=errors,
         audit=lambda: asyncio.run(audit(server.maildir_root, ledger)),

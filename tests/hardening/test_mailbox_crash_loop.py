@@ -11,19 +11,18 @@ under the same UIDL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import poplib
 import random
 import re
-import smtplib
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from popbox.store.mailbox import MailboxView
 from popbox.store.maildir import MaildirStore
-from support.crash import kill_rounds
-from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess, make_server
+from support.crash import deliver_until_killed, kill_rounds, sessions_until_killed
+from support.serverproc import PASSWORD, make_server
 
 USER = "team"
 DEVICES = ("phone", "laptop", "tablet")
@@ -67,39 +66,20 @@ class Ledger:
         assert first == uidl, f"message {number} changed UIDL {first} -> {uidl}"
 
 
-def deliver_until_killed(server: ServerProcess, ledger: Ledger, rng: random.Random) -> None:
-    with (
-        contextlib.suppress(smtplib.SMTPException, OSError),
-        smtplib.LMTP("127.0.0.1", server.lmtp_port, timeout=10) as client,
-    ):
-        client.ehlo("crash.test")
-        while True:
-            number, data = ledger.new_message(rng)
-            client.mail("sender@example.net")
-            client.rcpt(f"{USER}@example.test")
-            if client.data(data)[0] == 250:
-                with ledger.lock:
-                    ledger.acked.add(number)
+def next_delivery(
+    ledger: Ledger, rng: random.Random
+) -> tuple[str, bytes, Callable[[], None]]:
+    number, data = ledger.new_message(rng)
+
+    def acked() -> None:
+        with ledger.lock:
+            ledger.acked.add(number)
+
+    return USER, data, acked
 
 
-def devices_until_killed(
-    server: ServerProcess, ledger: Ledger, rng: random.Random, errors: list[BaseException]
-) -> None:
-    try:
-        while True:
-            device = rng.choice(DEVICES)
-            client = ClosingPOP3("127.0.0.1", server.pop3_port, timeout=10)
-            try:
-                device_session(client, device, ledger, rng)
-            finally:
-                client.close()
-    except (OSError, EOFError, poplib.error_proto):
-        return  # the kill
-    except BaseException as exc:  # an assertion about what the server showed
-        errors.append(exc)
-
-
-def device_session(client: poplib.POP3, device: str, ledger: Ledger, rng: random.Random) -> None:
+def device_session(client: poplib.POP3, ledger: Ledger, rng: random.Random) -> None:
+    device = rng.choice(DEVICES)
     client.user(f"{USER}~{device}")
     try:
         client.pass_(PASSWORD)
@@ -187,8 +167,10 @@ def test_sigkill_during_device_commits_trash_moves_and_sweeps_keeps_every_promis
         rounds=ROUNDS,
         kill_after=KILL_AFTER,
         clients=[
-            lambda r: deliver_until_killed(server, ledger, r),
-            lambda r: devices_until_killed(server, ledger, r, errors),
+            lambda r: deliver_until_killed(server, r, lambda r: next_delivery(ledger, r)),
+            lambda r: sessions_until_killed(
+                server, r, errors, lambda client, r: device_session(client, ledger, r)
+            ),
         ],
         errors=errors,
         audit=lambda: asyncio.run(audit(server.maildir_root, ledger)),

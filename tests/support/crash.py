@@ -10,8 +10,11 @@ login would (a fresh MaildirStore, the lock, the snapshot) and asserts.
 
 from __future__ import annotations
 
+import contextlib
+import poplib
 import random
 import re
+import smtplib
 import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -19,10 +22,15 @@ from pathlib import Path
 
 from popbox.store.maildir import MaildirStore
 from support.maildrop import read_all
-from support.serverproc import ServerProcess
+from support.serverproc import ClosingPOP3, ServerProcess
 from support.wire import lf, wire
 
-__all__ = ["audit_maildrops", "kill_rounds"]
+__all__ = [
+    "audit_maildrops",
+    "deliver_until_killed",
+    "kill_rounds",
+    "sessions_until_killed",
+]
 
 Message = tuple[str, int]  # (user, message number)
 
@@ -125,3 +133,44 @@ def kill_rounds(
         server.kill()
         assert not errors, errors[0]
         audit()
+
+
+def deliver_until_killed(
+    server: ServerProcess,
+    rng: random.Random,
+    next_message: Callable[[random.Random], tuple[str, bytes, Callable[[], None]]],
+) -> None:
+    """Deliver over one LMTP connection until the server dies. ``next_message`` gives
+    the recipient, the message and what to note once the server answered 250."""
+    with (
+        contextlib.suppress(smtplib.SMTPException, OSError),
+        smtplib.LMTP("127.0.0.1", server.lmtp_port, timeout=10) as client,
+    ):
+        client.ehlo("crash.test")
+        while True:
+            recipient, data, acked = next_message(rng)
+            client.mail("sender@example.net")
+            client.rcpt(f"{recipient}@example.test")
+            if client.data(data)[0] == 250:
+                acked()
+
+
+def sessions_until_killed(
+    server: ServerProcess,
+    rng: random.Random,
+    errors: list[BaseException],
+    session: Callable[[poplib.POP3, random.Random], None],
+) -> None:
+    """Run POP3 ``session``s one after another until the server dies; an assertion
+    about what the server showed goes into ``errors``."""
+    try:
+        while True:
+            client = ClosingPOP3("127.0.0.1", server.pop3_port, timeout=10)
+            try:
+                session(client, rng)
+            finally:
+                client.close()
+    except (OSError, EOFError, poplib.error_proto):
+        return  # the kill
+    except BaseException as exc:
+        errors.append(exc)
