@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -64,6 +65,8 @@ _IN_NEW: Final = operator.methodcaller("startswith", "new/")
 # C-level callables for filter() and map().
 _IS_REGULAR: Final = operator.methodcaller("is_file", follow_symlinks=False)
 _ENTRY_NAME: Final = operator.attrgetter("name")
+# A message's key in a DIR/NAME path of the index, one match per line.
+_PATH_KEY: Final = re.compile(r"^(?:cur|new)/([^:\n]*)", re.M)
 # Bodies are read in pieces of this size when a size has to be computed, so a 200 MB
 # message never sits in memory (the same bound the sessions use when streaming).
 READ_CHUNK: Final = 64 * 1024
@@ -425,12 +428,14 @@ class MaildirIndex:
             return {key: entries[key].uid for key in wanted if key in entries}
         columns = self._columns
         assert columns is not None
-        found: dict[str, int] = {}
-        for path, uid in zip(columns.paths, columns.uids, strict=True):
-            key = path[4:].partition(":")[0]
-            if key in wanted:
-                found[key] = uid
-        return found
+        paths = columns.paths
+        if isinstance(paths, DeferredColumn) and paths.source is not None:
+            # As stored: every key in one C-level pass, without splitting the paths.
+            keys = _PATH_KEY.findall(paths.source.decode("utf-8", "surrogateescape"))
+        else:
+            keys = [path[4:].partition(":")[0] for path in paths]
+        by_key = dict(zip(keys, columns.uids, strict=True))
+        return {key: by_key[key] for key in wanted if key in by_key}
 
     def uidls(self) -> list[str]:
         """``uidl()`` of every entry in order."""

@@ -39,6 +39,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import methodcaller
 from pathlib import Path
 from typing import Final
 
@@ -77,6 +78,10 @@ FILE_MODE: Final = 0o600
 # One line: a key (no TAB, LF or CR, not a dotfile) and a UIDL of 0x21-0x7E.
 _LINE: Final = re.compile(
     rf"([^\t\n\r.][^\t\n\r]*)\t([\x21-\x7e]{{1,{MAX_UIDL_LENGTH}}})", re.ASCII
+)
+# The same, for every line of a file at once.
+_LINES: Final = re.compile(
+    rf"^([^\t\n\r.][^\t\n\r]*)\t([\x21-\x7e]{{1,{MAX_UIDL_LENGTH}}})$", re.ASCII | re.M
 )
 # Lowercase hex, as popbox's own UIDLs are made.
 _HEX: Final = re.compile(r"[0-9a-f]+")
@@ -121,13 +126,16 @@ def _format(lines: Iterable[tuple[str, str]]) -> bytes:
 
 
 def _parse(data: bytes) -> dict[str, str]:
-    uidls: dict[str, str] = {}
+    """Each key's first UIDL, from the whole lines that have the shape (one C-level
+    pass: a folder adopted whole has a line per message)."""
     text = data.decode(_ENCODING, _ERRORS)
     whole = text[: text.rfind("\n") + 1]  # a last line without its LF is not whole yet
-    for line in whole.splitlines():
-        match = _LINE.fullmatch(line)
-        if match is not None:
-            uidls.setdefault(match[1], match[2])
+    pairs: list[tuple[str, str]] = _LINES.findall(whole)
+    uidls = dict(pairs)
+    if len(uidls) != len(pairs):  # a key twice: its first line counts
+        uidls = {}
+        for key, uidl in pairs:
+            uidls.setdefault(key, uidl)
     return uidls
 
 
@@ -220,6 +228,12 @@ def resolve(
     journal: UidlJournal, uids_by_key: Mapping[str, int], uidvalidity: int, folder: str
 ) -> Resolution:
     """Which message serves which kept UIDL in a snapshot (the module's rule)."""
+    uidls = list(map(journal.uidls.__getitem__, uids_by_key))
+    prefix = f"{uidvalidity:08x}"
+    if len(set(uidls)) == len(uidls) and not any(map(methodcaller("startswith", prefix), uidls)):
+        # Every UIDL once and none in popbox's own form (the usual case, and a whole
+        # folder's worth after an import): all are served, found in C-level passes.
+        return Resolution(dict(zip(uids_by_key.values(), uidls, strict=True)))
     resolution = Resolution()
     served: dict[str, str] = {}
     for key, uid in sorted(uids_by_key.items(), key=lambda item: item[1]):
