@@ -28,6 +28,11 @@ format of an earlier popbox is converted at the next login with every UIDL kept;
 earlier popbox that meets a newer index rebuilds it, so a downgrade changes every
 UIDL once.
 
+A message delivered with the UIDL of the server popbox replaced (``deliver(uidl=)``),
+or given one in place (``adopt_uidls``), keeps it for ever beside its UID: the
+folder's ``popbox.uidls`` (store.maildir_uidls) holds them and says which message
+serves a UIDL when two claim it.
+
 This module is the store's front (opening maildrops, delivery, usage, upkeep); the
 session's maildrop and its lock are in store.maildrop, folders and their paths in
 store.maildir_folders, what a device sees in store.maildir_view, the device state's
