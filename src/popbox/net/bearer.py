@@ -12,6 +12,7 @@ with ``[SYS/TEMP]``: a client should retry later, not throw its token away.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -38,6 +39,8 @@ __all__ = [
     "parse_oauthbearer",
     "parse_xoauth2",
 ]
+
+log = logging.getLogger("popbox.pop3")
 
 BearerKind = Literal["OAUTHBEARER", "XOAUTH2"]
 # In the order CAPA lists them: the standard first (curl prefers it too).
@@ -158,6 +161,10 @@ class BearerMechanism:
             return self._error_challenge(f"{login!r} is no login")
         if owner != identity.username:
             return self._error_challenge(f"a token of {identity.username!r} for {owner!r}")
+        log.info(
+            "session=%s %s token of %s from %s accepted for %s",
+            self._context.session_id, self._kind, identity.username, identity.issuer, login,
+        )
         return Verified(login, "", f"token:{identity.issuer}")
 
     def _error_challenge(self, reason: str) -> Continue:
