@@ -33,6 +33,8 @@ BASE_CAPABILITIES = [
     "PIPELINING",
     "EXPIRE NEVER",
     "IMPLEMENTATION popbox",
+    "UTF8 USER",
+    "LANG",
 ]
 
 
@@ -77,6 +79,8 @@ def test_capa_in_transaction_omits_login_capabilities() -> None:
         "PIPELINING",
         "EXPIRE 30",
         "IMPLEMENTATION popbox-test",
+        "UTF8 USER",
+        "LANG",
     ]
 
 
@@ -628,3 +632,33 @@ def test_mechanism_names_are_checked() -> None:
         ServerSettings(mechanisms=("scram-sha-256",))
     with pytest.raises(ValueError, match="twice"):
         ServerSettings(mechanisms=("PLAIN", "PLAIN"))
+
+
+# -- UTF-8 and languages (RFC 6856) ---------------------------------------------------
+
+
+def test_utf8_is_accepted_before_login_only() -> None:
+    glue = Glue(connect(), users={"jos\u00e9": "s\u00e9same"}, messages=[b"x\n"])
+    assert glue.send(b"UTF8\r\n") == b"+OK UTF8 enabled.\r\n"
+    assert glue.conn.utf8
+    glue.send("USER jos\u00e9\r\nPASS s\u00e9same\r\n".encode())
+    assert glue.conn.state is SessionState.TRANSACTION
+    assert glue.send(b"UTF8\r\n") == b"-ERR UTF8 is not allowed now.\r\n"
+
+
+def test_user_names_are_compared_in_nfc() -> None:
+    # "jose" + COMBINING ACUTE ACCENT is the same name as the precomposed one.
+    glue = Glue(connect(), users={"jos\u00e9": "pw"}, messages=[b"x\n"])
+    reply = glue.send("USER jose\u0301\r\nPASS pw\r\n".encode())
+    assert reply.endswith(b"+OK Logged in, 1 messages (3 octets).\r\n")
+
+
+def test_lang_lists_and_selects_languages_in_both_states() -> None:
+    glue = Glue(connect(), messages=[b"x\n"])
+    assert glue.send(b"LANG\r\n") == b"+OK Language listing follows\r\nen English\r\n.\r\n"
+    assert glue.send(b"LANG en-GB\r\n") == b"+OK en Language is now English.\r\n"
+    assert glue.send(b"LANG *\r\n") == b"+OK en Language is now English.\r\n"
+    assert glue.send(b"LANG fr\r\n") == b"-ERR Language not supported.\r\n"
+    assert glue.send(b"LANG en_US\r\n") == b"-ERR LANG takes one language range\r\n"
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert glue.send(b"LANG i-default\r\n") == b"+OK en Language is now English.\r\n"

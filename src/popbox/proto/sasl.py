@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
@@ -89,6 +90,11 @@ def _utf8(data: bytes) -> str | None:
         return None
 
 
+def _nfc(name: str) -> str:
+    """User names are compared in Unicode NFC (RFC 6856 section 2, RFC 5198)."""
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
+
+
 def _is_name(text: str) -> bool:
     """A user name may not carry control characters (they would reach logs and lookups)."""
     return bool(text) and not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
@@ -133,6 +139,7 @@ class PlainMechanism:
             return SaslFailure("Invalid user name or empty password")
         if authzid and not _is_name(authzid):
             return SaslFailure("Invalid authorization identity")
+        authcid, authzid = _nfc(authcid), _nfc(authzid)
         return Credentials(authcid, passwd, "" if authzid == authcid else authzid)
 
 
@@ -159,7 +166,7 @@ class LoginMechanism:
         if self._username is None:
             if not _is_name(text):
                 return SaslFailure("Invalid user name")
-            self._username = text
+            self._username = _nfc(text)
             return Challenge(LOGIN_PASSWORD_PROMPT)
         if not text:
             return SaslFailure("Empty password")

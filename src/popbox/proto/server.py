@@ -66,6 +66,9 @@ OUTPUT_HIGH_WATER: Final = 64 * 1024
 PLAINTEXT_DISALLOWED: Final = (
     "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 )
+# RFC 6856 section 3: the languages LANG offers, each with its description. Every
+# reply popbox writes is English; "i-default" (RFC 2277) and "*" select it too.
+LANGUAGES: Final = (("en", "English"),)
 # RFC 2449 section 4 is the floor for a command line; less breaks real clients.
 _MIN_LINE: Final = 255
 
@@ -165,6 +168,8 @@ class ServerConnection:
         self._glue_sasl: str | None = None
         self._bad_commands = 0
         self._auth_failures = 0
+        # RFC 6856: the client said UTF8 (it accepts UTF-8 in replies and headers).
+        self._utf8 = False
         self._snapshot = Snapshot(())
         # The logged-in user's own EXPIRE and LOGIN-DELAY (None: the server's).
         self._expire: str | None = None
@@ -184,6 +189,11 @@ class ServerConnection:
     @property
     def tls_active(self) -> bool:
         return self._tls_active
+
+    @property
+    def utf8(self) -> bool:
+        """Whether the client enabled UTF-8 mode (RFC 6856 section 2)."""
+        return self._utf8
 
     @property
     def apop_timestamp(self) -> str | None:
@@ -397,6 +407,10 @@ class ServerConnection:
                 capabilities.append(f"LOGIN-DELAY {delay}{tag}")
         capabilities.append(f"EXPIRE {expire}")
         capabilities.append(f"IMPLEMENTATION {settings.implementation}")
+        # RFC 6856: announced in both states; USER says UTF-8 user names and
+        # passwords are accepted (the parser takes UTF-8 and normalises names).
+        capabilities.append("UTF8 USER")
+        capabilities.append("LANG")
         if accepts(self._state, Verb.STLS) and self._stls_available and not self._tls_active:
             capabilities.append("STLS")
         if self._plaintext_allowed and accepts(self._state, Verb.USER):
@@ -585,6 +599,24 @@ class ServerConnection:
             self._queue(ok(f"Message {command.number} deleted."))
         return None
 
+    def _utf8_mode(self, command: Command, following: SessionState) -> Event | None:
+        self._utf8 = True
+        self._queue(ok("UTF8 enabled."))
+        return None
+
+    def _lang(self, command: Command, following: SessionState) -> Event | None:
+        if command.name is None:
+            lines = (f"{tag} {description}" for tag, description in LANGUAGES)
+            self._queue(replies.multiline("Language listing follows", lines))
+            return None
+        chosen = _choose_language(command.name)
+        if chosen is None:
+            self._queue(err("Language not supported."))
+        else:
+            # RFC 6856 section 3: the reply starts with the tag of the language chosen.
+            self._queue(ok(f"{chosen} Language is now {dict(LANGUAGES)[chosen]}."))
+        return None
+
     def _noop(self, command: Command, following: SessionState) -> Event | None:
         self._queue(_OK_LINE)
         return None
@@ -594,6 +626,17 @@ class ServerConnection:
         count, octets = self._snapshot.stat()
         self._queue(ok(f"Maildrop has {count} messages ({octets} octets)."))
         return None
+
+
+def _choose_language(wanted: str) -> str | None:
+    """The language a LANG range selects (RFC 4647 section 3.3.1 basic filtering)."""
+    wanted = wanted.lower()
+    if wanted in ("*", "i-default"):
+        return LANGUAGES[0][0]
+    for tag, _ in LANGUAGES:
+        if tag == wanted or tag.startswith(wanted + "-") or wanted.startswith(tag + "-"):
+            return tag
+    return None
 
 
 # Refusals after a correct password (RFC 2449 section 8.1, RFC 3206): no guess was wrong.
@@ -616,5 +659,7 @@ _HANDLERS: Final[dict[Verb, _Handler]] = {
     Verb.TOP: ServerConnection._retrieve,
     Verb.DELE: ServerConnection._dele,
     Verb.NOOP: ServerConnection._noop,
+    Verb.UTF8: ServerConnection._utf8_mode,
+    Verb.LANG: ServerConnection._lang,
     Verb.RSET: ServerConnection._rset,
 }
