@@ -255,6 +255,13 @@ def test_the_parsers_read_what_popbox_s_own_client_sends() -> None:
     assert (parsed.login, parsed.token) == ("alice~phone", "t0ken")
 
 
+def test_the_login_name_is_read_in_nfc_as_user_reads_it() -> None:
+    decomposed = "jose\u0301"
+    message = parse_xoauth2(xoauth2_response(decomposed, "t0ken"))
+    assert message is not None
+    assert message.login == "jos\u00e9"
+
+
 @pytest.mark.parametrize(
     "message",
     [b"", b"\x01", b"user=alice\x01\x01", b"auth=Bearer x\x01\x01",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ class BearerVerifier:
         value = claims.get(settings.username_claim)
         if not isinstance(value, str) or not value:
             return TokenRefused(f"no {settings.username_claim} claim")
+        value = unicodedata.normalize("NFC", value)  # as the login name is compared
         local, at, domain = value.rpartition("@")
         if at and domain.lower() in settings.domains:
             value = local

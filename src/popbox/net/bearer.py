@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -65,6 +66,10 @@ class ClientMessage:
 
     login: str
     token: str
+
+    def __post_init__(self) -> None:
+        # User names are compared in Unicode NFC (RFC 6856 section 2), as for USER.
+        object.__setattr__(self, "login", unicodedata.normalize("NFC", self.login))
 
 
 def _kvpairs(text: str) -> dict[str, str] | None:
