@@ -266,7 +266,8 @@ def test_the_login_name_is_read_in_nfc_as_user_reads_it() -> None:
     "message",
     [b"", b"\x01", b"user=alice\x01\x01", b"auth=Bearer x\x01\x01",
      b"user=\x01auth=Bearer x\x01\x01", b"user=a\x01auth=Bearer x\x01extra=1\x01\x01",
-     b"user=a\x01auth=Bearer x y\x01\x01", b"user=a\x01auth=Bearer x\x01"],
+     b"user=a\x01auth=Bearer x y\x01\x01", b"user=a\x01auth=Bearer x\x01",
+     b"user=a\x00b\x01auth=Bearer x\x01\x01"],
 )
 def test_xoauth2_parser_refuses_what_is_not_googles_form(message: bytes) -> None:
     assert parse_xoauth2(message) is None

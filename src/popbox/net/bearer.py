@@ -51,8 +51,9 @@ BEARER_MECHANISMS: Final[tuple[BearerKind, ...]] = ("OAUTHBEARER", "XOAUTH2")
 MAX_KVPAIRS: Final = 16
 
 _KVSEP: Final = "\x01"
-# RFC 7628 section 3.1: key = 1*(ALPHA); value = *(VCHAR / SP / HTAB / CR / LF).
-_KVPAIR: Final = re.compile(r"([A-Za-z]+)=([\x21-\x7e \t\r\n]*)")
+# RFC 7628 section 3.1: key = 1*(ALPHA); value = *(VCHAR / SP / HTAB / CR / LF), with
+# UTF-8 beyond VCHAR for XOAUTH2's user= (RFC 6856 user names); no other controls.
+_KVPAIR: Final = re.compile(r"([A-Za-z]+)=([^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*)")
 # RFC 6750 section 2.1 (the scheme is case-insensitive, RFC 7235 section 2.1).
 _AUTH_VALUE: Final = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
 # RFC 5801 section 4: in a saslname, "," is =2C and "=" is =3D; no other "=".
