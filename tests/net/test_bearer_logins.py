@@ -276,3 +276,21 @@ def test_xoauth2_parser_refuses_what_is_not_googles_form(message: bytes) -> None
 def test_oauthbearer_parser_bounds_the_pairs() -> None:
     pairs = "".join(f"k{chr(97 + n % 26)}{chr(97 + n // 26)}=v\x01" for n in range(40))
     assert parse_oauthbearer(f"n,,\x01auth=Bearer x\x01{pairs}\x01".encode()) is None
+
+
+async def test_cancelling_after_the_error_challenge_still_counts_the_guess(
+    start_server: StartServer, issuer: TokenIssuer, connect: Connect,
+    client_context: ssl.SSLContext,
+) -> None:
+    # The error challenge already says "refused": a client that answers it with "*"
+    # rather than the dummy response is penalised all the same.
+    verifier = BearerVerifier(BearerSettings(audience=(AUDIENCE,), issuer=issuer.issuer))
+    server = await start_server(plaintext_auth="never", mechanisms=bearer_factories(verifier))
+    client = await tls_client(connect, server, client_context)
+    expired = issuer.token(exp=int(issuer.claims()["iat"]) - 600)
+    error_document(await auth(client, "OAUTHBEARER", oauthbearer_response("alice", expired)))
+    await client.send(b"*\r\n")
+    assert await client.line() == b"-ERR Authentication cancelled.\r\n"
+    hub = server.service._hub
+    assert hub is not None
+    assert hub.penalty.delay("127.0.0.1") > 0

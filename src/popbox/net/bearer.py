@@ -189,7 +189,7 @@ class BearerMechanism:
             document = {"status": "401", "schemes": "bearer"}
             if settings.scope:
                 document["scope"] = settings.scope
-        return Continue(json.dumps(document, separators=(",", ":")).encode())
+        return Continue(json.dumps(document, separators=(",", ":")).encode(), failed=True)
 
 
 def bearer_factories(verifier: BearerVerifier) -> dict[str, MechanismFactory]:

@@ -35,9 +35,16 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Continue:
-    """Send ``+ base64(challenge)`` and wait for the client's next response."""
+    """Send ``+ base64(challenge)`` and wait for the client's next response.
+
+    ``failed`` marks a challenge that already tells the client it failed (RFC 7628's
+    error challenge): the failure delay and the address's penalty are served before
+    it goes out, so a client that cancels with ``*`` instead of answering is counted
+    like one that answers, and the ``Rejected`` that ends the exchange waits no more.
+    """
 
     challenge: bytes
+    failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ from popbox.proto.events import (
     SaslExchange,
     StartTls,
 )
-from popbox.proto.replies import CODE_SYS_TEMP, err
+from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP, err
 from popbox.proto.server import ServerConnection
 from popbox.proto.state import SessionState
 
@@ -93,6 +93,7 @@ class Pop3Session(asyncio.Protocol):
         "_peer",
         "_pre_auth",
         "_reason",
+        "_sasl_failed",
         "_stage",
         "_stats",
         "_task",
@@ -125,6 +126,8 @@ class Pop3Session(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         # The SASL exchange the glue runs, between its steps.
         self._mechanism: ServerMechanism | None = None
+        # Its failure was announced (Continue.failed) and its penalty served.
+        self._sasl_failed = False
         # While STLS switches to TLS (see net.starttls).
         self._upgrade: TlsUpgrade | None = None
         self._closing = False
@@ -329,20 +332,26 @@ class Pop3Session(asyncio.Protocol):
                 hub.server_certificate if self._stats.tls else None,
             )
             self._mechanism = factory(context)
+            self._sasl_failed = False
         mechanism = self._mechanism
         if mechanism is None:  # the core starts every exchange with a first step
             raise RuntimeError(f"SASL step without an exchange: {event!r}")
         reply = await mechanism.step(event.data)
         if isinstance(reply, Continue):
+            if reply.failed:
+                self._sasl_failed = True
+                await broker.refuse(self._ip, CODE_AUTH)
             conn.sasl_challenge(reply.challenge)
             return
         self._mechanism = None
+        served, self._sasl_failed = self._sasl_failed, False
         if isinstance(reply, Rejected):
             log.info(
                 "session=%s %s login failed: %s",
                 self._stats.session_id, event.mechanism, reply.reason,
             )  # fmt: skip
-            await broker.refuse(self._ip, reply.code)
+            if not served:
+                await broker.refuse(self._ip, reply.code)
             conn.login_failed(reply.code, reply.text)
             return
         verified = VerifiedLogin(reply.username, event.mechanism, reply.authzid, reply.credential)
