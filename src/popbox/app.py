@@ -24,14 +24,18 @@ import stat
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from popbox.config import Config
 from popbox.errors import ConfigError
 
+if TYPE_CHECKING:
+    from popbox.net.sasl import Mechanisms
+
 __all__ = [
     "Listeners",
     "WorkerSupervisor",
+    "bearer_mechanisms",
     "bind_listeners",
     "build_ssl_context",
     "drop_privileges",
@@ -97,6 +101,14 @@ PRELOAD_BEFORE_DROP: Final = (
     "popbox.net.service",
     "popbox.store.maildir",
 )
+# The same for bearer-token logins: the HTTP client asks the issuer after the switch.
+PRELOAD_FOR_OAUTH: Final = (
+    "anyio._backends._asyncio",
+    "h11",
+    "httpx",
+    "jwt",
+    "popbox.net.bearer",
+)
 
 
 def drop_privileges(config: Config) -> None:
@@ -126,6 +138,9 @@ def drop_privileges(config: Config) -> None:
             raise ConfigError(f"group: no such system group {config.group!r}") from exc
     for name in PRELOAD_BEFORE_DROP:
         importlib.import_module(name)
+    if config.auth.oauth is not None:
+        for name in PRELOAD_FOR_OAUTH:
+            importlib.import_module(name)
     _hand_over(config, entry.pw_uid, gid)
     # Supplementary groups first (root's would survive setgid), then gid, then uid:
     # after setuid nothing else can be changed.
@@ -205,6 +220,17 @@ def bind_listeners(config: Config) -> Listeners:
     return Listeners(ssl_context, plain, tls, lmtp)
 
 
+def bearer_mechanisms(config: Config) -> Mechanisms:
+    """OAUTHBEARER and XOAUTH2 over one token verifier when ``[auth.oauth]`` is set,
+    else none. ConfigError if the client secret file cannot be read."""
+    if config.auth.oauth is None:
+        return {}
+    from popbox.auth.bearer import BearerVerifier
+    from popbox.net.bearer import bearer_factories
+
+    return bearer_factories(BearerVerifier(config.auth.oauth.bearer_settings()))
+
+
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop (installed on Linux) or asyncio's default loop."""
     try:
@@ -248,7 +274,8 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     store = build_store(config)
     hasher = build_hasher(config)
     passdb = build_passdb(config, hasher=hasher)
-    pop3 = Pop3Service(config, store, passdb, listeners.ssl_context)
+    mechanisms = dict(bearer_mechanisms(config))
+    pop3 = Pop3Service(config, store, passdb, listeners.ssl_context, mechanisms)
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
     if listeners.lmtp:

@@ -14,6 +14,7 @@ import pytest
 
 from popbox.auth.base import PassDB, UserRecord
 from popbox.auth.memory import MemoryPassDB
+from popbox.net.sasl import Mechanisms
 from popbox.net.service import Pop3Service
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
@@ -35,11 +36,13 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
         wrap_passdb: Callable[[MemoryPassDB], PassDB] | None = None,
         users: Mapping[str, Mapping[str, str]] | None = None,
         clock: Callable[[], float] | None = None,
+        mechanisms: Mechanisms | None = None,
         **options: Any,
     ) -> Server:
         """``wrap_store``/``wrap_passdb`` put a fault-injecting layer before the backend;
         ``users`` adds users (password PASSWORD) with their passwd extra fields;
-        ``clock`` is the time the store believes it is."""
+        ``clock`` is the time the store believes it is; ``mechanisms`` are the SASL
+        mechanisms the glue runs."""
         config = make_config(**options)
         store = MemoryStore() if clock is None else MemoryStore(clock=clock)
         for message in MESSAGES if messages is None else messages:
@@ -55,6 +58,7 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
             wrap_store(store) if wrap_store else store,
             wrap_passdb(passdb) if wrap_passdb else passdb,
             server_context if tls else None,
+            mechanisms,
         )
         await service.start()
         services.append(service)

@@ -18,5 +18,6 @@ tests/conftest.py puts tests/ on sys.path (pytest's default "prepend" import mod
   fakepop      a scripted, misbehaving POP3 server for the collector
   fetch        collector accounts, settings, popbox.toml [fetch] files, one poll
   oauth        a local OAuth2 authorization server
+  issuer       a local token issuer: signed JWTs, JWKS with rotation, RFC 7662
   webhook      a webhook receiver that checks signatures
 """
