@@ -140,29 +140,32 @@ def plan_folder(
     ``missing``: messages the source lists whose file is gone (skipped).
     """
     plan = FolderPlan(folder, problems=list(problems))
-    taken: dict[str, int] = {}  # a served UIDL -> how many times its base was repeated
-    pending_new: list[SourceMessage] = []
-    for source in sources:
-        if source.old_uidl is None:
-            pending_new.append(source)
-            plan.messages.append(PlannedMessage(source, Decision.NEW, None))
-            continue
+    listed = list(sources)
+    # Every valid UIDL keeps its first message; rewrites may take none of them, so a
+    # renamed repeat never steals the UIDL a later message really had.
+    taken: dict[str, int] = {}  # a served or reserved UIDL -> repeats of it so far
+    keeps: set[int] = set()
+    for index, source in enumerate(listed):
         old = source.old_uidl
-        problem = uidl_problem(old)
-        if problem is not None:
+        if old is not None and uidl_problem(old) is None and old not in taken:
+            taken[old] = 1
+            keeps.add(index)
+    for index, source in enumerate(listed):
+        old = source.old_uidl
+        if old is None:
+            plan.messages.append(PlannedMessage(source, Decision.NEW, None))
+        elif index in keeps:
+            plan.messages.append(PlannedMessage(source, Decision.KEEP, old, source.origin))
+        elif (problem := uidl_problem(old)) is not None:
             uidl = _unique(invalid_replacement(old), taken)
             plan.messages.append(
                 PlannedMessage(source, Decision.REWRITE, uidl, f"invalid UIDL: {problem}")
             )
-            continue
-        if old in taken:
+        else:
             uidl = _renamed(old, taken)
             plan.messages.append(
                 PlannedMessage(source, Decision.REWRITE, uidl, "repeats an earlier message's UIDL")
             )
-            continue
-        taken[old] = 1
-        plan.messages.append(PlannedMessage(source, Decision.KEEP, old, source.origin))
     # NEW messages get their UIDLs last, so none can take one an old UIDL needs.
     for index, planned in enumerate(plan.messages):
         if planned.decision is not Decision.NEW:
