@@ -15,6 +15,7 @@ met them, with ``raise ... from exc`` so the cause stays in the log::
     │   ├── PermanentStoreError   retrying will not help                -> [SYS/PERM]
     │   │   ├── InvalidMailboxName  a folder or device name that cannot be one
     │   │   ├── NoSuchFolder        the login names a folder that does not exist
+    │   │   ├── InvalidUidl         a UIDL handed to the store that RFC 1939 does not allow
     │   │   └── TooManyDevices      the folder has as many devices as it may hold
     │   ├── LoginTooSoon          the device logged in less than LOGIN-DELAY ago -> [LOGIN-DELAY]
     │   ├── NoSuchMailbox         the user has no maildrop
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DeliveryError",
     "InvalidMailboxName",
+    "InvalidUidl",
     "InvalidUsername",
     "LineTooLong",
     "LoginTooSoon",
@@ -102,6 +104,10 @@ class InvalidMailboxName(PermanentStoreError):
 
 class NoSuchFolder(PermanentStoreError):
     """The folder a login names does not exist in the user's mailbox."""
+
+
+class InvalidUidl(PermanentStoreError):
+    """A UIDL handed to the store (an imported one) that is not 1-70 octets of 0x21-0x7E."""
 
 
 class TooManyDevices(PermanentStoreError):

@@ -213,7 +213,9 @@ class MailStore(Protocol):
         """
         ...
 
-    async def deliver(self, user: str, message: bytes, *, folder: str = INBOX) -> str:
+    async def deliver(
+        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+    ) -> str:
         """Store one message durably for ``user``; return the store's key for it (logs).
 
         The UIDL is assigned when a session first sees the message (under the
@@ -222,6 +224,13 @@ class MailStore(Protocol):
         session's lock: delivery and sessions run side by side. A session that is
         open sees the message at its next login. A folder that does not exist yet
         is created.
+
+        ``uidl``: the UIDL the server popbox replaces served for this message; the
+        message keeps it for ever (its crash-safety is the message's). InvalidUidl
+        unless RFC 1939 allows it (mailbox.check_uidl). Keeping UIDLs unique in a
+        folder is the caller's job, but no snapshot serves one UIDL twice: the
+        message with the lowest UID keeps it, and a later one, or one whose UIDL is
+        in the store's own form, gets the store's own UIDL (a WARNING is logged).
         """
         ...
 

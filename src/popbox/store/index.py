@@ -16,6 +16,8 @@ skip reading past the header.
 
 A message's UIDL is ``f"{uidvalidity:08x}{uid:08x}"`` (16 hex digits). A rebuilt
 index takes a larger UIDVALIDITY (also noted in ``popbox.lock``), so no UIDL repeats.
+Messages that keep a UIDL from the server popbox replaced (store.maildir_uidls) have
+it in ``uidl_overrides`` by UID instead; a folder without any keeps the plain column.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 import operator
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, overload
 
@@ -37,6 +39,7 @@ __all__ = [
     "IndexColumns",
     "IndexEntry",
     "IndexHeader",
+    "KeptUidlColumn",
     "MaildirIndex",
     "UidlColumn",
     "arrival_order",
@@ -267,6 +270,8 @@ class MaildirIndex:
         "cur_mtime",
         "next_uid",
         "outdated_format",
+        "uidl_journal",
+        "uidl_overrides",
         "uidvalidity",
         "written_in_new",
     )
@@ -288,6 +293,11 @@ class MaildirIndex:
         """How many entries were in new/ when the file was last read or written."""
         self.outdated_format = False
         """Read from an older file format: write it again even if nothing changed."""
+        self.uidl_overrides: Mapping[int, str] = {}
+        """UIDLs kept from the server popbox replaced, by UID (store.maildir_uidls)."""
+        self.uidl_journal: object = None
+        """The parsed ``popbox.uidls`` the overrides came from (store.maildir_uidls
+        keeps it here so an unchanged file is not read again), None if none."""
         # Exactly one of the two holds the messages; columns turn into entries once.
         self._columns: IndexColumns | None = None
         self._entries: dict[str, IndexEntry] | None = entries if entries is not None else {}
@@ -384,9 +394,43 @@ class MaildirIndex:
         """The UIDL of a UID (``uidl_template``)."""
         return self.uidl_template % uid
 
-    def uidl_column(self, uids: Sequence[int]) -> UidlColumn:
-        """The UIDLs of ``uids`` as a column whose strings are made on first use."""
+    def uidl_column(self, uids: Sequence[int]) -> UidlColumn | KeptUidlColumn:
+        """The UIDLs of ``uids`` as a column whose strings are made on first use: the
+        plain templated column unless some UID keeps an imported UIDL."""
+        overrides = self.uidl_overrides
+        if overrides and not overrides.keys().isdisjoint(uids):
+            return KeptUidlColumn(self.uidl_template, uids, overrides)
         return UidlColumn(self.uidl_template, uids)
+
+    def set_uidl_overrides(self, overrides: Mapping[int, str], journal: object) -> None:
+        """Serve ``overrides`` (UIDLs by UID) instead of popbox's own for those UIDs,
+        as found in ``journal``; the columns held take them at once."""
+        self.uidl_journal = journal
+        if overrides == self.uidl_overrides:
+            return
+        self.uidl_overrides = overrides
+        if self._columns is not None:
+            columns = self._columns
+            self._columns = replace(columns, uidls=self.uidl_column(columns.uids))
+
+    def uids_by_key(self, keys: Iterable[str]) -> dict[str, int]:
+        """The UID of each of ``keys`` that the index holds.
+
+        From the entries if they are built, else one pass over the paths column:
+        only a folder with kept UIDLs pays it, once per index version.
+        """
+        wanted = set(keys)
+        if self._entries is not None:
+            entries = self._entries
+            return {key: entries[key].uid for key in wanted if key in entries}
+        columns = self._columns
+        assert columns is not None
+        found: dict[str, int] = {}
+        for path, uid in zip(columns.paths, columns.uids, strict=True):
+            key = path[4:].partition(":")[0]
+            if key in wanted:
+                found[key] = uid
+        return found
 
     def uidls(self) -> list[str]:
         """``uidl()`` of every entry in order."""
@@ -464,3 +508,22 @@ class UidlColumn(DeferredColumn):
         super().__init__(len(uids), lambda: list(map(template.__mod__, uids)))
         self.template = template
         self.arguments = uids
+
+
+class KeptUidlColumn(DeferredColumn):
+    """The UIDLs of a snapshot some of whose messages keep an imported UIDL.
+
+    Item i is ``overrides[uids[i]]`` where there is one, else ``template % uids[i]``
+    (UidlColumn's). It offers no template on purpose: the protocol core then renders
+    its listings from the strings (proto.snapshot), which only folders with kept
+    UIDLs pay for.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, template: str, uids: Sequence[int], overrides: Mapping[int, str]) -> None:
+        def make() -> list[str]:
+            get = overrides.get
+            return [get(uid) or template % uid for uid in uids]
+
+        super().__init__(len(uids), make)

@@ -99,7 +99,8 @@ class LoadedIndex:
             self._columns = self.index.columns()
         if self._table is None:
             columns = self._columns
-            # The index makes every UIDL as 16+ hex digits: checked by construction.
+            # The index makes every UIDL as 16+ hex digits, or keeps one that was
+            # checked (store.maildir_uidls) and unique: checked by construction.
             # The core keeps the listings it renders in the table, once per version.
             self._table = MessageTable(columns.uidls, columns.sizes, uidls_checked=True)
         return self._table, self._columns
@@ -124,7 +125,7 @@ class LoadedIndex:
         built = build_view(
             table,
             columns,
-            self.index.uidl_template,
+            self.index.uidl_column,
             excluded,
             arrivals=self._arrivals,
             cutoff=cutoff,

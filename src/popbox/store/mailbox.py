@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-from popbox.errors import InvalidMailboxName
+from popbox.errors import InvalidMailboxName, InvalidUidl
 
 __all__ = [
     "ARCHIVE",
@@ -30,7 +30,9 @@ __all__ = [
     "INSPECT_VIEW",
     "MAX_DEVICE_NAME",
     "MAX_FOLDER_NAME",
+    "MAX_UIDL_LENGTH",
     "TRASH",
+    "AdoptReport",
     "DeviceReport",
     "Disposition",
     "MailboxPolicy",
@@ -38,6 +40,7 @@ __all__ = [
     "SweepReport",
     "check_device_name",
     "check_folder_name",
+    "check_uidl",
     "is_inbox",
 ]
 
@@ -54,6 +57,8 @@ MAX_FOLDER_NAME: Final = 100
 # A device name comes from a login name (at most 128 characters, auth.names) and, for
 # a shared mailbox, is the member's user name with an optional device after a "/".
 MAX_DEVICE_NAME: Final = 2 * 128 + 1
+# A UIDL is 1 to 70 characters in the range 0x21 to 0x7E (RFC 1939 section 7).
+MAX_UIDL_LENGTH: Final = 70
 
 # ASCII letters, digits and "_ - ." only: a folder name becomes ".NAME" in the Maildir
 # (Maildir++), so no "/", no leading or doubled ".", no control characters. A "."
@@ -97,6 +102,25 @@ def check_device_name(device: str) -> str:
             "and may not start with '.' or '-'"
         )
     return device
+
+
+def check_uidl(uidl: str) -> str:
+    """``uidl`` unchanged if RFC 1939 (section 7) allows it; InvalidUidl if not.
+
+    For a UIDL handed to the store (one kept from the server popbox replaces): 1 to
+    70 characters, each 0x21 to 0x7E, so no space, control or non-ASCII character.
+    """
+    if (
+        not 1 <= len(uidl) <= MAX_UIDL_LENGTH
+        or not uidl.isascii()
+        or not uidl.isprintable()
+        or " " in uidl
+    ):
+        raise InvalidUidl(
+            f"UIDL {uidl[:40]!r} must be 1 to {MAX_UIDL_LENGTH} printable ASCII characters "
+            "without spaces (RFC 1939 section 7)"
+        )
+    return uidl
 
 
 class Disposition(enum.Enum):
@@ -194,3 +218,30 @@ class SweepReport:
         self.moved += other.moved
         self.hidden += other.hidden
         self.busy.extend(other.busy)
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptReport:
+    """What ``MaildirStore.adopt_uidls`` did with each message key it was given."""
+
+    adopted: tuple[str, ...] = ()
+    """Keys that now keep the UIDL given for them."""
+    already: tuple[str, ...] = ()
+    """Keys that kept that very UIDL already (a second run of the same mapping)."""
+    missing: tuple[str, ...] = ()
+    """Keys of no message in the folder."""
+    invalid: tuple[str, ...] = ()
+    """Keys whose UIDL cannot be given: not RFC 1939's, in popbox's own form for the
+    folder, served for another message already, or not the one this message keeps."""
+    ordered: bool = False
+    """Whether ``order`` numbered the messages (only a folder's first index does)."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many keys went each way, for a report line."""
+        return {
+            "adopted": len(self.adopted),
+            "already": len(self.already),
+            "missing": len(self.missing),
+            "invalid": len(self.invalid),
+        }

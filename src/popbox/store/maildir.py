@@ -41,26 +41,29 @@ store.index_file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from popbox.errors import LoginTooSoon, NoSuchFolder, StoreError, TooManyDevices
+from popbox.errors import LoginTooSoon, MaildropInUse, NoSuchFolder, StoreError, TooManyDevices
 from popbox.fileio import FileLock
 from popbox.store.base import Usage
 from popbox.store.index_cache import IndexCache, LoadedIndex
-from popbox.store.index_file import signature_of
+from popbox.store.index_file import index_signature, signature_of, write_index
 from popbox.store.mailbox import (
     DAY,
     DEFAULT_DEVICE,
     DEFAULT_VIEW,
     INBOX,
+    AdoptReport,
     DeviceReport,
     MailboxPolicy,
     MailboxView,
     SweepReport,
     check_device_name,
+    check_uidl,
 )
 from popbox.store.maildir_deliver import MaildirDelivery
 from popbox.store.maildir_errors import os_errors
@@ -68,6 +71,7 @@ from popbox.store.maildir_folders import MAX_LAYOUTS, FolderLayout, Mailboxes, c
 from popbox.store.maildir_removal import Destination
 from popbox.store.maildir_state import write_state
 from popbox.store.maildir_sync import nothing_to_reconcile
+from popbox.store.maildir_uidls import adopt
 from popbox.store.maildir_upkeep import (
     folder_devices,
     folder_usage,
@@ -289,24 +293,85 @@ class MaildirStore:
 
     # -- delivery -----------------------------------------------------------------
 
-    async def deliver(self, user: str, message: bytes, *, folder: str = INBOX) -> str:
+    async def deliver(
+        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+    ) -> str:
+        if uidl is not None:
+            check_uidl(uidl)
         layout = self._mailboxes.layout(user, folder)
-        return await asyncio.to_thread(self._deliver_sync, layout, (message,))
+        return await asyncio.to_thread(self._deliver_sync, layout, (message,), uidl)
 
-    async def deliver_file(self, user: str, source: BinaryIO, *, folder: str = INBOX) -> str:
+    async def deliver_file(
+        self, user: str, source: BinaryIO, *, folder: str = INBOX, uidl: str | None = None
+    ) -> str:
         """Like ``deliver``, reading the message from ``source`` in bounded chunks."""
+        if uidl is not None:
+            check_uidl(uidl)
         layout = self._mailboxes.layout(user, folder)
         chunks = iter(lambda: source.read(CHUNK_SIZE), b"")
-        return await asyncio.to_thread(self._deliver_sync, layout, chunks)
+        return await asyncio.to_thread(self._deliver_sync, layout, chunks, uidl)
 
-    def _deliver_sync(self, layout: FolderLayout, chunks: Iterable[bytes]) -> str:
+    def _deliver_sync(self, layout: FolderLayout, chunks: Iterable[bytes], uidl: str | None) -> str:
         maildir = layout.maildir
         if layout.place.folder != INBOX and not self._mailboxes.is_known(maildir):
             # A folder is checked to be one (not a symlink planted in its place) once
             # per process; INBOX is made on the first delivery's ENOENT, as always.
             with os_errors(f"deliver to {layout.place.key}"):
                 self._mailboxes.ensure_maildir(maildir)
-        return self._delivery.deliver_sync(layout.place.user, maildir, chunks)
+        return self._delivery.deliver_sync(layout.place.user, maildir, chunks, uidl)
+
+    # -- UIDLs kept from another server ------------------------------------------------
+
+    async def adopt_uidls(
+        self,
+        user: str,
+        uidls: Mapping[str, str],
+        *,
+        folder: str = INBOX,
+        order: Sequence[str] = (),
+    ) -> AdoptReport:
+        """Give mail already in the Maildir the UIDLs the server popbox replaces served.
+
+        ``uidls`` maps message keys (file names up to the first ``:``, as Dovecot
+        or Courier left them) to UIDLs; each such message keeps its UIDL for ever,
+        as if delivered with ``deliver(uidl=)`` (store.maildir_uidls has the rule).
+        ``order`` (keys) numbers the messages the folder's first index meets, so
+        message numbers match the old server's where they can; an index that
+        exists keeps its numbering. Idempotent: the same mapping again changes
+        nothing. Takes the folder's lock: MaildropInUse if a session holds it,
+        NoSuchFolder for a folder other than INBOX that does not exist.
+        """
+        layout = self._mailboxes.layout(user, folder)
+        wanted = dict(uidls)
+        return await asyncio.to_thread(self._adopt_sync, layout, wanted, tuple(order))
+
+    def _adopt_sync(
+        self, layout: FolderLayout, uidls: dict[str, str], order: tuple[str, ...]
+    ) -> AdoptReport:
+        place = layout.place
+        with os_errors(f"adopt UIDLs in {place.key}"):
+            if not self._mailboxes.is_known(layout.maildir):
+                if place.folder != INBOX and not self._mailboxes.exists(layout):
+                    raise NoSuchFolder(f"{place.user} has no folder {place.folder}")
+                self._mailboxes.ensure_maildir(layout.maildir)
+            try:
+                lock = FileLock(layout.lock)
+            except BlockingIOError:
+                raise MaildropInUse(f"folder {place.folder} of {place.user} is in use") from None
+            with lock:
+                first = index_signature(layout.maildir) is None
+                loaded = self._mailboxes.sync_index(layout, lock, order)
+                report, adopted = adopt(place.key, layout.maildir, loaded.index, uidls)
+                if adopted:
+                    # Written again even if unchanged: a new index file is what tells
+                    # every worker process's cache that its snapshot is out of date.
+                    index = loaded.index
+                    columns = index.columns()
+                    kept = LoadedIndex(index, write_index(layout.maildir, index, columns), columns)
+                    kept.state = loaded.state
+                    loaded = kept
+                self._index_cache.keep(place.key, loaded)
+        return dataclasses.replace(report, ordered=bool(order) and first)
 
     # -- folders, devices, upkeep -----------------------------------------------------
 

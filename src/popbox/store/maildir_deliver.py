@@ -1,5 +1,7 @@
 """Delivery into a Maildir, without the session lock: tmp/ -> fsync -> link into new/
--> fsync of new/, under a name no other delivery can have (maildir(5))."""
+-> fsync of new/, under a name no other delivery can have (maildir(5)). A message that
+keeps an imported UIDL has it appended to the folder's ``popbox.uidls`` (fsynced)
+before the link, so it is never in new/ without it (store.maildir_uidls)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Final
 
 from popbox.fileio import fsync_dir, write_all
 from popbox.store.maildir_errors import os_errors
+from popbox.store.maildir_uidls import append_uidls
 from popbox.wireform import CrlfNormaliser, WireSizeCounter
 
 __all__ = ["MaildirDelivery", "link_no_clobber"]
@@ -63,8 +66,12 @@ class MaildirDelivery:
             f"Q{next(self._sequence)}R{secrets.token_hex(8)}.{self._host}"
         )
 
-    def deliver_sync(self, user: str, maildir: Path, chunks: Iterable[bytes]) -> str:
-        """Store the message made of ``chunks`` durably in new/; return its file name."""
+    def deliver_sync(
+        self, user: str, maildir: Path, chunks: Iterable[bytes], uidl: str | None = None
+    ) -> str:
+        """Store the message made of ``chunks`` durably in new/; return its file name.
+
+        ``uidl``: a checked UIDL (mailbox.check_uidl) the message keeps for ever."""
         action = f"deliver to {user}"
         with os_errors(action):
             base = self.unique_name()
@@ -98,6 +105,9 @@ class MaildirDelivery:
                 name = f"{base},S={counter.stored}"
                 if counter.terminated:
                     name += f",W={counter.virtual}"
+                if uidl is not None:
+                    # The name has no ':' info yet: it is the message's key.
+                    append_uidls(maildir, [(name, uidl)])
                 link_no_clobber(tmp_path, maildir / "new" / name)
             finally:
                 # Gone after the link; on any failure this removes the partial file.

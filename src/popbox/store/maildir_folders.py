@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +37,7 @@ from popbox.store.index_file import (
 from popbox.store.mailbox import INBOX, check_folder_name, is_inbox
 from popbox.store.maildir_state import STATE_NAME, read_state
 from popbox.store.maildir_sync import reconcile
+from popbox.store.maildir_uidls import apply_uidls
 from popbox.store.maildrop import (
     LOCK_NAME,
     FolderPlace,
@@ -227,8 +229,13 @@ class Mailboxes:
             return None
         return loaded
 
-    def sync_index(self, layout: FolderLayout, lock: FileLock) -> LoadedIndex:
-        """Bring the index in line with cur/ and new/; called with the lock held."""
+    def sync_index(
+        self, layout: FolderLayout, lock: FileLock, order: Sequence[str] = ()
+    ) -> LoadedIndex:
+        """Bring the index in line with cur/ and new/; called with the lock held.
+
+        ``order``: message keys whose messages, if new to the index, get their UIDs
+        first and in this order (store.maildir_sync.reconcile)."""
         maildir = layout.maildir
         user = layout.place.key
         loaded = self.current_index(layout)
@@ -237,7 +244,11 @@ class Mailboxes:
         else:
             index, changed = _load_or_rebuild(user, maildir, lock)
         self.sweep_tmp(maildir)
-        changed |= reconcile(user, maildir, index)
+        changed |= reconcile(user, maildir, index, order)
+        if loaded is None or changed:
+            # Kept UIDLs matter only to messages new to this index version: an index
+            # taken from the cache unchanged has them already.
+            apply_uidls(user, maildir, index)
         if changed:
             columns = index.columns()
             synced = LoadedIndex(index, write_index(maildir, index, columns), columns)

@@ -18,6 +18,7 @@ threads and translate errors.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from popbox.store.devices import RemovalPlan
 from popbox.store.index import IndexColumns, MaildirIndex, scan_messages
 from popbox.store.index_file import IndexSignature, write_index
 from popbox.store.maildir_sync import trusted_mtime
+from popbox.store.maildir_uidls import drop_gone
 
 __all__ = [
     "READ_FLAGS",
@@ -40,6 +42,8 @@ __all__ = [
     "positions_of",
     "remove_messages",
 ]
+
+log = logging.getLogger(__name__)
 
 # Message files are opened without following a symlink swapped in after the scan.
 READ_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -152,6 +156,7 @@ def remove_messages(
     # fsync. The login moved new/ mail to cur/, so new/ is usually not one.
     touched: set[str] = set()
     moving = set(move)
+    removed: list[str] = []
     for position in sorted({*delete, *moving}):
         to = destination if position in moving else None
         path = files.path(position)
@@ -175,6 +180,7 @@ def remove_messages(
             failure = failure or exc
             continue
         index.entries.pop(files.key(position), None)
+        removed.append(files.key(position))
     if moving and destination is not None:
         fsync_dir(destination.maildir / "cur")  # the new names first: never in neither
     for directory in sorted(touched):
@@ -189,6 +195,13 @@ def remove_messages(
     # with every other UIDL as it was. So its rename needs no directory fsync of its
     # own before QUIT's +OK.
     signature = write_index(maildir, index, written, durable=False)
+    if index.uidl_journal is not None:
+        try:
+            # The removed messages' kept UIDLs go with them (after the removals are
+            # durable); a line left behind by a failure here is harmless.
+            drop_gone(maildir, index, set(removed))
+        except OSError as exc:
+            log.warning("folder %s: kept UIDLs not compacted: %s", maildir, exc)
     return Removal(signature, written, failure)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
@@ -96,15 +97,18 @@ def estimate_size(directory: Path, name: str) -> int:
         return 0
 
 
-def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
+def reconcile(user: str, maildir: Path, index: MaildirIndex, order: Sequence[str] = ()) -> bool:
     """Update ``index`` to what cur/ and new/ hold now; True if it changed.
 
-    Called with the maildrop lock held; raises OSError for the caller to translate.
+    Messages new to the index get UIDs oldest first, except those whose keys are in
+    ``order``: they come first, in that order (the numbering of the server popbox
+    replaces, for a folder's first index). Called with the maildrop lock held;
+    raises OSError for the caller to translate.
     """
     if not len(index) and not index.cur_mtime:
         # A first or rebuilt index (a cold login): everything is new to it. (An empty
         # index that trusts cur/'s mtime is a poll of an empty maildrop: below.)
-        return _reconcile_fresh(user, maildir, index)
+        return _reconcile_fresh(user, maildir, index, order)
     new_names, new_duplicates = scan_messages(maildir / "new")
     warn_duplicates(user, "new", new_duplicates)
     cur_mtime = os.stat(maildir / "cur").st_mtime_ns
@@ -116,7 +120,7 @@ def reconcile(user: str, maildir: Path, index: MaildirIndex) -> bool:
         # cur/ changed since the index was written (or we cannot tell): rescan it.
         cur_names, duplicates = scan_messages(maildir / "cur")
         warn_duplicates(user, "cur", duplicates)
-    return _reconcile_names(user, maildir, index, cur_mtime, new_names, cur_names)
+    return _reconcile_names(user, maildir, index, cur_mtime, new_names, cur_names, order)
 
 
 def nothing_to_reconcile(
@@ -152,6 +156,7 @@ def _reconcile_names(
     cur_mtime: int,
     new_names: dict[str, str],
     cur_names: dict[str, str] | None,
+    order: Sequence[str] = (),
 ) -> bool:
     """``reconcile`` once new/ (and cur/, None if unchanged) are listed by key."""
     changed = False
@@ -191,7 +196,7 @@ def _reconcile_names(
                 known.path = f"new/{name}"
                 changed = True
     if unindexed:
-        changed |= _index_unseen(maildir, index, unindexed)
+        changed |= _index_unseen(maildir, index, unindexed, order)
     if move_new_to_cur(user, maildir, index, in_new):
         changed = True
         cur_mtime = os.stat(maildir / "cur").st_mtime_ns
@@ -204,7 +209,9 @@ def _reconcile_names(
     return changed
 
 
-def _reconcile_fresh(user: str, maildir: Path, index: MaildirIndex) -> bool:
+def _reconcile_fresh(
+    user: str, maildir: Path, index: MaildirIndex, order: Sequence[str] = ()
+) -> bool:
     """``reconcile`` for an index that holds nothing yet: list, sort and size in bulk.
 
     A cold login on 100,000 messages spent most of its CPU in per-name Python work
@@ -228,13 +235,13 @@ def _reconcile_fresh(user: str, maildir: Path, index: MaildirIndex) -> bool:
     else:
         new_list = regular_names(maildir / "new")
         cur_list = regular_names(maildir / "cur")
-    simple = _simple_listing(cur_list, new_list)
+    simple = None if order else _simple_listing(cur_list, new_list)
     if simple is None:
         new_names, new_duplicates = messages_by_key(new_list)
         warn_duplicates(user, "new", new_duplicates)
         cur_names, duplicates = messages_by_key(cur_list)
         warn_duplicates(user, "cur", duplicates)
-        return _reconcile_names(user, maildir, index, cur_mtime, new_names, cur_names)
+        return _reconcile_names(user, maildir, index, cur_mtime, new_names, cur_names, order)
     paths, sizes = simple
     index.assign_all(paths, sizes)
     if move_new_to_cur(user, maildir, index, [message_key(name) for name in new_list]):
@@ -281,12 +288,19 @@ def _simple_listing(cur: list[str], new: list[str]) -> tuple[list[str], list[int
     return [("new/" if name in in_new else "cur/") + name for name in names], sizes
 
 
-def _index_unseen(maildir: Path, index: MaildirIndex, unindexed: dict[str, str]) -> bool:
-    """Give UIDs to messages new to the index (key -> DIR/NAME), oldest first.
+def _index_unseen(
+    maildir: Path, index: MaildirIndex, unindexed: dict[str, str], order: Sequence[str] = ()
+) -> bool:
+    """Give UIDs to messages new to the index (key -> DIR/NAME), oldest first, those
+    named in ``order`` before the others and in that order.
 
     True if any got one (all of them may have vanished meanwhile).
     """
     ordered = sorted_by_arrival(unindexed)
+    if order:
+        first = [(key, unindexed[key]) for key in dict.fromkeys(order) if key in unindexed]
+        named = {key for key, _ in first}
+        ordered = first + [item for item in ordered if item[0] not in named]
     # W= is trusted without opening the file (a cold 100,000-message login would
     # otherwise read a block of each). It is exact for everything popbox writes; a
     # foreign unterminated message keeps Dovecot's figure, 2 below RETR's.

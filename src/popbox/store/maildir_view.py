@@ -18,12 +18,12 @@ from __future__ import annotations
 import bisect
 import re
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from popbox.store.base import MessageTable
 from popbox.store.devices import UidSet
-from popbox.store.index import DeferredColumn, IndexColumns, UidlColumn
+from popbox.store.index import DeferredColumn, IndexColumns
 
 __all__ = ["NO_TIME", "MaildropView", "arrivals_of", "build_view"]
 
@@ -122,7 +122,7 @@ def arrivals_of(columns: IndexColumns) -> array[int]:
 def build_view(
     shared: MessageTable,
     columns: IndexColumns,
-    uidl_template: str,
+    uidl_column: Callable[[Sequence[int]], Sequence[str]],
     excluded: UidSet,
     *,
     arrivals: Sequence[int] | None = None,
@@ -148,9 +148,10 @@ def build_view(
     for start, stop in slices:
         view_uids.extend(uids[start:stop])
         view_sizes.extend(columns.sizes[start:stop])
-    # UIDLs made by the index's template: checked by construction, and the core
-    # renders a listing straight from the UIDs (proto.snapshot.TemplatedColumn).
-    table = MessageTable(UidlColumn(uidl_template, view_uids), view_sizes, uidls_checked=True)
+    # UIDLs made by the index (index.MaildirIndex.uidl_column): checked by
+    # construction, and without kept UIDLs the core renders a listing straight from
+    # the UIDs (proto.snapshot.TemplatedColumn).
+    table = MessageTable(uidl_column(view_uids), view_sizes, uidls_checked=True)
     return MaildropView(table, slices, excluded, valid_from=valid_from, valid_until=valid_until)
 
 

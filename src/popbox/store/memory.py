@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from popbox.errors import MaildropInUse, NoSuchFolder, StoreError
 from popbox.store.base import MessageInfo, MessageTable, Usage, WireReadyFile
@@ -29,11 +32,17 @@ from popbox.store.mailbox import (
     SweepReport,
     check_device_name,
     check_folder_name,
+    check_uidl,
 )
 from popbox.wireform import wire_size
 
 __all__ = ["MemoryMaildrop", "MemoryStore"]
 
+log = logging.getLogger(__name__)
+
+# This store's own UIDLs ("m" and the UID in 8 or more digits): a kept UIDL of this
+# form could be one the store serves, or will, for another message.
+_OWN_UIDL: Final = re.compile(r"m[0-9]{8,}")
 # Bodies are handed out in pieces of this size, like a file-backed store would.
 CHUNK_SIZE = 64 * 1024
 
@@ -192,13 +201,33 @@ class MemoryStore:
         folder.messages = [m for m in folder.messages if m.uid not in doomed]
         folder.state.prune(folder.ids())
 
-    def _stored(self, message: bytes, arrived: float) -> _Message:
+    def _stored(self, message: bytes, arrived: float, uidl: str | None = None) -> _Message:
         uid = next(self._counter)
-        return _Message(uid, MessageInfo(f"m{uid:08d}", wire_size(message)), message, arrived)
+        return _Message(
+            uid, MessageInfo(uidl or f"m{uid:08d}", wire_size(message)), message, arrived
+        )
 
-    async def deliver(self, user: str, message: bytes, *, folder: str = INBOX) -> str:
-        stored = self._stored(message, self.now())
-        self._folder(user, folder, create=True).messages.append(stored)
+    async def deliver(
+        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+    ) -> str:
+        if uidl is not None:
+            check_uidl(uidl)
+        target = self._folder(user, folder, create=True)
+        if uidl is not None and (
+            _OWN_UIDL.fullmatch(uidl) or any(m.info.uidl == uidl for m in target.messages)
+        ):
+            # The rule of every store (base.MailStore.deliver): a UIDL the folder
+            # serves already, or one in the store's own form, is not served twice.
+            log.warning(
+                "folder %s of %s: kept UIDL %s is served already or in popbox's own "
+                "form; the message gets popbox's own UIDL",
+                folder,
+                user,
+                uidl,
+            )
+            uidl = None
+        stored = self._stored(message, self.now(), uidl)
+        target.messages.append(stored)
         return stored.info.uidl
 
     async def folders(self, user: str) -> list[str]:
