@@ -107,7 +107,11 @@ class Fetchmail:
 
     def run(self, port: int, *, tls: bool) -> None:
         rc = self.workdir / "fetchmailrc"
-        security = f"  ssl sslcertck sslcertfile '{self.ca}'\n" if tls else "  sslproto ''\n"
+        security = (
+            f"  ssl sslcertck sslcertfile '{self.ca}' sslcommonname 'localhost'\n"
+            if tls
+            else "  sslproto ''\n"
+        )
         rc.write_text(
             "set no syslog\n"
             f"poll {HOST} port {port} protocol pop3 uidl timeout 30\n"

@@ -108,8 +108,15 @@ async def adopt_folder(store: MaildirStore, user: str, plan: FolderPlan) -> Fold
         message.source.key for message in plan.messages if message.decision is not Decision.SKIP
     ]
     report = await store.adopt_uidls(user, uidls, folder=plan.folder, order=order)
-    result.stored = len(uidls)
-    result.details.append(str(report))
+    result.stored = len(report.adopted)
+    result.already = len(report.already)
+    for key in report.invalid:
+        result.details.append(
+            f"{key}: the store refused {uidls[key]!r} (popbox's own form or served for another "
+            "message): it serves a UIDL of its own, and clients fetch this message once more"
+        )
+    for key in report.missing:
+        result.details.append(f"{key}: gone from the Maildir before the UIDLs were recorded")
     return result
 
 

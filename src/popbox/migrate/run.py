@@ -121,6 +121,8 @@ def describe(outcome: ImportOutcome, *, dry_run: bool, verbose: bool = False) ->
             line += f"; this run stored {result.stored}, {result.already} were already there"
         lines.append(line)
         lines.extend(f"    problem: {problem}" for problem in folder.problems)
+        if result is not None:
+            lines.extend(f"    store: {detail}" for detail in result.details)
         for message in folder.messages:
             if message.decision in (Decision.REWRITE, Decision.SKIP) or (
                 verbose and message.decision is Decision.NEW
@@ -154,6 +156,7 @@ def as_json(outcome: ImportOutcome, *, dry_run: bool) -> dict[str, Any]:
                 "counts": _folder_counts(folder),
                 "stored": results[folder.folder].stored if folder.folder in results else 0,
                 "already": results[folder.folder].already if folder.folder in results else 0,
+                "store": results[folder.folder].details if folder.folder in results else [],
                 "problems": folder.problems,
                 "messages": [
                     {
