@@ -54,28 +54,21 @@ def plan_maildir(
     if not (maildir / "cur").is_dir():
         plan.problems.append(f"{maildir} is not a Maildir (no cur/)")
         return plan
-    folders, problems = list_folders(maildir)
-    plan.problems.extend(problems)
+    folders, tree_problems = list_folders(maildir)
+    plan.problems.extend(tree_problems)
     for folder, directory in folders.items():
         if kind is SourceKind.DOVECOT:
             assert template is not None
             found = dovecot_sources(directory, template, reuse_xuidl=reuse_xuidl)
-            missing = found.missing
+            sources, missing, problems = found.sources, found.missing, found.problems
         elif kind is SourceKind.COURIER:
-            found_c = courier_sources(directory)
-            sources, missing, folder_problems = found_c.sources, found_c.missing, found_c.problems
-            plan.folders.append(
-                plan_folder(folder, sources, copy=copy, missing=missing, problems=folder_problems)
-            )
-            continue
+            courier = courier_sources(directory)
+            sources, missing, problems = courier.sources, courier.missing, courier.problems
         else:
-            found_x = xuidl_sources(directory)
-            plan.folders.append(
-                plan_folder(folder, found_x.sources, copy=copy, problems=found_x.problems)
-            )
-            continue
+            headers = xuidl_sources(directory)
+            sources, missing, problems = headers.sources, [], headers.problems
         plan.folders.append(
-            plan_folder(folder, found.sources, copy=copy, missing=missing, problems=found.problems)
+            plan_folder(folder, sources, copy=copy, missing=missing, problems=problems)
         )
     return plan
 
