@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
 __all__ = [
+    "CORE_MECHANISMS",
     "MECHANISMS",
+    "PLAINTEXT_MECHANISMS",
     "Challenge",
     "Credentials",
     "LoginMechanism",
@@ -29,7 +31,9 @@ __all__ = [
     "apop_digest",
     "decode_challenge",
     "decode_response",
+    "is_mechanism_name",
     "login_responses",
+    "needs_channel_binding",
     "new_mechanism",
     "oauthbearer_response",
     "plain_response",
@@ -162,9 +166,29 @@ class LoginMechanism:
         return Credentials(self._username, text)
 
 
-# Every mechanism here sends a password in the clear (inside base64), so all of them
-# are offered only where plaintext credentials are allowed.
+# What a server offers unless told otherwise: the two the core runs itself.
 MECHANISMS: Final = ("PLAIN", "LOGIN")
+# The mechanisms the core runs itself (pure, no lookup). Any other offered mechanism
+# is run by the glue, step by step (events.SaslExchange).
+CORE_MECHANISMS: Final = frozenset(MECHANISMS)
+# Mechanisms whose messages carry a password or a bearer token as it is (inside
+# base64): offered only where plaintext logins are allowed, as Dovecot does. SCRAM
+# sends neither, so it is offered on plain connections too.
+PLAINTEXT_MECHANISMS: Final = frozenset({"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
+# RFC 4422 section 3.1: a mechanism name is 1 to 20 of A-Z, 0-9, "-" and "_".
+_MECHANISM_NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_MAX_MECHANISM_NAME: Final = 20
+
+
+def is_mechanism_name(name: str) -> bool:
+    """Whether ``name`` is a SASL mechanism name (RFC 4422 section 3.1, upper case)."""
+    return 0 < len(name) <= _MAX_MECHANISM_NAME and set(name) <= _MECHANISM_NAME_CHARS
+
+
+def needs_channel_binding(name: str) -> bool:
+    """A ``-PLUS`` mechanism (RFC 5802 section 4) binds to the TLS channel: offered
+    only inside TLS."""
+    return name.endswith("-PLUS")
 
 
 def new_mechanism(name: str) -> Mechanism | None:
