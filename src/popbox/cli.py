@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import click
 
 from popbox.errors import PopboxError
+from popbox.import_command import import_group
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -533,6 +534,9 @@ def expire(
     click.echo(summary.describe())
     if summary.failed:
         sys.exit(1)
+
+
+main.add_command(import_group)
 
 
 @main.command()

@@ -1,0 +1,401 @@
+"""Taking over a mailbox from Dovecot or Courier: clients download nothing again.
+
+mpop and fetchmail leave mail on the old server (a private Dovecot) and keep their
+UIDL state files, as a phone and a desktop would. popbox imports the mailbox (the
+Dovecot files in place, or live over POP3 from the running Dovecot, or a Courier
+Maildir with its courierpop3dsizelist); the same clients with the same state files,
+pointed at popbox, then download zero messages, and exactly one after a new delivery.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer
+from support.interop import require
+from support.serverproc import POPBOX, ServerProcess, deliver_lmtp, make_server
+
+pytestmark = pytest.mark.interop
+
+PASSWORD = "secret"  # both Dovecot's and popbox's test password
+HOST = "127.0.0.1"  # clients key their state by user and host: the same for both servers
+
+
+def message(number: int, size: int = 0) -> bytes:
+    padding = b"".join(b"line %d of the body\r\n" % n for n in range(size))
+    return (
+        f"Message-ID: <m{number}@takeover.test>\r\nSubject: {number}\r\n\r\n{number}\r\n".encode()
+        + padding
+    )
+
+
+def subjects(paths: list[Path]) -> list[int]:
+    found = []
+    for path in paths:
+        line = next(x for x in path.read_bytes().splitlines() if x.startswith(b"Subject:"))
+        found.append(int(line.split()[1]))
+    return sorted(found)
+
+
+class Mpop:
+    """mpop keeping mail on the server, with its own UIDL file."""
+
+    def __init__(self, workdir: Path, ca: Path) -> None:
+        self.workdir = workdir
+        self.ca = ca
+        self.maildir = workdir / "Maildir"
+        for sub in ("cur", "new", "tmp"):
+            (self.maildir / sub).mkdir(parents=True, exist_ok=True)
+        self.password = workdir / "password"
+        self.password.write_text(PASSWORD)
+        self.password.chmod(0o600)
+
+    def run(self, port: int, *, tls: bool) -> None:
+        security = (
+            ["--tls=on", "--tls-starttls=off", f"--tls-trust-file={self.ca}"]
+            if tls
+            else ["--tls=off"]
+        )
+        result = subprocess.run(
+            [
+                require("mpop"),
+                f"--host={HOST}",
+                f"--port={port}",
+                "--timeout=30",
+                *security,
+                "--auth=user",
+                "--user=alice",
+                f"--passwordeval=cat {self.password}",
+                f"--delivery=maildir,{self.maildir}",
+                f"--uidls-file={self.workdir / 'uidls'}",
+                "--received-header=off",
+                "--only-new=on",
+                "--keep=on",
+                "--half-quiet",
+            ],
+            capture_output=True,
+            env={"HOME": str(self.workdir), "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr).decode(errors="replace")
+
+    def numbers(self) -> list[int]:
+        return subjects(list((self.maildir / "new").iterdir()))
+
+
+class Fetchmail:
+    """fetchmail with ``keep``, its own id file, one file per downloaded message."""
+
+    MDA = '#!/bin/sh\nexec cat > "$(mktemp "$1/msg.XXXXXXXX")"\n'
+
+    def __init__(self, workdir: Path, ca: Path) -> None:
+        self.workdir = workdir
+        self.ca = ca
+        self.outdir = workdir / "delivered"
+        self.outdir.mkdir(parents=True)
+        self.mda = workdir / "mda.sh"
+        self.mda.write_text(self.MDA)
+        self.mda.chmod(0o700)
+
+    def run(self, port: int, *, tls: bool) -> None:
+        rc = self.workdir / "fetchmailrc"
+        security = (
+            f"  ssl sslcertck sslcertfile '{self.ca}' sslcommonname 'localhost'\n"
+            if tls
+            else "  sslproto ''\n"
+        )
+        rc.write_text(
+            "set no syslog\n"
+            f"poll {HOST} port {port} protocol pop3 uidl timeout 30\n"
+            f"  user 'alice' there with password '{PASSWORD}' is 'me' here\n"
+            f"{security}"
+            f'  mda "{self.mda} {self.outdir}"\n'
+            "  keep\n"
+        )
+        rc.chmod(0o600)
+        result = subprocess.run(
+            [
+                require("fetchmail"),
+                "--nodetach",
+                "--daemon",
+                "0",
+                "--nosyslog",
+                "--fetchmailrc",
+                str(rc),
+                "--idfile",
+                str(self.workdir / "fetchids"),
+                "--pidfile",
+                str(self.workdir / "fetchmail.pid"),
+            ],
+            capture_output=True,
+            env={
+                "HOME": str(self.workdir),
+                "FETCHMAILHOME": str(self.workdir),
+                "PATH": "/usr/bin:/bin",
+                "LC_ALL": "C",
+            },
+            timeout=60,
+            check=False,
+        )
+        # 1 is fetchmail's "no new mail".
+        assert result.returncode in (0, 1), (result.stdout + result.stderr).decode(errors="replace")
+
+    def numbers(self) -> list[int]:
+        return subjects(list(self.outdir.iterdir()))
+
+
+def popbox_import(server: ServerProcess, *args: str) -> str:
+    result = subprocess.run(
+        [*POPBOX, "import", *args, "--config", str(server.config)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode == 0, output
+    return output
+
+
+@pytest.fixture
+def clients(tmp_path: Path, tls_files: object) -> tuple[Mpop, Fetchmail]:
+    ca = tls_files.ca  # type: ignore[attr-defined]
+    (tmp_path / "mpop").mkdir()
+    (tmp_path / "fetchmail").mkdir()
+    return Mpop(tmp_path / "mpop", ca), Fetchmail(tmp_path / "fetchmail", ca)
+
+
+def download_from_dovecot(dovecot: DovecotServer, clients: tuple[Mpop, Fetchmail]) -> None:
+    for client in clients:
+        client.run(dovecot.pop3s_port, tls=True)
+        assert client.numbers() == [1, 2, 3]
+
+
+def check_after_switch(server: ServerProcess, clients: tuple[Mpop, Fetchmail]) -> None:
+    """Zero messages from popbox, then exactly the one delivered to it."""
+    for client in clients:
+        client.run(server.pop3_port, tls=False)
+        assert client.numbers() == [1, 2, 3]
+    assert deliver_lmtp(server.lmtp_port, "alice", message(4)) == 250
+    for client in clients:
+        client.run(server.pop3_port, tls=False)
+        assert client.numbers() == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def popbox_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = make_server(tmp_path / "popbox", ("alice",))
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_dovecot_maildir_in_place(
+    dovecot: DovecotServer, clients: tuple[Mpop, Fetchmail], tmp_path: Path
+) -> None:
+    for number in (1, 2, 3):
+        dovecot.add_message("alice", message(number))
+    download_from_dovecot(dovecot, clients)
+    dovecot.stop()  # the switch: Dovecot's mail root becomes popbox's
+    server = make_server(
+        tmp_path / "popbox",
+        ("alice",),
+        extra=f'[storage]\nmaildir_root = "{dovecot.root / "mail"}"\n',
+    )
+    try:
+        report = popbox_import(server, "dovecot", "--user", "alice")
+        assert "3 kept" in report, report
+        again = popbox_import(server, "dovecot", "--user", "alice")  # idempotent
+        assert "3 kept" in again, again
+        server.start()
+        check_after_switch(server, clients)
+    finally:
+        server.kill()
+
+
+def test_dovecot_live_over_pop3(
+    dovecot: DovecotServer,
+    clients: tuple[Mpop, Fetchmail],
+    popbox_server: ServerProcess,
+    tls_files: object,
+) -> None:
+    for number in (1, 2, 3):
+        dovecot.add_message("alice", message(number))
+    download_from_dovecot(dovecot, clients)
+    password = popbox_server.directory / "old-password"
+    password.write_text(PASSWORD + "\n")
+    live = [
+        "pop3",
+        "--host",
+        HOST,
+        "--port",
+        str(dovecot.pop3s_port),
+        "--tls",
+        "implicit",
+        "--ca-file",
+        str(tls_files.ca),  # type: ignore[attr-defined]
+        "--user",
+        "alice",
+        "--password-file",
+        str(password),
+        "--to",
+        "alice",
+    ]
+    report = popbox_import(popbox_server, *live)
+    assert "this run stored 3" in report, report
+    again = popbox_import(popbox_server, *live)
+    assert "this run stored 0, 3 were already there" in again, again
+    assert len(dovecot.stored_messages("alice")) == 3  # nothing deleted on the old server
+    popbox_server.start()
+    check_after_switch(popbox_server, clients)
+
+
+def courier_maildir(root: Path, uidvalidity: int) -> list[tuple[str, str]]:
+    """A Courier-style Maildir with courierpop3dsizelist; (file name, Courier UIDL)."""
+    names = []
+    for number in (1, 2, 3):
+        name = f"{1700000000 + number}.M{number}P99.courier.test,S={len(message(number))}:2,S"
+        (root / "cur" / name).write_bytes(message(number))
+        names.append(name)
+    lines = [f"/3 4 {uidvalidity}\n"] + [
+        f"{name} {len(message(n)) + 3} {n}:{uidvalidity}:0\n" for n, name in enumerate(names, 1)
+    ]
+    (root / "courierpop3dsizelist").write_text("".join(lines))
+    return [(name, f"UID{n}-{uidvalidity}") for n, name in enumerate(names, 1)]
+
+
+def test_courier_maildir_in_place(
+    dovecot: DovecotServer, clients: tuple[Mpop, Fetchmail], tmp_path: Path
+) -> None:
+    box = dovecot.maildir("alice")
+    served = courier_maildir(box, uidvalidity=1234567)
+    # Dovecot stands in for Courier's pop3d: P fields make it serve Courier's UIDLs, so
+    # the clients' state files hold exactly what Courier would have shown them.
+    (box / "dovecot-uidlist").write_text(
+        "3 V99 N4\n"
+        + "".join(
+            f"{n} P{uidl} :{name.partition(':')[0]}\n" for n, (name, uidl) in enumerate(served, 1)
+        )
+    )
+    for path in [box / "dovecot-uidlist", *(box / "cur").iterdir()]:
+        os.chown(path, MAIL_UID, MAIL_GID)
+    download_from_dovecot(dovecot, clients)
+    dovecot.stop()
+    for leftover in box.glob("dovecot*"):
+        leftover.unlink()  # popbox reads Courier's list alone
+    server = make_server(
+        tmp_path / "popbox",
+        ("alice",),
+        extra=f'[storage]\nmaildir_root = "{dovecot.root / "mail"}"\n',
+    )
+    try:
+        report = popbox_import(server, "courier", "--user", "alice")
+        assert "3 kept" in report, report
+        server.start()
+        check_after_switch(server, clients)
+    finally:
+        server.kill()
+
+
+def test_killed_live_import_resumes_without_duplicates(
+    dovecot: DovecotServer, popbox_server: ServerProcess, tls_files: object
+) -> None:
+    total = 40
+    for number in range(1, total + 1):
+        dovecot.add_message("alice", message(number, size=2000))
+    password = popbox_server.directory / "old-password"
+    password.write_text(PASSWORD + "\n")
+    command = [
+        *POPBOX,
+        "import",
+        "pop3",
+        "--config",
+        str(popbox_server.config),
+        "--host",
+        HOST,
+        "--port",
+        str(dovecot.pop3s_port),
+        "--tls",
+        "implicit",
+        "--ca-file",
+        str(tls_files.ca),  # type: ignore[attr-defined]
+        "--user",
+        "alice",
+        "--password-file",
+        str(password),
+        "--to",
+        "alice",
+    ]
+    inbox = popbox_server.maildir_root / "alice"
+    kills = 0
+    for _ in range(5):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stored_before = _stored(inbox)
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            if _stored(inbox) > stored_before:
+                os.kill(process.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.001)
+        process.wait(60)
+        if _stored(inbox) >= total:
+            break
+    final = popbox_import(
+        popbox_server,
+        "pop3",
+        "--host",
+        HOST,
+        "--port",
+        str(dovecot.pop3s_port),
+        "--tls",
+        "implicit",
+        "--ca-file",
+        str(tls_files.ca),  # type: ignore[attr-defined]
+        "--user",
+        "alice",
+        "--password-file",
+        str(password),
+        "--to",
+        "alice",
+    )
+    assert f"{total} kept" in final, final
+    popbox_server.start()
+    client = popbox_server.pop3("alice")
+    try:
+        listing = [line.split()[1].decode() for line in client.uidl()[1]]
+        count = client.stat()[0]
+    finally:
+        client.quit()
+    assert count == total
+    old = _dovecot_uidls(dovecot)
+    assert listing == old  # every message once, with its old UIDL, in the old order
+    assert kills >= 1
+
+
+def _stored(maildir: Path) -> int:
+    return sum(len(os.listdir(maildir / sub)) for sub in ("new", "cur") if (maildir / sub).exists())
+
+
+def _dovecot_uidls(dovecot: DovecotServer) -> list[str]:
+    import poplib
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(dovecot.root / "cert.pem"))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    client = poplib.POP3_SSL(HOST, dovecot.pop3s_port, context=context, timeout=30)
+    try:
+        client.user("alice")
+        client.pass_(PASSWORD)
+        return [line.split()[1].decode() for line in client.uidl()[1]]
+    finally:
+        client.quit()
