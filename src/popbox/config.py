@@ -34,6 +34,8 @@ from popbox.store.mailbox import Disposition, MailboxPolicy
 
 __all__ = [
     "DEFAULT_DATA_DIR",
+    "DEFAULT_MECHANISMS",
+    "SASL_MECHANISMS",
     "AuthSettings",
     "Config",
     "LimitSettings",
@@ -193,13 +195,47 @@ class LimitSettings(_Section):
     shutdown_grace: float = Field(default=SHUTDOWN_GRACE, ge=0)
 
 
+# The SASL mechanisms popbox can offer: SCRAM (RFC 5802, RFC 7677; popbox.net.scram)
+# and PLAIN and LOGIN, which the protocol core runs.
+SASL_MECHANISMS: Final = (
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1-PLUS",
+    "SCRAM-SHA-1",
+    "PLAIN",
+    "LOGIN",
+)
+# SCRAM-SHA-256 first, bound to the TLS channel where there is one; SHA-1 only for
+# clients too old for SHA-256 (RFC 7677 section 1), so off unless asked for.
+DEFAULT_MECHANISMS: Final = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN", "LOGIN")
+
+
 class AuthSettings(_Section):
     passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
     """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
-    default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = "ARGON2ID"
+    default_scheme: Literal[
+        "ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "SCRAM-SHA-256", "SCRAM-SHA-1"
+    ] = "ARGON2ID"
+    mechanisms: list[str] = list(DEFAULT_MECHANISMS)
+    """The SASL mechanisms offered, in the order CAPA and AUTH list them. Each is
+    listed only where it may run: PLAIN and LOGIN where plaintext logins are allowed,
+    ``-PLUS`` ones inside TLS."""
     hash_threads: int = Field(default=0, ge=0, le=32)
     """Threads per worker process that verify passwords; 0 means as many as Python's
     default executor starts (the cores plus four, at most 32)."""
+
+    @field_validator("mechanisms")
+    @classmethod
+    def _check_mechanisms(cls, value: list[str]) -> list[str]:
+        names = [name.strip().upper() for name in value]
+        for name in names:
+            if name not in SASL_MECHANISMS:
+                raise ValueError(
+                    f"unknown SASL mechanism {name!r} (one of {', '.join(SASL_MECHANISMS)})"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError("a mechanism is listed twice")
+        return names
 
 
 class StorageSettings(_Section):
