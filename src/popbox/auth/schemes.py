@@ -503,6 +503,6 @@ def scram_credentials_of(
         except ValueError as exc:
             return str(exc)
     return (
-        f"a {parsed.scheme} hash gives no SCRAM keys "
+        f"the stored {parsed.scheme} hash gives no SCRAM keys "
         f"(store {{{hash_name}}} keys or a {{PLAIN}} password for SCRAM logins)"
     )
