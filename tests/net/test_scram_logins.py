@@ -333,3 +333,15 @@ async def test_plus_without_binding_data_and_binding_without_plus_are_refused(
     bound = base64.b64encode(b"p=tls-server-end-point,,n=alice,r=abcdefgh")
     await tls.send(b"AUTH SCRAM-SHA-256 " + bound + b"\r\n")
     assert await tls.line() == AUTH_FAILED
+
+
+def test_auth_mechanisms_are_checked_and_named_in_upper_case(tmp_path: Any) -> None:
+    from popbox.config import config_from_dict
+    from popbox.errors import ConfigError
+
+    config = config_from_dict({"auth": {"mechanisms": ["scram-sha-256", "plain"]}}, tmp_path)
+    assert config.auth.mechanisms == ["SCRAM-SHA-256", "PLAIN"]
+    with pytest.raises(ConfigError, match=r"auth\.mechanisms: .*unknown SASL mechanism 'CRAM-MD5'"):
+        config_from_dict({"auth": {"mechanisms": ["CRAM-MD5"]}}, tmp_path)
+    with pytest.raises(ConfigError, match="listed twice"):
+        config_from_dict({"auth": {"mechanisms": ["PLAIN", "plain"]}}, tmp_path)

@@ -1,7 +1,10 @@
 """The authentication plug-in point: who may log in, and what we know of them.
 
-Every way of logging in (USER/PASS, SASL PLAIN and LOGIN, APOP) ends in the same
-``PassDB.verify`` call, so there is one place that decides and one timing profile.
+Every way of logging in with a password (USER/PASS, SASL PLAIN and LOGIN, APOP) ends
+in the same ``PassDB.verify`` call, so there is one place that decides and one timing
+profile. SCRAM, which never sees the password, asks ``scram_credentials`` for the
+keys it checks the client's proof with; unknown users get fakes there, as they get a
+dummy hash in ``verify``.
 """
 
 from __future__ import annotations
