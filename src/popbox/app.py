@@ -30,6 +30,7 @@ from popbox.config import Config
 from popbox.errors import ConfigError
 
 if TYPE_CHECKING:
+    from popbox.auth.base import PassDB
     from popbox.net.sasl import Mechanisms
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "drop_privileges",
     "prepare_data_dir",
     "run_loop",
+    "sasl_mechanisms",
+    "scram_mechanisms",
     "serve",
     "serve_listeners",
 ]
@@ -241,8 +244,24 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
+def scram_mechanisms(config: Config, passdb: PassDB) -> Mechanisms:
+    """The SCRAM mechanisms ``auth.mechanisms`` lists (popbox.net.scram)."""
+    from popbox.net.scram import scram_mechanisms as build
+
+    return build(config.auth.mechanisms, passdb)
+
+
+def sasl_mechanisms(config: Config, passdb: PassDB) -> Mechanisms:
+    """Every SASL mechanism the glue runs (net.sasl), by name; the hub offers those
+    ``auth.mechanisms`` lists, in its order, beside the core's PLAIN and LOGIN."""
+    return {**scram_mechanisms(config, passdb), **bearer_mechanisms(config)}
+
+
 def serve(config: Config) -> None:
     """Bind, drop privileges, then serve in this process or in ``pop3.workers`` children."""
+    # Before the workers fork: the secret behind SCRAM's fake salts is made at import,
+    # and every worker must show an unknown name the same salt.
+    importlib.import_module("popbox.auth.scram")
     listeners = bind_listeners(config)
     drop_privileges(config)
     log.info(
@@ -274,8 +293,9 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     store = build_store(config)
     hasher = build_hasher(config)
     passdb = build_passdb(config, hasher=hasher)
-    mechanisms = dict(bearer_mechanisms(config))
-    pop3 = Pop3Service(config, store, passdb, listeners.ssl_context, mechanisms)
+    pop3 = Pop3Service(
+        config, store, passdb, listeners.ssl_context, sasl_mechanisms(config, passdb)
+    )
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
     if listeners.lmtp:

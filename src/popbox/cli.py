@@ -206,6 +206,12 @@ def _read_password(password_stdin: bool) -> str:
 _password_stdin = click.option(
     "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
 )
+_scheme = click.option(
+    "--scheme",
+    metavar="SCHEME",
+    help="Password scheme instead of auth.default_scheme, e.g. SCRAM-SHA-256 (keys for "
+    "SCRAM logins, as doveadm pw writes them) or ARGON2ID.",
+)
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -223,16 +229,18 @@ def _parse_size(text: str | None) -> int | None:
 @config_option
 @click.argument("name")
 @_password_stdin
+@_scheme
 @click.option("--quota-messages", type=click.IntRange(min=0), help="Most messages kept.")
 @click.option("--quota-size", help="Most octets kept, e.g. 500M or 2G.")
 def user_add(
     config_path: Path | None,
     name: str,
     password_stdin: bool,
+    scheme: str | None,
     quota_messages: int | None,
     quota_size: str | None,
 ) -> None:
-    """Add a user (the password is hashed with the configured scheme)."""
+    """Add a user (the password is hashed with the configured scheme or --scheme)."""
     from popbox.app import prepare_data_dir
     from popbox.auth.admin import add_user
 
@@ -246,7 +254,7 @@ def user_add(
             config.auth.passwd_file,
             name,
             password,
-            scheme=config.auth.default_scheme,
+            scheme=scheme or config.auth.default_scheme,
             quota_messages=quota_messages,
             quota_octets=octets,
         )
@@ -259,14 +267,19 @@ def user_add(
 @config_option
 @click.argument("name")
 @_password_stdin
-def user_passwd(config_path: Path | None, name: str, password_stdin: bool) -> None:
-    """Set a user's password."""
+@_scheme
+def user_passwd(
+    config_path: Path | None, name: str, password_stdin: bool, scheme: str | None
+) -> None:
+    """Set a user's password (hashed with the configured scheme or --scheme)."""
     from popbox.auth.admin import set_password
 
     config = _load(config_path)
     password = _read_password(password_stdin)
     try:
-        set_password(config.auth.passwd_file, name, password, scheme=config.auth.default_scheme)
+        set_password(
+            config.auth.passwd_file, name, password, scheme=scheme or config.auth.default_scheme
+        )
     except (PopboxError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"password of {name} changed")

@@ -42,6 +42,8 @@ from popbox.store.mailbox import Disposition, MailboxPolicy
 
 __all__ = [
     "DEFAULT_DATA_DIR",
+    "DEFAULT_MECHANISMS",
+    "SASL_MECHANISMS",
     "AuthSettings",
     "Config",
     "LimitSettings",
@@ -302,15 +304,66 @@ class OAuthServerSettings(_Section):
         )
 
 
+# The SASL mechanisms popbox can offer: SCRAM (RFC 5802, RFC 7677; popbox.net.scram),
+# bearer tokens (RFC 7628 and Google's XOAUTH2; popbox.net.bearer, with [auth.oauth])
+# and PLAIN and LOGIN, which the protocol core runs.
+SASL_MECHANISMS: Final = (
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1-PLUS",
+    "SCRAM-SHA-1",
+    "OAUTHBEARER",
+    "XOAUTH2",
+    "PLAIN",
+    "LOGIN",
+)
+BEARER_MECHANISMS: Final = ("OAUTHBEARER", "XOAUTH2")
+# SCRAM-SHA-256 first, bound to the TLS channel where there is one; SHA-1 only for
+# clients too old for SHA-256 (RFC 7677 section 1), so off unless asked for.
+# With [auth.oauth], OAUTHBEARER and XOAUTH2 join them before PLAIN.
+DEFAULT_MECHANISMS: Final = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN", "LOGIN")
+
+
 class AuthSettings(_Section):
     passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
     """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
-    default_scheme: Literal["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT"] = "ARGON2ID"
+    default_scheme: Literal[
+        "ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "SCRAM-SHA-256", "SCRAM-SHA-1"
+    ] = "ARGON2ID"
+    mechanisms: list[str] = list(DEFAULT_MECHANISMS)
+    """The SASL mechanisms offered, in the order CAPA and AUTH list them. Each is
+    listed only where it may run: PLAIN, LOGIN, OAUTHBEARER and XOAUTH2 where
+    plaintext logins are allowed, ``-PLUS`` ones inside TLS. Left unset, OAUTHBEARER
+    and XOAUTH2 are added before PLAIN when ``[auth.oauth]`` is set."""
     hash_threads: int = Field(default=0, ge=0, le=32)
     """Threads per worker process that verify passwords; 0 means as many as Python's
     default executor starts (the cores plus four, at most 32)."""
     oauth: OAuthServerSettings | None = None
     """Bearer-token logins (OAUTHBEARER, XOAUTH2); off unless the table is present."""
+
+    @field_validator("mechanisms")
+    @classmethod
+    def _check_mechanisms(cls, value: list[str]) -> list[str]:
+        names = [name.strip().upper() for name in value]
+        for name in names:
+            if name not in SASL_MECHANISMS:
+                raise ValueError(
+                    f"unknown SASL mechanism {name!r} (one of {', '.join(SASL_MECHANISMS)})"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError("a mechanism is listed twice")
+        return names
+
+    @model_validator(mode="after")
+    def _bearer_mechanisms(self) -> AuthSettings:
+        listed = [name for name in self.mechanisms if name in BEARER_MECHANISMS]
+        if self.oauth is None:
+            if listed:
+                raise ValueError(f"mechanisms: {', '.join(listed)} needs an [auth.oauth] table")
+        elif "mechanisms" not in self.model_fields_set and not listed:
+            at = self.mechanisms.index("PLAIN")
+            self.mechanisms[at:at] = list(BEARER_MECHANISMS)
+        return self
 
 
 class StorageSettings(_Section):

@@ -23,8 +23,17 @@ def _tls_sessions(caplog: pytest.LogCaptureFixture) -> list[str]:
 async def _curl(server: InteropServer, url: str, *extra: str) -> bytes:
     curl = require("curl")
     status, out, err = await server.run(
-        curl, "--silent", "--show-error", "--max-time", "30",
-        "--cacert", str(server.ca), "--user", f"{USER}:{PASSWORD}", *extra, url,
+        curl,
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "30",
+        "--cacert",
+        str(server.ca),
+        "--user",
+        f"{USER}:{PASSWORD}",
+        *extra,
+        url,
     )
     assert status == 0, err.decode(errors="replace")
     return out
@@ -71,7 +80,12 @@ async def test_curl_refuses_a_server_its_ca_did_not_sign(
     trustme.CA().cert_pem.write_to_path(str(other))
     curl = require("curl")
     status, _, _ = await interop_server.run(
-        curl, "--silent", "--cacert", str(other), "--user", f"{USER}:{PASSWORD}",
+        curl,
+        "--silent",
+        "--cacert",
+        str(other),
+        "--user",
+        f"{USER}:{PASSWORD}",
         f"pop3s://localhost:{interop_server.tls_port}/1",
     )
     assert status != 0

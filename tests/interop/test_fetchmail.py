@@ -36,7 +36,7 @@ def _rcfile(server: InteropServer, *, implicit_tls: bool, keep: bool, outdir: Pa
         f"poll localhost port {port} protocol pop3 timeout 30\n"
         f"  user '{USER}' there with password '{PASSWORD}' is '{USER}' here\n"
         f"  {tls} sslcertck sslcertfile '{server.ca}'\n"
-        f"  mda \"{mda} {outdir}\"\n"
+        f'  mda "{mda} {outdir}"\n'
         f"  fetchall {'keep' if keep else 'nokeep'}\n"
     )
     # fetchmail refuses an rc file that others can read (it holds a password).
@@ -56,9 +56,17 @@ async def _fetch(server: InteropServer, *, implicit_tls: bool, keep: bool) -> li
     outdir.mkdir(exist_ok=True)
     rc = _rcfile(server, implicit_tls=implicit_tls, keep=keep, outdir=outdir)
     status, out, err = await server.run(
-        fetchmail, "--nodetach", "--daemon", "0", "--nosyslog",
-        "--fetchmailrc", str(rc), "--idfile", str(server.workdir / "fetchids"),
-        "--pidfile", str(server.workdir / "fetchmail.pid"),
+        fetchmail,
+        "--nodetach",
+        "--daemon",
+        "0",
+        "--nosyslog",
+        "--fetchmailrc",
+        str(rc),
+        "--idfile",
+        str(server.workdir / "fetchids"),
+        "--pidfile",
+        str(server.workdir / "fetchmail.pid"),
         env={"FETCHMAILHOME": str(server.workdir)},
     )
     assert status == 0, (out + err).decode(errors="replace")

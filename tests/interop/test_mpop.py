@@ -12,7 +12,9 @@ from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require
 pytestmark = pytest.mark.interop
 
 
-async def _mpop(server: InteropServer, *, implicit_tls: bool, keep: bool) -> list[bytes]:
+async def _mpop(
+    server: InteropServer, *, implicit_tls: bool, keep: bool, auth: str = "user"
+) -> list[bytes]:
     mpop = require("mpop")
     maildir = server.workdir / "Maildir"
     for sub in ("cur", "new", "tmp"):
@@ -29,7 +31,7 @@ async def _mpop(server: InteropServer, *, implicit_tls: bool, keep: bool) -> lis
         "--tls=on",
         f"--tls-starttls={'off' if implicit_tls else 'on'}",
         f"--tls-trust-file={server.ca}",
-        "--auth=user",
+        f"--auth={auth}",
         f"--user={USER}",
         f"--passwordeval=cat {password_file}",
         f"--delivery=maildir,{maildir}",
@@ -67,3 +69,16 @@ async def test_mpop_delivers_to_maildir(
     ends = [r.getMessage() for r in caplog.records if "reason=" in r.getMessage()]
     assert ends
     assert all("tls=yes" in line for line in ends)
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["stls", "implicit-tls"])
+async def test_mpop_logs_in_with_scram_sha_256(
+    scram_interop_server: InteropServer, implicit_tls: bool
+) -> None:
+    """mpop's GNU SASL proves the password against a stored {SCRAM-SHA-256} key, and
+    checks the server's signature, without the password crossing the wire (the
+    server refuses every password check, so only SCRAM can succeed)."""
+    delivered = await _mpop(
+        scram_interop_server, implicit_tls=implicit_tls, keep=True, auth="scram-sha-256"
+    )
+    assert sorted(delivered) == sorted(_lf(m) for m in MESSAGES)

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from popbox.auth.bearer import BearerSettings, BearerVerifier
+from popbox.app import bearer_mechanisms
 from popbox.auth.memory import MemoryPassDB
-from popbox.config import Config, LimitSettings, Pop3Settings
-from popbox.net.bearer import bearer_factories
+from popbox.config import AuthSettings, Config, LimitSettings, OAuthServerSettings, Pop3Settings
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
 from support.fetch import account_entry, fetch_settings, maildir_messages, poll, tls_fields
@@ -34,18 +33,19 @@ def issuer() -> Iterator[TokenIssuer]:
 async def oauth_server(
     tls_files: Any, server_context: ssl.SSLContext, tmp_path: Path, issuer: TokenIssuer
 ) -> AsyncIterator[InteropServer]:
+    oauth = OAuthServerSettings(
+        issuer=issuer.issuer, audience=[AUDIENCE], domains=["example.org"]
+    )
     config = Config(
         pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=["127.0.0.1:0"]),
         limits=LimitSettings(auth_failure_delay=0, auth_penalty_max=0, shutdown_grace=1),
+        auth=AuthSettings(oauth=oauth),
     )
     store = MemoryStore()
     for message in MESSAGES:
         await store.deliver(USER, message)
-    verifier = BearerVerifier(
-        BearerSettings(audience=(AUDIENCE,), issuer=issuer.issuer, domains=("example.org",))
-    )
     service = Pop3Service(
-        config, store, MemoryPassDB({USER: PASSWORD}), server_context, bearer_factories(verifier)
+        config, store, MemoryPassDB({USER: PASSWORD}), server_context, bearer_mechanisms(config)
     )
     await service.start()
     workdir = tmp_path / "client"

@@ -44,6 +44,10 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
         ``clock`` is the time the store believes it is; ``mechanisms`` are the SASL
         mechanisms the glue runs."""
         config = make_config(**options)
+        offered = config.auth.mechanisms
+        for name in mechanisms or {}:
+            if name not in offered:  # as the config does for [auth.oauth]: before PLAIN
+                offered.insert(offered.index("PLAIN"), name)
         store = MemoryStore() if clock is None else MemoryStore(clock=clock)
         for message in MESSAGES if messages is None else messages:
             await store.deliver("alice", message)

@@ -10,6 +10,7 @@ tests/conftest.py puts tests/ on sys.path (pytest's default "prepend" import mod
   auth         cheap hash costs and the passwd-file writer's type
   proto        a synchronous stand-in for the asyncio glue around ServerConnection
   pop3service  an in-process Pop3Service on loopback and a raw byte-level client
+  scram        SCRAM clients: scramp's, and GNU SASL's gsasl relayed onto a connection
   serverproc   a real `popbox serve` subprocess
   interop      the in-process server that independent POP3 clients are run against
   lmtp         an LmtpService in its own thread, for blocking LMTP clients

@@ -57,6 +57,7 @@ class DovecotServer:
     pop3s_port: int
     process: subprocess.Popen[bytes] | None = None
     passwords: dict[str, str] = field(default_factory=dict)
+    stored: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     _sequence: int = 0
 
@@ -67,9 +68,12 @@ class DovecotServer:
     def maildir(self, user: str) -> Path:
         return self.root / "mail" / user
 
-    def add_user(self, user: str, password: str) -> None:
+    def add_user(self, user: str, password: str, *, stored: str | None = None) -> None:
+        """Add ``user`` with ``password`` as {PLAIN}, or with the ``stored`` value (a
+        hash or a SCRAM key) in the passwd file instead."""
         self.passwords[user] = password
-        lines = [f"{name}:{{PLAIN}}{secret}::::::" for name, secret in self.passwords.items()]
+        self.stored[user] = stored if stored is not None else "{PLAIN}" + password
+        lines = [f"{name}:{value}::::::" for name, value in self.stored.items()]
         (self.root / "passwd").write_text("\n".join(lines) + "\n")
         for path in (self.maildir(user), self.root / "home" / user):
             path.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ TLS, verifying the generated certificate.
 
 from __future__ import annotations
 
+import base64
 import os
 import poplib
 import shutil
@@ -27,6 +28,8 @@ from support.serverproc import POPBOX, wait_listening
 from support.wire import crlf
 
 MESSAGE = b"From: carol@example.org\nSubject: hello\n\nfirst line\n.starts with a dot\n\xe9 8-bit\n"
+
+
 @dataclass
 class Running:
     directory: Path
@@ -245,3 +248,41 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output.decode(errors="replace")
     assert b"popbox user add" in output
+
+
+def test_scram_keys_from_the_cli_log_in_with_scram_plus_and_with_a_password(
+    running: Running,
+) -> None:
+    """`popbox user add --scheme SCRAM-SHA-256` stores Dovecot-form keys; the served
+    SCRAM-SHA-256-PLUS login binds to the certificate `popbox serve` presents, and
+    USER/PASS verifies against the same keys."""
+    from scramp import ScramClient
+
+    result = running.popbox(
+        "user", "add", "dana", "--password-stdin", "--scheme", "SCRAM-SHA-256",
+        stdin=b"dana's pw\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    passwd = (running.directory / "popbox-data" / "passwd").read_text()
+    assert "dana:{SCRAM-SHA-256}4096," in passwd
+    assert running.popbox("deliver", "dana", stdin=MESSAGE).returncode == 0
+
+    client = poplib.POP3_SSL("localhost", running.pop3s, context=running.client_context())
+    sasl = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN", "LOGIN"]
+    assert client.capa()["SASL"] == sasl
+    scram = ScramClient(
+        ["SCRAM-SHA-256-PLUS"], "dana", "dana's pw", ("tls-server-end-point", client.sock)
+    )
+    first = base64.b64encode(scram.get_client_first().encode()).decode()
+    reply = client._shortcmd(f"AUTH SCRAM-SHA-256-PLUS {first}")
+    scram.set_server_first(base64.b64decode(reply[2:]).decode())
+    reply = client._shortcmd(base64.b64encode(scram.get_client_final().encode()).decode())
+    scram.set_server_final(base64.b64decode(reply[2:]).decode())
+    assert client._shortcmd("").startswith(b"+OK Logged in")
+    assert client.stat()[0] == 1
+    client.quit()
+
+    client = poplib.POP3_SSL("localhost", running.pop3s, context=running.client_context())
+    client.user("dana")
+    assert client.pass_("dana's pw").startswith(b"+OK")
+    client.quit()

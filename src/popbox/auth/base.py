@@ -1,16 +1,24 @@
 """The authentication plug-in point: who may log in, and what we know of them.
 
-Every way of logging in (USER/PASS, SASL PLAIN and LOGIN, APOP) ends in the same
-``PassDB.verify`` call, so there is one place that decides and one timing profile.
+Every way of logging in with a password (USER/PASS, SASL PLAIN and LOGIN, APOP) ends
+in the same ``PassDB.verify`` call, so there is one place that decides and one timing
+profile. SCRAM, which never sees the password, asks ``scram_credentials`` for the
+keys it checks the client's proof with; unknown users get fakes there, as they get a
+dummy hash in ``verify``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
-__all__ = ["PassDB", "UserDirectory", "UserRecord"]
+__all__ = ["SCRAM_HASHES", "PassDB", "ScramCredentials", "UserDirectory", "UserRecord"]
+
+# The SCRAM families a user database may be asked for (RFC 5802's SHA-1, RFC 7677's
+# SHA-256), named as the stored schemes are: a {SCRAM-SHA-256} key serves both
+# SCRAM-SHA-256 and SCRAM-SHA-256-PLUS.
+SCRAM_HASHES: Final = ("SCRAM-SHA-256", "SCRAM-SHA-1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +34,24 @@ class UserRecord:
     quota_messages: int | None = None
     quota_octets: int | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ScramCredentials:
+    """What a SCRAM server needs of one user (RFC 5802 section 3): the salt and
+    iteration count it sends, and the keys it checks the proof and signs with.
+
+    ``problem`` is "" for the user's own keys. Otherwise the keys are fakes (an unknown
+    user, or a password hash SCRAM cannot use) and ``problem`` says why, for the log:
+    the exchange runs to its end and fails as a wrong password does, so SCRAM tells
+    nobody which names exist.
+    """
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+    problem: str = ""
 
 
 class PassDB(Protocol):
@@ -49,6 +75,15 @@ class PassDB(Protocol):
 
     async def plaintext_secret(self, username: str) -> str | None:
         """The stored plaintext-equivalent secret, for APOP; None if not available."""
+        ...
+
+    async def scram_credentials(self, username: str, hash_name: str) -> ScramCredentials:
+        """``username``'s SCRAM credentials for ``hash_name`` (one of SCRAM_HASHES):
+        from a stored ``{SCRAM-*}`` key of that hash, derived from a ``{PLAIN}``
+        password; for anyone else fakes that look and cost the same (``problem`` set).
+
+        Raises AuthError only when the database itself cannot be consulted.
+        """
         ...
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from popbox.auth.base import UserRecord
+from popbox.auth.base import SCRAM_HASHES, ScramCredentials, UserRecord
 from popbox.auth.hasher import Hasher, shared_hasher
 from popbox.auth.names import is_valid_username, validate_username
 from popbox.auth.schemes import (
@@ -37,8 +37,11 @@ from popbox.auth.schemes import (
     hash_password,
     plaintext_of,
     problem_with,
+    scram_credentials_of,
+    scram_iterations_of,
     verify_password,
 )
+from popbox.auth.scram import DEFAULT_SCRAM_ITERATIONS, fake_credentials
 from popbox.errors import ConfigError, InvalidUsername
 
 __all__ = [
@@ -265,6 +268,9 @@ class PasswdFilePassDB:
         self._default_dummy = hash_password(secrets.token_urlsafe(24), default_scheme)
         self._dummies: dict[str, str] = {}
         self._dummy = self._default_dummy
+        # Per SCRAM hash, the iteration count most keys in the file have: the count
+        # that derived and fake credentials show too.
+        self._scram_iterations: dict[str, int] = {}
         try:
             self._refresh(force=True, strict=True)
         except OSError as exc:
@@ -347,6 +353,7 @@ class PasswdFilePassDB:
             self._entries = parse_passwd(data, source=str(self._path))
             self._key = _stat_key(info)
             self._dummy = self._dummy_like(self._entries.values())
+            self._scram_iterations = _common_scram_iterations(self._entries.values())
             log.info("%s: loaded %d users", self._path, len(self._entries))
 
     def _dummy_like(self, entries: Iterable[PasswdEntry]) -> str:
@@ -395,6 +402,31 @@ class PasswdFilePassDB:
             return None
         return plaintext_of(entry.password)
 
+    def _scram_blocking(self, username: str, hash_name: str, changed: bool) -> ScramCredentials:
+        if changed:
+            self._reload_changed()
+        entry = self._entry(username, check=False)
+        iterations = self._scram_iterations.get(hash_name, DEFAULT_SCRAM_ITERATIONS)
+        if entry is None:
+            problem = "unknown user"
+        elif not entry.can_login:
+            problem = "login disabled: " + (problem_with(entry.password) or "a refusing field")
+        else:
+            found = scram_credentials_of(
+                entry.password, hash_name, username=username, iterations=iterations
+            )
+            if isinstance(found, ScramCredentials):
+                return found
+            problem = found
+        return fake_credentials(username, hash_name, iterations=iterations, problem=problem)
+
+    async def scram_credentials(self, username: str, hash_name: str) -> ScramCredentials:
+        """``username``'s SCRAM credentials, or fakes saying why there are none."""
+        if hash_name not in SCRAM_HASHES:
+            raise ValueError(f"not a SCRAM hash: {hash_name!r}")
+        changed = self._may_have_changed()
+        return await self._hasher.run(self._scram_blocking, username, hash_name, changed)
+
     async def verify(self, username: str, password: str) -> UserRecord | None:
         """The user if the password is right; None for a wrong password or unknown user."""
         # The Hasher's threads, not the default executor: see popbox.auth.hasher. The
@@ -411,3 +443,14 @@ class PasswdFilePassDB:
     async def plaintext_secret(self, username: str) -> str | None:
         """The {PLAIN} password for APOP; None for hashed passwords and unknown users."""
         return await asyncio.to_thread(self._plaintext_blocking, username)
+
+
+def _common_scram_iterations(entries: Iterable[PasswdEntry]) -> dict[str, int]:
+    """Per SCRAM hash, the iteration count most of the file's keys of it have."""
+    counts: dict[str, Counter[int]] = {name: Counter() for name in SCRAM_HASHES}
+    for entry in entries:
+        for name, counter in counts.items():
+            iterations = scram_iterations_of(entry.password, name)
+            if iterations is not None:
+                counter[iterations] += 1
+    return {name: c.most_common(1)[0][0] for name, c in counts.items() if c}

@@ -6,6 +6,10 @@ itself (``$argon2id$``, ``$2y$``, ``$6$``, ``$5$``, ``$1$``, 13-character DES). 
 passwd file written by ``doveadm pw`` works here unchanged, and the hashes we write
 work in Dovecot.
 
+SCRAM keys (``{SCRAM-SHA-256}`` and ``{SCRAM-SHA-1}``, Dovecot's
+``iter,salt,StoredKey,ServerKey``) verify a plaintext password too, and give the SCRAM
+mechanisms their credentials (``scram_credentials_of``, popbox.auth.scram).
+
 Argon2 comes from argon2-cffi, bcrypt from bcrypt, the SHA-crypt and MD5-crypt
 families from the system's libxcrypt (``popbox.auth.libcrypt``, without the GIL) with
 libpass (imported as ``passlib``) where that is missing, and the LDAP-style ``{SHA512}`` /
@@ -34,6 +38,15 @@ from passlib.exc import PasswordSizeError
 from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
 
 from popbox.auth import libcrypt
+from popbox.auth.base import ScramCredentials
+from popbox.auth.scram import (
+    DEFAULT_SCRAM_ITERATIONS,
+    derive_credentials,
+    make_scram_key,
+    parse_scram_key,
+    plain_salt,
+    verify_scram_key,
+)
 
 __all__ = [
     "DEFAULT_COST",
@@ -47,6 +60,8 @@ __all__ = [
     "normalize_scheme",
     "plaintext_of",
     "problem_with",
+    "scram_credentials_of",
+    "scram_iterations_of",
     "verify_password",
 ]
 
@@ -87,6 +102,10 @@ class HashCost:
     # Dovecot (and glibc) default to 5000 rounds; 100,000 puts SHA-crypt in line with
     # the cost of the other schemes.
     sha_crypt_rounds: int = 100_000
+    # Dovecot's default and RFC 7677's floor. Unlike the others, SCRAM's count is sent
+    # to every client, which computes it at each login; the server computes it only
+    # for a USER/PASS or PLAIN login.
+    scram_iterations: int = DEFAULT_SCRAM_ITERATIONS
 
 
 DEFAULT_COST: Final = HashCost()
@@ -114,10 +133,12 @@ _DIGESTS: Final[dict[str, tuple[str, bool]]] = {
 _CRYPT_FAMILY: Final = frozenset(
     {"ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT"}
 )
+# SCRAM keys (RFC 5802 section 3) in Dovecot's iter,salt,StoredKey,ServerKey form.
+_SCRAM: Final = frozenset({"SCRAM-SHA-256", "SCRAM-SHA-1"})
 # Schemes that store raw bytes and so accept Dovecot's .B64 / .HEX encoding suffix.
 _ENCODABLE: Final = frozenset({"PLAIN", *_DIGESTS})
 
-HASHABLE_SCHEMES: Final = frozenset(_CRYPT_FAMILY | _ENCODABLE)
+HASHABLE_SCHEMES: Final = frozenset(_CRYPT_FAMILY | _ENCODABLE | _SCRAM)
 
 _ARGON2_TYPES: Final = {"ARGON2ID": argon2.Type.ID, "ARGON2I": argon2.Type.I}
 _ARGON2_PREFIX: Final = {"ARGON2ID": "$argon2id$", "ARGON2I": "$argon2i$"}
@@ -193,6 +214,8 @@ def _parse(stored: str) -> _Stored | str:
             return _Stored(base, "B64" if base in _DIGESTS else "", data)
         if encoding in ("B64", "BASE64", "HEX"):
             return _Stored(base, "HEX" if encoding == "HEX" else "B64", data)
+    elif base in _SCRAM and not dot:
+        return _Stored(base, "", data)
     elif (base in _CRYPT_FAMILY or base == "DES-CRYPT") and not dot:
         if base in _ARGON2_PREFIX and not data.startswith(_ARGON2_PREFIX[base]):
             return f"{{{label}}} does not hold an {base} hash"
@@ -269,6 +292,11 @@ def _verify_plain(secret: bytes, parsed: _Stored) -> bool:
     return hmac.compare_digest(stored, hashlib.sha256(secret).digest())
 
 
+def _verify_scram(secret: bytes, parsed: _Stored) -> bool:
+    password = secret.decode("utf-8", "surrogateescape")
+    return verify_scram_key(password, parsed.data, parsed.scheme)
+
+
 _VERIFIERS: Final[dict[str, Callable[[bytes, _Stored], bool]]] = {
     "ARGON2ID": _verify_argon2,
     "ARGON2I": _verify_argon2,
@@ -276,6 +304,7 @@ _VERIFIERS: Final[dict[str, Callable[[bytes, _Stored], bool]]] = {
     **dict.fromkeys(_PASSLIB, _verify_passlib),
     **dict.fromkeys(_DIGESTS, _verify_digest),
     "PLAIN": _verify_plain,
+    **dict.fromkeys(_SCRAM, _verify_scram),
 }
 
 _logged: set[str] = set()
@@ -345,6 +374,8 @@ def hash_password(
         if base != "MD5-CRYPT":
             handler = handler.using(rounds=cost.sha_crypt_rounds)
         return f"{{{base}}}{handler.hash(secret)}"
+    if base in _SCRAM:
+        return f"{{{base}}}{make_scram_key(password, base, cost.scram_iterations)}"
     if base in _DIGESTS:
         algorithm, salted = _DIGESTS[base]
         salt = secrets.token_bytes(DIGEST_SALT_BYTES) if salted else b""
@@ -374,6 +405,9 @@ def _cost_of(parsed: _Stored) -> tuple[HashCost, str]:
     if parsed.scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
         rounds = _PASSLIB[parsed.scheme].from_string(parsed.data).rounds
         return replace(DEFAULT_COST, sha_crypt_rounds=rounds), f"rounds={rounds}"
+    if parsed.scheme in _SCRAM:
+        iterations = parse_scram_key(parsed.data, parsed.scheme).iterations
+        return replace(DEFAULT_COST, scram_iterations=iterations), f"i={iterations}"
     return DEFAULT_COST, ""
 
 
@@ -427,3 +461,48 @@ def plaintext_of(stored: str) -> str | None:
         return _raw(parsed).decode("utf-8", "surrogateescape")
     except (ValueError, binascii.Error):
         return None
+
+
+def scram_iterations_of(stored: str, hash_name: str) -> int | None:
+    """The iteration count of a stored ``{hash_name}`` key; None for anything else."""
+    parsed = _parse(stored)
+    if isinstance(parsed, str) or parsed.scheme != hash_name:
+        return None
+    try:
+        return parse_scram_key(parsed.data, hash_name).iterations
+    except ValueError:
+        return None
+
+
+def scram_credentials_of(
+    stored: str, hash_name: str, *, username: str, iterations: int
+) -> ScramCredentials | str:
+    """The SCRAM credentials ``stored`` gives for ``hash_name``, or why it gives none.
+
+    A ``{hash_name}`` key gives its own; a {PLAIN} password keys derived with
+    ``iterations`` and a salt that stays the same for ``username``; any other hash
+    (argon2, bcrypt, crypt, a SCRAM key of the other hash) none at all. Slow for
+    {PLAIN} (a PBKDF2 of ``iterations``): call it off the event loop.
+    """
+    parsed = _parse(stored)
+    if isinstance(parsed, str):
+        return parsed
+    if parsed.scheme == hash_name:
+        try:
+            return parse_scram_key(parsed.data, hash_name)
+        except ValueError as exc:
+            _log_once(f"malformed {hash_name} key ({exc})")
+            return f"malformed {hash_name} key"
+    if parsed.scheme == "PLAIN":
+        password = plaintext_of(stored)
+        if password is None:
+            return "malformed {PLAIN} value"
+        salt = plain_salt(username, hash_name)
+        try:
+            return derive_credentials(password, hash_name, salt=salt, iterations=iterations)
+        except ValueError as exc:
+            return str(exc)
+    return (
+        f"the stored {parsed.scheme} hash gives no SCRAM keys "
+        f"(store {{{hash_name}}} keys or a {{PLAIN}} password for SCRAM logins)"
+    )

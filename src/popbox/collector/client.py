@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, ParamSpec
 
+from scramp import ScramClient, ScramException
+
 from popbox.collector.config import AccountSettings
 from popbox.collector.tokens import TokenProvider
 from popbox.errors import CollectorError, ProtocolError, RemoteServerError
@@ -63,6 +65,8 @@ MAX_HEADER_BYTES: Final = 256 * 1024
 # A body may exceed its LIST size a little (servers that count LF, not CRLF); twice
 # the size plus 1 MiB still stops a server that streams without end.
 SIZE_SLACK: Final = 1024 * 1024
+# A SCRAM exchange's challenges: server-first, then server-final (RFC 5802 section 3).
+_SCRAM_STEPS: Final = 2
 
 _Args = ParamSpec("_Args")
 
@@ -280,9 +284,13 @@ class Pop3Session:
     # ---------------------------------------------------------------- login
 
     async def login_password(self, password: str) -> None:
+        mechanism = self.account.auth_mechanism
+        if mechanism.startswith("scram-"):
+            # SCRAM proves the password without sending it: no TLS needed for that.
+            await self._scram(mechanism.upper(), self.account.username, password)
+            return
         if not self.tls_active and not self.account.allow_plaintext_password:
             raise CollectorError(f"{self.account.name}: refusing to send a password without TLS")
-        mechanism = self.account.auth_mechanism
         if mechanism == "auto":
             mechanism = "plain" if "PLAIN" in self.capabilities.sasl_mechanisms() else "user"
         username = self.account.username
@@ -298,6 +306,58 @@ class Pop3Session:
             await self._sasl("PLAIN", [plain_response(username, password)], inline_ok=True)
         else:
             await self._sasl("LOGIN", list(login_responses(username, password)), inline_ok=False)
+
+    async def _scram(self, base: str, username: str, password: str) -> None:
+        """SCRAM (RFC 5802, RFC 7677) on scramp's client: ``base``-PLUS, bound to the
+        server's certificate (tls-server-end-point), when the server offers it inside
+        TLS; otherwise ``base``, telling a TLS server we could bind (``y``) so that one
+        whose -PLUS was stripped from CAPA refuses. The login counts only once the
+        server's signature proves it holds the keys too."""
+        offered = self.capabilities.sasl_mechanisms()
+        tls = self._writer.get_extra_info("ssl_object") if self.tls_active else None
+        name = f"{base}-PLUS" if tls is not None and f"{base}-PLUS" in offered else base
+        if offered and name not in offered:
+            raise RemoteServerError(f"the server does not offer {base}", code=CODE_AUTH)
+        binding = ("tls-server-end-point", tls) if tls is not None else None
+        try:
+            scram = ScramClient([name], username, password, channel_binding=binding)
+            first = scram.get_client_first().encode()
+        except ScramException as exc:
+            raise CollectorError(f"{self.account.name}: cannot start {name}: {exc}") from exc
+        self._send(self._conn.auth(name, first))
+        sent_first = self._conn.auth_fits_inline(name, first)
+        steps = 0
+        while True:
+            event = await self._event()
+            if isinstance(event, OkReply):
+                if steps < _SCRAM_STEPS:
+                    raise RemoteServerError(f"{name}: logged in without the server's signature")
+                return
+            if isinstance(event, ErrReply):
+                raise RemoteServerError(
+                    f"AUTH {name} refused: {event.text}", code=event.code or CODE_AUTH
+                )
+            if not isinstance(event, Continuation):
+                raise RemoteServerError(f"unexpected reply to AUTH: {type(event).__name__}")
+            if not sent_first:
+                sent_first = True
+                self._send(self._conn.sasl_response(first))
+                continue
+            steps += 1
+            try:
+                if steps == 1:
+                    scram.set_server_first(event.data.decode("utf-8"))
+                    answer = scram.get_client_final().encode()
+                elif steps == _SCRAM_STEPS:
+                    scram.set_server_final(event.data.decode("utf-8"))
+                    answer = b""  # RFC 5034 section 4: the server-final was a challenge
+                else:
+                    raise ScramException("a challenge after the server-final message")
+            except (ScramException, UnicodeDecodeError) as exc:
+                self._send(self._conn.sasl_cancel())
+                await self._event()  # the -ERR that answers the cancel
+                raise RemoteServerError(f"{name}: the server failed SCRAM: {exc}") from exc
+            self._send(self._conn.sasl_response(answer))
 
     async def login_oauth(self, tokens: TokenProvider) -> None:
         mechanisms = self.capabilities.sasl_mechanisms()

@@ -431,11 +431,23 @@ class AccountSettings(_Model):
     """The name the certificate must carry; default ``host``."""
     username: str
     auth: Literal["password", "oauth2"] = "password"
-    auth_mechanism: Literal["auto", "user", "plain", "login", "apop", "xoauth2", "oauthbearer"] = (
-        "auto"
-    )
-    """auto: the best the server offers (SASL PLAIN, then USER/PASS; for oauth2
-    XOAUTH2, then OAUTHBEARER). APOP is used only when asked for."""
+    auth_mechanism: Literal[
+        "auto",
+        "user",
+        "plain",
+        "login",
+        "apop",
+        "scram-sha-256",
+        "scram-sha-1",
+        "xoauth2",
+        "oauthbearer",
+    ] = "auto"
+    """auto: SASL PLAIN if offered, else USER/PASS (for oauth2 XOAUTH2, then
+    OAUTHBEARER). APOP and SCRAM are used only when asked for: a server may offer
+    SCRAM for users whose stored hash cannot serve it (popbox and Dovecot do), and
+    auto must not turn a working login into a failing one. ``scram-sha-256`` binds
+    to the TLS channel (SCRAM-SHA-256-PLUS) whenever the server offers it; SCRAM
+    never sends the password, so it needs no TLS for that."""
     password_env: str | None = None
     password_file: ConfigPath | None = None
     password_command: str | None = None
@@ -502,7 +514,8 @@ class AccountSettings(_Model):
                 raise ValueError(f"auth_mechanism {self.auth_mechanism} needs auth = oauth2")
             if self.password_source() is None:
                 raise ValueError("set one of password_env, password_file, password_command")
-            if self.security == "none" and not self.allow_plaintext_password:
+            scram = self.auth_mechanism.startswith("scram-")
+            if self.security == "none" and not self.allow_plaintext_password and not scram:
                 raise ValueError(
                     'a password over security = "none" needs allow_plaintext_password = true'
                 )

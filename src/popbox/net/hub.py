@@ -19,7 +19,7 @@ from popbox.net.broker import LoginBroker
 from popbox.net.limits import AuthPenalty
 from popbox.net.sasl import Mechanisms
 from popbox.net.tls import TlsLayer
-from popbox.proto.sasl import MECHANISMS
+from popbox.proto.sasl import CORE_MECHANISMS
 from popbox.proto.server import ServerSettings
 from popbox.store.base import MailStore
 
@@ -56,10 +56,20 @@ class SessionHub:
         ssl_context: ssl.SSLContext | None,
         mechanisms: Mechanisms | None = None,
     ) -> None:
-        """``mechanisms`` are the SASL mechanisms the glue runs (net.sasl), offered
-        before PLAIN and LOGIN, which the protocol core runs itself."""
+        """``mechanisms`` are the SASL mechanisms the glue runs (net.sasl). Offered are
+        those of ``auth.mechanisms``, in its order, that the core runs (PLAIN, LOGIN)
+        or ``mechanisms`` has; without ``mechanisms`` only the core's are offered, and
+        one listed but not among those given is logged and left out."""
         self.config = config
         self.mechanisms: Mechanisms = dict(mechanisms or {})
+        offered = tuple(
+            name
+            for name in config.auth.mechanisms
+            if name in CORE_MECHANISMS or name in self.mechanisms
+        )
+        if mechanisms is not None and len(offered) < len(config.auth.mechanisms):
+            missing = ", ".join(n for n in config.auth.mechanisms if n not in offered)
+            log.warning("auth.mechanisms: %s not set up for this service, not offered", missing)
         # RFC 5929 tls-server-end-point: the certificate every TLS session presents.
         self.server_certificate = (
             _certificate_der(config.tls_cert_path()) if ssl_context is not None else None
@@ -72,7 +82,7 @@ class SessionHub:
             self.settings = ServerSettings(
                 implementation=config.pop3.implementation,
                 apop_enabled=config.pop3.apop,
-                mechanisms=(*self.mechanisms, *MECHANISMS),
+                mechanisms=offered,
                 hostname=config.hostname,
                 max_command_line=config.limits.max_command_line,
                 max_sasl_line=config.limits.max_sasl_line,
