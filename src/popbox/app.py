@@ -239,22 +239,24 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     ``sweep``: this process also runs the mailbox sweeper (one process of the server
     does, see ``WorkerSupervisor``).
     """
+    from popbox.auth.base import UserDirectory
     from popbox.backends import build_hasher, build_passdb, build_store
     from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
     from popbox.mailboxes import MailboxSweeper, stop_task
     from popbox.net.service import Pop3Service
 
-    store = build_store(config)
     hasher = build_hasher(config)
     passdb = build_passdb(config, hasher=hasher)
+    store = build_store(config, passdb)
     pop3 = Pop3Service(config, store, passdb, listeners.ssl_context)
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
     if listeners.lmtp:
         lmtp_service = LmtpService(config, Deliverer(config, store, passdb))
         await lmtp_service.start(sockets=listeners.lmtp)
-    sweeper = MailboxSweeper(config, store).start() if sweep else None
+    users = passdb if isinstance(passdb, UserDirectory) else None
+    sweeper = MailboxSweeper(config, store, users=users).start() if sweep else None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
