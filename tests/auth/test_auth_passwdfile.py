@@ -154,9 +154,11 @@ async def test_restricted_users_pass_verify_and_carry_their_fields_to_the_broker
     assert closed.extra["reason"] == "Moved to the new server, see the intranet"
     assert await db.verify("closed", "wrong") is None
     netlimited = await db.verify("netlimited", "secret")
-    assert netlimited is not None and netlimited.extra["allow_nets"] == "10.0.0.0/8"
+    assert netlimited is not None
+    assert netlimited.extra["allow_nets"] == "10.0.0.0/8"
     anypw = await db.verify("anypw", "whatever was typed")
-    assert anypw is not None and anypw.extra["allow_nets"] == "127.0.0.0/8"
+    assert anypw is not None
+    assert anypw.extra["allow_nets"] == "127.0.0.0/8"
 
 
 async def test_a_plain_password_is_no_apop_secret(write_passwd: WritePasswd) -> None:

@@ -1,4 +1,4 @@
-"""An in-memory user database for tests: plaintext passwords in a dict."""
+"""An in-memory user database for tests: plaintext passwords (and APOP secrets) in dicts."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ class MemoryPassDB:
         self,
         passwords: Mapping[str, str],
         records: Mapping[str, UserRecord] | None = None,
+        apop_secrets: Mapping[str, str] | None = None,
     ) -> None:
+        """``apop_secrets``: the users' APOP secrets (none by default: no APOP)."""
         self._passwords = dict(passwords)
         self._records = dict(records or {})
+        self._apop_secrets = dict(apop_secrets or {})
 
     def set_password(self, username: str, password: str) -> None:
         self._passwords[username] = password
@@ -44,4 +47,4 @@ class MemoryPassDB:
         return self._record(username) if username in self._passwords else None
 
     async def plaintext_secret(self, username: str) -> str | None:
-        return self._passwords.get(username)
+        return self._apop_secrets.get(username) if username in self._passwords else None
