@@ -555,7 +555,8 @@ def user_show(config_path: Path | None, name: str) -> None:
         + [f"{_human(usage.octets)}/{_human(quota_octets)}"] * bool(quota_octets)
     )
     console.print(f"user {name}")
-    console.print(f"  maildir: {_maildir_of(config, name)}")
+    # A path is printed whole, to be copied: never wrapped at the terminal's width.
+    console.print(f"  maildir: {_maildir_of(config, name)}", soft_wrap=True)
     console.print(
         f"  mail: {usage.messages} message{'s' * (usage.messages != 1)}, "
         f"{_human(usage.octets)}; quota: {quota or 'none'}"

@@ -17,7 +17,16 @@ from popbox.auth.memory import MemoryPassDB
 from popbox.net.service import Pop3Service
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
-from support.pop3service import APOP_SECRET, MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
+from support.pop3service import (
+    APOP_SECRET,
+    MESSAGES,
+    PASSWORD,
+    Connect,
+    Raw,
+    Server,
+    StartServer,
+    make_config,
+)
 
 _HERE = Path(__file__).parent
 

@@ -14,8 +14,8 @@ from popbox.store.base import Maildrop, MessageInfo, WireReadyFile
 from popbox.store.mailbox import DEFAULT_VIEW, MailboxView
 from popbox.store.memory import MemoryStore
 from support.pop3service import (
-    MESSAGES,
     APOP_SECRET,
+    MESSAGES,
     PASSWORD,
     Connect,
     Raw,

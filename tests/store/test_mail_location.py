@@ -27,7 +27,7 @@ def expand(text: str, user: str, home: str = "") -> Path:
 @pytest.mark.parametrize(
     ("location", "user", "home", "expected"),
     [
-        ("maildir:/vmail/%d/%n/Maildir", "alice@example.org", "", "/vmail/example.org/alice/Maildir"),
+        ("maildir:/vmail/%d/%n/Maildir", "alice@example.org", "", "/vmail/example.org/alice/Maildir"),  # noqa: E501
         ("/vmail/%{domain}/%{username}", "alice@example.org", "", "/vmail/example.org/alice"),
         ("maildir:/srv/mail/%u", "alice@example.org", "", "/srv/mail/alice@example.org"),
         ("maildir:/srv/mail/%{user}", "bob", "", "/srv/mail/bob"),
@@ -59,7 +59,7 @@ def test_dovecot_variables(location: str, user: str, home: str, expected: str) -
 def test_what_popbox_cannot_read_is_refused_naming_the_setting(
     location: str, message: str
 ) -> None:
-    with pytest.raises(ValueError, match="^test: ") as caught:
+    with pytest.raises(ValueError, match=r"^test: ") as caught:
         parse_location(location, source="test")
     assert message in str(caught.value)
 
@@ -92,7 +92,7 @@ def test_the_users_own_field_wins_and_a_changed_home_moves_the_maildir(tmp_path:
     locations = UserLocations(homes.get, default=default, root=tmp_path)
     assert locations.maildir("alice@example.org") == Path("/var/vmail/example.org/alice/Maildir")
     assert locations.maildir("bob") == Path("/home/bob/Mail")
-    with pytest.raises(PermanentStoreError, match="carol.*has no domain"):
+    with pytest.raises(PermanentStoreError, match=r"carol.*has no domain"):
         locations.maildir("carol")
     homes["bob"] = UserHome(home="/home/robert", mail="maildir:~/Mail")
     assert locations.maildir("bob") == Path("/home/robert/Mail")
