@@ -146,7 +146,9 @@ def _hand_over(config: Config, uid: int, gid: int) -> None:
 
     Root-owned entries (left by ``popbox serve``'s first run or ``popbox user add`` run
     as root) would be unusable after the switch: data_dir, maildir_root, each user's
-    Maildir with its cur/new/tmp and index, are handed to uid:gid. Message files are
+    Maildir under it with its cur/new/tmp and index, are handed to uid:gid (Maildirs
+    that ``storage.mail_location`` puts elsewhere must belong to that user already,
+    as Dovecot requires of them). Message files are
     not walked (there may be millions): deliveries must run as the server's user (see
     docs/security.md). The passwd file stays root's and becomes readable by ``gid``
     (mode 0640), so a compromised server still cannot add users or change passwords.
@@ -171,15 +173,17 @@ def _hand_over(config: Config, uid: int, gid: int) -> None:
                 with os.scandir(user.path) as parts:
                     for part in parts:
                         hand(part.path)
-    passwd = config.auth.passwd_file
-    try:
-        info = os.stat(passwd)
-    except FileNotFoundError:
-        return
-    readable = info.st_gid == gid and info.st_mode & stat.S_IRGRP
-    if info.st_uid == 0 and not readable:
-        os.chown(passwd, 0, gid)
-        os.chmod(passwd, (stat.S_IMODE(info.st_mode) | stat.S_IRGRP) & ~stat.S_IWGRP)
+    # The side file of app passwords and APOP secrets is handed over as the passwd
+    # file is: readable by the server, writable by root alone.
+    for passwd in (config.auth.passwd_file, config.auth.credentials_path()):
+        try:
+            info = os.stat(passwd)
+        except FileNotFoundError:
+            continue
+        readable = info.st_gid == gid and info.st_mode & stat.S_IRGRP
+        if info.st_uid == 0 and not readable:
+            os.chown(passwd, 0, gid)
+            os.chmod(passwd, (stat.S_IMODE(info.st_mode) | stat.S_IRGRP) & ~stat.S_IWGRP)
 
 
 @dataclass
