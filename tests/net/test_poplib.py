@@ -201,3 +201,27 @@ def _read_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+async def test_a_user_in_another_script_logs_in_after_utf8(start_server: StartServer) -> None:
+    # RFC 6856: CAPA says UTF8 USER; poplib's utf8() sends UTF8, then the name goes as
+    # UTF-8 (decomposed here, as some keyboards send it: the server compares in NFC).
+    server = await start_server(users={"jos\u00e9": {}})
+    await server.store.deliver("jos\u00e9", b"Subject: hola\r\n\r\nbody\r\n")
+
+    def session() -> tuple[dict[str, list[str]], bytes, int]:
+        client = poplib.POP3(*server.plain, timeout=10)
+        client.encoding = "utf-8"
+        capabilities = client.capa()
+        utf8 = client.utf8()
+        client.user("jose\u0301")
+        client.pass_(PASSWORD)
+        count, _ = client.stat()
+        client.quit()
+        return capabilities, utf8, count
+
+    capabilities, utf8, count = await asyncio.to_thread(session)
+    assert capabilities["UTF8"] == ["USER"]
+    assert "LANG" in capabilities
+    assert utf8.startswith(b"+OK")
+    assert count == 1

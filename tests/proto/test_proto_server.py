@@ -16,6 +16,7 @@ from popbox.proto.events import (
     ConnectionClosed,
     Flush,
     LoginRequest,
+    SaslExchange,
     StartTls,
 )
 from popbox.proto.server import OUTPUT_HIGH_WATER, ServerSettings
@@ -32,6 +33,8 @@ BASE_CAPABILITIES = [
     "PIPELINING",
     "EXPIRE NEVER",
     "IMPLEMENTATION popbox",
+    "UTF8 USER",
+    "LANG",
 ]
 
 
@@ -76,6 +79,8 @@ def test_capa_in_transaction_omits_login_capabilities() -> None:
         "PIPELINING",
         "EXPIRE 30",
         "IMPLEMENTATION popbox-test",
+        "UTF8 USER",
+        "LANG",
     ]
 
 
@@ -561,3 +566,99 @@ def test_uidls_given_by_their_template_list_exactly_as_the_strings(
     shared = Columns(Templated(template, uids), sizes, checked=True)
     assert session_output(shared, commands) == plain
     assert session_output(shared, commands) == plain
+
+
+# -- SASL mechanisms the glue runs ---------------------------------------------------
+
+GLUE_MECHANISMS = ServerSettings(mechanisms=("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "XOAUTH2"))
+
+
+def test_capa_lists_each_mechanism_where_it_may_run() -> None:
+    plain = Glue(connect(GLUE_MECHANISMS, plaintext_auth_allowed=False))
+    assert capabilities(plain)[-1] == "SASL SCRAM-SHA-256"
+    assert plain.send(b"AUTH\r\n") == b"+OK Available mechanisms\r\nSCRAM-SHA-256\r\n.\r\n"
+    plain.send(b"STLS\r\n")
+    assert capabilities(plain)[-1] == "SASL SCRAM-SHA-256-PLUS SCRAM-SHA-256 XOAUTH2"
+
+
+def test_a_channel_bound_mechanism_is_refused_without_tls() -> None:
+    glue = Glue(connect(GLUE_MECHANISMS))
+    reply = glue.send(b"AUTH SCRAM-SHA-256-PLUS\r\n")
+    assert reply == b"-ERR [AUTH] Channel binding needs TLS.\r\n"
+    strict = Glue(connect(GLUE_MECHANISMS, plaintext_auth_allowed=False))
+    reply = strict.send(b"AUTH XOAUTH2 dA==\r\n")
+    assert reply.startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+
+
+def test_an_exchange_the_glue_runs_goes_step_by_step_to_a_login() -> None:
+    glue = Glue(connect(GLUE_MECHANISMS), messages=[b"x\n"])
+    assert glue.send(b"AUTH SCRAM-SHA-256\r\n") == b"+ V2hvIGFyZSB5b3U/\r\n"
+    assert glue.events[-2] == SaslExchange("SCRAM-SHA-256", None, first=True)
+    reply = glue.send(b"bXJvc2UgdGFuc3RhYWY=\r\n")  # "mrose tanstaaf"
+    assert reply.startswith(b"+OK Logged in, 1 messages")
+    assert SaslExchange("SCRAM-SHA-256", b"mrose tanstaaf", first=False) in glue.events
+    assert glue.conn.state is SessionState.TRANSACTION
+
+
+def test_an_exchange_the_glue_runs_with_an_initial_response() -> None:
+    glue = Glue(connect(GLUE_MECHANISMS))
+    reply = glue.send(b"AUTH SCRAM-SHA-256 bXJvc2UgdGFuc3RhYWY=\r\n")
+    assert reply.startswith(b"+OK Logged in")
+    assert SaslExchange("SCRAM-SHA-256", b"mrose tanstaaf", first=True) in glue.events
+
+
+def test_a_failed_or_cancelled_exchange_counts_as_the_core_counts_its_own() -> None:
+    glue = Glue(connect(GLUE_MECHANISMS))
+    assert glue.send(b"AUTH SCRAM-SHA-256\r\n*\r\n").endswith(b"-ERR Authentication cancelled.\r\n")
+    assert glue.conn.state is SessionState.AUTHORIZATION
+    for _ in range(2):
+        reply = glue.send(b"AUTH SCRAM-SHA-256 bXJvc2Ugd3Jvbmc=\r\n")  # "mrose wrong"
+        assert reply == b"-ERR [AUTH] Authentication failed.\r\n"
+    reply = glue.send(b"AUTH SCRAM-SHA-256\r\n!!!\r\n")
+    assert reply.endswith(b"-ERR [AUTH] Invalid base64 data.\r\n")
+    assert glue.closed  # the third failure ends the session, as for PLAIN
+
+
+def test_a_glue_run_response_is_bounded_like_any_sasl_line() -> None:
+    glue = Glue(connect(GLUE_MECHANISMS))
+    glue.send(b"AUTH SCRAM-SHA-256\r\n")
+    reply = glue.send(b"A" * (ServerSettings().max_sasl_line + 10) + b"\r\n")
+    assert reply == b"-ERR [AUTH] SASL response too long.\r\n"
+    assert glue.send(b"NOOP\r\n") == b"-ERR NOOP is not allowed now.\r\n"
+
+
+def test_mechanism_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="SASL mechanism name"):
+        ServerSettings(mechanisms=("scram-sha-256",))
+    with pytest.raises(ValueError, match="twice"):
+        ServerSettings(mechanisms=("PLAIN", "PLAIN"))
+
+
+# -- UTF-8 and languages (RFC 6856) ---------------------------------------------------
+
+
+def test_utf8_is_accepted_before_login_only() -> None:
+    glue = Glue(connect(), users={"jos\u00e9": "s\u00e9same"}, messages=[b"x\n"])
+    assert glue.send(b"UTF8\r\n") == b"+OK UTF8 enabled.\r\n"
+    assert glue.conn.utf8
+    glue.send("USER jos\u00e9\r\nPASS s\u00e9same\r\n".encode())
+    assert glue.conn.state is SessionState.TRANSACTION
+    assert glue.send(b"UTF8\r\n") == b"-ERR UTF8 is not allowed now.\r\n"
+
+
+def test_user_names_are_compared_in_nfc() -> None:
+    # "jose" + COMBINING ACUTE ACCENT is the same name as the precomposed one.
+    glue = Glue(connect(), users={"jos\u00e9": "pw"}, messages=[b"x\n"])
+    reply = glue.send("USER jose\u0301\r\nPASS pw\r\n".encode())
+    assert reply.endswith(b"+OK Logged in, 1 messages (3 octets).\r\n")
+
+
+def test_lang_lists_and_selects_languages_in_both_states() -> None:
+    glue = Glue(connect(), messages=[b"x\n"])
+    assert glue.send(b"LANG\r\n") == b"+OK Language listing follows\r\nen English\r\n.\r\n"
+    assert glue.send(b"LANG en-GB\r\n") == b"+OK en Language is now English.\r\n"
+    assert glue.send(b"LANG *\r\n") == b"+OK en Language is now English.\r\n"
+    assert glue.send(b"LANG fr\r\n") == b"-ERR Language not supported.\r\n"
+    assert glue.send(b"LANG en_US\r\n") == b"-ERR LANG takes one language range\r\n"
+    glue.send(b"USER mrose\r\nPASS tanstaaf\r\n")
+    assert glue.send(b"LANG i-default\r\n") == b"+OK en Language is now English.\r\n"

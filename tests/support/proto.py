@@ -15,6 +15,7 @@ from popbox.proto.events import (
     LoginRequest,
     Quit,
     Retrieve,
+    SaslExchange,
     StartTls,
 )
 from popbox.proto.sasl import apop_digest
@@ -92,6 +93,18 @@ class Glue:
                 conn.login_failed(*self.refusal)
             else:
                 conn.login_succeeded(self.infos(), **self.user_values)
+            return b""
+        if isinstance(event, SaslExchange):
+            # A two-step mechanism the glue runs: "user password" after a prompt, or
+            # at once as the initial response.
+            if event.data is None or event.data == b"":
+                conn.sasl_challenge(b"Who are you?")
+            else:
+                name, _, password = event.data.decode().partition(" ")
+                if self.users.get(name) == password:
+                    conn.login_succeeded(self.infos(), **self.user_values)
+                else:
+                    conn.login_failed("AUTH", "Authentication failed.")
             return b""
         if isinstance(event, StartTls):
             conn.tls_established()

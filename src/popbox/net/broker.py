@@ -38,12 +38,14 @@ from popbox.net.limits import AuthPenalty
 from popbox.net.login import (
     TEXT_AUTH_FAILED,
     TEXT_AUTH_UNAVAILABLE,
+    LoginEvent,
+    VerifiedLogin,
     authenticate,
     fail_slowly,
 )
 from popbox.net.login_names import LoginGrammar
 from popbox.net.login_target import read_login
-from popbox.proto.events import ApopRequest, LoginRequest
+from popbox.proto.events import LoginRequest
 from popbox.proto.replies import (
     CODE_AUTH,
     CODE_IN_USE,
@@ -127,9 +129,30 @@ class LoginBroker:
         # Sessions per mailbox user, for users with at least one.
         self.per_user: dict[str, int] = {}
 
+    async def login_owner(self, text: str, authzid: str = "") -> str | None:
+        """The user whose credentials the login name ``text`` (with SASL's ``authzid``)
+        must prove, as ``log_in`` will read it; None when it can be no login.
+        AuthError when the database cannot be asked."""
+        name, _ = await read_login(self._grammar, self._passdb, LoginRequest(text, "", "", authzid))
+        return name.login if name is not None else None
+
+    async def serve_penalty(self, ip: str) -> None:
+        """Wait out ``ip``'s penalty for failed logins (before any credential work)."""
+        penalty = self._penalty.delay(ip)
+        if penalty > 0:
+            await asyncio.sleep(penalty)
+
+    async def refuse(self, ip: str, code: str, *, failure_delay: bool = True) -> None:
+        """A login that failed outside ``log_in`` (a SASL exchange): a wrong guess
+        (``code`` AUTH) waits the failure delay and counts against ``ip``."""
+        if code == CODE_AUTH:
+            if failure_delay:
+                await fail_slowly(self._limits.auth_failure_delay)
+            self._penalty.failed(ip)
+
     async def log_in(
         self,
-        event: LoginRequest | ApopRequest,
+        event: LoginEvent,
         *,
         ip: str,
         session_id: str,
@@ -143,10 +166,10 @@ class LoginBroker:
         it back with ``release_user`` when the session ends.
         """
         limits = self._limits
-        penalty = self._penalty.delay(ip)
-        if penalty > 0:
-            # Before the check, so a penalised address costs no hashing either.
-            await asyncio.sleep(penalty)
+        # Before the check, so a penalised address costs no hashing either (a SASL
+        # exchange the glue ran has served it before its first step).
+        if not isinstance(event, VerifiedLogin):
+            await self.serve_penalty(ip)
         try:
             name, mailbox = await read_login(self._grammar, self._passdb, event)
         except AuthError as exc:
@@ -166,11 +189,16 @@ class LoginBroker:
             real_ip = ip
         refusal = login_refusal(outcome.record.extra, ip=ip, real_ip=real_ip)
         if refusal is not None:
-            return await self._refuse(outcome.record, refusal, ip, session_id)
+            return await self._refuse_restricted(outcome.record, refusal, ip, session_id)
         if outcome.record.credential is not None:
             log.info(
                 "session=%s login=%s with app password %s",
                 session_id, login, outcome.record.credential,
+            )
+        elif isinstance(event, VerifiedLogin) and event.credential:
+            log.info(
+                "session=%s login=%s by %s with %s",
+                session_id, login, event.mechanism, event.credential,
             )
         if name.shared:
             if mailbox is None or login not in self._mailbox.shared_with(mailbox.extra):
@@ -197,7 +225,7 @@ class LoginBroker:
         )
         return await self._open(user, login, view, session_id)
 
-    async def _refuse(
+    async def _refuse_restricted(
         self, record: UserRecord, refusal: LoginRefusal, ip: str, session_id: str
     ) -> Refused:
         """Refuse a right password that the user's extra fields do not let in."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import ssl
+from pathlib import Path
 from typing import Protocol
 
 from popbox.auth.base import PassDB
@@ -15,11 +17,15 @@ from popbox.errors import ConfigError
 from popbox.net.announce import Announcement, Announcer
 from popbox.net.broker import LoginBroker
 from popbox.net.limits import AuthPenalty
+from popbox.net.sasl import Mechanisms
 from popbox.net.tls import TlsLayer
+from popbox.proto.sasl import MECHANISMS
 from popbox.proto.server import ServerSettings
 from popbox.store.base import MailStore
 
 __all__ = ["LiveSession", "SessionHub"]
+
+log = logging.getLogger("popbox.pop3")
 
 
 class LiveSession(Protocol):
@@ -48,8 +54,16 @@ class SessionHub:
         store: MailStore,
         passdb: PassDB,
         ssl_context: ssl.SSLContext | None,
+        mechanisms: Mechanisms | None = None,
     ) -> None:
+        """``mechanisms`` are the SASL mechanisms the glue runs (net.sasl), offered
+        before PLAIN and LOGIN, which the protocol core runs itself."""
         self.config = config
+        self.mechanisms: Mechanisms = dict(mechanisms or {})
+        # RFC 5929 tls-server-end-point: the certificate every TLS session presents.
+        self.server_certificate = (
+            _certificate_der(config.tls_cert_path()) if ssl_context is not None else None
+        )
         self.ssl_context = ssl_context
         # Made inside the loop (Pop3Service.start); sessions take it from here, as
         # get_running_loop() costs a getpid() syscall per call on Python 3.11.
@@ -58,6 +72,7 @@ class SessionHub:
             self.settings = ServerSettings(
                 implementation=config.pop3.implementation,
                 apop_enabled=config.pop3.apop,
+                mechanisms=(*self.mechanisms, *MECHANISMS),
                 hostname=config.hostname,
                 max_command_line=config.limits.max_command_line,
                 max_sasl_line=config.limits.max_sasl_line,
@@ -131,3 +146,19 @@ class SessionHub:
         self.sessions.discard(session)
         if not self.sessions:
             self.all_ended.set()
+
+
+def _certificate_der(path: Path) -> bytes | None:
+    """The first certificate of a PEM file, as DER; None (logged) if it cannot be read,
+    which leaves channel binding to tls-server-end-point unavailable."""
+    try:
+        pem = path.read_text(encoding="ascii")
+        end = pem.index(_PEM_END) + len(_PEM_END)
+        return ssl.PEM_cert_to_DER_cert(pem[pem.index(_PEM_BEGIN) : end])
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the certificate %s for channel binding: %s", path, exc)
+        return None
+
+
+_PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_END = "-----END CERTIFICATE-----"

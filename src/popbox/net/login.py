@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import logging
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from popbox.auth.base import PassDB, UserRecord
 from popbox.errors import AuthError
@@ -23,6 +23,8 @@ __all__ = [
     "TEXT_AUTH_FAILED",
     "TEXT_AUTH_UNAVAILABLE",
     "AuthOutcome",
+    "LoginEvent",
+    "VerifiedLogin",
     "authenticate",
     "fail_slowly",
 ]
@@ -34,6 +36,21 @@ TEXT_AUTH_FAILED: Final = "Authentication failed."
 TEXT_AUTH_UNAVAILABLE: Final = "Authentication is temporarily unavailable, try again later."
 # APOP for an unknown user is compared against this so the work matches a real check.
 _UNKNOWN_USER_SECRET: Final = "\0no such user\0"  # noqa: S105 - never matches a digest
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedLogin:
+    """A login whose credentials a glue-run SASL mechanism (net.sasl) has checked:
+    only the user's record is left to look up."""
+
+    username: str
+    mechanism: str
+    authzid: str = ""
+    credential: str = ""
+    """What proved it, for the log ("" for the password itself)."""
+
+
+LoginEvent: TypeAlias = LoginRequest | ApopRequest | VerifiedLogin
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +73,7 @@ class AuthOutcome:
 
 async def authenticate(
     passdb: PassDB,
-    event: LoginRequest | ApopRequest,
+    event: LoginEvent,
     *,
     failure_delay: float,
     session_id: str,
@@ -70,6 +87,9 @@ async def authenticate(
     try:
         if isinstance(event, ApopRequest):
             record = await _verify_apop(passdb, event)
+        elif isinstance(event, VerifiedLogin):
+            # The mechanism checked the credentials; a user gone since is refused.
+            record = await passdb.lookup(event.username)
         else:
             record = await passdb.verify(event.username, event.password)
     except AuthError as exc:

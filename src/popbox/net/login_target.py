@@ -12,20 +12,21 @@ from __future__ import annotations
 
 from popbox.auth.base import PassDB, UserRecord
 from popbox.errors import InvalidUsername
+from popbox.net.login import LoginEvent, VerifiedLogin
 from popbox.net.login_names import LoginGrammar, LoginName
-from popbox.proto.events import ApopRequest, LoginRequest
+from popbox.proto.events import LoginRequest
 
 __all__ = ["read_login"]
 
 
 async def read_login(
-    grammar: LoginGrammar, passdb: PassDB, event: LoginRequest | ApopRequest
+    grammar: LoginGrammar, passdb: PassDB, event: LoginEvent
 ) -> tuple[LoginName | None, UserRecord | None]:
     """The login's reading (None: it can be no login) and, for a member's login, the
     shared mailbox's user (None if there is none). AuthError if the database cannot
     be asked."""
     text = event.username
-    if isinstance(event, LoginRequest) and event.authzid:
+    if isinstance(event, LoginRequest | VerifiedLogin) and event.authzid:
         # RFC 4616's authzid: the mailbox to open as the member ``username``, which is
         # what MAILBOX*MEMBER says, and nothing when shared logins are off.
         separator = grammar.master_separator

@@ -20,6 +20,7 @@ from popbox.config import Config, parse_listen
 from popbox.errors import ConfigError
 from popbox.net.hub import SessionHub
 from popbox.net.proxy import ProxyAddress, ProxyHeaderReader
+from popbox.net.sasl import Mechanisms
 from popbox.net.session import Pop3Session
 from popbox.net.tls import TlsLayer
 from popbox.store.base import MailStore
@@ -105,9 +106,12 @@ class Pop3Service:
         store: MailStore,
         passdb: PassDB,
         ssl_context: ssl.SSLContext | None,
+        mechanisms: Mechanisms | None = None,
     ) -> None:
+        """``mechanisms``: the SASL mechanisms the glue runs (net.sasl)."""
         self._config = config
         self._ssl_context = ssl_context
+        self._mechanisms = mechanisms
         self._store = store
         self._passdb = passdb
         self._hub: SessionHub | None = None
@@ -145,7 +149,9 @@ class Pop3Service:
             raise RuntimeError("Pop3Service already started")
         try:
             # First, so that a bad setting fails before any socket is bound.
-            hub = SessionHub(self._config, self._store, self._passdb, self._ssl_context)
+            hub = SessionHub(
+                self._config, self._store, self._passdb, self._ssl_context, self._mechanisms
+            )
         except BaseException:
             for sock in [*(sockets or []), *(tls_sockets or [])]:
                 sock.close()

@@ -13,6 +13,8 @@ STLS), each through the object that does that one job. Rules it keeps:
   ``login_timeout`` since the last complete command, after login ``idle_timeout``;
   a client that stops reading our output counts as idle too.
 * STLS discards every byte received before the handshake (net.starttls).
+* A SASL mechanism the core hands over (SCRAM, bearer tokens) runs step by step in
+  a ``ServerMechanism`` from the hub (net.sasl); its end is a login like any other.
 * Anything but QUIT in TRANSACTION releases the maildrop without deleting.
 """
 
@@ -30,7 +32,9 @@ from popbox.net.broker import Refused
 from popbox.net.flow import FlowControl
 from popbox.net.hub import SessionHub
 from popbox.net.log import EndReason, SessionStats, next_session_id
+from popbox.net.login import TEXT_AUTH_UNAVAILABLE, LoginEvent, VerifiedLogin
 from popbox.net.outlet import TransportOutlet
+from popbox.net.sasl import Continue, Rejected, SaslContext, ServerMechanism
 from popbox.net.starttls import TlsUpgrade
 from popbox.net.transaction import BodyInterrupted, TransactionStage
 from popbox.net.watchdog import Watchdog
@@ -44,6 +48,7 @@ from popbox.proto.events import (
     LoginRequest,
     Quit,
     Retrieve,
+    SaslExchange,
     StartTls,
 )
 from popbox.proto.replies import CODE_SYS_TEMP, err
@@ -83,6 +88,7 @@ class Pop3Session(asyncio.Protocol):
         "_hub",
         "_ip",
         "_loop",
+        "_mechanism",
         "_outlet",
         "_peer",
         "_pre_auth",
@@ -117,6 +123,8 @@ class Pop3Session(asyncio.Protocol):
         # The user whose session slot this session holds (max_sessions_per_user).
         self._user_slot: str | None = None
         self._task: asyncio.Task[None] | None = None
+        # The SASL exchange the glue runs, between its steps.
+        self._mechanism: ServerMechanism | None = None
         # While STLS switches to TLS (see net.starttls).
         self._upgrade: TlsUpgrade | None = None
         self._closing = False
@@ -260,6 +268,8 @@ class Pop3Session(asyncio.Protocol):
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, _LOGIN_EVENTS):
             self._spawn(self._login(conn, event))
+        elif isinstance(event, SaslExchange):
+            self._spawn(self._sasl(conn, event))
         elif isinstance(event, Retrieve):
             self._spawn(self._retrieve(conn, event))
         elif isinstance(event, Quit):
@@ -299,7 +309,46 @@ class Pop3Session(asyncio.Protocol):
 
     # -- the stages -----------------------------------------------------------------
 
-    async def _login(self, conn: ServerConnection, event: LoginRequest | ApopRequest) -> None:
+    async def _sasl(self, conn: ServerConnection, event: SaslExchange) -> None:
+        """One step of a glue-run SASL exchange; its end is a login like any other."""
+        hub = self._hub
+        broker = hub.broker
+        if event.first:
+            factory = hub.mechanisms.get(event.mechanism)
+            if factory is None:  # offered by settings that were not built: our fault
+                conn.login_failed(CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
+                return
+            await broker.serve_penalty(self._ip)
+            transport = self._flow.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            context = SaslContext(
+                self._stats.session_id,
+                self._ip,
+                broker.login_owner,
+                ssl_object if self._stats.tls else None,
+                hub.server_certificate if self._stats.tls else None,
+            )
+            self._mechanism = factory(context)
+        mechanism = self._mechanism
+        if mechanism is None:  # the core starts every exchange with a first step
+            raise RuntimeError(f"SASL step without an exchange: {event!r}")
+        reply = await mechanism.step(event.data)
+        if isinstance(reply, Continue):
+            conn.sasl_challenge(reply.challenge)
+            return
+        self._mechanism = None
+        if isinstance(reply, Rejected):
+            log.info(
+                "session=%s %s login failed: %s",
+                self._stats.session_id, event.mechanism, reply.reason,
+            )  # fmt: skip
+            await broker.refuse(self._ip, reply.code)
+            conn.login_failed(reply.code, reply.text)
+            return
+        verified = VerifiedLogin(reply.username, event.mechanism, reply.authzid, reply.credential)
+        await self._login(conn, verified)
+
+    async def _login(self, conn: ServerConnection, event: LoginEvent) -> None:
         login = await self._hub.broker.log_in(event, ip=self._ip, session_id=self._stats.session_id)
         if isinstance(login, Refused):
             conn.login_failed(login.code, login.text)

@@ -1,4 +1,5 @@
-"""One POP3 command line -> one ``Command`` or a ``BadCommand`` (RFC 1939, 2449, 5034).
+"""One POP3 command line -> one ``Command`` or a ``BadCommand`` (RFC 1939, 2449, 5034,
+6856).
 
 The parser never raises: any byte string comes back as a command or as the reason it
 is not one, which the server turns into ``-ERR``. It checks only grammar; whether a
@@ -8,6 +9,7 @@ command is allowed now, and whether a message number exists, is the server's bus
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import dataclass
 from typing import Final, NewType
 
@@ -32,6 +34,9 @@ HUGE_NUMBER: Final = 10**_MAX_DIGITS
 # extensions; anything longer is garbage, not an unknown extension.
 _MAX_KEYWORD: Final = 40
 _ASCII_DIGITS: Final = frozenset(b"0123456789")
+# RFC 4647 section 2.1: a basic range is subtags of up to 8 characters; 64 covers
+# every registered tag with its extensions (RFC 5646 section 4.4.1 suggests 35).
+_MAX_LANGUAGE_RANGE: Final = 64
 _KEYWORD_OCTETS: Final = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_0123456789"
 )
@@ -60,6 +65,8 @@ class Verb(enum.Enum):
     NOOP = "NOOP"
     RSET = "RSET"
     QUIT = "QUIT"
+    UTF8 = "UTF8"
+    LANG = "LANG"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +79,8 @@ class Command:
     lines: int | None = None
     """TOP: body lines wanted, clamped to HUGE_NUMBER."""
     name: str | None = None
-    """USER and APOP: the username; AUTH: the mechanism, upper-cased."""
+    """USER and APOP: the username (NFC, RFC 6856 section 2); AUTH: the mechanism,
+    upper-cased; LANG: the language range asked for (RFC 4647), as sent."""
     secret: str | None = None
     """PASS: the password (the rest of the line); APOP: the digest, lower-cased."""
     initial_response: bytes | None = None
@@ -109,6 +117,27 @@ def _text(raw: bytes) -> str | None:
     return text
 
 
+def _name(raw: bytes) -> str | None:
+    """A user name: UTF-8 text in Unicode NFC (RFC 6856 section 2 and RFC 5198), so
+    that a name typed on a keyboard that composes differently is the same name."""
+    text = _text(raw)
+    if text is None or text.isascii():
+        return text
+    return unicodedata.normalize("NFC", text)
+
+
+def _language_range(raw: bytes) -> str | None:
+    """``*`` or a basic language range (RFC 4647 section 2.1), or None."""
+    if raw == b"*":
+        return "*"
+    if len(raw) > _MAX_LANGUAGE_RANGE or not raw.isascii():
+        return None
+    parts = raw.decode("ascii").split("-")
+    if not all(0 < len(part) <= 8 and part.isalnum() for part in parts) or not parts[0].isalpha():
+        return None
+    return "-".join(parts)
+
+
 def _message_number(verb: Verb, arg: bytes) -> Command | BadCommand:
     number = _number(arg)
     if number is None:
@@ -117,7 +146,7 @@ def _message_number(verb: Verb, arg: bytes) -> Command | BadCommand:
 
 
 def _parse_args(verb: Verb, rest: bytes, args: list[bytes]) -> Command | BadCommand:
-    if verb in (Verb.STLS, Verb.CAPA, Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT):
+    if verb in (Verb.STLS, Verb.CAPA, Verb.STAT, Verb.NOOP, Verb.RSET, Verb.QUIT, Verb.UTF8):
         if args:
             return BadCommand(f"{verb.value} takes no arguments")
         return Command(verb)
@@ -140,10 +169,17 @@ def _parse_args(verb: Verb, rest: bytes, args: list[bytes]) -> Command | BadComm
         if lines is None:
             return BadCommand("Invalid line count")
         return Command(verb, number=MessageNumber(number), lines=lines)
+    if verb is Verb.LANG:
+        if not args:
+            return Command(verb)
+        language = _language_range(args[0]) if len(args) == 1 else None
+        if language is None:
+            return BadCommand("LANG takes one language range")
+        return Command(verb, name=language)
     if verb is Verb.USER:
         if len(args) != 1:
             return BadCommand("USER takes one name")
-        name = _text(args[0])
+        name = _name(args[0])
         if name is None:
             return BadCommand("Invalid user name")
         return Command(verb, name=name)
@@ -159,7 +195,7 @@ def _parse_args(verb: Verb, rest: bytes, args: list[bytes]) -> Command | BadComm
     if verb is Verb.APOP:
         if len(args) != 2:
             return BadCommand("APOP takes a name and a digest")
-        name = _text(args[0])
+        name = _name(args[0])
         digest = args[1].lower()
         if name is None:
             return BadCommand("Invalid user name")
@@ -183,7 +219,7 @@ def _parse_args(verb: Verb, rest: bytes, args: list[bytes]) -> Command | BadComm
 # per process. Only verbs without credentials or names are kept, and the cache is
 # emptied when full so that a client cycling through numbers cannot grow it.
 _CACHEABLE: Final = frozenset(
-    {"STAT", "NOOP", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "QUIT", "CAPA", "STLS"}
+    {"STAT", "NOOP", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "QUIT", "CAPA", "STLS", "UTF8"}
 )
 _CACHE_SIZE: Final = 4096
 _parsed: dict[bytes, Command] = {}

@@ -22,6 +22,7 @@ __all__ = [
     "NeedData",
     "Quit",
     "Retrieve",
+    "SaslExchange",
     "SnapshotIndex",
     "StartTls",
 ]
@@ -76,6 +77,24 @@ class ApopRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslExchange:
+    """One step of a SASL mechanism the glue runs, because it needs the user database
+    or a token verifier (SCRAM, OAUTHBEARER, XOAUTH2): ``data`` is the client's
+    decoded response, None when AUTH came without an initial response; ``first`` is
+    True for the step that starts an exchange.
+
+    The glue answers ``sasl_challenge(data)`` to send ``+ base64`` and wait for the
+    client's next response (another SaslExchange), or ends the exchange as a login
+    ends: ``login_succeeded`` or ``login_failed``. A client that cancels (``*``) ends
+    it without an event: the next ``first`` step starts afresh.
+    """
+
+    mechanism: str
+    data: bytes | None
+    first: bool
+
+
+@dataclass(frozen=True, slots=True)
 class StartTls:
     """STLS: write the queued ``+OK``, upgrade, then ``tls_established()``."""
 
@@ -114,6 +133,7 @@ Event: TypeAlias = (
     | Flush
     | LoginRequest
     | ApopRequest
+    | SaslExchange
     | StartTls
     | Retrieve
     | Quit

@@ -14,11 +14,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
 __all__ = [
+    "CORE_MECHANISMS",
     "MECHANISMS",
+    "PLAINTEXT_MECHANISMS",
     "Challenge",
     "Credentials",
     "LoginMechanism",
@@ -29,7 +32,9 @@ __all__ = [
     "apop_digest",
     "decode_challenge",
     "decode_response",
+    "is_mechanism_name",
     "login_responses",
+    "needs_channel_binding",
     "new_mechanism",
     "oauthbearer_response",
     "plain_response",
@@ -85,6 +90,11 @@ def _utf8(data: bytes) -> str | None:
         return None
 
 
+def _nfc(name: str) -> str:
+    """User names are compared in Unicode NFC (RFC 6856 section 2, RFC 5198)."""
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
+
+
 def _is_name(text: str) -> bool:
     """A user name may not carry control characters (they would reach logs and lookups)."""
     return bool(text) and not any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
@@ -129,6 +139,7 @@ class PlainMechanism:
             return SaslFailure("Invalid user name or empty password")
         if authzid and not _is_name(authzid):
             return SaslFailure("Invalid authorization identity")
+        authcid, authzid = _nfc(authcid), _nfc(authzid)
         return Credentials(authcid, passwd, "" if authzid == authcid else authzid)
 
 
@@ -155,16 +166,36 @@ class LoginMechanism:
         if self._username is None:
             if not _is_name(text):
                 return SaslFailure("Invalid user name")
-            self._username = text
+            self._username = _nfc(text)
             return Challenge(LOGIN_PASSWORD_PROMPT)
         if not text:
             return SaslFailure("Empty password")
         return Credentials(self._username, text)
 
 
-# Every mechanism here sends a password in the clear (inside base64), so all of them
-# are offered only where plaintext credentials are allowed.
+# What a server offers unless told otherwise: the two the core runs itself.
 MECHANISMS: Final = ("PLAIN", "LOGIN")
+# The mechanisms the core runs itself (pure, no lookup). Any other offered mechanism
+# is run by the glue, step by step (events.SaslExchange).
+CORE_MECHANISMS: Final = frozenset(MECHANISMS)
+# Mechanisms whose messages carry a password or a bearer token as it is (inside
+# base64): offered only where plaintext logins are allowed, as Dovecot does. SCRAM
+# sends neither, so it is offered on plain connections too.
+PLAINTEXT_MECHANISMS: Final = frozenset({"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
+# RFC 4422 section 3.1: a mechanism name is 1 to 20 of A-Z, 0-9, "-" and "_".
+_MECHANISM_NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_MAX_MECHANISM_NAME: Final = 20
+
+
+def is_mechanism_name(name: str) -> bool:
+    """Whether ``name`` is a SASL mechanism name (RFC 4422 section 3.1, upper case)."""
+    return 0 < len(name) <= _MAX_MECHANISM_NAME and set(name) <= _MECHANISM_NAME_CHARS
+
+
+def needs_channel_binding(name: str) -> bool:
+    """A ``-PLUS`` mechanism (RFC 5802 section 4) binds to the TLS channel: offered
+    only inside TLS."""
+    return name.endswith("-PLUS")
 
 
 def new_mechanism(name: str) -> Mechanism | None:

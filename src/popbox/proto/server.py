@@ -26,17 +26,22 @@ from popbox.proto.events import (
     LoginRequest,
     Quit,
     Retrieve,
+    SaslExchange,
     StartTls,
 )
 from popbox.proto.lines import LINE_TOO_LONG, MAX_COMMAND_LINE, MAX_SASL_LINE, LineReader
 from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP, err, ok
 from popbox.proto.sasl import (
+    CORE_MECHANISMS,
     MECHANISMS,
+    PLAINTEXT_MECHANISMS,
     Challenge,
     Credentials,
     Mechanism,
     SaslStep,
     decode_response,
+    is_mechanism_name,
+    needs_channel_binding,
     new_mechanism,
 )
 from popbox.proto.snapshot import MessageLike, Snapshot
@@ -61,6 +66,9 @@ OUTPUT_HIGH_WATER: Final = 64 * 1024
 PLAINTEXT_DISALLOWED: Final = (
     "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 )
+# RFC 6856 section 3: the languages LANG offers, each with its description. Every
+# reply popbox writes is English; "i-default" (RFC 2277) and "*" select it too.
+LANGUAGES: Final = (("en", "English"),)
 # RFC 2449 section 4 is the floor for a command line; less breaks real clients.
 _MIN_LINE: Final = 255
 
@@ -83,6 +91,11 @@ class ServerSettings:
     """LOGIN-DELAY in seconds; 0 (and not per user) leaves the capability out."""
     login_delay_per_user: bool = False
     apop_enabled: bool = False
+    mechanisms: tuple[str, ...] = MECHANISMS
+    """The SASL mechanisms offered, in the order CAPA lists them. PLAIN and LOGIN the
+    core runs itself; any other is the glue's (events.SaslExchange). Password and
+    token mechanisms are listed only where plaintext logins are allowed, ``-PLUS``
+    ones only inside TLS."""
     hostname: str = "localhost"
     max_command_line: int = MAX_COMMAND_LINE
     max_sasl_line: int = MAX_SASL_LINE
@@ -101,6 +114,11 @@ class ServerSettings:
             raise ValueError(f"line limits must be at least {_MIN_LINE} octets")
         if min(self.max_bad_commands, self.max_auth_failures) < 1:
             raise ValueError("max_bad_commands and max_auth_failures must be at least 1")
+        for name in self.mechanisms:
+            if not is_mechanism_name(name):
+                raise ValueError(f"{name!r} is not a SASL mechanism name (RFC 4422)")
+        if len(set(self.mechanisms)) != len(self.mechanisms):
+            raise ValueError("a SASL mechanism is listed twice")
 
 
 def _check_expire(expire: str) -> None:
@@ -111,8 +129,9 @@ def _check_expire(expire: str) -> None:
 _OK_LINE: Final = b"+OK\r\n"
 
 
-# What the glue owes the core before parsing may go on.
-_Awaited = Literal["login", "tls", "quit"]
+# What the glue owes the core before parsing may go on: "sasl" is a step of a
+# mechanism the glue runs, which a challenge or the end of the login answers.
+_Awaited = Literal["login", "sasl", "tls", "quit"]
 
 _Handler = Callable[["ServerConnection", Command, SessionState], Event | None]
 
@@ -142,10 +161,15 @@ class ServerConnection:
         self._awaiting: _Awaited | None = None
         self._close_next: CloseConnection | None = None
         self._login_next = SessionState.TRANSACTION
+        self._login_mechanism = ""
         self._username: str | None = None
         self._sasl: Mechanism | None = None
+        # The glue's mechanism whose next client response is awaited, if any.
+        self._glue_sasl: str | None = None
         self._bad_commands = 0
         self._auth_failures = 0
+        # RFC 6856: the client said UTF8 (it accepts UTF-8 in replies and headers).
+        self._utf8 = False
         self._snapshot = Snapshot(())
         # The logged-in user's own EXPIRE and LOGIN-DELAY (None: the server's).
         self._expire: str | None = None
@@ -165,6 +189,11 @@ class ServerConnection:
     @property
     def tls_active(self) -> bool:
         return self._tls_active
+
+    @property
+    def utf8(self) -> bool:
+        """Whether the client enabled UTF-8 mode (RFC 6856 section 2)."""
+        return self._utf8
 
     @property
     def apop_timestamp(self) -> str | None:
@@ -211,11 +240,8 @@ class ServerConnection:
         while True:
             if self._out_size >= OUTPUT_HIGH_WATER:
                 return FLUSH
-            limit = (
-                self._settings.max_sasl_line
-                if self._sasl is not None
-                else self._settings.max_command_line
-            )
+            in_sasl = self._sasl is not None or self._glue_sasl is not None
+            limit = self._settings.max_sasl_line if in_sasl else self._settings.max_command_line
             line = self._lines.read_line(limit)
             if line is None:
                 if self._peer_closed:
@@ -226,6 +252,8 @@ class ServerConnection:
                 event = self._on_too_long()
             elif self._sasl is not None:
                 event = self._on_sasl_response(self._sasl, line)
+            elif self._glue_sasl is not None:
+                event = self._on_glue_sasl_response(self._glue_sasl, line)
             else:
                 event = self._on_command(line)
             if event is not None:
@@ -249,7 +277,7 @@ class ServerConnection:
             _check_expire(expire)
         if login_delay is not None and login_delay < 0:
             raise ValueError("login_delay must be 0 or more seconds")
-        self._expect("login")
+        self._expect_login()
         self._expire = expire
         self._login_delay = login_delay
         self._snapshot = Snapshot(messages)
@@ -259,10 +287,17 @@ class ServerConnection:
 
     def login_failed(self, code: str | None, text: str) -> None:
         """The login failed: ``-ERR [code] text``; bad credentials count as failures."""
-        self._expect("login")
+        self._expect_login()
         self._queue(err(text, code))
         if code not in _NOT_AUTH_FAILURES:
             self._count_auth_failure()
+
+    def sasl_challenge(self, data: bytes) -> None:
+        """Go on with the glue's mechanism: send ``+ base64(data)`` and hand over the
+        client's response as the next ``SaslExchange``."""
+        self._expect("sasl")
+        self._queue(replies.sasl_challenge(data))
+        self._glue_sasl = self._login_mechanism  # the client's next line answers it
 
     def tls_established(self) -> None:
         """The STLS handshake is done: forget all plaintext input and session hints."""
@@ -299,6 +334,13 @@ class ServerConnection:
             raise RuntimeError(f"not waiting for {awaited} (waiting for {self._awaiting})")
         self._awaiting = None
 
+    def _expect_login(self) -> None:
+        """A login ends here, whether a login event or a glue-run exchange led to it."""
+        if self._awaiting not in ("login", "sasl"):
+            raise RuntimeError(f"not waiting for login (waiting for {self._awaiting})")
+        self._awaiting = None
+        self._glue_sasl = None
+
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
         self._out_size += len(data)
@@ -330,8 +372,8 @@ class ServerConnection:
         return None
 
     def _on_too_long(self) -> Event | None:
-        if self._sasl is not None:
-            self._sasl = None
+        if self._sasl is not None or self._glue_sasl is not None:
+            self._sasl = self._glue_sasl = None
             return self._auth_failure(err("SASL response too long.", CODE_AUTH))
         return self._bad_command(err("Line too long."))
 
@@ -365,14 +407,28 @@ class ServerConnection:
                 capabilities.append(f"LOGIN-DELAY {delay}{tag}")
         capabilities.append(f"EXPIRE {expire}")
         capabilities.append(f"IMPLEMENTATION {settings.implementation}")
+        # RFC 6856: announced in both states; USER says UTF-8 user names and
+        # passwords are accepted (the parser takes UTF-8 and normalises names).
+        capabilities.append("UTF8 USER")
+        capabilities.append("LANG")
         if accepts(self._state, Verb.STLS) and self._stls_available and not self._tls_active:
             capabilities.append("STLS")
-        if self._plaintext_allowed:
-            if accepts(self._state, Verb.USER):
-                capabilities.append("USER")
-            if accepts(self._state, Verb.AUTH):
-                capabilities.append("SASL " + " ".join(MECHANISMS))
+        if self._plaintext_allowed and accepts(self._state, Verb.USER):
+            capabilities.append("USER")
+        if accepts(self._state, Verb.AUTH):
+            usable = self._usable_mechanisms()
+            if usable:
+                capabilities.append("SASL " + " ".join(usable))
         return capabilities
+
+    def _usable_mechanisms(self) -> list[str]:
+        """The offered mechanisms this connection may use now."""
+        return [name for name in self._settings.mechanisms if self._may_use(name)]
+
+    def _may_use(self, name: str) -> bool:
+        if name in PLAINTEXT_MECHANISMS and not self._plaintext_allowed:
+            return False
+        return self._tls_active or not needs_channel_binding(name)
 
     def _capa(self, command: Command, following: SessionState) -> Event | None:
         self._queue(replies.multiline("Capability list follows", self._capabilities()))
@@ -418,24 +474,40 @@ class ServerConnection:
 
     def _auth(self, command: Command, following: SessionState) -> Event | None:
         if command.name is None:
-            usable = MECHANISMS if self._plaintext_allowed else ()
-            self._queue(replies.multiline("Available mechanisms", usable))
+            self._queue(replies.multiline("Available mechanisms", self._usable_mechanisms()))
             return None
-        mechanism = new_mechanism(command.name)
-        if mechanism is None:
+        name = command.name
+        if name not in self._settings.mechanisms:
             return self._bad_command(err("Unsupported authentication mechanism."))
-        if not self._plaintext_allowed:
+        if name in PLAINTEXT_MECHANISMS and not self._plaintext_allowed:
             return self._bad_command(err(PLAINTEXT_DISALLOWED, CODE_AUTH))
+        if not self._may_use(name):
+            return self._bad_command(err("Channel binding needs TLS.", CODE_AUTH))
         self._login_next = following
-        if command.initial_response is None:
-            return self._sasl_step(mechanism, mechanism.start(None))
-        # RFC 5034 section 4: "=" is an empty initial response.
-        initial = (
-            b"" if command.initial_response == b"=" else decode_response(command.initial_response)
-        )
-        if initial is None:
-            return self._auth_failure(err("Invalid base64 data.", CODE_AUTH))
+        initial: bytes | None = None
+        if command.initial_response is not None:
+            # RFC 5034 section 4: "=" is an empty initial response.
+            response = command.initial_response
+            initial = b"" if response == b"=" else decode_response(response)
+            if initial is None:
+                return self._auth_failure(err("Invalid base64 data.", CODE_AUTH))
+        if name not in CORE_MECHANISMS:
+            self._login_mechanism = name
+            self._awaiting = "sasl"
+            return SaslExchange(name, initial, first=True)
+        mechanism = new_mechanism(name)
+        assert mechanism is not None  # every core mechanism has one
         return self._sasl_step(mechanism, mechanism.start(initial))
+
+    def _on_glue_sasl_response(self, name: str, line: bytes) -> Event | None:
+        self._glue_sasl = None
+        if line == b"*":
+            return self._bad_command(err("Authentication cancelled."))
+        data = decode_response(line)
+        if data is None:
+            return self._auth_failure(err("Invalid base64 data.", CODE_AUTH))
+        self._awaiting = "sasl"
+        return SaslExchange(name, data, first=False)
 
     def _on_sasl_response(self, mechanism: Mechanism, line: bytes) -> Event | None:
         self._sasl = None
@@ -527,6 +599,24 @@ class ServerConnection:
             self._queue(ok(f"Message {command.number} deleted."))
         return None
 
+    def _utf8_mode(self, command: Command, following: SessionState) -> Event | None:
+        self._utf8 = True
+        self._queue(ok("UTF8 enabled."))
+        return None
+
+    def _lang(self, command: Command, following: SessionState) -> Event | None:
+        if command.name is None:
+            lines = (f"{tag} {description}" for tag, description in LANGUAGES)
+            self._queue(replies.multiline("Language listing follows", lines))
+            return None
+        chosen = _choose_language(command.name)
+        if chosen is None:
+            self._queue(err("Language not supported."))
+        else:
+            # RFC 6856 section 3: the reply starts with the tag of the language chosen.
+            self._queue(ok(f"{chosen} Language is now {dict(LANGUAGES)[chosen]}."))
+        return None
+
     def _noop(self, command: Command, following: SessionState) -> Event | None:
         self._queue(_OK_LINE)
         return None
@@ -536,6 +626,17 @@ class ServerConnection:
         count, octets = self._snapshot.stat()
         self._queue(ok(f"Maildrop has {count} messages ({octets} octets)."))
         return None
+
+
+def _choose_language(wanted: str) -> str | None:
+    """The language a LANG range selects (RFC 4647 section 3.3.1 basic filtering)."""
+    wanted = wanted.lower()
+    if wanted in ("*", "i-default"):
+        return LANGUAGES[0][0]
+    for tag, _ in LANGUAGES:
+        if tag == wanted or tag.startswith(wanted + "-") or wanted.startswith(tag + "-"):
+            return tag
+    return None
 
 
 # Refusals after a correct password (RFC 2449 section 8.1, RFC 3206): no guess was wrong.
@@ -558,5 +659,7 @@ _HANDLERS: Final[dict[Verb, _Handler]] = {
     Verb.TOP: ServerConnection._retrieve,
     Verb.DELE: ServerConnection._dele,
     Verb.NOOP: ServerConnection._noop,
+    Verb.UTF8: ServerConnection._utf8_mode,
+    Verb.LANG: ServerConnection._lang,
     Verb.RSET: ServerConnection._rset,
 }

@@ -53,6 +53,10 @@ TRANSITIONS: Final[Mapping[tuple[SessionState, Verb], SessionState]] = MappingPr
         (_A, Verb.APOP): _T,
         (_A, Verb.AUTH): _T,
         (_A, Verb.QUIT): SessionState.CLOSED,
+        # RFC 6856: UTF8 only before login, LANG in both states.
+        (_A, Verb.UTF8): _A,
+        (_A, Verb.LANG): _A,
+        (_T, Verb.LANG): _T,
         # After login: the maildrop commands; QUIT commits (UPDATE) before closing.
         (_T, Verb.CAPA): _T,
         (_T, Verb.STAT): _T,
