@@ -230,7 +230,8 @@ class StorageSettings(_Section):
     @classmethod
     def _check_location(cls, value: str) -> str:
         if value:
-            parse_location(value, source="storage.mail_location")
+            # The error names the key already; the message need not say it twice.
+            parse_location(value, source="the mail location")
         return value
 
     def location_template(self) -> LocationTemplate | None:
