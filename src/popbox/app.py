@@ -164,7 +164,9 @@ def _hand_over(config: Config, uid: int, gid: int) -> None:
 
     Root-owned entries (left by ``popbox serve``'s first run or ``popbox user add`` run
     as root) would be unusable after the switch: data_dir, maildir_root, each user's
-    Maildir with its cur/new/tmp and index, are handed to uid:gid. Message files are
+    Maildir under it with its cur/new/tmp and index, are handed to uid:gid (Maildirs
+    that ``storage.mail_location`` puts elsewhere must belong to that user already,
+    as Dovecot requires of them). Message files are
     not walked (there may be millions): deliveries must run as the server's user (see
     docs/security.md). The passwd file stays root's and becomes readable by ``gid``
     (mode 0640), so a compromised server still cannot add users or change passwords.
@@ -189,15 +191,17 @@ def _hand_over(config: Config, uid: int, gid: int) -> None:
                 with os.scandir(user.path) as parts:
                     for part in parts:
                         hand(part.path)
-    passwd = config.auth.passwd_file
-    try:
-        info = os.stat(passwd)
-    except FileNotFoundError:
-        return
-    readable = info.st_gid == gid and info.st_mode & stat.S_IRGRP
-    if info.st_uid == 0 and not readable:
-        os.chown(passwd, 0, gid)
-        os.chmod(passwd, (stat.S_IMODE(info.st_mode) | stat.S_IRGRP) & ~stat.S_IWGRP)
+    # The side file of app passwords and APOP secrets is handed over as the passwd
+    # file is: readable by the server, writable by root alone.
+    for passwd in (config.auth.passwd_file, config.auth.credentials_path()):
+        try:
+            info = os.stat(passwd)
+        except FileNotFoundError:
+            continue
+        readable = info.st_gid == gid and info.st_mode & stat.S_IRGRP
+        if info.st_uid == 0 and not readable:
+            os.chown(passwd, 0, gid)
+            os.chmod(passwd, (stat.S_IMODE(info.st_mode) | stat.S_IRGRP) & ~stat.S_IWGRP)
 
 
 @dataclass
@@ -284,15 +288,16 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     ``sweep``: this process also runs the mailbox sweeper (one process of the server
     does, see ``WorkerSupervisor``).
     """
+    from popbox.auth.base import UserDirectory
     from popbox.backends import build_hasher, build_passdb, build_store
     from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
     from popbox.mailboxes import MailboxSweeper, stop_task
     from popbox.net.service import Pop3Service
 
-    store = build_store(config)
     hasher = build_hasher(config)
     passdb = build_passdb(config, hasher=hasher)
+    store = build_store(config, passdb)
     pop3 = Pop3Service(
         config, store, passdb, listeners.ssl_context, sasl_mechanisms(config, passdb)
     )
@@ -301,7 +306,8 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     if listeners.lmtp:
         lmtp_service = LmtpService(config, Deliverer(config, store, passdb))
         await lmtp_service.start(sockets=listeners.lmtp)
-    sweeper = MailboxSweeper(config, store).start() if sweep else None
+    users = passdb if isinstance(passdb, UserDirectory) else None
+    sweeper = MailboxSweeper(config, store, users=users).start() if sweep else None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,10 +19,12 @@ if TYPE_CHECKING:
     from popbox.config import Config
     from popbox.delivery.deliverer import Deliverer
     from popbox.store.base import MailStore
+    from popbox.store.location import MailLocation
 
 __all__ = [
     "DeliveryBackend",
     "build_hasher",
+    "build_location",
     "build_passdb",
     "build_store",
     "open_delivery",
@@ -30,11 +32,42 @@ __all__ = [
 ]
 
 
-def build_store(config: Config) -> MailStore:
-    """The mail store ``config`` names (``[storage]``)."""
+def build_store(config: Config, passdb: PassDB | None = None) -> MailStore:
+    """The mail store ``config`` names (``[storage]``), finding each user's Maildir
+    where ``storage.mail_location`` and the user database's home and ``mail`` fields
+    say (``passdb``: the one the caller uses; else one is built to read them)."""
     from popbox.store.maildir import MaildirStore
 
-    return MaildirStore(config.storage.maildir_root, save_crlf=config.storage.save_crlf)
+    return MaildirStore(
+        config.storage.maildir_root,
+        save_crlf=config.storage.save_crlf,
+        location=build_location(config, passdb if passdb is not None else build_passdb(config)),
+    )
+
+
+def build_location(config: Config, passdb: PassDB) -> MailLocation:
+    """Where each user's Maildir is: their ``mail`` field, else ``storage.mail_location``,
+    else ``maildir_root/USER``. The fields are read from the user database's memory
+    (auth.base.CachedUsers): a login or delivery has just looked the user up."""
+    from popbox.auth.base import CachedUsers
+    from popbox.auth.passwdfile import mail_fields
+    from popbox.store.location import UnderRoot, UserHome, UserLocations
+
+    template = config.storage.location_template()
+    if not isinstance(passdb, CachedUsers):
+        if template is None:
+            return UnderRoot(config.storage.maildir_root)
+        return UserLocations(lambda user: None, default=template, root=config.storage.maildir_root)
+    cached = passdb
+
+    def homes(user: str) -> UserHome | None:
+        record = cached.cached_record(user)
+        if record is None:
+            return None
+        home, mail = mail_fields(record)
+        return UserHome(home, mail)
+
+    return UserLocations(homes, default=template, root=config.storage.maildir_root)
 
 
 def build_hasher(config: Config) -> Hasher:
@@ -53,7 +86,10 @@ def build_passdb(config: Config, *, hasher: Hasher | None = None) -> PassDB:
     from popbox.auth.passwdfile import PasswdFilePassDB
 
     return PasswdFilePassDB(
-        config.auth.passwd_file, default_scheme=config.auth.default_scheme, hasher=hasher
+        config.auth.passwd_file,
+        default_scheme=config.auth.default_scheme,
+        hasher=hasher,
+        credentials=config.auth.credentials_path(),
     )
 
 
@@ -74,8 +110,8 @@ def open_delivery(config: Config) -> DeliveryBackend:
     collector's popbox sink); close it when done."""
     from popbox.delivery.deliverer import Deliverer
 
-    store = build_store(config)
     passdb = build_passdb(config)
+    store = build_store(config, passdb)
     return DeliveryBackend(Deliverer(config, store, passdb), store, passdb)
 
 

@@ -176,15 +176,58 @@ def check_config(config_path: Path | None) -> None:
         click.echo(f"error: {problem}", err=True)
     if problems:
         sys.exit(2)
+    for warning in _user_field_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"configuration OK: {config_path or 'embedded default'}")
     click.echo(
         f"  POP3 {', '.join(config.pop3.listen) or '-'}; POP3S "
         f"{', '.join(config.pop3.tls_listen) or '-'}; plaintext auth "
         f"{config.pop3.plaintext_auth}"
     )
-    click.echo(f"  users {config.auth.passwd_file}; mail {config.storage.maildir_root}")
+    mail = config.storage.mail_location or f"{config.storage.maildir_root}/USER"
+    click.echo(f"  users {config.auth.passwd_file}; mail {mail}")
     lmtp = ", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"
     click.echo(f"  LMTP {lmtp}")
+
+
+def _user_field_warnings(config: Config) -> list[str]:
+    """What the passwd file's extra fields ask that popbox will not do, user by user."""
+    from popbox.auth.admin import list_users
+    from popbox.auth.passwdfile import NOPASSWORD, mail_fields
+    from popbox.auth.restrictions import NET_FIELDS, NOT_SERVED_FIELDS, check_networks
+    from popbox.store.location import parse_location
+
+    try:
+        records = list_users(config.auth.passwd_file)
+    except PopboxError as exc:
+        return [str(exc)]
+    warnings: list[str] = []
+    for record in records:
+        extra, name = record.extra, record.name
+        for field in NOT_SERVED_FIELDS:
+            if field in extra:
+                warnings.append(
+                    f"user {name}: {field} is set; popbox does not proxy or refer logins, "
+                    "so this user's logins are refused"
+                )
+        if NOPASSWORD in extra and "allow_nets" not in extra:
+            warnings.append(f"user {name}: nopassword without allow_nets; logins are refused")
+        elif NOPASSWORD in extra:
+            nets = extra["allow_nets"]
+            warnings.append(f"user {name}: nopassword: any password logs in from {nets}")
+        for field in NET_FIELDS:
+            if field in extra:
+                try:
+                    check_networks(extra[field])
+                except ValueError as exc:
+                    warnings.append(f"user {name}: {field}: {exc}; logins are refused")
+        mail = mail_fields(record)[1]
+        if mail:
+            try:
+                parse_location(mail, source=f"user {name}: mail field")
+            except ValueError as exc:
+                warnings.append(str(exc))
+    return warnings
 
 
 @main.group()
@@ -290,14 +333,120 @@ def user_passwd(
 @click.argument("name")
 def user_del(config_path: Path | None, name: str) -> None:
     """Remove a user from the passwd file (their mail stays on disk)."""
-    from popbox.auth.admin import delete_user
+    from popbox.auth.admin import delete_user, remove_credentials
+
+    config = _load(config_path)
+    maildir = _maildir_of(config, name)
+    try:
+        delete_user(config.auth.passwd_file, name)
+        remove_credentials(config.auth.credentials_path(), name)
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"removed {name}; their mail stays in {maildir}")
+
+
+def _maildir_of(config: Config, name: str) -> str:
+    """Where ``name``'s Maildir is, for a message ("?" with the reason if unknown)."""
+    from popbox.backends import build_store
+    from popbox.store.maildir import MaildirStore
+
+    try:
+        store = build_store(config)
+        if isinstance(store, MaildirStore):
+            return str(store.maildir(name))
+    except PopboxError as exc:
+        return f"? ({exc})"
+    return "?"
+
+
+@user.group("app-password")
+def app_password() -> None:
+    """Manage a user's app passwords: labelled passwords for one device or program
+    each, revocable one by one (docs/security.md)."""
+
+
+@app_password.command("add")
+@config_option
+@click.argument("name")
+@click.argument("label")
+def app_password_add(config_path: Path | None, name: str, label: str) -> None:
+    """Give user NAME a new app password labelled LABEL and print it (once: only its
+    hash is kept)."""
+    from popbox.auth.admin import add_app_password
+
+    config = _load(config_path)
+    _user(config, name)
+    try:
+        password = add_app_password(
+            config.auth.credentials_path(), name, label, scheme=config.auth.default_scheme
+        )
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"app password {label} of {name} (shown once, spaces and dashes optional):")
+    click.echo(password)
+
+
+@app_password.command("list")
+@config_option
+@click.argument("name")
+def app_password_list(config_path: Path | None, name: str) -> None:
+    """List user NAME's app passwords (labels and when they were made)."""
+    from popbox.auth.admin import list_app_passwords
+
+    config = _load(config_path)
+    _user(config, name)
+    try:
+        apps = list_app_passwords(config.auth.credentials_path(), name)
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not apps:
+        click.echo(f"{name} has no app passwords")
+    for app in apps:
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(app.created))
+        click.echo(f"{app.label}\tcreated {made}")
+
+
+@app_password.command("revoke")
+@config_option
+@click.argument("name")
+@click.argument("label")
+def app_password_revoke(config_path: Path | None, name: str, label: str) -> None:
+    """Revoke user NAME's app password LABEL: its next login fails (no restart)."""
+    from popbox.auth.admin import revoke_app_password
 
     config = _load(config_path)
     try:
-        delete_user(config.auth.passwd_file, name)
+        revoke_app_password(config.auth.credentials_path(), name, label)
     except (PopboxError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"removed {name}; their mail stays in {config.storage.maildir_root / name}")
+    click.echo(f"revoked app password {label} of {name}")
+
+
+@user.command("apop-secret")
+@config_option
+@click.argument("name")
+@click.option(
+    "--secret-stdin", is_flag=True, help="Read the secret from stdin instead of generating one."
+)
+def user_apop_secret(config_path: Path | None, name: str, secret_stdin: bool) -> None:
+    """Set user NAME's APOP secret (generated and printed unless given): APOP logins
+    check it, never the login password. Needs pop3.apop = true."""
+    from popbox.auth.admin import set_apop_secret
+
+    config = _load(config_path)
+    _user(config, name)
+    secret = _read_password(True) if secret_stdin else None
+    try:
+        secret = set_apop_secret(config.auth.credentials_path(), name, secret)
+    except (PopboxError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not secret_stdin:
+        click.echo(f"APOP secret of {name} (shown once):")
+        click.echo(secret)
+    else:
+        click.echo(f"APOP secret of {name} set")
+    if not config.pop3.apop:
+        click.echo("note: APOP is off (pop3.apop = false); clients cannot use it yet", err=True)
 
 
 def _human(octets: int) -> str:
@@ -338,7 +487,10 @@ def _run_on_store(config: Config, work: Callable[[MailStore], Awaitable[T]]) -> 
     """Run ``work`` on the configured store and close it; a store error exits 1."""
     from popbox.backends import build_store
 
-    store = build_store(config)
+    try:
+        store = build_store(config)
+    except PopboxError as exc:
+        raise click.ClickException(str(exc)) from exc
 
     async def run() -> T:
         try:
@@ -417,6 +569,8 @@ def user_show(config_path: Path | None, name: str) -> None:
         + [f"{_human(usage.octets)}/{_human(quota_octets)}"] * bool(quota_octets)
     )
     console.print(f"user {name}")
+    # A path is printed whole, to be copied: never wrapped at the terminal's width.
+    console.print(f"  maildir: {_maildir_of(config, name)}", soft_wrap=True)
     console.print(
         f"  mail: {usage.messages} message{'s' * (usage.messages != 1)}, "
         f"{_human(usage.octets)}; quota: {quota or 'none'}"

@@ -38,6 +38,7 @@ from popbox.auth.issuer import HTTP_TIMEOUT, JWKS_CACHE_SECONDS, JWKS_MIN_REFETC
 from popbox.auth.names import is_valid_username
 from popbox.errors import ConfigError
 from popbox.proto import MAX_AUTH_FAILURES, MAX_BAD_COMMANDS, MAX_COMMAND_LINE, MAX_SASL_LINE
+from popbox.store.location import LocationTemplate, parse_location
 from popbox.store.mailbox import Disposition, MailboxPolicy
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 DEFAULT_DATA_DIR: Final = "popbox-data"
+# The side file of app passwords and APOP secrets sits beside the passwd file.
+APP_PASSWORDS_SUFFIX: Final = ".app-passwords"
 
 # The protocol limits are defined once, with their reasons, in the protocol core.
 # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
@@ -365,14 +368,42 @@ class AuthSettings(_Section):
             self.mechanisms[at:at] = list(BEARER_MECHANISMS)
         return self
 
+    app_passwords_file: Path | None = None
+    """The side file of app passwords and APOP secrets (auth.credentials); unset:
+    ``passwd_file`` with ``.app-passwords`` added to its name."""
+
+    def credentials_path(self) -> Path:
+        """Where the app passwords and APOP secrets are."""
+        if self.app_passwords_file is not None:
+            return self.app_passwords_file
+        return self.passwd_file.with_name(self.passwd_file.name + APP_PASSWORDS_SUFFIX)
+
 
 class StorageSettings(_Section):
     backend: Literal["maildir"] = "maildir"
     maildir_root: Path = Path(DEFAULT_DATA_DIR) / "mail"
-    """Each user's Maildir is ``maildir_root/USER`` (with cur/, new/, tmp/)."""
+    """Each user's Maildir is ``maildir_root/USER`` (with cur/, new/, tmp/), unless
+    ``mail_location`` or the user's own ``mail`` field says otherwise."""
+    mail_location: str = ""
+    """Dovecot's ``mail_location``: ``maildir:/var/vmail/%d/%n/Maildir``,
+    ``maildir:~/Maildir`` (store.location); "" keeps ``maildir_root/USER``."""
     save_crlf: bool = True
     """Store delivered mail with CRLF line ends (Dovecot's ``mail_save_crlf``): RETR then
     sends the file as it is (sendfile). ``false`` keeps the line ends as received."""
+
+    @field_validator("mail_location")
+    @classmethod
+    def _check_location(cls, value: str) -> str:
+        if value:
+            # The error names the key already; the message need not say it twice.
+            parse_location(value, source="the mail location")
+        return value
+
+    def location_template(self) -> LocationTemplate | None:
+        """``mail_location`` parsed; None when unset (``maildir_root/USER``)."""
+        if not self.mail_location:
+            return None
+        return parse_location(self.mail_location, source="storage.mail_location")
 
 
 class QuotaSettings(_Section):
@@ -621,10 +652,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             table[key] = base / value
     auth = data.get("auth")
     oauth = auth.get("oauth") if isinstance(auth, dict) else None
-    tables = {"tls": data.get("tls"), "lmtp": data.get("lmtp"), "oauth": oauth}
+    tables = {"tls": data.get("tls"), "lmtp": data.get("lmtp"), "auth": auth, "oauth": oauth}
     for section, key in (
-        ("tls", "cert"), ("tls", "key"), ("lmtp", "socket"),
-        ("oauth", "client_secret_file"), ("oauth", "ca_file"),
+        ("tls", "cert"),
+        ("tls", "key"),
+        ("lmtp", "socket"),
+        ("auth", "app_passwords_file"),
+        ("oauth", "client_secret_file"),
+        ("oauth", "ca_file"),
     ):
         table = tables[section]
         if isinstance(table, dict) and isinstance(table.get(key), str):

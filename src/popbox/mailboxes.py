@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from popbox.auth.base import UserRecord
+from popbox.auth.base import UserDirectory, UserRecord
 from popbox.config import USER_POLICY_PREFIX, Config, MailboxSettings
 from popbox.errors import StoreError
 from popbox.store.base import MailStore
@@ -125,9 +125,22 @@ async def sweep_users(
     return summary
 
 
-async def sweep_all(config: Config, store: MailStore, *, now: float | None = None) -> SweepSummary:
-    """Sweep every user of the passwd file (read in a thread, off the event loop)."""
-    records = await asyncio.to_thread(load_users, config)
+async def sweep_all(
+    config: Config,
+    store: MailStore,
+    *,
+    now: float | None = None,
+    users: UserDirectory | None = None,
+) -> SweepSummary:
+    """Sweep every user of the passwd file (read in a thread, off the event loop).
+
+    ``users``: the server's own user database, read rather than the file, so that the
+    mail locations the store reads from its memory are those of the users swept.
+    """
+    if users is not None:
+        records = await asyncio.to_thread(users.users)
+    else:
+        records = await asyncio.to_thread(load_users, config)
     return await sweep_users(config.mailbox, store, records, now=now)
 
 
@@ -141,10 +154,17 @@ class MailboxSweeper:
     """
 
     def __init__(
-        self, config: Config, store: MailStore, *, start_delay: float = SWEEP_START_DELAY
+        self,
+        config: Config,
+        store: MailStore,
+        *,
+        start_delay: float = SWEEP_START_DELAY,
+        users: UserDirectory | None = None,
     ) -> None:
+        """``users``: the server's user database (see ``sweep_all``)."""
         self._config = config
         self._store = store
+        self._users = users
         self._start_delay = start_delay
         self.sweeps = 0
         """Sweeps finished so far (for tests and the log)."""
@@ -161,7 +181,7 @@ class MailboxSweeper:
             await asyncio.sleep(delay)
             delay = interval
             try:
-                await sweep_all(self._config, self._store)
+                await sweep_all(self._config, self._store, users=self._users)
             except Exception:
                 # Whatever went wrong (an unreadable passwd file, a store bug), the
                 # server keeps serving and the next interval tries again.

@@ -42,7 +42,11 @@ async def test_full_dovecot_line_with_quota_rules(write_passwd: WritePasswd) -> 
     db = open_db(path)
     alice = await db.verify("alice", "alice-pw")
     assert alice == UserRecord(
-        name="alice", quota_messages=1000, quota_octets=1024**3, extra={"mail": "maildir:~/M"}
+        name="alice",
+        quota_messages=1000,
+        quota_octets=1024**3,
+        extra={"mail": "maildir:~/M"},
+        home="/home/alice",
     )
     assert await db.verify("bob", "bob-pw") == UserRecord(name="bob")
     assert await db.verify("alice", "bob-pw") is None
@@ -125,21 +129,42 @@ async def test_users_who_cannot_log_in(write_passwd: WritePasswd) -> None:
         "nopw:\n"
         "locked:!$6$abc$def\n"
         "odd:{FOO}secret\n"
-        "closed:{PLAIN}secret::::::nologin reason=moved\n"
-        "netlimited:{PLAIN}secret::::::allow_nets=10.0.0.0/8\n"
+        "failing:{PLAIN}secret::::::fail\n"
+        "open:{PLAIN}secret::::::nopassword\n"  # nopassword without allow_nets
     )
     db = open_db(path)
-    for name in ["nopw", "locked", "odd", "closed", "netlimited"]:
+    for name in ["nopw", "locked", "odd", "failing", "open"]:
         assert await db.lookup(name) is not None  # still a user for delivery
-        for password in ["", "secret", "!$6$abc$def"]:
+        for password in ["", "secret", "!$6$abc$def", "anything"]:
             assert await db.verify(name, password) is None
         assert await db.plaintext_secret(name) is None
 
 
-async def test_plaintext_secret_for_apop(write_passwd: WritePasswd) -> None:
+async def test_restricted_users_pass_verify_and_carry_their_fields_to_the_broker(
+    write_passwd: WritePasswd,
+) -> None:
+    path = write_passwd(
+        "closed:{PLAIN}secret::::::nologin reason=Moved to the new server, see the intranet\n"
+        "netlimited:{PLAIN}secret::::::allow_nets=10.0.0.0/8\n"
+        "anypw:::::::allow_nets=127.0.0.0/8 nopassword\n"
+    )
+    db = open_db(path)
+    closed = await db.verify("closed", "secret")
+    assert closed is not None
+    assert closed.extra["reason"] == "Moved to the new server, see the intranet"
+    assert await db.verify("closed", "wrong") is None
+    netlimited = await db.verify("netlimited", "secret")
+    assert netlimited is not None
+    assert netlimited.extra["allow_nets"] == "10.0.0.0/8"
+    anypw = await db.verify("anypw", "whatever was typed")
+    assert anypw is not None
+    assert anypw.extra["allow_nets"] == "127.0.0.0/8"
+
+
+async def test_a_plain_password_is_no_apop_secret(write_passwd: WritePasswd) -> None:
     path = write_passwd(f"plain:{{PLAIN}}s3cret\nhashed:{ALICE}\n")
     db = open_db(path)
-    assert await db.plaintext_secret("plain") == "s3cret"
+    assert await db.plaintext_secret("plain") is None
     assert await db.plaintext_secret("hashed") is None
     assert await db.plaintext_secret("nobody") is None
 

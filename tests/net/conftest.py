@@ -18,7 +18,16 @@ from popbox.net.sasl import Mechanisms
 from popbox.net.service import Pop3Service
 from popbox.store.base import MailStore
 from popbox.store.memory import MemoryStore
-from support.pop3service import MESSAGES, PASSWORD, Connect, Raw, Server, StartServer, make_config
+from support.pop3service import (
+    APOP_SECRET,
+    MESSAGES,
+    PASSWORD,
+    Connect,
+    Raw,
+    Server,
+    StartServer,
+    make_config,
+)
 
 _HERE = Path(__file__).parent
 
@@ -56,6 +65,7 @@ async def start_server(server_context: ssl.SSLContext) -> AsyncIterator[StartSer
         passdb = MemoryPassDB(
             dict.fromkeys(["alice", "bob", *extra], PASSWORD),
             {name: UserRecord(name, extra=dict(fields)) for name, fields in extra.items()},
+            apop_secrets={"alice": APOP_SECRET},
         )
         service = Pop3Service(
             config,

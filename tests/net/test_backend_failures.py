@@ -14,6 +14,7 @@ from popbox.store.base import Maildrop, MessageInfo, WireReadyFile
 from popbox.store.mailbox import DEFAULT_VIEW, MailboxView
 from popbox.store.memory import MemoryStore
 from support.pop3service import (
+    APOP_SECRET,
     MESSAGES,
     PASSWORD,
     Connect,
@@ -192,9 +193,12 @@ async def test_apop_login(connect: Connect, start_server: StartServer) -> None:
     client = await connect(server.plain)
     greeting = await client.line()
     timestamp = greeting[greeting.index(b"<") : greeting.index(b">") + 1].decode()
-    digest = hashlib.md5((timestamp + PASSWORD).encode()).hexdigest()
+    digest = hashlib.md5((timestamp + APOP_SECRET).encode()).hexdigest()
     await client.send(f"APOP alice {'0' * 32}\r\n".encode())
     assert (await client.line()).startswith(b"-ERR [AUTH]")
+    with_password = hashlib.md5((timestamp + PASSWORD).encode()).hexdigest()
+    await client.send(f"APOP alice {with_password}\r\n".encode())
+    assert (await client.line()).startswith(b"-ERR [AUTH]")  # the login password is no secret
     await client.send(f"APOP alice {digest}\r\nSTAT\r\n".encode())
     assert (await client.line()).startswith(b"+OK")
     assert (await client.line()).startswith(b"+OK 3 ")

@@ -163,3 +163,31 @@ async def test_implicit_tls_after_header_in_the_same_segment(
     lines = (await asyncio.to_thread(session)).split(b"\r\n")
     assert lines[0].startswith(b"+OK")
     assert lines[3].startswith(b"+OK 3 ")
+
+
+async def test_allow_nets_sees_the_client_and_allow_real_nets_the_proxy(
+    connect: Connect, start_server: StartServer
+) -> None:
+    # Behind HAProxy (on 127.0.0.1 here) a client at 192.0.2.7: allow_nets is checked
+    # against the client, allow_real_nets against the proxy, as Dovecot does.
+    server = await start_server(
+        proxy_protocol=True,
+        plaintext_auth="always",
+        users={
+            "lan": {"allow_nets": "127.0.0.0/8"},
+            "via_proxy": {"allow_real_nets": "127.0.0.0/8"},
+            "client_net": {"allow_nets": "192.0.2.0/24"},
+        },
+    )
+    results = {}
+    for user in ("lan", "via_proxy", "client_net"):
+        client = await connect(server.plain)
+        await client.send(b"PROXY TCP4 192.0.2.7 10.0.0.1 5555 110\r\n")
+        assert (await client.line()).startswith(b"+OK")
+        await client.send(f"USER {user}\r\nPASS {PASSWORD}\r\n".encode())
+        assert (await client.line()).startswith(b"+OK")
+        results[user] = await client.line()
+        client.close()
+    assert results["lan"] == b"-ERR [AUTH] Authentication failed.\r\n"
+    assert results["via_proxy"].startswith(b"+OK Logged in")
+    assert results["client_net"].startswith(b"+OK Logged in")

@@ -20,6 +20,8 @@ from support.maildrop import stored_messages
 from support.wire import unstuff
 
 PASSWORD = "correct horse"
+# alice's APOP secret: a secret of its own, never the login password.
+APOP_SECRET = "apop battery staple"
 
 MESSAGES = [
     b"From: a@example.org\nSubject: one\n\nHello\n.leading dot\n",

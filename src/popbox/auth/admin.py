@@ -1,5 +1,8 @@
 """Edits to a passwd file for ``popbox user``: atomic, serialised, and leaving the rest alone.
 
+The side file of app passwords and APOP secrets (auth.credentials) is edited the
+same way, under its own lock.
+
 Every edit takes an exclusive flock on a sidecar ``PASSWD.lock`` file, reads the
 current file, changes only the one user's line, and replaces the file atomically
 (write a temporary file in the same directory, fsync, rename, fsync the directory).
@@ -14,11 +17,23 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from popbox.auth.base import UserRecord
+from popbox.auth.credentials import (
+    KIND_APOP,
+    KIND_APP,
+    MAX_APP_PASSWORDS_PER_USER,
+    AppPassword,
+    app_password_key,
+    check_label,
+    generate_apop_secret,
+    generate_app_password,
+    parse_credentials,
+)
 from popbox.auth.names import validate_username
 from popbox.auth.passwdfile import PASSWD_FIELDS, QUOTA_RULE_KEY, parse_line, parse_passwd
 from popbox.auth.schemes import DEFAULT_COST, DEFAULT_SCHEME, HashCost, hash_password
@@ -26,12 +41,18 @@ from popbox.errors import AuthError
 from popbox.fileio import FileLock, fsync_dir
 
 __all__ = [
+    "NoSuchCredential",
     "NoSuchUser",
     "UserExists",
+    "add_app_password",
     "add_user",
     "delete_user",
     "format_size",
+    "list_app_passwords",
     "list_users",
+    "remove_credentials",
+    "revoke_app_password",
+    "set_apop_secret",
     "set_password",
     "set_quota",
 ]
@@ -59,6 +80,10 @@ class NoSuchUser(AuthError):
     """set_password, delete_user, set_quota: the passwd file has no line for this user."""
 
 
+class NoSuchCredential(AuthError):
+    """revoke_app_password: the user has no app password with this label."""
+
+
 def format_size(octets: int) -> str:
     """A Dovecot size with the largest exact 1024-based unit: 1073741824 -> ``1G``."""
     for suffix, factor in _UNITS:
@@ -78,7 +103,7 @@ def _os_errors(path: Path, doing: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold the exclusive edit lock for ``path``, creating its directory if needed."""
-    with _os_errors(path, "lock the passwd file"):
+    with _os_errors(path, "lock"):
         path.parent.mkdir(mode=NEW_DIR_MODE, parents=True, exist_ok=True)
         lock = FileLock(path.with_name(path.name + LOCK_SUFFIX), wait=True)
     with lock:
@@ -92,7 +117,7 @@ def _real(path: Path) -> Path:
 
 def _read_lines(path: Path) -> list[str]:
     """The file's lines without their newlines; [] for a missing file."""
-    with _os_errors(path, "read the passwd file"):
+    with _os_errors(path, "read"):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -108,7 +133,7 @@ def _read_lines(path: Path) -> list[str]:
 def _write_lines(path: Path, lines: list[str]) -> None:
     """Replace ``path`` atomically; keep its mode (minus group/other write) and owner."""
     text = "".join(line + "\n" for line in lines)
-    with _os_errors(path, "write the passwd file"):
+    with _os_errors(path, "write"):
         try:
             old = os.stat(path)
         except FileNotFoundError:
@@ -285,9 +310,124 @@ def list_users(path: Path) -> list[UserRecord]:
     whole version. Malformed lines are skipped and logged, as the server does.
     """
     path = _real(path)
-    with _os_errors(path, "read the passwd file"):
+    with _os_errors(path, "read"):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return []
     return [entry.record for entry in parse_passwd(data, source=str(path)).values()]
+
+
+# -- app passwords and APOP secrets (the side file) -------------------------------------
+
+
+def _credential_lines(lines: list[str], user: str, kind: str) -> list[tuple[int, str]]:
+    """(index, label) of ``user``'s lines of ``kind``."""
+    found = []
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("#"):
+            continue
+        columns = line.split(":", 3)
+        if len(columns) == 4 and columns[0] == user and columns[1] == kind:
+            found.append((index, columns[2]))
+    return found
+
+
+def _credential_line(user: str, kind: str, label: str, key_id: str, secret: str) -> str:
+    line = f"{user}:{kind}:{label}:{key_id}:{secret}:{int(time.time())}"
+    parsed = parse_credentials(line.encode(), source="new line")
+    if user not in parsed:
+        raise AuthError("refusing to write a credential line that does not parse back")
+    return line
+
+
+def add_app_password(
+    path: Path,
+    user: str,
+    label: str,
+    *,
+    scheme: str = DEFAULT_SCHEME,
+    cost: HashCost = DEFAULT_COST,
+) -> str:
+    """Add an app password labelled ``label`` for ``user`` and return it (the only
+    time it is shown: only its hash is kept). AuthError if the label is taken."""
+    validate_username(user)
+    try:
+        check_label(label)
+    except ValueError as exc:
+        raise AuthError(str(exc)) from exc
+    key_id, password = generate_app_password()
+    raw = app_password_key(password)
+    assert raw is not None  # a generated password has the shape
+    line = _credential_line(user, KIND_APP, label, key_id, _stored(raw[1], scheme, cost))
+    path = _real(path)
+    with _locked(path):
+        lines = _read_lines(path)
+        taken = _credential_lines(lines, user, KIND_APP)
+        if any(existing == label for _, existing in taken):
+            raise AuthError(f"{user} already has an app password labelled {label}")
+        if len(taken) >= MAX_APP_PASSWORDS_PER_USER:
+            raise AuthError(
+                f"{user} has {len(taken)} app passwords, the most one user may have; "
+                "revoke some first"
+            )
+        _write_lines(path, [*lines, line])
+    return password
+
+
+def revoke_app_password(path: Path, user: str, label: str) -> None:
+    """Remove ``user``'s app password ``label``: the next login with it fails."""
+    validate_username(user)
+    path = _real(path)
+    with _locked(path):
+        lines = _read_lines(path)
+        found = [i for i, existing in _credential_lines(lines, user, KIND_APP) if existing == label]
+        if not found:
+            raise NoSuchCredential(f"{user} has no app password labelled {label}")
+        _write_lines(path, [line for i, line in enumerate(lines) if i not in found])
+
+
+def list_app_passwords(path: Path, user: str) -> list[AppPassword]:
+    """``user``'s app passwords (labels, ids, creation times), by label."""
+    validate_username(user)
+    path = _real(path)
+    with _os_errors(path, "read"):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+    entry = parse_credentials(data, source=str(path)).get(user)
+    return sorted(entry.apps.values(), key=lambda app: app.label) if entry else []
+
+
+def set_apop_secret(path: Path, user: str, secret: str | None = None) -> str:
+    """Give ``user`` a new APOP secret (generated unless given) and return it; it
+    replaces the one before. Stored {PLAIN}: APOP needs it in the clear."""
+    validate_username(user)
+    secret = secret if secret is not None else generate_apop_secret()
+    line = _credential_line(user, KIND_APOP, KIND_APOP, "", _stored(secret, "PLAIN", DEFAULT_COST))
+    path = _real(path)
+    with _locked(path):
+        lines = _read_lines(path)
+        old = {i for i, _ in _credential_lines(lines, user, KIND_APOP)}
+        _write_lines(path, [line for i, line in enumerate(lines) if i not in old] + [line])
+    return secret
+
+
+def remove_credentials(path: Path, user: str) -> int:
+    """Remove every app password and the APOP secret of ``user`` (``popbox user del``);
+    the number of lines removed."""
+    validate_username(user)
+    path = _real(path)
+    if not path.exists():
+        return 0
+    with _locked(path):
+        lines = _read_lines(path)
+        gone = {
+            i
+            for kind in (KIND_APP, KIND_APOP)
+            for i, _ in _credential_lines(lines, user, kind)
+        }
+        if gone:
+            _write_lines(path, [line for i, line in enumerate(lines) if i not in gone])
+    return len(gone)

@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
-__all__ = ["SCRAM_HASHES", "PassDB", "ScramCredentials", "UserDirectory", "UserRecord"]
+__all__ = [
+    "SCRAM_HASHES",
+    "CachedUsers",
+    "PassDB", "ScramCredentials",
+    "UserDirectory",
+    "UserRecord",
+]
 
 # The SCRAM families a user database may be asked for (RFC 5802's SHA-1, RFC 7677's
 # SHA-256), named as the stored schemes are: a {SCRAM-SHA-256} key serves both
@@ -27,13 +33,18 @@ class UserRecord:
 
     ``quota_messages`` and ``quota_octets`` are None where no per-user rule exists
     (the configured default then applies). ``extra`` keeps every other extra field
-    (Dovecot's ``key=value`` fields) for plug-ins that want them.
+    (Dovecot's ``key=value`` fields): the login restrictions (auth.restrictions), the
+    mailbox policy, the ``mail`` location. ``home`` is the home directory ("" for
+    none). ``credential`` is set only on what ``verify`` returns: the label of the app
+    password that matched, or None for the user's own password.
     """
 
     name: str
     quota_messages: int | None = None
     quota_octets: int | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    home: str = ""
+    credential: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +76,11 @@ class PassDB(Protocol):
     async def verify(self, username: str, password: str) -> UserRecord | None:
         """Return the user if the password is right, None otherwise.
 
+        The user's own password or one of their app passwords is right; the record
+        returned names the app password's label in ``credential``. Login restrictions
+        in the extra fields (``allow_nets``, ``nologin``, ...) are the caller's to
+        apply (auth.restrictions): they need the client's address.
+
         Raises AuthError only when the database itself cannot be consulted.
         """
         ...
@@ -74,7 +90,8 @@ class PassDB(Protocol):
         ...
 
     async def plaintext_secret(self, username: str) -> str | None:
-        """The stored plaintext-equivalent secret, for APOP; None if not available."""
+        """The user's APOP secret (RFC 1939 section 7), a secret of its own that is
+        never the login password; None for a user who has none (no APOP for them)."""
         ...
 
     async def scram_credentials(self, username: str, hash_name: str) -> ScramCredentials:
@@ -95,4 +112,15 @@ class UserDirectory(Protocol):
 
     def users(self) -> list[UserRecord]:
         """Every user, as last loaded. May block (reads the file): run it in a thread."""
+        ...
+
+
+@runtime_checkable
+class CachedUsers(Protocol):
+    """A user database that keeps its users in memory (the passwd file does): the
+    store's mail location reads a user's home and ``mail`` field from it at every
+    login and delivery, on the event loop."""
+
+    def cached_record(self, username: str) -> UserRecord | None:
+        """The user as last loaded; no I/O (a lookup or verify loads changes)."""
         ...

@@ -1,5 +1,5 @@
 """An in-memory user database for tests: passwords in a dict, as they are or as stored
-``{SCHEME}`` values (a ``{SCRAM-SHA-256}`` key, say)."""
+``{SCHEME}`` values (a ``{SCRAM-SHA-256}`` key, say), and APOP secrets."""
 
 from __future__ import annotations
 
@@ -28,10 +28,14 @@ class MemoryPassDB:
         records: Mapping[str, UserRecord] | None = None,
         *,
         stored: Mapping[str, str] | None = None,
+        apop_secrets: Mapping[str, str] | None = None,
     ) -> None:
+        """``stored``: users with a stored ``{SCHEME}`` value instead of a password;
+        ``apop_secrets``: the users' APOP secrets (none by default: no APOP)."""
         self._passwords = dict(passwords)
         self._records = dict(records or {})
         self._stored = dict(stored or {})
+        self._apop_secrets = dict(apop_secrets or {})
 
     def set_password(self, username: str, password: str) -> None:
         self._passwords[username] = password
@@ -59,7 +63,7 @@ class MemoryPassDB:
         return self._record(username) if known else None
 
     async def plaintext_secret(self, username: str) -> str | None:
-        return self._passwords.get(username)
+        return self._apop_secrets.get(username) if username in self._passwords else None
 
     async def scram_credentials(self, username: str, hash_name: str) -> ScramCredentials:
         if hash_name not in SCRAM_HASHES:

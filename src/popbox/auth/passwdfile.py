@@ -5,8 +5,14 @@ everything after the password optional; ``#`` comments and blank lines are ignor
 Extra fields are space-separated ``key=value`` (or bare ``key``) pairs; the quota
 rules Dovecot reads from them (``userdb_quota_rule=*:storage=1G``,
 ``userdb_quota_rule2=*:messages=1000``, or the same without ``userdb_``) become the
-user's quota. Positional uid/gid/gecos/home/shell fields are accepted and ignored:
-popbox runs as one user and keeps mail under ``maildir_root/USER``.
+user's quota. The home field and the ``mail``/``userdb_mail`` extra field say where
+the user's Maildir is (store.location); uid, gid, gecos and shell are accepted and
+ignored: popbox runs as one user. The login restrictions (``allow_nets``,
+``nologin``, ``proxy``, ...) are kept in ``extra`` for the login broker
+(auth.restrictions); ``nopassword`` lets any password in only beside ``allow_nets``.
+``reason=`` runs to the end of the line, so nologin's reason may hold spaces.
+
+App passwords and APOP secrets come from a side file (auth.credentials).
 
 Usernames are case-sensitive, as in Dovecot's passwd-file by default.
 """
@@ -23,11 +29,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
 from popbox.auth.base import SCRAM_HASHES, ScramCredentials, UserRecord
+from popbox.auth.credentials import AppPassword, CredentialFile, app_password_key
 from popbox.auth.hasher import Hasher, shared_hasher
 from popbox.auth.names import is_valid_username, validate_username
 from popbox.auth.schemes import (
@@ -35,7 +42,6 @@ from popbox.auth.schemes import (
     cost_signature,
     hash_like,
     hash_password,
-    plaintext_of,
     problem_with,
     scram_credentials_of,
     scram_iterations_of,
@@ -70,10 +76,17 @@ PASSWD_FIELDS: Final = 8
 # Dovecot's quota rule keys: quota_rule, quota_rule2, ... with or without userdb_.
 QUOTA_RULE_KEY: Final = re.compile(r"(?:userdb_)?quota_rule\d*")
 
-# Extra fields with which Dovecot refuses or restricts a login in ways popbox cannot
-# check here (the peer address is not part of verify()); fail closed rather than let
-# a user in whom Dovecot would have kept out.
-FAIL_CLOSED_FIELDS: Final = frozenset({"nologin", "allow_nets", "allow_real_nets"})
+# Extra fields with which Dovecot refuses a login that popbox does not otherwise
+# honour: fail closed rather than let in a user whom Dovecot would have kept out.
+# (allow_nets, nologin, proxy, host are honoured by the login broker.)
+FAIL_CLOSED_FIELDS: Final = frozenset({"fail"})
+# Dovecot's "any password will do". Honoured only for a user bound to networks by
+# allow_nets: alone, it would open the mailbox to anyone who knows the name.
+NOPASSWORD: Final = "nopassword"
+# The extra field whose value runs to the end of the line (nologin's message).
+REST_OF_LINE_FIELD: Final = "reason"
+# The positional field that holds the home directory.
+HOME_FIELD: Final = 5
 
 # Dovecot's size suffixes, 1024-based; "storage=" without one is in kilobytes and
 # "bytes=" in bytes (Dovecot's quota rule parser).
@@ -110,11 +123,20 @@ def parse_size(value: str, default_unit: int = 1) -> int:
 
 
 def parse_extra_fields(text: str) -> dict[str, str]:
-    """Split Dovecot extra fields: ``a=1 b c=x=y`` -> {a: 1, b: "", c: x=y}."""
+    """Split Dovecot extra fields: ``a=1 b c=x=y`` -> {a: 1, b: "", c: x=y}.
+
+    ``reason=`` takes the rest of the line, spaces and all (it is a sentence).
+    """
     fields: dict[str, str] = {}
-    for token in text.split():
+    rest = text.strip()
+    while rest:
+        token, _, rest = rest.partition(" ")
+        rest = rest.lstrip()
         key, _, value = token.partition("=")
-        fields[key] = value
+        if key == REST_OF_LINE_FIELD and rest:
+            value, rest = f"{value} {rest}".strip(), ""
+        if key:
+            fields[key] = value
     return fields
 
 
@@ -173,10 +195,32 @@ def parse_line(line: str, line_number: int = 0) -> PasswdEntry | None:
         quota_messages=messages,
         quota_octets=octets,
         extra={k: v for k, v in extra.items() if QUOTA_RULE_KEY.fullmatch(k) is None},
+        home=fields[HOME_FIELD] if len(fields) > HOME_FIELD else "",
     )
     password = fields[1]
-    can_login = problem_with(password) is None and not FAIL_CLOSED_FIELDS & extra.keys()
+    if NOPASSWORD in extra:
+        # Dovecot's form is an empty password with nopassword; a hash beside it is moot.
+        can_login = "allow_nets" in extra and not FAIL_CLOSED_FIELDS & extra.keys()
+    else:
+        can_login = problem_with(password) is None and not FAIL_CLOSED_FIELDS & extra.keys()
     return PasswdEntry(record, password, line_number, can_login, problems)
+
+
+def why_not(entry: PasswdEntry) -> str:
+    """Why ``entry`` can never log in, for the log."""
+    extra = entry.record.extra
+    if NOPASSWORD in extra and "allow_nets" not in extra:
+        return "nopassword without allow_nets (any password from anywhere) is refused"
+    if FAIL_CLOSED_FIELDS & extra.keys():
+        fields = ", ".join(sorted(FAIL_CLOSED_FIELDS & extra.keys()))
+        return f"a field that refuses every login ({fields})"
+    return problem_with(entry.password) or "unusable password"
+
+
+def mail_fields(record: UserRecord) -> tuple[str, str]:
+    """``(home, mail)``: the home field and the ``mail`` (or ``userdb_mail``) field."""
+    extra = record.extra
+    return record.home, extra.get("userdb_mail") or extra.get("mail") or ""
 
 
 def parse_passwd(data: bytes, *, source: str) -> dict[str, PasswdEntry]:
@@ -202,30 +246,39 @@ def parse_passwd(data: bytes, *, source: str) -> dict[str, PasswdEntry]:
         for problem in entry.problems:
             log.warning("%s:%d: user %s: %s", source, number, name, problem)
         if not entry.can_login:
-            why = problem_with(entry.password) or "a field Dovecot uses to refuse logins"
-            log.warning("%s:%d: user %s cannot log in: %s", source, number, name, why)
+            log.warning("%s:%d: user %s cannot log in: %s", source, number, name, why_not(entry))
+        elif NOPASSWORD in entry.record.extra:
+            log.warning(
+                "%s:%d: user %s: nopassword: any password logs in from %s",
+                source, number, name, entry.record.extra["allow_nets"],
+            )
         entries[name] = entry
     return entries
 
 
-def check_file_safety(info: os.stat_result, path: Path) -> None:
+def check_file_safety(info: os.stat_result, path: Path, what: str = "passwd file") -> None:
     """Refuse a passwd file that someone else could write; warn if anyone can read it.
 
     Whoever can write the file can give themselves any user's mailbox, so a file that
     is group- or world-writable, or owned by a user other than us or root, is refused.
+    ``what`` names the file in the messages (the side file of app passwords too).
     """
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(
-            f"{path}: passwd file is writable by group or others "
+            f"{path}: {what} is writable by group or others "
             f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod go-w {path}"
         )
     if info.st_uid not in (0, os.geteuid()):
         raise ConfigError(
-            f"{path}: passwd file is owned by uid {info.st_uid}, who could rewrite it; "
+            f"{path}: {what} is owned by uid {info.st_uid}, who could rewrite it; "
             "it must belong to root or to the user popbox runs as"
         )
     if info.st_mode & stat.S_IROTH:
-        log.warning("%s: passwd file is readable by everyone; run: chmod o-r %s", path, path)
+        log.warning("%s: %s is readable by everyone; run: chmod o-r %s", path, what, path)
+
+
+def _check_side_file(info: os.stat_result, path: Path) -> None:
+    check_file_safety(info, path, "app-password file")
 
 
 def _stat_key(info: os.stat_result) -> tuple[int, ...]:
@@ -251,9 +304,15 @@ class PasswdFilePassDB:
         default_scheme: str = DEFAULT_SCHEME,
         check_interval: float = RELOAD_CHECK_INTERVAL,
         hasher: Hasher | None = None,
+        credentials: Path | None = None,
     ) -> None:
-        """``hasher`` runs the password checks (default: the process's shared one)."""
+        """``hasher`` runs the password checks (default: the process's shared one).
+        ``credentials``: the side file of app passwords and APOP secrets
+        (auth.credentials); without one, users have neither."""
         self._path = Path(path)
+        self._credentials = (
+            CredentialFile(credentials, _check_side_file) if credentials is not None else None
+        )
         self._hasher = hasher if hasher is not None else shared_hasher()
         self._check_interval = check_interval
         self._lock = threading.Lock()
@@ -287,16 +346,30 @@ class PasswdFilePassDB:
         except OSError as exc:
             log.error("%s: cannot read passwd file, keeping old users: %s", self._path, exc)
 
+    @property
+    def credentials_path(self) -> Path | None:
+        return self._credentials.path if self._credentials is not None else None
+
     def users(self) -> list[UserRecord]:
         """Every user in the file as last loaded, in file order."""
         self._maybe_refresh()
         return [entry.record for entry in self._entries.values()]
+
+    def cached_record(self, username: str) -> UserRecord | None:
+        """The user as last loaded, without looking at the file (auth.base.CachedUsers)."""
+        entry = self._entries.get(username)
+        return entry.record if entry is not None else None
 
     def _maybe_refresh(self) -> None:
         if self._may_have_changed():
             self._reload_changed()
 
     def _may_have_changed(self) -> bool:
+        """False when neither the passwd file nor the side file changed."""
+        side = self._credentials
+        return self._passwd_may_have_changed() or (side is not None and side.changed())
+
+    def _passwd_may_have_changed(self) -> bool:
         """False when the file is the one loaded (or refused): one stat(), any thread."""
         now = time.monotonic()
         if now - self._checked_at < self._check_interval:
@@ -314,7 +387,9 @@ class PasswdFilePassDB:
         return True
 
     def _reload_changed(self) -> None:
-        """Re-read the file if it changed (blocking: a worker thread's job)."""
+        """Re-read the files if they changed (blocking: a worker thread's job)."""
+        if self._credentials is not None:
+            self._credentials.refresh()
         try:
             self._refresh(force=False, strict=False)
         except OSError as exc:
@@ -386,21 +461,42 @@ class PasswdFilePassDB:
         if changed:
             self._reload_changed()
         entry = self._entry(username, check=False)
-        known = entry is not None and entry.can_login
-        stored = entry.password if entry is not None and known else self._dummy
-        # The hash runs whatever the outcome, so every failure costs the same work.
-        matched = verify_password(password, stored)
-        return entry.record if entry is not None and known and matched else None
+        if entry is None or not entry.can_login:
+            # The hash runs whatever the outcome, so every failure costs the same work.
+            verify_password(password, self._dummy)
+            return None
+        app = self._app_password(username, password)
+        if app is not None:
+            # Exactly one hash either way: the id in the password picked this one.
+            matched = verify_password(app[1], app[0].hashed)
+            return replace(entry.record, credential=app[0].label) if matched else None
+        matched = verify_password(password, entry.password or self._dummy)
+        if NOPASSWORD in entry.record.extra:
+            matched = True  # can_login: allow_nets is there, and the broker applies it
+        return entry.record if matched else None
+
+    def _app_password(self, username: str, password: str) -> tuple[AppPassword, str] | None:
+        """The user's app password this password names by its id, with the password
+        as it was hashed; None if it names none (then it is the user's own)."""
+        if self._credentials is None:
+            return None
+        key = app_password_key(password)
+        if key is None:
+            return None
+        app = self._credentials.app_password(username, key[0])
+        return (app, key[1]) if app is not None else None
 
     def _lookup_blocking(self, username: str) -> UserRecord | None:
         entry = self._entry(username)
         return entry.record if entry is not None else None
 
-    def _plaintext_blocking(self, username: str) -> str | None:
+    def _apop_blocking(self, username: str) -> str | None:
         entry = self._entry(username)
-        if entry is None or not entry.can_login:
+        if entry is None or not entry.can_login or self._credentials is None:
             return None
-        return plaintext_of(entry.password)
+        if NOPASSWORD in entry.record.extra:
+            return None  # any password, but not any APOP digest: there is no secret
+        return self._credentials.apop_secret(username)
 
     def _scram_blocking(self, username: str, hash_name: str, changed: bool) -> ScramCredentials:
         if changed:
@@ -441,8 +537,10 @@ class PasswdFilePassDB:
         return await asyncio.to_thread(self._lookup_blocking, username)
 
     async def plaintext_secret(self, username: str) -> str | None:
-        """The {PLAIN} password for APOP; None for hashed passwords and unknown users."""
-        return await asyncio.to_thread(self._plaintext_blocking, username)
+        """The user's APOP secret from the side file (never their password); None for
+        a user without one and for unknown users."""
+        return await asyncio.to_thread(self._apop_blocking, username)
+
 
 
 def _common_scram_iterations(entries: Iterable[PasswdEntry]) -> dict[str, int]:

@@ -171,7 +171,11 @@ class Deliverer:
         except InvalidUsername as exc:
             raise UnknownRecipient(f"{address}: {exc}") from exc
         try:
-            record = await self._passdb.lookup(recipient.user)
+            record = None
+            if recipient.qualified:
+                record = await self._passdb.lookup(recipient.qualified)
+            if record is None:
+                record = await self._passdb.lookup(recipient.user)
         except InvalidUsername as exc:
             raise UnknownRecipient(f"{address}: {exc}") from exc
         except AuthError as exc:

@@ -17,6 +17,10 @@ for a single-domain mailbox server behind an MTA:
   RFC 5321 lets the receiving side decide, and people type ``Alice@``.
 * A quoted local part (``"alice"@example.org``) is unquoted first (RFC 5321 section
   4.1.2), so ``"alice"`` and ``alice`` are the same mailbox.
+* Virtual users named with their domain (``alice@example.org`` in the passwd file,
+  Dovecot's ``auth_username_format = %Lu``, for ``mail_location`` with ``%d/%n``):
+  ``qualified`` is the user part with the lower-cased domain, and the Deliverer
+  looks that name up first, then the bare user part.
 
 The result is then checked with ``popbox.auth.validate_username``, the one definition
 of a user name: a name that can never be a user (a path trick, a control character,
@@ -29,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from popbox.auth.names import validate_username
+from popbox.auth.names import is_valid_username, validate_username
 from popbox.config import LmtpSettings
 from popbox.errors import UnknownRecipient
 
@@ -45,13 +49,16 @@ class Recipient:
 
     ``address`` is the recipient as the MTA gave it (it goes into ``Delivered-To``),
     ``user`` the user name it maps to, ``detail`` the part after the delimiter
-    (``lists`` in ``alice+lists@...``; empty when there is none).
+    (``lists`` in ``alice+lists@...``; empty when there is none), ``qualified`` the
+    user name with the domain (``alice@example.org``; "" without a domain or when
+    that can be no user name).
     """
 
     address: str
     user: str
     domain: str
     detail: str
+    qualified: str = ""
 
 
 def _unquote(quoted: str) -> str:
@@ -131,6 +138,11 @@ def parse_recipient(address: str, settings: LmtpSettings) -> Recipient:
         # Dovecot keep such a local part whole rather than map it to nobody.
         if cut > 0:
             user, detail = local[:cut], local[cut + 1 :]
+    qualified = f"{user}@{domain.lower().rstrip('.')}" if domain else ""
     return Recipient(
-        address=address, user=validate_username(user), domain=domain, detail=detail
+        address=address,
+        user=validate_username(user),
+        domain=domain,
+        detail=detail,
+        qualified=qualified if qualified and is_valid_username(qualified) else "",
     )

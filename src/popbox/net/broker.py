@@ -7,9 +7,11 @@ right to the shared mailbox too, the mailbox's user takes one of their session s
 and only then does a verified name reach the store, with the view the name asked for.
 
 Whatever can be guessed is refused alike: a wrong password, an unknown user, a name
-that can be no login, and a member login by someone the mailbox is not shared with
-all get the same ``-ERR [AUTH]``, after the same failure delay, and count against
-the address.
+that can be no login, a login from outside the user's ``allow_nets``, and a member
+login by someone the mailbox is not shared with all get the same ``-ERR [AUTH]``,
+after the same failure delay, and count against the address. The other restrictions
+of the user database's extra fields (auth.restrictions) come after a right password:
+``nologin`` answers with its reason, ``proxy``/``host`` with a permanent refusal.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import logging
 import math
 from typing import Final
 
-from popbox.auth.base import PassDB
+from popbox.auth.base import PassDB, UserRecord
+from popbox.auth.restrictions import LoginRefusal, RefusalKind, login_refusal
 from popbox.config import LimitSettings, MailboxSettings
 from popbox.errors import (
     AuthError,
@@ -62,6 +65,9 @@ TOO_MANY_USER_SESSIONS: Final = "Too many sessions for this user."
 # The name checked for a login name that can be no login: no user has it (auth.names),
 # so the check runs, and fails, exactly as for an unknown user.
 _NO_USER: Final = ""
+# The answer to a right password for an account the user database sends elsewhere
+# (Dovecot's proxy or login referral, which popbox does not do).
+TEXT_NOT_SERVED: Final = "This account is not served here."
 
 
 class Admitted:
@@ -102,9 +108,14 @@ class LoginBroker:
         penalty: AuthPenalty,
         limits: LimitSettings,
         mailbox: MailboxSettings,
+        *,
+        proxied: bool = False,
     ) -> None:
-        """ValueError (naming the setting) for separators that make names ambiguous."""
+        """ValueError (naming the setting) for separators that make names ambiguous.
+        ``proxied``: the sessions' addresses come from PROXY headers, so the peer of
+        the connection (allow_real_nets) is not the ``ip`` a login is given."""
         self._passdb = passdb
+        self._proxied = proxied
         self._store = store
         self._penalty = penalty
         self._limits = limits
@@ -139,9 +150,18 @@ class LoginBroker:
                 await fail_slowly(self._limits.auth_failure_delay)
             self._penalty.failed(ip)
 
-    async def log_in(self, event: LoginEvent, *, ip: str, session_id: str) -> Admitted | Refused:
+    async def log_in(
+        self,
+        event: LoginEvent,
+        *,
+        ip: str,
+        session_id: str,
+        real_ip: str | None = None,
+    ) -> Admitted | Refused:
         """Check ``event``'s credentials from ``ip`` and open the maildrop it names.
 
+        ``real_ip``: the connection's own peer when ``ip`` came from a PROXY header
+        (by default ``ip`` itself, unless the broker serves proxied connections).
         On ``Admitted`` the caller holds a session slot of the mailbox's user and gives
         it back with ``release_user`` when the session ends.
         """
@@ -165,6 +185,21 @@ class LoginBroker:
                 self._penalty.failed(ip)
             return Refused(outcome.code, outcome.text)
         login = outcome.record.name
+        if real_ip is None and not self._proxied:
+            real_ip = ip
+        refusal = login_refusal(outcome.record.extra, ip=ip, real_ip=real_ip)
+        if refusal is not None:
+            return await self._refuse_restricted(outcome.record, refusal, ip, session_id)
+        if outcome.record.credential is not None:
+            log.info(
+                "session=%s login=%s with app password %s",
+                session_id, login, outcome.record.credential,
+            )
+        elif isinstance(event, VerifiedLogin) and event.credential:
+            log.info(
+                "session=%s login=%s by %s with %s",
+                session_id, login, event.mechanism, event.credential,
+            )
         if name.shared:
             if mailbox is None or login not in self._mailbox.shared_with(mailbox.extra):
                 # The same refusal as a wrong password: whether the mailbox exists or
@@ -189,6 +224,24 @@ class LoginBroker:
             policy=self._mailbox.policy_for(mailbox.extra, user=user),
         )
         return await self._open(user, login, view, session_id)
+
+    async def _refuse_restricted(
+        self, record: UserRecord, refusal: LoginRefusal, ip: str, session_id: str
+    ) -> Refused:
+        """Refuse a right password that the user's extra fields do not let in."""
+        log.info(
+            "session=%s login=%s refused by the %s field%s",
+            session_id, record.name, refusal.field,
+            f": {refusal.detail}" if refusal.detail else "",
+        )
+        if refusal.kind is RefusalKind.AS_WRONG_PASSWORD:
+            await fail_slowly(self._limits.auth_failure_delay)
+            self._penalty.failed(ip)
+            return Refused(CODE_AUTH, TEXT_AUTH_FAILED)
+        if refusal.kind is RefusalKind.NOLOGIN:
+            # Dovecot: "-ERR [AUTH] reason"; the password was right, so no penalty.
+            return Refused(CODE_AUTH, refusal.reason or TEXT_AUTH_FAILED)
+        return Refused(CODE_SYS_PERM, TEXT_NOT_SERVED)
 
     async def _open(
         self, user: str, login: str, view: MailboxView, session_id: str

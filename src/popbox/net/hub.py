@@ -98,7 +98,14 @@ class SessionHub:
         self.login_sessions = 0
         self.penalty = AuthPenalty(config.limits.auth_penalty_max)
         try:
-            self.broker = LoginBroker(passdb, store, self.penalty, config.limits, config.mailbox)
+            self.broker = LoginBroker(
+                passdb,
+                store,
+                self.penalty,
+                config.limits,
+                config.mailbox,
+                proxied=config.pop3.proxy_protocol,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         # EXPIRE and LOGIN-DELAY before login (net.announce): sessions made from now

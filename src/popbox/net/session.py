@@ -358,7 +358,16 @@ class Pop3Session(asyncio.Protocol):
         await self._login(conn, verified)
 
     async def _login(self, conn: ServerConnection, event: LoginEvent) -> None:
-        login = await self._hub.broker.log_in(event, ip=self._ip, session_id=self._stats.session_id)
+        real_ip = None
+        transport = self._flow.transport
+        if self._hub.config.pop3.proxy_protocol and transport is not None:
+            # allow_real_nets is about the connection's own peer (the proxy), not the
+            # address its PROXY header named.
+            peer = transport.get_extra_info("peername")
+            real_ip = str(peer[0]) if peer else None
+        login = await self._hub.broker.log_in(
+            event, ip=self._ip, real_ip=real_ip, session_id=self._stats.session_id
+        )
         if isinstance(login, Refused):
             conn.login_failed(login.code, login.text)
             return

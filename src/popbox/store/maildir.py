@@ -1,4 +1,5 @@
-"""The Maildir mail store: each user's mail in ``root/USER/{cur,new,tmp}``.
+"""The Maildir mail store: each user's mail in ``root/USER/{cur,new,tmp}``, or where a
+``MailLocation`` (store.location) says.
 
 Interchangeable with Postfix, Dovecot, getmail and mutt: any Maildir name in new/ or
 cur/ is a message, with or without ``,S=``/``,W=`` sizes and ``:2,FLAGS`` info. A
@@ -57,6 +58,7 @@ from popbox.fileio import FileLock
 from popbox.store.base import Usage
 from popbox.store.index_cache import IndexCache, LoadedIndex
 from popbox.store.index_file import index_signature, signature_of, write_index
+from popbox.store.location import MailLocation
 from popbox.store.mailbox import (
     DAY,
     DEFAULT_DEVICE,
@@ -101,7 +103,8 @@ INLINE_OPEN_MAX_NEW_BYTES: Final = 16 * 1024
 
 class MaildirStore:
     """Maildirs under ``root``: ``root/USER`` holds one user's cur/, new/ and tmp/,
-    and ``root/USER/.NAME`` the user's folder NAME."""
+    and ``root/USER/.NAME`` the user's folder NAME (or the Maildir the location names,
+    and ``.NAME`` inside it)."""
 
     def __init__(
         self,
@@ -111,18 +114,21 @@ class MaildirStore:
         save_crlf: bool = False,
         index_cache: IndexCache | None = None,
         clock: Callable[[], float] = time.time,
+        location: MailLocation | None = None,
     ) -> None:
         """``save_crlf``: store delivered mail with CRLF line ends (``storage.save_crlf``,
         on by default in the config; off here, so a store made in code keeps bytes).
         ``index_cache``: where parsed indexes wait between sessions (one of its own if
         not given). ``clock``: the time the store believes it is (logins, retention,
-        the time in new names), so tests move days forward without sleeping."""
+        the time in new names), so tests move days forward without sleeping.
+        ``location``: where each user's Maildir is (store.location); ``root/USER``
+        when not given."""
         self._root = Path(root)
         # Parsed indexes of folders no session holds; each maildrop opened is given
         # the cache and hands its index back to it when its session ends.
         self._index_cache = index_cache if index_cache is not None else IndexCache()
         self._clock = clock
-        self._mailboxes = Mailboxes(self._root, self._index_cache, tmp_sweep_interval)
+        self._mailboxes = Mailboxes(self._root, self._index_cache, tmp_sweep_interval, location)
         self._delivery = MaildirDelivery(
             save_crlf=save_crlf, make_maildir=self._mailboxes.ensure_maildir, clock=clock
         )

@@ -1,13 +1,14 @@
 """Where a user's folders live under the Maildir root, and opening one under its lock.
 
-INBOX is the user's Maildir, ``root/USER``; every other folder is a Maildir++ folder
+INBOX is the user's Maildir, ``root/USER`` unless a ``MailLocation`` (store.location)
+puts it elsewhere; every other folder is a Maildir++ folder
 inside it, ``root/USER/.NAME`` (``.lists.python`` for the nested ``lists.python``),
 with its own cur/, new/ and tmp/ and an empty ``maildirfolder`` file, as Dovecot and
 Courier make and read them. Each folder is a Maildir of its own for popbox too: its
 own lock, index and device state (store.maildir_state). Folder names are checked by
 store.mailbox.check_folder_name, so no name reaches outside the user's Maildir.
 
-``Mailboxes`` keeps what a worker process knows about the Maildirs under one root
+``Mailboxes`` keeps what a worker process knows about the users' Maildirs
 (joined paths, which Maildirs are complete, when tmp/ was last swept) and brings a
 locked folder's index and state up to date, for a login and for upkeep alike.
 """
@@ -34,6 +35,7 @@ from popbox.store.index_file import (
     signature_of,
     write_index,
 )
+from popbox.store.location import MailLocation, UnderRoot
 from popbox.store.mailbox import INBOX, check_folder_name, is_inbox
 from popbox.store.maildir_state import STATE_NAME, read_state
 from popbox.store.maildir_sync import reconcile
@@ -88,12 +90,14 @@ class FolderLayout:
     string and hash, so the stats and set lookups of every later login are cheaper.
     """
 
-    __slots__ = ("cur", "index", "lock", "maildir", "new", "place", "state")
+    __slots__ = ("base", "cur", "index", "lock", "maildir", "new", "place", "state")
 
-    def __init__(self, user: str, folder: str, maildir: Path) -> None:
+    def __init__(self, user: str, folder: str, maildir: Path, base: Path) -> None:
         key = user if folder == INBOX else f"{user}/.{folder}"
         self.place = FolderPlace(user, folder, maildir, key)
         self.maildir = maildir
+        self.base = base
+        """The user's Maildir (INBOX), which holds this folder."""
         self.lock = maildir / LOCK_NAME
         self.index = maildir / INDEX_NAME
         self.state = maildir / STATE_NAME
@@ -107,8 +111,16 @@ class Mailboxes:
     Sets and dicts here are safe across the worker threads for single operations.
     """
 
-    def __init__(self, root: Path, cache: IndexCache, tmp_sweep_interval: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cache: IndexCache,
+        tmp_sweep_interval: float,
+        location: MailLocation | None = None,
+    ) -> None:
+        """``location``: where each user's Maildir is (``root/USER`` if not given)."""
         self.root = root
+        self.location: MailLocation = location if location is not None else UnderRoot(root)
         self._cache = cache
         # Maildirs known to have cur/, new/ and tmp/ (a login that finds one missing
         # after all makes it again), and when this process last swept each tmp/.
@@ -126,11 +138,18 @@ class Mailboxes:
         layout = self._layouts.get((user, folder))
         if layout is None:
             check_user(user)
-            name = check_folder_name(folder)
-            maildir = self.root / user if name == INBOX else self.root / user / f".{name}"
-            if len(self._layouts) >= MAX_LAYOUTS:
-                self._layouts.clear()  # forgetting only costs the joins again
-            layout = self._layouts[(user, folder)] = FolderLayout(user, name, maildir)
+            base = self.location.maildir(user)
+        else:
+            # The location may have moved (a changed home or mail field): the same
+            # Path object while it has not, so this costs an identity check.
+            base = self.location.maildir(user)
+            if base is layout.base or base == layout.base:
+                return layout
+        name = check_folder_name(folder)
+        maildir = base if name == INBOX else base / f".{name}"
+        if len(self._layouts) >= MAX_LAYOUTS:
+            self._layouts.clear()  # forgetting only costs the joins again
+        layout = self._layouts[(user, folder)] = FolderLayout(user, name, maildir, base)
         return layout
 
     def layouts_kept(self) -> int:
@@ -151,13 +170,13 @@ class Mailboxes:
         if folder and maildir.parent not in self._known:
             self.ensure_maildir(maildir.parent)
         created = False
-        parents = () if folder else (self.root,)
-        for path in (*parents, maildir):
-            try:
-                path.mkdir(mode=DIR_MODE)
-                created = True
-            except FileExistsError:
-                pass
+        if not folder:
+            created = _make_parents(maildir.parent)
+        try:
+            maildir.mkdir(mode=DIR_MODE)
+            created = True
+        except FileExistsError:
+            pass
         if folder and not stat.S_ISDIR(os.lstat(maildir).st_mode):
             # A symlink (or a file) in its place would take mail out of the user's Maildir.
             raise PermanentStoreError(f"{maildir.name} is not a folder of {maildir.parent.name}")
@@ -315,6 +334,24 @@ def _load_or_rebuild(user: str, maildir: Path, lock: FileLock) -> tuple[MaildirI
     uidvalidity = max(int(time.time()), floor + 1)
     record_uidvalidity(lock, uidvalidity)
     return MaildirIndex(uidvalidity=uidvalidity), True
+
+
+def _make_parents(directory: Path) -> bool:
+    """Make ``directory`` and its missing parents, each private (``mkdir -p -m 700``):
+    a location such as ``/var/vmail/%d/%n/Maildir`` needs the domain's directory."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue
+        fsync_dir(path.parent)
+    return bool(missing)
 
 
 def _remove_stale_tmp(tmp: Path) -> None:
