@@ -116,7 +116,8 @@ def _run_maildir(
                     outcome = ImportOutcome(plan)
                     outcome.error = (
                         f"{source} is not {user}'s Maildir in popbox's store ({target}): "
-                        "use --copy to copy it in, or point storage.maildir_root at the old tree"
+                        "use --copy to copy it in, or point storage.mail_location (or "
+                        "maildir_root) at the old tree"
                     )
                 elif options.dry_run:
                     outcome = ImportOutcome(plan)

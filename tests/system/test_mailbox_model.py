@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from support.interop import require
+from support.mailclients import FetchmailDevice, MpopDevice
 from support.serverproc import (
     PASSWORD,
     POPBOX,
@@ -57,112 +58,12 @@ def deliver(server: ServerProcess, *numbers: int, recipient: str = "alice") -> N
         assert deliver_lmtp(server.lmtp_port, recipient, message(number)) == 250
 
 
-class Mpop:
-    """One mpop instance: a device with its own UIDL file and Maildir."""
-
-    def __init__(self, server: ServerProcess, workdir: Path, user: str, *, keep: bool) -> None:
-        self.server = server
-        self.workdir = workdir
-        self.user = user
-        self.keep = keep
-        self.maildir = workdir / "Maildir"
-        for sub in ("cur", "new", "tmp"):
-            (self.maildir / sub).mkdir(parents=True, exist_ok=True)
-        self.password = workdir / "password"
-        self.password.write_text(PASSWORD)
-        self.password.chmod(0o600)
-
-    def run(self) -> None:
-        result = subprocess.run(
-            [
-                require("mpop"),
-                "--host=127.0.0.1",
-                f"--port={self.server.pop3_port}",
-                "--timeout=30",
-                "--tls=off",
-                "--auth=user",
-                f"--user={self.user}",
-                f"--passwordeval=cat {self.password}",
-                f"--delivery=maildir,{self.maildir}",
-                f"--uidls-file={self.workdir / 'uidls'}",
-                "--received-header=off",
-                "--only-new=on",
-                f"--keep={'on' if self.keep else 'off'}",
-                "--half-quiet",
-            ],
-            capture_output=True,
-            env={"HOME": str(self.workdir), "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
-            timeout=60,
-            check=False,
-        )
-        # mpop exits 0, or EX_TEMPFAIL-free 0 when there is nothing new.
-        assert result.returncode == 0, (result.stdout + result.stderr).decode(errors="replace")
-
-    def numbers(self) -> list[int]:
-        """The message numbers this device has downloaded, every copy counted."""
-        found = []
-        for path in (self.maildir / "new").iterdir():
-            subject = next(
-                line for line in path.read_bytes().splitlines() if line.startswith(b"Subject:")
-            )
-            found.append(int(subject.split()[1]))
-        return sorted(found)
-
-
-class Fetchmail:
-    """One fetchmail instance as a device: its own id file, one file per message."""
-
-    MDA = '#!/bin/sh\nexec cat > "$(mktemp "$1/msg.XXXXXXXX")"\n'
-
-    def __init__(self, server: ServerProcess, workdir: Path, user: str, *, keep: bool) -> None:
-        self.workdir = workdir
-        self.outdir = workdir / "delivered"
-        self.outdir.mkdir(parents=True)
-        mda = workdir / "mda.sh"
-        mda.write_text(self.MDA)
-        mda.chmod(0o700)
-        self.rc = workdir / "fetchmailrc"
-        # sslproto '' keeps fetchmail from trying STLS on the server's own certificate.
-        self.rc.write_text(
-            "set no syslog\n"
-            f"poll 127.0.0.1 port {server.pop3_port} protocol pop3 timeout 30\n"
-            f"  user '{user}' there with password '{PASSWORD}' is 'me' here\n"
-            "  sslproto ''\n"
-            f'  mda "{mda} {self.outdir}"\n'
-            f"  fetchall {'keep' if keep else 'nokeep'}\n"
-        )
-        self.rc.chmod(0o600)
-
-    def run(self) -> None:
-        result = subprocess.run(
-            [
-                require("fetchmail"), "--nodetach", "--daemon", "0", "--nosyslog",
-                "--fetchmailrc", str(self.rc), "--idfile", str(self.workdir / "fetchids"),
-                "--pidfile", str(self.workdir / "fetchmail.pid"),
-            ],
-            capture_output=True,
-            env={"HOME": str(self.workdir), "FETCHMAILHOME": str(self.workdir),
-                 "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
-            timeout=60,
-            check=False,
-        )
-        # 1 is fetchmail's "no new mail".
-        assert result.returncode in (0, 1), (result.stdout + result.stderr).decode(errors="replace")
-
-    def numbers(self) -> list[int]:
-        found = []
-        for path in self.outdir.iterdir():
-            subject = next(
-                line for line in path.read_bytes().splitlines() if line.startswith(b"Subject:")
-            )
-            found.append(int(subject.split()[1]))
-        return sorted(found)
-
-
-def device(server: ServerProcess, tmp_path: Path, name: str, *, keep: bool = True) -> Mpop:
+def device(
+    server: ServerProcess, tmp_path: Path, name: str, *, keep: bool = True
+) -> MpopDevice:
     workdir = tmp_path / f"device-{name}"
     workdir.mkdir()
-    return Mpop(server, workdir, f"alice~{name}", keep=keep)
+    return MpopDevice(workdir, f"alice~{name}", PASSWORD, keep=keep)
 
 
 def folder_files(server: ServerProcess, user: str, folder: str = "") -> list[Path]:
@@ -198,12 +99,12 @@ def test_two_devices_that_leave_mail_each_get_every_message_once(
     phone = device(server, tmp_path, "phone")
     laptop = device(server, tmp_path, "laptop")
     deliver(server, 1, 2, 3)
-    phone.run()
-    laptop.run()
-    phone.run()  # nothing new: no second copy
+    phone.run(server.pop3_port)
+    laptop.run(server.pop3_port)
+    phone.run(server.pop3_port)  # nothing new: no second copy
     deliver(server, 4)
-    laptop.run()
-    phone.run()
+    laptop.run(server.pop3_port)
+    phone.run(server.pop3_port)
     assert phone.numbers() == laptop.numbers() == [1, 2, 3, 4]
     assert len(folder_files(server, "alice")) == 4
 
@@ -214,15 +115,15 @@ def test_a_device_that_deletes_takes_nothing_from_the_others(
     phone = device(server, tmp_path, "phone")
     laptop = device(server, tmp_path, "laptop")
     desk_dir = tmp_path / "device-desk"
-    desk = Fetchmail(server, desk_dir, "alice~desk", keep=False)
-    phone.run()
-    laptop.run()  # both known to the mailbox before the mail comes
+    desk = FetchmailDevice(desk_dir, "alice~desk", PASSWORD, keep=False)
+    phone.run(server.pop3_port)
+    laptop.run(server.pop3_port)  # both known to the mailbox before the mail comes
     deliver(server, 1, 2)
-    desk.run()
-    desk.run()
+    desk.run(server.pop3_port)
+    desk.run(server.pop3_port)
     assert desk.numbers() == [1, 2]
-    phone.run()
-    laptop.run()
+    phone.run(server.pop3_port)
+    laptop.run(server.pop3_port)
     assert phone.numbers() == laptop.numbers() == [1, 2]
     assert len(folder_files(server, "alice")) == 2
 
@@ -232,12 +133,12 @@ def test_when_every_active_device_deleted_it_goes_to_trash_then_leaves(
 ) -> None:
     phone = device(server, tmp_path, "phone", keep=False)
     laptop = device(server, tmp_path, "laptop", keep=False)
-    phone.run()
-    laptop.run()
+    phone.run(server.pop3_port)
+    laptop.run(server.pop3_port)
     deliver(server, 1)
-    phone.run()
+    phone.run(server.pop3_port)
     assert len(folder_files(server, "alice")) == 1  # the laptop still wants it
-    laptop.run()
+    laptop.run(server.pop3_port)
     assert phone.numbers() == laptop.numbers() == [1]
     assert folder_files(server, "alice") == []
     assert len(folder_files(server, "alice", "Trash")) == 1
@@ -254,7 +155,7 @@ def test_recent_mode_reoffers_a_message_another_device_took(
     desk = device(server, tmp_path, "desk", keep=False)
     login(server, "alice~laptop").quit()  # a device that holds the mail on the server
     deliver(server, 1)
-    desk.run()
+    desk.run(server.pop3_port)
     assert desk.numbers() == [1]
     # The same UIDL as the desk saw, through curl's URL form of the login name.
     result = subprocess.run(
@@ -294,8 +195,8 @@ def test_lmtp_to_a_detail_address_lands_in_the_folder_and_a_folder_login_reads_i
         assert inbox.stat()[0] == 0
     finally:
         inbox.quit()
-    reader = Mpop(server, tmp_path, "alice+invoices", keep=True)
-    reader.run()
+    reader = MpopDevice(tmp_path, "alice+invoices", PASSWORD)
+    reader.run(server.pop3_port)
     assert reader.numbers() == [7]
 
 

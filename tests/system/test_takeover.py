@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from support.dovecot import MAIL_GID, MAIL_UID, DovecotServer
-from support.interop import require
+from support.mailclients import FetchmailDevice, MpopDevice
 from support.serverproc import POPBOX, ServerProcess, deliver_lmtp, make_server
 
 pytestmark = pytest.mark.interop
 
 PASSWORD = "secret"  # both Dovecot's and popbox's test password
+Devices = tuple[MpopDevice, FetchmailDevice]
 HOST = "127.0.0.1"  # clients key their state by user and host: the same for both servers
 
 
@@ -34,122 +35,6 @@ def message(number: int, size: int = 0) -> bytes:
         f"Message-ID: <m{number}@takeover.test>\r\nSubject: {number}\r\n\r\n{number}\r\n".encode()
         + padding
     )
-
-
-def subjects(paths: list[Path]) -> list[int]:
-    found = []
-    for path in paths:
-        line = next(x for x in path.read_bytes().splitlines() if x.startswith(b"Subject:"))
-        found.append(int(line.split()[1]))
-    return sorted(found)
-
-
-class Mpop:
-    """mpop keeping mail on the server, with its own UIDL file."""
-
-    def __init__(self, workdir: Path, ca: Path) -> None:
-        self.workdir = workdir
-        self.ca = ca
-        self.maildir = workdir / "Maildir"
-        for sub in ("cur", "new", "tmp"):
-            (self.maildir / sub).mkdir(parents=True, exist_ok=True)
-        self.password = workdir / "password"
-        self.password.write_text(PASSWORD)
-        self.password.chmod(0o600)
-
-    def run(self, port: int, *, tls: bool) -> None:
-        security = (
-            ["--tls=on", "--tls-starttls=off", f"--tls-trust-file={self.ca}"]
-            if tls
-            else ["--tls=off"]
-        )
-        result = subprocess.run(
-            [
-                require("mpop"),
-                f"--host={HOST}",
-                f"--port={port}",
-                "--timeout=30",
-                *security,
-                "--auth=user",
-                "--user=alice",
-                f"--passwordeval=cat {self.password}",
-                f"--delivery=maildir,{self.maildir}",
-                f"--uidls-file={self.workdir / 'uidls'}",
-                "--received-header=off",
-                "--only-new=on",
-                "--keep=on",
-                "--half-quiet",
-            ],
-            capture_output=True,
-            env={"HOME": str(self.workdir), "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, (result.stdout + result.stderr).decode(errors="replace")
-
-    def numbers(self) -> list[int]:
-        return subjects(list((self.maildir / "new").iterdir()))
-
-
-class Fetchmail:
-    """fetchmail with ``keep``, its own id file, one file per downloaded message."""
-
-    MDA = '#!/bin/sh\nexec cat > "$(mktemp "$1/msg.XXXXXXXX")"\n'
-
-    def __init__(self, workdir: Path, ca: Path) -> None:
-        self.workdir = workdir
-        self.ca = ca
-        self.outdir = workdir / "delivered"
-        self.outdir.mkdir(parents=True)
-        self.mda = workdir / "mda.sh"
-        self.mda.write_text(self.MDA)
-        self.mda.chmod(0o700)
-
-    def run(self, port: int, *, tls: bool) -> None:
-        rc = self.workdir / "fetchmailrc"
-        security = (
-            f"  ssl sslcertck sslcertfile '{self.ca}' sslcommonname 'localhost'\n"
-            if tls
-            else "  sslproto ''\n"
-        )
-        rc.write_text(
-            "set no syslog\n"
-            f"poll {HOST} port {port} protocol pop3 uidl timeout 30\n"
-            f"  user 'alice' there with password '{PASSWORD}' is 'me' here\n"
-            f"{security}"
-            f'  mda "{self.mda} {self.outdir}"\n'
-            "  keep\n"
-        )
-        rc.chmod(0o600)
-        result = subprocess.run(
-            [
-                require("fetchmail"),
-                "--nodetach",
-                "--daemon",
-                "0",
-                "--nosyslog",
-                "--fetchmailrc",
-                str(rc),
-                "--idfile",
-                str(self.workdir / "fetchids"),
-                "--pidfile",
-                str(self.workdir / "fetchmail.pid"),
-            ],
-            capture_output=True,
-            env={
-                "HOME": str(self.workdir),
-                "FETCHMAILHOME": str(self.workdir),
-                "PATH": "/usr/bin:/bin",
-                "LC_ALL": "C",
-            },
-            timeout=60,
-            check=False,
-        )
-        # 1 is fetchmail's "no new mail".
-        assert result.returncode in (0, 1), (result.stdout + result.stderr).decode(errors="replace")
-
-    def numbers(self) -> list[int]:
-        return subjects(list(self.outdir.iterdir()))
 
 
 def popbox_import(server: ServerProcess, *args: str) -> str:
@@ -165,20 +50,23 @@ def popbox_import(server: ServerProcess, *args: str) -> str:
 
 
 @pytest.fixture
-def clients(tmp_path: Path, tls_files: object) -> tuple[Mpop, Fetchmail]:
+def clients(tmp_path: Path, tls_files: object) -> Devices:
     ca = tls_files.ca  # type: ignore[attr-defined]
     (tmp_path / "mpop").mkdir()
     (tmp_path / "fetchmail").mkdir()
-    return Mpop(tmp_path / "mpop", ca), Fetchmail(tmp_path / "fetchmail", ca)
+    return (
+        MpopDevice(tmp_path / "mpop", "alice", PASSWORD, ca=ca),
+        FetchmailDevice(tmp_path / "fetchmail", "alice", PASSWORD, ca=ca),
+    )
 
 
-def download_from_dovecot(dovecot: DovecotServer, clients: tuple[Mpop, Fetchmail]) -> None:
+def download_from_dovecot(dovecot: DovecotServer, clients: Devices) -> None:
     for client in clients:
         client.run(dovecot.pop3s_port, tls=True)
         assert client.numbers() == [1, 2, 3]
 
 
-def check_after_switch(server: ServerProcess, clients: tuple[Mpop, Fetchmail]) -> None:
+def check_after_switch(server: ServerProcess, clients: Devices) -> None:
     """Zero messages from popbox, then exactly the one delivered to it."""
     for client in clients:
         client.run(server.pop3_port, tls=False)
@@ -199,7 +87,7 @@ def popbox_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def test_dovecot_maildir_in_place(
-    dovecot: DovecotServer, clients: tuple[Mpop, Fetchmail], tmp_path: Path
+    dovecot: DovecotServer, clients: Devices, tmp_path: Path
 ) -> None:
     for number in (1, 2, 3):
         dovecot.add_message("alice", message(number))
@@ -223,7 +111,7 @@ def test_dovecot_maildir_in_place(
 
 def test_dovecot_live_over_pop3(
     dovecot: DovecotServer,
-    clients: tuple[Mpop, Fetchmail],
+    clients: Devices,
     popbox_server: ServerProcess,
     tls_files: object,
 ) -> None:
@@ -273,7 +161,7 @@ def courier_maildir(root: Path, uidvalidity: int) -> list[tuple[str, str]]:
 
 
 def test_courier_maildir_in_place(
-    dovecot: DovecotServer, clients: tuple[Mpop, Fetchmail], tmp_path: Path
+    dovecot: DovecotServer, clients: Devices, tmp_path: Path
 ) -> None:
     box = dovecot.maildir("alice")
     served = courier_maildir(box, uidvalidity=1234567)
