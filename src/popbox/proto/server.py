@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Final, Literal
 
 from popbox.proto import replies
@@ -29,20 +28,24 @@ from popbox.proto.events import (
     SaslExchange,
     StartTls,
 )
-from popbox.proto.lines import LINE_TOO_LONG, MAX_COMMAND_LINE, MAX_SASL_LINE, LineReader
+from popbox.proto.lines import LINE_TOO_LONG, LineReader
 from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP, err, ok
 from popbox.proto.sasl import (
     CORE_MECHANISMS,
-    MECHANISMS,
     PLAINTEXT_MECHANISMS,
     Challenge,
     Credentials,
     Mechanism,
     SaslStep,
     decode_response,
-    is_mechanism_name,
     needs_channel_binding,
     new_mechanism,
+)
+from popbox.proto.settings import (
+    MAX_AUTH_FAILURES,
+    MAX_BAD_COMMANDS,
+    ServerSettings,
+    check_expire,
 )
 from popbox.proto.snapshot import MessageLike, Snapshot
 from popbox.proto.state import SessionState, accepts, next_state
@@ -55,10 +58,6 @@ __all__ = [
     "ServerSettings",
 ]
 
-# Dovecot's CLIENT_MAX_BAD_COMMANDS: a client that keeps sending garbage is cut off.
-MAX_BAD_COMMANDS: Final = 20
-# Dovecot disconnects after 3 failed authentications on one connection.
-MAX_AUTH_FAILURES: Final = 3
 # asyncio's default write-buffer high-water mark: past it the core stops answering
 # pipelined commands (event FLUSH) until the glue has written and drained.
 OUTPUT_HIGH_WATER: Final = 64 * 1024
@@ -69,63 +68,6 @@ PLAINTEXT_DISALLOWED: Final = (
 # RFC 6856 section 3: the languages LANG offers, each with its description. Every
 # reply popbox writes is English; "i-default" (RFC 2277) and "*" select it too.
 LANGUAGES: Final = (("en", "English"),)
-# RFC 2449 section 4 is the floor for a command line; less breaks real clients.
-_MIN_LINE: Final = 255
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What one server offers; the same for every connection.
-
-    ``expire`` and ``login_delay`` are what CAPA announces before login (RFC 2449
-    sections 6.5 and 6.7): where users have values of their own, the smallest
-    retention and the largest delay that any user has, with ``*_per_user`` set so
-    that CAPA adds the USER tag; ``login_succeeded`` then gives the user's own.
-    """
-
-    implementation: str = "popbox"
-    expire: str = "NEVER"
-    """EXPIRE: days or NEVER."""
-    expire_per_user: bool = False
-    login_delay: int = 0
-    """LOGIN-DELAY in seconds; 0 (and not per user) leaves the capability out."""
-    login_delay_per_user: bool = False
-    apop_enabled: bool = False
-    mechanisms: tuple[str, ...] = MECHANISMS
-    """The SASL mechanisms offered, in the order CAPA lists them. PLAIN and LOGIN the
-    core runs itself; any other is the glue's (events.SaslExchange). Password and
-    token mechanisms are listed only where plaintext logins are allowed, ``-PLUS``
-    ones only inside TLS."""
-    hostname: str = "localhost"
-    max_command_line: int = MAX_COMMAND_LINE
-    max_sasl_line: int = MAX_SASL_LINE
-    max_bad_commands: int = MAX_BAD_COMMANDS
-    max_auth_failures: int = MAX_AUTH_FAILURES
-
-    def __post_init__(self) -> None:
-        _check_expire(self.expire)
-        if self.login_delay < 0:
-            raise ValueError("login_delay must be 0 or more seconds")
-        for name in ("implementation", "hostname"):
-            value: str = getattr(self, name)
-            if not value or not value.isascii() or not value.isprintable() or " " in value:
-                raise ValueError(f"{name} must be printable ASCII without spaces")
-        if min(self.max_command_line, self.max_sasl_line) < _MIN_LINE:
-            raise ValueError(f"line limits must be at least {_MIN_LINE} octets")
-        if min(self.max_bad_commands, self.max_auth_failures) < 1:
-            raise ValueError("max_bad_commands and max_auth_failures must be at least 1")
-        for name in self.mechanisms:
-            if not is_mechanism_name(name):
-                raise ValueError(f"{name!r} is not a SASL mechanism name (RFC 4422)")
-        if len(set(self.mechanisms)) != len(self.mechanisms):
-            raise ValueError("a SASL mechanism is listed twice")
-
-
-def _check_expire(expire: str) -> None:
-    if expire != "NEVER" and not (expire.isascii() and expire.isdigit()):
-        raise ValueError("expire must be a number of days or NEVER")
-
-
 _OK_LINE: Final = b"+OK\r\n"
 
 
@@ -274,7 +216,7 @@ class ServerConnection:
         values, which CAPA shows from now on; None keeps the server's.
         """
         if expire is not None:
-            _check_expire(expire)
+            check_expire(expire)
         if login_delay is not None and login_delay < 0:
             raise ValueError("login_delay must be 0 or more seconds")
         self._expect_login()
