@@ -74,6 +74,21 @@ async def test_revocation_takes_effect_on_the_next_login_without_a_restart(
         revoke_app_password(side, "alice", "phone")
 
 
+async def test_a_removed_side_file_takes_the_app_passwords_with_it(
+    write_passwd: WritePasswd, side: Path
+) -> None:
+    # Unlike the passwd file (whose users stay when it vanishes), the side file only
+    # adds ways in: once it is gone, so are they; the main password still works.
+    db = open_db(write_passwd(f"alice:{ALICE}\n"), side)
+    phone = add(side, "alice", "phone")
+    assert await db.verify("alice", phone) is not None
+    side.unlink()
+    assert await db.verify("alice", phone) is None
+    assert await db.verify("alice", "alice-pw") is not None
+    laptop = add(side, "alice", "laptop")  # and a new file is read again
+    assert await db.verify("alice", laptop) is not None
+
+
 async def test_an_app_password_belongs_to_its_user_only(
     write_passwd: WritePasswd, side: Path
 ) -> None:

@@ -26,15 +26,14 @@ import logging
 import os
 import re
 import secrets
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Final
 
 from popbox.auth.names import is_valid_username
 from popbox.auth.schemes import plaintext_of, problem_with
-from popbox.errors import ConfigError
+from popbox.auth.watched import WatchedFile
 
 __all__ = [
     "APP_PASSWORD_ALPHABET",
@@ -46,7 +45,6 @@ __all__ = [
     "CredentialFile",
     "Credentials",
     "UserCredentials",
-    "WatchedFile",
     "app_password_key",
     "check_label",
     "generate_apop_secret",
@@ -180,85 +178,6 @@ def _add_line(users: Credentials, line: str) -> None:
         entry.apop = plain
     else:
         raise ValueError(f"unknown kind {kind!r} (app or apop)")
-
-
-def _stat_key(info: os.stat_result) -> tuple[int, ...]:
-    # ctime catches a chmod (which must re-check safety); inode catches rename-over.
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
-T = TypeVar("T")
-
-
-class WatchedFile(Generic[T]):
-    """A file's parsed contents, re-read when its stat changes.
-
-    ``changed()`` is one stat() and may run on the event loop; ``refresh()`` reads and
-    parses (a worker thread's job). A version that cannot be read, or that others may
-    write (``check``), is refused and logged once, and the contents before stay; a
-    missing file is ``empty``.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        parse: Callable[[bytes], T],
-        empty: Callable[[], T],
-        check: Callable[[os.stat_result, Path], None],
-        what: str,
-    ) -> None:
-        self.path = Path(path)
-        self._parse = parse
-        self._empty = empty
-        self._check = check
-        self._what = what
-        self._lock = threading.Lock()
-        self.contents: T = empty()
-        self._key: tuple[int, ...] | None = None
-        self._refused_key: tuple[int, ...] | None = None
-        self._missing = False
-
-    def changed(self) -> bool:
-        """False when the file is the version loaded (or refused, or still missing)."""
-        try:
-            key = _stat_key(os.stat(self.path))
-        except FileNotFoundError:
-            return not self._missing
-        except OSError:
-            return True
-        return key not in (self._key, self._refused_key)
-
-    def refresh(self, *, strict: bool = False) -> None:
-        """Re-read the file if it changed; ``strict`` raises ConfigError (at start)."""
-        with self._lock:
-            if not self.changed():
-                return
-            try:
-                with open(self.path, "rb") as handle:
-                    info = os.fstat(handle.fileno())
-                    try:
-                        self._check(info, self.path)
-                    except ConfigError as exc:
-                        if strict:
-                            raise
-                        log.error("%s; keeping the %s loaded before", exc, self._what)
-                        self._refused_key = _stat_key(info)
-                        return
-                    data = handle.read()
-            except FileNotFoundError:
-                if self._key is not None:
-                    log.warning("%s: removed; no %s now", self.path, self._what)
-                self.contents, self._key, self._missing = self._empty(), None, True
-                return
-            except OSError as exc:
-                if strict:
-                    raise ConfigError(f"{self.path}: cannot read: {exc.strerror}") from exc
-                log.error(
-                    "%s: cannot read, keeping the %s loaded before: %s", self.path, self._what, exc
-                )
-                return
-            self.contents = self._parse(data)
-            self._key, self._missing = _stat_key(info), False
 
 
 class CredentialFile:

@@ -25,8 +25,6 @@ import os
 import re
 import secrets
 import stat
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -48,6 +46,7 @@ from popbox.auth.schemes import (
     verify_password,
 )
 from popbox.auth.scram import DEFAULT_SCRAM_ITERATIONS, fake_credentials
+from popbox.auth.watched import WatchedFile
 from popbox.errors import ConfigError, InvalidUsername
 
 __all__ = [
@@ -281,11 +280,6 @@ def _check_side_file(info: os.stat_result, path: Path) -> None:
     check_file_safety(info, path, "app-password file")
 
 
-def _stat_key(info: os.stat_result) -> tuple[int, ...]:
-    # ctime catches a chmod (which must re-check safety); inode catches rename-over.
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
 class PasswdFilePassDB:
     """A PassDB over a Dovecot-format passwd file.
 
@@ -314,14 +308,17 @@ class PasswdFilePassDB:
             CredentialFile(credentials, _check_side_file) if credentials is not None else None
         )
         self._hasher = hasher if hasher is not None else shared_hasher()
-        self._check_interval = check_interval
-        self._lock = threading.Lock()
-        self._entries: dict[str, PasswdEntry] = {}
-        self._key: tuple[int, ...] | None = None
-        # The version last refused as unsafe: refused (and logged) once, not every second.
-        self._refused_key: tuple[int, ...] | None = None
-        self._checked_at = -float("inf")
-        self._missing_logged = False
+        # A missing file keeps the users loaded before: a passwd file being replaced
+        # by hand must not log everyone out.
+        self._file: WatchedFile[dict[str, PasswdEntry]] = WatchedFile(
+            self._path,
+            lambda data: parse_passwd(data, source=str(self._path)),
+            dict,
+            check_file_safety,
+            "users",
+            keep_when_missing=True,
+            check_interval=check_interval,
+        )
         # Made once: a fresh random password nobody knows, hashed the way new users
         # are, for unknown users while the file has no usable hash to imitate.
         self._default_dummy = hash_password(secrets.token_urlsafe(24), default_scheme)
@@ -330,10 +327,7 @@ class PasswdFilePassDB:
         # Per SCRAM hash, the iteration count most keys in the file have: the count
         # that derived and fake credentials show too.
         self._scram_iterations: dict[str, int] = {}
-        try:
-            self._refresh(force=True, strict=True)
-        except OSError as exc:
-            raise ConfigError(f"{self._path}: cannot read passwd file: {exc.strerror}") from exc
+        self._refresh(force=True, strict=True)
 
     @property
     def path(self) -> Path:
@@ -341,10 +335,7 @@ class PasswdFilePassDB:
 
     def reload(self) -> None:
         """Check the file now (SIGHUP, tests) instead of waiting for the interval."""
-        try:
-            self._refresh(force=True, strict=False)
-        except OSError as exc:
-            log.error("%s: cannot read passwd file, keeping old users: %s", self._path, exc)
+        self._refresh(force=True, strict=False)
 
     @property
     def credentials_path(self) -> Path | None:
@@ -353,11 +344,11 @@ class PasswdFilePassDB:
     def users(self) -> list[UserRecord]:
         """Every user in the file as last loaded, in file order."""
         self._maybe_refresh()
-        return [entry.record for entry in self._entries.values()]
+        return [entry.record for entry in self._file.contents.values()]
 
     def cached_record(self, username: str) -> UserRecord | None:
         """The user as last loaded, without looking at the file (auth.base.CachedUsers)."""
-        entry = self._entries.get(username)
+        entry = self._file.contents.get(username)
         return entry.record if entry is not None else None
 
     def _maybe_refresh(self) -> None:
@@ -365,71 +356,25 @@ class PasswdFilePassDB:
             self._reload_changed()
 
     def _may_have_changed(self) -> bool:
-        """False when neither the passwd file nor the side file changed."""
+        """False when neither the passwd file nor the side file changed: a stat() of
+        each, on any thread."""
         side = self._credentials
-        return self._passwd_may_have_changed() or (side is not None and side.changed())
-
-    def _passwd_may_have_changed(self) -> bool:
-        """False when the file is the one loaded (or refused): one stat(), any thread."""
-        now = time.monotonic()
-        if now - self._checked_at < self._check_interval:
-            return False
-        # The common case, a file unchanged since it was loaded, is one stat() and a
-        # tuple comparison: no lock (the loaded version is replaced whole, so reading
-        # its key unlocked is safe), no open, no parse.
-        try:
-            key = _stat_key(os.stat(self._path))
-        except OSError:
-            key = None
-        if key is not None and key in (self._key, self._refused_key):
-            self._checked_at = now  # a race here only costs another stat()
-            return False
-        return True
+        return self._file.changed() or (side is not None and side.changed())
 
     def _reload_changed(self) -> None:
         """Re-read the files if they changed (blocking: a worker thread's job)."""
         if self._credentials is not None:
             self._credentials.refresh()
-        try:
-            self._refresh(force=False, strict=False)
-        except OSError as exc:
-            log.error("%s: cannot read passwd file, keeping old users: %s", self._path, exc)
+        self._refresh(force=False, strict=False)
 
     def _refresh(self, *, force: bool, strict: bool) -> None:
-        """Re-read the file if it changed. ``strict`` raises on an unsafe file (start)."""
-        with self._lock:
-            now = time.monotonic()
-            if not force and now - self._checked_at < self._check_interval:
-                return
-            self._checked_at = now
-            try:
-                if not force and _stat_key(os.stat(self._path)) in (self._key, self._refused_key):
-                    return
-                # fstat the descriptor we read from, so the safety check and the
-                # contents are of the same file even if it is renamed over meanwhile.
-                with open(self._path, "rb") as handle:
-                    info = os.fstat(handle.fileno())
-                    try:
-                        check_file_safety(info, self._path)
-                    except ConfigError as exc:
-                        if strict:
-                            raise
-                        log.error("%s; keeping the users loaded before", exc)
-                        self._refused_key = _stat_key(info)
-                        return
-                    data = handle.read()
-            except FileNotFoundError:
-                if not self._missing_logged:
-                    keeping = "keeping the users loaded before" if self._key else "no users"
-                    log.warning("%s: passwd file does not exist; %s", self._path, keeping)
-                    self._missing_logged = True
-                return
-            self._missing_logged = False
-            self._entries = parse_passwd(data, source=str(self._path))
-            self._key = _stat_key(info)
-            self._dummy = self._dummy_like(self._entries.values())
-            self._scram_iterations = _common_scram_iterations(self._entries.values())
-            log.info("%s: loaded %d users", self._path, len(self._entries))
+        """Re-read the passwd file if it changed; ``strict`` raises ConfigError for a
+        file that cannot be read or is unsafe (at start)."""
+        if self._file.refresh(force=force, strict=strict):
+            entries = self._file.contents.values()
+            self._dummy = self._dummy_like(entries)
+            self._scram_iterations = _common_scram_iterations(entries)
+            log.info("%s: loaded %d users", self._path, len(self._file.contents))
 
     def _dummy_like(self, entries: Iterable[PasswdEntry]) -> str:
         """A dummy hash costing what most users' hashes cost; cached per signature."""
@@ -453,7 +398,7 @@ class PasswdFilePassDB:
             self._maybe_refresh()
         if not is_valid_username(username):
             return None
-        return self._entries.get(username)
+        return self._file.contents.get(username)
 
     def _verify_blocking(
         self, username: str, password: str, changed: bool = True
