@@ -108,14 +108,9 @@ class LoginBroker:
         penalty: AuthPenalty,
         limits: LimitSettings,
         mailbox: MailboxSettings,
-        *,
-        proxied: bool = False,
     ) -> None:
-        """ValueError (naming the setting) for separators that make names ambiguous.
-        ``proxied``: the sessions' addresses come from PROXY headers, so the peer of
-        the connection (allow_real_nets) is not the ``ip`` a login is given."""
+        """ValueError (naming the setting) for separators that make names ambiguous."""
         self._passdb = passdb
-        self._proxied = proxied
         self._store = store
         self._penalty = penalty
         self._limits = limits
@@ -142,12 +137,11 @@ class LoginBroker:
         if penalty > 0:
             await asyncio.sleep(penalty)
 
-    async def refuse(self, ip: str, code: str, *, failure_delay: bool = True) -> None:
-        """A login that failed outside ``log_in`` (a SASL exchange): a wrong guess
+    async def refuse(self, ip: str, code: str) -> None:
+        """A login that failed after its credentials were looked at: a wrong guess
         (``code`` AUTH) waits the failure delay and counts against ``ip``."""
         if code == CODE_AUTH:
-            if failure_delay:
-                await fail_slowly(self._limits.auth_failure_delay)
+            await fail_slowly(self._limits.auth_failure_delay)
             self._penalty.failed(ip)
 
     async def log_in(
@@ -156,12 +150,12 @@ class LoginBroker:
         *,
         ip: str,
         session_id: str,
-        real_ip: str | None = None,
+        real_ip: str | None,
     ) -> Admitted | Refused:
         """Check ``event``'s credentials from ``ip`` and open the maildrop it names.
 
-        ``real_ip``: the connection's own peer when ``ip`` came from a PROXY header
-        (by default ``ip`` itself, unless the broker serves proxied connections).
+        ``real_ip`` is the connection's own peer (allow_real_nets): ``ip`` itself
+        unless ``ip`` came from a PROXY header; None when it is not known.
         On ``Admitted`` the caller holds a session slot of the mailbox's user and gives
         it back with ``release_user`` when the session ends.
         """
@@ -185,8 +179,6 @@ class LoginBroker:
                 self._penalty.failed(ip)
             return Refused(outcome.code, outcome.text)
         login = outcome.record.name
-        if real_ip is None and not self._proxied:
-            real_ip = ip
         refusal = login_refusal(outcome.record.extra, ip=ip, real_ip=real_ip)
         if refusal is not None:
             return await self._refuse_restricted(outcome.record, refusal, ip, session_id)
@@ -208,8 +200,7 @@ class LoginBroker:
                     "session=%s login=%s refused: %s is not shared with them",
                     session_id, login, name.mailbox,
                 )
-                await fail_slowly(limits.auth_failure_delay)
-                self._penalty.failed(ip)
+                await self.refuse(ip, CODE_AUTH)
                 return Refused(CODE_AUTH, TEXT_AUTH_FAILED)
             # The device is named after the member as the user database spells them.
             device = login + name.device[len(name.login) :]
@@ -235,8 +226,7 @@ class LoginBroker:
             f": {refusal.detail}" if refusal.detail else "",
         )
         if refusal.kind is RefusalKind.AS_WRONG_PASSWORD:
-            await fail_slowly(self._limits.auth_failure_delay)
-            self._penalty.failed(ip)
+            await self.refuse(ip, CODE_AUTH)
             return Refused(CODE_AUTH, TEXT_AUTH_FAILED)
         if refusal.kind is RefusalKind.NOLOGIN:
             # Dovecot: "-ERR [AUTH] reason"; the password was right, so no penalty.

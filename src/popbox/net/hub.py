@@ -98,14 +98,7 @@ class SessionHub:
         self.login_sessions = 0
         self.penalty = AuthPenalty(config.limits.auth_penalty_max)
         try:
-            self.broker = LoginBroker(
-                passdb,
-                store,
-                self.penalty,
-                config.limits,
-                config.mailbox,
-                proxied=config.pop3.proxy_protocol,
-            )
+            self.broker = LoginBroker(passdb, store, self.penalty, config.limits, config.mailbox)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         # EXPIRE and LOGIN-DELAY before login (net.announce): sessions made from now

@@ -358,12 +358,12 @@ class Pop3Session(asyncio.Protocol):
         await self._login(conn, verified)
 
     async def _login(self, conn: ServerConnection, event: LoginEvent) -> None:
-        real_ip = None
+        real_ip: str | None = self._ip
         transport = self._flow.transport
-        if self._hub.config.pop3.proxy_protocol and transport is not None:
+        if self._hub.config.pop3.proxy_protocol:
             # allow_real_nets is about the connection's own peer (the proxy), not the
             # address its PROXY header named.
-            peer = transport.get_extra_info("peername")
+            peer = transport.get_extra_info("peername") if transport is not None else None
             real_ip = str(peer[0]) if peer else None
         login = await self._hub.broker.log_in(
             event, ip=self._ip, real_ip=real_ip, session_id=self._stats.session_id
