@@ -138,13 +138,11 @@ class Mailboxes:
         layout = self._layouts.get((user, folder))
         if layout is None:
             check_user(user)
-            base = self.location.maildir(user)
-        else:
-            # The location may have moved (a changed home or mail field): the same
-            # Path object while it has not, so this costs an identity check.
-            base = self.location.maildir(user)
-            if base is layout.base or base == layout.base:
-                return layout
+        base = self.location.maildir(user)
+        # The location may move (a changed home or mail field); while it has not, it
+        # is the same Path object, so a known layout costs an identity check.
+        if layout is not None and (base is layout.base or base == layout.base):
+            return layout
         name = check_folder_name(folder)
         maildir = base if name == INBOX else base / f".{name}"
         if len(self._layouts) >= MAX_LAYOUTS:
