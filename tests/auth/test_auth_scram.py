@@ -94,6 +94,21 @@ def test_a_doveadm_key_serves_a_scram_login(scheme: str) -> None:
     assert failure.server_error == "invalid-proof"
 
 
+def test_a_password_saslprep_changes_verifies_in_either_form() -> None:
+    """Keys popbox writes are of the SASLprep'd password (as SCRAM clients compute);
+    Dovecot's are of its bytes as typed. A USER/PASS login checks both forms."""
+    typed = "pass\u00a0word\u2168"  # a no-break space and ROMAN NUMERAL NINE
+    stored = hash_password(typed, "SCRAM-SHA-256")
+    credentials = scram_credentials_of(stored, "SCRAM-SHA-256", username="u", iterations=4096)
+    assert isinstance(credentials, ScramCredentials)
+    assert isinstance(run_exchange(credentials, "SCRAM-SHA-256", "u", "pass wordIX"), bytes)
+    assert verify_password(typed, stored)
+    assert verify_password("pass wordIX", stored)
+    assert not verify_password("pass word", stored)
+    assert not verify_password("pass\u00a0word", stored)
+    assert not verify_password("pass\u0007word", stored)  # SASLprep prohibits it
+
+
 @pytest.mark.parametrize(
     ("data", "problem"),
     [

@@ -27,6 +27,7 @@ from typing import Final
 
 from scramp import ScramException, ScramMechanism
 from scramp.core import ClientFirstBare, Gs2Header, ScramServer
+from scramp.utils import saslprep
 
 from popbox.auth.base import SCRAM_HASHES, ScramCredentials
 
@@ -157,12 +158,13 @@ def verify_scram_key(password: str, data: str, hash_name: str) -> bool:
     if hmac.compare_digest(computed, credentials.stored_key):
         return True
     try:
-        prepped = derive_credentials(password, hash_name, salt=salt, iterations=iterations)
-    except (ValueError, UnicodeError):
-        return False
-    if prepped.stored_key == computed:
-        return False  # SASLprep changed nothing: the same mismatch
-    return hmac.compare_digest(prepped.stored_key, credentials.stored_key)
+        prepped = saslprep(password)
+    except ScramException:
+        return False  # a password SASLprep prohibits made no key popbox wrote
+    if prepped == password:
+        return False  # the same bytes: the same mismatch, not worth a second PBKDF2
+    computed = _raw_stored_key(prepped.encode("utf-8"), hash_name, salt, iterations)
+    return hmac.compare_digest(computed, credentials.stored_key)
 
 
 def _keyed(purpose: str, hash_name: str, username: str, size: int) -> bytes:
