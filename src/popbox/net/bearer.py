@@ -20,7 +20,6 @@ from typing import Final, Literal
 
 from popbox.auth.bearer import BearerVerifier, TokenIdentity, TokenRefused
 from popbox.errors import AuthError
-from popbox.net.login import TEXT_AUTH_UNAVAILABLE
 from popbox.net.sasl import (
     Continue,
     MechanismFactory,
@@ -28,8 +27,8 @@ from popbox.net.sasl import (
     SaslContext,
     SaslReply,
     Verified,
+    unavailable,
 )
-from popbox.proto.replies import CODE_SYS_TEMP
 
 __all__ = [
     "BEARER_MECHANISMS",
@@ -159,7 +158,7 @@ class BearerMechanism:
                 return self._error_challenge(identity.reason)
             return await self._match(message.login or identity.username, identity)
         except AuthError as exc:
-            return Rejected(f"cannot check the token: {exc}", CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
+            return unavailable(f"cannot check the token: {exc}")
 
     async def _match(self, login: str, identity: TokenIdentity) -> SaslReply:
         owner = await self._context.login_owner(login, "")
