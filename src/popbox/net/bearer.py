@@ -176,18 +176,15 @@ class BearerMechanism:
         """RFC 7628 section 3.2.2's error (Google's form for XOAUTH2), then wait for
         the client's dummy response."""
         self._refused = f"token refused: {reason}"
-        settings = self._verifier.settings
-        document: dict[str, str]
-        if self._kind == "OAUTHBEARER":
-            document = {"status": "invalid_token"}
-            if settings.scope:
-                document["scope"] = settings.scope
-            if self._verifier.openid_configuration:
-                document["openid-configuration"] = self._verifier.openid_configuration
-        else:
-            document = {"status": "401", "schemes": "bearer"}
-            if settings.scope:
-                document["scope"] = settings.scope
+        oauthbearer = self._kind == "OAUTHBEARER"
+        document = (
+            {"status": "invalid_token"} if oauthbearer else {"status": "401", "schemes": "bearer"}
+        )
+        if self._verifier.settings.scope:
+            document["scope"] = self._verifier.settings.scope
+        discovery = self._verifier.openid_configuration
+        if oauthbearer and discovery:
+            document["openid-configuration"] = discovery
         return Continue(json.dumps(document, separators=(",", ":")).encode(), failed=True)
 
 
