@@ -4,6 +4,8 @@ and the exchange itself (popbox.auth.scram) against scramp's client and Dovecot.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import poplib
 import shutil
 import ssl
@@ -17,7 +19,13 @@ from scramp import ScramClient
 from popbox.auth.base import ScramCredentials
 from popbox.auth.passwdfile import PasswdFilePassDB
 from popbox.auth.schemes import hash_password, scram_credentials_of, verify_password
-from popbox.auth.scram import ClientFirst, ScramFailure, ScramServerExchange, parse_scram_key
+from popbox.auth.scram import (
+    ClientFirst,
+    ScramFailure,
+    ScramServerExchange,
+    derive_credentials,
+    parse_scram_key,
+)
 from support.auth import WritePasswd
 from support.dovecot import start_dovecot
 
@@ -94,6 +102,21 @@ def test_a_doveadm_key_serves_a_scram_login(scheme: str) -> None:
     assert failure.server_error == "invalid-proof"
 
 
+def test_a_password_saslprep_changes_verifies_in_either_form() -> None:
+    """Keys popbox writes are of the SASLprep'd password (as SCRAM clients compute);
+    Dovecot's are of its bytes as typed. A USER/PASS login checks both forms."""
+    typed = "pass\u00a0word\u2168"  # a no-break space and ROMAN NUMERAL NINE
+    stored = hash_password(typed, "SCRAM-SHA-256")
+    credentials = scram_credentials_of(stored, "SCRAM-SHA-256", username="u", iterations=4096)
+    assert isinstance(credentials, ScramCredentials)
+    assert isinstance(run_exchange(credentials, "SCRAM-SHA-256", "u", "pass wordIX"), bytes)
+    assert verify_password(typed, stored)
+    assert verify_password("pass wordIX", stored)
+    assert not verify_password("pass word", stored)
+    assert not verify_password("pass\u00a0word", stored)
+    assert not verify_password("pass\u0007word", stored)  # SASLprep prohibits it
+
+
 @pytest.mark.parametrize(
     ("data", "problem"),
     [
@@ -163,6 +186,55 @@ def test_saslnames_and_the_authzid_are_decoded() -> None:
     failure = bad.receive_first(b"n,,n=a=2Xb,r=nonce")
     assert isinstance(failure, ScramFailure)
     assert failure.server_error == "invalid-username-encoding"
+
+
+def _client_final(
+    password: str, credentials: ScramCredentials, *, bare: str, server_first: str, cbind_input: str
+) -> tuple[str, str]:
+    """RFC 5802 section 3's client-final message (SCRAM-SHA-256) computed by hand, not
+    by scramp, and the server signature it should earn."""
+    nonce = server_first.split(",")[0].removeprefix("r=")
+    without_proof = f"c={base64.b64encode(cbind_input.encode()).decode()},r={nonce}"
+    auth_message = f"{bare},{server_first},{without_proof}".encode()
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), credentials.salt, credentials.iterations
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
+    server_signature = hmac.new(credentials.server_key, auth_message, "sha256").digest()
+    return f"{without_proof},p={proof.decode()}", base64.b64encode(server_signature).decode()
+
+
+@pytest.mark.parametrize(
+    ("cbind_input", "accepted"),
+    [("n,a=support,", True), ("n,,", False)],
+    ids=["header-as-sent", "header-without-authzid"],
+)
+def test_the_clients_binding_covers_the_authzid_it_sent(cbind_input: str, accepted: bool) -> None:
+    """RFC 5802 section 7: c= is the whole GS2 header, authzid included. scramp's
+    server refuses an authzid; popbox's exchange hands it the header as sent
+    (_AuthzidGs2Header). A scramp release that reads the header elsewhere fails here,
+    independently of gsasl."""
+    credentials = derive_credentials("bob pw", "SCRAM-SHA-256", salt=b"s" * 16, iterations=4096)
+    server = ScramServerExchange("SCRAM-SHA-256", {}, plus_offered=False)
+    bare = "n=bob,r=client-nonce"
+    assert server.receive_first(f"n,a=support,{bare}".encode()) == ClientFirst("bob", "support")
+    server_first = server.server_first(credentials)
+    assert isinstance(server_first, bytes)
+    final, signature = _client_final(
+        "bob pw",
+        credentials,
+        bare=bare,
+        server_first=server_first.decode(),
+        cbind_input=cbind_input,
+    )
+    reply = server.receive_final(final.encode())
+    if accepted:
+        assert reply == f"v={signature}".encode()
+    else:
+        assert isinstance(reply, ScramFailure)
+        assert reply.server_error == "channel-bindings-dont-match"
 
 
 # -- Dovecot takes popbox's keys ------------------------------------------------------------

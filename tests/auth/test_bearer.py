@@ -3,6 +3,7 @@ or a broken issuer could present, and what popbox must make of it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterator
@@ -220,6 +221,21 @@ async def test_a_jwks_url_that_is_down_is_a_temporary_failure(issuer: TokenIssue
     assert issuer.count("/.well-known/openid-configuration") == 0
     issuer.down = False
     assert isinstance(await verifier.verify(issuer.token()), TokenIdentity)
+
+
+async def test_logins_waiting_on_a_stalled_issuer_share_one_fetch(issuer: TokenIssuer) -> None:
+    """Logins that arrive while the keys are being fetched wait for that fetch; when it
+    times out they all fail with it rather than each asking the issuer in turn (and
+    the last waiting for every timeout before its own)."""
+    verifier = local(issuer, jwks_url=issuer.jwks_url, timeout=0.3)
+    issuer.stall = 1.0
+    results = await asyncio.gather(
+        *(verifier.verify(issuer.token()) for _ in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(result, AuthError) for result in results), results
+    assert issuer.count("/certs") == 1
+    issuer.stall = 0.0
+    assert isinstance(await verifier.verify(issuer.token()), TokenIdentity)  # asks again
 
 
 async def test_an_issuer_that_does_not_answer_in_time_is_a_temporary_failure(

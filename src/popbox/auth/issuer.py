@@ -9,6 +9,8 @@ an ``AuthError``: the login it was checking fails with ``[SYS/TEMP]``, never pas
 again when ``cache_seconds`` have passed, and once more when a token names a key id
 it does not know (the issuer rotated its keys) — at most once per
 ``min_refetch_seconds``, so tokens with made-up key ids cannot make us hammer it.
+Logins that need keys while a fetch runs wait for it and share its outcome, a
+failure too: a slow issuer costs them one timeout, not one each in turn.
 """
 
 from __future__ import annotations
@@ -172,15 +174,23 @@ class KeySet:
         self._fetched_at: float | None = None
         self._refetched_at: float | None = None
         self._lock = asyncio.Lock()
-        self.fetches = 0
-        """How many times the JWKS was fetched (for the log and the tests)."""
+        self._finished = 0
+        """Fetches that ended, well or not (not cancelled): a login that saw this
+        change while it waited for the lock waited for a fetch."""
+        self._failure: AuthError | None = None
+        """Why the last fetch failed; None once one succeeds."""
 
     async def key(self, kid: str | None) -> jwt.PyJWK | None:
         """The key named ``kid`` (None: the only key, if there is one); None when the
         issuer does not publish it. AuthError when the issuer cannot be asked."""
+        finished = self._finished
         async with self._lock:
             now = self._clock()
             stale = self._fetched_at is None or now - self._fetched_at >= self._cache_seconds
+            if stale and self._failure is not None and self._finished != finished:
+                # The fetch this login waited for failed: asking again at once would
+                # make every waiting login pay the issuer's timeout in turn.
+                raise AuthError(str(self._failure)) from self._failure
             if stale:
                 await self._fetch()
             found = self._find(kid)
@@ -199,6 +209,16 @@ class KeySet:
         return self._keys.get(kid)
 
     async def _fetch(self) -> None:
+        try:
+            await self._fetch_keys()
+        except AuthError as exc:
+            self._failure = exc
+            self._finished += 1
+            raise
+        self._failure = None
+        self._finished += 1
+
+    async def _fetch_keys(self) -> None:
         url = self._jwks_url or await self._discover()
         document = await self._client.json_object(url)
         entries = document.get("keys")
@@ -218,7 +238,6 @@ class KeySet:
             keys[kid if isinstance(kid, str) else None] = key
         self._keys = keys
         self._fetched_at = self._clock()
-        self.fetches += 1
         log.info("fetched %d signing keys of %s from %s", len(keys), self._issuer, url)
 
     async def _discover(self) -> str:

@@ -27,6 +27,7 @@ from typing import Final
 
 from scramp import ScramException, ScramMechanism
 from scramp.core import ClientFirstBare, Gs2Header, ScramServer
+from scramp.utils import saslprep
 
 from popbox.auth.base import SCRAM_HASHES, ScramCredentials
 
@@ -157,12 +158,13 @@ def verify_scram_key(password: str, data: str, hash_name: str) -> bool:
     if hmac.compare_digest(computed, credentials.stored_key):
         return True
     try:
-        prepped = derive_credentials(password, hash_name, salt=salt, iterations=iterations)
-    except (ValueError, UnicodeError):
-        return False
-    if prepped.stored_key == computed:
-        return False  # SASLprep changed nothing: the same mismatch
-    return hmac.compare_digest(prepped.stored_key, credentials.stored_key)
+        prepped = saslprep(password)
+    except ScramException:
+        return False  # a password SASLprep prohibits made no key popbox wrote
+    if prepped == password:
+        return False  # the same bytes: the same mismatch, not worth a second PBKDF2
+    computed = _raw_stored_key(prepped.encode("utf-8"), hash_name, salt, iterations)
+    return hmac.compare_digest(computed, credentials.stored_key)
 
 
 def _keyed(purpose: str, hash_name: str, username: str, size: int) -> bytes:
@@ -256,12 +258,13 @@ class ScramServerExchange:
         self._bindings = dict(bindings)
         self._plus_offered = plus_offered
         self._binding: tuple[str, bytes] | None = None
-        self._header = ""
-        self._authz = ""
+        # The client-first message without the authzid, which scramp refuses, and the
+        # GS2 header as sent when it had one (the client's c= binds it).
         self._stripped = ""
+        self._authz_header: str | None = None
         self._first: ClientFirst | None = None
         self._server: ScramServer | None = None
-        self._credentials: ScramCredentials | None = None
+        self._problem = ""
 
     def receive_first(self, message: bytes) -> ClientFirst | ScramFailure:
         """Read the client-first message: the login's names, or why it is refused."""
@@ -286,9 +289,8 @@ class ScramServerExchange:
             username = str(ClientFirstBare(bare)["n"])
         except ScramException as exc:
             return _failure("client-first", exc)
-        self._header = f"{flag},{authz},"
-        self._authz = authz
         self._stripped = f"{flag},,{bare}"
+        self._authz_header = f"{flag},{authz}," if authz else None
         self._first = ClientFirst(username, authzid)
         return self._first
 
@@ -345,20 +347,20 @@ class ScramServerExchange:
                 auth_fn, channel_binding=self._binding
             )
             server.set_client_first(self._stripped)
-            if self._authz:
-                server.gs2_header = _AuthzidGs2Header(server.gs2_header, self._header)
+            if self._authz_header is not None:
+                server.gs2_header = _AuthzidGs2Header(server.gs2_header, self._authz_header)
             reply = server.get_server_first()
         except ScramException as exc:
             return _failure("client-first", exc)
         self._server = server
-        self._credentials = credentials
+        self._problem = credentials.problem
         return str(reply).encode("ascii")
 
     def receive_final(self, message: bytes) -> bytes | ScramFailure:
         """Check the client-final message's binding and proof: the server-final
         message (``v=``) to send, or why the login fails."""
-        server, credentials = self._server, self._credentials
-        if server is None or credentials is None:
+        server, problem = self._server, self._problem
+        if server is None:
             raise RuntimeError("receive_final before server_first")
         try:
             server.set_client_final(message.decode("utf-8"))
@@ -367,13 +369,11 @@ class ScramServerExchange:
             return ScramFailure("client-final is not UTF-8", "invalid-encoding")
         except ScramException as exc:
             failure = _failure("client-final", exc)
-            if credentials.problem:
-                return ScramFailure(
-                    f"{credentials.problem} ({failure.reason})", failure.server_error
-                )
+            if problem:
+                return ScramFailure(f"{problem} ({failure.reason})", failure.server_error)
             return failure
-        if credentials.problem:  # no password gives fake keys; said twice to be sure
-            return ScramFailure(credentials.problem, "invalid-proof")
+        if problem:  # no password gives fake keys; said twice to be sure
+            return ScramFailure(problem, "invalid-proof")
         return final.encode("ascii")
 
 

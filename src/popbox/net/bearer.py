@@ -20,7 +20,6 @@ from typing import Final, Literal
 
 from popbox.auth.bearer import BearerVerifier, TokenIdentity, TokenRefused
 from popbox.errors import AuthError
-from popbox.net.login import TEXT_AUTH_UNAVAILABLE
 from popbox.net.sasl import (
     Continue,
     MechanismFactory,
@@ -28,8 +27,8 @@ from popbox.net.sasl import (
     SaslContext,
     SaslReply,
     Verified,
+    unavailable,
 )
-from popbox.proto.replies import CODE_SYS_TEMP
 
 __all__ = [
     "BEARER_MECHANISMS",
@@ -159,7 +158,7 @@ class BearerMechanism:
                 return self._error_challenge(identity.reason)
             return await self._match(message.login or identity.username, identity)
         except AuthError as exc:
-            return Rejected(f"cannot check the token: {exc}", CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
+            return unavailable(f"cannot check the token: {exc}")
 
     async def _match(self, login: str, identity: TokenIdentity) -> SaslReply:
         owner = await self._context.login_owner(login, "")
@@ -177,18 +176,15 @@ class BearerMechanism:
         """RFC 7628 section 3.2.2's error (Google's form for XOAUTH2), then wait for
         the client's dummy response."""
         self._refused = f"token refused: {reason}"
-        settings = self._verifier.settings
-        document: dict[str, str]
-        if self._kind == "OAUTHBEARER":
-            document = {"status": "invalid_token"}
-            if settings.scope:
-                document["scope"] = settings.scope
-            if self._verifier.openid_configuration:
-                document["openid-configuration"] = self._verifier.openid_configuration
-        else:
-            document = {"status": "401", "schemes": "bearer"}
-            if settings.scope:
-                document["scope"] = settings.scope
+        oauthbearer = self._kind == "OAUTHBEARER"
+        document = (
+            {"status": "invalid_token"} if oauthbearer else {"status": "401", "schemes": "bearer"}
+        )
+        if self._verifier.settings.scope:
+            document["scope"] = self._verifier.settings.scope
+        discovery = self._verifier.openid_configuration
+        if oauthbearer and discovery:
+            document["openid-configuration"] = discovery
         return Continue(json.dumps(document, separators=(",", ":")).encode(), failed=True)
 
 

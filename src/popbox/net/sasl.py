@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
-from popbox.net.login import TEXT_AUTH_FAILED
-from popbox.proto.replies import CODE_AUTH
+from popbox.net.login import TEXT_AUTH_FAILED, TEXT_AUTH_UNAVAILABLE
+from popbox.proto.replies import CODE_AUTH, CODE_SYS_TEMP
 
 __all__ = [
     "Continue",
@@ -30,6 +30,7 @@ __all__ = [
     "SaslReply",
     "ServerMechanism",
     "Verified",
+    "unavailable",
 ]
 
 
@@ -71,6 +72,12 @@ class Rejected:
     reason: str
     code: str = CODE_AUTH
     text: str = TEXT_AUTH_FAILED
+
+
+def unavailable(reason: str) -> Rejected:
+    """The user database or a token issuer cannot be asked: ``-ERR [SYS/TEMP]`` at
+    once (not a wrong guess), so the client keeps its credentials and retries."""
+    return Rejected(reason, CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE)
 
 
 SaslReply: TypeAlias = Continue | Verified | Rejected

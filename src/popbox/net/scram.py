@@ -42,7 +42,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from popbox.auth.base import PassDB
 from popbox.auth.scram import ClientFirst, ScramFailure, ScramServerExchange
 from popbox.errors import AuthError
-from popbox.net.login import TEXT_AUTH_UNAVAILABLE
 from popbox.net.sasl import (
     Continue,
     MechanismFactory,
@@ -50,8 +49,8 @@ from popbox.net.sasl import (
     SaslContext,
     SaslReply,
     Verified,
+    unavailable,
 )
-from popbox.proto.replies import CODE_SYS_TEMP
 
 __all__ = [
     "SCRAM_MECHANISMS",
@@ -180,9 +179,7 @@ class ScramServerMechanism:
                 "session=%s user database unavailable: %s",
                 self._context.session_id, exc, exc_info=exc,
             )  # fmt: skip
-            return Rejected(
-                f"user database unavailable: {exc}", CODE_SYS_TEMP, TEXT_AUTH_UNAVAILABLE
-            )
+            return unavailable(f"user database unavailable: {exc}")
         if owner is None and not credentials.problem:
             credentials = dataclasses.replace(credentials, problem="not a login name")
         reply = self._exchange.server_first(credentials)
