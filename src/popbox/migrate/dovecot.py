@@ -37,6 +37,7 @@ from typing import Final
 from popbox.migrate.maildirs import header_lines, message_files, read_header
 from popbox.migrate.plan import SourceMessage
 from popbox.migrate.template import TemplateError, UidlTemplate, UidlVariables
+from popbox.migrate.xuidl import xuidl_of
 
 __all__ = [
     "UIDLIST_NAME",
@@ -273,10 +274,8 @@ def _uidl_of(
     if saved is not None:
         return (saved or key), "saved P field"
     if reuse_xuidl:
-        from popbox.migrate.maildirs import first_header
-
-        header = first_header(read_header(file), "X-UIDL")
-        if header:
+        header = xuidl_of(read_header(file))
+        if header is not None:
             return header, "X-UIDL header (pop3_reuse_xuidl)"
     if uidlist.uidvalidity is None:
         problems.append(f"{key}: UID {record.uid} but no UIDVALIDITY to expand the template")
