@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 
-from popbox.errors import PopboxError
+from popbox.errors import MaildropInUse, PopboxError
 
 if TYPE_CHECKING:
     from popbox.config import Config
@@ -92,6 +92,16 @@ def _emit(outcomes: list[ImportOutcome], options: _Options) -> None:
             click.echo(line)
 
 
+def _failure(exc: PopboxError | OSError) -> str:
+    """What an import that stopped on ``exc`` reports, with what to do about it."""
+    if isinstance(exc, MaildropInUse):
+        return (
+            f"{exc}: a POP3 session or another import holds the folder; nothing more "
+            "was imported: run the import again once it is free"
+        )
+    return str(exc)
+
+
 def _source_dir(options: _Options, store: MaildirStore, user: str) -> Path:
     if options.maildir is None:
         return store.maildir(user)
@@ -114,7 +124,9 @@ def _run_maildir(
                 plan = plan_maildir(
                     kind, user, source, copy=options.copy, template=template, reuse_xuidl=reuse
                 )
-                if not options.copy and source.resolve() != target.resolve():
+                if plan.refusal is not None:
+                    outcome = ImportOutcome(plan)
+                elif not options.copy and source.resolve() != target.resolve():
                     outcome = ImportOutcome(plan)
                     outcome.error = (
                         f"{source} is not {user}'s Maildir in popbox's store ({target}): "
@@ -129,14 +141,14 @@ def _run_maildir(
                             store, plan, copy=options.copy, mapping_dir=target
                         )
                     except (PopboxError, OSError) as exc:
-                        outcome = ImportOutcome(plan, error=str(exc))
+                        outcome = ImportOutcome(plan, error=_failure(exc))
                 outcomes.append(outcome)
         finally:
             await store.close()
 
     asyncio.run(run())
     _emit(outcomes, options)
-    if any(outcome.error is not None or not outcome.plan.folders for outcome in outcomes):
+    if any(outcome.error is not None or outcome.plan.refusal for outcome in outcomes):
         sys.exit(1)
 
 
@@ -349,6 +361,6 @@ def import_pop3(
     try:
         outcome = asyncio.run(run())
     except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(_failure(exc)) from exc
     options = _Options(config, [target], False, None, True, dry_run, as_json, verbose)
     _emit([outcome], options)

@@ -210,6 +210,8 @@ class DovecotFolder:
     sources: list[SourceMessage] = field(default_factory=list)
     missing: list[SourceMessage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    unreadable: str | None = None
+    """Why the uidlist, which is there, could not be read (run.plan_maildir refuses)."""
 
 
 def _pop3_order(records: Iterable[UidlistRecord]) -> list[UidlistRecord]:
@@ -239,7 +241,9 @@ def dovecot_sources(
     except FileNotFoundError:
         uidlist = Uidlist(problems=[f"no {UIDLIST_NAME}: Dovecot never listed this folder"])
     except (OSError, ValueError) as exc:
-        uidlist = Uidlist(problems=[f"{UIDLIST_NAME} unreadable: {exc}"])
+        # Not "no uidlist": every message would lose the UIDL clients keep.
+        folder.unreadable = f"{path} cannot be read: {exc}"
+        return folder
     folder.problems.extend(f"{UIDLIST_NAME}: {problem}" for problem in uidlist.problems)
     listed: set[str] = set()
     for record in _pop3_order(uidlist.records):
