@@ -38,6 +38,7 @@ from popbox.migrate.maildirs import header_lines, message_files, read_header
 from popbox.migrate.plan import SourceMessage
 from popbox.migrate.template import TemplateError, UidlTemplate, UidlVariables
 from popbox.migrate.xuidl import xuidl_of
+from popbox.store.index import arrival_order
 
 __all__ = [
     "UIDLIST_NAME",
@@ -255,14 +256,9 @@ def dovecot_sources(
         listed.add(key)
         uidl, origin = _uidl_of(record, key, file, uidlist, template, reuse_xuidl, folder.problems)
         folder.sources.append(SourceMessage(key, file, uidl, origin))
-    for key in sorted(set(files.by_key) - listed, key=_arrival):
+    for key in sorted(set(files.by_key) - listed, key=arrival_order):
         folder.sources.append(SourceMessage(key, files.by_key[key], None, "not in the uidlist"))
     return folder
-
-
-def _arrival(key: str) -> tuple[int, str]:
-    digits = len(key) - len(key.lstrip("0123456789"))
-    return (int(key[:digits]) if digits else 1 << 62), key
 
 
 def _uidl_of(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from popbox.migrate.maildirs import first_header, message_files, read_header
 from popbox.migrate.plan import SourceMessage
+from popbox.store.index import arrival_order
 
 __all__ = ["XUidlFolder", "xuidl_of", "xuidl_sources"]
 
@@ -31,17 +32,12 @@ class XUidlFolder:
     problems: list[str] = field(default_factory=list)
 
 
-def _arrival(key: str) -> tuple[int, str]:
-    digits = len(key) - len(key.lstrip("0123456789"))
-    return (int(key[:digits]) if digits else 1 << 62), key
-
-
 def xuidl_sources(maildir: Path) -> XUidlFolder:
     folder = XUidlFolder()
     files = message_files(maildir)
     for key in files.duplicates:
         folder.problems.append(f"{key}: two files with this key; the first is imported")
-    for key in sorted(files.by_key, key=_arrival):
+    for key in sorted(files.by_key, key=arrival_order):
         path = files.by_key[key]
         uidl = xuidl_of(read_header(path))
         folder.sources.append(
