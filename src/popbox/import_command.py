@@ -11,15 +11,17 @@ taken); 1 some user's import failed (the others went on); 2 a usage error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 
-from popbox.errors import PopboxError
+from popbox.errors import MaildropInUse, PopboxError
 
 if TYPE_CHECKING:
     from popbox.config import Config
@@ -90,6 +92,16 @@ def _emit(outcomes: list[ImportOutcome], options: _Options) -> None:
             click.echo(line)
 
 
+def _failure(exc: PopboxError | OSError) -> str:
+    """What an import that stopped on ``exc`` reports, with what to do about it."""
+    if isinstance(exc, MaildropInUse):
+        return (
+            f"{exc}: a POP3 session or another import holds the folder; nothing more "
+            "was imported: run the import again once it is free"
+        )
+    return str(exc)
+
+
 def _source_dir(options: _Options, store: MaildirStore, user: str) -> Path:
     if options.maildir is None:
         return store.maildir(user)
@@ -112,7 +124,9 @@ def _run_maildir(
                 plan = plan_maildir(
                     kind, user, source, copy=options.copy, template=template, reuse_xuidl=reuse
                 )
-                if not options.copy and source.resolve() != target.resolve():
+                if plan.refusal is not None:
+                    outcome = ImportOutcome(plan)
+                elif not options.copy and source.resolve() != target.resolve():
                     outcome = ImportOutcome(plan)
                     outcome.error = (
                         f"{source} is not {user}'s Maildir in popbox's store ({target}): "
@@ -127,14 +141,14 @@ def _run_maildir(
                             store, plan, copy=options.copy, mapping_dir=target
                         )
                     except (PopboxError, OSError) as exc:
-                        outcome = ImportOutcome(plan, error=str(exc))
+                        outcome = ImportOutcome(plan, error=_failure(exc))
                 outcomes.append(outcome)
         finally:
             await store.close()
 
     asyncio.run(run())
     _emit(outcomes, options)
-    if any(outcome.error is not None or not outcome.plan.folders for outcome in outcomes):
+    if any(outcome.error is not None or outcome.plan.refusal for outcome in outcomes):
         sys.exit(1)
 
 
@@ -147,32 +161,25 @@ _config_option = click.option(
 )
 
 
-def _maildir_options(command: Any) -> Any:
-    for option in reversed(
-        [
-            _config_option,
-            click.option("--user", "user", help="The popbox user to import (see --all)."),
-            click.option(
-                "--all", "every", is_flag=True, help="Every user of popbox's passwd file."
-            ),
-            click.option(
-                "--maildir",
-                type=click.Path(file_okay=False, path_type=Path),
-                help="The old Maildir (with --all: the directory holding one per user). "
-                "Default: the user's Maildir in popbox's store, used in place.",
-            ),
-            click.option(
-                "--copy",
-                is_flag=True,
-                help="Copy the messages into popbox's store instead of using the Maildir in place.",
-            ),
-            click.option("--dry-run", is_flag=True, help="Plan and report; write nothing."),
-            click.option("--json", "as_json", is_flag=True, help="Report as JSON."),
-            click.option("-v", "--verbose", is_flag=True, help="List new messages too."),
-        ]
-    ):
-        command = option(command)
-    return command
+_MAILDIR_OPTIONS: Final = (
+    _config_option,
+    click.option("--user", "user", help="The popbox user to import (see --all)."),
+    click.option("--all", "every", is_flag=True, help="Every user of popbox's passwd file."),
+    click.option(
+        "--maildir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="The old Maildir (with --all: the directory holding one per user). "
+        "Default: the user's Maildir in popbox's store, used in place.",
+    ),
+    click.option(
+        "--copy",
+        is_flag=True,
+        help="Copy the messages into popbox's store instead of using the Maildir in place.",
+    ),
+    click.option("--dry-run", is_flag=True, help="Plan and report; write nothing."),
+    click.option("--json", "as_json", is_flag=True, help="Report as JSON."),
+    click.option("-v", "--verbose", is_flag=True, help="List new messages too."),
+)
 
 
 @click.group("import")
@@ -181,23 +188,39 @@ def import_group() -> None:
     that leave mail on the server download nothing again (docs/migration.md)."""
 
 
-def _options(
-    config_path: Path | None,
-    user: str | None,
-    every: bool,
-    maildir: Path | None,
-    copy: bool,
-    dry_run: bool,
-    as_json: bool,
-    verbose: bool,
-) -> _Options:
-    config = _config(config_path)
-    users = _users(config, user, every)
-    return _Options(config, users, every, maildir, copy, dry_run, as_json, verbose)
+def _maildir_command(name: str) -> Callable[[Callable[..., None]], click.Command]:
+    """A ``popbox import NAME`` subcommand reading Maildirs: the options every such
+    source shares come first, and the body is called with them as ``_Options`` and
+    its own options (those decorated under this one) as keywords."""
+
+    def decorate(body: Callable[..., None]) -> click.Command:
+        @functools.wraps(body, updated=())
+        def command(
+            config_path: Path | None,
+            user: str | None,
+            every: bool,
+            maildir: Path | None,
+            copy: bool,
+            dry_run: bool,
+            as_json: bool,
+            verbose: bool,
+            **own: Any,
+        ) -> None:
+            config = _config(config_path)
+            users = _users(config, user, every)
+            options = _Options(config, users, every, maildir, copy, dry_run, as_json, verbose)
+            body(options, **own)
+
+        # The body's own options, then the shared ones above them: listed first in --help.
+        command.__click_params__ = list(getattr(body, "__click_params__", []))  # type: ignore[attr-defined]
+        for option in reversed(_MAILDIR_OPTIONS):
+            command = option(command)
+        return import_group.command(name)(command)
+
+    return decorate
 
 
-@import_group.command("dovecot")
-@_maildir_options
+@_maildir_command("dovecot")
 @click.option(
     "--uidl-format",
     default=None,
@@ -205,18 +228,7 @@ def _options(
     help="Dovecot's pop3_uidl_format (default %08Xu%08Xv, Dovecot's default).",
 )
 @click.option("--reuse-xuidl", is_flag=True, help="Dovecot ran with pop3_reuse_xuidl = yes.")
-def import_dovecot(
-    config_path: Path | None,
-    user: str | None,
-    every: bool,
-    maildir: Path | None,
-    copy: bool,
-    dry_run: bool,
-    as_json: bool,
-    verbose: bool,
-    uidl_format: str | None,
-    reuse_xuidl: bool,
-) -> None:
+def import_dovecot(options: _Options, uidl_format: str | None, reuse_xuidl: bool) -> None:
     """A Dovecot Maildir: dovecot-uidlist and pop3_uidl_format."""
     from popbox.migrate.run import SourceKind
     from popbox.migrate.template import DEFAULT_UIDL_FORMAT, TemplateError, UidlTemplate
@@ -225,45 +237,22 @@ def import_dovecot(
         template = UidlTemplate(uidl_format or DEFAULT_UIDL_FORMAT)
     except TemplateError as exc:
         raise click.BadParameter(str(exc), param_hint="--uidl-format") from exc
-    options = _options(config_path, user, every, maildir, copy, dry_run, as_json, verbose)
     _run_maildir(SourceKind.DOVECOT, options, template, reuse_xuidl)
 
 
-@import_group.command("courier")
-@_maildir_options
-def import_courier(
-    config_path: Path | None,
-    user: str | None,
-    every: bool,
-    maildir: Path | None,
-    copy: bool,
-    dry_run: bool,
-    as_json: bool,
-    verbose: bool,
-) -> None:
+@_maildir_command("courier")
+def import_courier(options: _Options) -> None:
     """A Courier Maildir: courierpop3dsizelist (or file names, before Courier kept it)."""
     from popbox.migrate.run import SourceKind
 
-    options = _options(config_path, user, every, maildir, copy, dry_run, as_json, verbose)
     _run_maildir(SourceKind.COURIER, options, None, False)
 
 
-@import_group.command("x-uidl")
-@_maildir_options
-def import_xuidl(
-    config_path: Path | None,
-    user: str | None,
-    every: bool,
-    maildir: Path | None,
-    copy: bool,
-    dry_run: bool,
-    as_json: bool,
-    verbose: bool,
-) -> None:
+@_maildir_command("x-uidl")
+def import_xuidl(options: _Options) -> None:
     """A Maildir whose messages carry X-UIDL headers (qpopper, UW ipop3d)."""
     from popbox.migrate.run import SourceKind
 
-    options = _options(config_path, user, every, maildir, copy, dry_run, as_json, verbose)
     _run_maildir(SourceKind.XUIDL, options, None, False)
 
 
@@ -372,6 +361,6 @@ def import_pop3(
     try:
         outcome = asyncio.run(run())
     except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(_failure(exc)) from exc
     options = _Options(config, [target], False, None, True, dry_run, as_json, verbose)
     _emit([outcome], options)

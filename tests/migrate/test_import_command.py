@@ -1,15 +1,17 @@
 """`popbox import` on damaged sources: every message decided, reported, and a rerun
-changes nothing."""
+changes nothing; and each refusal with its message and exit code."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from popbox.cli import main
+from popbox.fileio import FileLock
 from popbox.migrate.apply import MAPPING_NAME
+from popbox.store.maildrop import LOCK_NAME
 
 
 def setup(tmp_path: Path) -> tuple[Path, Path]:
@@ -83,3 +85,63 @@ def test_in_place_needs_the_users_own_maildir(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "--copy" in result.output
+
+
+def invoke(config: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, ["import", *args, "--config", str(config)])
+
+
+def test_an_unknown_user_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    config, old = setup(tmp_path)
+    result = invoke(config, "dovecot", "--user", "bob", "--maildir", str(old), "--copy")
+    assert result.exit_code == 1
+    assert "no user bob" in result.output
+    assert "add them first" in result.output
+    assert not (tmp_path / "data" / "mail").exists()
+
+
+def test_user_and_all_together_or_neither_is_a_usage_error(tmp_path: Path) -> None:
+    config, _old = setup(tmp_path)
+    for args in ((), ("--user", "alice", "--all")):
+        result = invoke(config, "courier", *args)
+        assert result.exit_code == 2
+        assert "exactly one of --user USER and --all" in result.output
+
+
+def test_a_source_that_is_not_a_maildir_is_refused(tmp_path: Path) -> None:
+    config, _old = setup(tmp_path)
+    result = invoke(config, "x-uidl", "--user", "alice", "--maildir", str(tmp_path), "--copy")
+    assert result.exit_code == 1
+    assert f"refused: {tmp_path} is not a Maildir" in result.output
+
+
+def test_a_list_that_is_there_but_unreadable_refuses_the_user(tmp_path: Path) -> None:
+    # Read as "no list", every message would be copied with a UIDL of its own, and a
+    # second run once the list is readable would copy each one again.
+    config, old = setup(tmp_path)
+    (old / "dovecot-uidlist").unlink()
+    (old / "dovecot-uidlist").mkdir()  # unreadable for root too
+    args = ("dovecot", "--user", "alice", "--maildir", str(old), "--copy")
+    result = invoke(config, *args)
+    assert result.exit_code == 1
+    assert "dovecot-uidlist cannot be read" in result.output
+    assert "nothing imported" in result.output
+    assert not (tmp_path / "data" / "mail" / "alice").exists()
+    report = json.loads(invoke(config, *args, "--json", "--dry-run").output)
+    assert "cannot be read" in report[0]["refusal"]
+
+
+def test_a_folder_in_use_stops_the_import_with_what_to_do(tmp_path: Path) -> None:
+    config, old = setup(tmp_path)
+    inbox = tmp_path / "data" / "mail" / "alice"
+    inbox.mkdir(parents=True)
+    for sub in ("cur", "new", "tmp"):
+        (inbox / sub).mkdir()
+    with FileLock(inbox / LOCK_NAME):  # as a POP3 session holds it
+        for args in (("--maildir", str(old), "--copy"), ("--maildir", str(inbox))):
+            result = invoke(config, "courier", "--user", "alice", *args)
+            assert result.exit_code == 1, result.output
+            assert "in use" in result.output or "locked" in result.output
+            assert "run the import again once it is free" in result.output
+    assert not list((inbox / "new").iterdir())
+    assert not (inbox / "popbox.uidls").exists()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from popbox.migrate.courier import courier_sources, courier_v0_uidl, parse_sizelist
 from popbox.migrate.dovecot import apop3d_header_md5, dovecot_sources, parse_uidlist
 from popbox.migrate.template import DEFAULT_UIDL_FORMAT, UidlTemplate
-from popbox.migrate.xuidl import mbox_messages, xuidl_sources
+from popbox.migrate.xuidl import xuidl_sources
 
 DEFAULT = UidlTemplate(DEFAULT_UIDL_FORMAT)
 
@@ -164,17 +164,22 @@ def test_courier_without_a_list_shows_encoded_file_names(tmp_path: Path) -> None
     assert courier_v0_uidl("ok.name") == "ok.name"
 
 
-def test_xuidl_headers_in_a_maildir_and_an_mbox(tmp_path: Path) -> None:
+def test_xuidl_headers_in_a_maildir(tmp_path: Path) -> None:
     box = maildir(tmp_path / "m", ["2.b", "1.a"])
     (box / "new" / "1.a").write_bytes(b"X-UIDL: abc\r\n\tdef\r\nSubject: 1\r\n\r\nX-UIDL: no\r\n")
     folder = xuidl_sources(box)
     assert [(s.key, s.old_uidl) for s in folder.sources] == [("1.a", "abc def"), ("2.b", None)]
-    mbox = tmp_path / "mbox"
-    mbox.write_bytes(
-        b"From a@x Mon Jan  1 00:00:00 2024\nX-UIDL: one\nSubject: 1\n\nbody\n\n"
-        b"From b@x Mon Jan  1 00:00:00 2024\nSubject: 2\n\nbody\n"
-    )
-    assert [(m.source.key, m.source.old_uidl) for m in mbox_messages(mbox)] == [
-        ("mbox-1", "one"),
-        ("mbox-2", None),
-    ]
+
+
+def test_dovecot_with_pop3_reuse_xuidl_shows_the_header_before_the_template(
+    tmp_path: Path,
+) -> None:
+    box = maildir(tmp_path, ["1.a:2,S", "2.b:2,S", "3.c:2,S"])
+    (box / "cur" / "1.a:2,S").write_bytes(b"X-UIDL: from-qpopper\r\n\r\nx\r\n")
+    (box / "cur" / "3.c:2,S").write_bytes(b"X-UIDL: header\r\n\r\nx\r\n")
+    (box / "dovecot-uidlist").write_text("3 V5 N4\n1 :1.a\n2 :2.b\n3 Psaved :3.c\n")
+    reused = dovecot_sources(box, DEFAULT, reuse_xuidl=True)
+    # A saved P field still wins; a message without the header gets the template.
+    assert [s.old_uidl for s in reused.sources] == ["from-qpopper", "0000000200000005", "saved"]
+    plain = dovecot_sources(box, DEFAULT)
+    assert [s.old_uidl for s in plain.sources] == ["0000000100000005", "0000000200000005", "saved"]

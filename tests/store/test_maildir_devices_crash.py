@@ -11,9 +11,6 @@ every folder's files and what each device sees.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 
 from popbox.store import MaildirStore
 from popbox.store.mailbox import Disposition, MailboxPolicy, MailboxView
+from support.crash import kill_before_call, run_until_killed
 from support.maildrop import read_all
 
 MESSAGES = [f"Subject: {n}\n\nmessage {n}\n".encode() for n in range(5)]
@@ -32,26 +30,13 @@ LAPTOP = MailboxView(device="laptop", policy=POLICY)
 PHONE_DELETES = [0, 1, 2]
 LAPTOP_DELETES = [0, 1]
 
-CHILD = """
-import asyncio, os, signal, sys, time
+CHILD = (
+    kill_before_call("rename", "replace", "unlink", "fsync")
+    + """
+import asyncio, time
 from pathlib import Path
 from popbox.store import MaildirStore
 from popbox.store.mailbox import Disposition, MailboxPolicy, MailboxView
-
-kill_at = int(sys.argv[2])
-calls = 0
-
-def counted(real):
-    def call(*args, **kwargs):
-        global calls
-        if calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        calls += 1
-        return real(*args, **kwargs)
-    return call
-
-for name in ("rename", "replace", "unlink", "fsync"):
-    setattr(os, name, counted(getattr(os, name)))
 
 skipped = 0.0
 store = MaildirStore(Path(sys.argv[1]), clock=lambda: time.time() + skipped)
@@ -76,6 +61,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 
 async def prepare(root: Path) -> None:
@@ -89,15 +75,7 @@ async def prepare(root: Path) -> None:
 
 def run_child(root: Path, kill_at: int) -> list[str]:
     """Run the child until it is killed (or done); the lines it printed."""
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), str(kill_at)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if child.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(f"child failed: {child.stderr}")
-    return child.stdout.split("\n")
+    return run_until_killed(CHILD, str(root), str(kill_at)).split("\n")
 
 
 def stored(maildir: Path) -> list[bytes]:

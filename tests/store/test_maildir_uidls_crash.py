@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,29 +20,18 @@ from collections import Counter
 from pathlib import Path
 
 from popbox.store import MaildirStore
+from support.crash import kill_before_call, run_until_killed
 from support.maildrop import read_all
 
-CHILD = """
-import asyncio, os, signal, sys
+CHILD = (
+    kill_before_call("write", "fsync", "link", "rename", "replace", "unlink")
+    + """
+import asyncio
 from pathlib import Path
 from popbox.store import MaildirStore
 
-kill_at = int(sys.argv[2])
 start = int(sys.argv[3])
 count = int(sys.argv[4])
-calls = 0
-
-def counted(real):
-    def call(*args, **kwargs):
-        global calls
-        if calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        calls += 1
-        return real(*args, **kwargs)
-    return call
-
-for name in ("write", "fsync", "link", "rename", "replace", "unlink"):
-    setattr(os, name, counted(getattr(os, name)))
 
 store = MaildirStore(Path(sys.argv[1]))
 
@@ -69,21 +57,15 @@ async def main():
 
 asyncio.run(main())
 """
+)
 
 _NUMBER = re.compile(rb"message (\d+)\n\Z")
 
 
 def run_child(root: Path, kill_at: int, start: int = 0, count: int = 3) -> list[tuple[str, int]]:
     """Run the child until it is killed (or done); what it printed, as (word, number)."""
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), str(kill_at), str(start), str(count)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if child.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(f"child failed: {child.stderr}")
-    return [(word, int(n)) for word, n in (line.split() for line in child.stdout.splitlines())]
+    output = run_until_killed(CHILD, str(root), str(kill_at), str(start), str(count))
+    return [(word, int(n)) for word, n in (line.split() for line in output.splitlines())]
 
 
 async def audit(root: Path, told: list[tuple[str, int]], where: str) -> set[int]:

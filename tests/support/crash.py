@@ -1,4 +1,5 @@
-"""The crash auditor: after a SIGKILL, check every maildrop against what clients were told.
+"""The crash auditor: after a SIGKILL, check every maildrop against what clients were told;
+and a child process that kills itself just before its k-th file system call.
 
 Both crash suites (LMTP delivery alone, and delivery with POP3 QUITs and index updates)
 kill ``popbox serve`` at random moments and then ask the same questions of what a
@@ -14,7 +15,10 @@ import contextlib
 import poplib
 import random
 import re
+import signal
 import smtplib
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -28,9 +32,39 @@ from support.wire import lf, wire
 __all__ = [
     "audit_maildrops",
     "deliver_until_killed",
+    "kill_before_call",
     "kill_rounds",
+    "run_until_killed",
     "sessions_until_killed",
 ]
+
+# The start of a child's source: it counts its calls in ``calls`` and SIGKILLs itself
+# just before the ``kill_at``-th (its second argument; -1: never).
+_KILLER = """
+import os, signal, sys
+
+kill_at = int(sys.argv[2])
+calls = 0
+
+def _counted(real):
+    def call(*args, **kwargs):
+        global calls
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        calls += 1
+        return real(*args, **kwargs)
+    return call
+"""
+
+
+def kill_before_call(*names: str) -> str:
+    """Python source to put before a child's own: the child (run with its root as first
+    argument and ``kill_at`` as second, see ``run_until_killed``) is killed just before
+    its ``kill_at``-th call of any of ``os.NAME``, so a loop over ``kill_at`` cuts every
+    step once; the child may print ``calls`` at its end to say how many there were."""
+    patch = "".join(f"os.{name} = _counted(os.{name})\n" for name in names)
+    return _KILLER + patch
+
 
 Message = tuple[str, int]  # (user, message number)
 
@@ -174,3 +208,14 @@ def sessions_until_killed(
         return  # the kill
     except BaseException as exc:
         errors.append(exc)
+
+
+def run_until_killed(code: str, *args: str) -> str:
+    """Run ``code`` (``kill_before_call`` and the child's own source) until it is killed
+    or done; what it printed. Any other end of the child fails the test."""
+    child = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+    )
+    if child.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"child failed: {child.stderr}")
+    return child.stdout

@@ -77,6 +77,29 @@ def check_after_switch(server: ServerProcess, clients: Devices) -> None:
         assert client.numbers() == [1, 2, 3, 4]
 
 
+def live_import_args(dovecot: DovecotServer, server: ServerProcess, tls_files: object) -> list[str]:
+    """``popbox import pop3`` from alice's mailbox on the running Dovecot into alice's."""
+    password = server.directory / "old-password"
+    password.write_text(PASSWORD + "\n")
+    return [
+        "pop3",
+        "--host",
+        HOST,
+        "--port",
+        str(dovecot.pop3s_port),
+        "--tls",
+        "implicit",
+        "--ca-file",
+        str(tls_files.ca),  # type: ignore[attr-defined]
+        "--user",
+        "alice",
+        "--password-file",
+        str(password),
+        "--to",
+        "alice",
+    ]
+
+
 @pytest.fixture
 def popbox_server(tmp_path: Path) -> Iterator[ServerProcess]:
     server = make_server(tmp_path / "popbox", ("alice",))
@@ -86,9 +109,7 @@ def popbox_server(tmp_path: Path) -> Iterator[ServerProcess]:
         server.kill()
 
 
-def test_dovecot_maildir_in_place(
-    dovecot: DovecotServer, clients: Devices, tmp_path: Path
-) -> None:
+def test_dovecot_maildir_in_place(dovecot: DovecotServer, clients: Devices, tmp_path: Path) -> None:
     for number in (1, 2, 3):
         dovecot.add_message("alice", message(number))
     download_from_dovecot(dovecot, clients)
@@ -118,25 +139,7 @@ def test_dovecot_live_over_pop3(
     for number in (1, 2, 3):
         dovecot.add_message("alice", message(number))
     download_from_dovecot(dovecot, clients)
-    password = popbox_server.directory / "old-password"
-    password.write_text(PASSWORD + "\n")
-    live = [
-        "pop3",
-        "--host",
-        HOST,
-        "--port",
-        str(dovecot.pop3s_port),
-        "--tls",
-        "implicit",
-        "--ca-file",
-        str(tls_files.ca),  # type: ignore[attr-defined]
-        "--user",
-        "alice",
-        "--password-file",
-        str(password),
-        "--to",
-        "alice",
-    ]
+    live = live_import_args(dovecot, popbox_server, tls_files)
     report = popbox_import(popbox_server, *live)
     assert "this run stored 3" in report, report
     again = popbox_import(popbox_server, *live)
@@ -160,9 +163,7 @@ def courier_maildir(root: Path, uidvalidity: int) -> list[tuple[str, str]]:
     return [(name, f"UID{n}-{uidvalidity}") for n, name in enumerate(names, 1)]
 
 
-def test_courier_maildir_in_place(
-    dovecot: DovecotServer, clients: Devices, tmp_path: Path
-) -> None:
+def test_courier_maildir_in_place(dovecot: DovecotServer, clients: Devices, tmp_path: Path) -> None:
     box = dovecot.maildir("alice")
     served = courier_maildir(box, uidvalidity=1234567)
     # Dovecot stands in for Courier's pop3d: P fields make it serve Courier's UIDLs, so
@@ -199,29 +200,8 @@ def test_killed_live_import_resumes_without_duplicates(
     total = 40
     for number in range(1, total + 1):
         dovecot.add_message("alice", message(number, size=2000))
-    password = popbox_server.directory / "old-password"
-    password.write_text(PASSWORD + "\n")
-    command = [
-        *POPBOX,
-        "import",
-        "pop3",
-        "--config",
-        str(popbox_server.config),
-        "--host",
-        HOST,
-        "--port",
-        str(dovecot.pop3s_port),
-        "--tls",
-        "implicit",
-        "--ca-file",
-        str(tls_files.ca),  # type: ignore[attr-defined]
-        "--user",
-        "alice",
-        "--password-file",
-        str(password),
-        "--to",
-        "alice",
-    ]
+    live = live_import_args(dovecot, popbox_server, tls_files)
+    command = [*POPBOX, "import", *live, "--config", str(popbox_server.config)]
     inbox = popbox_server.maildir_root / "alice"
     kills = 0
     for _ in range(5):
@@ -237,24 +217,7 @@ def test_killed_live_import_resumes_without_duplicates(
         process.wait(60)
         if _stored(inbox) >= total:
             break
-    final = popbox_import(
-        popbox_server,
-        "pop3",
-        "--host",
-        HOST,
-        "--port",
-        str(dovecot.pop3s_port),
-        "--tls",
-        "implicit",
-        "--ca-file",
-        str(tls_files.ca),  # type: ignore[attr-defined]
-        "--user",
-        "alice",
-        "--password-file",
-        str(password),
-        "--to",
-        "alice",
-    )
+    final = popbox_import(popbox_server, *live)
     assert f"{total} kept" in final, final
     popbox_server.start()
     client = popbox_server.pop3("alice")

@@ -143,6 +143,8 @@ class CourierFolder:
     sources: list[SourceMessage] = field(default_factory=list)
     missing: list[SourceMessage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    unreadable: str | None = None
+    """Why the list, which is there, could not be read (run.plan_maildir refuses)."""
 
 
 def courier_sources(maildir: Path) -> CourierFolder:
@@ -161,7 +163,9 @@ def courier_sources(maildir: Path) -> CourierFolder:
     except FileNotFoundError:
         sizelist = None
     except (OSError, ValueError) as exc:
-        sizelist = Sizelist(problems=[f"unreadable: {exc}"])
+        # Not "no list" (file names as UIDLs): every message would lose its UIDL.
+        folder.unreadable = f"{path} cannot be read: {exc}"
+        return folder
     if sizelist is None:
         folder.problems.append(
             f"no {SIZELIST_NAME}: UIDLs are the file names, as Courier's pop3d showed them "

@@ -37,6 +37,8 @@ from typing import Final
 from popbox.migrate.maildirs import header_lines, message_files, read_header
 from popbox.migrate.plan import SourceMessage
 from popbox.migrate.template import TemplateError, UidlTemplate, UidlVariables
+from popbox.migrate.xuidl import xuidl_of
+from popbox.store.index import arrival_order
 
 __all__ = [
     "UIDLIST_NAME",
@@ -209,6 +211,8 @@ class DovecotFolder:
     sources: list[SourceMessage] = field(default_factory=list)
     missing: list[SourceMessage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    unreadable: str | None = None
+    """Why the uidlist, which is there, could not be read (run.plan_maildir refuses)."""
 
 
 def _pop3_order(records: Iterable[UidlistRecord]) -> list[UidlistRecord]:
@@ -238,7 +242,9 @@ def dovecot_sources(
     except FileNotFoundError:
         uidlist = Uidlist(problems=[f"no {UIDLIST_NAME}: Dovecot never listed this folder"])
     except (OSError, ValueError) as exc:
-        uidlist = Uidlist(problems=[f"{UIDLIST_NAME} unreadable: {exc}"])
+        # Not "no uidlist": every message would lose the UIDL clients keep.
+        folder.unreadable = f"{path} cannot be read: {exc}"
+        return folder
     folder.problems.extend(f"{UIDLIST_NAME}: {problem}" for problem in uidlist.problems)
     listed: set[str] = set()
     for record in _pop3_order(uidlist.records):
@@ -250,14 +256,9 @@ def dovecot_sources(
         listed.add(key)
         uidl, origin = _uidl_of(record, key, file, uidlist, template, reuse_xuidl, folder.problems)
         folder.sources.append(SourceMessage(key, file, uidl, origin))
-    for key in sorted(set(files.by_key) - listed, key=_arrival):
+    for key in sorted(set(files.by_key) - listed, key=arrival_order):
         folder.sources.append(SourceMessage(key, files.by_key[key], None, "not in the uidlist"))
     return folder
-
-
-def _arrival(key: str) -> tuple[int, str]:
-    digits = len(key) - len(key.lstrip("0123456789"))
-    return (int(key[:digits]) if digits else 1 << 62), key
 
 
 def _uidl_of(
@@ -273,10 +274,8 @@ def _uidl_of(
     if saved is not None:
         return (saved or key), "saved P field"
     if reuse_xuidl:
-        from popbox.migrate.maildirs import first_header
-
-        header = first_header(read_header(file), "X-UIDL")
-        if header:
+        header = xuidl_of(read_header(file))
+        if header is not None:
             return header, "X-UIDL header (pop3_reuse_xuidl)"
     if uidlist.uidvalidity is None:
         problems.append(f"{key}: UID {record.uid} but no UIDVALIDITY to expand the template")

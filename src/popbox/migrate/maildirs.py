@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 from popbox.errors import InvalidMailboxName
+from popbox.store.index import message_key
 from popbox.store.mailbox import INBOX, check_folder_name
 
 __all__ = ["MaildirFiles", "list_folders", "message_files", "read_header"]
@@ -28,10 +29,6 @@ class MaildirFiles:
 
     by_key: dict[str, Path] = field(default_factory=dict)
     duplicates: list[str] = field(default_factory=list)
-
-
-def message_key(name: str) -> str:
-    return name.partition(":")[0]
 
 
 def message_files(maildir: Path) -> MaildirFiles:

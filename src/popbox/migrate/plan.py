@@ -111,6 +111,9 @@ class UserPlan:
     source: str
     folders: list[FolderPlan] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    refusal: str | None = None
+    """Why nothing of this user may be imported (a source that is not a Maildir, an
+    old list that is there but cannot be read); None when the plan can be applied."""
 
 
 def _sha1(text: str) -> str:

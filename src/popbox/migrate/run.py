@@ -52,21 +52,30 @@ def plan_maildir(
     """Plan the import of every folder of the Maildir++ tree at ``maildir``."""
     plan = UserPlan(user, f"{kind.value} {maildir}")
     if not (maildir / "cur").is_dir():
-        plan.problems.append(f"{maildir} is not a Maildir (no cur/)")
+        plan.refusal = f"{maildir} is not a Maildir (no cur/)"
         return plan
     folders, tree_problems = list_folders(maildir)
     plan.problems.extend(tree_problems)
     for folder, directory in folders.items():
+        unreadable: str | None = None
         if kind is SourceKind.DOVECOT:
             assert template is not None
             found = dovecot_sources(directory, template, reuse_xuidl=reuse_xuidl)
             sources, missing, problems = found.sources, found.missing, found.problems
+            unreadable = found.unreadable
         elif kind is SourceKind.COURIER:
             courier = courier_sources(directory)
             sources, missing, problems = courier.sources, courier.missing, courier.problems
+            unreadable = courier.unreadable
         else:
             headers = xuidl_sources(directory)
             sources, missing, problems = headers.sources, [], headers.problems
+        if unreadable is not None:
+            # The old UIDLs are there but unknown: importing would give every message
+            # a new one (and a copy, run again once the list is readable, would store
+            # each message twice), so nothing of this user is imported.
+            plan.refusal = f"{unreadable}; nothing imported: make it readable and run again"
+            return plan
         plan.folders.append(
             plan_folder(folder, sources, copy=copy, missing=missing, problems=problems)
         )
@@ -105,6 +114,8 @@ def describe(outcome: ImportOutcome, *, dry_run: bool, verbose: bool = False) ->
     plan = outcome.plan
     lines = [f"{plan.user}: from {plan.source}{' (dry run: nothing written)' if dry_run else ''}"]
     lines.extend(f"  problem: {problem}" for problem in plan.problems)
+    if plan.refusal is not None:
+        lines.append(f"  refused: {plan.refusal}")
     results = {result.folder: result for result in outcome.results}
     for folder in plan.folders:
         counts = ", ".join(f"{count} {name}" for name, count in _folder_counts(folder).items())
@@ -141,6 +152,7 @@ def as_json(outcome: ImportOutcome, *, dry_run: bool) -> dict[str, Any]:
         "source": plan.source,
         "dry_run": dry_run,
         "problems": plan.problems,
+        "refusal": plan.refusal,
         "mapping": str(outcome.mapping) if outcome.mapping else None,
         "error": outcome.error,
         "folders": [

@@ -29,10 +29,14 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final, overload
+from typing import TYPE_CHECKING, Final, overload
 
 from popbox.fileio import fsync_dir, write_all
 from popbox.wireform import WireSizeCounter, wire_size
+
+if TYPE_CHECKING:
+    # Only named: store.maildir_uidls reads the file and builds on this module.
+    from popbox.store.maildir_uidls import UidlJournal
 
 __all__ = [
     "CorruptIndex",
@@ -298,7 +302,7 @@ class MaildirIndex:
         """Read from an older file format: write it again even if nothing changed."""
         self.uidl_overrides: Mapping[int, str] = {}
         """UIDLs kept from the server popbox replaced, by UID (store.maildir_uidls)."""
-        self.uidl_journal: object = None
+        self.uidl_journal: UidlJournal | None = None
         """The parsed ``popbox.uidls`` the overrides came from (store.maildir_uidls
         keeps it here so an unchanged file is not read again), None if none."""
         # Exactly one of the two holds the messages; columns turn into entries once.
@@ -405,7 +409,7 @@ class MaildirIndex:
             return KeptUidlColumn(self.uidl_template, uids, overrides)
         return UidlColumn(self.uidl_template, uids)
 
-    def set_uidl_overrides(self, overrides: Mapping[int, str], journal: object) -> None:
+    def set_uidl_overrides(self, overrides: Mapping[int, str], journal: UidlJournal | None) -> None:
         """Serve ``overrides`` (UIDLs by UID) instead of popbox's own for those UIDs,
         as found in ``journal``; the columns held take them at once."""
         self.uidl_journal = journal

@@ -272,7 +272,7 @@ def apply_uidls(folder: str, maildir: Path, index: MaildirIndex) -> None:
         if index.uidl_overrides or cached is not None:
             index.set_uidl_overrides({}, None)
         return
-    if isinstance(cached, UidlJournal) and cached.signature == signature:
+    if cached is not None and cached.signature == signature:
         journal: UidlJournal | None = cached
     else:
         journal = read_uidls(maildir)
@@ -293,7 +293,7 @@ def drop_gone(maildir: Path, index: MaildirIndex, gone: Collection[str]) -> None
     after the removals are durable: a line dropped too early would cost its message
     the kept UIDL."""
     journal = index.uidl_journal
-    if not isinstance(journal, UidlJournal):
+    if journal is None:
         return
     present = index.uids_by_key(journal.uidls)
     dropped = {key for key in journal.uidls if key in gone}
