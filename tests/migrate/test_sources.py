@@ -91,12 +91,21 @@ def test_dovecot_pop3_order_field_lists_first(tmp_path: Path) -> None:
     assert [s.key for s in dovecot_sources(box, DEFAULT).sources] == ["3.c", "2.b", "1.a"]
 
 
-def test_dovecot_corrupt_header_keeps_saved_uidls_only(tmp_path: Path) -> None:
+def test_a_list_whose_header_cannot_be_read_is_refused_not_guessed(tmp_path: Path) -> None:
+    # Every record hides behind the header: importing would give each message a new
+    # UIDL, and every client would download the mailbox again.
     box = maildir(tmp_path, ["1.a", "2.b"])
     (box / "dovecot-uidlist").write_bytes(b"3 Vxx N4\n1 P:kept :1.a\n2 :2.b\n")
     folder = dovecot_sources(box, DEFAULT)
-    assert [s.old_uidl for s in folder.sources] == [None, None]
-    assert any("corrupt header" in problem for problem in folder.problems)
+    assert folder.unreadable is not None
+    assert "corrupt header" in folder.unreadable
+    assert folder.sources == []
+    (box / "dovecot-uidlist").write_bytes(b"")  # empty: as if Dovecot never listed it
+    assert dovecot_sources(box, DEFAULT).unreadable is None
+    (box / "courierpop3dsizelist").write_bytes(b"garbage\n1.a 10 1:5\n")
+    courier = courier_sources(box)
+    assert courier.unreadable is not None
+    assert "not a version 2 or 3 header" in courier.unreadable
 
 
 def test_apop3d_md5_hashes_the_first_received_and_what_came_before() -> None:

@@ -176,6 +176,11 @@ def courier_sources(maildir: Path) -> CourierFolder:
                 SourceMessage(key, files.by_key[key], courier_v0_uidl(key), "file name (version 0)")
             )
         return folder
+    if sizelist.version is None:
+        # Its entries cannot be trusted without the header: refuse rather than give
+        # every message a new UIDL (a download again for every client).
+        folder.unreadable = f"{path}: {sizelist.problems[0]}"
+        return folder
     folder.problems.extend(f"{SIZELIST_NAME}: {problem}" for problem in sizelist.problems)
     by_key: dict[str, SizelistEntry] = {}
     for entry in sizelist.entries:

@@ -57,6 +57,10 @@ MAX_UIDLIST_BYTES: Final = 1024 * 1024 * 1024
 MAX_UID: Final = 0xFFFFFFFE
 
 
+# A uidlist with nothing in it lists no message: as if there were none.
+EMPTY_FILE: Final = "empty file"
+
+
 @dataclass(frozen=True, slots=True)
 class UidlistRecord:
     uid: int
@@ -142,7 +146,7 @@ def parse_uidlist(data: bytes) -> Uidlist:
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
-        uidlist.problems.append("empty file")
+        uidlist.problems.append(EMPTY_FILE)
         return uidlist
     _header(lines[0], uidlist)
     if uidlist.version is None:
@@ -244,6 +248,11 @@ def dovecot_sources(
     except (OSError, ValueError) as exc:
         # Not "no uidlist": every message would lose the UIDL clients keep.
         folder.unreadable = f"{path} cannot be read: {exc}"
+        return folder
+    if uidlist.version is None and uidlist.problems != [EMPTY_FILE]:
+        # A header that cannot be read hides every record behind it: each message
+        # would get a new UIDL and be downloaded again. Refuse rather than guess.
+        folder.unreadable = f"{path}: {uidlist.problems[0]}"
         return folder
     folder.problems.extend(f"{UIDLIST_NAME}: {problem}" for problem in uidlist.problems)
     listed: set[str] = set()
