@@ -178,6 +178,39 @@ async def test_fakes_show_the_iteration_count_most_keys_have(write_passwd: Write
     assert await db.verify("nobody", "pw") is None
 
 
+@pytest.mark.parametrize(
+    ("lines", "derivations"),
+    [
+        # Most users {PLAIN}: their keys cost a PBKDF2 at each login, so a name without
+        # keys costs one as well (the first server message comes as late).
+        (["alice:{PLAIN}a", "carol:{PLAIN}c", "bob:KEY"], 1),
+        # Most users with stored keys: no PBKDF2 for anyone before the proof.
+        (["alice:{PLAIN}a", "bob:KEY", "dave:KEY"], 0),
+    ],
+)
+async def test_a_name_without_keys_costs_what_most_users_cost(
+    write_passwd: WritePasswd,
+    monkeypatch: pytest.MonkeyPatch,
+    lines: list[str],
+    derivations: int,
+) -> None:
+    import popbox.auth.passwdfile as passwdfile
+
+    key = hash_password("pw", "SCRAM-SHA-256")
+    db = PasswdFilePassDB(write_passwd("\n".join(lines).replace("KEY", key) + "\n"))
+    calls: list[str] = []
+    real = passwdfile.derive_credentials
+
+    def counting(*args: Any, **kwargs: Any) -> ScramCredentials:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(passwdfile, "derive_credentials", counting)
+    nobody = await db.scram_credentials("nobody", "SCRAM-SHA-256")
+    assert nobody.problem == "unknown user"
+    assert len(calls) == derivations
+
+
 def test_saslnames_and_the_authzid_are_decoded() -> None:
     server = ScramServerExchange("SCRAM-SHA-256", {}, plus_offered=False)
     first = server.receive_first(b"n,a=sup=2Cport=3D,n=a=2Cb=3Dc,r=nonce")

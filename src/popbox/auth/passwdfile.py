@@ -40,12 +40,18 @@ from popbox.auth.schemes import (
     cost_signature,
     hash_like,
     hash_password,
+    plaintext_of,
     problem_with,
     scram_credentials_of,
     scram_iterations_of,
     verify_password,
 )
-from popbox.auth.scram import DEFAULT_SCRAM_ITERATIONS, fake_credentials
+from popbox.auth.scram import (
+    DEFAULT_SCRAM_ITERATIONS,
+    derive_credentials,
+    fake_credentials,
+    plain_salt,
+)
 from popbox.auth.watched import WatchedFile
 from popbox.errors import ConfigError, InvalidUsername
 
@@ -327,6 +333,10 @@ class PasswdFilePassDB:
         # Per SCRAM hash, the iteration count most keys in the file have: the count
         # that derived and fake credentials show too.
         self._scram_iterations: dict[str, int] = {}
+        # The SCRAM hashes for which most users' keys are derived from a {PLAIN}
+        # password at login (a PBKDF2): a user without keys pays one too, so that the
+        # time to the server's first message does not tell who exists.
+        self._scram_derived: frozenset[str] = frozenset()
         self._refresh(force=True, strict=True)
 
     @property
@@ -374,6 +384,7 @@ class PasswdFilePassDB:
             entries = self._file.contents.values()
             self._dummy = self._dummy_like(entries)
             self._scram_iterations = _common_scram_iterations(entries)
+            self._scram_derived = _mostly_derived_scram(entries)
             log.info("%s: loaded %d users", self._path, len(self._file.contents))
 
     def _dummy_like(self, entries: Iterable[PasswdEntry]) -> str:
@@ -459,6 +470,14 @@ class PasswdFilePassDB:
             if isinstance(found, ScramCredentials):
                 return found
             problem = found
+        if hash_name in self._scram_derived:
+            # The work a {PLAIN} user's keys cost, for a secret nobody has.
+            derive_credentials(
+                self._default_dummy,
+                hash_name,
+                salt=plain_salt(username, hash_name),
+                iterations=iterations,
+            )
         return fake_credentials(username, hash_name, iterations=iterations, problem=problem)
 
     async def scram_credentials(self, username: str, hash_name: str) -> ScramCredentials:
@@ -486,6 +505,23 @@ class PasswdFilePassDB:
         a user without one and for unknown users."""
         return await asyncio.to_thread(self._apop_blocking, username)
 
+
+
+def _mostly_derived_scram(entries: Iterable[PasswdEntry]) -> frozenset[str]:
+    """The SCRAM hashes for which more users have a {PLAIN} password (keys derived at
+    each login) than stored keys."""
+    derived: Counter[str] = Counter()
+    stored: Counter[str] = Counter()
+    for entry in entries:
+        if not entry.can_login:
+            continue
+        plain = plaintext_of(entry.password) is not None
+        for name in SCRAM_HASHES:
+            if scram_iterations_of(entry.password, name) is not None:
+                stored[name] += 1
+            elif plain:
+                derived[name] += 1
+    return frozenset(name for name in SCRAM_HASHES if derived[name] > stored[name])
 
 
 def _common_scram_iterations(entries: Iterable[PasswdEntry]) -> dict[str, int]:
