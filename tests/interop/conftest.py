@@ -16,34 +16,19 @@ import pytest
 from popbox.auth.base import UserRecord
 from popbox.auth.memory import MemoryPassDB
 from popbox.auth.schemes import hash_password
-from popbox.config import Config, LimitSettings, Pop3Settings, TlsSettings
+from popbox.config import TlsSettings
 from popbox.net.scram import scram_mechanisms
-from popbox.net.service import Pop3Service
-from popbox.store.memory import MemoryStore
-from support.interop import MESSAGES, PASSWORD, USER, InteropServer
+from support.interop import PASSWORD, USER, InteropServer, interop_config, serving
 
 
 @pytest.fixture
 async def interop_server(
     tls_files: Any, server_context: ssl.SSLContext, tmp_path: Path
 ) -> AsyncIterator[InteropServer]:
-    config = Config(
-        pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=["127.0.0.1:0"]),
-        limits=LimitSettings(auth_failure_delay=0, shutdown_grace=1),
-    )
-    store = MemoryStore()
-    for message in MESSAGES:
-        await store.deliver(USER, message)
-    passdb = MemoryPassDB({USER: PASSWORD})
     # fetchmail insists on a subject CN: the shared certificate has one.
-    service = Pop3Service(config, store, passdb, server_context)
-    await service.start()
-    workdir = tmp_path / "client"
-    workdir.mkdir()
-    try:
-        yield InteropServer(service, store, tls_files.ca, workdir)
-    finally:
-        await service.shutdown()
+    passdb = MemoryPassDB({USER: PASSWORD})
+    async with serving(interop_config(), passdb, server_context, tls_files, tmp_path) as server:
+        yield server
 
 
 class _ScramOnlyPassDB(MemoryPassDB):
@@ -58,21 +43,10 @@ async def scram_interop_server(
     """The same mailbox behind a stored {SCRAM-SHA-256} key, offering SCRAM-SHA-256
     and (inside TLS) SCRAM-SHA-256-PLUS bound to the certificate. Password checks
     (USER/PASS, PLAIN) all fail: a client that logs in used SCRAM."""
-    config = Config(
-        pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=["127.0.0.1:0"]),
-        limits=LimitSettings(auth_failure_delay=0, shutdown_grace=1),
-        tls=TlsSettings(cert=tls_files.cert, key=tls_files.key),
-    )
-    store = MemoryStore()
-    for message in MESSAGES:
-        await store.deliver(USER, message)
+    config = interop_config(tls=TlsSettings(cert=tls_files.cert, key=tls_files.key))
     passdb = _ScramOnlyPassDB({}, stored={USER: hash_password(PASSWORD, "SCRAM-SHA-256")})
     mechanisms = scram_mechanisms(config.auth.mechanisms, passdb)
-    service = Pop3Service(config, store, passdb, server_context, mechanisms)
-    await service.start()
-    workdir = tmp_path / "client"
-    workdir.mkdir()
-    try:
-        yield InteropServer(service, store, tls_files.ca, workdir)
-    finally:
-        await service.shutdown()
+    async with serving(
+        config, passdb, server_context, tls_files, tmp_path, mechanisms
+    ) as server:
+        yield server

@@ -13,11 +13,17 @@ import pytest
 
 from popbox.app import bearer_mechanisms
 from popbox.auth.memory import MemoryPassDB
-from popbox.config import AuthSettings, Config, LimitSettings, OAuthServerSettings, Pop3Settings
-from popbox.net.service import Pop3Service
-from popbox.store.memory import MemoryStore
+from popbox.config import AuthSettings, OAuthServerSettings
 from support.fetch import account_entry, fetch_settings, maildir_messages, poll, tls_fields
-from support.interop import MESSAGES, PASSWORD, USER, InteropServer, require
+from support.interop import (
+    MESSAGES,
+    PASSWORD,
+    USER,
+    InteropServer,
+    interop_config,
+    require,
+    serving,
+)
 from support.issuer import AUDIENCE, TokenIssuer, serve_issuer
 from support.wire import wire
 
@@ -36,24 +42,12 @@ async def oauth_server(
     oauth = OAuthServerSettings(
         issuer=issuer.issuer, audience=[AUDIENCE], domains=["example.org"]
     )
-    config = Config(
-        pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=["127.0.0.1:0"]),
-        limits=LimitSettings(auth_failure_delay=0, auth_penalty_max=0, shutdown_grace=1),
-        auth=AuthSettings(oauth=oauth),
-    )
-    store = MemoryStore()
-    for message in MESSAGES:
-        await store.deliver(USER, message)
-    service = Pop3Service(
-        config, store, MemoryPassDB({USER: PASSWORD}), server_context, bearer_mechanisms(config)
-    )
-    await service.start()
-    workdir = tmp_path / "client"
-    workdir.mkdir()
-    try:
-        yield InteropServer(service, store, tls_files.ca, workdir)
-    finally:
-        await service.shutdown()
+    config = interop_config(auth=AuthSettings(oauth=oauth))
+    passdb = MemoryPassDB({USER: PASSWORD})
+    async with serving(
+        config, passdb, server_context, tls_files, tmp_path, bearer_mechanisms(config)
+    ) as server:
+        yield server
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:

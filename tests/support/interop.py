@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from popbox.auth.base import PassDB
+from popbox.config import Config, LimitSettings, Pop3Settings
+from popbox.net.sasl import Mechanisms
 from popbox.net.service import Pop3Service
 from popbox.store.memory import MemoryStore
 from support.maildrop import stored_messages
@@ -79,3 +86,33 @@ def require(program: str) -> str:
     return path
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    config: Config,
+    passdb: PassDB,
+    context: ssl.SSLContext,
+    tls_files: Any,
+    tmp_path: Path,
+    mechanisms: Mechanisms | None = None,
+) -> AsyncIterator[InteropServer]:
+    """A Pop3Service holding USER's MESSAGES in memory, and a client work directory."""
+    store = MemoryStore()
+    for message in MESSAGES:
+        await store.deliver(USER, message)
+    service = Pop3Service(config, store, passdb, context, mechanisms)
+    await service.start()
+    workdir = tmp_path / "client"
+    workdir.mkdir()
+    try:
+        yield InteropServer(service, store, tls_files.ca, workdir)
+    finally:
+        await service.shutdown()
+
+
+def interop_config(**sections: Any) -> Config:
+    """127.0.0.1 on port 0, plain and implicit TLS, no failure delay."""
+    return Config(
+        pop3=Pop3Settings(listen=["127.0.0.1:0"], tls_listen=["127.0.0.1:0"]),
+        limits=LimitSettings(auth_failure_delay=0, auth_penalty_max=0, shutdown_grace=1),
+        **sections,
+    )
