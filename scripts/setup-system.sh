@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real: independent POP3
 # clients (curl, fetchmail, mpop, getmail6; gsasl for SASL), Postfix in front of the LMTP listener,
-# and Dovecot as the reference server for the collector and the benchmarks.
+# Dovecot as the reference server for the collector and the benchmarks, and PostgreSQL
+# and HAProxy for the scale-out backend and the load balancer in front of it.
 # Services are never started by the packages: the tests start their own instances
 # on loopback ports with their own configuration.
 set -euo pipefail
 
 PACKAGES=(curl ca-certificates fetchmail mpop getmail6 gsasl postfix dovecot-core dovecot-pop3d dovecot-lmtpd
+          postgresql haproxy
           iproute2 procps)
 
 missing=()

@@ -1,4 +1,5 @@
-"""Fixtures shared by several test areas: a test CA and certificate, shared dirs, Dovecot."""
+"""Fixtures shared by several test areas: a test CA and certificate, shared dirs,
+Dovecot, and the session's PostgreSQL server with a database per test."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import trustme
 
 from popbox.net.tls_context import make_server_context
 from support.dovecot import DovecotServer, start_dovecot
+from support.postgres import PostgresServer, postgres_skip_reason, start_postgres
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,38 @@ def dovecot(tls_files: TlsFiles, shared_tmp: Path) -> Iterator[DovecotServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the whole session, started on first use."""
+    reason = postgres_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="popbox-pg-"))
+    root.chmod(0o711)
+    server = start_postgres(root / "cluster")
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A new, empty database of the session's PostgreSQL, for this test alone."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def private_postgres(shared_tmp: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, which it may stop, crash and restart."""
+    reason = postgres_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = start_postgres(shared_tmp / "postgres")
+    try:
+        yield server
+    finally:
+        server.stop("immediate")

@@ -7,14 +7,12 @@ file (or the working directory for the embedded default).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import ipaddress
 import logging
 import os
 import stat
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -27,12 +25,15 @@ from pydantic import (
     model_validator,
 )
 
-from popbox.auth.names import is_valid_username
+from popbox.config_mailbox import (
+    MailboxSettings,
+    check_login_separators,
+)
 from popbox.config_oauth import OAuthServerSettings
+from popbox.config_scale import PostgresSettings, check_trusted_proxies
 from popbox.errors import ConfigError
 from popbox.proto import MAX_AUTH_FAILURES, MAX_BAD_COMMANDS, MAX_COMMAND_LINE, MAX_SASL_LINE
 from popbox.store.location import LocationTemplate, parse_location
-from popbox.store.mailbox import Disposition, MailboxPolicy
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -83,19 +84,6 @@ SHUTDOWN_GRACE: Final = 10.0
 # Dovecot's LMTP has no limit by default. 100 MiB keeps a runaway sender bounded.
 MAX_MESSAGE_SIZE: Final = 100 * 1024 * 1024
 
-# Gmail's recent mode looks back 30 days; so does popbox's by default.
-RECENT_DAYS: Final = 30
-# A device that has not logged in for a month (a lost phone, an old laptop) stops
-# holding mail back; its own deletions still count while it comes back.
-ACTIVE_DAYS: Final = 30
-# What a Trash folder keeps, and what the KEEP disposition hides, before it goes:
-# Thunderbird's and Gmail's 30 days.
-TRASH_DAYS: Final = 30
-KEEP_DAYS: Final = 30
-# How often `popbox serve` sweeps every mailbox (expired retention, Trash, devices
-# gone idle). Retention is counted in days, so an hour late changes nothing.
-SWEEP_INTERVAL: Final = 3600.0
-
 log = logging.getLogger(__name__)
 
 # RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients per transaction;
@@ -133,6 +121,13 @@ def _check_listen(values: list[str]) -> list[str]:
     return values
 
 
+def _check_proxy_listeners(value: bool | list[str], listeners: list[str]) -> None:
+    if isinstance(value, list):
+        unknown = [entry for entry in value if entry not in listeners]
+        if unknown:
+            raise ValueError(f"proxy_protocol names {', '.join(unknown)}, which is not a listener")
+
+
 class Pop3Settings(_Section):
     """The POP3 listeners and what they offer."""
 
@@ -150,10 +145,29 @@ class Pop3Settings(_Section):
     implementation: str = "popbox"
     workers: int = Field(default=1, ge=1, le=256)
     """Worker processes sharing the listeners."""
-    proxy_protocol: bool = False
-    """Expect a PROXY protocol header (HAProxy) on every connection."""
+    proxy_protocol: bool | list[str] = False
+    """Expect a PROXY protocol header (HAProxy) from ``trusted_proxies``: ``true`` on
+    every listener, or a list of the ``listen``/``tls_listen`` entries that expect it."""
+    trusted_proxies: list[str] = []
+    """The load balancers' addresses or networks. On a PROXY listener their
+    connections must start with the header; anyone else's may not send one."""
 
     _listen = field_validator("listen", "tls_listen")(_check_listen)
+    _trusted = field_validator("trusted_proxies")(check_trusted_proxies)
+
+    def proxied(self, listen: str) -> bool:
+        """Whether the listener ``listen`` (an entry of listen or tls_listen) expects
+        PROXY headers from the trusted proxies."""
+        if isinstance(self.proxy_protocol, bool):
+            return self.proxy_protocol
+        return listen in self.proxy_protocol
+
+    @model_validator(mode="after")
+    def _check_proxy(self) -> Pop3Settings:
+        _check_proxy_listeners(self.proxy_protocol, self.listen + self.tls_listen)
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies (the load balancers)")
+        return self
 
     @field_validator("implementation")
     @classmethod
@@ -221,6 +235,8 @@ DEFAULT_MECHANISMS: Final = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN", "LO
 
 
 class AuthSettings(_Section):
+    backend: Literal["passwd-file", "postgresql"] = "passwd-file"
+    """Where users are: ``passwd_file``, or PostgreSQL (``[postgresql]``)."""
     passwd_file: Path = Path(DEFAULT_DATA_DIR) / "passwd"
     """A Dovecot-format passwd file: ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra``."""
     default_scheme: Literal[
@@ -273,7 +289,9 @@ class AuthSettings(_Section):
 
 
 class StorageSettings(_Section):
-    backend: Literal["maildir"] = "maildir"
+    backend: Literal["maildir", "postgresql"] = "maildir"
+    """Where mail lives: Maildirs on this machine, or PostgreSQL (``[postgresql]``)
+    for nodes that share it (docs/scale-out.md)."""
     maildir_root: Path = Path(DEFAULT_DATA_DIR) / "mail"
     """Each user's Maildir is ``maildir_root/USER`` (with cur/, new/, tmp/), unless
     ``mail_location`` or the user's own ``mail`` field says otherwise."""
@@ -323,147 +341,18 @@ class LmtpSettings(_Section):
     max_recipients: int = Field(default=LMTP_MAX_RECIPIENTS, ge=1)
     timeout: float = Field(default=LMTP_TIMEOUT, gt=0)
     max_line_length: int = Field(default=LMTP_MAX_LINE_LENGTH, ge=1000)
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol header from ``trusted_proxies`` on the TCP listeners."""
+    trusted_proxies: list[str] = []
 
     _listen = field_validator("listen")(_check_listen)
-
-
-class MailboxSettings(_Section):
-    """Folders, devices, retention and what removal does (docs/mailbox-model.md).
-
-    Every policy value may be set per user by an extra field in the passwd file:
-    ``popbox_disposition``, ``popbox_keep_days``, ``popbox_trash_days``,
-    ``popbox_retention_days`` (a number or ``never``), ``popbox_active_days``,
-    ``popbox_recent_days``, ``popbox_login_delay``; ``popbox_shared_with`` names the
-    users (comma-separated) who may open the mailbox as ``MAILBOX*USER``.
-    """
-
-    device_separator: str = "~"
-    """``alice~phone`` logs in as the device ``phone``; "" turns device names off.
-    "~" is unreserved in URLs (curl), and not a user-name character."""
-    folder_separator: str = "+"
-    """``alice+invoices`` opens the folder ``invoices`` (Cyrus's form); "" turns it off."""
-    master_separator: str = "*"
-    """``support*bob`` opens the shared mailbox ``support`` with bob's password (Dovecot's
-    master-user form); "" turns shared logins off."""
-    recent_prefix: str = "recent:"
-    """``recent:alice`` is a recent-mode login (Gmail's form); "" turns it off."""
-    disposition: Literal["delete", "trash", "archive", "keep"] = "delete"
-    keep_days: int = Field(default=KEEP_DAYS, ge=0)
-    trash_days: int = Field(default=TRASH_DAYS, ge=0)
-    retention_days: int | None = Field(default=None, ge=0)
-    """Days after its first retrieval when a message is removed (EXPIRE); unset: never."""
-    active_days: int = Field(default=ACTIVE_DAYS, ge=1)
-    recent_days: int = Field(default=RECENT_DAYS, ge=1)
-    login_delay: int = Field(default=0, ge=0)
-    """Least seconds between two logins of one device (LOGIN-DELAY); 0: none."""
-    folder_delivery: Literal["create", "existing", "inbox"] = "create"
-    """Where mail for ``alice+invoices@`` goes: the folder, created on first delivery;
-    the folder only if it exists (else INBOX); or always INBOX."""
-    sweep_interval: float = Field(default=SWEEP_INTERVAL, gt=0)
-    """Seconds between two sweeps of every mailbox inside ``popbox serve``."""
-
-    @field_validator("device_separator", "folder_separator", "master_separator")
-    @classmethod
-    def _check_separator(cls, value: str) -> str:
-        if len(value) > 1 or (
-            value and (value.isalnum() or value in "._-@/:" or not value.isprintable())
-        ):
-            raise ValueError("must be one character that cannot be part of a name, or empty")
-        return value
+    _trusted = field_validator("trusted_proxies")(check_trusted_proxies)
 
     @model_validator(mode="after")
-    def _unambiguous(self) -> MailboxSettings:
-        check_login_separators(
-            device_separator=self.device_separator,
-            folder_separator=self.folder_separator,
-            master_separator=self.master_separator,
-            recent_prefix=self.recent_prefix,
-        )
+    def _check_proxy(self) -> LmtpSettings:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies (the load balancers)")
         return self
-
-    def default_policy(self) -> MailboxPolicy:
-        return MailboxPolicy(
-            disposition=Disposition(self.disposition),
-            keep_days=self.keep_days,
-            trash_days=self.trash_days,
-            retention_days=self.retention_days,
-            active_days=self.active_days,
-            recent_days=self.recent_days,
-            login_delay=self.login_delay,
-        )
-
-    def policy_for(self, extra: Mapping[str, str], *, user: str = "") -> MailboxPolicy:
-        """The server's policy with the user's own extra fields on top.
-
-        A malformed field is logged and ignored (the server's value stays): a typo
-        in one line of the passwd file must not lock a user out or lose mail.
-        """
-        policy = self.default_policy()
-        if not any(key.startswith(USER_POLICY_PREFIX) for key in extra):
-            return policy
-        values: dict[str, Any] = {}
-        for name in _POLICY_DAYS:
-            text = extra.get(USER_POLICY_PREFIX + name)
-            if text is None:
-                continue
-            if name == "retention_days" and text.lower() == "never":
-                values[name] = None
-            elif text.isascii() and text.isdigit() and (name != "active_days" or int(text) > 0):
-                values[name] = int(text)
-            else:
-                log.warning("user %s: %s%s=%r ignored", user, USER_POLICY_PREFIX, name, text)
-        text = extra.get(USER_POLICY_PREFIX + "disposition")
-        if text is not None:
-            try:
-                values["disposition"] = Disposition(text.lower())
-            except ValueError:
-                log.warning("user %s: %sdisposition=%r ignored", user, USER_POLICY_PREFIX, text)
-        return dataclasses.replace(policy, **values)
-
-    def shared_with(self, extra: Mapping[str, str]) -> frozenset[str]:
-        """The users who may open this user's mailbox as members (``popbox_shared_with``)."""
-        text = extra.get(USER_POLICY_PREFIX + "shared_with", "")
-        return frozenset(name.strip() for name in text.split(",") if name.strip())
-
-
-def check_login_separators(
-    *, device_separator: str, folder_separator: str, master_separator: str, recent_prefix: str
-) -> None:
-    """ValueError (naming the setting) for separators that would make login names
-    ambiguous: two alike, a device or master separator a user name may hold, or a
-    recent prefix a user name could start with."""
-    separators = {
-        "device_separator": device_separator,
-        "folder_separator": folder_separator,
-        "master_separator": master_separator,
-    }
-    used = [value for value in separators.values() if value]
-    if len(set(used)) != len(used):
-        raise ValueError("the device, folder and master separators must differ")
-    for key in ("device_separator", "master_separator"):
-        # The folder separator may be a user-name character ("+"): the login broker
-        # asks the user database which reading is meant. The others may not.
-        if separators[key] and is_valid_username("a" + separators[key]):
-            raise ValueError(f"mailbox.{key}: {separators[key]!r} can be part of a user name")
-    if recent_prefix and (
-        is_valid_username(recent_prefix + "a") or any(s in recent_prefix for s in used)
-    ):
-        raise ValueError(
-            "mailbox.recent_prefix: must hold a character no user name has (as the "
-            "':' of 'recent:') and no separator"
-        )
-
-
-# Per-user policy fields in the passwd file's extra fields start with this.
-USER_POLICY_PREFIX: Final = "popbox_"
-_POLICY_DAYS: Final = (
-    "keep_days",
-    "trash_days",
-    "retention_days",
-    "active_days",
-    "recent_days",
-    "login_delay",
-)
 
 
 class LogSettings(_Section):
@@ -484,6 +373,8 @@ class Config(_Section):
     lmtp: LmtpSettings = LmtpSettings()
     mailbox: MailboxSettings = MailboxSettings()
     log: LogSettings = LogSettings()
+    postgresql: PostgresSettings | None = None
+    """The database of ``storage.backend`` or ``auth.backend`` = "postgresql"."""
     fetch: dict[str, Any] = {}
     """The collector's own settings; validated by popbox.collector when it runs."""
     user: str | None = None
@@ -504,6 +395,17 @@ class Config(_Section):
             raise ValueError(
                 "pop3.expire and mailbox.retention_days disagree; set only retention_days"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _postgresql_is_set(self) -> Config:
+        if self.postgresql is None:
+            for key, backend in (
+                ("storage.backend", self.storage.backend),
+                ("auth.backend", self.auth.backend),
+            ):
+                if backend == "postgresql":
+                    raise ValueError(f'{key} = "postgresql" needs a [postgresql] table')
         return self
 
     def tls_cert_path(self) -> Path:

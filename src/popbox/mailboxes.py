@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from popbox.auth.base import UserDirectory, UserRecord
-from popbox.config import USER_POLICY_PREFIX, Config, MailboxSettings
+from popbox.config import Config, MailboxSettings
+from popbox.config_mailbox import USER_POLICY_PREFIX
 from popbox.errors import StoreError
 from popbox.store.base import MailStore
 from popbox.store.mailbox import DAY, DeviceReport, MailboxPolicy, SweepReport

@@ -50,6 +50,7 @@ def make_config(
             plaintext_auth=plaintext_auth,  # type: ignore[arg-type]
             apop=apop,
             proxy_protocol=proxy_protocol,
+            trusted_proxies=["127.0.0.0/8", "::1"] if proxy_protocol else [],
         ),
         # model_construct skips the ge= bounds so tests can use tiny timeouts.
         limits=LimitSettings.model_construct(**base),
