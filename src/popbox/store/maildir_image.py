@@ -39,7 +39,8 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterable
+import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -62,7 +63,8 @@ from popbox.store.maildir_uidls import (
     compact,
 )
 from popbox.store.maildir_view import NO_TIME, arrivals_of
-from popbox.store.maildrop import CHUNK_SIZE, record_uidvalidity, recorded_uidvalidity
+from popbox.store.maildrop import CHUNK_SIZE, LOCK_NAME, record_uidvalidity, recorded_uidvalidity
+from popbox.store.moves import MARK_NAME
 from popbox.wireform import WireSizeCounter
 
 __all__ = ["MaildirImageSource", "image_key", "open_image", "remove_folder", "restore_image"]
@@ -368,30 +370,50 @@ def _commit(
 
 def remove_folder(mailboxes: Mailboxes, cache: IndexCache, layout: FolderLayout) -> None:
     """Remove the folder and everything popbox keeps in it, under its lock; nothing if
-    it is not there. INBOX keeps the user's Maildir if other folders are still in it."""
+    it is not there. INBOX last: with it go the remains of folders a killed removal
+    left (a ``.NAME`` directory that still has its ``maildirfolder``), and the user's
+    Maildir if nothing foreign is left in it.
+
+    A folder's cur/ goes first (it is no longer listed then) and its marker file last,
+    so a removal killed halfway is finished by the next removal of INBOX."""
     place = layout.place
     with os_errors(f"remove {place.key}"):
-        if not mailboxes.exists(layout):
+        try:
+            if not stat.S_ISDIR(os.lstat(layout.maildir).st_mode):
+                return
+        except FileNotFoundError:
             return
         with FileLock(layout.lock):  # BlockingIOError: MaildropInUse
             cache.take(place.key)
             mailboxes.forget(layout.maildir)
-            if place.folder != INBOX:
-                # The folder stops being listed once cur/ is gone (maildir_folders).
-                shutil.rmtree(layout.cur)
-                shutil.rmtree(layout.maildir)
+            if place.folder == INBOX:
+                with os.scandir(layout.maildir) as entries:
+                    left = [
+                        Path(entry.path)
+                        for entry in entries
+                        if entry.name.startswith(".")
+                        and entry.is_dir(follow_symlinks=False)
+                        and os.path.lexists(os.path.join(entry.path, FOLDER_MARKER))
+                    ]
+                for folder in left:
+                    _remove_maildir(folder)
+            _remove_maildir(layout.maildir, keep_dir=place.folder == INBOX)
+        if place.folder == INBOX:
+            with contextlib.suppress(OSError):  # foreign files are kept, and their Maildir
+                layout.maildir.rmdir()
                 fsync_dir(layout.maildir.parent)
-                return
-            for sub in ("cur", "new", "tmp"):
-                shutil.rmtree(layout.maildir / sub, ignore_errors=False)
-            _unlink_all(layout.maildir, (*_OWN_FILES, FOLDER_MARKER, layout.lock.name))
-            fsync_dir(layout.maildir)
-        with contextlib.suppress(OSError):  # other folders, or foreign files: kept
-            layout.maildir.rmdir()
-            fsync_dir(layout.maildir.parent)
 
 
-def _unlink_all(directory: Path, names: Iterable[str]) -> None:
-    for name in names:
+def _remove_maildir(maildir: Path, *, keep_dir: bool = False) -> None:
+    """cur/ first, the rest of popbox's and the Maildir's own, the marker file last."""
+    for sub in ("cur", "new", "tmp"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
+            shutil.rmtree(maildir / sub)
+    for name in (*_OWN_FILES, MARK_NAME, LOCK_NAME, FOLDER_MARKER):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(maildir / name)
+    fsync_dir(maildir)
+    if not keep_dir:
+        with contextlib.suppress(OSError):  # foreign files are kept
+            maildir.rmdir()
+            fsync_dir(maildir.parent)
