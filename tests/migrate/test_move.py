@@ -211,3 +211,45 @@ async def test_a_move_killed_at_any_step_is_served_whole_and_finishes_when_run_a
         assert await listing(setup.server) == expected, kill_at
         assert await listing(setup.server, folder="lists") == expected_lists, kill_at
         assert not setup.source.maildir(USER).exists(), kill_at
+
+
+async def test_postgresql_marks_are_durable_and_shared(postgres_dsn: str) -> None:
+    from popbox.pgsql import PoolSettings
+    from popbox.store.moves import PostgresMoveMarks
+
+    first = PostgresMoveMarks(PoolSettings(postgres_dsn))
+    second = PostgresMoveMarks(PoolSettings(postgres_dsn))  # another node
+    try:
+        assert await first.state(USER) is MoveState.NONE
+        await first.set(USER, MoveState.MOVING)
+        assert await second.state(USER) is MoveState.MOVING
+        await first.set(USER, MoveState.MOVED)
+        assert await second.state(USER) is MoveState.MOVED
+        await second.set("bob", MoveState.MOVING)
+        await second.set("bob", MoveState.NONE)
+        assert await first.state("bob") is MoveState.NONE
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_moving_from_must_name_the_other_store(tmp_path: Path) -> None:
+    from popbox.backends import build_store
+    from popbox.config import Config
+    from popbox.errors import ConfigError
+
+    with pytest.raises(ValueError, match="moving_from"):
+        Config.model_validate({"storage": {"backend": "maildir", "moving_from": "maildir"}})
+    with pytest.raises(ValueError, match="postgresql"):
+        Config.model_validate({"storage": {"moving_from": "postgresql"}})
+    config = Config.model_validate(
+        {
+            "storage": {"maildir_root": str(tmp_path), "moving_from": "postgresql"},
+            "postgresql": {"dsn": "postgresql://nowhere/popbox"},
+        }
+    )
+    try:
+        store = build_store(config)
+    except ConfigError:
+        pytest.skip("no PostgreSQL store in this popbox yet")
+    assert isinstance(store, MovingStore)
