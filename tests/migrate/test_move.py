@@ -253,3 +253,21 @@ def test_moving_from_must_name_the_other_store(tmp_path: Path) -> None:
     except ConfigError:
         pytest.skip("no PostgreSQL store in this popbox yet")
     assert isinstance(store, MovingStore)
+
+
+def test_the_command_names_what_it_needs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from popbox.cli import main
+
+    config = tmp_path / "popbox.toml"
+    config.write_text(f'[storage]\nmaildir_root = "{tmp_path}/mail"\n')
+    runner = CliRunner()
+    usage = runner.invoke(main, ["migrate", "--config", str(config), "maildir-to-postgresql"])
+    assert usage.exit_code == 2
+    assert "--all" in usage.output
+    result = runner.invoke(
+        main, ["migrate", "--config", str(config), "maildir-to-postgresql", "alice"]
+    )
+    assert result.exit_code == 1
+    assert "[postgresql]" in result.output
