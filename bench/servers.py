@@ -186,19 +186,29 @@ def _wait_ready(server: Server, log: Path) -> Server:
 
 def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1,
                  limits: dict[str, float] | None = None, name: str = "popbox",
-                 source: Path | None = None) -> Server:
+                 source: Path | None = None, postgresql: str | None = None,
+                 config_name: str = "popbox.toml") -> Server:
     """Start ``popbox serve`` on ``root`` (which holds mail/ and passwd) on free ports.
 
     ``limits`` adds settings to the config's [limits] table (bench.idle raises the caps).
     ``source`` runs the popbox of another checkout (its ``src/`` goes first on the
     path, with this environment's dependencies): an earlier commit measured in the
-    same run as this one, under ``name``.
+    same run as this one, under ``name``. ``postgresql`` (a DSN) keeps mail and users
+    in PostgreSQL instead (bench.scale); ``config_name`` lets several nodes share
+    ``root``.
     """
     pop3, pop3s, lmtp = free_port(), free_port(), free_port()
     # Every benchmark client comes from loopback; the per-IP bound would refuse them.
     settings: dict[str, float] = {"max_connections_per_ip": 1000000, **(limits or {})}
     limit_lines = "".join(f"{name} = {value}\n" for name, value in settings.items())
-    config = root / "popbox.toml"
+    backend = ""
+    if postgresql is not None:
+        backend = f'''
+[postgresql]
+dsn = "{postgresql}"
+node_id = "{config_name.removesuffix('.toml')}"
+'''
+    config = root / config_name
     config.write_text(
         f"""data_dir = "{root}"
 hostname = "localhost"
@@ -218,15 +228,17 @@ key = "{key}"
 [auth]
 passwd_file = "{root / 'passwd'}"
 default_scheme = "SHA512-CRYPT"
+{'backend = "postgresql"' if postgresql else ''}
 
 [storage]
 maildir_root = "{root / 'mail'}"
+{'backend = "postgresql"' if postgresql else ''}
 
 [lmtp]
 listen = ["127.0.0.1:{lmtp}"]
-"""
+{backend}"""
     )
-    log = root / "popbox.log"
+    log = root / f"{config_name.removesuffix('.toml')}.log"
     command = [POPBOX, "serve", "--config", str(config)]
     env = None
     if source is not None:

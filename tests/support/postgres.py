@@ -62,6 +62,8 @@ class PostgresServer:
     port: int
     bindir: Path
     host: str = "127.0.0.1"
+    durable: bool = False
+    """Keep fsync on (benchmarks); tests run without it."""
 
     @property
     def datadir(self) -> Path:
@@ -84,10 +86,10 @@ class PostgresServer:
         return subprocess.run(command, capture_output=True, check=check, timeout=120)
 
     def start(self) -> None:
-        options = (
-            f"-p {self.port} -c listen_addresses={self.host} -k {self.root} "
-            "-c fsync=off -c full_page_writes=off -c max_connections=200 "
-            "-c shared_buffers=64MB"
+        options = f"-p {self.port} -c listen_addresses={self.host} -k {self.root} "
+        options += "-c max_connections=200 "
+        options += "-c shared_buffers=128MB" if self.durable else (
+            "-c shared_buffers=64MB -c fsync=off -c full_page_writes=off"
         )
         self._run(
             "pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "log"), "-o", options,
@@ -107,7 +109,7 @@ class PostgresServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def start_postgres(root: Path) -> PostgresServer:
+def start_postgres(root: Path, *, durable: bool = False) -> PostgresServer:
     """initdb and start a cluster under ``root`` (made and owned as needed), whose
     parents the postgres user can traverse (tests/conftest.py's shared_tmp)."""
     bindir = _bindir()
@@ -117,7 +119,7 @@ def start_postgres(root: Path) -> PostgresServer:
     if os.geteuid() == 0:
         entry = pwd.getpwnam(OS_USER)
         os.chown(root, entry.pw_uid, entry.pw_gid)  # its parents: see shared_tmp
-    server = PostgresServer(root, free_port(), bindir)
+    server = PostgresServer(root, free_port(), bindir, durable=durable)
     server._run(
         "initdb", "-D", str(server.datadir), "-U", SUPERUSER, "--auth=trust",
         "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync",
