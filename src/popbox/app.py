@@ -171,7 +171,6 @@ def _hand_over(config: Config, uid: int, gid: int) -> None:
     docs/security.md). The passwd file stays root's and becomes readable by ``gid``
     (mode 0640), so a compromised server still cannot add users or change passwords.
     """
-
     def hand(path: str | os.PathLike[str]) -> None:
         try:
             info = os.lstat(path)

@@ -359,6 +359,8 @@ async def _deliver_stdin(
     except (PopboxError, OSError) as exc:
         return report_setup_failure(exc)
     try:
-        return await run_lda(backend.deliverer, recipient, sender, sys.stdin.buffer, folder=folder)
+        return await run_lda(
+            backend.deliverer, recipient, sender, sys.stdin.buffer, folder=folder
+        )
     finally:
         await backend.close()

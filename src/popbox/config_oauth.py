@@ -68,10 +68,8 @@ class OAuthServerSettings(BaseModel):
             return value
         from popbox.config import is_loopback  # the module that holds this table
 
-        if (
-            parts.scheme == "http"
-            and parts.hostname
-            and (parts.hostname == "localhost" or is_loopback(parts.hostname))
+        if parts.scheme == "http" and parts.hostname and (
+            parts.hostname == "localhost" or is_loopback(parts.hostname)
         ):
             return value  # an issuer on this machine
         raise ValueError("must be an https:// URL (http:// only on loopback)")

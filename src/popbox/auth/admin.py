@@ -424,7 +424,9 @@ def remove_credentials(path: Path, user: str) -> int:
     with _locked(path):
         lines = _read_lines(path)
         gone = {
-            i for kind in (KIND_APP, KIND_APOP) for i, _ in _credential_lines(lines, user, kind)
+            i
+            for kind in (KIND_APP, KIND_APOP)
+            for i, _ in _credential_lines(lines, user, kind)
         }
         if gone:
             _write_lines(path, [line for i, line in enumerate(lines) if i not in gone])

@@ -16,8 +16,7 @@ from typing import Final, Protocol, runtime_checkable
 __all__ = [
     "SCRAM_HASHES",
     "CachedUsers",
-    "PassDB",
-    "ScramCredentials",
+    "PassDB", "ScramCredentials",
     "UserDirectory",
     "UserRecord",
 ]

@@ -111,9 +111,8 @@ class BearerSettings:
         if self.introspection_mode == "local" and not self.issuer:
             raise ValueError("issuer: introspection_mode local needs the token issuer")
         if self.introspection_mode != "local" and not self.introspection_url:
-            raise ValueError(
-                f"introspection_url: needed by introspection_mode {self.introspection_mode}"
-            )
+            raise ValueError(f"introspection_url: needed by introspection_mode "
+                             f"{self.introspection_mode}")
 
 
 @dataclass(frozen=True, slots=True)

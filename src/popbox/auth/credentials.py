@@ -214,3 +214,4 @@ class CredentialFile:
     def apop_secret(self, user: str) -> str | None:
         entry = self._file.contents.get(user)
         return entry.apop if entry is not None else None
+

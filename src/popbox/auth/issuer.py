@@ -64,7 +64,8 @@ def discovery_urls(issuer: str) -> tuple[str, str]:
     base = issuer.rstrip("/")
     parts = urllib.parse.urlsplit(base)
     rfc8414 = urllib.parse.urlunsplit(
-        (parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + parts.path, "", "")
+        (parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + parts.path,
+         "", "")
     )
     return f"{base}/.well-known/openid-configuration", rfc8414
 
@@ -123,16 +124,11 @@ class IssuerClient:
     ) -> tuple[int, bytes]:
         async with (
             httpx.AsyncClient(
-                timeout=self._timeout,
-                verify=self._ssl,
-                transport=self._transport,
+                timeout=self._timeout, verify=self._ssl, transport=self._transport,
                 follow_redirects=False,
             ) as client,
             client.stream(
-                method,
-                url,
-                data=data,
-                auth=auth,
+                method, url, data=data, auth=auth,
                 headers={"Accept": "application/json", **(headers or {})},
             ) as response,
         ):
@@ -198,10 +194,8 @@ class KeySet:
             if stale:
                 await self._fetch()
             found = self._find(kid)
-            if (
-                found is None
-                and not stale
-                and (self._refetched_at is None or now - self._refetched_at >= self._min_refetch)
+            if found is None and not stale and (
+                self._refetched_at is None or now - self._refetched_at >= self._min_refetch
             ):
                 # A key id we do not know: the issuer may have rotated its keys.
                 self._refetched_at = now

@@ -255,10 +255,7 @@ def parse_passwd(data: bytes, *, source: str) -> dict[str, PasswdEntry]:
         elif NOPASSWORD in entry.record.extra:
             log.warning(
                 "%s:%d: user %s: nopassword: any password logs in from %s",
-                source,
-                number,
-                name,
-                entry.record.extra["allow_nets"],
+                source, number, name, entry.record.extra["allow_nets"],
             )
         entries[name] = entry
     return entries
@@ -507,6 +504,7 @@ class PasswdFilePassDB:
         """The user's APOP secret from the side file (never their password); None for
         a user without one and for unknown users."""
         return await asyncio.to_thread(self._apop_blocking, username)
+
 
 
 def _mostly_derived_scram(entries: Iterable[PasswdEntry]) -> frozenset[str]:

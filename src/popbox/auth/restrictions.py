@@ -117,7 +117,9 @@ def _printable(text: str) -> str:
     return "".join(char for char in text if " " <= char <= "~")[:MAX_REASON].strip()
 
 
-def login_refusal(extra: Mapping[str, str], *, ip: str, real_ip: str | None) -> LoginRefusal | None:
+def login_refusal(
+    extra: Mapping[str, str], *, ip: str, real_ip: str | None
+) -> LoginRefusal | None:
     """Why a user with these extra fields may not log in from ``ip``; None if they may.
 
     ``real_ip`` is the connection's own peer (None when unknown, e.g. behind a PROXY

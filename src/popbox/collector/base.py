@@ -107,7 +107,9 @@ class LocalDelivery(Protocol):
     PermanentStoreError when retrying cannot help).
     """
 
-    async def deliver_file(self, recipient: str, sender: str | None, path: Path) -> DeliveryReceipt:
+    async def deliver_file(
+        self, recipient: str, sender: str | None, path: Path
+    ) -> DeliveryReceipt:
         """Store the message in ``path`` durably for ``recipient``; ``sender`` is the
         envelope sender if known (POP3 gives none)."""
         ...

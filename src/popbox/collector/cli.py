@@ -66,7 +66,9 @@ def provide_local_delivery(ctx: click.Context, factory: LocalDeliveryFactory) ->
 
 
 def _provided_local_delivery() -> LocalDeliveryFactory | None:
-    factory: LocalDeliveryFactory | None = click.get_current_context().meta.get(LOCAL_DELIVERY_META)
+    factory: LocalDeliveryFactory | None = click.get_current_context().meta.get(
+        LOCAL_DELIVERY_META
+    )
     return factory
 
 

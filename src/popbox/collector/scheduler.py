@@ -39,7 +39,6 @@ DEFAULT_LOGIN_DELAY: Final = 900.0
 # a freshly started daemon should show that it works.
 FIRST_POLL_SPREAD: Final = 5.0
 
-
 def next_delay(
     account: AccountSettings,
     result: PollResult,

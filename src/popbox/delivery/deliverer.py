@@ -360,11 +360,7 @@ class Deliverer:
             # disk error can never turn into a bounce or a traceback.
             raise TemporaryDeliveryError(f"cannot store for {target.user}: {exc}") from exc
         log.info(
-            "delivered to=%s user=%s folder=%s key=%s size=%d",
-            target.recipient.address,
-            target.user,
-            folder,
-            key,
-            size,
+            "delivered to=%s user=%s folder=%s key=%s size=%d", target.recipient.address,
+            target.user, folder, key, size,
         )
         return Delivered(user=target.user, key=key, size=size, folder=folder)

@@ -64,10 +64,7 @@ def delivery_folder(folder: str, mode: FolderDelivery, existing: Sequence[str]) 
     if len(existing) >= MAX_DELIVERY_FOLDERS:
         log.warning(
             "folder %s not created: the user has %d folders (at most %d by delivery); "
-            "delivered to INBOX",
-            folder,
-            len(existing),
-            MAX_DELIVERY_FOLDERS,
+            "delivered to INBOX", folder, len(existing), MAX_DELIVERY_FOLDERS,
         )
         return INBOX
     return folder

@@ -110,11 +110,7 @@ class _Handler:
         self._deliverer = service.deliverer
 
     async def handle_EHLO(  # aiosmtpd finds hooks by these names
-        self,
-        server: Any,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
+        self, server: Any, session: Session, envelope: Envelope, hostname: str,
         responses: list[str],
     ) -> list[str]:
         # The five-argument hook owns the greeting: it must record the name itself.
@@ -125,11 +121,7 @@ class _Handler:
         return [*extensions, "250-ENHANCEDSTATUSCODES", "250-PIPELINING", last]
 
     async def handle_MAIL(
-        self,
-        server: Any,
-        session: Session,
-        envelope: Envelope,
-        address: str,
+        self, server: Any, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
         envelope.mail_from = address
@@ -137,11 +129,7 @@ class _Handler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
-        self,
-        server: Any,
-        session: Session,
-        envelope: _LmtpEnvelope,
-        address: str,
+        self, server: Any, session: Session, envelope: _LmtpEnvelope, address: str,
         rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self._service.config.lmtp.max_recipients:
@@ -159,7 +147,9 @@ class _Handler:
         envelope.targets.append(target)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: Any, session: Session, envelope: _LmtpEnvelope) -> str:
+    async def handle_DATA(
+        self, server: Any, session: Session, envelope: _LmtpEnvelope
+    ) -> str:
         sender = envelope.mail_from
         # aiosmtpd keeps the null reverse-path of bounces as the text "<>".
         sender = "" if sender in (None, "<>") else sender

@@ -168,11 +168,7 @@ class BearerMechanism:
             return self._error_challenge(f"a token of {identity.username!r} for {owner!r}")
         log.info(
             "session=%s %s token of %s from %s accepted for %s",
-            self._context.session_id,
-            self._kind,
-            identity.username,
-            identity.issuer,
-            login,
+            self._context.session_id, self._kind, identity.username, identity.issuer, login,
         )
         return Verified(login, "", f"token:{identity.issuer}")
 

@@ -185,17 +185,12 @@ class LoginBroker:
         if outcome.record.credential is not None:
             log.info(
                 "session=%s login=%s with app password %s",
-                session_id,
-                login,
-                outcome.record.credential,
+                session_id, login, outcome.record.credential,
             )
         elif isinstance(event, VerifiedLogin) and event.credential:
             log.info(
                 "session=%s login=%s by %s with %s",
-                session_id,
-                login,
-                event.mechanism,
-                event.credential,
+                session_id, login, event.mechanism, event.credential,
             )
         if name.shared:
             if mailbox is None or login not in self._mailbox.shared_with(mailbox.extra):
@@ -203,9 +198,7 @@ class LoginBroker:
                 # the password was right stays unsaid.
                 log.info(
                     "session=%s login=%s refused: %s is not shared with them",
-                    session_id,
-                    login,
-                    name.mailbox,
+                    session_id, login, name.mailbox,
                 )
                 await self.refuse(ip, CODE_AUTH)
                 return Refused(CODE_AUTH, TEXT_AUTH_FAILED)
@@ -229,9 +222,7 @@ class LoginBroker:
         """Refuse a right password that the user's extra fields do not let in."""
         log.info(
             "session=%s login=%s refused by the %s field%s",
-            session_id,
-            record.name,
-            refusal.field,
+            session_id, record.name, refusal.field,
             f": {refusal.detail}" if refusal.detail else "",
         )
         if refusal.kind is RefusalKind.AS_WRONG_PASSWORD:
@@ -249,9 +240,7 @@ class LoginBroker:
         if not self._claim_user(user):
             log.info(
                 "session=%s user=%s refused: max_sessions_per_user (%d) reached",
-                session_id,
-                user,
-                self._limits.max_sessions_per_user,
+                session_id, user, self._limits.max_sessions_per_user,
             )
             return Refused(CODE_IN_USE, TOO_MANY_USER_SESSIONS)
         try:
@@ -261,11 +250,7 @@ class LoginBroker:
             log.log(
                 logging.INFO if expected else logging.ERROR,
                 "session=%s user=%s device=%s folder=%s cannot open maildrop: %s",
-                session_id,
-                user,
-                view.device,
-                view.folder,
-                exc,
+                session_id, user, view.device, view.folder, exc,
                 exc_info=None if expected else exc,
             )
             self.release_user(user)

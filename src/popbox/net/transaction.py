@@ -219,10 +219,7 @@ class TransactionStage:
     ) -> None:
         log.warning(
             "session=%s message %d unavailable: %s",
-            self._session_id,
-            event.number,
-            exc,
-            exc_info=exc,
+            self._session_id, event.number, exc, exc_info=exc,
         )
         out.write(conn.message_unavailable(event))
 
@@ -240,10 +237,7 @@ class TransactionStage:
             ok = False
             log.error(
                 "session=%s user=%s deletions not committed: %s",
-                self._session_id,
-                self._stats.user,
-                exc,
-                exc_info=exc,
+                self._session_id, self._stats.user, exc, exc_info=exc,
             )
         else:
             self._stats.deleted = len(event.deletions)
@@ -260,10 +254,7 @@ class TransactionStage:
         except StoreError as exc:
             log.error(
                 "session=%s user=%s maildrop release failed: %s",
-                self._session_id,
-                self._stats.user,
-                exc,
-                exc_info=exc,
+                self._session_id, self._stats.user, exc, exc_info=exc,
             )
 
     @property

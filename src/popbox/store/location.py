@@ -84,7 +84,9 @@ class LocationTemplate:
 
     @property
     def uses_home(self) -> bool:
-        return self.path.startswith("~") or any(name == "home" for name in _variables(self.path))
+        return self.path.startswith("~") or any(
+            name == "home" for name in _variables(self.path)
+        )
 
     def expand(self, user: str, home: str) -> Path:
         """The Maildir of ``user``; PermanentStoreError naming the source if unsafe."""

@@ -88,7 +88,9 @@ class OAuthHttpClient:
             async with httpx.AsyncClient(
                 timeout=self._timeout, transport=self._transport
             ) as client:
-                response = await client.post(url, data=form, headers={"Accept": "application/json"})
+                response = await client.post(
+                    url, data=form, headers={"Accept": "application/json"}
+                )
         except httpx.HTTPError as exc:
             raise CollectorError(f"OAuth endpoint {url}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -200,10 +202,7 @@ async def generic_device_login(
         raise CollectorError("device login: the server issued no refresh token (scope?)")
     await asyncio.to_thread(
         token_file.save,
-        {
-            "format": "refresh_token",
-            "refresh_token": refresh_token,
-            "token_endpoint": client.token_endpoint,
-            "saved_at": int(time.time()),
-        },
+        {"format": "refresh_token", "refresh_token": refresh_token,
+         "token_endpoint": client.token_endpoint, "saved_at": int(time.time())},
     )
+

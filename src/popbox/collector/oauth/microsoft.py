@@ -168,3 +168,4 @@ def msal_device_login(
     echo(str(flow["message"]))
     _msal_result(app.acquire_token_by_device_flow(flow), "device login")
     token_file.save({"format": "msal", "msal_cache": cache.serialize()})
+

@@ -85,7 +85,9 @@ class CommandTokenProvider:
             ) from exc
         if process.returncode != 0:
             reason = err.decode("utf-8", "replace").strip()[:ERROR_EXCERPT_CHARS]
-            raise CollectorError(f"token command {program} exited {process.returncode}: {reason}")
+            raise CollectorError(
+                f"token command {program} exited {process.returncode}: {reason}"
+            )
         lines = out.decode("utf-8", "replace").strip().splitlines()
         return check_bearer_token(lines[0].strip() if lines else "", f"token command {program}")
 
@@ -142,7 +144,9 @@ class ClientCredentialsProvider:
             return self._cached.token
 
 
-def create_token_provider(account: AccountSettings, settings: FetchSettings) -> TokenProvider:
+def create_token_provider(
+    account: AccountSettings, settings: FetchSettings
+) -> TokenProvider:
     """The TokenProvider for an ``auth = "oauth2"`` account (see collector.auth)."""
     oauth = account.oauth
     if oauth is None:
@@ -157,9 +161,7 @@ def create_token_provider(account: AccountSettings, settings: FetchSettings) -> 
             from popbox.collector.oauth.microsoft import MsalRefreshTokenProvider, authority_of
 
             return MsalRefreshTokenProvider(
-                token_file,
-                client_id=client_id,
-                authority=authority_of(oauth),
+                token_file, client_id=client_id, authority=authority_of(oauth),
                 scopes=oauth.effective_scopes(),
             )
         return RefreshTokenProvider(token_file, http_client_for(oauth))
@@ -176,9 +178,8 @@ def create_token_provider(account: AccountSettings, settings: FetchSettings) -> 
         source = oauth.client_secret_source()
         assert source is not None  # OAuthSettings requires one for client_credentials
         return MsalClientCredentialsProvider(
-            client_id=client_id,
-            client_secret=source.read(),
-            authority=authority_of(oauth),
+            client_id=client_id, client_secret=source.read(), authority=authority_of(oauth),
             scopes=oauth.effective_scopes(),
         )
     return ClientCredentialsProvider(http_client_for(oauth))
+

@@ -173,7 +173,9 @@ class PopboxStoreSink:
                 raise TemporarySinkError(f"{self._name}: ledger: {exc}") from exc
             store_key = await self._store_message(message)
             try:
-                await asyncio.to_thread(self._ledger.mark, self._name, key, "delivered", store_key)
+                await asyncio.to_thread(
+                    self._ledger.mark, self._name, key, "delivered", store_key
+                )
             except (sqlite3.Error, OSError) as exc:
                 # Stored but not recorded: the row stays pending, so the retry finds
                 # the message in the maildrop instead of storing it twice.
@@ -182,7 +184,9 @@ class PopboxStoreSink:
 
     async def _store_message(self, message: FetchedMessage) -> str:
         try:
-            receipt = await self._delivery.deliver_file(self._user, UNKNOWN_SENDER, message.path)
+            receipt = await self._delivery.deliver_file(
+                self._user, UNKNOWN_SENDER, message.path
+            )
         except PopboxError as exc:
             raise _sink_error(self._name, exc) from exc
         except OSError as exc:
@@ -205,7 +209,9 @@ class PopboxStoreSink:
 def create_sink(settings: PopboxSinkSettings, context: SinkContext) -> PopboxStoreSink:
     """Build the sink for ``settings`` (called by popbox.collector.sinks.build_sink)."""
     if settings.config is None:
-        raise ConfigError(f"sink {settings.label}: set `config` to the popbox server config file")
+        raise ConfigError(
+            f"sink {settings.label}: set `config` to the popbox server config file"
+        )
     if context.local_delivery is None:
         # Only the composition root may open a popbox store (`popbox fetch` does).
         raise ConfigError(

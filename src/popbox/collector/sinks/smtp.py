@@ -143,14 +143,8 @@ class LmtpSink:
             # smtplib has no implicit-TLS LMTP client and no MTA offers one in practice.
             raise ConfigError("lmtp sink: tls = 'tls' is not supported; use 'starttls'")
         self._target = _Target(
-            host=host,
-            port=port,
-            socket_path=socket_path,
-            security=security,
-            ca_file=ca_file,
-            sender=sender,
-            recipients=recipients,
-            timeout=timeout,
+            host=host, port=port, socket_path=socket_path, security=security,
+            ca_file=ca_file, sender=sender, recipients=recipients, timeout=timeout,
         )
         self._local_hostname = local_hostname or socket.getfqdn()
         self._name = name or self._target.describe("lmtp")
@@ -279,14 +273,8 @@ class SmtpSink:
         name: str | None = None,
     ) -> None:
         self._target = _Target(
-            host=host,
-            port=port,
-            socket_path=socket_path,
-            security=security,
-            ca_file=ca_file,
-            sender=sender,
-            recipients=recipients,
-            timeout=timeout,
+            host=host, port=port, socket_path=socket_path, security=security,
+            ca_file=ca_file, sender=sender, recipients=recipients, timeout=timeout,
         )
         if (username is None) != (password is None):
             raise ConfigError("smtp sink: username and password go together")

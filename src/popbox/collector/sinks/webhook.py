@@ -250,7 +250,9 @@ def build_payload(
     return payload
 
 
-def _bodies_and_attachments(msg: Message, budget: _Budget, defects: list[str]) -> dict[str, Any]:
+def _bodies_and_attachments(
+    msg: Message, budget: _Budget, defects: list[str]
+) -> dict[str, Any]:
     text_part: Message | None = None
     html_part: Message | None = None
     if isinstance(msg, EmailMessage):
@@ -467,10 +469,7 @@ class WebhookSink:
                 if 200 <= status < 300:
                     log.info(
                         "webhook delivered %s to %s: HTTP %d (attempt %d)",
-                        message.idempotency_key,
-                        self._url,
-                        status,
-                        attempt,
+                        message.idempotency_key, self._url, status, attempt,
                     )
                     return
                 if status != 429 and not 500 <= status < 600:
@@ -497,12 +496,8 @@ class WebhookSink:
                 break
             log.warning(
                 "webhook %s attempt %d/%d for %s failed: %s; retrying in %.2fs",
-                self._url,
-                attempt,
-                self._max_attempts,
-                message.idempotency_key,
-                reason,
-                delay,
+                self._url, attempt, self._max_attempts, message.idempotency_key,
+                reason, delay,
             )
             await asyncio.sleep(delay)
         raise TemporarySinkError(
