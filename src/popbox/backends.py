@@ -18,14 +18,20 @@ if TYPE_CHECKING:
     from popbox.collector.base import LocalDeliveryHandle
     from popbox.config import Config
     from popbox.delivery.deliverer import Deliverer
+    from popbox.pgsql import PoolSettings
     from popbox.store.base import MailStore
     from popbox.store.location import MailLocation
+    from popbox.store.maildir import MaildirStore
+    from popbox.store.moves import MoveMarks
 
 __all__ = [
     "DeliveryBackend",
     "build_hasher",
     "build_location",
+    "build_maildir_store",
+    "build_move_marks",
     "build_passdb",
+    "build_postgresql_store",
     "build_store",
     "open_delivery",
     "open_local_delivery",
@@ -35,13 +41,76 @@ __all__ = [
 def build_store(config: Config, passdb: PassDB | None = None) -> MailStore:
     """The mail store ``config`` names (``[storage]``), finding each user's Maildir
     where ``storage.mail_location`` and the user database's home and ``mail`` fields
-    say (``passdb``: the one the caller uses; else one is built to read them)."""
+    say (``passdb``: the one the caller uses; else one is built to read them).
+
+    With ``storage.moving_from``, a store.routed.MovingStore over both stores: users
+    are served from the one their move (``popbox migrate``) has reached."""
+    store = _build_backend(config, config.storage.backend, passdb)
+    if not config.storage.moving_from:
+        return store
+    from popbox.store.routed import MovingStore
+
+    source = _build_backend(config, config.storage.moving_from, passdb)
+    marks = build_move_marks(config, config.storage.backend, store)
+    return MovingStore(source, store, marks)
+
+
+def _build_backend(config: Config, backend: str, passdb: PassDB | None) -> MailStore:
+    if backend == "postgresql":
+        return build_postgresql_store(config)
+    return build_maildir_store(config, passdb)
+
+
+def build_maildir_store(config: Config, passdb: PassDB | None = None) -> MaildirStore:
+    """The Maildir store of ``[storage]``, whatever ``storage.backend`` says."""
     from popbox.store.maildir import MaildirStore
 
     return MaildirStore(
         config.storage.maildir_root,
         save_crlf=config.storage.save_crlf,
         location=build_location(config, passdb if passdb is not None else build_passdb(config)),
+    )
+
+
+def build_postgresql_store(config: Config) -> MailStore:
+    """The PostgreSQL store of ``[postgresql]``, whatever ``storage.backend`` says."""
+    from popbox.errors import ConfigError
+
+    if config.postgresql is None:
+        raise ConfigError("the PostgreSQL store needs a [postgresql] table")
+    try:
+        from popbox.store.postgresql import PostgresStore  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise ConfigError("this popbox has no PostgreSQL store") from exc
+    store: MailStore = PostgresStore(config.postgresql)
+    return store
+
+
+def build_move_marks(config: Config, backend: str, store: MailStore) -> MoveMarks:
+    """The marks of moves into ``backend`` (store.moves): a file in each user's Maildir,
+    or a table beside the PostgreSQL store's (``store`` is the Maildir store then)."""
+    from popbox.store.maildir import MaildirStore
+    from popbox.store.moves import MaildirMoveMarks, PostgresMoveMarks
+
+    if backend == "postgresql":
+        assert config.postgresql is not None  # config.Config checks it
+        return PostgresMoveMarks(pool_settings(config))
+    assert isinstance(store, MaildirStore)
+    return MaildirMoveMarks(store)
+
+
+def pool_settings(config: Config) -> PoolSettings:
+    """The pool of ``[postgresql]`` for one backend's connections."""
+    from popbox.pgsql import PoolSettings
+
+    settings = config.postgresql
+    assert settings is not None
+    return PoolSettings(
+        settings.dsn,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        timeout=settings.pool_timeout,
+        connect_timeout=settings.connect_timeout,
     )
 
 

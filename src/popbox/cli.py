@@ -14,6 +14,7 @@ import click
 from popbox.cli_support import config_option, find_user, load, passwd_users, run_on_store
 from popbox.errors import PopboxError
 from popbox.import_command import import_group
+from popbox.migrate_command import migrate_command
 from popbox.user_command import user_group
 
 if TYPE_CHECKING:
@@ -313,6 +314,7 @@ def expire(
 
 
 main.add_command(import_group)
+main.add_command(migrate_command)
 
 
 @main.command()

@@ -301,6 +301,17 @@ class StorageSettings(_Section):
     save_crlf: bool = True
     """Store delivered mail with CRLF line ends (Dovecot's ``mail_save_crlf``): RETR then
     sends the file as it is (sendfile). ``false`` keeps the line ends as received."""
+    moving_from: Literal["", "maildir", "postgresql"] = ""
+    """While ``popbox migrate`` moves mailboxes into ``backend`` from this other store:
+    users not moved yet are served from it, users being moved get [IN-USE] and LMTP
+    451 for a moment, moved users are served from ``backend`` (docs/migration.md).
+    "" when no move is under way."""
+
+    @model_validator(mode="after")
+    def _check_moving_from(self) -> StorageSettings:
+        if self.moving_from == self.backend:
+            raise ValueError("moving_from must name the other store than backend")
+        return self
 
     @field_validator("mail_location")
     @classmethod
@@ -402,6 +413,7 @@ class Config(_Section):
         if self.postgresql is None:
             for key, backend in (
                 ("storage.backend", self.storage.backend),
+                ("storage.moving_from", self.storage.moving_from),
                 ("auth.backend", self.auth.backend),
             ):
                 if backend == "postgresql":

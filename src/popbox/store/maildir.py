@@ -56,6 +56,7 @@ from typing import BinaryIO, Final
 from popbox.errors import LoginTooSoon, MaildropInUse, NoSuchFolder, StoreError, TooManyDevices
 from popbox.fileio import FileLock
 from popbox.store.base import Usage
+from popbox.store.image import FolderImage, ReadBody, RestoreReport
 from popbox.store.index_cache import IndexCache, LoadedIndex
 from popbox.store.index_file import index_signature, signature_of, write_index
 from popbox.store.location import MailLocation
@@ -75,6 +76,12 @@ from popbox.store.mailbox import (
 from popbox.store.maildir_deliver import MaildirDelivery
 from popbox.store.maildir_errors import os_errors
 from popbox.store.maildir_folders import MAX_LAYOUTS, FolderLayout, Mailboxes, check_user
+from popbox.store.maildir_image import (
+    MaildirImageSource,
+    open_image,
+    remove_folder,
+    restore_image,
+)
 from popbox.store.maildir_removal import Destination
 from popbox.store.maildir_state import write_state
 from popbox.store.maildir_sync import nothing_to_reconcile
@@ -383,6 +390,23 @@ class MaildirStore:
                     loaded = kept
                 self._index_cache.keep(place.key, loaded)
         return dataclasses.replace(report, ordered=bool(order) and first)
+
+    # -- folder images (popbox migrate) --------------------------------------------------
+
+    async def open_image(self, user: str, folder: str) -> MaildirImageSource:
+        """The folder under its lock, with its image (store.image, store.maildir_image)."""
+        layout = self._mailboxes.layout(user, folder)
+        return await asyncio.to_thread(open_image, self._mailboxes, self._index_cache, layout)
+
+    async def restore_image(self, image: FolderImage, read: ReadBody) -> RestoreReport:
+        """Make the folder equal to ``image``, resumably (store.maildir_image)."""
+        layout = self._mailboxes.layout(image.user, image.folder)
+        return await restore_image(self._mailboxes, self._index_cache, layout, image, read)
+
+    async def remove_folder(self, user: str, folder: str) -> None:
+        """Remove the folder and all it holds, under its lock (after a move)."""
+        layout = self._mailboxes.layout(user, folder)
+        await asyncio.to_thread(remove_folder, self._mailboxes, self._index_cache, layout)
 
     # -- folders, devices, upkeep -----------------------------------------------------
 
