@@ -44,6 +44,7 @@ from popbox.auth.watched import WatchedFile
 from popbox.errors import ConfigError
 
 __all__ = [
+    "NOPASSWORD",
     "PASSWD_FIELDS",
     "QUOTA_RULE_KEY",
     "RELOAD_CHECK_INTERVAL",
