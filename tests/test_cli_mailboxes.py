@@ -117,7 +117,7 @@ def make_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: MemorySto
     config.auth.passwd_file.write_text(PASSWD)
     config.auth.passwd_file.chmod(0o600)
     if memory is not None:
-        monkeypatch.setattr("popbox.backends.build_store", lambda config: memory)
+        monkeypatch.setattr("popbox.backends.build_store", lambda config, passdb=None: memory)
     return Site(config_path, config, memory)
 
 

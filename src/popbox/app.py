@@ -289,7 +289,7 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     does, see ``WorkerSupervisor``).
     """
     from popbox.auth.base import UserDirectory
-    from popbox.backends import build_hasher, build_passdb, build_store
+    from popbox.backends import build_hasher, build_passdb, build_store, close_passdb
     from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
     from popbox.mailboxes import MailboxSweeper, stop_task
@@ -326,6 +326,7 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
             await lmtp_service.stop()
         await pop3.shutdown()
         await store.close()
+        await close_passdb(passdb)
         hasher.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

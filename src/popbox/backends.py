@@ -33,8 +33,10 @@ __all__ = [
     "build_passdb",
     "build_postgresql_store",
     "build_store",
+    "close_passdb",
     "open_delivery",
     "open_local_delivery",
+    "user_pool_settings",
 ]
 
 
@@ -150,8 +152,15 @@ def build_passdb(config: Config, *, hasher: Hasher | None = None) -> PassDB:
     """The user database ``config`` names (``[auth]``).
 
     ``hasher``: where password checks run (the server passes its own); delivery only
-    looks users up and leaves it out.
+    looks users up and leaves it out. The PostgreSQL one opens its pool on first use
+    and has a ``close()``.
     """
+    if config.auth.backend == "postgresql":
+        from popbox.auth.postgresql import PostgresPassDB
+
+        return PostgresPassDB(
+            user_pool_settings(config), default_scheme=config.auth.default_scheme, hasher=hasher
+        )
     from popbox.auth.passwdfile import PasswdFilePassDB
 
     return PasswdFilePassDB(
@@ -159,6 +168,24 @@ def build_passdb(config: Config, *, hasher: Hasher | None = None) -> PassDB:
         default_scheme=config.auth.default_scheme,
         hasher=hasher,
         credentials=config.auth.credentials_path(),
+    )
+
+
+def user_pool_settings(config: Config) -> PoolSettings:
+    """The pool of the user tables, from ``[postgresql]`` (ConfigError without one)."""
+    from popbox.errors import ConfigError
+    from popbox.pgsql import PoolSettings
+
+    settings = config.postgresql
+    if settings is None:
+        raise ConfigError('auth.backend = "postgresql" needs a [postgresql] table')
+    return PoolSettings(
+        dsn=settings.dsn,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        timeout=settings.pool_timeout,
+        connect_timeout=settings.connect_timeout,
+        application_name=f"popbox users {settings.node()}",
     )
 
 
@@ -172,6 +199,15 @@ class DeliveryBackend:
 
     async def close(self) -> None:
         await self.store.close()
+        await close_passdb(self.passdb)
+
+
+async def close_passdb(passdb: PassDB) -> None:
+    """Close a user database that holds connections (auth.base.ClosingPassDB)."""
+    from popbox.auth.base import ClosingPassDB
+
+    if isinstance(passdb, ClosingPassDB):
+        await passdb.close()
 
 
 def open_delivery(config: Config) -> DeliveryBackend:

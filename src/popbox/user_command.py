@@ -1,5 +1,6 @@
-"""`popbox user`: the users of the passwd file, their app passwords and APOP secrets,
-and what their mailboxes hold (docs/users.md)."""
+"""`popbox user`: the users of the user database (the passwd file or PostgreSQL, as
+``auth.backend`` says), their app passwords and APOP secrets, what their mailboxes
+hold, and the import of a passwd file into PostgreSQL (docs/users.md)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from popbox.cli_support import (
     load,
     passwd_users,
     read_password,
+    require_user,
+    run_admin,
     run_on_store,
 )
 from popbox.errors import PopboxError
 
 if TYPE_CHECKING:
     from popbox.auth.base import UserRecord
+    from popbox.auth.useradmin import UserAdmin
     from popbox.config import Config
     from popbox.store.base import MailStore, Usage
     from popbox.store.mailbox import DeviceReport
@@ -30,7 +34,7 @@ __all__ = ["user_group"]
 
 @click.group("user")
 def user_group() -> None:
-    """Manage the users of the passwd file."""
+    """Manage the users of the user database (auth.backend)."""
 
 
 _password_stdin = click.option(
@@ -72,24 +76,25 @@ def user_add(
 ) -> None:
     """Add a user (the password is hashed with the configured scheme or --scheme)."""
     from popbox.app import prepare_data_dir
-    from popbox.auth.admin import add_user
 
     config = load(config_path)
     octets = _parse_size(quota_size)
     password = read_password(password_stdin)
-    try:
-        if config_path is None:
+    if config_path is None and config.auth.backend == "passwd-file":
+        try:
             prepare_data_dir(config)
-        add_user(
-            config.auth.passwd_file,
+        except (PopboxError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    run_admin(
+        config,
+        lambda admin: admin.add_user(
             name,
             password,
             scheme=scheme or config.auth.default_scheme,
             quota_messages=quota_messages,
             quota_octets=octets,
-        )
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        ),
+    )
     click.echo(f"added {name}")
 
 
@@ -102,16 +107,14 @@ def user_passwd(
     config_path: Path | None, name: str, password_stdin: bool, scheme: str | None
 ) -> None:
     """Set a user's password (hashed with the configured scheme or --scheme)."""
-    from popbox.auth.admin import set_password
-
     config = load(config_path)
     password = read_password(password_stdin)
-    try:
-        set_password(
-            config.auth.passwd_file, name, password, scheme=scheme or config.auth.default_scheme
-        )
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    run_admin(
+        config,
+        lambda admin: admin.set_password(
+            name, password, scheme=scheme or config.auth.default_scheme
+        ),
+    )
     click.echo(f"password of {name} changed")
 
 
@@ -119,31 +122,24 @@ def user_passwd(
 @config_option
 @click.argument("name")
 def user_del(config_path: Path | None, name: str) -> None:
-    """Remove a user from the passwd file (their mail stays on disk)."""
-    from popbox.auth.admin import delete_user, remove_credentials
-
+    """Remove a user, with their app passwords and APOP secret (their mail stays)."""
     config = load(config_path)
     maildir = _maildir_of(config, name)
-    try:
-        delete_user(config.auth.passwd_file, name)
-        remove_credentials(config.auth.credentials_path(), name)
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    run_admin(config, lambda admin: admin.delete_user(name))
     click.echo(f"removed {name}; their mail stays in {maildir}")
 
 
 def _maildir_of(config: Config, name: str) -> str:
     """Where ``name``'s Maildir is, for a message ("?" with the reason if unknown)."""
-    from popbox.backends import build_store
     from popbox.store.maildir import MaildirStore
 
+    async def where(store: MailStore) -> str:
+        return str(store.maildir(name)) if isinstance(store, MaildirStore) else "?"
+
     try:
-        store = build_store(config)
-        if isinstance(store, MaildirStore):
-            return str(store.maildir(name))
-    except PopboxError as exc:
-        return f"? ({exc})"
-    return "?"
+        return run_on_store(config, where)
+    except click.ClickException as exc:
+        return f"? ({exc.message})"
 
 
 @user_group.group("app-password")
@@ -159,16 +155,13 @@ def app_password() -> None:
 def app_password_add(config_path: Path | None, name: str, label: str) -> None:
     """Give user NAME a new app password labelled LABEL and print it (once: only its
     hash is kept)."""
-    from popbox.auth.admin import add_app_password
-
     config = load(config_path)
-    find_user(config, name)
-    try:
-        password = add_app_password(
-            config.auth.credentials_path(), name, label, scheme=config.auth.default_scheme
-        )
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+
+    async def add(admin: UserAdmin) -> str:
+        await require_user(admin, name)
+        return await admin.add_app_password(name, label, scheme=config.auth.default_scheme)
+
+    password = run_admin(config, add)
     click.echo(f"app password {label} of {name} (shown once, spaces and dashes optional):")
     click.echo(password)
 
@@ -178,14 +171,15 @@ def app_password_add(config_path: Path | None, name: str, label: str) -> None:
 @click.argument("name")
 def app_password_list(config_path: Path | None, name: str) -> None:
     """List user NAME's app passwords (labels and when they were made)."""
-    from popbox.auth.admin import list_app_passwords
+    from popbox.auth.credentials import AppPassword
 
     config = load(config_path)
-    find_user(config, name)
-    try:
-        apps = list_app_passwords(config.auth.credentials_path(), name)
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+
+    async def listing(admin: UserAdmin) -> list[AppPassword]:
+        await require_user(admin, name)
+        return await admin.list_app_passwords(name)
+
+    apps = run_admin(config, listing)
     if not apps:
         click.echo(f"{name} has no app passwords")
     for app in apps:
@@ -199,13 +193,8 @@ def app_password_list(config_path: Path | None, name: str) -> None:
 @click.argument("label")
 def app_password_revoke(config_path: Path | None, name: str, label: str) -> None:
     """Revoke user NAME's app password LABEL: its next login fails (no restart)."""
-    from popbox.auth.admin import revoke_app_password
-
     config = load(config_path)
-    try:
-        revoke_app_password(config.auth.credentials_path(), name, label)
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    run_admin(config, lambda admin: admin.revoke_app_password(name, label))
     click.echo(f"revoked app password {label} of {name}")
 
 
@@ -218,15 +207,14 @@ def app_password_revoke(config_path: Path | None, name: str, label: str) -> None
 def user_apop_secret(config_path: Path | None, name: str, secret_stdin: bool) -> None:
     """Set user NAME's APOP secret (generated and printed unless given): APOP logins
     check it, never the login password. Needs pop3.apop = true."""
-    from popbox.auth.admin import set_apop_secret
-
     config = load(config_path)
-    find_user(config, name)
-    secret = read_password(True) if secret_stdin else None
-    try:
-        secret = set_apop_secret(config.auth.credentials_path(), name, secret)
-    except (PopboxError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    given = read_password(True) if secret_stdin else None
+
+    async def apop(admin: UserAdmin) -> str:
+        await require_user(admin, name)
+        return await admin.set_apop_secret(name, given)
+
+    secret = run_admin(config, apop)
     if not secret_stdin:
         click.echo(f"APOP secret of {name} (shown once):")
         click.echo(secret)
@@ -234,6 +222,57 @@ def user_apop_secret(config_path: Path | None, name: str, secret_stdin: bool) ->
         click.echo(f"APOP secret of {name} set")
     if not config.pop3.apop:
         click.echo("note: APOP is off (pop3.apop = false); clients cannot use it yet", err=True)
+
+
+@user_group.command("quota")
+@config_option
+@click.argument("name")
+@click.option(
+    "--messages", "quota_messages", type=click.IntRange(min=0), help="Most messages kept."
+)
+@click.option("--size", "quota_size", help="Most octets kept, e.g. 500M or 2G.")
+def user_quota(
+    config_path: Path | None, name: str, quota_messages: int | None, quota_size: str | None
+) -> None:
+    """Set user NAME's quota; a limit left out goes back to the [quota] default,
+    0 is no limit."""
+    config = load(config_path)
+    octets = _parse_size(quota_size)
+    run_admin(config, lambda admin: admin.set_quota(name, quota_messages, octets))
+    click.echo(f"quota of {name} set")
+
+
+@user_group.command("import-passwd")
+@config_option
+@click.argument("passwd", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--app-passwords",
+    "side_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The side file of app passwords and APOP secrets "
+    "(default: PASSWD.app-passwords, when it exists).",
+)
+def user_import_passwd(config_path: Path | None, passwd: Path, side_file: Path | None) -> None:
+    """Copy the users of the Dovecot passwd file PASSWD (and its app passwords and
+    APOP secrets) into PostgreSQL, hashes as they are. Run it again to take changed
+    lines over; users the file does not have are kept."""
+    from popbox.auth.postgresql_admin import ImportReport, PostgresUserAdmin
+    from popbox.config import APP_PASSWORDS_SUFFIX
+
+    config = load(config_path)
+    if config.auth.backend != "postgresql":
+        raise click.ClickException(
+            'the users are imported into PostgreSQL: set auth.backend = "postgresql" '
+            "and a [postgresql] table"
+        )
+    side = side_file or passwd.with_name(passwd.name + APP_PASSWORDS_SUFFIX)
+
+    async def copy(admin: UserAdmin) -> ImportReport:
+        assert isinstance(admin, PostgresUserAdmin)  # auth.backend says so
+        return await admin.import_passwd(passwd, side)
+
+    report = run_admin(config, copy)
+    click.echo(f"imported {passwd}: {report.summary()}")
 
 
 def _human(octets: int) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import popbox.auth.passwdfile as passwdfile
+import popbox.auth.checks as checks
 from popbox.auth.admin import (
     NoSuchCredential,
     add_app_password,
@@ -106,13 +106,13 @@ async def test_one_hash_per_login_whatever_the_credential(
     db = open_db(write_passwd(f"alice:{ALICE}\n"), side)
     passwords = [add(side, "alice", f"device{n}") for n in range(10)]
     checked: list[str | None] = []
-    real = passwdfile.verify_password
+    real = checks.verify_password
 
     def recording(password: str, stored: str) -> bool:
         checked.append(cost_signature(stored))
         return real(password, stored)
 
-    monkeypatch.setattr(passwdfile, "verify_password", recording)
+    monkeypatch.setattr(checks, "verify_password", recording)
     wrong_app = "zzzz" * 8  # an app password's shape with an id nobody has
     for user, password in [
         ("alice", "wrong"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import popbox.auth.passwdfile as passwdfile
+import popbox.auth.checks as checks
 from popbox.auth.base import PassDB, UserRecord
 from popbox.auth.passwdfile import PasswdFilePassDB, parse_line, parse_size, quota_from_fields
 from popbox.auth.schemes import cost_signature, hash_password
@@ -180,13 +180,13 @@ async def test_unknown_user_and_wrong_password_get_the_same_reply_after_the_same
     path = write_passwd(f"alice:{ALICE}\nbob:{BOB}\n")
     db = open_db(path)
     checked: list[str | None] = []
-    real = passwdfile.verify_password
+    real = checks.verify_password
 
     def recording(password: str, stored: str) -> bool:
         checked.append(cost_signature(stored))
         return real(password, stored)
 
-    monkeypatch.setattr(passwdfile, "verify_password", recording)
+    monkeypatch.setattr(checks, "verify_password", recording)
     replies = [
         await db.verify("alice", "wrong"),
         await db.verify("mallory", "wrong"),
@@ -205,9 +205,9 @@ async def test_dummy_follows_the_most_common_cost_in_the_file(
     path = write_passwd(f"a:{ALICE}\nb:{bcrypt_hash}\nc:{bcrypt_hash}\n")
     db = open_db(path)
     seen: list[str | None] = []
-    real = passwdfile.verify_password
+    real = checks.verify_password
     monkeypatch.setattr(
-        passwdfile, "verify_password", lambda p, s: seen.append(cost_signature(s)) or real(p, s)
+        checks, "verify_password", lambda p, s: seen.append(cost_signature(s)) or real(p, s)
     )
     assert await db.verify("nobody", "x") is None
     assert seen == ["BLF-CRYPT rounds=4"]
@@ -218,9 +218,9 @@ async def test_empty_file_uses_a_default_scheme_dummy(
 ) -> None:
     db = PasswdFilePassDB(write_passwd("# nobody yet\n"), default_scheme="BLF-CRYPT")
     seen: list[str | None] = []
-    real = passwdfile.verify_password
+    real = checks.verify_password
     monkeypatch.setattr(
-        passwdfile, "verify_password", lambda p, s: seen.append(cost_signature(s)) or real(p, s)
+        checks, "verify_password", lambda p, s: seen.append(cost_signature(s)) or real(p, s)
     )
     assert await db.verify("anyone", "x") is None
     assert seen == ["BLF-CRYPT rounds=10"]
@@ -328,13 +328,13 @@ async def test_hashing_runs_off_the_event_loop(
 ) -> None:
     db = open_db(write_passwd(f"alice:{ALICE}\n"))
     threads: list[int] = []
-    real = passwdfile.verify_password
+    real = checks.verify_password
 
     def recording(password: str, stored: str) -> bool:
         threads.append(threading.get_ident())
         return real(password, stored)
 
-    monkeypatch.setattr(passwdfile, "verify_password", recording)
+    monkeypatch.setattr(checks, "verify_password", recording)
     assert await db.verify("alice", "alice-pw") is not None
     assert await db.verify("nobody", "x") is None
     assert len(threads) == 2

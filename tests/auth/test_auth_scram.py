@@ -194,18 +194,18 @@ async def test_a_name_without_keys_costs_what_most_users_cost(
     lines: list[str],
     derivations: int,
 ) -> None:
-    import popbox.auth.passwdfile as passwdfile
+    import popbox.auth.checks as checks
 
     key = hash_password("pw", "SCRAM-SHA-256")
     db = PasswdFilePassDB(write_passwd("\n".join(lines).replace("KEY", key) + "\n"))
     calls: list[str] = []
-    real = passwdfile.derive_credentials
+    real = checks.derive_credentials
 
     def counting(*args: Any, **kwargs: Any) -> ScramCredentials:
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(passwdfile, "derive_credentials", counting)
+    monkeypatch.setattr(checks, "derive_credentials", counting)
     nobody = await db.scram_credentials("nobody", "SCRAM-SHA-256")
     assert nobody.problem == "unknown user"
     assert len(calls) == derivations

@@ -18,7 +18,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -34,8 +34,15 @@ from popbox.auth.credentials import (
     generate_app_password,
     parse_credentials,
 )
+from popbox.auth.entries import (
+    PASSWD_FIELDS,
+    QUOTA_RULE_KEY,
+    REST_OF_LINE_FIELD,
+    parse_line,
+    split_extra_fields,
+)
 from popbox.auth.names import validate_username
-from popbox.auth.passwdfile import PASSWD_FIELDS, QUOTA_RULE_KEY, parse_line, parse_passwd
+from popbox.auth.passwdfile import parse_passwd
 from popbox.auth.schemes import DEFAULT_COST, DEFAULT_SCHEME, HashCost, hash_password
 from popbox.errors import AuthError
 from popbox.fileio import FileLock, fsync_dir
@@ -50,11 +57,13 @@ __all__ = [
     "format_size",
     "list_app_passwords",
     "list_users",
+    "quota_fields",
     "remove_credentials",
     "revoke_app_password",
     "set_apop_secret",
     "set_password",
     "set_quota",
+    "stored_password",
 ]
 
 # A new passwd file holds password hashes: readable by its owner only.
@@ -169,7 +178,8 @@ def _find(lines: list[str], name: str) -> int | None:
     return None
 
 
-def _stored(password: str, scheme: str, cost: HashCost) -> str:
+def stored_password(password: str, scheme: str, cost: HashCost) -> str:
+    """``password`` hashed in ``scheme``, as a passwd line may hold it (AuthError)."""
     try:
         stored = hash_password(password, scheme, cost=cost)
     except ValueError as exc:
@@ -179,8 +189,11 @@ def _stored(password: str, scheme: str, cost: HashCost) -> str:
     return stored
 
 
-def _quota_fields(existing: list[str], messages: int | None, octets: int | None) -> list[str]:
-    """Extra-field tokens with the ``*`` quota rules replaced by the given limits."""
+def quota_fields(
+    existing: Sequence[str], messages: int | None, octets: int | None
+) -> list[str]:
+    """Extra-field tokens with the ``*`` quota rules replaced by the given limits
+    (a ``reason=`` token stays last: it runs to the end of the line)."""
     for limit in (messages, octets):
         if limit is not None and limit < 0:
             raise AuthError("a quota cannot be negative (0 means no limit)")
@@ -198,7 +211,9 @@ def _quota_fields(existing: list[str], messages: int | None, octets: int | None)
         rules.append(f"*:storage={format_size(octets)}")
     if messages is not None:
         rules.append(f"*:messages={messages}")
-    return kept + [f"{key}={rule}" for key, rule in zip(keys, rules, strict=False)]
+    added = [f"{key}={rule}" for key, rule in zip(keys, rules, strict=False)]
+    last = [token for token in kept if token.partition("=")[0] == REST_OF_LINE_FIELD]
+    return [token for token in kept if token not in last] + added + last
 
 
 def _with_fields(line: str, password: str | None, extra: list[str] | None) -> str:
@@ -237,8 +252,8 @@ def add_user(
     Creates the file (0600) and its directory (0700) when missing.
     """
     validate_username(name)
-    stored = _stored(password, scheme, cost)
-    extra = _quota_fields([], quota_messages, quota_octets)
+    stored = stored_password(password, scheme, cost)
+    extra = quota_fields([], quota_messages, quota_octets)
     line = _checked(_with_fields(f"{name}:{stored}", None, extra))
     path = _real(path)
     with _locked(path):
@@ -259,7 +274,7 @@ def set_password(
 ) -> None:
     """Replace ``name``'s password hash; the rest of the line stays as it was."""
     validate_username(name)
-    stored = _stored(password, scheme, cost)
+    stored = stored_password(password, scheme, cost)
     path = _real(path)
     with _locked(path):
         lines = _read_lines(path)
@@ -297,8 +312,8 @@ def set_quota(path: Path, name: str, messages: int | None, octets: int | None) -
         if index is None:
             raise NoSuchUser(f"no user {name} in {path}")
         fields = lines[index].split(":", PASSWD_FIELDS - 1)
-        existing = fields[7].split() if len(fields) == PASSWD_FIELDS else []
-        extra = _quota_fields(existing, messages, octets)
+        existing = split_extra_fields(fields[7]) if len(fields) == PASSWD_FIELDS else ()
+        extra = quota_fields(existing, messages, octets)
         lines[index] = _checked(_with_fields(lines[index], None, extra))
         _write_lines(path, lines)
 
@@ -359,7 +374,7 @@ def add_app_password(
     key_id, password = generate_app_password()
     raw = app_password_key(password)
     assert raw is not None  # a generated password has the shape
-    line = _credential_line(user, KIND_APP, label, key_id, _stored(raw[1], scheme, cost))
+    line = _credential_line(user, KIND_APP, label, key_id, stored_password(raw[1], scheme, cost))
     path = _real(path)
     with _locked(path):
         lines = _read_lines(path)
@@ -405,7 +420,8 @@ def set_apop_secret(path: Path, user: str, secret: str | None = None) -> str:
     replaces the one before. Stored {PLAIN}: APOP needs it in the clear."""
     validate_username(user)
     secret = secret if secret is not None else generate_apop_secret()
-    line = _credential_line(user, KIND_APOP, KIND_APOP, "", _stored(secret, "PLAIN", DEFAULT_COST))
+    stored = stored_password(secret, "PLAIN", DEFAULT_COST)
+    line = _credential_line(user, KIND_APOP, KIND_APOP, "", stored)
     path = _real(path)
     with _locked(path):
         lines = _read_lines(path)

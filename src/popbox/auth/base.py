@@ -16,6 +16,7 @@ from typing import Final, Protocol, runtime_checkable
 __all__ = [
     "SCRAM_HASHES",
     "CachedUsers",
+    "ClosingPassDB",
     "PassDB", "ScramCredentials",
     "UserDirectory",
     "UserRecord",
@@ -124,3 +125,11 @@ class CachedUsers(Protocol):
     def cached_record(self, username: str) -> UserRecord | None:
         """The user as last loaded; no I/O (a lookup or verify loads changes)."""
         ...
+
+
+@runtime_checkable
+class ClosingPassDB(Protocol):
+    """A user database that holds connections (PostgreSQL's pool): whoever built it
+    closes it when done (the server at shutdown, a command at its end)."""
+
+    async def close(self) -> None: ...

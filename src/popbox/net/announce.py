@@ -96,7 +96,13 @@ class Announcer:
         # then nothing is computed (nor a bad field's warning logged again).
         self._seen: Sequence[UserRecord] = ()
         self._read_at = loop.time()
-        users = self._directory.users() if self._directory is not None else None
+        try:
+            users = self._directory.users() if self._directory is not None else None
+        except AuthError as exc:
+            # A user database that is away at start (PostgreSQL) leaves the server's
+            # values, tagged USER, until a refresh can read the users.
+            log.warning("cannot list users for CAPA's EXPIRE and LOGIN-DELAY: %s", exc)
+            users = None
         self._current = announcement(settings, users)
         self._seen = users or ()
         changed(self._current)
