@@ -163,22 +163,24 @@ def check_config(config_path: Path | None) -> None:
         f"{config.pop3.plaintext_auth}"
     )
     mail = config.storage.mail_location or f"{config.storage.maildir_root}/USER"
-    click.echo(f"  users {config.auth.passwd_file}; mail {mail}")
+    users = "PostgreSQL" if config.auth.backend == "postgresql" else config.auth.passwd_file
+    if config.storage.backend == "postgresql":
+        mail = "PostgreSQL"
+    click.echo(f"  users {users}; mail {mail}")
     lmtp = ", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"
     click.echo(f"  LMTP {lmtp}")
 
 
 def _user_field_warnings(config: Config) -> list[str]:
-    """What the passwd file's extra fields ask that popbox will not do, user by user."""
-    from popbox.auth.admin import list_users
+    """What the users' extra fields ask that popbox will not do, user by user."""
     from popbox.auth.passwdfile import NOPASSWORD, mail_fields
     from popbox.auth.restrictions import NET_FIELDS, NOT_SERVED_FIELDS, check_networks
     from popbox.store.location import parse_location
 
     try:
-        records = list_users(config.auth.passwd_file)
-    except PopboxError as exc:
-        return [str(exc)]
+        records = passwd_users(config)
+    except click.ClickException as exc:
+        return [exc.message]
     warnings: list[str] = []
     for record in records:
         extra, name = record.extra, record.name
@@ -297,7 +299,8 @@ def expire(
         by_name = {record.name: record for record in records}
         unknown = [name for name in users if name not in by_name]
         if unknown:
-            raise click.ClickException(f"no user {', '.join(unknown)} in {config.auth.passwd_file}")
+            where = "PostgreSQL" if config.auth.backend == "postgresql" else config.auth.passwd_file
+            raise click.ClickException(f"no user {', '.join(unknown)} in {where}")
         records = [by_name[name] for name in dict.fromkeys(users)]
 
     summary = run_on_store(
