@@ -26,6 +26,7 @@ __all__ = [
     "build_hasher",
     "build_location",
     "build_passdb",
+    "build_postgres_store",
     "build_store",
     "open_delivery",
     "open_local_delivery",
@@ -35,13 +36,41 @@ __all__ = [
 def build_store(config: Config, passdb: PassDB | None = None) -> MailStore:
     """The mail store ``config`` names (``[storage]``), finding each user's Maildir
     where ``storage.mail_location`` and the user database's home and ``mail`` fields
-    say (``passdb``: the one the caller uses; else one is built to read them)."""
+    say (``passdb``: the one the caller uses; else one is built to read them), or
+    the PostgreSQL store of ``[postgresql]`` (it connects on first use)."""
+    if config.storage.backend == "postgresql":
+        return build_postgres_store(config)
     from popbox.store.maildir import MaildirStore
 
     return MaildirStore(
         config.storage.maildir_root,
         save_crlf=config.storage.save_crlf,
         location=build_location(config, passdb if passdb is not None else build_passdb(config)),
+    )
+
+
+def build_postgres_store(config: Config) -> MailStore:
+    """The PostgreSQL store of ``[postgresql]`` (config.Config checks it is there)."""
+    from popbox.pgsql import PoolSettings
+    from popbox.store.postgresql import PostgresStore, PostgresStoreSettings
+
+    settings = config.postgresql
+    assert settings is not None
+    pool = PoolSettings(
+        settings.dsn,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        timeout=settings.pool_timeout,
+        connect_timeout=settings.connect_timeout,
+        application_name=f"popbox store {settings.node()}",
+    )
+    return PostgresStore(
+        PostgresStoreSettings(
+            pool,
+            settings.node(),
+            lease_seconds=settings.lease_seconds,
+            duplicate_window=settings.duplicate_window,
+        )
     )
 
 

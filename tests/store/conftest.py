@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from popbox.pgsql import PoolSettings
 from popbox.store import MaildirStore, MailStore, MemoryStore
+from popbox.store.postgresql import PostgresStore, PostgresStoreSettings
 from support.clock import FakeClock
+
+
+def postgres_store(dsn: str, clock: FakeClock, **settings: float) -> PostgresStore:
+    """A PostgreSQL store on ``dsn`` with a small pool (node "test")."""
+    pool = PoolSettings(dsn, min_size=1, max_size=4, timeout=10.0)
+    return PostgresStore(PostgresStoreSettings(pool, "test", **settings), clock=clock)
 
 
 @pytest.fixture
@@ -16,16 +24,18 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "maildir"])
+@pytest.fixture(params=["memory", "maildir", "postgresql"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[MailStore]:
     """Each implementation in turn: the contract suite runs once per backend."""
-    backend: MailStore = (
-        MemoryStore(clock=clock)
-        if request.param == "memory"
-        else MaildirStore(tmp_path / "mail", clock=clock)
-    )
+    backend: MailStore
+    if request.param == "memory":
+        backend = MemoryStore(clock=clock)
+    elif request.param == "maildir":
+        backend = MaildirStore(tmp_path / "mail", clock=clock)
+    else:
+        backend = postgres_store(request.getfixturevalue("postgres_dsn"), clock)
     yield backend
     await backend.close()
 
