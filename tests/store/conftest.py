@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from popbox.pgsql import PoolSettings
 from popbox.store import MaildirStore, MailStore, MemoryStore
-from popbox.store.postgresql import PostgresStore, PostgresStoreSettings
 from support.clock import FakeClock
-
-
-def postgres_store(dsn: str, clock: FakeClock, **settings: float) -> PostgresStore:
-    """A PostgreSQL store on ``dsn`` with a small pool (node "test")."""
-    pool = PoolSettings(dsn, min_size=1, max_size=4, timeout=10.0)
-    return PostgresStore(PostgresStoreSettings(pool, "test", **settings), clock=clock)
+from support.pgstore import postgres_store
 
 
 @pytest.fixture
