@@ -13,6 +13,7 @@ one statement is one transaction, and one round trip.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import sys
 from array import array
@@ -26,7 +27,6 @@ from psycopg_pool import AsyncConnectionPool
 from popbox.errors import MaildropInUse, StoreError
 from popbox.pgsql import database_errors
 from popbox.store.devices import FolderState, RemovalPlan
-from popbox.store.image import own_uidl
 from popbox.store.index import KeptUidlColumn, UidlColumn
 from popbox.store.postgresql_lease import LeaseTerms
 
@@ -163,15 +163,19 @@ class ClaimedFolder:
 
     def uidl_column(self, uids: Sequence[int]) -> UidlColumn | KeptUidlColumn:
         """The UIDLs of ``uids``: the templated column unless some keeps a UIDL."""
-        template = own_uidl(self.uidvalidity, 0)[:8] + "%08x"
+        template = f"{self.uidvalidity:08x}%08x"  # image.own_uidl, as a template
         if self.kept and not self.kept.keys().isdisjoint(uids):
             return KeptUidlColumn(template, uids, self.kept)
         return UidlColumn(template, uids)
 
     def octets_of(self, uids: Sequence[int]) -> int:
         """The wire octets of those of ``uids`` the folder holds."""
-        wanted = set(uids)
-        return sum(size for uid, size in zip(self.uids, self.sizes, strict=True) if uid in wanted)
+        total = 0
+        for uid in uids:
+            at = bisect.bisect_left(self.uids, uid)
+            if at < len(self.uids) and self.uids[at] == uid:
+                total += self.sizes[at]
+        return total
 
 
 async def claim(

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import weakref
 from dataclasses import dataclass
 from typing import Final
 
@@ -118,14 +119,23 @@ class Lease:
         self.lost = False
         self._pool = pool
         self._terms = terms
+        self._owner: weakref.ref[object] | None = None
         self._renewer: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
             self._renew_forever(), name=f"lease {user}/{folder}"
         )
+
+    def belongs_to(self, owner: object) -> None:
+        """Renew only while ``owner`` (the maildrop) lives: one dropped without a
+        release (a bug) frees its folder within a lease instead of holding it."""
+        self._owner = weakref.ref(owner)
 
     async def _renew_forever(self) -> None:
         period = self._terms.seconds / RENEWALS_PER_LEASE
         while True:
             await asyncio.sleep(period)
+            if self._owner is not None and self._owner() is None:
+                log.warning("folder %s of %s: maildrop never released", self.folder, self.user)
+                return
             try:
                 with database_errors(StoreError, "renew a maildrop lease"):
                     async with self._pool.connection() as conn:

@@ -86,6 +86,7 @@ class PostgresMaildrop:
         """``visible``: the UIDs and sizes the view sees (store.postgresql.visible)."""
         self._pool = pool
         self._lease = lease
+        lease.belongs_to(self)
         self._claimed = claimed
         self._uids, sizes = visible
         self._view = view
