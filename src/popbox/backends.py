@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from popbox.errors import ConfigError
+
 if TYPE_CHECKING:
     from popbox.auth.base import PassDB
     from popbox.auth.hasher import Hasher
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from popbox.store.location import MailLocation
     from popbox.store.maildir import MaildirStore
     from popbox.store.moves import MoveMarks
+    from popbox.store.postgresql import PostgresStore
 
 __all__ = [
     "DeliveryBackend",
@@ -36,7 +39,7 @@ __all__ = [
     "close_passdb",
     "open_delivery",
     "open_local_delivery",
-    "user_pool_settings",
+    "pool_settings",
 ]
 
 
@@ -74,18 +77,22 @@ def build_maildir_store(config: Config, passdb: PassDB | None = None) -> Maildir
     )
 
 
-def build_postgresql_store(config: Config) -> MailStore:
-    """The PostgreSQL store of ``[postgresql]``, whatever ``storage.backend`` says."""
-    from popbox.errors import ConfigError
+def build_postgresql_store(config: Config) -> PostgresStore:
+    """The PostgreSQL store of ``[postgresql]``, whatever ``storage.backend`` says (it
+    connects on first use)."""
+    from popbox.store.postgresql import PostgresStore, PostgresStoreSettings
 
-    if config.postgresql is None:
+    settings = config.postgresql
+    if settings is None:
         raise ConfigError("the PostgreSQL store needs a [postgresql] table")
-    try:
-        from popbox.store.postgresql import PostgresStore  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise ConfigError("this popbox has no PostgreSQL store") from exc
-    store: MailStore = PostgresStore(config.postgresql)
-    return store
+    return PostgresStore(
+        PostgresStoreSettings(
+            pool_settings(config, "store"),
+            settings.node(),
+            lease_seconds=settings.lease_seconds,
+            duplicate_window=settings.duplicate_window,
+        )
+    )
 
 
 def build_move_marks(config: Config, backend: str, store: MailStore) -> MoveMarks:
@@ -95,24 +102,27 @@ def build_move_marks(config: Config, backend: str, store: MailStore) -> MoveMark
     from popbox.store.moves import MaildirMoveMarks, PostgresMoveMarks
 
     if backend == "postgresql":
-        assert config.postgresql is not None  # config.Config checks it
-        return PostgresMoveMarks(pool_settings(config))
+        return PostgresMoveMarks(pool_settings(config, "moves"))
     assert isinstance(store, MaildirStore)
     return MaildirMoveMarks(store)
 
 
-def pool_settings(config: Config) -> PoolSettings:
-    """The pool of ``[postgresql]`` for one backend's connections."""
+def pool_settings(config: Config, role: str) -> PoolSettings:
+    """The pool of one backend (``role``: store, users, moves) from ``[postgresql]``;
+    ConfigError without one. Each backend keeps its own pool, named in
+    pg_stat_activity by its role and this node."""
     from popbox.pgsql import PoolSettings
 
     settings = config.postgresql
-    assert settings is not None
+    if settings is None:
+        raise ConfigError(f"the PostgreSQL {role} need a [postgresql] table")
     return PoolSettings(
-        settings.dsn,
+        dsn=settings.dsn,
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         timeout=settings.pool_timeout,
         connect_timeout=settings.connect_timeout,
+        application_name=f"popbox {role} {settings.node()}",
     )
 
 
@@ -159,7 +169,7 @@ def build_passdb(config: Config, *, hasher: Hasher | None = None) -> PassDB:
         from popbox.auth.postgresql import PostgresPassDB
 
         return PostgresPassDB(
-            user_pool_settings(config), default_scheme=config.auth.default_scheme, hasher=hasher
+            pool_settings(config, "users"), default_scheme=config.auth.default_scheme, hasher=hasher
         )
     from popbox.auth.passwdfile import PasswdFilePassDB
 
@@ -168,24 +178,6 @@ def build_passdb(config: Config, *, hasher: Hasher | None = None) -> PassDB:
         default_scheme=config.auth.default_scheme,
         hasher=hasher,
         credentials=config.auth.credentials_path(),
-    )
-
-
-def user_pool_settings(config: Config) -> PoolSettings:
-    """The pool of the user tables, from ``[postgresql]`` (ConfigError without one)."""
-    from popbox.errors import ConfigError
-    from popbox.pgsql import PoolSettings
-
-    settings = config.postgresql
-    if settings is None:
-        raise ConfigError('auth.backend = "postgresql" needs a [postgresql] table')
-    return PoolSettings(
-        dsn=settings.dsn,
-        min_size=settings.pool_min,
-        max_size=settings.pool_max,
-        timeout=settings.pool_timeout,
-        connect_timeout=settings.connect_timeout,
-        application_name=f"popbox users {settings.node()}",
     )
 
 

@@ -73,9 +73,9 @@ def open_user_admin(config: Config) -> UserAdmin:
     """The edits of the user database ``auth.backend`` names; close it when done."""
     if config.auth.backend == "postgresql":
         from popbox.auth.postgresql_admin import PostgresUserAdmin
-        from popbox.backends import user_pool_settings
+        from popbox.backends import pool_settings
 
-        return PostgresUserAdmin(user_pool_settings(config))
+        return PostgresUserAdmin(pool_settings(config, "users"))
     from popbox.auth.useradmin import PasswdFileUserAdmin
 
     return PasswdFileUserAdmin(config.auth.passwd_file, config.auth.credentials_path())

@@ -57,7 +57,7 @@ def _sides(config: Config, direction: str) -> _Sides:
     )
 
     maildir = build_maildir_store(config)
-    postgresql: MovableStore = build_postgresql_store(config)  # type: ignore[assignment]
+    postgresql: MovableStore = build_postgresql_store(config)
     maildir_marks = build_move_marks(config, "maildir", maildir)
     postgresql_marks = build_move_marks(config, "postgresql", postgresql)
     if direction == "maildir-to-postgresql":

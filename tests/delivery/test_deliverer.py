@@ -89,7 +89,7 @@ class _FaultyStore(MemoryStore):
         super().__init__()
         self._error = error
 
-    async def deliver(self, user: str, message: bytes, *, folder: str = "INBOX") -> str:
+    async def deliver(self, user: str, message: bytes, **options: object) -> str:
         raise self._error
 
 

@@ -287,7 +287,7 @@ def test_smtputf8_recipient_and_sender(start_lmtp: StartLmtp) -> None:
 
 
 class _BrokenStore(MemoryStore):
-    async def deliver(self, user: str, message: bytes, *, folder: str = "INBOX") -> str:
+    async def deliver(self, user: str, message: bytes, **options: object) -> str:
         raise StoreError("disk on fire")
 
 
@@ -349,10 +349,12 @@ class _SlowStore(MemoryStore):
         super().__init__()
         self.started = threading.Event()
 
-    async def deliver(self, user: str, message: bytes, *, folder: str = "INBOX") -> str:
+    async def deliver(
+        self, user: str, message: bytes, *, folder: str = "INBOX", **options: str | None
+    ) -> str:
         self.started.set()
         await asyncio.sleep(0.3)
-        return await super().deliver(user, message, folder=folder)
+        return await super().deliver(user, message, folder=folder, **options)
 
 
 def test_hangup_after_the_final_dot_still_completes_the_delivery(

@@ -9,6 +9,7 @@ import pytest
 
 from popbox.store import MaildirStore, MailStore, MemoryStore
 from support.clock import FakeClock
+from support.pgstore import postgres_store
 
 
 @pytest.fixture
@@ -16,16 +17,18 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "maildir"])
+@pytest.fixture(params=["memory", "maildir", "postgresql"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[MailStore]:
     """Each implementation in turn: the contract suite runs once per backend."""
-    backend: MailStore = (
-        MemoryStore(clock=clock)
-        if request.param == "memory"
-        else MaildirStore(tmp_path / "mail", clock=clock)
-    )
+    backend: MailStore
+    if request.param == "memory":
+        backend = MemoryStore(clock=clock)
+    elif request.param == "maildir":
+        backend = MaildirStore(tmp_path / "mail", clock=clock)
+    else:
+        backend = postgres_store(request.getfixturevalue("postgres_dsn"), clock)
     yield backend
     await backend.close()
 

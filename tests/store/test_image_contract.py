@@ -44,16 +44,10 @@ async def make_store(
     """A fresh store of ``kind``; PostgreSQL on a database of its own."""
     if kind == "maildir":
         return MaildirStore(path, clock=clock)
-    from popbox.store.postgresql import PostgresStore
-
-    from popbox.config_scale import PostgresSettings
+    from support.pgstore import postgres_store
 
     dsn = request.getfixturevalue("postgres_server").create_database()
-    store = PostgresStore(PostgresSettings(dsn=dsn), clock=clock)
-    start = getattr(store, "start", None)
-    if start is not None:
-        await start()
-    return store
+    return postgres_store(dsn, clock)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from popbox.proto.events import SnapshotIndex
 from popbox.proto.snapshot import Snapshot
 from popbox.store import MaildirStore, MailStore, MemoryStore
 from popbox.store.mailbox import MailboxView
+from popbox.store.postgresql import PostgresStore
 from support.clock import FakeClock
 from support.maildrop import read_all
 
@@ -32,10 +33,11 @@ def message(n: int) -> bytes:
 
 def again(store: MailStore, clock: FakeClock) -> MailStore:
     """The same mailboxes as another worker process sees them (a Maildir store with
-    nothing cached); the memory store is its own only instance."""
+    nothing cached); the memory store is its own only instance, and a PostgreSQL
+    store keeps nothing between sessions that another could lack."""
     if isinstance(store, MaildirStore):
         return MaildirStore(store.root, clock=clock)
-    assert isinstance(store, MemoryStore)
+    assert isinstance(store, (MemoryStore, PostgresStore))
     return store
 
 

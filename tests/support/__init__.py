@@ -15,6 +15,7 @@ tests/conftest.py puts tests/ on sys.path (pytest's default "prepend" import mod
   interop      the in-process server that independent POP3 clients are run against
   lmtp         an LmtpService in its own thread, for blocking LMTP clients
   postfix      a private Postfix instance relaying to popbox over LMTP
+  pgstore      PostgreSQL mail stores on the test cluster's databases
   dovecot      a private Dovecot POP3 server
   fakepop      a scripted, misbehaving POP3 server for the collector
   fetch        collector accounts, settings, popbox.toml [fetch] files, one poll

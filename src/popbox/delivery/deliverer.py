@@ -19,6 +19,12 @@ everywhere. The check and the write are not one atomic step: two deliveries raci
 for the last free octets may both pass, exactly as with Dovecot's quota plug-in; a
 quota is a bound on growth, not an exact ledger.
 
+Every delivery over LMTP or ``popbox deliver`` carries a delivery id (``delivery_id``:
+a digest of the user, the folder and the message exactly as received, before popbox
+adds anything to it), so an MTA that retries after losing our 250 (a connection cut
+after DATA) makes a store that records ids (PostgreSQL, memory) return the first
+copy's key instead of storing a second. Replies per recipient are unchanged.
+
 A detail in the address (``alice+invoices@``) or ``popbox deliver -m`` asks for a
 folder; delivery.folders decides where such mail goes (INBOX for anything doubtful,
 never a bounce). Mail that comes as a file rather than over SMTP (the collector's popbox sink) goes
@@ -30,6 +36,7 @@ left the outcome of a delivery unknown).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,7 +68,14 @@ from popbox.store.base import MailStore
 from popbox.store.mailbox import INBOX, INSPECT_VIEW
 from popbox.wireform import wire_size
 
-__all__ = ["Delivered", "Deliverer", "ResolvedRecipient", "has_return_path", "trace_headers"]
+__all__ = [
+    "Delivered",
+    "Deliverer",
+    "ResolvedRecipient",
+    "delivery_id",
+    "has_return_path",
+    "trace_headers",
+]
 
 log = logging.getLogger("popbox.delivery")
 
@@ -128,6 +142,17 @@ def trace_headers(recipient: str, sender: str | None, data: bytes) -> bytes:
     # and Dovecot write it; loop detection in MTAs and filters compares it verbatim.
     lines.append(DELIVERED_TO + b": " + _encode_address(recipient) + eol)
     return b"".join(lines)
+
+
+def delivery_id(user: str, folder: str, data: bytes) -> str:
+    """What recognises a delivery when an MTA makes it again (store.base.MailStore
+    .deliver's ``delivery_id``): SHA-256 of the user, the folder and the message
+    exactly as received, before the trace headers, which are not the same twice."""
+    digest = hashlib.sha256()
+    for part in (user.encode("utf-8", "surrogateescape"), folder.encode("utf-8")):
+        digest.update(len(part).to_bytes(4, "big") + part)
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def has_return_path(data: bytes) -> bool:
@@ -237,10 +262,11 @@ class Deliverer:
         if add_trace:
             message = trace_headers(target.recipient.address, sender, data) + data
         where = await self.folder_for(target, folder)
+        delivery = delivery_id(target.user, where, data)
         return await self._checked_store(
             target,
             wire_size(message),
-            lambda: self._store.deliver(target.user, message, folder=where),
+            lambda: self._store.deliver(target.user, message, folder=where, delivery_id=delivery),
             where,
         )
 

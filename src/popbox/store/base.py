@@ -214,7 +214,13 @@ class MailStore(Protocol):
         ...
 
     async def deliver(
-        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+        self,
+        user: str,
+        message: bytes,
+        *,
+        folder: str = INBOX,
+        uidl: str | None = None,
+        delivery_id: str | None = None,
     ) -> str:
         """Store one message durably for ``user``; return the store's key for it (logs).
 
@@ -231,6 +237,12 @@ class MailStore(Protocol):
         folder is the caller's job, but no snapshot serves one UIDL twice: the
         message with the lowest UID keeps it, and a later one, or one whose UIDL is
         in the store's own form, gets the store's own UIDL (a WARNING is logged).
+
+        ``delivery_id``: what makes this delivery recognisable when it comes again (an
+        MTA's retry after the reply was lost; delivery.deliverer makes it from the
+        message as received). A store that records them stores nothing for an id it
+        saw for ``user`` within its duplicate window and returns the first key
+        (logged at INFO); a store that does not (Maildir) ignores it.
         """
         ...
 

@@ -312,8 +312,17 @@ class MaildirStore:
     # -- delivery -----------------------------------------------------------------
 
     async def deliver(
-        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+        self,
+        user: str,
+        message: bytes,
+        *,
+        folder: str = INBOX,
+        uidl: str | None = None,
+        delivery_id: str | None = None,
     ) -> str:
+        """base.MailStore.deliver. ``delivery_id`` is accepted and ignored: a Maildir
+        keeps no record of past deliveries, so a delivery that comes again (an MTA's
+        retry after a lost reply) is stored again, as Dovecot's and Postfix's would be."""
         if uidl is not None:
             check_uidl(uidl)
         layout = self._mailboxes.layout(user, folder)

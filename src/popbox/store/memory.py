@@ -150,10 +150,22 @@ class MemoryMaildrop:
 class MemoryStore:
     """Mailboxes in a dict. UIDLs come from a per-store counter and never repeat."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        duplicate_window: float = 0.0,
+    ) -> None:
+        """``duplicate_window``: for how many seconds a delivery id is recognised
+        (``deliver(delivery_id=)``, as the PostgreSQL store's ``[postgresql]
+        duplicate_window``). 0, the default, recognises none: tests deliver the same
+        bytes twice on purpose, and ask for a window when retries are the subject."""
         self._mailboxes: dict[str, dict[str, _Folder]] = {}
         self._counter = itertools.count(1)
         self._clock = clock
+        self._duplicate_window = duplicate_window
+        # (user, delivery id) -> (key, when delivered)
+        self._deliveries: dict[tuple[str, str], tuple[str, float]] = {}
 
     def now(self) -> float:
         return self._clock()
@@ -208,11 +220,28 @@ class MemoryStore:
         )
 
     async def deliver(
-        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+        self,
+        user: str,
+        message: bytes,
+        *,
+        folder: str = INBOX,
+        uidl: str | None = None,
+        delivery_id: str | None = None,
     ) -> str:
         if uidl is not None:
             check_uidl(uidl)
         target = self._folder(user, folder, create=True)
+        now = self.now()
+        if delivery_id is not None:
+            seen = self._deliveries.get((user, delivery_id))
+            if seen is not None and seen[1] > now - self._duplicate_window:
+                log.info(
+                    "delivery %s to %s was stored before as %s; not stored again",
+                    delivery_id,
+                    user,
+                    seen[0],
+                )
+                return seen[0]
         if uidl is not None and (
             _OWN_UIDL.fullmatch(uidl) or any(m.info.uidl == uidl for m in target.messages)
         ):
@@ -226,8 +255,10 @@ class MemoryStore:
                 uidl,
             )
             uidl = None
-        stored = self._stored(message, self.now(), uidl)
+        stored = self._stored(message, now, uidl)
         target.messages.append(stored)
+        if delivery_id is not None:
+            self._deliveries[user, delivery_id] = (stored.info.uidl, now)
         return stored.info.uidl
 
     async def folders(self, user: str) -> list[str]:

@@ -77,13 +77,21 @@ class MovingStore:
         return await (await self._store_for(user)).open_maildrop(user, view)
 
     async def deliver(
-        self, user: str, message: bytes, *, folder: str = INBOX, uidl: str | None = None
+        self,
+        user: str,
+        message: bytes,
+        *,
+        folder: str = INBOX,
+        uidl: str | None = None,
+        delivery_id: str | None = None,
     ) -> str:
         state = await self._where(user)
         if state is MoveState.MOVING:
             raise TemporaryDeliveryError(f"the mailbox of {user} is being moved; try again")
         store = self._target if state is MoveState.MOVED else self._source
-        return await store.deliver(user, message, folder=folder, uidl=uidl)
+        return await store.deliver(
+            user, message, folder=folder, uidl=uidl, delivery_id=delivery_id
+        )
 
     async def folders(self, user: str) -> list[str]:
         return await (await self._store_for(user)).folders(user)
