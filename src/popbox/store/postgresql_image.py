@@ -157,7 +157,6 @@ async def _copy(
     counter = WireSizeCounter()
     doing = f"copy message {message.uid} into folder {lease.folder} of {lease.user}"
     async with transaction(pool, StoreError, doing) as conn:
-        await fence(conn, lease.user, lease.folder, lease.session)
         cursor = await conn.execute(_NEW_ID)
         row = await cursor.fetchone()
         assert row is not None
@@ -176,6 +175,9 @@ async def _copy(
             (message_id, folder_id, message.uid, counter.wire, counter.stored, message.arrived,
              message.kept_uidl),
         )  # fmt: skip
+        # Checked last, so the lease row is locked only for the commit: a login
+        # meanwhile gets [IN-USE] at once instead of waiting for a long copy.
+        await fence(conn, lease.user, lease.folder, lease.session)
     return counter.stored
 
 
