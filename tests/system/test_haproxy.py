@@ -14,22 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import poplib
+import re
 import smtplib
 import socket
 import ssl
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from support.haproxy import HAProxy, render
+from popbox.config import config_from_dict
+from popbox.config_scale import TrustedProxies
+from support.haproxy import CONTRIB_CONFIG, HAProxy, render
 from support.ports import free_port
 from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess
 
 pytestmark = pytest.mark.interop
 
+SCALE_OUT = Path(__file__).resolve().parents[2] / "docs" / "scale-out.md"
 BALANCER = "127.0.0.1"  # HAProxy's source address towards the nodes
 CLIENT = "127.0.0.2"
 OTHER_CLIENT = "127.0.0.3"
@@ -158,6 +163,27 @@ class SourcedPOP3_SSL(poplib.POP3_SSL):  # poplib spells it so
 
 def pop3(cluster: Cluster, source: str = CLIENT) -> poplib.POP3:
     return SourcedPOP3(BALANCER, cluster.pop3, source)
+
+
+def test_the_documented_config_is_the_tested_one() -> None:
+    """docs/scale-out.md shows contrib/haproxy/haproxy.cfg without its comments."""
+    match = re.search(r"```haproxy\n(.*?)```", SCALE_OUT.read_text(), re.S)
+    assert match is not None, "docs/scale-out.md lost its HAProxy config"
+    shown = [line for line in match.group(1).splitlines() if line.strip()]
+    tested = [
+        line
+        for line in CONTRIB_CONFIG.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert shown == tested
+
+
+def test_the_documented_node_config_is_valid(tmp_path: Path) -> None:
+    (block, *_) = re.findall(r"```toml\n(.*?)```", SCALE_OUT.read_text(), re.S)
+    config = config_from_dict(tomllib.loads(block), tmp_path)
+    assert config.storage.backend == config.auth.backend == "postgresql"
+    assert config.pop3.proxied("10.0.0.11:995")
+    assert "10.0.0.10" in TrustedProxies(config.lmtp.trusted_proxies)
 
 
 def test_login_through_haproxy_is_logged_with_the_clients_address(cluster: Cluster) -> None:
