@@ -183,8 +183,8 @@ class ProxyHeaderReader(asyncio.BufferedProtocol):
         self._trusted = trusted
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray(PROXY_V1_MAX + PROXY_V2_MAX_PAYLOAD)
-        self._view = memoryview(self._buffer)
+        # Made once the peer is known to be a proxy: a direct client needs none.
+        self._view = memoryview(b"")
         self._have = 0
         self._want = _SNIFF
         self._fixed: bytes | None = None
@@ -198,6 +198,7 @@ class ProxyHeaderReader(asyncio.BufferedProtocol):
             self._on_direct(stream)  # nothing read yet: the next protocol reads it all
             return
         self._transport = stream
+        self._view = memoryview(bytearray(PROXY_V1_MAX + PROXY_V2_MAX_PAYLOAD))
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expired)
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -146,6 +147,7 @@ class Pop3Service:
         Given sockets are in the order of ``pop3.listen`` and ``pop3.tls_listen``
         (as ``bind_sockets`` returns them): a ``proxy_protocol`` list names listeners
         by those entries.
+
         Implicit-TLS sockets need an ssl_context; without one they are closed and a
         warning logged (the embedded default without a certificate).
         """
@@ -176,9 +178,9 @@ class Pop3Service:
         try:
             for index, sock in enumerate(sockets):
                 factory: Callable[[], asyncio.BaseProtocol] = (
-                    (lambda: _proxy_reader(hub, trusted, implicit_tls=False))
+                    functools.partial(_proxy_reader, hub, trusted, implicit_tls=False)
                     if _proxied(settings, settings.listen, index)
-                    else (lambda: Pop3Session(hub, implicit_tls=False))
+                    else functools.partial(Pop3Session, hub, implicit_tls=False)
                 )
                 server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 self._servers.append(server)
@@ -186,10 +188,10 @@ class Pop3Service:
             for index, sock in enumerate(tls_sockets):
                 if _proxied(settings, settings.tls_listen, index):
                     # The PROXY header comes before the TLS handshake, in the clear.
-                    factory = lambda: _proxy_reader(hub, trusted, implicit_tls=True)  # noqa: E731
+                    factory = functools.partial(_proxy_reader, hub, trusted, implicit_tls=True)
                 else:
                     # Our TLS layer rather than create_server(ssl=...): see TlsLayer.
-                    factory = lambda: _tls_handshake(hub, peer=None)  # noqa: E731
+                    factory = functools.partial(_tls_handshake, hub, peer=None)
                 server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 self._servers.append(server)
                 self._tls_addresses.append(_address(sock))
