@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,6 +17,7 @@ __all__ = [
     "POOL_MAX",
     "POOL_TIMEOUT",
     "PostgresSettings",
+    "TrustedProxies",
     "check_trusted_proxies",
 ]
 
@@ -79,3 +81,32 @@ def check_trusted_proxies(values: list[str]) -> list[str]:
     for value in values:
         ipaddress.ip_network(value, strict=False)
     return values
+
+
+class TrustedProxies:
+    """``trusted_proxies`` parsed once: whether a connection's peer is a load balancer.
+
+    Shared by the POP3 and LMTP listeners, which decide per connection whether its
+    first bytes must be a PROXY header (a trusted peer) or may not be one (anyone else).
+    """
+
+    __slots__ = ("_networks",)
+
+    def __init__(self, values: Iterable[str]) -> None:
+        self._networks = tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, host: object) -> bool:
+        """``host`` is a peer address as sockets report it (``::ffff:a.b.c.d`` and
+        ``fe80::1%eth0`` included); anything unparsable (a unix socket) is not trusted."""
+        if not isinstance(host, str):
+            return False
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 balancer seen on a dual-stack socket
+        return any(address in network for network in self._networks)

@@ -34,23 +34,29 @@ def make_config(
     *,
     plaintext_auth: str = "loopback",
     apop: bool = False,
-    proxy_protocol: bool = False,
+    proxy_protocol: bool | list[str] = False,
+    trusted_proxies: list[str] | None = None,
+    listen: list[str] | None = None,
+    tls_listen: list[str] | None = None,
     mailbox: dict[str, Any] | None = None,
     **limits: Any,
 ) -> Config:
     """A config on 127.0.0.1:0; ``limits`` may go below the production minimums;
-    ``mailbox`` sets [mailbox]."""
+    ``mailbox`` sets [mailbox]. With ``proxy_protocol`` the trusted proxies are all of
+    loopback unless ``trusted_proxies`` says otherwise."""
+    if trusted_proxies is None:
+        trusted_proxies = ["127.0.0.0/8", "::1"] if proxy_protocol else []
     base = LimitSettings().model_dump()
     base.update(auth_failure_delay=0.0, shutdown_grace=1.0)
     base.update(limits)
     return Config(
         pop3=Pop3Settings(
-            listen=["127.0.0.1:0"],
-            tls_listen=["127.0.0.1:0"],
+            listen=listen or ["127.0.0.1:0"],
+            tls_listen=tls_listen or ["127.0.0.1:0"],
             plaintext_auth=plaintext_auth,  # type: ignore[arg-type]
             apop=apop,
             proxy_protocol=proxy_protocol,
-            trusted_proxies=["127.0.0.0/8", "::1"] if proxy_protocol else [],
+            trusted_proxies=trusted_proxies,
         ),
         # model_construct skips the ge= bounds so tests can use tiny timeouts.
         limits=LimitSettings.model_construct(**base),

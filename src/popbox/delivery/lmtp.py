@@ -10,6 +10,11 @@ Built on aiosmtpd's ``LMTP`` session; this module adds what LMTP needs beyond it
   so the client never waits for answers that do not come.
 * **Recipients checked at RCPT time**, as Dovecot does: an unknown user gets
   ``550 5.1.1`` right away and never takes part in the DATA replies.
+* **PROXY headers from trusted load balancers only** (``lmtp.proxy_protocol``, TCP
+  listeners): a peer in ``lmtp.trusted_proxies`` must open with a header, which
+  aiosmtpd reads (``proxy_protocol_timeout``) and hands to ``handle_PROXY``; the
+  log then names the MTA behind the balancer. Anyone else is served directly and
+  gets ``421`` if it sends a header all the same. The unix socket ignores PROXY.
 * **250 only once the message is durable**: the reply is sent after
   ``MailStore.deliver`` returns, which for Maildir is after fsync and rename into
   new/. A client that drops before the final dot delivers nothing (aiosmtpd cancels
@@ -28,18 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import stat
 from collections.abc import Coroutine, Sequence
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiosmtpd.lmtp import LMTP
+from aiosmtpd.proxy_protocol import V2_CMD, V2_SIGNATURE, ProxyData
 from aiosmtpd.smtp import Envelope, Session
 
 from popbox.config import Config, parse_listen
+from popbox.config_scale import TrustedProxies
 from popbox.delivery.deliverer import Deliverer, ResolvedRecipient
 from popbox.errors import (
     MessageTooBig,
@@ -62,6 +71,12 @@ IDENT: Final = "popbox LMTP"
 # lines per delivery beside popbox's own one ("delivered to=..."), which is all that
 # Dovecot's LMTP logs too; its chatter is kept for debug logging only.
 AIOSMTPD_LOGGER: Final = "mail.log"
+# A trusted balancer sends its header with the connection's first packet; one silent
+# this long is not doing its job (aiosmtpd warns below 3 seconds).
+PROXY_HEADER_TIMEOUT: Final = 10.0
+# To a PROXY header from a peer that is not a trusted proxy, before closing (RFC 5321
+# section 3.8: a server that closes the channel says 421 first).
+UNTRUSTED_PROXY_REPLY: Final = b"421 4.7.0 PROXY header not accepted from this address\r\n"
 
 # aiosmtpd's own replies, reworded with RFC 3463 enhanced status codes so that every
 # answer an MTA logs says the same thing whichever layer produced it.
@@ -137,10 +152,10 @@ class _Handler:
         try:
             target = await self._deliverer.resolve(address)
         except UnknownRecipient as exc:
-            log.info("rcpt refused: %s", exc)
+            log.info("rcpt refused from %s: %s", _show(session.peer), exc)
             return reply_for_error(exc, address)
         except TemporaryDeliveryError as exc:
-            log.warning("rcpt deferred: %s", exc)
+            log.warning("rcpt deferred from %s: %s", _show(session.peer), exc)
             return reply_for_error(exc, address)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -188,6 +203,21 @@ class _Handler:
             done[target.user, address] = replies[-1]
         return replies
 
+    async def handle_PROXY(
+        self, server: Any, session: Session, envelope: Envelope, proxy_data: ProxyData
+    ) -> bool:
+        # Only a trusted proxy's header gets here (_LmtpSession.connection_made).
+        source = proxy_data.src_addr
+        if proxy_data.command == V2_CMD.LOCAL or not isinstance(source, IPv4Address | IPv6Address):
+            return True  # a health check, or no TCP client: the balancer's own address
+        if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+            source = source.ipv4_mapped
+        balancer = _show(session.peer)
+        # aiosmtpd annotates peer as a string; it holds the peername tuple.
+        session.peer = (str(source), proxy_data.src_port)  # type: ignore[assignment]
+        log.info("connect from %s via proxy %s", _show(session.peer), balancer)
+        return True
+
     async def handle_exception(self, error: Exception) -> str:
         log.error("LMTP session error: %s", error, exc_info=error)
         return "451 4.3.0 Temporary internal error"
@@ -196,20 +226,45 @@ class _Handler:
 class _LmtpSession(LMTP):
     """aiosmtpd's LMTP session with RFC 2033's per-recipient replies after DATA."""
 
-    def __init__(self, service: LmtpService, handler: _Handler, **kwargs: Any) -> None:
+    def __init__(
+        self, service: LmtpService, handler: _Handler, *, proxied: bool, **kwargs: Any
+    ) -> None:
+        """``proxied``: on a PROXY listener (trust decides per connection)."""
         # Set before aiosmtpd's __init__, which sizes its StreamReader from it.
         self.line_length_limit = service.config.lmtp.max_line_length
-        super().__init__(handler, **kwargs)
+        timeout = PROXY_HEADER_TIMEOUT if proxied else None
+        super().__init__(handler, proxy_protocol_timeout=timeout, **kwargs)
         self._service = service
         self._owed = 0
         self._data_open = False
+        self._refuse_proxy = False
 
     def _create_envelope(self) -> _LmtpEnvelope:
         return _LmtpEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._service.sessions.add(self)
+        if self._proxy_timeout is not None and self.transport is None:
+            # Not after STARTTLS (which calls this again): only a new connection.
+            peer = transport.get_extra_info("peername")
+            if not peer or str(peer[0]) not in self._service.trusted_proxies:
+                self._proxy_timeout = None  # a direct client: greet it at once
+                self._refuse_proxy = True
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refuse_proxy:
+            self._refuse_proxy = False
+            transport = cast(asyncio.Transport | None, self.transport)
+            if data.startswith((b"PROXY ", V2_SIGNATURE[:5])) and transport is not None:
+                log.warning(
+                    "PROXY header from %s, which is not a trusted proxy: refused",
+                    _show(transport.get_extra_info("peername")),
+                )
+                transport.write(UNTRUSTED_PROXY_REPLY)
+                transport.close()
+                return
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._service.sessions.discard(self)
@@ -256,6 +311,7 @@ class LmtpService:
         self._socket_path: Path | None = None
         self.sessions: set[_LmtpSession] = set()
         self._deliveries: set[asyncio.Task[list[str]]] = set()
+        self._trusted = TrustedProxies(config.lmtp.trusted_proxies)
 
     @property
     def config(self) -> Config:
@@ -268,10 +324,15 @@ class LmtpService:
         task.add_done_callback(self._deliveries.discard)
         return task
 
-    def _new_session(self) -> _LmtpSession:
+    @property
+    def trusted_proxies(self) -> TrustedProxies:
+        return self._trusted
+
+    def _new_session(self, *, tcp: bool = True) -> _LmtpSession:
         return _LmtpSession(
             self,
             _Handler(self),
+            proxied=tcp and self._config.lmtp.proxy_protocol,
             data_size_limit=self._config.lmtp.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -313,7 +374,8 @@ class LmtpService:
         if path is not None:
             _remove_stale_socket(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._servers.append(await loop.create_unix_server(self._new_session, str(path)))
+            unix = functools.partial(self._new_session, tcp=False)
+            self._servers.append(await loop.create_unix_server(unix, str(path)))
             os.chmod(path, UNIX_SOCKET_MODE)
             self._socket_path = path
         log.info(
@@ -340,6 +402,14 @@ class LmtpService:
         if self._socket_path is not None:
             _remove_stale_socket(self._socket_path)
             self._socket_path = None
+
+
+def _show(peer: object) -> str:
+    """A peer as the POP3 log shows one: host:port, [v6]:port."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer or "local")
 
 
 def _quiet_aiosmtpd() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -16,10 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from popbox.auth.base import PassDB
-from popbox.config import Config, parse_listen
+from popbox.config import Config, Pop3Settings, parse_listen
+from popbox.config_scale import TrustedProxies
 from popbox.errors import ConfigError
 from popbox.net.hub import SessionHub
-from popbox.net.proxy import ProxyAddress, ProxyHeaderReader
+from popbox.net.proxy import HeaderRefusal, ProxyAddress, ProxyHeaderReader
 from popbox.net.sasl import Mechanisms
 from popbox.net.session import Pop3Session
 from popbox.net.tls import TlsLayer
@@ -142,6 +144,10 @@ class Pop3Service:
     ) -> None:
         """Start accepting. Without sockets, bind the configured addresses.
 
+        Given sockets are in the order of ``pop3.listen`` and ``pop3.tls_listen``
+        (as ``bind_sockets`` returns them): a ``proxy_protocol`` list names listeners
+        by those entries.
+
         Implicit-TLS sockets need an ssl_context; without one they are closed and a
         warning logged (the embedded default without a certificate).
         """
@@ -167,30 +173,26 @@ class Pop3Service:
                 sock.close()
             tls_sockets = []
         loop = asyncio.get_running_loop()
-        proxied = self._config.pop3.proxy_protocol
+        settings = self._config.pop3
+        trusted = TrustedProxies(settings.trusted_proxies)
         try:
-            for sock in sockets:
+            for index, sock in enumerate(sockets):
                 factory: Callable[[], asyncio.BaseProtocol] = (
-                    (lambda: _proxy_reader(hub, implicit_tls=False))
-                    if proxied
-                    else (lambda: Pop3Session(hub, implicit_tls=False))
+                    functools.partial(_proxy_reader, hub, trusted, implicit_tls=False)
+                    if _proxied(settings, settings.listen, index)
+                    else functools.partial(Pop3Session, hub, implicit_tls=False)
                 )
                 server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 self._servers.append(server)
                 self._plain_addresses.append(_address(sock))
-            for sock in tls_sockets:
-                if proxied:
+            for index, sock in enumerate(tls_sockets):
+                if _proxied(settings, settings.tls_listen, index):
                     # The PROXY header comes before the TLS handshake, in the clear.
-                    server = await loop.create_server(
-                        lambda: _proxy_reader(hub, implicit_tls=True),
-                        sock=sock,
-                        backlog=LISTEN_BACKLOG,
-                    )
+                    factory = functools.partial(_proxy_reader, hub, trusted, implicit_tls=True)
                 else:
                     # Our TLS layer rather than create_server(ssl=...): see TlsLayer.
-                    server = await loop.create_server(
-                        lambda: _tls_handshake(hub, peer=None), sock=sock, backlog=LISTEN_BACKLOG
-                    )
+                    factory = functools.partial(_tls_handshake, hub, peer=None)
+                server = await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
                 self._servers.append(server)
                 self._tls_addresses.append(_address(sock))
         except BaseException:
@@ -243,21 +245,49 @@ class Pop3Service:
         await asyncio.sleep(0)
 
 
-def _proxy_reader(hub: SessionHub, *, implicit_tls: bool) -> ProxyHeaderReader:
-    """A connection's first protocol when PROXY headers are expected."""
+def _proxied(settings: Pop3Settings, entries: Sequence[str], index: int) -> bool:
+    """Whether the ``index``-th socket of a listener kind expects PROXY headers."""
+    if index < len(entries):
+        return settings.proxied(entries[index])
+    return settings.proxy_protocol is True  # a socket beyond the configured entries
+
+
+def _proxy_reader(
+    hub: SessionHub, trusted: TrustedProxies, *, implicit_tls: bool
+) -> ProxyHeaderReader:
+    """A connection's first protocol on a PROXY listener: a header from a trusted
+    proxy, or a direct client that may not send one."""
 
     def on_header(transport: asyncio.Transport, address: ProxyAddress | None) -> None:
         peer = (address.host, address.port) if address is not None else None
-        session = Pop3Session(hub, implicit_tls=implicit_tls, peer=peer)
         if not implicit_tls:
+            session = Pop3Session(hub, implicit_tls=False, peer=peer)
             transport.set_protocol(session)
             session.connection_made(transport)
             transport.resume_reading()
             return
         _tls_handshake(hub, peer=peer).take_over(transport)
 
+    def on_direct(transport: asyncio.Transport) -> None:
+        if not implicit_tls:
+            # Pop3Session refuses a header itself: it answers -ERR after its greeting.
+            session = Pop3Session(hub, implicit_tls=False, refuse_proxy_header=True)
+            transport.set_protocol(session)
+            session.connection_made(transport)
+            return
+        refusal = HeaderRefusal(on_clean, hub.config.limits.tls_handshake_timeout)
+        transport.set_protocol(refusal)
+        refusal.connection_made(transport)
+
+    def on_clean(transport: asyncio.Transport, first: bytes) -> None:
+        layer = _tls_handshake(hub, peer=None)
+        layer.take_over(transport)
+        layer.data_received(first)
+
     # The header is part of logging in: the pre-login timeout bounds it.
-    return ProxyHeaderReader(on_header, hub.config.limits.login_timeout)
+    return ProxyHeaderReader(
+        on_header, hub.config.limits.login_timeout, trusted=trusted, on_direct=on_direct
+    )
 
 
 def _tls_handshake(hub: SessionHub, *, peer: tuple[str, int] | None) -> TlsLayer:

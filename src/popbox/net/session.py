@@ -34,6 +34,7 @@ from popbox.net.hub import SessionHub
 from popbox.net.log import EndReason, SessionStats, next_session_id
 from popbox.net.login import TEXT_AUTH_UNAVAILABLE, LoginEvent, VerifiedLogin
 from popbox.net.outlet import TransportOutlet
+from popbox.net.proxy import looks_like_header
 from popbox.net.sasl import Continue, Rejected, SaslContext, ServerMechanism
 from popbox.net.starttls import TlsUpgrade
 from popbox.net.transaction import BodyInterrupted, TransactionStage
@@ -63,6 +64,8 @@ log = logging.getLogger("popbox.pop3")
 IDLE_REPLY: Final = err("Disconnected for inactivity.")
 TOO_MANY_CONNECTIONS_REPLY: Final = err("too many connections", CODE_SYS_TEMP)
 SHUTDOWN_REPLY: Final = err("Server shutting down.", CODE_SYS_TEMP)
+# To a PROXY header from a peer outside trusted_proxies (Dovecot says as little).
+UNTRUSTED_PROXY_REPLY: Final = err("PROXY header not accepted from this address.")
 
 # A tuple, not ``LoginRequest | ApopRequest``: that would build a union object on every
 # event dispatched.
@@ -92,7 +95,9 @@ class Pop3Session(asyncio.Protocol):
         "_outlet",
         "_peer",
         "_pre_auth",
+        "_real_ip",
         "_reason",
+        "_refuse_proxy",
         "_sasl_failed",
         "_stage",
         "_stats",
@@ -103,11 +108,19 @@ class Pop3Session(asyncio.Protocol):
     )
 
     def __init__(
-        self, hub: SessionHub, *, implicit_tls: bool, peer: tuple[str, int] | None = None
+        self,
+        hub: SessionHub,
+        *,
+        implicit_tls: bool,
+        peer: tuple[str, int] | None = None,
+        refuse_proxy_header: bool = False,
     ) -> None:
-        """``peer`` overrides the socket's peer address (from a PROXY header)."""
+        """``peer`` overrides the socket's peer address (from a PROXY header);
+        ``refuse_proxy_header``: a direct client on a PROXY listener, whose first bytes
+        may not be a PROXY header (net.proxy)."""
         self._hub = hub
         self._peer = peer
+        self._refuse_proxy = refuse_proxy_header
         self._loop = loop = hub.loop
         self._stats = SessionStats(next_session_id())
         # An implicit-TLS session starts on the TLS layer; over STLS it is set later.
@@ -118,6 +131,8 @@ class Pop3Session(asyncio.Protocol):
         self._stage: TransactionStage | None = None
         self._outlet: TransportOutlet | None = None
         self._ip = ""
+        # The socket's own peer: the proxy's address behind a PROXY header.
+        self._real_ip = ""
         self._counted = False
         # Counted against max_login_sessions until login succeeds or the session ends.
         self._pre_auth = False
@@ -145,10 +160,12 @@ class Pop3Session(asyncio.Protocol):
         # A stream transport; uvloop's do not subclass asyncio.Transport, so no isinstance.
         transport = cast(asyncio.Transport, transport)
         self._flow.attach(transport)
-        peer = self._peer or transport.get_extra_info("peername")
+        own = transport.get_extra_info("peername")
+        peer = self._peer or own
         host, port = (str(peer[0]), int(peer[1])) if peer else ("unknown", 0)
         self._peer = None
         self._ip = host
+        self._real_ip = str(own[0]) if own else ""
         self._stats.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         tls_active = self._stats.tls
         if not self._hub.admit(self, host):
@@ -178,6 +195,11 @@ class Pop3Session(asyncio.Protocol):
         upgrade = self._upgrade
         if (upgrade is not None and upgrade.discarding) or self._closing or self._conn is None:
             return  # CVE-2011-0411: nothing sent before the TLS handshake is a command
+        if self._refuse_proxy:
+            self._refuse_proxy = False
+            if looks_like_header(data):
+                self._refuse_proxy_header()
+                return
         self._stats.commands += data.count(b"\n")
         if upgrade is not None:
             # Only the TLS layer calls us now, and only after the handshake: this is
@@ -194,6 +216,16 @@ class Pop3Session(asyncio.Protocol):
             self._flow.pause_reading()
             return
         self._pump()
+
+    def _refuse_proxy_header(self) -> None:
+        # Only a trusted proxy may say where a connection comes from; anyone else
+        # sending a header is misconfigured or pretending to be someone else.
+        log.warning(
+            "session=%s PROXY header from %s, which is not a trusted proxy: refused",
+            self._stats.session_id, self._stats.peer,
+        )  # fmt: skip
+        self._write(UNTRUSTED_PROXY_REPLY)
+        self._close(EndReason.PROXY_HEADER)
 
     def eof_received(self) -> bool | None:
         if self._conn is not None and not self._closing:
@@ -358,15 +390,10 @@ class Pop3Session(asyncio.Protocol):
         await self._login(conn, verified)
 
     async def _login(self, conn: ServerConnection, event: LoginEvent) -> None:
-        real_ip: str | None = self._ip
-        transport = self._flow.transport
-        if self._hub.config.pop3.proxy_protocol:
-            # allow_real_nets is about the connection's own peer (the proxy), not the
-            # address its PROXY header named.
-            peer = transport.get_extra_info("peername") if transport is not None else None
-            real_ip = str(peer[0]) if peer else None
+        # allow_real_nets is about the connection's own peer (the proxy), not the
+        # address its PROXY header named; for a direct client the two are the same.
         login = await self._hub.broker.log_in(
-            event, ip=self._ip, real_ip=real_ip, session_id=self._stats.session_id
+            event, ip=self._ip, real_ip=self._real_ip or None, session_id=self._stats.session_id
         )
         if isinstance(login, Refused):
             conn.login_failed(login.code, login.text)
