@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CONTRIB_CONFIG", "HAPROXY", "HAProxy", "render"]
+__all__ = ["CONTRIB_CONFIG", "HAPROXY", "NODES", "HAProxy", "addresses", "render"]
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -34,6 +34,28 @@ global
     stats socket {socket} mode 600 level admin
     log stdout format raw local0 info
 """
+
+
+# The contrib file's example nodes, in its order.
+NODES = ("10.0.0.11", "10.0.0.12")
+
+
+def addresses(
+    host: str, front: tuple[int, int, int], nodes: list[tuple[int, int, int]]
+) -> dict[str, str]:
+    """``render``'s replacements for a balancer on ``host`` whose POP3, POP3S and LMTP
+    ports are ``front``, in front of nodes on ``host`` with those three ports each."""
+    pop3, pop3s, lmtp = front
+    replacements = {
+        "192.0.2.10:110": f"{host}:{pop3}",
+        "192.0.2.10:995": f"{host}:{pop3s}",
+        "10.0.0.10:24": f"{host}:{lmtp}",
+    }
+    for (node_pop3, node_pop3s, node_lmtp), example in zip(nodes, NODES, strict=True):
+        replacements[f"{example}:110"] = f"{host}:{node_pop3}"
+        replacements[f"{example}:995"] = f"{host}:{node_pop3s}"
+        replacements[f"{example}:24"] = f"{host}:{node_lmtp}"
+    return replacements
 
 
 def render(replacements: Mapping[str, str], template: Path = CONTRIB_CONFIG) -> str:

@@ -28,7 +28,7 @@ import pytest
 
 from popbox.config import config_from_dict
 from popbox.config_scale import TrustedProxies
-from support.haproxy import CONTRIB_CONFIG, HAProxy, render
+from support.haproxy import CONTRIB_CONFIG, HAProxy, addresses, render
 from support.ports import free_port
 from support.serverproc import PASSWORD, ClosingPOP3, ServerProcess
 
@@ -116,16 +116,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tls_files: object) -> Iter
     passwd.chmod(0o600)
     nodes = [make_node(root / name, shared, tls_files) for name in ("node1", "node2")]
     pop3, pop3s, lmtp = (free_port() for _ in range(3))
-    replacements = {
-        "192.0.2.10:110": f"{BALANCER}:{pop3}",
-        "192.0.2.10:995": f"{BALANCER}:{pop3s}",
-        "10.0.0.10:24": f"{BALANCER}:{lmtp}",
-    }
-    for node, address in zip(nodes, ("10.0.0.11", "10.0.0.12"), strict=True):
-        replacements[f"{address}:110"] = f"{BALANCER}:{node.proxied}"
-        replacements[f"{address}:995"] = f"{BALANCER}:{node.tls}"
-        replacements[f"{address}:24"] = f"{BALANCER}:{node.process.lmtp_port}"
-    haproxy = HAProxy(root, render(replacements))
+    ports = [(node.proxied, node.tls, node.process.lmtp_port) for node in nodes]
+    haproxy = HAProxy(root, render(addresses(BALANCER, (pop3, pop3s, lmtp), ports)))
     try:
         for node in nodes:  # one after the other: the first makes the Maildir root
             node.process.start()

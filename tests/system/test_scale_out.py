@@ -26,13 +26,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support.haproxy import HaproxyBackend, start_haproxy
 
+from support.haproxy import HAProxy, addresses, render
 from support.ports import free_port
 from support.postgres import PostgresServer, postgres_skip_reason, start_postgres
-from support.serverproc import POPBOX, wait_listening
+from support.serverproc import POPBOX, ClosingPOP3, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -47,7 +48,7 @@ def proxy_line(client: str = "198.51.100.7", port: int = 40000, to: int = 110) -
     return f"PROXY TCP4 {client} 127.0.0.1 {port} {to}\r\n".encode()
 
 
-class DirectPOP3(poplib.POP3):
+class DirectPOP3(ClosingPOP3):
     """poplib to one node, announcing itself with a PROXY header as HAProxy would."""
 
     def _create_socket(self, timeout: float) -> socket.socket:
@@ -63,12 +64,24 @@ class DirectLMTP(smtplib.LMTP):
         return sock
 
 
+def logged_in(client: poplib.POP3, user: str) -> poplib.POP3:
+    """``client`` after USER/PASS; closed if the login is refused."""
+    try:
+        client.user(user)
+        client.pass_(PASSWORD)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 @dataclass
 class Node:
     name: str
     directory: Path
     pop3_port: int
     lmtp_port: int
+    tls_port: int
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,10 +108,7 @@ class Node:
             self.process.wait(10)
 
     def pop3(self, user: str) -> poplib.POP3:
-        client = DirectPOP3("127.0.0.1", self.pop3_port, timeout=10)
-        client.user(user)
-        client.pass_(PASSWORD)
-        return client
+        return logged_in(DirectPOP3("127.0.0.1", self.pop3_port, timeout=10), user)
 
 
 @dataclass
@@ -110,10 +120,7 @@ class Farm:
     dsn: str
 
     def pop3(self, user: str) -> poplib.POP3:
-        client = poplib.POP3("127.0.0.1", self.pop3_port, timeout=10)
-        client.user(user)
-        client.pass_(PASSWORD)
-        return client
+        return logged_in(ClosingPOP3("127.0.0.1", self.pop3_port, timeout=10), user)
 
     def deliver(self, user: str, message: bytes, *, port: int | None = None) -> int:
         """One LMTP delivery through HAProxy (or to the node at ``port``): the first
@@ -152,6 +159,11 @@ class Farm:
                 time.sleep(0.3)
 
 
+def subject(body: bytes) -> bytes:
+    """The Subject line of a retrieved message (popbox adds trace headers above it)."""
+    return next(line for line in body.split(b"\r\n") if line.startswith(b"Subject:"))
+
+
 def message(n: int, tag: str = "m") -> bytes:
     return f"Subject: {tag} {n}\r\nMessage-ID: <{tag}{n}@test>\r\n\r\nbody {n}\r\n".encode()
 
@@ -173,12 +185,14 @@ def cluster() -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_config(node: Node, dsn: str) -> None:
+def write_config(node: Node, dsn: str, tls: Any) -> None:
     proxy = 'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n'
     node.config.write_text(
         f'data_dir = "{node.directory / node.name}"\n'
-        f'[pop3]\nlisten = ["127.0.0.1:{node.pop3_port}"]\ntls_listen = []\n'
+        f'[pop3]\nlisten = ["127.0.0.1:{node.pop3_port}"]\n'
+        f'tls_listen = ["127.0.0.1:{node.tls_port}"]\n'
         f'plaintext_auth = "always"\n{proxy}'
+        f'[tls]\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
         f'[lmtp]\nlisten = ["127.0.0.1:{node.lmtp_port}"]\n{proxy}'
         f'[storage]\nbackend = "postgresql"\n'
         f'[auth]\nbackend = "postgresql"\ndefault_scheme = "SHA256-CRYPT"\n'
@@ -190,11 +204,11 @@ def write_config(node: Node, dsn: str) -> None:
 
 
 @pytest.fixture
-def farm(cluster: PostgresServer, shared_tmp: Path) -> Iterator[Farm]:
+def farm(cluster: PostgresServer, shared_tmp: Path, tls_files: Any) -> Iterator[Farm]:
     dsn = cluster.create_database()
-    nodes = [Node(f"node{n}", shared_tmp, free_port(), free_port()) for n in (1, 2)]
+    nodes = [Node(f"node{n}", shared_tmp, free_port(), free_port(), free_port()) for n in (1, 2)]
     for node in nodes:
-        write_config(node, dsn)
+        write_config(node, dsn, tls_files)
     for user in USERS:
         subprocess.run(
             [*POPBOX, "user", "add", user, "--password-stdin", "--config", str(nodes[0].config)],
@@ -202,13 +216,14 @@ def farm(cluster: PostgresServer, shared_tmp: Path) -> Iterator[Farm]:
         )  # fmt: skip
     for node in nodes:
         node.start()
-    proxy = start_haproxy(
-        shared_tmp / "haproxy",
-        pop3=[HaproxyBackend("127.0.0.1", node.pop3_port) for node in nodes],
-        lmtp=[HaproxyBackend("127.0.0.1", node.lmtp_port) for node in nodes],
-    )
+    front = (free_port(), free_port(), free_port())
+    ports = [(node.pop3_port, node.tls_port, node.lmtp_port) for node in nodes]
+    (shared_tmp / "haproxy").mkdir()
+    proxy = HAProxy(shared_tmp / "haproxy", render(addresses("127.0.0.1", front, ports)))
+    proxy.start()
     try:
-        yield Farm(nodes, proxy.pop3_port, proxy.lmtp_port, cluster, dsn)
+        proxy.wait_for({("popbox_pop3", node.name): "UP" for node in nodes})
+        yield Farm(nodes, front[0], front[2], cluster, dsn)
     finally:
         proxy.stop()
         for node in nodes:
@@ -221,7 +236,7 @@ def test_clients_through_haproxy_see_one_mailbox(farm: Farm) -> None:
     seen = {tuple(farm.listing("alice")) for _ in range(4)}  # sessions spread over nodes
     assert len(seen) == 1
     (listing,) = seen
-    assert [body.split(b"\r\n")[0] for _, body in listing] == [
+    assert [subject(body) for _, body in listing] == [
         f"Subject: m {n}".encode() for n in range(6)
     ]
     # Deleted on one node, gone on the other.
@@ -295,7 +310,7 @@ def test_a_node_killed_mid_delivery_loses_and_duplicates_nothing(farm: Farm) -> 
     for worker in workers:
         worker.join()
     assert not queue
-    subjects = [body.split(b"\r\n")[0] for _, body in farm.listing("alice")]
+    subjects = [subject(body) for _, body in farm.listing("alice")]
     assert sorted(subjects) == sorted(f"Subject: d {n}".encode() for n in range(60))
 
 
@@ -313,6 +328,7 @@ def test_a_postgresql_restart_is_survived(farm: Farm) -> None:
         farm.cluster.start()
     with contextlib.suppress(poplib.error_proto, OSError):
         session.quit()
+    session.close()
     deadline = time.monotonic() + PATIENCE
     while True:
         try:
@@ -322,5 +338,5 @@ def test_a_postgresql_restart_is_survived(farm: Farm) -> None:
             pass
         assert time.monotonic() < deadline, "no delivery after the restart"
         time.sleep(0.3)
-    subjects = [body.split(b"\r\n")[0] for _, body in farm.listing("alice")]
+    subjects = [subject(body) for _, body in farm.listing("alice")]
     assert subjects == [b"Subject: m 1", b"Subject: m 3"]
