@@ -84,6 +84,8 @@ class Server:
     process: subprocess.Popen[bytes]
     notes: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    proxied: bool = False
+    """Its listeners expect a PROXY header from loopback (a node behind HAProxy)."""
 
     def pids(self) -> list[int]:
         try:
@@ -172,6 +174,8 @@ def _wait_ready(server: Server, log: Path) -> Server:
         try:
             for port in (server.pop3_port, server.pop3s_port, server.lmtp_port):
                 with socket.create_connection((server.host, port), 2) as sock:
+                    if server.proxied:
+                        sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n")
                     greeting = {server.pop3_port: b"+OK", server.lmtp_port: b"220"}
                     if port in greeting:
                         sock.settimeout(5)
@@ -187,7 +191,7 @@ def _wait_ready(server: Server, log: Path) -> Server:
 def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1,
                  limits: dict[str, float] | None = None, name: str = "popbox",
                  source: Path | None = None, postgresql: str | None = None,
-                 config_name: str = "popbox.toml") -> Server:
+                 config_name: str = "popbox.toml", proxy_from: str | None = None) -> Server:
     """Start ``popbox serve`` on ``root`` (which holds mail/ and passwd) on free ports.
 
     ``limits`` adds settings to the config's [limits] table (bench.idle raises the caps).
@@ -195,12 +199,15 @@ def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1,
     path, with this environment's dependencies): an earlier commit measured in the
     same run as this one, under ``name``. ``postgresql`` (a DSN) keeps mail and users
     in PostgreSQL instead (bench.scale); ``config_name`` lets several nodes share
-    ``root``.
+    ``root``; ``proxy_from`` (an address) puts the node behind a balancer there.
     """
     pop3, pop3s, lmtp = free_port(), free_port(), free_port()
     # Every benchmark client comes from loopback; the per-IP bound would refuse them.
     settings: dict[str, float] = {"max_connections_per_ip": 1000000, **(limits or {})}
     limit_lines = "".join(f"{name} = {value}\n" for name, value in settings.items())
+    proxy = ""
+    if proxy_from is not None:
+        proxy = f'proxy_protocol = true\ntrusted_proxies = ["{proxy_from}/32"]\n'
     backend = ""
     if postgresql is not None:
         backend = f'''
@@ -218,7 +225,7 @@ listen = ["127.0.0.1:{pop3}"]
 tls_listen = ["127.0.0.1:{pop3s}"]
 plaintext_auth = "loopback"
 workers = {workers}
-
+{proxy}
 [tls]
 cert = "{cert}"
 key = "{key}"
@@ -236,7 +243,7 @@ maildir_root = "{root / 'mail'}"
 
 [lmtp]
 listen = ["127.0.0.1:{lmtp}"]
-{backend}"""
+{proxy}{backend}"""
     )
     log = root / f"{config_name.removesuffix('.toml')}.log"
     command = [POPBOX, "serve", "--config", str(config)]
@@ -252,7 +259,8 @@ listen = ["127.0.0.1:{lmtp}"]
             start_new_session=True,
             env=env,
         )
-    server = Server(name, "popbox", root, root / "mail", pop3, pop3s, lmtp, process)
+    server = Server(name, "popbox", root, root / "mail", pop3, pop3s, lmtp, process,
+                    proxied=proxy_from is not None)
     if workers > 1:
         server.notes.append(f"pop3.workers = {workers}")
     return _wait_ready(server, log)
