@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -71,8 +69,10 @@ async def open_pool(settings: PoolSettings, *, name: str) -> AsyncConnectionPool
         timeout=settings.timeout,
         name=name,
         open=False,
-        check=_check_if_idle,
-        reset=_note_returned,
+        # Every connection is checked (an empty query) when it is handed out: after
+        # a database restart every pooled connection is broken, and a request must
+        # not be the one that finds out. It costs a round trip per checkout.
+        check=AsyncConnectionPool.check_connection,
         # After a restart the pool retries its connections in the background; a
         # request in the meantime waits at most ``timeout``.
         reconnect_timeout=0,
@@ -83,26 +83,6 @@ async def open_pool(settings: PoolSettings, *, name: str) -> AsyncConnectionPool
     )
     await pool.open(wait=False)
     return pool
-
-
-# When a connection is handed out, it is checked with an empty query only if it sat
-# unused for longer than this: after a database restart every idle connection is
-# broken, and the check replaces it before a request meets it; a connection that was
-# in use a moment ago is taken as it is, sparing a round trip per statement.
-_CHECK_AFTER_IDLE: Final = 2.0
-_returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _note_returned(conn: psycopg.AsyncConnection[Any]) -> None:
-    _returned[conn] = time.monotonic()
-
-
-async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
-    returned = _returned.get(conn)
-    if returned is None or time.monotonic() - returned > _CHECK_AFTER_IDLE:
-        await AsyncConnectionPool.check_connection(conn)
 
 
 @contextlib.contextmanager
