@@ -127,6 +127,7 @@ class Bench:
 
     def prepare_postgresql(self) -> None:
         """A cluster with the data loaded the way a site moves in."""
+        shutil.rmtree(self.work / "pg", ignore_errors=True)
         cluster = start_postgres(self.work / "pg", durable=True)
         self.cluster = cluster
         dsn = cluster.create_database("popbox")

@@ -62,6 +62,7 @@ class PoolSettings:
 
 async def open_pool(settings: PoolSettings, *, name: str) -> AsyncConnectionPool:
     """An open pool for ``settings``; does not wait for the database to answer."""
+    checker = _Checker()
     pool: AsyncConnectionPool = AsyncConnectionPool(
         settings.dsn,
         min_size=min(settings.min_size, settings.max_size),
@@ -69,20 +70,43 @@ async def open_pool(settings: PoolSettings, *, name: str) -> AsyncConnectionPool
         timeout=settings.timeout,
         name=name,
         open=False,
-        # Every connection is checked (an empty query) when it is handed out: after
-        # a database restart every pooled connection is broken, and a request must
-        # not be the one that finds out. It costs a round trip per checkout.
-        check=AsyncConnectionPool.check_connection,
-        # After a restart the pool retries its connections in the background; a
-        # request in the meantime waits at most ``timeout``.
+        check=checker,
+        # A connection that cannot be made is not retried on a backoff in the
+        # background: the next request that needs one tries again (and waits at
+        # most ``timeout``), so a node finds the database as soon as it is back.
         reconnect_timeout=0,
         kwargs={
             "connect_timeout": settings.connect_timeout,
             "application_name": settings.application_name,
         },
     )
+    checker.pool = pool
     await pool.open(wait=False)
     return pool
+
+
+class _Checker:
+    """Every connection is checked (an empty query) when it is handed out: after a
+    database restart or failover every pooled connection is broken, and a request
+    must not be the one that finds out. It costs a round trip per checkout.
+
+    One broken connection means the others are too: the pool is drained at once
+    (new connections are made in the background), because the pool's own way,
+    checking the rest one by one with a growing pause between them, keeps the first
+    request after a restart waiting longer than its timeout when the pool was full.
+    """
+
+    def __init__(self) -> None:
+        self.pool: AsyncConnectionPool | None = None
+
+    async def __call__(self, conn: psycopg.AsyncConnection[object]) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            if self.pool is not None:
+                log.info("pool %s: a connection was broken; replacing them all", self.pool.name)
+                await self.pool.drain()
+            raise
 
 
 @contextlib.contextmanager
