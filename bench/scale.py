@@ -42,7 +42,7 @@ REPO: Final = Path(__file__).resolve().parent.parent
 # The private PostgreSQL and HAProxy starters the tests use (tests/support).
 sys.path.insert(0, str(REPO / "tests"))
 from support.haproxy import HAProxy, addresses, render  # noqa: E402
-from support.postgres import PostgresServer, start_postgres  # noqa: E402
+from support.postgres import PostgresServer, start_existing, start_postgres  # noqa: E402
 
 RESULTS: Final = REPO / "bench" / "results"
 DOC: Final = REPO / "docs" / "performance.md"
@@ -129,8 +129,16 @@ class Bench:
 
     # -- servers -------------------------------------------------------------------
 
-    def prepare_postgresql(self) -> None:
-        """A cluster with the data loaded the way a site moves in."""
+    def prepare_postgresql(self, reuse: bool = False) -> None:
+        """A cluster with the data loaded the way a site moves in; ``reuse``: the
+        cluster an earlier run of the same sizes loaded, if it is there."""
+        marker = self.work / "pg" / "loaded.json"
+        if reuse and marker.exists():
+            kept = json.loads(marker.read_text())
+            cluster = start_existing(self.work / "pg", kept["port"], durable=True)
+            self.cluster, self.dsn = cluster, kept["dsn"]
+            self.loaded, self.moved = kept["seconds"], kept["moved"]
+            return
         shutil.rmtree(self.work / "pg", ignore_errors=True)
         cluster = start_postgres(self.work / "pg", durable=True)
         self.cluster = cluster
@@ -160,6 +168,8 @@ class Bench:
             conn.execute("CHECKPOINT")
         self.loaded = time.perf_counter() - started
         self.dsn = dsn
+        marker.write_text(json.dumps({"port": cluster.port, "dsn": dsn,
+                                      "seconds": self.loaded, "moved": self.moved}))
 
     def start(self, name: str) -> servers.Server:
         d = self.dataset
@@ -278,9 +288,9 @@ class Bench:
         self.record("nodes.retr.plain.8", name, result.value)
         self.record("nodes.retr.plain.8.cpu", name, result.extra["server_cpu_s_per_gb"])
 
-    def run(self) -> None:
+    def run(self, reuse: bool) -> None:
         print("loading PostgreSQL (popbox user import-passwd, popbox migrate)", flush=True)
-        self.prepare_postgresql()
+        self.prepare_postgresql(reuse)
         ds.install(self.dataset, self.work / MAILDIR, owner=None)
         ds.install(self.dataset, self.work / "dovecot", owner=servers.mail_ids())
         order = [PG, MAILDIR, *servers.DOVECOT_MODES]
@@ -340,10 +350,11 @@ class Bench:
             *(f"- {line}" for line in environment()),
             f"- PostgreSQL {_pg_version()}: a private cluster on loopback with its durable "
             "defaults (fsync and synchronous_commit on), shared_buffers 128 MB.",
-            "- loading the data into PostgreSQL (`popbox user import-passwd`, then "
+            "- the data went into PostgreSQL with `popbox user import-passwd`, then "
             f"`popbox migrate maildir-to-postgresql` of the {self.moved} measured "
-            f"mailboxes, the {sizes.bigbox_messages:,}-message one included): "
-            f"{self.loaded:.1f} s",
+            f"mailboxes, the {sizes.bigbox_messages:,}-message one included"
+            + (f": {self.loaded:.0f} s" if self.loaded > 0 else
+               " (by an earlier run of the same sizes, --reuse-database)"),
             "- server CPU: the server's process tree; for popbox-pg plus every PostgreSQL "
             "process (the database's work is part of each login and gigabyte).",
             "- cold big maildrop: popbox-maildir and Dovecot without their index; popbox-pg "
@@ -390,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--reuse-database", action="store_true",
+                        help="start the PostgreSQL cluster an earlier run of the same "
+                        "sizes loaded, instead of loading it again")
     args = parser.parse_args(argv)
     raise_fd_limit(65536)
     work = args.work or Path("/var/tmp/popbox-scale" + ("-quick" if args.quick else ""))
@@ -397,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     bench = Bench(args.quick, args.reps, work)
     try:
-        bench.run()
+        bench.run(args.reuse_database)
     finally:
         if bench.cluster is not None:
             bench.cluster.stop()

@@ -210,7 +210,12 @@ def start_popbox(root: Path, cert: Path, key: Path, *, workers: int = 1,
         proxy = f'proxy_protocol = true\ntrusted_proxies = ["{proxy_from}/32"]\n'
     backend = ""
     if postgresql is not None:
+        # Nodes of bench.scale run for minutes each: a node's background sweep would
+        # hold each folder's lease for a moment while clients log in ([IN-USE]).
         backend = f'''
+[mailbox]
+sweep_interval = 1000000
+
 [postgresql]
 dsn = "{postgresql}"
 node_id = "{config_name.removesuffix('.toml')}"

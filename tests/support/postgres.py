@@ -27,7 +27,7 @@ import psycopg
 
 from support.ports import free_port
 
-__all__ = ["PostgresServer", "postgres_skip_reason", "start_postgres"]
+__all__ = ["PostgresServer", "postgres_skip_reason", "start_existing", "start_postgres"]
 
 SUPERUSER = "popbox"
 # Debian's postgresql package makes this user; the cluster runs as it under root.
@@ -133,4 +133,15 @@ def start_postgres(root: Path, *, durable: bool = False) -> PostgresServer:
                 raise RuntimeError("PostgreSQL did not start:\n" + server.log()) from None
             server.port = free_port()  # someone took the port meanwhile
             time.sleep(0.2)
+    return server
+
+
+def start_existing(root: Path, port: int, *, durable: bool = False) -> PostgresServer:
+    """Start again a cluster that ``start_postgres`` made under ``root`` (benchmarks
+    that keep a loaded database between runs)."""
+    bindir = _bindir()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL is not installed")
+    server = PostgresServer(root, port, bindir, durable=durable)
+    server.start()
     return server
