@@ -386,7 +386,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def _pg_version() -> str:
     out = subprocess.run(["psql", "--version"], capture_output=True, text=True, check=False)
-    return out.stdout.strip().split()[-1] if out.stdout else "?"
+    # "psql (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)": the third word.
+    words = out.stdout.split()
+    return words[2] if len(words) > 2 else "?"
 
 
 def update_doc(text: str) -> None:
