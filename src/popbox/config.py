@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from popbox.config_archive import ArchiveSettings, WebSettings
 from popbox.config_mailbox import (
     MailboxSettings,
     check_login_separators,
@@ -55,6 +56,12 @@ __all__ = [
 ]
 
 DEFAULT_DATA_DIR: Final = "popbox-data"
+# The embedded default (no config file) keeps an archive of everything and serves its
+# web page on loopback: the whole of popbox, tried out with one command.
+EMBEDDED_DEFAULT: Final[dict[str, Any]] = {
+    "archive": {"keep": ["delivered", "collected", "disposition"]},
+    "web": {"enabled": True},
+}
 # The side file of app passwords and APOP secrets sits beside the passwd file.
 APP_PASSWORDS_SUFFIX: Final = ".app-passwords"
 
@@ -383,6 +390,8 @@ class Config(_Section):
     quota: QuotaSettings = QuotaSettings()
     lmtp: LmtpSettings = LmtpSettings()
     mailbox: MailboxSettings = MailboxSettings()
+    archive: ArchiveSettings = ArchiveSettings()
+    web: WebSettings = WebSettings()
     log: LogSettings = LogSettings()
     postgresql: PostgresSettings | None = None
     """The database of ``storage.backend`` or ``auth.backend`` = "postgresql"."""
@@ -415,10 +424,29 @@ class Config(_Section):
                 ("storage.backend", self.storage.backend),
                 ("storage.moving_from", self.storage.moving_from),
                 ("auth.backend", self.auth.backend),
+                ("archive.backend", self.archive.backend),
             ):
                 if backend == "postgresql":
                     raise ValueError(f'{key} = "postgresql" needs a [postgresql] table')
         return self
+
+    @model_validator(mode="after")
+    def _web_listen(self) -> Config:
+        try:
+            parse_listen(self.web.listen)
+        except ValueError as exc:
+            raise ValueError(f"web.listen: {exc}") from exc
+        return self
+
+    def archive_path(self) -> Path:
+        """Where the embedded archive keeps its index and its objects."""
+        return self.archive.path or self.data_dir / "archive"
+
+    def archive_backend(self) -> str:
+        """``sqlite`` or ``postgresql``: the configured one, else the store's kind."""
+        if self.archive.backend is not None:
+            return self.archive.backend
+        return "postgresql" if self.storage.backend == "postgresql" else "sqlite"
 
     def tls_cert_path(self) -> Path:
         return self.tls.cert or self.data_dir / "tls" / "cert.pem"
@@ -459,7 +487,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             table[key] = base / value
     auth = data.get("auth")
     oauth = auth.get("oauth") if isinstance(auth, dict) else None
-    tables = {"tls": data.get("tls"), "lmtp": data.get("lmtp"), "auth": auth, "oauth": oauth}
+    tables = {
+        "tls": data.get("tls"),
+        "lmtp": data.get("lmtp"),
+        "auth": auth,
+        "oauth": oauth,
+        "archive": data.get("archive"),
+    }
     for section, key in (
         ("tls", "cert"),
         ("tls", "key"),
@@ -467,6 +501,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         ("auth", "app_passwords_file"),
         ("oauth", "client_secret_file"),
         ("oauth", "ca_file"),
+        ("archive", "path"),
     ):
         table = tables[section]
         if isinstance(table, dict) and isinstance(table.get(key), str):
@@ -486,7 +521,7 @@ def config_from_dict(data: dict[str, Any], base: Path) -> Config:
 def load_config(path: Path | None) -> Config:
     """Load ``path``, or the embedded default (data under ./popbox-data) when None."""
     if path is None:
-        return config_from_dict({}, Path.cwd())
+        return config_from_dict(EMBEDDED_DEFAULT, Path.cwd())
     try:
         with path.open("rb") as handle:
             _check_config_file_mode(path, os.fstat(handle.fileno()))

@@ -24,27 +24,35 @@ met them, with ``raise ... from exc`` so the cause stays in the log::
     │   ├── UnknownRecipient      no such user                          -> 550 5.1.1
     │   ├── MessageTooBig         over the size limit                   -> 552 5.3.4
     │   └── TemporaryDeliveryError try again later                      -> 451 4.3.0
-    └── CollectorError            the collector could not finish a step
-        ├── RemoteServerError     the remote POP3 server said -ERR or misbehaved
-        └── SinkError             a sink refused or failed a message
-            ├── TemporarySinkError   retry later
-            └── PermanentSinkError   quarantine the message
+    ├── CollectorError            the collector could not finish a step
+    │   ├── RemoteServerError     the remote POP3 server said -ERR or misbehaved
+    │   └── SinkError             a sink refused or failed a message
+    │       ├── TemporarySinkError   retry later
+    │       └── PermanentSinkError   quarantine the message
+    └── ArchiveError              the archive failed (its database or its files)
+        ├── InvalidQuery          a search the query language cannot read; says where
+        ├── NoSuchEntry           no archived message of this user has that id
+        └── EntryOnHold           a message under legal hold may not be removed
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ArchiveError",
     "AuthError",
     "CollectorError",
     "ConfigError",
     "DeliveryError",
+    "EntryOnHold",
     "InvalidMailboxName",
+    "InvalidQuery",
     "InvalidUidl",
     "InvalidUsername",
     "LineTooLong",
     "LoginTooSoon",
     "MaildropInUse",
     "MessageTooBig",
+    "NoSuchEntry",
     "NoSuchFolder",
     "NoSuchMailbox",
     "PermanentSinkError",
@@ -172,3 +180,19 @@ class TemporarySinkError(SinkError):
 
 class PermanentSinkError(SinkError):
     """The sink refused the message for good; it goes to quarantine."""
+
+
+class ArchiveError(PopboxError):
+    """The archive could not do what was asked: its database or its files failed."""
+
+
+class InvalidQuery(ArchiveError):
+    """A search the query language cannot read; the message says what and where."""
+
+
+class NoSuchEntry(ArchiveError):
+    """No archived message of this user has that id (another user's id is not one)."""
+
+
+class EntryOnHold(ArchiveError):
+    """A message under legal hold may not be removed, by retention or by hand."""
