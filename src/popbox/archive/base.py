@@ -26,7 +26,7 @@ Rules every implementation keeps (one contract suite, tests/archive, checks them
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeAlias
@@ -240,8 +240,18 @@ class Archive(Protocol):
         source: ArchiveSource,
         folder: str = "INBOX",
         received: float | None = None,
+        origin: str | None = None,
     ) -> Added:
-        """Keep ``message`` (its octets, or a file holding them) for ``user``, durably."""
+        """Keep ``message`` (its octets, or a file holding them) for ``user``, durably.
+
+        ``origin`` names where it was taken from (``"Archive/<uidl>"`` for the
+        ``archive`` disposition's folder), so a later look can skip what is kept
+        already without reading it again (``known_origins``).
+        """
+        ...
+
+    async def known_origins(self, user: str, origins: Collection[str]) -> set[str]:
+        """Which of ``origins`` the user's archive has taken a message from."""
         ...
 
     async def add_batch(
