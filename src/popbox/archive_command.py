@@ -342,7 +342,7 @@ def show_command(config_path: Path | None, user: str, entry_id: int, as_json: bo
 def cat_command(config_path: Path | None, user: str, entry_id: int) -> None:
     """Write one of USER's messages to stdout, exactly as kept."""
     config = load(config_path)
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
 
     async def work(archive: Archive) -> None:
         # The entry first: an unknown id fails before anything is written.

@@ -146,12 +146,13 @@ class MboxMessage:
 class _Collector:
     """One message's octets as they are read: in memory, then in a file if large."""
 
-    __slots__ = ("_file", "_parts", "_spool", "head", "size")
+    __slots__ = ("_file", "_name", "_parts", "_spool", "head", "size")
 
     def __init__(self, spool: Path) -> None:
         self._spool = spool
         self._parts: list[bytes] = []
         self._file: BinaryIO | None = None
+        self._name = Path()
         self.size = 0
         self.head = b""
         """The message's first octets (up to HEADER_SCAN), for its headers."""
@@ -165,7 +166,8 @@ class _Collector:
             return
         self._parts.append(piece)
         if self.size > SPOOL_THRESHOLD:
-            fd, _ = tempfile.mkstemp(dir=self._spool, suffix=".eml")
+            fd, name = tempfile.mkstemp(dir=self._spool, suffix=".eml")
+            self._name = Path(name)
             self._file = os.fdopen(fd, "wb")
             for part in self._parts:
                 self._file.write(part)
@@ -174,14 +176,13 @@ class _Collector:
     def finish(self) -> bytes | Path:
         if self._file is None:
             return b"".join(self._parts)
-        name = Path(self._file.name)
         self._file.close()
-        return name
+        return self._name
 
     def discard(self) -> None:
         if self._file is not None:
             self._file.close()
-            Path(self._file.name).unlink(missing_ok=True)
+            self._name.unlink(missing_ok=True)
 
 
 def _is_expunged(head: bytes) -> bool:
