@@ -105,7 +105,7 @@ async def test_maildir_export_is_byte_exact_and_a_maildir_reader_reads_it(
     files = [path.read_bytes() for path in (output / "cur").iterdir()]
     assert _digests(files) == _digests(TRICKY)
     box = mailbox.Maildir(output, create=False)
-    assert sorted(box[key].get_flags() for key in box.keys()) == ["S"] * len(TRICKY)
+    assert sorted(box[key].get_flags() for key in box.iterkeys()) == ["S"] * len(TRICKY)
 
 
 async def test_eml_zip_is_byte_exact_and_named_by_date_and_id(
@@ -186,7 +186,7 @@ def _mbox_messages(output: Path) -> dict[str, bytes]:
     try:
         return {
             str(key): box.get_bytes(key).replace(b"\n>From line", b"\nFrom line")
-            for key in box.keys()
+            for key in box.iterkeys()
         }
     finally:
         box.close()

@@ -48,7 +48,7 @@ from typing import BinaryIO, Final, Protocol
 from popbox.archive.base import Archive, Entry, Query
 from popbox.archive.mboxrd import HEADER_SCAN, MboxrdQuoter, envelope_sender, from_line
 from popbox.archive.zipscan import read_local_entries
-from popbox.errors import ArchiveError
+from popbox.errors import ArchiveError, NoSuchEntry
 from popbox.fileio import fsync_dir, replace_file
 
 __all__ = [
@@ -90,6 +90,8 @@ class ExportResult:
     """Octets of the messages as stored (not of the output)."""
     resumed: int
     """Messages an earlier, interrupted run had written."""
+    vanished: int = 0
+    """Messages removed from the archive while this run went through them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +157,14 @@ async def export_messages(
     resumed = messages = state.messages
     octets = state.octets
     last_id = state.last_id
-    since_messages = since_octets = 0
+    since_messages = since_octets = vanished = 0
     try:
         async for entry in archive.entries(user, query, after_id=state.last_id):
-            await writer.write(entry, archive.read(user, entry.id))
+            chunks = await _opened(archive.read(user, entry.id))
+            if chunks is None:
+                vanished += 1
+                continue
+            await writer.write(entry, chunks)
             messages += 1
             octets += entry.size
             last_id = entry.id
@@ -177,7 +183,26 @@ async def export_messages(
         raise
     where.unlink(missing_ok=True)
     fsync_dir(where.parent)
-    return ExportResult(output, messages, octets, resumed)
+    return ExportResult(output, messages, octets, resumed, vanished)
+
+
+async def _opened(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes] | None:
+    """The message's chunks once the first has come; None if it was removed (by
+    retention, by hand) since the walk listed it: nothing of it is written then."""
+    stream = aiter(chunks)
+    try:
+        first = await anext(stream)
+    except NoSuchEntry:
+        return None
+    except StopAsyncIteration:
+        first = b""
+
+    async def joined() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in stream:
+            yield chunk
+
+    return joined()
 
 
 def _occupied(output: Path) -> bool:
