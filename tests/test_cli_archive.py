@@ -98,8 +98,10 @@ def _thunderbird(root: Path) -> Path:
             for message in messages
         )  # fmt: skip
 
-    (root / "Inbox").write_bytes(mbox(INBOX, b"\r\n") + mbox([b"Subject: gone\r\n\r\n"], b"\r\n", True))
-    (root / "Inbox.msf").write_bytes(b"// <!-- <mdb:mork:z v=\"1.4\"/> -->\n")
+    (root / "Inbox").write_bytes(
+        mbox(INBOX, b"\r\n") + mbox([b"Subject: gone\r\n\r\n"], b"\r\n", True)
+    )
+    (root / "Inbox.msf").write_bytes(b'// <!-- <mdb:mork:z v="1.4"/> -->\n')
     (root / "Inbox.sbd" / "Lists").write_bytes(mbox(LISTS, b"\n"))
     (root / "Inbox.sbd" / "Lists.msf").write_bytes(b"")
     (root / "popstate.dat").write_bytes(b"# POP3 State File\n")
