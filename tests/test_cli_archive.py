@@ -13,6 +13,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -113,15 +114,13 @@ def _with_status(message: bytes) -> bytes:
     return b"X-Mozilla-Status: 0001" + line_end + message
 
 
-def _search(site: Site, user: str, query: str) -> dict[str, object]:
-    result: dict[str, object] = json.loads(site.ok("search", user, query, "--json"))
+def _search(site: Site, user: str, query: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(site.ok("search", user, query, "--json"))
     return result
 
 
 def _ids(site: Site, user: str, query: str) -> list[int]:
-    hits = _search(site, user, query)["hits"]
-    assert isinstance(hits, list)
-    return [hit["id"] for hit in hits]
+    return [hit["id"] for hit in _search(site, user, query)["hits"]]
 
 
 def test_import_a_thunderbird_tree_then_search_show_and_cat(site: Site) -> None:
@@ -135,13 +134,14 @@ def test_import_a_thunderbird_tree_then_search_show_and_cat(site: Site) -> None:
 
     found = _search(site, "alice", "budget")
     assert found["total"] == 1
-    (hit,) = found["hits"]  # type: ignore[misc]
+    (hit,) = found["hits"]
     assert hit["subject"] == "quarterly budget"
     assert hit["folder"] == "Inbox"
     assert any(matched for _, matched in hit["snippet_parts"])
 
     plain = site.ok("search", "alice", "budget")
-    assert f"{hit['id']}\t" in plain and "**budget**" in plain.lower()
+    assert f"{hit['id']}\t" in plain
+    assert "**budget**" in plain.lower()
 
     show = site.ok("show", "alice", str(hit["id"]))
     assert "Subject:     quarterly budget" in show
@@ -230,7 +230,7 @@ def test_an_export_killed_part_way_finishes_on_the_next_run(site: Site, fmt: str
         time.sleep(0.002)
     assert killed.poll() is None, "the export ended before it could be killed"
     killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    killed.communicate()
     assert state.exists()
 
     finish = site.popbox("export", "alice", "--format", fmt, "--output", str(output))
