@@ -207,7 +207,7 @@ def test_mistakes_are_explained_with_exit_code_1_and_no_traceback(site: Site) ->
 
 @pytest.mark.parametrize("fmt", ["mbox", "eml-zip"])
 def test_an_export_killed_part_way_finishes_on_the_next_run(site: Site, fmt: str) -> None:
-    count = CHECKPOINT_MESSAGES * 12
+    count = CHECKPOINT_MESSAGES * 6
     source = site.tmp / "big.mbox"
     with source.open("wb") as out:
         for n in range(count):

@@ -138,6 +138,8 @@ def export_command(config_path: Path | None, user: str, query: str, fmt: str, ou
 
     config = load(config_path)
     parsed = _query(query)
+    if not output.parent.is_dir():
+        raise click.ClickException(f"{output.parent} is not a directory")
     known = _in_passdb(config, user)
 
     async def work(archive: Archive) -> ExportResult:
