@@ -4,6 +4,7 @@ stops part-way finishes on the next run with nothing lost and nothing twice."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import mailbox
 import re
@@ -223,3 +224,31 @@ async def test_another_exports_state_is_not_resumed(archive: Archive, tmp_path: 
         await export_messages(archive, "alice", MatchAll(), ExportFormat.EML_ZIP, output)
     result = await export_messages(archive, "alice", MatchAll(), ExportFormat.MBOX, output)
     assert result.messages == CHECKPOINT_MESSAGES + 5
+
+
+@pytest.mark.parametrize("fmt", list(ExportFormat))
+async def test_a_second_run_of_a_running_export_is_refused_and_harms_nothing(
+    archive: Archive, tmp_path: Path, fmt: ExportFormat
+) -> None:
+    messages = _many(CHECKPOINT_MESSAGES + 10)
+    await _keep(archive, "alice", messages)
+    output = tmp_path / f"out.{fmt.value}"
+    refusals: list[str] = []
+
+    async def second_run() -> None:
+        try:
+            await export_messages(archive, "alice", MatchAll(), fmt, output)
+        except ArchiveError as exc:
+            refusals.append(str(exc))
+
+    tasks: list[asyncio.Task[None]] = []
+
+    def start_another(written: int, entry: Entry) -> None:
+        if written in (1, CHECKPOINT_MESSAGES + 1):
+            tasks.append(asyncio.ensure_future(second_run()))
+
+    await export_messages(archive, "alice", MatchAll(), fmt, output, on_message=start_another)
+    await asyncio.gather(*tasks)
+    assert len(refusals) == 2
+    assert all("another export is writing" in text for text in refusals)
+    assert _digests(list(_exported(output, fmt).values())) == _digests(messages)

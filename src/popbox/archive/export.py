@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import json
 import os
 import socket
@@ -244,8 +245,11 @@ def _open_writer(fmt: ExportFormat, output: Path, state: _State) -> _Writer:
 def _open_output(output: Path, state: _State) -> BinaryIO:
     """The mbox or zip file, new, or cut back to the state's checkpoint."""
     if state.messages == 0 and not output.exists():
-        return open(output, "xb", buffering=WRITE_BUFFER)
+        fp = open(output, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
+        _lock(fp.fileno(), output, fp.close)
+        return fp
     fp = open(output, "r+b", buffering=WRITE_BUFFER)  # noqa: SIM115
+    _lock(fp.fileno(), output, fp.close)
     size = fp.seek(0, os.SEEK_END)
     if size < state.length:
         fp.close()
@@ -256,6 +260,16 @@ def _open_output(output: Path, state: _State) -> BinaryIO:
     fp.truncate(state.length)
     fp.seek(state.length)
     return fp
+
+
+def _lock(fd: int, output: Path, close: Callable[[], None]) -> None:
+    """Hold ``output`` for this export alone: two runs of one export at once (cron
+    and a hand) would write over each other. The lock goes with the descriptor."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        close()
+        raise ArchiveError(f"another export is writing {output} now") from exc
 
 
 def _durable_length(fp: BinaryIO) -> int:
@@ -316,6 +330,8 @@ class _MaildirWriter:
         self._unsynced: list[Path] = []
         for part in ("tmp", "new", "cur"):
             (output / part).mkdir(parents=True, exist_ok=True)
+        self._held = os.open(output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _lock(self._held, output, lambda: os.close(self._held))
         # What a killed run left half-written in tmp/ is written again after the
         # checkpoint; only our own names are removed.
         for leftover in (output / "tmp").glob("*.M*Q*"):
@@ -351,10 +367,14 @@ class _MaildirWriter:
         return 0
 
     def finish(self) -> None:
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        finally:
+            os.close(self._held)
 
     def abort(self) -> None:
         self._unsynced.clear()
+        os.close(self._held)
 
 
 def _zip_name(entry: Entry) -> str:
