@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import mailbox
 import re
 import zipfile
@@ -20,6 +21,7 @@ from popbox.archive.export import (
     ExportFormat,
     ExportResult,
     export_messages,
+    read_local_entries,
     state_path,
 )
 from popbox.archive.importer import import_path
@@ -165,6 +167,8 @@ async def test_an_interrupted_export_finishes_without_loss_or_duplicates(
     assert _exported(output, fmt) == _exported(whole, fmt)
     if fmt is ExportFormat.MBOX:
         assert output.read_bytes() == whole.read_bytes()
+    if fmt is ExportFormat.EML_ZIP:
+        assert _zip_directory(output) == _zip_directory(whole)
     assert _digests(list(_exported(output, fmt).values())) == _digests(messages)
 
 
@@ -178,6 +182,14 @@ def _exported(output: Path, fmt: ExportFormat) -> dict[str, bytes]:
         names = kept.namelist()
         assert len(names) == len(set(names))
         return {name: kept.read(name) for name in names}
+
+
+def _zip_directory(output: Path) -> list[tuple[object, ...]]:
+    with zipfile.ZipFile(output) as kept:
+        return [
+            (info.filename, info.CRC, info.file_size, info.date_time, info.external_attr)
+            for info in kept.infolist()
+        ]
 
 
 def _mbox_messages(output: Path) -> dict[str, bytes]:
@@ -252,3 +264,54 @@ async def test_a_second_run_of_a_running_export_is_refused_and_harms_nothing(
     assert len(refusals) == 2
     assert all("another export is writing" in text for text in refusals)
     assert _digests(list(_exported(output, fmt).values())) == _digests(messages)
+
+
+# --- Listing a zip that was never closed, as a resume after SIGKILL does ----------
+
+ZIP_ENTRIES = [
+    ("2020-01-06_090000_1.eml", b"Subject: one\r\n\r\nbody\r\n", False),
+    ("2020-01-06_090100_2.eml", b"Subject: two\n\n" + b"x" * 100_000, True),
+    ("2020-01-06_090200_3.eml", b"", False),
+]
+
+
+def _unclosed_zip() -> tuple[bytes, list[int]]:
+    """A zip's bytes as a killed writer leaves them (no directory), and where each
+    entry ended."""
+    buffer = io.BytesIO()
+    writer = zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, allowZip64=True)
+    ends = []
+    for name, data, zip64 in ZIP_ENTRIES:
+        with writer.open(
+            zipfile.ZipInfo(name, (2020, 1, 6, 9, 0, 0)), "w", force_zip64=zip64
+        ) as out:
+            out.write(data)
+        ends.append(buffer.tell())
+    snapshot = buffer.getvalue()[: ends[-1]]
+    writer.close()
+    return snapshot, ends
+
+
+def test_entries_of_an_unclosed_zip_are_listed_and_a_directory_completes_it() -> None:
+    data, ends = _unclosed_zip()
+    fp = io.BytesIO(data)
+    infos = read_local_entries(fp, ends[-1])
+    assert [info.filename for info in infos] == [name for name, _, _ in ZIP_ENTRIES]
+    assert [info.file_size for info in infos] == [len(data) for _, data, _ in ZIP_ENTRIES]
+    fp.seek(ends[-1])
+    resumed = zipfile.ZipFile(fp, "w", zipfile.ZIP_DEFLATED, allowZip64=True)
+    resumed.filelist.extend(infos)
+    resumed.writestr("2020-01-06_090300_4.eml", b"Subject: four\n\n")
+    resumed.close()
+    with zipfile.ZipFile(io.BytesIO(fp.getvalue())) as complete:
+        assert complete.testzip() is None
+        assert [complete.read(name) for name, _, _ in ZIP_ENTRIES] == [d for _, d, _ in ZIP_ENTRIES]
+        assert complete.read("2020-01-06_090300_4.eml") == b"Subject: four\n\n"
+
+
+def test_a_length_inside_an_entry_is_refused() -> None:
+    data, ends = _unclosed_zip()
+    with pytest.raises(ArchiveError, match="runs past"):
+        read_local_entries(io.BytesIO(data), ends[1] - 10)
+    with pytest.raises(ArchiveError, match="no zip entry"):
+        read_local_entries(io.BytesIO(b"\0" * 64), 64)

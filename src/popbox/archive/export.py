@@ -23,9 +23,9 @@ file is another export's.
 - **eml-zip**: one ``<date>_<id>.eml`` per message (the Date header's moment, else
   when it came, UTC), deflated, ZIP64 when large. A zip's directory is written at its
   end, which a killed export never reached; resuming reads the local headers of the
-  entries up to the recorded length (zipfile writes each one with its final sizes
-  and CRC once the entry is complete), cuts the rest, and writes the directory for
-  them and the new entries when it ends.
+  entries up to the recorded length (``read_local_entries``: zipfile writes each one
+  with its final sizes and CRC once the entry is complete), cuts the rest, and
+  writes the directory for them and the new entries when it ends.
 
 Messages come out exactly as stored: maildir and eml-zip byte for byte, mbox up to
 its framing (a message with no line end on its last line gains one, see mboxrd).
@@ -39,6 +39,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import time
 import zipfile
 from collections.abc import AsyncIterator, Callable
@@ -48,7 +49,6 @@ from typing import BinaryIO, Final, Protocol
 
 from popbox.archive.base import Archive, Entry, Query
 from popbox.archive.mboxrd import HEADER_SCAN, MboxrdQuoter, envelope_sender, from_line
-from popbox.archive.zipscan import read_local_entries
 from popbox.errors import ArchiveError, NoSuchEntry
 from popbox.fileio import fsync_dir, replace_file
 
@@ -59,6 +59,7 @@ __all__ = [
     "ExportFormat",
     "ExportResult",
     "export_messages",
+    "read_local_entries",
     "state_path",
 ]
 
@@ -73,6 +74,8 @@ WRITE_BUFFER: Final = 1024 * 1024
 # Zip dates start in 1980 (the DOS date); an older or missing date is written so.
 _ZIP_EPOCH: Final = 315532800.0
 _STATE_VERSION: Final = 1
+# An .eml in the zip unpacks readable by all, as a saved attachment would.
+_EML_ATTRIBUTES: Final = 0o644 << 16
 
 
 class ExportFormat(enum.Enum):
@@ -403,7 +406,7 @@ class _ZipWriter:
         moment = time.gmtime(max(_ZIP_EPOCH, entry.sort_time))
         info = zipfile.ZipInfo(_zip_name(entry), moment[:6])
         info.compress_type = zipfile.ZIP_DEFLATED
-        info.external_attr = 0o644 << 16
+        info.external_attr = _EML_ATTRIBUTES
         # The size known in advance decides ZIP64 for this entry's local header.
         info.file_size = entry.size
         with self._zip.open(info, "w") as out:
@@ -424,3 +427,90 @@ class _ZipWriter:
             self._zip.close()
         with contextlib.suppress(OSError):
             self._fp.close()
+
+
+# --- Resuming a zip: its entries, read from their local headers -----------------
+#
+# A zip's directory comes last; a writer killed before it leaves entries nobody can
+# list. zipfile, writing to a seekable file, goes back after each entry and puts its
+# final CRC and sizes into the entry's local header, so the complete entries up to a
+# known length can be listed from those headers alone.
+
+# APPNOTE.TXT 4.3.7: the local file header, and 4.5.3: the ZIP64 extra field.
+_LOCAL_HEADER: Final = struct.Struct("<4sHHHHHLLLHH")
+_LOCAL_SIGNATURE: Final = b"PK\x03\x04"
+_ZIP64_EXTRA_ID: Final = 0x0001
+_UTF8_NAME_FLAG: Final = 0x0800
+_DATA_DESCRIPTOR_FLAG: Final = 0x0008
+_MAX_32: Final = 0xFFFFFFFF
+
+
+def read_local_entries(fp: BinaryIO, end: int) -> list[zipfile.ZipInfo]:
+    """The entries stored in ``fp`` from its start up to exactly ``end``.
+
+    ArchiveError if what is there is not one complete entry after another.
+    """
+    infos: list[zipfile.ZipInfo] = []
+    position = 0
+    while position < end:
+        fp.seek(position)
+        raw = fp.read(_LOCAL_HEADER.size)
+        if len(raw) < _LOCAL_HEADER.size:
+            raise ArchiveError(f"the zip ends inside an entry's header at {position}")
+        (signature, version, flags, method, dos_time, dos_date, crc, compressed, size,
+         name_length, extra_length) = _LOCAL_HEADER.unpack(raw)  # fmt: skip
+        if signature != _LOCAL_SIGNATURE:
+            raise ArchiveError(f"no zip entry where one should start, at {position}")
+        if flags & _DATA_DESCRIPTOR_FLAG:
+            raise ArchiveError(f"the zip entry at {position} has no sizes in its header")
+        name = fp.read(name_length)
+        extra = fp.read(extra_length)
+        if len(name) != name_length or len(extra) != extra_length:
+            raise ArchiveError(f"the zip ends inside an entry's header at {position}")
+        if compressed == _MAX_32 or size == _MAX_32:
+            size, compressed = _zip64_sizes(extra, size, compressed, position)
+        info = zipfile.ZipInfo(
+            name.decode("utf-8" if flags & _UTF8_NAME_FLAG else "cp437"),
+            _dos_moment(dos_date, dos_time),
+        )
+        info.flag_bits = flags
+        info.compress_type = method
+        info.CRC = crc
+        info.compress_size = compressed
+        info.file_size = size
+        info.header_offset = position
+        info.extra = extra
+        info.extract_version = max(info.extract_version, version)
+        info.external_attr = _EML_ATTRIBUTES
+        infos.append(info)
+        position += _LOCAL_HEADER.size + name_length + extra_length + compressed
+    if position != end:
+        raise ArchiveError(f"the zip's last entry runs past {end} octets")
+    return infos
+
+
+def _zip64_sizes(extra: bytes, size: int, compressed: int, position: int) -> tuple[int, int]:
+    offset = 0
+    while offset + 4 <= len(extra):
+        field_id, length = struct.unpack_from("<HH", extra, offset)
+        body = extra[offset + 4 : offset + 4 + length]
+        if field_id == _ZIP64_EXTRA_ID:
+            values = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
+            if size == _MAX_32 and values:
+                size = values.pop(0)
+            if compressed == _MAX_32 and values:
+                compressed = values.pop(0)
+            return size, compressed
+        offset += 4 + length
+    raise ArchiveError(f"the zip entry at {position} lacks its ZIP64 sizes")
+
+
+def _dos_moment(dos_date: int, dos_time: int) -> tuple[int, int, int, int, int, int]:
+    return (
+        (dos_date >> 9) + 1980,
+        (dos_date >> 5) & 0x0F,
+        dos_date & 0x1F,
+        dos_time >> 11,
+        (dos_time >> 5) & 0x3F,
+        (dos_time & 0x1F) * 2,
+    )
