@@ -315,3 +315,24 @@ def test_a_length_inside_an_entry_is_refused() -> None:
         read_local_entries(io.BytesIO(data), ends[1] - 10)
     with pytest.raises(ArchiveError, match="no zip entry"):
         read_local_entries(io.BytesIO(b"\0" * 64), 64)
+
+
+async def test_from_line_smuggling_cannot_split_an_exported_message(
+    archive: Archive, tmp_path: Path
+) -> None:
+    smuggler = (
+        b"Subject: hello\n\nhi\n\n"
+        b"From attacker@evil.example Mon Jan  1 00:00:00 2024\n"
+        b"Subject: Your bank: urgent\n\nclick here\n"
+    )
+    await _keep(archive, "alice", [smuggler])
+    output = tmp_path / "out.mbox"
+    await export_messages(archive, "alice", MatchAll(), ExportFormat.MBOX, output)
+    box = mailbox.mbox(output, create=False)
+    try:
+        assert [box[key]["Subject"] for key in box.iterkeys()] == ["hello"]
+    finally:
+        box.close()
+    report = await import_path(archive, "bob", output)
+    assert report.new == 1
+    assert await _user_digests(archive, "bob") == _digests([smuggler])

@@ -120,13 +120,17 @@ def test_a_file_that_cannot_be_read_is_reported_and_the_rest_goes_on(tmp_path: P
     assert [item.where for item in items if isinstance(item, Unreadable)] == ["a.eml"]
 
 
-def test_a_large_file_is_handed_on_as_its_path(tmp_path: Path) -> None:
+def test_a_large_file_is_copied_to_the_spool(tmp_path: Path) -> None:
     big = tmp_path / "big.eml"
     big.write_bytes(b"Subject: big\n\n" + b"x" * SPOOL_THRESHOLD)
-    (item,) = list(read_source(big, tmp_path))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (item,) = list(read_source(big, spool))
     assert isinstance(item, SourceMessage)
-    assert item.content == big
-    assert not item.spooled
+    assert isinstance(item.content, Path)
+    assert item.spooled
+    assert item.content.parent == spool
+    assert item.content.read_bytes() == big.read_bytes()
     assert item.size == big.stat().st_size
     assert source_octets(big) == item.size
 
@@ -138,3 +142,32 @@ def test_what_is_no_mail_source_is_refused_with_the_reason(tmp_path: Path) -> No
     text.write_bytes(b"Dear diary\n")
     with pytest.raises(ArchiveError, match="not an mbox"):
         read_source(text, tmp_path)
+
+
+def test_symlink_loop_in_an_import_tree_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "saved"
+    _write(root / "a.eml", b"Subject: a\n\n")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    assert _messages(list(read_source(root, tmp_path))) == [("INBOX", b"Subject: a\n\n")]
+
+
+def test_symlink_to_a_secret_file_is_not_imported(tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:$6$secret:19000:0:99999:7:::\n")
+    root = tmp_path / "upload"
+    _write(root / "a.eml", b"Subject: a\n\n")
+    (root / "b.eml").symlink_to(secret)
+    (root / "Inbox").symlink_to(secret)
+    _write(root / "Maildir" / "new" / "1.M.h", b"Subject: m\n\n")
+    (root / "Maildir" / "cur").mkdir()
+    (root / "Maildir" / "cur" / "2.M.h:2,S").symlink_to(secret)
+    assert _messages(list(read_source(root, tmp_path))) == [
+        ("Maildir", b"Subject: m\n\n"),
+        ("INBOX", b"Subject: a\n\n"),
+    ]
+    # What the administrator names is theirs to name, link or not.
+    (tmp_path / "named.eml").symlink_to(root / "a.eml")
+    assert _messages(list(read_source(tmp_path / "named.eml", tmp_path))) == [
+        ("INBOX", b"Subject: a\n\n")
+    ]

@@ -12,27 +12,31 @@ What a path is, is decided by looking at it:
 - any other directory is walked: its mboxes, its ``.eml`` files, Thunderbird's
   ``Name.sbd`` directories (the subfolders of the mbox ``Name``) and its other
   directories, each a folder of the same name; Thunderbird's ``.msf`` summaries and
-  any file that is not mail are passed over. Symbolic links to directories are not
-  followed (a loop would never end).
+  any file that is not mail are passed over.
 
 Folders are named by their path below what was given, joined with ``/``; messages
 directly in a Maildir or a walked directory go to ``INBOX``, and a single mbox to a
 folder named after its file. ``folder`` (``--folder``) names the top instead.
 
 Nothing here reads more than one message into memory, and a large one not even that:
-a file above SPOOL_THRESHOLD is handed on as its path, an mbox's large message as a
-temporary file in ``spool`` (``SourceMessage.spooled``: the reader of the stream
-removes it once the message is kept).
+one above SPOOL_THRESHOLD is copied to a temporary file in ``spool``
+(``SourceMessage.spooled``: the reader of the stream removes it once the message is
+kept). Below what was given, symbolic links are never followed, to files or to
+directories: a loop would never end, and a link to a file the user may not read
+would take it into their archive when root runs the import.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from popbox.archive.mboxrd import SPOOL_THRESHOLD, read_mbox
 from popbox.errors import ArchiveError
@@ -92,6 +96,8 @@ def read_source(path: Path, spool: Path, folder: str | None = None) -> Iterator[
     ArchiveError if ``path`` is neither a directory nor an mbox or .eml file.
     """
     try:
+        # What was named may be a link; what is found below it is never followed.
+        path = path.resolve(strict=True)
         info = path.stat()
     except OSError as exc:
         raise ArchiveError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -102,7 +108,7 @@ def read_source(path: Path, spool: Path, folder: str | None = None) -> Iterator[
     if _is_mbox(path):
         return _read_mbox_file(path, path.name, folder or path.name, spool)
     if path.suffix.lower() == ".eml":
-        return iter([_read_file(path, path.name, folder or DEFAULT_FOLDER, info.st_size)])
+        return iter([_read_file(path, path.name, folder or DEFAULT_FOLDER, spool)])
     raise ArchiveError(
         f"{path} is not an mbox (it does not begin with a From line) nor an .eml file"
     )
@@ -135,9 +141,23 @@ def _is_maildir(path: Path) -> bool:
     return (path / "cur").is_dir() and (path / "new").is_dir()
 
 
+def _open(path: Path) -> BinaryIO:
+    """``path`` for reading, never through a symbolic link: an import run by root on
+    a user's directory must not take in /etc/shadow because a link there is named
+    ``mail.eml``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _is_mbox(path: Path) -> bool:
     try:
-        with path.open("rb") as fp:
+        with _open(path) as fp:
             return fp.read(5) == b"From "
     except OSError:
         return False
@@ -156,7 +176,7 @@ def _walk(root: Path, directory: Path, prefix: str, spool: Path) -> Iterator[Sou
         path = Path(entry.path)
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
-            is_file = entry.is_file(follow_symlinks=True)
+            is_file = entry.is_file(follow_symlinks=False)
         except OSError as exc:
             yield Unreadable(_where(root, path), exc.strerror or str(exc))
             continue
@@ -167,15 +187,14 @@ def _walk(root: Path, directory: Path, prefix: str, spool: Path) -> Iterator[Sou
             yield from _walk(root, path, _join(prefix, name), spool)
         elif is_file and not entry.name.endswith(_SUMMARY_SUFFIX):
             if entry.name.lower().endswith(".eml"):
-                size = entry.stat().st_size
-                yield _read_file(path, _where(root, path), prefix or DEFAULT_FOLDER, size)
+                yield _read_file(path, _where(root, path), prefix or DEFAULT_FOLDER, spool)
             elif _is_mbox(path):
                 where = _where(root, path)
                 yield from _read_mbox_file(path, where, _join(prefix, entry.name), spool)
 
 
 def _read_maildir(root: Path, directory: Path, prefix: str, spool: Path) -> Iterator[SourceItem]:
-    yield from _maildir_messages(root, directory, prefix or DEFAULT_FOLDER)
+    yield from _maildir_messages(root, directory, prefix or DEFAULT_FOLDER, spool)
     try:
         names = sorted(os.listdir(directory))
     except OSError as exc:
@@ -188,10 +207,12 @@ def _read_maildir(root: Path, directory: Path, prefix: str, spool: Path) -> Iter
         if hidden and not sub.is_symlink() and _is_maildir(sub):
             parts = [part for part in name[1:].split(".") if part]
             if parts:
-                yield from _maildir_messages(root, sub, _join(prefix, "/".join(parts)))
+                yield from _maildir_messages(root, sub, _join(prefix, "/".join(parts)), spool)
 
 
-def _maildir_messages(root: Path, directory: Path, folder: str) -> Iterator[SourceItem]:
+def _maildir_messages(
+    root: Path, directory: Path, folder: str, spool: Path
+) -> Iterator[SourceItem]:
     for part in ("new", "cur"):
         try:
             entries = sorted(os.scandir(directory / part), key=lambda entry: entry.name)
@@ -203,32 +224,41 @@ def _maildir_messages(root: Path, directory: Path, folder: str) -> Iterator[Sour
                 continue
             path = Path(entry.path)
             try:
-                if not entry.is_file(follow_symlinks=True):
+                if not entry.is_file(follow_symlinks=False):
                     continue
-                size = entry.stat().st_size
             except OSError as exc:
                 yield Unreadable(_where(root, path), exc.strerror or str(exc))
                 continue
-            yield _read_file(path, _where(root, path), folder, size)
+            yield _read_file(path, _where(root, path), folder, spool)
 
 
-def _read_file(path: Path, where: str, folder: str, size: int) -> SourceItem:
-    """One whole-file message: its octets, or (if large) its path once it opens."""
+def _read_file(path: Path, where: str, folder: str, spool: Path) -> SourceItem:
+    """One whole-file message: its octets, or (if large) a copy in the spool.
+
+    Copied, not handed on by name: the name could be made a link between this look
+    and the archive's; what was opened here cannot.
+    """
     try:
-        with path.open("rb") as fp:
-            if size > SPOOL_THRESHOLD:
-                return SourceMessage(folder, path, size, where)
-            data = fp.read()
+        with _open(path) as fp:
+            data = fp.read(SPOOL_THRESHOLD + 1)
+            if len(data) <= SPOOL_THRESHOLD:
+                if not data:
+                    return Unreadable(where, "empty file")
+                return SourceMessage(folder, data, len(data), where)
+            fd, name = tempfile.mkstemp(dir=spool, suffix=".eml")
+            with os.fdopen(fd, "wb") as copy:
+                copy.write(data)
+                del data
+                shutil.copyfileobj(fp, copy)
+                size = copy.tell()
     except OSError as exc:
         return Unreadable(where, exc.strerror or str(exc))
-    if not data:
-        return Unreadable(where, "empty file")
-    return SourceMessage(folder, data, len(data), where)
+    return SourceMessage(folder, Path(name), size, where, spooled=True)
 
 
 def _read_mbox_file(path: Path, where: str, folder: str, spool: Path) -> Iterator[SourceItem]:
     try:
-        fp = path.open("rb")
+        fp = _open(path)
     except OSError as exc:
         yield Unreadable(where, exc.strerror or str(exc))
         return
