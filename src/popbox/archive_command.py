@@ -163,6 +163,8 @@ def export_command(config_path: Path | None, user: str, query: str, fmt: str, ou
     result = _run(config, work)
     resumed = f" ({result.resumed} of them by an earlier run)" if result.resumed else ""
     click.echo(f"{result.messages} messages ({_human(result.octets)}) to {result.output}{resumed}")
+    if result.vanished:
+        click.echo(f"{result.vanished} messages were removed from the archive meanwhile", err=True)
 
 
 @archive_group.command("import")

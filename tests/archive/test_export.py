@@ -21,6 +21,7 @@ from popbox.archive.export import (
     ExportFormat,
     ExportResult,
     export_messages,
+    mbox_stream,
     read_local_entries,
     state_path,
 )
@@ -30,7 +31,8 @@ from popbox.archive.sqlite import SqliteArchive
 from popbox.errors import ArchiveError
 
 # Messages an mbox gets wrong when it is careless: From lines at every depth of
-# quoting, CRLF and LF and both in one message, a Return-Path, an empty one.
+# quoting, CRLF and LF and both in one message, a Return-Path, a bare CR (no line end:
+# what follows it is no line start).
 TRICKY = [
     b"Return-Path: <alice@example.org>\r\nSubject: crlf\r\n\r\nFrom the start\r\n"
     b">From once\r\n>>From twice\r\n\r\n",
@@ -38,6 +40,7 @@ TRICKY = [
     b"Return-Path: <>\nSubject: mixed\r\n\nline\r\nFrom mixed\n\n\n",
     b"Subject: ends in a blank line\n\nbody\n\n",
     b"From: someone\nSubject: header From line\n\nx\n",
+    b"Subject: bare CR\n\nline\rFrom after a bare CR\r>From too\n",
 ]
 
 
@@ -336,3 +339,11 @@ async def test_from_line_smuggling_cannot_split_an_exported_message(
     report = await import_path(archive, "bob", output)
     assert report.new == 1
     assert await _user_digests(archive, "bob") == _digests([smuggler])
+
+
+async def test_the_download_stream_is_the_exported_file(archive: Archive, tmp_path: Path) -> None:
+    await _keep(archive, "alice", TRICKY)
+    output = tmp_path / "out.mbox"
+    await export_messages(archive, "alice", MatchAll(), ExportFormat.MBOX, output)
+    streamed = b"".join([chunk async for chunk in mbox_stream(archive, "alice", MatchAll())])
+    assert streamed == output.read_bytes()

@@ -59,6 +59,8 @@ __all__ = [
     "ExportFormat",
     "ExportResult",
     "export_messages",
+    "mbox_message",
+    "mbox_stream",
     "read_local_entries",
     "state_path",
 ]
@@ -281,33 +283,50 @@ def _durable_length(fp: BinaryIO) -> int:
     return fp.tell()
 
 
+async def mbox_message(entry: Entry, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """One message as an mbox holds it: the From line, the message quoted (mboxrd),
+    the empty line after it; from the message's chunks as ``Archive.read`` gives them."""
+    # The From line needs the Return-Path header: hold the start until the header
+    # block is complete (or HEADER_SCAN octets, whichever comes first).
+    held: list[bytes] = []
+    head = b""
+    stream = aiter(chunks)
+    async for chunk in stream:
+        held.append(chunk)
+        head += chunk[: HEADER_SCAN - len(head)]
+        if len(head) >= HEADER_SCAN or b"\n\n" in head or b"\r\n\r\n" in head:
+            break
+    yield from_line(envelope_sender(head), entry.received)
+    quoter = MboxrdQuoter()
+    last = b"\n"
+    for chunk in held:
+        yield quoter.feed(chunk)
+        last = chunk[-1:] or last
+    async for chunk in stream:
+        yield quoter.feed(chunk)
+        last = chunk[-1:] or last
+    yield quoter.flush()
+    yield b"\n" if last == b"\n" else b"\n\n"
+
+
+async def mbox_stream(archive: Archive, user: str, query: Query) -> AsyncIterator[bytes]:
+    """The user's entries matching ``query`` as one mbox, in chunks, in id order: what
+    a download sends (no file, no state; an interrupted download starts again)."""
+    async for entry in archive.entries(user, query):
+        chunks = await _opened(archive.read(user, entry.id))
+        if chunks is not None:
+            async for part in mbox_message(entry, chunks):
+                if part:
+                    yield part
+
+
 class _MboxWriter:
     def __init__(self, fp: BinaryIO) -> None:
         self._fp = fp
 
     async def write(self, entry: Entry, chunks: AsyncIterator[bytes]) -> None:
-        # The From line needs the Return-Path header: hold the start until the
-        # header block is complete (or HEADER_SCAN octets, whichever comes first).
-        held: list[bytes] = []
-        head = b""
-        stream = aiter(chunks)
-        async for chunk in stream:
-            held.append(chunk)
-            head += chunk[: HEADER_SCAN - len(head)]
-            if len(head) >= HEADER_SCAN or b"\n\n" in head or b"\r\n\r\n" in head:
-                break
-        write = self._fp.write
-        write(from_line(envelope_sender(head), entry.received))
-        quoter = MboxrdQuoter()
-        last = b"\n"
-        for chunk in held:
-            write(quoter.feed(chunk))
-            last = chunk[-1:] or last
-        async for chunk in stream:
-            write(quoter.feed(chunk))
-            last = chunk[-1:] or last
-        write(quoter.flush())
-        write(b"\n" if last == b"\n" else b"\n\n")
+        async for part in mbox_message(entry, chunks):
+            self._fp.write(part)
 
     def checkpoint(self) -> int:
         return _durable_length(self._fp)
