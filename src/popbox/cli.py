@@ -1,4 +1,5 @@
-"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth."""
+"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth,
+archive."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
+from popbox.archive_command import archive_group
 from popbox.cli_support import config_option, find_user, load, passwd_users, run_on_store
 from popbox.errors import PopboxError
 from popbox.import_command import import_group
@@ -317,6 +319,7 @@ def expire(
 
 
 main.add_command(import_group)
+main.add_command(archive_group)
 main.add_command(migrate_command)
 
 
