@@ -118,7 +118,9 @@ def render(
     """Render template ``name`` with ``values`` and what every page shows (the user,
     whether they are an admin, the CSRF token for its forms)."""
     context = web_context(request)
-    full = {"session": session, "csrf": session.csrf if session else "", "error": None}
+    full = {
+        "session": session, "csrf": session.csrf if session else "", "error": None, "notice": None,
+    }
     full.update(values)
     return context.templates.TemplateResponse(request, name, full, status_code=status_code)
 
