@@ -14,9 +14,9 @@ import contextlib
 import re
 import socket
 import time
-from email.message import EmailMessage
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,10 +28,10 @@ from popbox.auth.base import PassDB
 from popbox.auth.useradmin import PasswdFileUserAdmin, UserAdmin
 from popbox.backends import build_passdb, build_store, close_passdb
 from popbox.config import Config, config_from_dict
+from popbox.net.limits import AuthPenalty
 from popbox.net.service import bind_addresses
 from popbox.store.base import MailStore
 from popbox.web.app import create_app, serve_web
-from popbox.net.limits import AuthPenalty
 from popbox.web.collector_view import collector_view
 from popbox.web.context import WebContext
 from popbox.web.sessions import COOKIE_NAME
@@ -42,8 +42,8 @@ __all__ = [
     "Site",
     "StepClock",
     "csrf_token",
-    "make_message",
     "log_in",
+    "make_message",
     "open_archive",
     "running_site",
     "web_config",
@@ -166,9 +166,7 @@ async def log_in(client: httpx.AsyncClient, user: str, password: str) -> httpx.R
     """Log in as a browser does: fetch the form (and its token cookie), post it."""
     form = await client.get("/login")
     token = csrf_token(form.text)
-    return await client.post(
-        "/login", data={"username": user, "password": password, "csrf": token}
-    )
+    return await client.post("/login", data={"username": user, "password": password, "csrf": token})
 
 
 @contextlib.asynccontextmanager
@@ -195,9 +193,7 @@ async def running_site(
     port = sock.getsockname()[1]
     assert isinstance(sock, socket.socket)
     task = asyncio.create_task(serve_web(config, app, sock=sock))
-    site = Site(
-        config, f"http://127.0.0.1:{port}", archive, passdb, store, useradmin, clock, app
-    )
+    site = Site(config, f"http://127.0.0.1:{port}", archive, passdb, store, useradmin, clock, app)
     try:
         for name, password in (users or {}).items():
             await site.add_user(name, password)

@@ -59,11 +59,20 @@ class MemoryArchive:
                 return Added(entry, False)
         facts = extract(data)
         entry = Entry(
-            id=self._next, user=user, digest=digest, size=len(data),
-            received=received if received is not None else time.time(), date=facts.date,
-            sender=facts.sender, recipients=facts.recipients, subject=facts.subject,
-            message_id=facts.message_id, attachments=facts.attachments, source=source,
-            folder=folder, hold=False,
+            id=self._next,
+            user=user,
+            digest=digest,
+            size=len(data),
+            received=received if received is not None else time.time(),
+            date=facts.date,
+            sender=facts.sender,
+            recipients=facts.recipients,
+            subject=facts.subject,
+            message_id=facts.message_id,
+            attachments=facts.attachments,
+            source=source,
+            folder=folder,
+            hold=False,
         )
         self._next += 1
         self._entries[entry.id] = (entry, data, facts)
@@ -75,7 +84,11 @@ class MemoryArchive:
         return set(origins) & self._origins.get(user, set())
 
     async def add_batch(
-        self, user: str, messages: Sequence[bytes | Path], *, source: ArchiveSource,
+        self,
+        user: str,
+        messages: Sequence[bytes | Path],
+        *,
+        source: ArchiveSource,
         folder: str = "INBOX",
     ) -> list[Added]:
         return [await self.add(user, m, source=source, folder=folder) for m in messages]
@@ -121,13 +134,12 @@ class MemoryArchive:
         found = sorted(self._mine(user, query), key=lambda pair: -pair[0].sort_time)
         words = [t.text for t in _terms(query)]
         hits = tuple(
-            Hit(entry, _snippet(facts.body, words)) for entry, facts in found[offset : offset + limit]
+            Hit(entry, _snippet(facts.body, words))
+            for entry, facts in found[offset : offset + limit]
         )
         return SearchPage(hits, len(found))
 
-    async def entries(
-        self, user: str, query: Query, *, after_id: int = 0
-    ) -> AsyncIterator[Entry]:
+    async def entries(self, user: str, query: Query, *, after_id: int = 0) -> AsyncIterator[Entry]:
         for entry, _ in sorted(self._mine(user, query), key=lambda pair: pair[0].id):
             if entry.id > after_id:
                 yield entry
@@ -180,6 +192,11 @@ def _snippet(body: str, words: list[str]) -> Snippet:
         at = lowered.find(word.rstrip("*").lower())
         if at >= 0:
             end = at + len(word.rstrip("*"))
-            return Snippet(((body[max(0, at - 40) : at], False), (body[at:end], True),
-                            (body[end : end + 80], False)))
+            return Snippet(
+                (
+                    (body[max(0, at - 40) : at], False),
+                    (body[at:end], True),
+                    (body[end : end + 80], False),
+                )
+            )
     return Snippet(((body[:120], False),)) if body else Snippet()

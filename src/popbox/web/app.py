@@ -135,8 +135,11 @@ async def _error_page(request: Request, exc: Exception) -> Response:
         detail = "There is nothing here."
     session = web_context(request).sessions.find(request.cookies.get(COOKIE_NAME))
     return render(
-        request, "error.html", {"status": status, "detail": detail},
-        session=session, status_code=status,
+        request,
+        "error.html",
+        {"status": status, "detail": detail},
+        session=session,
+        status_code=status,
     )
 
 

@@ -119,7 +119,10 @@ def render(
     whether they are an admin, the CSRF token for its forms)."""
     context = web_context(request)
     full = {
-        "session": session, "csrf": session.csrf if session else "", "error": None, "notice": None,
+        "session": session,
+        "csrf": session.csrf if session else "",
+        "error": None,
+        "notice": None,
     }
     full.update(values)
     return context.templates.TemplateResponse(request, name, full, status_code=status_code)

@@ -68,9 +68,7 @@ def check_origin(request: Request) -> None:
 
 
 async def _bounded_form(request: Request) -> FormData:
-    return await request.form(
-        max_files=0, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART
-    )
+    return await request.form(max_files=0, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART)
 
 
 async def read_form(request: Request, session: Session) -> FormData:

@@ -78,8 +78,11 @@ def _login_form(request: Request, *, error: str | None, status_code: int = 200) 
     if not token or len(token) > MAX_TOKEN_LENGTH:
         token = new_token()
     response = render(
-        request, "login.html", {"login_token": token, "error": error},
-        session=None, status_code=status_code,
+        request,
+        "login.html",
+        {"login_token": token, "error": error},
+        session=None,
+        status_code=status_code,
     )
     _set_cookie(request, response, LOGIN_COOKIE, token, LOGIN_COOKIE_AGE)
     return response
@@ -133,7 +136,9 @@ async def login_submit(request: Request) -> Response:
         context.sessions.end(old)
     session = context.sessions.start(record.name, admin=record.name in context.config.web.admins)
     log.info(
-        "web login=%s from %s%s", record.name, ip,
+        "web login=%s from %s%s",
+        record.name,
+        ip,
         f" with app password {record.credential}" if record.credential else "",
     )
     response = RedirectResponse("/search", status_code=303)

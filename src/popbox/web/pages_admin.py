@@ -72,7 +72,8 @@ async def _rows(request: Request, records: list[UserRecord]) -> list[UserRow]:
             name=record.name,
             usage=usage,
             # A per-user 0 is "no limit" and overrides the default, as in Dovecot.
-            quota_messages=quota.messages if record.quota_messages is None
+            quota_messages=quota.messages
+            if record.quota_messages is None
             else record.quota_messages,
             quota_octets=quota.octets if record.quota_octets is None else record.quota_octets,
             devices=devices,
@@ -82,8 +83,12 @@ async def _rows(request: Request, records: list[UserRecord]) -> list[UserRow]:
 
 
 async def _users_page(
-    request: Request, session: Session, *, notice: str | None = None,
-    error: str | None = None, status_code: int = 200,
+    request: Request,
+    session: Session,
+    *,
+    notice: str | None = None,
+    error: str | None = None,
+    status_code: int = 200,
 ) -> Response:
     admin = web_context(request).useradmin
     rows: list[UserRow] = []
@@ -99,10 +104,17 @@ async def _users_page(
         more = max(len(records) - MAX_USERS_LISTED, 0)
         rows = await _rows(request, records[:MAX_USERS_LISTED])
     return render(
-        request, "admin_users.html",
-        {"rows": rows, "more": more, "editable": admin is not None,
-         "notice": notice, "error": error},
-        session=session, status_code=status_code,
+        request,
+        "admin_users.html",
+        {
+            "rows": rows,
+            "more": more,
+            "editable": admin is not None,
+            "notice": notice,
+            "error": error,
+        },
+        session=session,
+        status_code=status_code,
     )
 
 
@@ -231,11 +243,17 @@ async def collector(request: Request, session: Session) -> Response:
             log.error("web admin: collector state unreadable: %s", exc, exc_info=exc)
             error, status_code = f"The collector's state cannot be read: {exc}", 503
     return render(
-        request, "admin_collector.html",
-        {"configured": view is not None, "accounts": accounts, "error": error,
-         "state_db": str(view.state_db) if view else "",
-         "quarantine_dir": str(view.quarantine_dir) if view else ""},
-        session=session, status_code=status_code,
+        request,
+        "admin_collector.html",
+        {
+            "configured": view is not None,
+            "accounts": accounts,
+            "error": error,
+            "state_db": str(view.state_db) if view else "",
+            "quarantine_dir": str(view.quarantine_dir) if view else "",
+        },
+        session=session,
+        status_code=status_code,
     )
 
 

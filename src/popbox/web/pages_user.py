@@ -89,9 +89,7 @@ def _page_number(request: Request) -> int:
     return min(max(number, 1), MAX_PAGE_NUMBER)
 
 
-async def _mailbox_summary(
-    request: Request, user: str
-) -> tuple[Usage | None, list[str]]:
+async def _mailbox_summary(request: Request, user: str) -> tuple[Usage | None, list[str]]:
     """The user's mailbox as the store has it now (None, [] if it cannot say)."""
     store = web_context(request).store
     try:
@@ -109,8 +107,14 @@ async def search(request: Request, session: Session) -> Response:
     page = _page_number(request)
     usage, folders = await _mailbox_summary(request, session.user)
     values: dict[str, object] = {
-        "q": text, "page": page, "hits": [], "total": 0, "pages": 0,
-        "usage": usage, "folders": folders, "help": QUERY_HELP,
+        "q": text,
+        "page": page,
+        "hits": [],
+        "total": 0,
+        "pages": 0,
+        "usage": usage,
+        "folders": folders,
+        "help": QUERY_HELP,
     }
     try:
         query = _parse(text)
@@ -172,7 +176,8 @@ async def message(request: Request, session: Session) -> Response:
     if entry.size <= MAX_VIEW_OCTETS:
         view = view_message(await _octets(request, session, entry))
     response = render(
-        request, "message.html",
+        request,
+        "message.html",
         {"entry": entry, "view": view},
         session=session,
     )
@@ -248,7 +253,11 @@ async def export(request: Request, session: Session) -> Response:
 
 
 async def _devices_page(
-    request: Request, session: Session, *, notice: str | None = None, error: str | None = None,
+    request: Request,
+    session: Session,
+    *,
+    notice: str | None = None,
+    error: str | None = None,
     status_code: int = 200,
 ) -> Response:
     store = web_context(request).store
@@ -262,10 +271,16 @@ async def _devices_page(
     for device in devices:
         folders.setdefault(device.folder, []).append(device)
     return render(
-        request, "devices.html",
-        {"folders": folders, "names": sorted({d.device for d in devices}),
-         "notice": notice, "error": error},
-        session=session, status_code=status_code,
+        request,
+        "devices.html",
+        {
+            "folders": folders,
+            "names": sorted({d.device for d in devices}),
+            "notice": notice,
+            "error": error,
+        },
+        session=session,
+        status_code=status_code,
     )
 
 
@@ -285,7 +300,9 @@ async def forget_device(request: Request, session: Session) -> Response:
         count = await store.forget_device(session.user, name)
     except MaildropInUse:
         return await _devices_page(
-            request, session, status_code=409,
+            request,
+            session,
+            status_code=409,
             error=f"A POP3 session holds one of the folders of {name} now; "
             "try again when it has ended.",
         )
