@@ -24,6 +24,7 @@ import httpx
 from starlette.applications import Starlette
 
 from popbox.archive.base import Archive, ArchiveSource
+from popbox.archive.sqlite import SqliteArchive
 from popbox.auth.base import PassDB
 from popbox.auth.useradmin import PasswdFileUserAdmin, UserAdmin
 from popbox.backends import build_passdb, build_store, close_passdb
@@ -73,12 +74,6 @@ def web_config(tmp_path: Path, *, web: Mapping[str, Any] | None = None, **top: A
 
 def open_archive(config: Config) -> Archive:
     """The archive the composition root would open for ``config`` (SQLite)."""
-    try:
-        from popbox.archive.sqlite import SqliteArchive
-    except ImportError:
-        from support.web_archive import MemoryArchive
-
-        return MemoryArchive()
     return SqliteArchive(config.archive_path())
 
 
