@@ -87,11 +87,14 @@ async def test_app_password_logs_in_as_for_pop3(site: Site) -> None:
 
 
 async def test_guessing_from_one_address_is_penalised_until_a_success(tmp_path: Path) -> None:
-    config = web_config(tmp_path, limits={"auth_penalty_max": 1.0})
+    config = web_config(tmp_path, limits={"auth_penalty_max": 1.0, "auth_failure_delay": 0.3})
     async with running_site(config, users={"alice": "pw-alice"}) as site, site.client() as client:
         penalty = site.penalty
         assert penalty.delay("127.0.0.1") == 0
+        started = time.monotonic()
         await log_in(client, "alice", "guess-1")
+        # A wrong guess waits the failure delay, as a POP3 login does.
+        assert time.monotonic() - started >= 0.3
         assert penalty.delay("127.0.0.1") == 1.0
         started = time.monotonic()
         response = await log_in(client, "alice", "pw-alice")
