@@ -107,7 +107,13 @@ async def test_admin_pages_refuse_non_admins(site: Site) -> None:
             assert (await client.get(path)).status_code == 403, path
         for path in ("/admin/users/add", "/admin/users/password", "/admin/users/remove"):
             response = await client.post(
-                path, data={"username": "alice", "password": "taken-over", "csrf": token}
+                path,
+                data={
+                    "username": "alice",
+                    "password": "taken-over",
+                    "confirm": "yes",
+                    "csrf": token,
+                },
             )
             assert response.status_code == 403, path
         page = await client.get("/search")

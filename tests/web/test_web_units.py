@@ -50,8 +50,9 @@ def _quoted_whole(message: bytes) -> bytes:
 
 
 @given(
-    st.lists(st.sampled_from([b"From ", b">From ", b">>", b"Fro", b"m x", b"\n", b"\r\n", b"a"]))
-    .map(b"".join),
+    st.lists(
+        st.sampled_from([b"From ", b">From ", b">>", b"Fro", b"m x", b"\n", b"\r\n", b"a"])
+    ).map(b"".join),
     st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20),
 )
 def test_mboxrd_quoting_does_not_depend_on_chunk_boundaries(
