@@ -11,6 +11,7 @@ before the page runs, so no page can forget to look.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,6 @@ def human_size(octets: int) -> str:
 
 def human_time(stamp: float | None) -> str:
     """A moment as ``2026-12-07 16:53`` (UTC: the server's clock, no time zone guesses)."""
-    import time
-
     if stamp is None or stamp <= 0:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(stamp))
