@@ -42,7 +42,14 @@ from popbox.net.service import bind_addresses
 from popbox.store.base import MailStore
 from popbox.web import pages_admin, pages_user
 from popbox.web.collector_view import CollectorView
-from popbox.web.context import BASE_CSP, WebContext, make_templates, render, web_context
+from popbox.web.context import (
+    BASE_CSP,
+    MAX_PARSING,
+    WebContext,
+    make_templates,
+    render,
+    web_context,
+)
 from popbox.web.login import login_page, login_submit, logout
 from popbox.web.sessions import COOKIE_NAME, MAX_SESSIONS, SessionTable
 
@@ -195,6 +202,7 @@ def create_app(
         ),
         penalty=penalty if penalty is not None else AuthPenalty(config.limits.auth_penalty_max),
         templates=make_templates(),
+        parsing=asyncio.Semaphore(MAX_PARSING),
     )
     routes: list[BaseRoute] = [
         Route("/", _home, methods=["GET"]),

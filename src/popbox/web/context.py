@@ -10,6 +10,7 @@ before the page runs, so no page can forget to look.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,6 +35,7 @@ from popbox.web.sessions import COOKIE_NAME, Session, SessionTable
 
 __all__ = [
     "BASE_CSP",
+    "MAX_PARSING",
     "TEMPLATES_DIR",
     "Page",
     "WebContext",
@@ -53,6 +55,10 @@ BASE_CSP: Final = (
     "frame-ancestors 'none'; base-uri 'none'"
 )
 
+# Messages parsed at once for the message pages: each may hold a message of up to
+# render.MAX_VIEW_OCTETS a few times over, on a host whose cores the POP3 server shares.
+MAX_PARSING: Final = 4
+
 Page: TypeAlias = Callable[[Request, Session], Awaitable[Response]]
 
 
@@ -69,6 +75,8 @@ class WebContext:
     sessions: SessionTable
     penalty: AuthPenalty
     templates: Jinja2Templates
+    parsing: asyncio.Semaphore
+    """Messages parsed at once (MAX_PARSING)."""
 
 
 def web_context(request: Request) -> WebContext:
