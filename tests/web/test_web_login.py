@@ -220,3 +220,4 @@ async def test_a_restricted_account_is_refused_as_a_wrong_password(site: Site) -
     carol = await site.passdb.lookup("carol")
     assert carol is not None
     assert carol.extra.get("allow_nets") == "10.0.0.0/8"  # the password was right
+    assert await site.passdb.verify("carol", "carol-secret") is not None
