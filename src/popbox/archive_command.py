@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
+from popbox.backends import build_archive
 from popbox.cli_support import config_option, load, passwd_users, run_admin
 from popbox.errors import PopboxError
 
@@ -42,17 +43,10 @@ def archive_group() -> None:
     """The archive: kept copies of every user's mail, searchable (docs/archive.md)."""
 
 
-def _build_archive(config: Config) -> Archive:
-    """The configured archive (the embedded SQLite one under ``archive.path``)."""
-    from popbox.archive.sqlite import SqliteArchive
-
-    return SqliteArchive(config.archive_path())
-
-
 def _run(config: Config, work: Callable[[Archive], Awaitable[T]]) -> T:
     """Run ``work`` on the archive and close it; any popbox or OS error exits 1."""
     try:
-        archive = _build_archive(config)
+        archive = build_archive(config)
     except (PopboxError, OSError) as exc:
         raise click.ClickException(f"archive: {exc}") from exc
 

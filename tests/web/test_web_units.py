@@ -3,13 +3,7 @@ mbox quoting of messages that arrive in chunks, and snippet marking."""
 
 from __future__ import annotations
 
-import re
-
-from hypothesis import given
-from hypothesis import strategies as st
-
 from popbox.archive.base import Snippet
-from popbox.web.export import _Quoter
 from popbox.web.render import snippet_markup
 from popbox.web.sessions import SessionTable
 from support.web import StepClock
@@ -43,30 +37,6 @@ def test_ending_a_users_sessions_leaves_the_others() -> None:
     assert table.end_user("alice") == 3
     assert all(table.find(s.token) is None for s in alice)
     assert table.find(bob.token) is bob
-
-
-def _quoted_whole(message: bytes) -> bytes:
-    return re.sub(rb"(?m)^(>*From )", rb">\1", message)
-
-
-@given(
-    st.lists(
-        st.sampled_from([b"From ", b">From ", b">>", b"Fro", b"m x", b"\n", b"\r\n", b"a"])
-    ).map(b"".join),
-    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20),
-)
-def test_mboxrd_quoting_does_not_depend_on_chunk_boundaries(
-    message: bytes, sizes: list[int]
-) -> None:
-    quoter = _Quoter()
-    out, start, index = [], 0, 0
-    while start < len(message):
-        size = sizes[index % len(sizes)]
-        out.append(quoter.feed(message[start : start + size]))
-        start += size
-        index += 1
-    out.append(quoter.finish())
-    assert b"".join(out) == _quoted_whole(message)
 
 
 def test_snippet_marks_matches_and_escapes_everything() -> None:

@@ -19,12 +19,12 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from popbox.archive.base import DEFAULT_PAGE, Entry, MatchAll, Query
+from popbox.archive.export import mbox_stream
 from popbox.archive.query import parse_query
 from popbox.errors import ArchiveError, InvalidQuery, MaildropInUse, NoSuchEntry, StoreError
 from popbox.store.base import Usage
 from popbox.web.context import BASE_CSP, render, user_page, web_context
 from popbox.web.csrf import read_form
-from popbox.web.export import EXPORT_NAME, mbox_stream
 from popbox.web.render import (
     MAX_VIEW_OCTETS,
     attachment_headers,
@@ -38,6 +38,8 @@ from popbox.web.sessions import Session
 __all__ = ["FRAME_CSP", "MAX_PAGE_NUMBER", "MAX_QUERY_CHARS", "routes"]
 
 log = logging.getLogger("popbox.web")
+# What a browser saves a search result's mbox download as.
+EXPORT_FILE_NAME: Final = "popbox-export.mbox"
 
 T = TypeVar("T")
 
@@ -261,7 +263,7 @@ async def export(request: Request, session: Session) -> Response:
         mbox_stream(web_context(request).archive, session.user, query),
         media_type="application/mbox",
         headers={
-            "content-disposition": f'attachment; filename="{EXPORT_NAME}"',
+            "content-disposition": f'attachment; filename="{EXPORT_FILE_NAME}"',
             "content-security-policy": "default-src 'none'; sandbox",
         },
     )
