@@ -309,11 +309,14 @@ def expire(
     """Sweep every user's mailbox (or only USERs) once, for cron.
 
     Removes what the mailbox policy lets go: messages every active device deleted,
-    expired retention, hidden messages past keep_days, Trash past trash_days.
-    `popbox serve` does the same every mailbox.sweep_interval. Exit code 1 if some
-    user's sweep failed.
+    expired retention, hidden messages past keep_days, Trash past trash_days. Then
+    the archive's upkeep: what the archive disposition moved to Archive folders is
+    archived, and the archive's retention applied. `popbox serve` does the same
+    every mailbox.sweep_interval. Exit code 1 if some user's sweep failed.
     """
-    from popbox.mailboxes import describe_report, sweep_users
+    from popbox.archive_upkeep import ArchiveSweep, sweep_archive
+    from popbox.backends import build_archive
+    from popbox.mailboxes import SweepSummary, describe_report, sweep_users
 
     config = load(config_path)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
@@ -326,16 +329,23 @@ def expire(
             raise click.ClickException(f"no user {', '.join(unknown)} in {where}")
         records = [by_name[name] for name in dict.fromkeys(users)]
 
-    summary = run_on_store(
-        config, lambda store: sweep_users(config.mailbox, store, records, now=now)
-    )
+    async def sweep(store: MailStore) -> tuple[SweepSummary, ArchiveSweep]:
+        summary = await sweep_users(config.mailbox, store, records, now=now)
+        archive = build_archive(config)
+        try:
+            return summary, await sweep_archive(config, archive, store, records, now=now)
+        finally:
+            await archive.close()
+
+    summary, archived = run_on_store(config, sweep)
     if now is not None:
         click.echo(f"as if at {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(now))}")
     for item in summary.users:
         if item.report is not None and item.did_something:
             click.echo(f"{item.user}: {describe_report(item.report)}")
     click.echo(summary.describe())
-    if summary.failed:
+    click.echo(archived.describe())
+    if summary.failed or archived.failed:
         sys.exit(1)
 
 
