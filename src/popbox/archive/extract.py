@@ -29,7 +29,6 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
 from email.policy import Compat32
 from typing import Final, TypeAlias
 
@@ -178,6 +177,10 @@ def _date(message: Message) -> float | None:
 
 
 def _filename(part: Message) -> str | None:
+    disposition = part.get("content-disposition", "")
+    content_type = part.get("content-type", "")
+    if "name" not in disposition.lower() and "name" not in content_type.lower():
+        return None  # the common case, without parsing parameters
     try:
         name = part.get_filename()
     except Exception:
@@ -218,6 +221,8 @@ class _Found:
     has_attachment: bool = False
     text_left: int = MAX_TEXT
     parts_left: int = MAX_PARTS
+    plain_parts: int = 0
+    """text/plain parts indexed: an HTML alternative after one is the same words."""
 
 
 def _headers_of(data: _Findable, start: int, end: int) -> tuple[Message, int]:
@@ -235,7 +240,32 @@ def _headers_of(data: _Findable, start: int, end: int) -> tuple[Message, int]:
         # Headers to the end (or garbage past any sane header block): no body.
         block_end = body_start = limit
     block = bytes(data[start:block_end])
-    return BytesHeaderParser(policy=_POLICY).parsebytes(block), body_start
+    return _parse_headers(block), body_start
+
+
+def _parse_headers(block: bytes) -> Message:
+    """A header block as a compat32 Message: fields unfolded as RFC 5322 2.2.3 says,
+    lines without a colon skipped (the stdlib parser notes them as defects)."""
+    message = Message(policy=_POLICY)
+    name: str | None = None
+    value: list[str] = []
+    for line in block.decode("ascii", "surrogateescape").split("\n"):
+        line = line.removesuffix("\r")
+        if line[:1] in (" ", "\t"):
+            if name is not None:
+                value.append(line)
+            continue
+        if name is not None:
+            message.set_raw(name, "\r\n".join(value))
+        field_name, colon, rest = line.partition(":")
+        field_name = field_name.rstrip()
+        if colon and field_name and " " not in field_name:
+            name, value = field_name, [rest.lstrip(" \t")]
+        else:
+            name = None
+    if name is not None:
+        message.set_raw(name, "\r\n".join(value))
+    return message
 
 
 def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple[int, int]]:
@@ -270,8 +300,11 @@ def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple
     return parts
 
 
-def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> Message:
-    """Walk the entity at ``start``: its parts, its text, its attachments' names."""
+def _walk(
+    data: _Findable, start: int, end: int, depth: int, found: _Found, skip_html: bool = False
+) -> Message:
+    """Walk the entity at ``start``: its parts, its text, its attachments' names.
+    ``skip_html``: an HTML alternative of plain text already indexed adds no words."""
     headers, body_start = _headers_of(data, start, end)
     found.parts_left -= 1
     try:
@@ -287,10 +320,13 @@ def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> M
             boundary = None
         if boundary:
             encoded = boundary.encode("utf-8", "surrogateescape")
+            alternative = content_type == "multipart/alternative"
+            plain_before = found.plain_parts
             for part_start, part_end in _parts(data, encoded, body_start, end):
                 if found.parts_left <= 0:
                     break
-                _walk(data, part_start, part_end, depth + 1, found)
+                skip = alternative and found.plain_parts > plain_before
+                _walk(data, part_start, part_end, depth + 1, found, skip)
         return headers
     if content_type == "message/rfc822" and depth < MAX_DEPTH and disposition != "attachment":
         _walk(data, body_start, end, depth + 1, found)
@@ -300,6 +336,8 @@ def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> M
         found.has_attachment = True
         if len(found.names) < MAX_ATTACHMENTS:
             found.names.append(name or "")
+        return headers
+    if skip_html and content_type in _HTML_TYPES:
         return headers
     if content_type in _TEXT_TYPES and found.text_left > 0:
         encoding = str(headers.get("content-transfer-encoding", "")).strip().lower()
@@ -315,6 +353,7 @@ def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> M
         if text:
             found.body.append(text)
             found.text_left -= len(text) + 1
+            found.plain_parts += content_type == "text/plain"
     return headers
 
 
