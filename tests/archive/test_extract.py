@@ -200,6 +200,7 @@ PIECES = st.sampled_from(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.one_of(PIECES, st.binary(max_size=50)), max_size=30).map(b"".join))
 def test_pieces_give_back_the_exact_input(data: bytes) -> None:
+    extract(b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + data)
     assert b"".join(split_segments(data)) == data
     raws = raw_pieces(data)
     # Contiguous, non-empty, covering the input.
