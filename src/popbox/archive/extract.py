@@ -24,6 +24,7 @@ import codecs
 import email.header
 import email.utils
 import html
+import logging
 import mmap
 import re
 import unicodedata
@@ -35,6 +36,8 @@ from typing import Final, TypeAlias
 import nh3
 
 from popbox.archive.segments import Octets
+
+log = logging.getLogger("popbox.archive")
 
 # What the walk searches in place (a view is copied once into bytes first).
 _Findable: TypeAlias = bytes | bytearray | mmap.mmap
@@ -221,6 +224,8 @@ class _Found:
     has_attachment: bool = False
     text_left: int = MAX_TEXT
     parts_left: int = MAX_PARTS
+    top: Message | None = None
+    """The message's own headers."""
     plain_parts: int = 0
     """text/plain parts indexed: an HTML alternative after one is the same words."""
 
@@ -306,6 +311,8 @@ def _walk(
     """Walk the entity at ``start``: its parts, its text, its attachments' names.
     ``skip_html``: an HTML alternative of plain text already indexed adds no words."""
     headers, body_start = _headers_of(data, start, end)
+    if found.top is None:
+        found.top = headers
     found.parts_left -= 1
     try:
         content_type = headers.get_content_type()
@@ -363,9 +370,12 @@ def extract(data: Octets) -> Extracted:
     whole = data.tobytes() if isinstance(data, memoryview) else data
     found = _Found()
     try:
-        message = _walk(whole, 0, len(whole), 0, found)
-    except (RecursionError, MemoryError, ValueError, TypeError, LookupError):
-        return Extracted()
+        _walk(whole, 0, len(whole), 0, found)
+    except Exception:
+        # Whatever a hostile message trips in the stdlib's header helpers: index what
+        # the walk found before it (the top headers are read first of all).
+        log.debug("message only partly indexed", exc_info=True)
+    message = found.top if found.top is not None else Message(policy=_POLICY)
     return Extracted(
         sender=_headers(message, "from"),
         recipients=_headers(message, "to", "cc"),
