@@ -278,3 +278,24 @@ def test_quoted_printable_and_base64_text_parts_are_decoded() -> None:
     )
     got = extract(message)
     assert got.body.startswith("café crème base64 Grüße cut short")
+
+
+def test_a_charset_naming_a_compression_codec_never_decompresses() -> None:
+    """Decompression bomb through the charset: zlib_codec is a Python codec, but not
+    a text encoding, so the part is read as UTF-8/Latin-1 octets, never inflated."""
+    import zlib
+
+    bomb = zlib.compress(b"A" * (50 * 1024 * 1024))
+    message = (
+        b"Subject: =?zlib_codec?b?" + base64.b64encode(bomb[:2000]) + b"?=\r\n"
+        b"Content-Type: text/plain; charset=zlib_codec\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(bomb)
+    )
+    tracemalloc.start()
+    try:
+        got = extract(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "AAAAAAAA" not in got.body
+    assert peak < 10 * len(message) + (1 << 20)

@@ -2,8 +2,8 @@
 
 Any octets come in; an ``Extracted`` always comes out. The MIME structure is walked
 here, part by part, over the octets as they lie (a part's body is never copied
-unless it is text to index): each header block is read with the stdlib email
-package (compat32, which never raises on what it parses; every step after it is
+unless it is text to index): each header block is unfolded here into a stdlib
+compat32 Message, whose helpers read content types and parameters (each call is
 guarded), headers are decoded from RFC 2047 and RFC 2231 in any charset Python knows
 (an unknown one falls back to UTF-8, then Latin-1, never an error), text/plain parts
 are taken as they are and text/html parts turned into text with nh3 (every tag
