@@ -299,3 +299,13 @@ def test_a_charset_naming_a_compression_codec_never_decompresses() -> None:
         tracemalloc.stop()
     assert "AAAAAAAA" not in got.body
     assert peak < 10 * len(message) + (1 << 20)
+
+
+def test_a_boundary_that_begins_with_another_is_not_taken_for_it() -> None:
+    message = (
+        b'Content-Type: multipart/mixed; boundary="b"\n\n'
+        b'--b\nContent-Type: multipart/alternative; boundary="b--x"\n\n'
+        b"--b--x\nContent-Type: text/plain\n\ninner text\n--b--x--\n"
+        b"--b\nContent-Type: text/plain\n\nsecond part\n--b--\n"
+    )
+    assert extract(message).body == "inner text second part"

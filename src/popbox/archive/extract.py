@@ -289,8 +289,8 @@ def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple
         line_end = data.find(b"\n", position, end)
         line_end = end if line_end < 0 else line_end + 1
         rest = bytes(data[position:line_end])
-        closing = rest.startswith(b"--")
-        if rest.lstrip(b"-").strip() and not closing:
+        closing = rest.startswith(b"--") and not rest[2:].strip()
+        if rest.strip() and not closing:
             continue  # a longer boundary that begins with this one
         if part_start is not None:
             # The line end before a delimiter belongs to it (RFC 2046 5.1.1).
