@@ -11,13 +11,17 @@ import sqlite3
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from archive_helpers import message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popbox.archive.base import ArchiveSource, MatchAll, Term, TermField
 from popbox.archive.fts import compile_query
 from popbox.archive.query import parse_query
-from popbox.archive.sqlite import INDEX_FILE, SqliteArchive
+from popbox.archive.sqlite import BATCH_MESSAGES, INDEX_FILE, SqliteArchive
 from popbox.archive.sqlite_index import INLINE_BELOW
+from popbox.errors import ArchiveError, InvalidQuery
 
 DELIVERED = ArchiveSource.DELIVERED
 
@@ -192,3 +196,70 @@ async def test_small_messages_live_in_the_index_without_files(tmp_path: Path) ->
     assert object_files(root) == []
     assert await read_all(archive, "alice", added[7].entry.id) == message("m7", "x" * 100)
     await archive.close()
+
+
+QUERY_WORDS = st.sampled_from(
+    [*'abc019 ()"-*:./\\', "OR", "AND", "NOT", "NEAR", "near", "from:", "to:", "subject:",
+     "filename:", "has:attachment", "before:2026-01-01", "after:2026/7/3", "larger:1k",
+     "smaller:2M", "owner", "{", "}", "^", "+", "ß", "\u0301", "\ufb01", "'"]
+)  # fmt: skip
+
+
+def test_any_query_that_parses_runs(tmp_path: Path) -> None:
+    """Whatever the parser accepts compiles to SQL and FTS5 that SQLite accepts: an
+    FTS5 syntax error would reach the user as a failed search."""
+    loop = asyncio.new_event_loop()
+    archive = SqliteArchive(tmp_path / "archive")
+    try:
+        loop.run_until_complete(
+            archive.add("alice", with_attachment("abc near", b"\x00" * 100), source=DELIVERED)
+        )
+
+        @settings(max_examples=400, deadline=None)
+        @given(
+            st.one_of(
+                st.lists(QUERY_WORDS, max_size=25).map(" ".join),
+                st.lists(QUERY_WORDS, max_size=25).map("".join),
+            )
+        )
+        def run(text: str) -> None:
+            try:
+                query = parse_query(text)
+            except InvalidQuery:
+                return
+            loop.run_until_complete(archive.search("alice", query))
+            loop.run_until_complete(archive.search("nobody", query))
+
+        run()
+    finally:
+        loop.run_until_complete(archive.close())
+        loop.close()
+
+
+async def test_add_batch_is_one_transaction(tmp_path: Path) -> None:
+    """A batch that fails part-way (its last file cannot be read, after a whole first
+    part was written) leaves nothing behind: the import can simply run again."""
+    root = tmp_path / "archive"
+    archive = SqliteArchive(root)
+    batch: list[bytes | Path] = [message(f"m{index}") for index in range(BATCH_MESSAGES + 5)]
+    batch.append(with_attachment("big", os.urandom(2 * INLINE_BELOW)))
+    batch.append(tmp_path / "missing.eml")
+    with pytest.raises(ArchiveError, match=r"missing\.eml"):
+        await archive.add_batch("alice", batch, source=ArchiveSource.IMPORTED)
+    assert (await archive.search("alice", MatchAll())).total == 0
+    assert table_count(root, "messages") == 0
+    added = await archive.add_batch("alice", batch[:-1], source=ArchiveSource.IMPORTED)
+    assert all(item.new for item in added)
+    assert (await archive.search("alice", MatchAll())).total == len(batch) - 1
+    await archive.close()
+
+
+def test_a_short_prefix_is_never_expanded_over_the_whole_vocabulary() -> None:
+    """A one-letter prefix would make FTS5 merge the postings of every word it
+    begins, every user's, before the user's own rows are picked out."""
+    short = compile_query(Term(TermField.ANY, "a*"), 1).match
+    long = compile_query(Term(TermField.ANY, "abc*"), 1).match
+    assert short is not None
+    assert long is not None
+    assert not short.endswith("*")
+    assert long.endswith('"abc" *')
