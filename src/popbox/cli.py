@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
+from popbox.backup_command import backup_command, restore_command
 from popbox.cli_support import config_option, find_user, load, passwd_users, run_on_store
 from popbox.errors import PopboxError
 from popbox.import_command import import_group
@@ -318,6 +319,8 @@ def expire(
 
 main.add_command(import_group)
 main.add_command(migrate_command)
+main.add_command(backup_command)
+main.add_command(restore_command)
 
 
 @main.command()
