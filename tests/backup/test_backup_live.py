@@ -175,7 +175,8 @@ def test_snapshot_taken_while_serving_restores_what_every_login_saw(
                 bob_seen.append(see_and_delete_first(original, "bob"))
             bob_seen.append(see(original, "bob"))
         except poplib.error_proto as exc:
-            assert b"[IN-USE]" in exc.args[0]
+            if b"[IN-USE]" not in exc.args[0]:
+                raise
 
     def carol_step(turn: int) -> None:
         deliver(original, "carol", f"carol-live-{turn}")
