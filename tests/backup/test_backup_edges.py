@@ -181,3 +181,13 @@ def test_maildirs_placed_by_a_template_are_refused(tmp_path: Path, setting: str)
     assert done.returncode == 1
     assert "mail_location" in done.stderr
     assert not (tmp_path / "backups").exists() or complete_snapshots(tmp_path / "backups") == []
+
+
+def test_a_destination_inside_the_maildirs_is_refused(tmp_path: Path) -> None:
+    server = make_config(tmp_path / "node", ("alice",))
+    dest = server.directory / "data" / "mail" / "backups"
+    dest.parent.mkdir()
+    done = popbox(server.config, "backup", str(dest), check=False)
+    assert done.returncode == 1
+    assert "back up elsewhere" in done.stderr
+    assert not dest.exists()

@@ -9,6 +9,7 @@ that a thread writes to during the backup, like the collector's state database.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import poplib
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from popbox.store import MaildirStore
 from support.serverproc import ServerProcess, deliver_lmtp, running
 
 from .archive_files import ArchiveFiles
@@ -45,6 +47,8 @@ STILL_LOGINS = (
     "dave",
 )
 TERMS = ("invoice", "holiday", "report")
+# As Dovecot's default pop3_uidl_format served it.
+KEPT_UIDL = "00000001507C6B1A"
 
 
 class Loop:
@@ -108,6 +112,9 @@ def populate(server: ServerProcess) -> str:
     for number in range(4):
         deliver(server, "carol", f"carol-{number}")
     deliver(server, "dave", "dave-0")
+    # A UIDL kept from the server popbox replaced, delivered as `popbox import` does.
+    store = MaildirStore(server.directory / "data" / "mail", save_crlf=True)
+    asyncio.run(store.deliver("dave", message("dave-kept"), uidl=KEPT_UIDL))
     see(server, "alice")
     see(server, "alice~laptop")
     delete(server, "alice~phone", (1, 2))
@@ -160,6 +167,7 @@ def test_snapshot_taken_while_serving_restores_what_every_login_saw(
     assert "alice-2" not in before["alice~laptop"].subjects
     assert before["alice"].subjects == [f"alice-{number}" for number in range(7)]
     assert before["alice+Trash"].subjects == ["work-0"]
+    assert before["dave"].uidls[1] == KEPT_UIDL
     bob_seen: list[Seen] = [see(original, "bob")]
     carol_before = see(original, "carol")
     assert carol_before.subjects == [f"carol-{number}" for number in range(4)]

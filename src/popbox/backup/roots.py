@@ -21,7 +21,7 @@ __all__ = ["PG_DUMP_NOTE", "Root", "nested_in", "roots_of"]
 
 # What the operator is told for data popbox leaves to PostgreSQL's own tools.
 PG_DUMP_NOTE: Final = (
-    "{what} is in PostgreSQL ({key} = \"postgresql\"): popbox backup does not copy it; "
+    '{what} is in PostgreSQL ({key} = "postgresql"): popbox backup does not copy it; '
     "back the database up with PostgreSQL's own tools (pg_dump, or pg_basebackup "
     "with WAL archiving)"
 )

@@ -103,6 +103,11 @@ def take_snapshot(config: Config, dest: Path, progress: Progress | None = None) 
     say = progress if progress is not None else log.info
     roots, notes = roots_of(config)
     dest = dest.absolute()
+    for root in roots:
+        # The data directory's walk leaves DEST out; a Maildir root or the archive
+        # would take it for a user's mailbox or for archive files.
+        if root.kind == "dir" and root.name != "data" and dest.is_relative_to(root.path):
+            raise BackupError(f"{dest} is inside {root.path} ({root.name}): back up elsewhere")
     try:
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
@@ -214,10 +219,11 @@ class _TreeWalk:
             info = entry.stat(follow_symlinks=False)
             if known.size == info.st_size and known.mtime_ns == info.st_mtime_ns:
                 return  # the second walk: unchanged since the first
-        if is_sqlite(source):
+        kind = self._kind(source)
+        if kind != "object" and is_sqlite(source):  # objects are messages, never databases
             self._databases[source] = target
             return
-        self._writer.add(source, target, self._kind(source))
+        self._writer.add(source, target, kind)
 
     def _kind(self, source: Path) -> FileKind:
         if self._root.name == "archive" and source.is_relative_to(self._root.path / OBJECTS_DIR):

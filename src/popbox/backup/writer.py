@@ -302,4 +302,3 @@ class SnapshotWriter:
         self.stats.copied += 1
         self.stats.copied_octets += size
         return FileEntry(path, size, digest.hexdigest(), info.st_mtime_ns, kind)
-
