@@ -112,6 +112,22 @@ def test_restore_refuses_a_manifest_that_names_a_path_outside_the_snapshot(
     assert not (restored.directory / "data").exists()
 
 
+def test_restore_refuses_a_manifest_that_writes_a_file_over_a_root(tmp_path: Path) -> None:
+    server = populated(tmp_path / "live")
+    snapshot = backup(server, tmp_path / "backups")
+    manifest_path = snapshot / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = next(entry for entry in manifest["files"] if entry["path"] == "passwd")
+    (snapshot / "files" / "mail-as-file").write_bytes((snapshot / "files" / "passwd").read_bytes())
+    manifest["files"].append(dict(entry, path="mail-as-file"))
+    manifest_path.write_text(json.dumps(manifest))
+    restored = make_config(tmp_path / "restored", passwd=False)
+    done = popbox(restored.config, "restore", str(snapshot), check=False)
+    assert done.returncode == 1
+    assert "outside its roots" in done.stderr
+    assert not (restored.directory / "data").exists()
+
+
 def test_restore_refuses_a_file_swapped_for_a_symlink(tmp_path: Path) -> None:
     server = populated(tmp_path / "live")
     snapshot = backup(server, tmp_path / "backups")

@@ -115,15 +115,21 @@ def _snapshot_user(
     return folders
 
 
-def _message_files(maildir: Path) -> list[tuple[str, os.DirEntry[str]]]:
-    """(subdirectory, entry) of every regular file in cur/ and new/."""
-    found: list[tuple[str, os.DirEntry[str]]] = []
+def _message_files(maildir: Path) -> list[tuple[str, os.DirEntry[str], os.stat_result]]:
+    """(subdirectory, entry, stat) of every regular file in cur/ and new/; a file
+    renamed or removed since the listing (a login, a QUIT) is left out."""
+    found: list[tuple[str, os.DirEntry[str], os.stat_result]] = []
     for sub in MESSAGE_DIRS:
         try:
             entries = list(os.scandir(maildir / sub))
         except FileNotFoundError:
             continue
-        found.extend((sub, entry) for entry in entries if entry.is_file(follow_symlinks=False))
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    found.append((sub, entry, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
     return found
 
 
@@ -132,9 +138,8 @@ def _copy_aside(
 ) -> dict[str, tuple[Path, FileEntry]]:
     """Copy, without the lock, the messages the previous snapshot cannot give: by key."""
     aside: dict[str, tuple[Path, FileEntry]] = {}
-    for sub, entry in _message_files(maildir):
+    for sub, entry, info in _message_files(maildir):
         previous = writer.previous
-        info = entry.stat(follow_symlinks=False)
         if previous is not None and previous.match(f"{path}/{sub}/{entry.name}", "message", info):
             continue  # linked under the lock, which costs nothing
         staged = writer.aside_path()
@@ -180,16 +185,16 @@ def _snapshot_folder(
             kind: FileKind = "maildir-meta" if entry.name in FOLDER_FILES else "file"
             writer.add(Path(entry.path), f"{path}/{entry.name}", kind)
         # The listing before the UIDL list: see the module docstring.
-        for sub, entry in _message_files(maildir):
+        for sub, entry, info in _message_files(maildir):
             target = f"{path}/{sub}/{entry.name}"
-            info = entry.stat(follow_symlinks=False)
-            staged = aside.pop(message_key(entry.name), None)
+            staged = aside.get(message_key(entry.name))
             if (
                 staged is not None
                 and staged[1].size == info.st_size
                 and staged[1].mtime_ns == info.st_mtime_ns
             ):
                 writer.adopt(staged[0], target, staged[1])
+                del aside[message_key(entry.name)]
             elif not writer.add(Path(entry.path), target, "message"):
                 continue  # renamed by a mail client meanwhile: not ours to chase
             summary.messages += 1

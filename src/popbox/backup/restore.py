@@ -109,7 +109,22 @@ def _targets(config: Config, manifest: Manifest) -> dict[str, Root]:
                 "archive backends)"
             )
         targets[entry.name] = root
+    _check_paths(manifest, targets)
     return targets
+
+
+def _check_paths(manifest: Manifest, targets: dict[str, Root]) -> None:
+    """Refuse a manifest whose files or directories do not fit its roots: a file root
+    is one file of that name, a directory root holds paths under its name."""
+    for path in manifest.dirs:
+        root = targets.get(path.partition("/")[0])
+        if root is None or root.kind != "dir":
+            raise BackupError(f"manifest names the directory {path!r} outside its roots")
+    for entry in manifest.files:
+        name, slash, _ = entry.path.partition("/")
+        root = targets.get(name)
+        if root is None or (root.kind == "dir") != bool(slash):
+            raise BackupError(f"manifest names the file {entry.path!r} outside its roots")
 
 
 def _check_empty(root: Root) -> None:

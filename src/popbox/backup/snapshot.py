@@ -216,7 +216,10 @@ class _TreeWalk:
                 return  # read through the database's own connection
         known = self._writer.entries.get(target)
         if known is not None:
-            info = entry.stat(follow_symlinks=False)
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                return  # gone since the first walk, which has it
             if known.size == info.st_size and known.mtime_ns == info.st_mtime_ns:
                 return  # the second walk: unchanged since the first
         kind = self._kind(source)
