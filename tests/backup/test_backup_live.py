@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -35,6 +36,7 @@ from .live import (
     see_and_delete_first,
 )
 
+T = TypeVar("T")
 USERS = ("alice", "bob", "carol", "dave")
 # Every login whose view must come back exactly; bob and carol change during the backup.
 STILL_LOGINS = (
@@ -123,6 +125,7 @@ def populate(server: ServerProcess) -> str:
     delete(server, "alice+work~phone", (1,))
     delete(server, "alice", (8,))  # every device's: it goes to Trash
     see(server, "carol")
+    delete(server, "bob", (24,))  # bob's Trash, which the live test watches
     shown = popbox(server.config, "user", "app-password", "add", "dave", "tablet").stdout
     archive = ArchiveFiles(archive_of(server))
     for number in range(30):
@@ -135,6 +138,21 @@ def populate(server: ServerProcess) -> str:
         state.executemany("INSERT INTO seen VALUES ('a', ?)", [(f"u{n}",) for n in range(50)])
     state.close()
     return shown.strip().splitlines()[-1]
+
+
+def bob_state(server: ServerProcess) -> tuple[Seen, Seen]:
+    return see(server, "bob"), see(server, "bob+Trash")
+
+
+def again_if_in_use(action: Callable[[], T]) -> T:
+    """``action`` until no login of it meets [IN-USE] (the backup holds the folder),
+    as a mail client tries again later."""
+    while True:
+        try:
+            return action()
+        except poplib.error_proto as exc:
+            if b"[IN-USE]" not in exc.args[0]:
+                raise
 
 
 def views(server: ServerProcess, app_password: str) -> dict[str, Seen]:
@@ -168,7 +186,7 @@ def test_snapshot_taken_while_serving_restores_what_every_login_saw(
     assert before["alice"].subjects == [f"alice-{number}" for number in range(7)]
     assert before["alice+Trash"].subjects == ["work-0"]
     assert before["dave"].uidls[1] == KEPT_UIDL
-    bob_seen: list[Seen] = [see(original, "bob")]
+    bob_seen: list[tuple[Seen, Seen]] = [bob_state(original)]
     carol_before = see(original, "carol")
     assert carol_before.subjects == [f"carol-{number}" for number in range(4)]
     carol_sent: list[str] = []
@@ -176,15 +194,13 @@ def test_snapshot_taken_while_serving_restores_what_every_login_saw(
     writer: list[ArchiveFiles] = []
 
     def bob_step(turn: int) -> None:
-        # Retrieves everything and deletes one message a session, leaving three; a
-        # login while the backup holds the lock is [IN-USE], and a client tries again.
-        try:
-            if len(bob_seen[-1].messages) > 3:
-                bob_seen.append(see_and_delete_first(original, "bob"))
-            bob_seen.append(see(original, "bob"))
-        except poplib.error_proto as exc:
-            if b"[IN-USE]" not in exc.args[0]:
-                raise
+        # A delivery, then a session that retrieves everything and deletes the first
+        # message (to Trash); after each, the state it left: INBOX and Trash, which
+        # only this thread changes, so the two logins that look see one state.
+        deliver(original, "bob", f"bob-live-{turn}")
+        bob_seen.append(again_if_in_use(lambda: bob_state(original)))
+        again_if_in_use(lambda: see_and_delete_first(original, "bob"))
+        bob_seen.append(again_if_in_use(lambda: bob_state(original)))
 
     def carol_step(turn: int) -> None:
         deliver(original, "carol", f"carol-live-{turn}")
@@ -212,16 +228,18 @@ def test_snapshot_taken_while_serving_restores_what_every_login_saw(
     assert outcome["databases"] == 2
     assert not outcome["not_included"]
     snapshot = Path(outcome["snapshot"])
-    bob_seen.append(see(original, "bob"))
+    bob_seen.append(bob_state(original))
     carol_after = see(original, "carol")
 
     restored = restore_and_serve(tmp_path, "restored", snapshot)
     with running(restored):
         again = views(restored, app_password)
-        bob_again = see(restored, "bob")
+        bob_again = bob_state(restored)
         carol_again = see(restored, "carol")
     assert again == before
-    # bob's mailbox as one of the sessions left it, never between two of them.
+    # bob's mailbox as one of the sessions left it, never between two of them (a
+    # message in both folders, or in neither, or back with a new UIDL).
+    assert len(bob_seen) > 2
     assert bob_again in bob_seen
     # carol: what she had, unchanged, and the deliveries the backup found, each with
     # a UIDL of its own after them.

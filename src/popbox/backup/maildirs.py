@@ -13,6 +13,11 @@ message files (cur/, new/) and four files popbox keeps beside them: the index
   the note and the files of cur/ and new/ are what the last of them left, and agree.
   A session that holds the lock is waited for: it ends at its QUIT (its deletions
   then are in the snapshot, whole) or at its idle timeout (it deleted nothing).
+- A commit or a sweep that moves mail to Trash or Archive holds only the lock of
+  the folder it moves from, and puts the message into the other folder as a
+  delivery would. Taken one folder after the other, a message could be caught in
+  INBOX and then again in Trash; so a user's folders are all locked together, in
+  one order, before any of them is read, and no move can happen in between.
 - A delivery never takes that lock. It only adds: its line to ``popbox.uidls``
   (appended under that file's own ``flock``, fsynced) and then its file into new/.
   The listing of new/ is read before ``popbox.uidls``, so every message the
@@ -34,10 +39,12 @@ A folder's tmp/ holds deliveries under way: it is left out (made empty), as are 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -91,6 +98,14 @@ def _is_maildir(path: Path) -> bool:
     return (path / "cur").is_dir() or (path / "new").is_dir()
 
 
+@dataclass(frozen=True, slots=True)
+class _Folder:
+    name: str
+    maildir: Path
+    path: str
+    """Where it goes in the snapshot."""
+
+
 def _snapshot_user(
     writer: SnapshotWriter,
     maildir: Path,
@@ -99,20 +114,34 @@ def _snapshot_user(
     copy_tree: TreeCopier,
     waiting: Waiting,
 ) -> dict[str, FolderSummary]:
-    """INBOX (the user's Maildir) and each Maildir++ folder ``.NAME`` inside it."""
-    folders = {"INBOX": _snapshot_folder(writer, maildir, path, (user, "INBOX"), waiting)}
+    """INBOX (the user's Maildir) and each Maildir++ folder ``.NAME`` inside it, all
+    under their locks at once (the module docstring says why)."""
+    folders = [_Folder("INBOX", maildir, path)]
     for entry in sorted(os.scandir(maildir), key=lambda item: item.name):
         if not entry.is_dir(follow_symlinks=False) or entry.name in MAILDIR_DIRS:
             continue
         inner = Path(entry.path)
         if entry.name.startswith(".") and _is_maildir(inner):
-            folder = entry.name[1:]
-            folders[folder] = _snapshot_folder(
-                writer, inner, f"{path}/{entry.name}", (user, folder), waiting
-            )
+            folders.append(_Folder(entry.name[1:], inner, f"{path}/{entry.name}"))
         else:
             copy_tree(inner, f"{path}/{entry.name}")
-    return folders
+    aside = {folder.name: _copy_aside(writer, folder.maildir, folder.path) for folder in folders}
+    summaries: dict[str, FolderSummary] = {}
+    with contextlib.ExitStack() as stack:
+        # Always in this order, each waited for while holding the ones before: a
+        # session holds one lock and never waits for another, so this cannot deadlock.
+        locks = [
+            stack.enter_context(_lock(folder.maildir, (user, folder.name), waiting))
+            for folder in folders
+        ]
+        for folder, lock in zip(folders, locks, strict=True):
+            summaries[folder.name] = _snapshot_folder(
+                writer, folder.maildir, folder.path, lock, aside[folder.name]
+            )
+    for staged in aside.values():
+        for leftover, _ in staged.values():
+            os.unlink(leftover)  # removed by a QUIT before the lock: not in the snapshot
+    return summaries
 
 
 def _message_files(maildir: Path) -> list[tuple[str, os.DirEntry[str], os.stat_result]]:
@@ -161,47 +190,44 @@ def _snapshot_folder(
     writer: SnapshotWriter,
     maildir: Path,
     path: str,
-    place: tuple[str, str],
-    waiting: Waiting,
+    lock: FileLock,
+    aside: dict[str, tuple[Path, FileEntry]],
 ) -> FolderSummary:
-    """One folder (``place`` is its user and name), the messages under its lock."""
-    aside = _copy_aside(writer, maildir, path)
+    """One folder, its ``lock`` held; takes from ``aside`` the copies it uses."""
     summary = FolderSummary()
-    with _lock(maildir, place, waiting) as lock:
-        writer.mkdir(path)
-        for sub in MAILDIR_DIRS:
-            writer.mkdir(f"{path}/{sub}")
-        # The note first: it is only ever written under this lock, which we hold.
-        note = os.pread(lock.fd, MAX_LOCK_NOTE, 0)
-        lock_info = os.fstat(lock.fd)
-        writer.write_bytes(f"{path}/{LOCK_NAME}", note, lock_info.st_mtime_ns, "maildir-meta")
-        for entry in sorted(os.scandir(maildir), key=lambda item: item.name):
-            if (
-                entry.name in SKIPPED_FILES
-                or entry.name in (LOCK_NAME, UIDLS_NAME)
-                or not entry.is_file(follow_symlinks=False)
-            ):
-                continue
-            kind: FileKind = "maildir-meta" if entry.name in FOLDER_FILES else "file"
-            writer.add(Path(entry.path), f"{path}/{entry.name}", kind)
-        # The listing before the UIDL list: see the module docstring.
-        for sub, entry, info in _message_files(maildir):
-            target = f"{path}/{sub}/{entry.name}"
-            staged = aside.get(message_key(entry.name))
-            if (
-                staged is not None
-                and staged[1].size == info.st_size
-                and staged[1].mtime_ns == info.st_mtime_ns
-            ):
-                writer.adopt(staged[0], target, staged[1])
-                del aside[message_key(entry.name)]
-            elif not writer.add(Path(entry.path), target, "message"):
-                continue  # renamed by a mail client meanwhile: not ours to chase
-            summary.messages += 1
-            summary.octets += info.st_size
-        _add_uidls(writer, maildir, path)
-    for leftover, _ in aside.values():
-        os.unlink(leftover)  # removed by a QUIT before the lock: not in the snapshot
+    writer.mkdir(path)
+    for sub in MAILDIR_DIRS:
+        writer.mkdir(f"{path}/{sub}")
+    # The note first: it is only ever written under this lock, which we hold.
+    note = os.pread(lock.fd, MAX_LOCK_NOTE, 0)
+    lock_info = os.fstat(lock.fd)
+    writer.write_bytes(f"{path}/{LOCK_NAME}", note, lock_info.st_mtime_ns, "maildir-meta")
+    for entry in sorted(os.scandir(maildir), key=lambda item: item.name):
+        if (
+            entry.name in SKIPPED_FILES
+            or entry.name in (LOCK_NAME, UIDLS_NAME)
+            or not entry.is_file(follow_symlinks=False)
+        ):
+            continue
+        kind: FileKind = "maildir-meta" if entry.name in FOLDER_FILES else "file"
+        writer.add(Path(entry.path), f"{path}/{entry.name}", kind)
+    # The listing before the UIDL list: see the module docstring.
+    for sub, entry, info in _message_files(maildir):
+        target = f"{path}/{sub}/{entry.name}"
+        key = message_key(entry.name)
+        staged = aside.get(key)
+        if (
+            staged is not None
+            and staged[1].size == info.st_size
+            and staged[1].mtime_ns == info.st_mtime_ns
+        ):
+            writer.adopt(staged[0], target, staged[1])
+            del aside[key]
+        elif not writer.add(Path(entry.path), target, "message"):
+            continue  # renamed by a mail client meanwhile: not ours to chase
+        summary.messages += 1
+        summary.octets += info.st_size
+    _add_uidls(writer, maildir, path)
     return summary
 
 
