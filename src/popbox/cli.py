@@ -1,4 +1,5 @@
-"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth."""
+"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth,
+archive, backup, restore."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
+from popbox.archive_command import archive_group
 from popbox.backup_command import backup_command, restore_command
 from popbox.cli_support import config_option, find_user, load, passwd_users, run_on_store
 from popbox.errors import PopboxError
@@ -115,6 +117,26 @@ def serve(config_path: Path | None, verbose: bool) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command()
+@config_option
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def web(config_path: Path | None, verbose: bool) -> None:
+    """Serve the archive's web page on its own (web.listen) until SIGTERM or Ctrl-C.
+
+    ``popbox serve`` serves it too when ``web.enabled`` is set; this is for a
+    machine that serves only the page.
+    """
+    from popbox.app import prepare_data_dir, serve_web_alone
+
+    config = load(config_path)
+    _setup_logging(config, verbose)
+    try:
+        prepare_data_dir(config)
+        serve_web_alone(config)
+    except (OSError, PopboxError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _print_embedded_help(config: Config) -> None:
     plain = config.pop3.listen[0] if config.pop3.listen else "127.0.0.1:1110"
     tls = config.pop3.tls_listen[0] if config.pop3.tls_listen else "127.0.0.1:1995"
@@ -128,6 +150,7 @@ def _print_embedded_help(config: Config) -> None:
   read it (STLS):    curl --ssl-reqd --cacert {cert} -u alice pop3://localhost:{port}/1
   read it (TLS):     curl --cacert {cert} -u alice pop3s://localhost:{tls_port}/1
   LMTP for an MTA:   {", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"}
+  the archive:       {f"http://{config.web.listen}/" if config.web.enabled else "off"}
 Stop with Ctrl-C.""",
         err=True,
     )
@@ -318,6 +341,7 @@ def expire(
 
 
 main.add_command(import_group)
+main.add_command(archive_group)
 main.add_command(migrate_command)
 main.add_command(backup_command)
 main.add_command(restore_command)

@@ -15,6 +15,8 @@ from support.serverproc import POPBOX, ServerProcess
 PASSWORD = "secret"
 # Deletions move mail to Trash, so a user's mailbox has a folder of its own making.
 MAILBOX = '[mailbox]\ndisposition = "trash"\ntrash_days = 7\n'
+# The server keeps a copy of every delivery in its archive (popbox.archive.sqlite).
+ARCHIVE = '[archive]\nkeep = ["delivered"]\n'
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def make_config(
         f'[pop3]\nlisten = ["127.0.0.1:{pop3}"]\ntls_listen = []\nplaintext_auth = "always"\n'
         f'[lmtp]\nlisten = ["127.0.0.1:{lmtp}"]\n'
         f"[limits]\nauth_failure_delay = 0\nauth_penalty_max = 0\nshutdown_grace = 1\n"
-        f"{MAILBOX}"
+        f"{MAILBOX}{ARCHIVE}"
     )
     config.chmod(0o600)
     return ServerProcess(directory, config, pop3, lmtp, users)

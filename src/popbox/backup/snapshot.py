@@ -65,6 +65,9 @@ LOCK_NAME: Final = ".popbox-backup.lock"
 SQLITE_SIDE_FILES: Final = ("-wal", "-shm", "-journal")
 # The archive keeps its immutable, content-addressed files here (the index names them).
 OBJECTS_DIR: Final = "objects"
+# popbox.archive.objects writes an object under this prefix and renames it when whole:
+# such a file is an object being written, which no index entry names yet.
+OBJECT_TEMPORARY_PREFIX: Final = ".tmp-"
 
 Progress = Callable[[str], None]
 
@@ -223,6 +226,8 @@ class _TreeWalk:
             if known.size == info.st_size and known.mtime_ns == info.st_mtime_ns:
                 return  # the second walk: unchanged since the first
         kind = self._kind(source)
+        if kind == "object" and entry.name.startswith(OBJECT_TEMPORARY_PREFIX):
+            return
         if kind != "object" and is_sqlite(source):  # objects are messages, never databases
             self._databases[source] = target
             return
