@@ -1,4 +1,4 @@
-"""The Maildirs of a snapshot: every folder taken whole under its own lock.
+"""The Maildirs of a snapshot: each user's folders taken whole, under all their locks.
 
 Why a folder's snapshot is consistent while ``popbox serve`` runs. A folder is its
 message files (cur/, new/) and four files popbox keeps beside them: the index

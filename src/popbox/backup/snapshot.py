@@ -9,8 +9,9 @@ next run (they take turns on ``DEST/.popbox-backup.lock``) removes what it left.
 
 What is consistent with what, with the server running:
 
-- each Maildir folder with its own index, device state, kept UIDLs and lock note,
-  taken under the folder's lock (backup.maildirs has the argument);
+- each user's Maildir folders with their indexes, device states, kept UIDLs and
+  lock notes, taken under all the user's folder locks at once (backup.maildirs has
+  the argument);
 - each SQLite database (the archive's ``index.sqlite``, the collector's state, any
   other) as of one read transaction, through SQLite's online backup API, never by
   copying its file;
