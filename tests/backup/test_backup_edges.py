@@ -207,3 +207,22 @@ def test_a_destination_inside_the_maildirs_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "back up elsewhere" in done.stderr
     assert not dest.exists()
+
+
+def test_restore_follows_the_other_machines_layout(tmp_path: Path) -> None:
+    server = populated(tmp_path / "live")
+    with running(server):
+        expected = see(server, "alice"), see(server, "bob")
+    snapshot = backup(server, tmp_path / "backups")
+    elsewhere = make_config(tmp_path / "elsewhere", passwd=False)
+    vmail, passwd = tmp_path / "vmail", tmp_path / "etc" / "popbox-passwd"
+    elsewhere.config.write_text(
+        f'storage = {{ maildir_root = "{vmail}" }}\nauth = {{ passwd_file = "{passwd}" }}\n'
+        + elsewhere.config.read_text()
+    )
+    popbox(elsewhere.config, "restore", str(snapshot))
+    assert (vmail / "alice" / "popbox-index").is_file()
+    assert passwd.stat().st_mode & 0o777 == 0o600
+    assert not (elsewhere.directory / "data" / "mail").exists()
+    with running(elsewhere):
+        assert (see(elsewhere, "alice"), see(elsewhere, "bob")) == expected
