@@ -40,7 +40,6 @@ from popbox.backup.snapshot import complete_snapshots
 from popbox.backup.writer import DIR_MODE, FILE_MODE, WRITE_FLAGS
 from popbox.config import Config
 from popbox.errors import PopboxError
-from popbox.fileio import fsync_dir
 
 __all__ = ["RestoreResult", "find_snapshot", "restore_snapshot"]
 
@@ -188,8 +187,9 @@ def _write(
     if owner is not None:
         for path in made:
             os.chown(path, *owner, follow_symlinks=False)
-    for folder in {path if path.is_dir() else path.parent for path in made}:
-        fsync_dir(folder)
+    # One flush of everything restored before it is reported done, rather than a
+    # disk flush per file.
+    os.sync()
     return RestoreResult(snapshot, manifest, len(manifest.files), octets)
 
 
@@ -218,7 +218,6 @@ def _copy(source: Path, target: Path) -> tuple[int, str]:
                     view = view[os.write(out, view) :]
                 size += len(chunk)
             os.fchmod(out, FILE_MODE)  # whatever the umask says
-            os.fsync(out)
         finally:
             os.close(out)
     finally:

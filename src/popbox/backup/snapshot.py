@@ -3,8 +3,8 @@
 Each run writes ``DEST/<UTC time>/`` (``20261207T235517Z``), complete on its own and
 incremental against the newest earlier snapshot in DEST: unchanged message files and
 archive objects are hard links to it (backup.writer), the rest is copied. A snapshot
-is written as ``DEST/.partial-<time>`` and renamed only once its manifest is written
-and everything is fsynced, so a killed backup leaves nothing that looks complete; the
+is written as ``DEST/.partial-<time>`` and renamed only once everything is on disk
+and its manifest written, so a killed backup leaves nothing that looks complete; the
 next run (they take turns on ``DEST/.popbox-backup.lock``) removes what it left.
 
 What is consistent with what, with the server running:
@@ -166,7 +166,10 @@ def _take(
     manifest.files = sorted(writer.entries.values(), key=lambda entry: entry.path)
     manifest.dirs = list(writer.dirs)
     os.rmdir(staging / ASIDE_DIR)
-    _fsync_tree(staging)
+    # Everything written so far reaches the disk before the manifest says the
+    # snapshot is whole: one flush of all of it, where an fsync per file would be
+    # a disk flush per message (the manifest and the renames get their own).
+    os.sync()
     write_manifest(staging, manifest)
     fsync_dir(staging)
     final = dest / name
@@ -280,10 +283,3 @@ def _users(config: Config) -> list[str]:
     from popbox.auth.admin import list_users
 
     return [record.name for record in list_users(config.auth.passwd_file)]
-
-
-def _fsync_tree(top: Path) -> None:
-    """Every directory of the snapshot, so the names in it survive a power cut (the
-    files were fsynced as they were written)."""
-    for directory, _, _ in os.walk(top):
-        fsync_dir(Path(directory))

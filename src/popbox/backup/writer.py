@@ -7,7 +7,9 @@ Only immutable files are linked (``rsync --link-dest`` style): Maildir message f
 size and modification time, under the same path or, for a message, the same Maildir
 key (the name up to ``:``), so a message moved from new/ to cur/ or given flags is
 still linked. Its digest is then the previous manifest's. Anything else is copied:
-read once, hashed while written, fsynced, its modification time kept.
+read once, hashed while written, its modification time kept. Nothing is fsynced
+file by file: the snapshot flushes the whole filesystem once before its manifest
+(backup.snapshot), which costs far less than a disk flush per message.
 
 Every file of a snapshot is private (0600) and every directory too (0700), as popbox
 makes its Maildirs.
@@ -220,7 +222,6 @@ class SnapshotWriter:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.utime(target, ns=(mtime_ns, mtime_ns))
@@ -259,7 +260,6 @@ class SnapshotWriter:
         mtime_ns = os.stat(source).st_mtime_ns
         fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
             size, sha256 = file_digest(fd)
         finally:
             os.close(fd)
@@ -295,7 +295,6 @@ class SnapshotWriter:
                 while view:
                     view = view[os.write(out, view) :]
                 size += len(chunk)
-            os.fsync(out)
         finally:
             os.close(out)
         os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
