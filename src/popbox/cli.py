@@ -1,5 +1,5 @@
 """The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth,
-archive."""
+archive, backup, restore."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 import click
 
 from popbox.archive_command import archive_group
+from popbox.backup_command import backup_command, restore_command
 from popbox.cli_support import config_option, find_user, load, passwd_users, run_on_store
 from popbox.errors import PopboxError
 from popbox.import_command import import_group
@@ -352,6 +353,8 @@ def expire(
 main.add_command(import_group)
 main.add_command(archive_group)
 main.add_command(migrate_command)
+main.add_command(backup_command)
+main.add_command(restore_command)
 
 
 @main.command()
