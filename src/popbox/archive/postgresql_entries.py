@@ -1,0 +1,205 @@
+"""The PostgreSQL archive's entries: a message made ready to store (read, cut,
+extracted and folded, off the event loop), stored as a user's entry in one
+transaction with its content, rebuilt from its stored message (``reindex``), and
+read back as an ``Entry``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from popbox.archive.base import Added, ArchiveSource, Entry
+from popbox.archive.extract import Extracted, extract
+from popbox.archive.postgresql_content import Content, cut, piece_list_of, read_pieces, take
+from popbox.archive.postgresql_query import ENTRY_COLUMNS, PEOPLE, WORDS, fold, strip_markers
+from popbox.archive.segments import segment_ends
+from popbox.errors import ArchiveError
+from popbox.pgsql import transaction
+
+__all__ = ["Prepared", "entry_of", "prepare", "reindex_entry", "store_prepared"]
+
+# Characters of a message's text kept beside its entry for snippets: ts_headline
+# parses all of it for every hit shown, so a page of 50 stays a few MB of parsing.
+SNIPPET_SOURCE: Final = 64 * 1024
+# A tsvector holds at most 1 MB (PostgreSQL's limit): a text this long of distinct
+# words could pass it, so its entry is written under a savepoint, and with half the
+# text indexed (and again) if it does.
+LARGE_TEXT: Final = 128 * 1024
+
+_ENTRY_VALUES: Final = sql.SQL(
+    "INSERT INTO archive_entries AS e (username, digest, size, received, source, folder, "
+    "date, sender, recipients, subject, message_id, attachments, body, words, people) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {words}, {people}) "
+    "ON CONFLICT (username, digest) DO NOTHING RETURNING {columns}"
+).format(words=sql.SQL(WORDS), people=sql.SQL(PEOPLE), columns=ENTRY_COLUMNS)
+_EXISTING: Final = sql.SQL(
+    "SELECT {columns} FROM archive_entries AS e WHERE e.username = %s AND e.digest = %s"
+).format(columns=ENTRY_COLUMNS)
+_REINDEX: Final = sql.SQL(
+    "UPDATE archive_entries SET date = %s, sender = %s, recipients = %s, subject = %s, "
+    "message_id = %s, attachments = %s, body = %s, words = {words}, people = {people} "
+    "WHERE username = %s AND id = %s"
+).format(words=sql.SQL(WORDS), people=sql.SQL(PEOPLE))
+_ORIGIN: Final = (
+    "INSERT INTO archive_origins (username, origin) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Indexed:
+    """What one entry is searched and shown by, from its message."""
+
+    extracted: Extracted
+    folded: tuple[str, str, str, str, str]
+    """Subject, sender, recipients, text, attachment names: as ``fold`` makes them."""
+
+    @classmethod
+    def of(cls, data: bytes) -> Indexed:
+        found = extract(data)
+        folded = (
+            fold(found.subject),
+            fold(found.sender),
+            fold(found.recipients),
+            fold(found.body),
+            fold(" ".join(found.attachments)),
+        )
+        return cls(found, folded)
+
+    def columns(self, text_limit: int | None = None) -> tuple[object, ...]:
+        """date .. people of ``_REINDEX``; ``text_limit``: index only that much text."""
+        found = self.extracted
+        subject, sender, recipients, text, names = self.folded
+        if text_limit is not None:
+            text = text[:text_limit]
+        return (
+            found.date,
+            found.sender,
+            found.recipients,
+            found.subject,
+            found.message_id,
+            list(found.attachments),
+            strip_markers(found.body[:SNIPPET_SOURCE]),
+            subject, sender, recipients, text, names,
+            sender, recipients,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A message ready to store: its content cut in pieces and what is indexed."""
+
+    content: Content
+    indexed: Indexed
+
+
+def _prepare(message: bytes | Path) -> Prepared:
+    data = message.read_bytes() if isinstance(message, Path) else bytes(message)
+    return Prepared(cut(data, segment_ends(data)), Indexed.of(data))
+
+
+async def prepare(message: bytes | Path) -> Prepared:
+    """``message`` read, cut and extracted in a worker thread (it is CPU work)."""
+    try:
+        return await asyncio.to_thread(_prepare, message)
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {message}: {exc.strerror or exc}") from exc
+
+
+async def _insert_entry(
+    conn: psycopg.AsyncConnection, head: tuple[object, ...], indexed: Indexed
+) -> tuple[object, ...] | None:
+    """Insert the entry (``head``: user .. folder; None: the user has it already),
+    halving the indexed text while its tsvector is too large for PostgreSQL."""
+    limit: int | None = None
+    while True:
+        values = (*head, *indexed.columns(limit))
+        large = len(indexed.folded[3]) > LARGE_TEXT if limit is None else True
+        if not large:
+            cursor = await conn.execute(_ENTRY_VALUES, values)
+            return await cursor.fetchone()
+        try:
+            async with conn.transaction():
+                cursor = await conn.execute(_ENTRY_VALUES, values)
+                return await cursor.fetchone()
+        except psycopg.errors.ProgramLimitExceeded:
+            limit = (limit or len(indexed.folded[3])) // 2
+
+
+async def store_prepared(
+    conn: psycopg.AsyncConnection,
+    user: str,
+    prepared: Prepared,
+    *,
+    source: ArchiveSource,
+    folder: str,
+    received: float,
+    origin: str | None = None,
+) -> Added:
+    """Keep ``prepared`` as the user's entry in ``conn``'s transaction; an entry the
+    user has already is returned as it is (``new`` False) and nothing is stored."""
+    content = prepared.content
+    if origin is not None:
+        await conn.execute(_ORIGIN, (user, origin))
+    head = (user, content.digest, content.size, received, source.value, folder)
+    row = await _insert_entry(conn, head, prepared.indexed)
+    if row is None:
+        cursor = await conn.execute(_EXISTING, (user, content.digest))
+        existing = await cursor.fetchone()
+        if existing is None:
+            raise ArchiveError(f"{user}'s entry for a message vanished while it was added")
+        return Added(entry_of(existing), new=False)
+    await take(conn, content)
+    return Added(entry_of(row), new=True)
+
+
+async def reindex_entry(pool: AsyncConnectionPool, user: str, entry_id: int) -> bool:
+    """Index the user's entry again from its stored message; False if it is gone."""
+    doing = f"reindex entry {entry_id} of {user}"
+    digests = await piece_list_of(pool, user, entry_id)
+    if digests is None:
+        return False
+    data = b"".join([piece async for piece in read_pieces(pool, digests, doing)])
+    indexed = await asyncio.to_thread(Indexed.of, data)
+    del data
+    async with transaction(pool, ArchiveError, doing) as conn:
+        limit: int | None = None
+        while True:
+            try:
+                async with conn.transaction():
+                    cursor = await conn.execute(_REINDEX, (*indexed.columns(limit), user, entry_id))
+                    return cursor.rowcount > 0
+            except psycopg.errors.ProgramLimitExceeded:
+                limit = (limit or len(indexed.folded[3])) // 2
+
+
+def entry_of(row: Sequence[object]) -> Entry:
+    """An Entry from the ENTRY_COLUMNS of a row."""
+    (
+        entry_id, user, digest, size, received, date, sender, recipients, subject,
+        message_id, attachments, source, folder, hold,
+    ) = row  # fmt: skip
+    assert isinstance(digest, bytes | memoryview)
+    assert isinstance(attachments, list)
+    return Entry(
+        id=int(entry_id),  # type: ignore[call-overload]
+        user=str(user),
+        digest=bytes(digest).hex(),
+        size=int(size),  # type: ignore[call-overload]
+        received=float(received),  # type: ignore[arg-type]
+        date=None if date is None else float(date),  # type: ignore[arg-type]
+        sender=str(sender),
+        recipients=str(recipients),
+        subject=str(subject),
+        message_id=str(message_id),
+        attachments=tuple(str(name) for name in attachments),
+        source=ArchiveSource(source),
+        folder=str(folder),
+        hold=bool(hold),
+    )

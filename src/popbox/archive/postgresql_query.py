@@ -1,0 +1,322 @@
+"""From the query AST (popbox.archive.base) to PostgreSQL full-text search: the
+words a message is indexed under, the tsquery a search asks, the statements that
+find a page of results, and the snippets around what matched.
+
+What a word is. Text is folded the same way on both sides, the indexed message and
+the user's query (``fold``): NFKC and casefolded as every backend compares words
+(popbox.archive.query.normalise), and everything but letters and digits is a space,
+so ``alice@example.com`` is the words ``alice example com`` and ``from:alice`` finds
+it, as SQLite's unicode61 tokenizer would. PostgreSQL's own parser would keep an
+address, a host name or a file name whole, so it only ever sees the folded words.
+
+Safety. User text never reaches SQL: each query is one statement of fixed text with
+parameters. It never reaches tsquery syntax either: a term becomes tsquery operands
+only as folded words, which hold nothing but letters and digits, each quoted (quotes
+and backslashes doubled besides); the operators around them are ours.
+
+Plans. A search computes its matches first, in a MATERIALIZED CTE the GIN indexes
+serve, and sorts and pages only those: a date-sorted ``LIMIT`` otherwise lets the
+planner walk the date index and test every row of a large archive. The listing of
+everything (MatchAll) walks ``archive_entries_listing`` instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from psycopg import sql
+
+from popbox.archive.base import (
+    And,
+    DateBound,
+    Has,
+    MatchAll,
+    Not,
+    Or,
+    Query,
+    SizeBound,
+    Snippet,
+    Term,
+    TermField,
+)
+from popbox.errors import InvalidQuery
+
+__all__ = [
+    "ENTRY_COLUMNS",
+    "PEOPLE",
+    "WORDS",
+    "Condition",
+    "compile_query",
+    "entries_statement",
+    "fold",
+    "highlight_tsquery",
+    "search_statement",
+    "snippet_of",
+    "strip_markers",
+]
+
+# ts_headline marks matches with these; stored text never holds them (strip_markers),
+# so a snippet's parts are exactly what PostgreSQL marked. Unicode private use.
+START_MARK: Final = "\ue000"
+STOP_MARK: Final = "\ue001"
+# What a snippet shows: about two short passages of a line each, as Gmail and notmuch
+# show under a result.
+HEADLINE_OPTIONS: Final = (
+    f'StartSel="{START_MARK}", StopSel="{STOP_MARK}", MaxWords=24, MinWords=8, '
+    'ShortWord=2, MaxFragments=2, FragmentDelimiter=" … "'
+)
+# The opening of a message shown when nothing in particular matched (a listing).
+LEAD_CHARS: Final = 160
+
+_NOT_WORD: Final = re.compile(r"[\W_]+")
+
+# The tsvectors of one entry, from folded texts. Parameters: subject, sender,
+# recipients, body, attachment names (``words``); sender, recipients (``people``).
+WORDS: Final = """(
+    setweight(to_tsvector('simple', %s), 'A') || setweight(to_tsvector('simple', %s), 'B')
+    || setweight(to_tsvector('simple', %s), 'B') || setweight(to_tsvector('simple', %s), 'C')
+    || setweight(to_tsvector('simple', %s), 'D'))"""
+PEOPLE: Final = """(
+    setweight(to_tsvector('simple', %s), 'A') || setweight(to_tsvector('simple', %s), 'B'))"""
+
+ENTRY_COLUMNS: Final = sql.SQL(
+    "e.id, e.username, e.digest, e.size, e.received, e.date, e.sender, e.recipients, "
+    "e.subject, e.message_id, e.attachments, e.source, e.folder, e.hold"
+)
+
+
+def fold(text: str) -> str:
+    """``text`` as the words search sees, in the one normal form of term text
+    (popbox.archive.query.normalise: NFKC, casefolded): letters and digits, every
+    other run of characters one space."""
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def strip_markers(text: str) -> str:
+    """``text`` without the snippet markers, so they cannot occur in stored text."""
+    return text.replace(START_MARK, " ").replace(STOP_MARK, " ")
+
+
+class _Column(enum.Enum):
+    WORDS = "words"
+    PEOPLE = "people"
+
+
+# Where each field is searched: a column, and the weights a word must carry there.
+_FIELDS: Final[dict[TermField, tuple[_Column, str]]] = {
+    TermField.ANY: (_Column.WORDS, ""),
+    TermField.SUBJECT: (_Column.WORDS, "A"),
+    TermField.BODY: (_Column.WORDS, "C"),
+    TermField.FILENAME: (_Column.WORDS, "D"),
+    TermField.FROM: (_Column.PEOPLE, "A"),
+    TermField.TO: (_Column.PEOPLE, "B"),
+}
+
+
+def _words(term: Term) -> list[tuple[list[str], bool]]:
+    """The term's words as folded groups, each with whether it is a prefix: one
+    group per word the user typed (``alice@example.com`` is a group of three)."""
+    groups: list[tuple[list[str], bool]] = []
+    for word in term.text.split():
+        prefix = word.endswith("*")
+        tokens = fold(word.rstrip("*")).split()
+        if tokens:
+            groups.append((tokens, prefix))
+    return groups
+
+
+def _operand(token: str, prefix: bool, weights: str) -> str:
+    quoted = token.replace("\\", "\\\\").replace("'", "''")
+    suffix = ("*" if prefix else "") + weights
+    return f"'{quoted}'" + (f":{suffix}" if suffix else "")
+
+
+def _term_tsquery(term: Term, weights: str) -> str | None:
+    """The term as to_tsquery text, or None when it holds no word at all."""
+    groups = _words(term)
+    if not groups:
+        return None
+    phrases: list[str] = []
+    for tokens, prefix in groups:
+        last = len(tokens) - 1
+        operands = [
+            _operand(token, prefix and i == last, weights) for i, token in enumerate(tokens)
+        ]
+        phrases.append(" <-> ".join(operands))
+    if term.phrase:
+        return "(" + " <-> ".join(phrases) + ")"
+    return "(" + " & ".join(f"({phrase})" for phrase in phrases) + ")"
+
+
+def _column_of(query: Query) -> _Column | None:
+    """The one column a subtree of terms searches, or None when it needs SQL (other
+    conditions, two columns, a term of no words): such a subtree is one tsquery."""
+    if isinstance(query, Term):
+        column, weights = _FIELDS[query.field]
+        return column if _term_tsquery(query, weights) is not None else None
+    if isinstance(query, Not):
+        return _column_of(query.part)
+    if isinstance(query, And | Or) and query.parts:
+        columns = {_column_of(part) for part in query.parts}
+        if len(columns) == 1:
+            return columns.pop()
+    return None
+
+
+def _tsquery(query: Query) -> str:
+    """A subtree ``_column_of`` accepted, as to_tsquery text."""
+    if isinstance(query, Term):
+        text = _term_tsquery(query, _FIELDS[query.field][1])
+        assert text is not None
+        return text
+    if isinstance(query, Not):
+        return f"!{_tsquery(query.part)}"
+    assert isinstance(query, And | Or)
+    joiner = " & " if isinstance(query, And) else " | "
+    return "(" + joiner.join(_tsquery(part) for part in query.parts) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A boolean SQL expression over ``archive_entries AS e`` and its parameters."""
+
+    text: sql.Composable
+    params: tuple[object, ...] = ()
+    text_search: bool = False
+    """Whether it searches a tsvector (the GIN indexes can find its rows)."""
+
+
+_TRUE: Final = Condition(sql.SQL("true"))
+_FALSE: Final = Condition(sql.SQL("false"))
+
+
+def compile_query(query: Query) -> Condition:
+    """``query`` as a condition on one entry; InvalidQuery for what is not known."""
+    column = _column_of(query)
+    if column is not None:
+        text = sql.SQL("e.{} @@ to_tsquery('simple', %s)").format(sql.Identifier(column.value))
+        return Condition(text, (_tsquery(query),), text_search=True)
+    if isinstance(query, Term):
+        return _FALSE  # no word to look for: nothing has it
+    if isinstance(query, MatchAll):
+        return _TRUE
+    if isinstance(query, Has):
+        if query.what != "attachment":
+            raise InvalidQuery(f"has:{query.what}: only has:attachment is known")
+        return Condition(sql.SQL("cardinality(e.attachments) > 0"))
+    if isinstance(query, DateBound):
+        op = "<" if query.before else ">="
+        return Condition(sql.SQL(f"e.sort_time {op} %s"), (float(query.moment),))
+    if isinstance(query, SizeBound):
+        op = ">" if query.larger else "<"
+        return Condition(sql.SQL(f"e.size {op} %s"), (int(query.octets),))
+    if isinstance(query, Not):
+        inner = compile_query(query.part)
+        return Condition(sql.SQL("NOT ({})").format(inner.text), inner.params, inner.text_search)
+    if isinstance(query, And | Or):
+        if not query.parts:
+            return _TRUE if isinstance(query, And) else _FALSE
+        parts = [compile_query(part) for part in query.parts]
+        joiner = sql.SQL(" AND " if isinstance(query, And) else " OR ")
+        return Condition(
+            joiner.join(sql.SQL("({})").format(part.text) for part in parts),
+            tuple(param for part in parts for param in part.params),
+            any(part.text_search for part in parts),
+        )
+    raise InvalidQuery(f"not a query: {query!r}")
+
+
+def _positive_terms(query: Query) -> Iterator[Term]:
+    """The terms a match has (not those under a NOT): what a snippet marks."""
+    if isinstance(query, Term):
+        yield query
+    elif isinstance(query, And | Or):
+        for part in query.parts:
+            yield from _positive_terms(part)
+
+
+def highlight_tsquery(query: Query) -> str | None:
+    """to_tsquery text that marks, in a message's text, every word the query looked
+    for (in any field, weights aside: the snippet's text has none); None if none."""
+    texts = [_term_tsquery(term, "") for term in _positive_terms(query)]
+    found = [text for text in texts if text is not None]
+    return " | ".join(found) if found else None
+
+
+def _snippet_column(query: Query) -> tuple[sql.Composable, tuple[object, ...]]:
+    highlight = highlight_tsquery(query)
+    if highlight is None:
+        return sql.SQL("left(e.body, %s)"), (LEAD_CHARS,)
+    return (
+        sql.SQL("ts_headline('simple', e.body, to_tsquery('simple', %s), %s)"),
+        (highlight, HEADLINE_OPTIONS),
+    )
+
+
+def search_statement(
+    user: str, query: Query, limit: int, offset: int
+) -> tuple[sql.Composed, tuple[object, ...]]:
+    """One statement for a page of ``search``: rows of (total, the ENTRY_COLUMNS,
+    snippet text), newest first; a page past the end is one row of NULLs but the
+    total. The condition is computed before anything is sorted (see the module)."""
+    condition = compile_query(query)
+    snippet, snippet_params = _snippet_column(query)
+    if isinstance(query, MatchAll) or not condition.text_search:
+        # Nothing for a GIN index: the listing index gives rows in order.
+        matched = sql.SQL(
+            "matched AS (SELECT e.id, e.sort_time FROM archive_entries AS e "
+            "WHERE e.username = %s AND ({}))"
+        ).format(condition.text)
+    else:
+        matched = sql.SQL(
+            "matched AS MATERIALIZED (SELECT e.id, e.sort_time FROM archive_entries AS e "
+            "WHERE e.username = %s AND ({}))"
+        ).format(condition.text)
+    statement = sql.SQL(
+        "WITH {matched}, page AS (SELECT id, sort_time FROM matched "
+        "ORDER BY sort_time DESC, id DESC LIMIT %s OFFSET %s) "
+        "SELECT t.total, {columns}, {snippet} "
+        "FROM (SELECT count(*) AS total FROM matched) AS t "
+        "LEFT JOIN (page JOIN archive_entries AS e ON e.id = page.id) ON true "
+        "ORDER BY page.sort_time DESC, page.id DESC"
+    ).format(matched=matched, columns=ENTRY_COLUMNS, snippet=snippet)
+    params = (user, *condition.params, limit, offset, *snippet_params)
+    return statement, params
+
+
+def entries_statement(
+    user: str, query: Query, after_id: int, batch: int
+) -> tuple[sql.Composed, tuple[object, ...]]:
+    """The next ``batch`` matching entries above ``after_id``, in id order."""
+    condition = compile_query(query)
+    statement = sql.SQL(
+        "SELECT {columns} FROM archive_entries AS e "
+        "WHERE e.username = %s AND e.id > %s AND ({condition}) ORDER BY e.id LIMIT %s"
+    ).format(columns=ENTRY_COLUMNS, condition=condition.text)
+    return statement, (user, after_id, *condition.params, batch)
+
+
+def snippet_of(text: str | None, *, lead: bool = False) -> Snippet:
+    """A Snippet from ts_headline's output (or a message's opening, ``lead``)."""
+    if not text:
+        return Snippet()
+    if lead:
+        words = " ".join(text.split())
+        if len(words) >= LEAD_CHARS:
+            # Cut at a word's end, and say that the text goes on.
+            words = words[:LEAD_CHARS].rsplit(" ", 1)[0] + " …"
+        return Snippet(((words, False),))
+    parts: list[tuple[str, bool]] = []
+    for piece in re.split(f"({START_MARK}.*?{STOP_MARK})", text, flags=re.DOTALL):
+        if not piece:
+            continue
+        if piece.startswith(START_MARK) and piece.endswith(STOP_MARK):
+            parts.append((piece[1:-1], True))
+        else:
+            parts.append((piece, False))
+    return Snippet(tuple(parts))
