@@ -109,7 +109,7 @@ async def prepare(message: bytes | Path) -> Prepared:
     try:
         return await asyncio.to_thread(_prepare, message)
     except OSError as exc:
-        raise ArchiveError(f"cannot read {message}: {exc.strerror or exc}") from exc
+        raise ArchiveError(f"cannot read the message to archive: {exc}") from exc
 
 
 async def _insert_entry(

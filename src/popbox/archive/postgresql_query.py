@@ -44,6 +44,7 @@ from popbox.archive.base import (
     Term,
     TermField,
 )
+from popbox.archive.query import normalise, phrase_words, term_words
 from popbox.errors import InvalidQuery
 
 __all__ = [
@@ -118,39 +119,31 @@ _FIELDS: Final[dict[TermField, tuple[_Column, str]]] = {
 }
 
 
-def _words(term: Term) -> list[tuple[list[str], bool]]:
-    """The term's words as folded groups, each with whether it is a prefix: one
-    group per word the user typed (``alice@example.com`` is a group of three)."""
-    groups: list[tuple[list[str], bool]] = []
-    for word in term.text.split():
-        prefix = word.endswith("*")
-        tokens = fold(word.rstrip("*")).split()
-        if tokens:
-            groups.append((tokens, prefix))
-    return groups
+def _groups(term: Term) -> list[tuple[tuple[str, ...], bool]]:
+    """The term's words as the parser splits them (popbox.archive.query): groups of
+    index words matched side by side, each with whether its last word is a prefix."""
+    text = normalise(term.text)
+    if term.phrase:
+        words, prefix = phrase_words(text)
+        return [(words, prefix)] if words else []
+    return term_words(text)
 
 
-def _operand(token: str, prefix: bool, weights: str) -> str:
-    quoted = token.replace("\\", "\\\\").replace("'", "''")
+def _operand(word: str, prefix: bool, weights: str) -> str:
+    # A word is letters and digits only; the doubling keeps it quoted whatever it is.
+    quoted = word.replace("\\", "\\\\").replace("'", "''")
     suffix = ("*" if prefix else "") + weights
     return f"'{quoted}'" + (f":{suffix}" if suffix else "")
 
 
 def _term_tsquery(term: Term, weights: str) -> str | None:
     """The term as to_tsquery text, or None when it holds no word at all."""
-    groups = _words(term)
-    if not groups:
-        return None
     phrases: list[str] = []
-    for tokens, prefix in groups:
-        last = len(tokens) - 1
-        operands = [
-            _operand(token, prefix and i == last, weights) for i, token in enumerate(tokens)
-        ]
-        phrases.append(" <-> ".join(operands))
-    if term.phrase:
-        return "(" + " <-> ".join(phrases) + ")"
-    return "(" + " & ".join(f"({phrase})" for phrase in phrases) + ")"
+    for words, prefix in _groups(term):
+        last = len(words) - 1
+        operands = [_operand(word, prefix and i == last, weights) for i, word in enumerate(words)]
+        phrases.append("(" + " <-> ".join(operands) + ")")
+    return "(" + " & ".join(phrases) + ")" if phrases else None
 
 
 def _column_of(query: Query) -> _Column | None:
@@ -266,27 +259,35 @@ def search_statement(
     total. The condition is computed before anything is sorted (see the module)."""
     condition = compile_query(query)
     snippet, snippet_params = _snippet_column(query)
-    if isinstance(query, MatchAll) or not condition.text_search:
-        # Nothing for a GIN index: the listing index gives rows in order.
-        matched = sql.SQL(
-            "matched AS (SELECT e.id, e.sort_time FROM archive_entries AS e "
-            "WHERE e.username = %s AND ({}))"
-        ).format(condition.text)
+    where = sql.SQL("e.username = %s AND ({})").format(condition.text)
+    where_params = (user, *condition.params)
+    if condition.text_search:
+        # The matches first (the GIN indexes find them), then their order and page.
+        ids = sql.SQL(
+            "WITH matched AS MATERIALIZED (SELECT e.id, e.sort_time "
+            "FROM archive_entries AS e WHERE {where}), "
+            "page AS (SELECT id, sort_time FROM matched "
+            "ORDER BY sort_time DESC, id DESC LIMIT %s OFFSET %s) "
+        ).format(where=where)
+        total = sql.SQL("SELECT count(*) AS total FROM matched")
+        total_params: tuple[object, ...] = ()
     else:
-        matched = sql.SQL(
-            "matched AS MATERIALIZED (SELECT e.id, e.sort_time FROM archive_entries AS e "
-            "WHERE e.username = %s AND ({}))"
-        ).format(condition.text)
+        # Nothing for a GIN index: the listing index gives the page in order, and
+        # the count is a walk of the user's part of it.
+        ids = sql.SQL(
+            "WITH page AS (SELECT e.id, e.sort_time FROM archive_entries AS e "
+            "WHERE {where} ORDER BY e.sort_time DESC, e.id DESC LIMIT %s OFFSET %s) "
+        ).format(where=where)
+        total = sql.SQL("SELECT count(*) AS total FROM archive_entries AS e WHERE {}").format(where)
+        total_params = where_params
     statement = sql.SQL(
-        "WITH {matched}, page AS (SELECT id, sort_time FROM matched "
-        "ORDER BY sort_time DESC, id DESC LIMIT %s OFFSET %s) "
-        "SELECT t.total, {columns}, {snippet} "
-        "FROM (SELECT count(*) AS total FROM matched) AS t "
+        "{ids}SELECT t.total, {columns}, {snippet} "
+        "FROM ({total}) AS t "
         "LEFT JOIN (page JOIN archive_entries AS e ON e.id = page.id) ON true "
         "ORDER BY page.sort_time DESC, page.id DESC"
-    ).format(matched=matched, columns=ENTRY_COLUMNS, snippet=snippet)
-    params = (user, *condition.params, limit, offset, *snippet_params)
-    return statement, params
+    ).format(ids=ids, total=total, columns=ENTRY_COLUMNS, snippet=snippet)
+    # The placeholders in the order they appear: the page, the snippet, the total.
+    return statement, (*where_params, limit, offset, *snippet_params, *total_params)
 
 
 def entries_statement(
