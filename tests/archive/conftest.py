@@ -10,6 +10,7 @@ import pytest
 
 from popbox.archive.base import Archive
 from popbox.archive.sqlite import SqliteArchive
+from support.pgarchive import postgres_factory
 
 ArchiveFactory = Callable[[Path], Awaitable[Archive]]
 
@@ -22,10 +23,13 @@ async def make_sqlite(tmp_path: Path) -> Archive:
 FACTORIES: dict[str, ArchiveFactory] = {"sqlite": make_sqlite}
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def make_archive(request: pytest.FixtureRequest) -> ArchiveFactory:
     """``await make_archive(tmp_path)``: a fresh archive of the backend under test
     (the same directory gives the same archive again, for a reopen)."""
+    if request.param == "postgresql":
+        # A database of the session's PostgreSQL for each directory.
+        return postgres_factory(request.getfixturevalue("postgres_server"))
     return FACTORIES[request.param]
 
 

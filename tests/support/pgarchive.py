@@ -4,15 +4,19 @@ would send them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
+from pathlib import Path
 
+from popbox.archive.base import Archive
 from popbox.archive.postgresql import PostgresArchive
 from popbox.pgsql import PoolSettings
+from support.postgres import PostgresServer
 
-__all__ = ["mail", "postgres_archive"]
+__all__ = ["mail", "postgres_archive", "postgres_factory"]
 
 
 def postgres_archive(
@@ -27,6 +31,19 @@ def postgres_archive(
     if clock is None:
         return PostgresArchive(pool)
     return PostgresArchive(pool, clock=clock)
+
+
+def postgres_factory(server: PostgresServer) -> Callable[[Path], Awaitable[Archive]]:
+    """The contract suite's factory (tests/archive/conftest.py): an archive on a new
+    database of ``server`` for each directory, the same database for the same one."""
+    databases: dict[Path, str] = {}
+
+    async def make(path: Path) -> Archive:
+        if path not in databases:
+            databases[path] = await asyncio.to_thread(server.create_database)
+        return postgres_archive(databases[path])
+
+    return make
 
 
 def mail(

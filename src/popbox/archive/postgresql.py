@@ -39,13 +39,7 @@ from popbox.archive.base import (
     SearchPage,
 )
 from popbox.archive.postgresql_content import piece_list_of, read_pieces, release
-from popbox.archive.postgresql_entries import (
-    Prepared,
-    entry_of,
-    prepare,
-    reindex_entry,
-    store_prepared,
-)
+from popbox.archive.postgresql_entries import entry_of, make_ready, reindex_entry, store_ready
 from popbox.archive.postgresql_query import (
     ENTRY_COLUMNS,
     entries_statement,
@@ -54,7 +48,7 @@ from popbox.archive.postgresql_query import (
     snippet_of,
 )
 from popbox.archive.postgresql_schema import SCHEMA
-from popbox.errors import ArchiveError, EntryOnHold, InvalidQuery, NoSuchEntry
+from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry
 from popbox.pgsql import PoolSettings, ensure_schema, open_pool, transaction
 
 __all__ = ["PostgresArchive"]
@@ -165,18 +159,19 @@ class PostgresArchive:
         received: float | None = None,
         origin: str | None = None,
     ) -> Added:
-        prepared = await prepare(message)
         when = self._clock() if received is None else received
         pool = await self.pool()
+        with await make_ready(message) as ready:
 
-        async def attempt() -> Added:
-            async with transaction(pool, ArchiveError, f"archive a message of {user}") as conn:
-                return await store_prepared(
-                    conn, user, prepared, source=source, folder=folder, received=when,
-                    origin=origin,
-                )  # fmt: skip
+            async def attempt() -> Added:
+                doing = f"archive a message of {user}"
+                async with transaction(pool, ArchiveError, doing) as conn:
+                    return await store_ready(
+                        conn, user, ready, source=source, folder=folder, received=when,
+                        origin=origin,
+                    )  # fmt: skip
 
-        return await self._retrying(attempt)
+            return await self._retrying(attempt)
 
     async def add_batch(
         self,
@@ -197,14 +192,11 @@ class PostgresArchive:
             async with transaction(pool, ArchiveError, doing) as conn:
                 # One message in memory at a time, however large the batch.
                 for message in messages:
-                    prepared: Prepared | None = await prepare(message)
-                    assert prepared is not None
-                    added.append(
-                        await store_prepared(
-                            conn, user, prepared, source=source, folder=folder, received=when
+                    with await make_ready(message) as ready:
+                        stored = await store_ready(
+                            conn, user, ready, source=source, folder=folder, received=when
                         )
-                    )
-                    prepared = None
+                    added.append(stored)
             return added
 
         return await self._retrying(attempt)
@@ -222,9 +214,9 @@ class PostgresArchive:
     async def search(
         self, user: str, query: Query, *, limit: int = DEFAULT_PAGE, offset: int = 0
     ) -> SearchPage:
-        if limit < 0 or offset < 0:
-            raise InvalidQuery("a page's limit and offset cannot be negative")
-        statement, params = search_statement(user, query, min(limit, MAX_PAGE), offset)
+        # As the SQLite archive: a page holds 1 to MAX_PAGE hits, from offset 0 on.
+        limit = max(1, min(limit, MAX_PAGE))
+        statement, params = search_statement(user, query, limit, max(0, offset))
         lead = highlight_tsquery(query) is None
         pool = await self.pool()
         async with transaction(pool, ArchiveError, f"search the archive of {user}") as conn:
@@ -273,18 +265,19 @@ class PostgresArchive:
     # -- holding and removing -------------------------------------------------------
 
     async def set_hold(self, user: str, entry_ids: Sequence[int] | None, hold: bool) -> int:
+        """Ids that are not the user's (another's, or none at all) change nothing."""
         pool = await self.pool()
         doing = f"{'hold' if hold else 'release'} archived messages of {user}"
         async with transaction(pool, ArchiveError, doing) as conn:
             if entry_ids is None:
                 cursor = await conn.execute(_HOLD_ALL, (hold, user, hold))
-                return cursor.rowcount
-            ids = sorted(set(entry_ids))
-            await _locked(conn, user, ids)
-            cursor = await conn.execute(_HOLD_IDS, (hold, user, ids, hold))
+            else:
+                ids = sorted(set(entry_ids))
+                cursor = await conn.execute(_HOLD_IDS, (hold, user, ids, hold))
             return cursor.rowcount
 
     async def delete(self, user: str, entry_ids: Sequence[int]) -> int:
+        """Ids that are not the user's (another's, or none at all) are left alone."""
         ids = sorted(set(entry_ids))
         if not ids:
             return 0
@@ -293,9 +286,10 @@ class PostgresArchive:
         async def attempt() -> int:
             doing = f"delete archived messages of {user}"
             async with transaction(pool, ArchiveError, doing) as conn:
-                held = await _locked(conn, user, ids)
+                cursor = await conn.execute(_LOCK_IDS, (user, ids))
+                held = [row[0] for row in await cursor.fetchall() if row[1]]
                 if held:
-                    raise EntryOnHold(f"{user}'s archived message {held[0]} is on legal hold")
+                    raise EntryOnHold(f"archived message {held[0]} is under legal hold")
                 cursor = await conn.execute(_DELETE_IDS, (user, ids))
                 digests = [bytes(row[0]) for row in await cursor.fetchall()]
                 await release(conn, digests)
@@ -354,15 +348,3 @@ class PostgresArchive:
         self._ready = False
         if pool is not None:
             await pool.close()
-
-
-async def _locked(conn: psycopg.AsyncConnection, user: str, ids: list[int]) -> list[int]:
-    """Lock the user's entries ``ids`` (NoSuchEntry unless every one is the user's);
-    the ids of those on hold."""
-    cursor = await conn.execute(_LOCK_IDS, (user, ids))
-    rows = await cursor.fetchall()
-    if len(rows) != len(ids):
-        found = {row[0] for row in rows}
-        missing = next(entry_id for entry_id in ids if entry_id not in found)
-        raise NoSuchEntry(f"{user} has no archived message {missing}")
-    return [row[0] for row in rows if row[1]]

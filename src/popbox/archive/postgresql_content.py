@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,7 +24,9 @@ import psycopg
 import zstandard
 from psycopg_pool import AsyncConnectionPool
 
+from popbox.archive.ingest import Prepared
 from popbox.archive.postgresql_schema import DIGEST_SIZE, PIECE_SIZE
+from popbox.archive.segments import Octets
 from popbox.errors import ArchiveError
 from popbox.pgsql import transaction
 
@@ -98,34 +100,47 @@ _FETCH: Final = "SELECT digest, size, data FROM archive_objects WHERE digest = A
 
 @dataclass(frozen=True, slots=True)
 class Content:
-    """One message cut for storing: its digest, size, and pieces with theirs."""
+    """One message as stored: its digest and size, and its pieces, each a span of
+    ``data`` with its own digest."""
 
+    data: Octets
     digest: bytes
-    size: int
-    pieces: tuple[memoryview, ...]
+    spans: tuple[tuple[int, int], ...]
     piece_digests: tuple[bytes, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
     @property
     def piece_list(self) -> bytes:
         """The pieces' digests in order, as ``archive_messages.pieces`` holds them."""
         return b"".join(self.piece_digests)
 
+    def piece(self, index: int) -> bytes:
+        start, end = self.spans[index]
+        with memoryview(self.data) as view:
+            return bytes(view[start:end])
 
-def cut(data: bytes, ends: Iterable[int]) -> Content:
-    """``data`` as stored: each of its segments (popbox.archive.segments.segment_ends
-    says where each ends) in pieces of at most PIECE_SIZE octets. A segment is cut
-    from its own start, so the same attachment gives the same pieces in any message."""
-    view = memoryview(data)
-    pieces: list[memoryview] = []
-    at = 0
-    for end in ends:
-        for start in range(at, end, PIECE_SIZE):
-            pieces.append(view[start : min(start + PIECE_SIZE, end)])
-        at = end
-    if at != len(data):
-        raise ArchiveError("the message's segments do not cover it")
-    digests = tuple(hashlib.sha256(piece).digest() for piece in pieces)
-    return Content(hashlib.sha256(data).digest(), len(data), tuple(pieces), digests)
+
+def cut(prepared: Prepared) -> Content:
+    """The prepared message's pieces (popbox.archive.ingest: one per segment), each
+    cut again into PIECE_SIZE octets if larger. A segment is cut from its own start,
+    so the same attachment gives the same pieces in any message."""
+    spans: list[tuple[int, int]] = []
+    digests: list[bytes] = []
+    with memoryview(prepared.data) as view:
+        for piece in prepared.pieces:
+            if piece.size <= PIECE_SIZE:
+                spans.append((piece.start, piece.end))
+                digests.append(bytes.fromhex(piece.digest))
+                continue
+            for start in range(piece.start, piece.end, PIECE_SIZE):
+                end = min(start + PIECE_SIZE, piece.end)
+                spans.append((start, end))
+                with view[start:end] as part:
+                    digests.append(hashlib.sha256(part).digest())
+    return Content(prepared.data, bytes.fromhex(prepared.digest), tuple(spans), tuple(digests))
 
 
 async def take(conn: psycopg.AsyncConnection, content: Content) -> None:
@@ -146,7 +161,7 @@ async def take(conn: psycopg.AsyncConnection, content: Content) -> None:
 async def _take_pieces(conn: psycopg.AsyncConnection, content: Content) -> None:
     """Count the new message's use of each of its distinct pieces, storing the
     pieces no message had yet."""
-    by_digest = dict(zip(content.piece_digests, content.pieces, strict=True))
+    by_digest = {digest: index for index, digest in enumerate(content.piece_digests)}
     digests = sorted(by_digest)
     await conn.execute(_LOCK_OBJECTS, (digests,))
     cursor = await conn.execute(_COUNT_OBJECTS, (digests, [1] * len(digests)))
@@ -156,7 +171,7 @@ async def _take_pieces(conn: psycopg.AsyncConnection, content: Content) -> None:
         for digest in digests:
             if digest in present:
                 continue
-            piece = by_digest[digest]
+            piece = content.piece(by_digest[digest])
             if len(piece) > THREAD_ABOVE:
                 frame = await asyncio.to_thread(compressor.compress, piece)
             else:

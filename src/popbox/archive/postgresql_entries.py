@@ -17,13 +17,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from popbox.archive.base import Added, ArchiveSource, Entry
 from popbox.archive.extract import Extracted, extract
-from popbox.archive.postgresql_content import Content, cut, piece_list_of, read_pieces, take
+from popbox.archive.ingest import Prepared, prepare
+from popbox.archive.postgresql_content import cut, piece_list_of, read_pieces, take
 from popbox.archive.postgresql_query import ENTRY_COLUMNS, PEOPLE, WORDS, fold, strip_markers
-from popbox.archive.segments import segment_ends
 from popbox.errors import ArchiveError
 from popbox.pgsql import transaction
 
-__all__ = ["Prepared", "entry_of", "prepare", "reindex_entry", "store_prepared"]
+__all__ = ["Ready", "entry_of", "make_ready", "reindex_entry", "store_ready"]
 
 # Characters of a message's text kept beside its entry for snippets: ts_headline
 # parses all of it for every hit shown, so a page of 50 stays a few MB of parsing.
@@ -61,8 +61,7 @@ class Indexed:
     """Subject, sender, recipients, text, attachment names: as ``fold`` makes them."""
 
     @classmethod
-    def of(cls, data: bytes) -> Indexed:
-        found = extract(data)
+    def of(cls, found: Extracted) -> Indexed:
         folded = (
             fold(found.subject),
             fold(found.sender),
@@ -91,25 +90,39 @@ class Indexed:
         )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A message ready to store: its content cut in pieces and what is indexed."""
+class Ready:
+    """A message ready to store: read (or mapped) and cut (popbox.archive.ingest),
+    its pieces (``content``) and what is indexed. Close it (``with``) once stored."""
 
-    content: Content
-    indexed: Indexed
+    __slots__ = ("_prepared", "content", "indexed")
+
+    def __init__(self, prepared: Prepared) -> None:
+        self._prepared = prepared
+        self.content = cut(prepared)
+        self.indexed = Indexed.of(prepared.text)
+
+    def close(self) -> None:
+        self._prepared.close()
+
+    def __enter__(self) -> Ready:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _prepare(message: bytes | Path) -> Prepared:
-    data = message.read_bytes() if isinstance(message, Path) else bytes(message)
-    return Prepared(cut(data, segment_ends(data)), Indexed.of(data))
-
-
-async def prepare(message: bytes | Path) -> Prepared:
-    """``message`` read, cut and extracted in a worker thread (it is CPU work)."""
+def _ready(message: bytes | Path) -> Ready:
+    prepared = prepare(message)
     try:
-        return await asyncio.to_thread(_prepare, message)
-    except OSError as exc:
-        raise ArchiveError(f"cannot read the message to archive: {exc}") from exc
+        return Ready(prepared)
+    except BaseException:
+        prepared.close()
+        raise
+
+
+async def make_ready(message: bytes | Path) -> Ready:
+    """``message`` read, cut and extracted in a worker thread (it is CPU work)."""
+    return await asyncio.to_thread(_ready, message)
 
 
 async def _insert_entry(
@@ -132,23 +145,23 @@ async def _insert_entry(
             limit = (limit or len(indexed.folded[3])) // 2
 
 
-async def store_prepared(
+async def store_ready(
     conn: psycopg.AsyncConnection,
     user: str,
-    prepared: Prepared,
+    ready: Ready,
     *,
     source: ArchiveSource,
     folder: str,
     received: float,
     origin: str | None = None,
 ) -> Added:
-    """Keep ``prepared`` as the user's entry in ``conn``'s transaction; an entry the
+    """Keep ``ready`` as the user's entry in ``conn``'s transaction; an entry the
     user has already is returned as it is (``new`` False) and nothing is stored."""
-    content = prepared.content
+    content = ready.content
     if origin is not None:
         await conn.execute(_ORIGIN, (user, origin))
     head = (user, content.digest, content.size, received, source.value, folder)
-    row = await _insert_entry(conn, head, prepared.indexed)
+    row = await _insert_entry(conn, head, ready.indexed)
     if row is None:
         cursor = await conn.execute(_EXISTING, (user, content.digest))
         existing = await cursor.fetchone()
@@ -166,8 +179,9 @@ async def reindex_entry(pool: AsyncConnectionPool, user: str, entry_id: int) -> 
     if digests is None:
         return False
     data = b"".join([piece async for piece in read_pieces(pool, digests, doing)])
-    indexed = await asyncio.to_thread(Indexed.of, data)
+    found = await asyncio.to_thread(extract, data)
     del data
+    indexed = Indexed.of(found)
     async with transaction(pool, ArchiveError, doing) as conn:
         limit: int | None = None
         while True:

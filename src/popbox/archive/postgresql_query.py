@@ -269,7 +269,7 @@ def search_statement(
             "page AS (SELECT id, sort_time FROM matched "
             "ORDER BY sort_time DESC, id DESC LIMIT %s OFFSET %s) "
         ).format(where=where)
-        total = sql.SQL("SELECT count(*) AS total FROM matched")
+        total: sql.Composable = sql.SQL("SELECT count(*) AS total FROM matched")
         total_params: tuple[object, ...] = ()
     else:
         # Nothing for a GIN index: the listing index gives the page in order, and
