@@ -19,7 +19,7 @@ from popbox.archive.base import Added, ArchiveSource, Entry
 from popbox.archive.extract import Extracted, extract
 from popbox.archive.ingest import Prepared, prepare
 from popbox.archive.postgresql_content import cut, piece_list_of, read_pieces, take
-from popbox.archive.postgresql_query import ENTRY_COLUMNS, PEOPLE, WORDS, fold, strip_markers
+from popbox.archive.postgresql_query import ENTRY_COLUMNS, PEOPLE, WORDS, fold, snippet_source
 from popbox.errors import ArchiveError
 from popbox.pgsql import transaction
 
@@ -84,7 +84,7 @@ class Indexed:
             found.subject,
             found.message_id,
             list(found.attachments),
-            strip_markers(found.body[:SNIPPET_SOURCE]),
+            snippet_source(found.body[:SNIPPET_SOURCE]),
             subject, sender, recipients, text, names,
             sender, recipients,
         )  # fmt: skip

@@ -58,13 +58,16 @@ __all__ = [
     "highlight_tsquery",
     "search_statement",
     "snippet_of",
-    "strip_markers",
+    "snippet_source",
 ]
 
-# ts_headline marks matches with these; stored text never holds them (strip_markers),
+# ts_headline marks matches with these; stored text never holds them (snippet_source),
 # so a snippet's parts are exactly what PostgreSQL marked. Unicode private use.
 START_MARK: Final = "\ue000"
 STOP_MARK: Final = "\ue001"
+# ts_headline drops whatever its parser takes for an HTML tag; a message's "<b>" is
+# text, so "<" is stored as this and given back as "<" in the snippet.
+LESS_THAN: Final = "\ue002"
 # What a snippet shows: about two short passages of a line each, as Gmail and notmuch
 # show under a result.
 HEADLINE_OPTIONS: Final = (
@@ -98,9 +101,12 @@ def fold(text: str) -> str:
     return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def strip_markers(text: str) -> str:
-    """``text`` without the snippet markers, so they cannot occur in stored text."""
-    return text.replace(START_MARK, " ").replace(STOP_MARK, " ")
+def snippet_source(text: str) -> str:
+    """``text`` as stored for ts_headline: without our markers (so none can occur),
+    and "<" in a form its parser does not take for the start of a tag."""
+    for mark in (START_MARK, STOP_MARK, LESS_THAN):
+        text = text.replace(mark, " ")
+    return text.replace("<", LESS_THAN)
 
 
 class _Column(enum.Enum):
@@ -306,6 +312,7 @@ def snippet_of(text: str | None, *, lead: bool = False) -> Snippet:
     """A Snippet from ts_headline's output (or a message's opening, ``lead``)."""
     if not text:
         return Snippet()
+    text = text.replace(LESS_THAN, "<")
     if lead:
         words = " ".join(text.split())
         if len(words) >= LEAD_CHARS:
