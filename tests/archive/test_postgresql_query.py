@@ -5,6 +5,7 @@ search on a large archive starts from the GIN index, not a walk of the date inde
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,15 +27,28 @@ from popbox.archive.postgresql_query import fold, search_statement, snippet_of
 from popbox.archive.query import parse_query
 from popbox.errors import InvalidQuery
 from support.pgarchive import mail, postgres_archive
+from support.postgres import PostgresServer
 
 DAY = 86400.0
 T0 = 1_780_000_000.0
 
 
+@pytest.fixture(scope="module")
+def loaded(postgres_server: PostgresServer) -> str:
+    """A database with Alice's archive of four messages, and one of Bob's: made once
+    for the module (the searches only read it; the attacks add other users)."""
+    return asyncio.run(_load(postgres_server.create_database()))
+
+
 @pytest.fixture
-async def archive(postgres_dsn: str) -> AsyncIterator[PostgresArchive]:
-    """Alice's archive of four messages, and one of Bob's."""
-    archive = postgres_archive(postgres_dsn)
+async def archive(loaded: str) -> AsyncIterator[PostgresArchive]:
+    archive = postgres_archive(loaded)
+    yield archive
+    await archive.close()
+
+
+async def _load(dsn: str) -> str:
+    archive = postgres_archive(dsn)
     messages = {
         "report": mail(
             subject="Quarterly report",
@@ -72,8 +86,8 @@ async def archive(postgres_dsn: str) -> AsyncIterator[PostgresArchive]:
     await archive.add(
         "bob", mail(subject="Quarterly report for Bob"), source=ArchiveSource.DELIVERED
     )
-    yield archive
     await archive.close()
+    return dsn
 
 
 async def found(archive: PostgresArchive, query: Query | str, user: str = "alice") -> set[str]:

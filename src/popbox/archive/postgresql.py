@@ -69,6 +69,11 @@ REINDEX_BATCH: Final = 100
 RETRIES: Final = 5
 _RACES: Final = frozenset({"40P01", "40001"})
 DAY: Final = 86400.0
+# The longest one search may run (milliseconds): a query that matches most of a huge
+# archive is an error to narrow, not a database connection held for minutes (a web
+# request's usual gateway timeout is a minute).
+SEARCH_TIMEOUT_MS: Final = 30_000
+_SEARCH_TIMEOUT: Final = "SELECT set_config('statement_timeout', %s, true)"
 
 _BY_ID: Final = sql.SQL(
     "SELECT {columns} FROM archive_entries AS e WHERE e.username = %s AND e.id = %s"
@@ -220,6 +225,7 @@ class PostgresArchive:
         lead = highlight_tsquery(query) is None
         pool = await self.pool()
         async with transaction(pool, ArchiveError, f"search the archive of {user}") as conn:
+            await conn.execute(_SEARCH_TIMEOUT, (str(SEARCH_TIMEOUT_MS),))
             cursor = await conn.execute(statement, params)
             rows = await cursor.fetchall()
         total = int(rows[0][0]) if rows else 0
