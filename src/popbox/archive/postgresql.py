@@ -62,13 +62,16 @@ ENTRIES_BATCH: Final = 500
 # Entries expired per transaction: a retention run over years of mail commits as it
 # goes rather than holding one transaction over all of it.
 EXPIRE_BATCH: Final = 1000
-# Entries reindexed per transaction.
+# Entries listed per statement while reindexing (each is then reindexed in a
+# transaction of its own, so a long reindex never holds back other writers).
 REINDEX_BATCH: Final = 100
 # Tries of one transaction that lost a deadlock or a serialisation race to another
 # node (SQLSTATE 40P01, 40001): the other went through, so a second try does.
 RETRIES: Final = 5
+# Seconds before a retry, times the try: the transaction that won is short.
+RETRY_PAUSE: Final = 0.01
 _RACES: Final = frozenset({"40P01", "40001"})
-DAY: Final = 86400.0
+DAY: Final = 86400.0  # seconds, for ``keep_days``
 # The longest one search may run (milliseconds): a query that matches most of a huge
 # archive is an error to narrow, not a database connection held for minutes (a web
 # request's usual gateway timeout is a minute).
@@ -149,7 +152,7 @@ class PostgresArchive:
                 if tries == RETRIES:
                     raise
                 log.info("archive transaction lost a race (%s); trying again", cause.sqlstate)
-                await asyncio.sleep(0.01 * tries)
+                await asyncio.sleep(RETRY_PAUSE * tries)
         raise AssertionError("unreachable")
 
     # -- adding -------------------------------------------------------------------

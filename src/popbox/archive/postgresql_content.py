@@ -48,16 +48,19 @@ READ_PIECES: Final = 4
 # A piece larger than this is compressed in a worker thread, off the event loop.
 THREAD_ABOVE: Final = 64 * 1024
 
-# Parameters: digests (sorted). Locks the rows that exist, in digest order.
-_LOCK_OBJECTS: Final = (
-    "SELECT digest FROM archive_objects WHERE digest = ANY(%s) ORDER BY digest FOR UPDATE"
-)
-_COUNT_OBJECTS: Final = """
-UPDATE archive_objects AS o SET refs = o.refs + c.n
+# Parameters: digests (sorted), digests, how much each count changes. Locks the rows
+# that exist in digest order (so two transactions never wait for each other in a
+# circle), then changes their counts; returns the digests counted.
+_RECOUNT: Final = """
+WITH locked AS MATERIALIZED (
+    SELECT digest FROM {table} WHERE digest = ANY(%s) ORDER BY digest FOR UPDATE)
+UPDATE {table} AS t SET refs = t.refs + c.n
 FROM unnest(%s::bytea[], %s::integer[]) AS c(digest, n)
-WHERE o.digest = c.digest
-RETURNING o.digest
+WHERE t.digest = c.digest AND t.digest IN (SELECT digest FROM locked)
+RETURNING t.digest
 """
+_RECOUNT_OBJECTS: Final = _RECOUNT.format(table="archive_objects")
+_RECOUNT_MESSAGES: Final = _RECOUNT.format(table="archive_messages")
 # Parameters: digest, size, frame.
 _NEW_OBJECT: Final = """
 INSERT INTO archive_objects (digest, size, refs, data) VALUES (%s, %s, 1, %s)
@@ -72,20 +75,6 @@ _COUNT_MESSAGE: Final = (
 _NEW_MESSAGE: Final = """
 INSERT INTO archive_messages (digest, size, pieces, refs) VALUES (%s, %s, %s, 1)
 ON CONFLICT (digest) DO NOTHING RETURNING digest
-"""
-_LOCK_MESSAGES: Final = (
-    "SELECT digest FROM archive_messages WHERE digest = ANY(%s) ORDER BY digest FOR UPDATE"
-)
-# Parameters: digests, how many references each loses.
-_UNCOUNT_MESSAGES: Final = """
-UPDATE archive_messages AS m SET refs = m.refs - c.n
-FROM unnest(%s::bytea[], %s::integer[]) AS c(digest, n)
-WHERE m.digest = c.digest
-"""
-_UNCOUNT_OBJECTS: Final = """
-UPDATE archive_objects AS o SET refs = o.refs - c.n
-FROM unnest(%s::bytea[], %s::integer[]) AS c(digest, n)
-WHERE o.digest = c.digest
 """
 _FREE_MESSAGES: Final = (
     "DELETE FROM archive_messages WHERE digest = ANY(%s) AND refs = 0 RETURNING pieces"
@@ -143,19 +132,20 @@ def cut(prepared: Prepared) -> Content:
     return Content(prepared.data, bytes.fromhex(prepared.digest), tuple(spans), tuple(digests))
 
 
-async def take(conn: psycopg.AsyncConnection, content: Content) -> None:
-    """Count one more entry for ``content``, storing it if it is not stored yet."""
-    while True:
-        cursor = await conn.execute(_COUNT_MESSAGE, (content.digest,))
-        if await cursor.fetchone() is not None:
-            return
+async def take(conn: psycopg.AsyncConnection, content: Content, *, counted: bool) -> None:
+    """Count one more entry for ``content`` (``counted``: the entry's own statement
+    counted it already, as it does when the message is stored), storing it if it is
+    not stored yet."""
+    while not counted:
         cursor = await conn.execute(
             _NEW_MESSAGE, (content.digest, content.size, content.piece_list)
         )
         if await cursor.fetchone() is not None:
-            break
-        # Another node stored it between the two statements: count it there.
-    await _take_pieces(conn, content)
+            await _take_pieces(conn, content)
+            return
+        # Stored by another node meanwhile (the insert waited for it): count it.
+        cursor = await conn.execute(_COUNT_MESSAGE, (content.digest,))
+        counted = await cursor.fetchone() is not None
 
 
 async def _take_pieces(conn: psycopg.AsyncConnection, content: Content) -> None:
@@ -163,8 +153,7 @@ async def _take_pieces(conn: psycopg.AsyncConnection, content: Content) -> None:
     pieces no message had yet."""
     by_digest = {digest: index for index, digest in enumerate(content.piece_digests)}
     digests = sorted(by_digest)
-    await conn.execute(_LOCK_OBJECTS, (digests,))
-    cursor = await conn.execute(_COUNT_OBJECTS, (digests, [1] * len(digests)))
+    cursor = await conn.execute(_RECOUNT_OBJECTS, (digests, digests, [1] * len(digests)))
     present = {bytes(row[0]) for row in await cursor.fetchall()}
     compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
     async with conn.pipeline():
@@ -186,8 +175,7 @@ async def release(conn: psycopg.AsyncConnection, digests: Sequence[bytes]) -> No
         return
     counts = Counter(bytes(digest) for digest in digests)
     ordered = sorted(counts)
-    await conn.execute(_LOCK_MESSAGES, (ordered,))
-    await conn.execute(_UNCOUNT_MESSAGES, (ordered, [counts[d] for d in ordered]))
+    await conn.execute(_RECOUNT_MESSAGES, (ordered, ordered, [-counts[d] for d in ordered]))
     cursor = await conn.execute(_FREE_MESSAGES, (ordered,))
     pieces: Counter[bytes] = Counter()
     for (piece_list,) in await cursor.fetchall():
@@ -195,8 +183,7 @@ async def release(conn: psycopg.AsyncConnection, digests: Sequence[bytes]) -> No
     if not pieces:
         return
     objects = sorted(pieces)
-    await conn.execute(_LOCK_OBJECTS, (objects,))
-    await conn.execute(_UNCOUNT_OBJECTS, (objects, [pieces[d] for d in objects]))
+    await conn.execute(_RECOUNT_OBJECTS, (objects, objects, [-pieces[d] for d in objects]))
     await conn.execute(_FREE_OBJECTS, (objects,))
 
 

@@ -33,11 +33,18 @@ SNIPPET_SOURCE: Final = 64 * 1024
 # text indexed (and again) if it does.
 LARGE_TEXT: Final = 128 * 1024
 
+# The entry, and (when it is new) one more count on its message if that is stored
+# already: the common case of a delivery in one statement. Parameters: user ..
+# people, then the digest again. Returns the entry's columns and whether it counted.
 _ENTRY_VALUES: Final = sql.SQL(
-    "INSERT INTO archive_entries AS e (username, digest, size, received, source, folder, "
-    "date, sender, recipients, subject, message_id, attachments, body, words, people) "
+    "WITH entry AS (INSERT INTO archive_entries AS e (username, digest, size, received, "
+    "source, folder, date, sender, recipients, subject, message_id, attachments, body, "
+    "words, people) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {words}, {people}) "
-    "ON CONFLICT (username, digest) DO NOTHING RETURNING {columns}"
+    "ON CONFLICT (username, digest) DO NOTHING RETURNING {columns}), "
+    "counted AS (UPDATE archive_messages SET refs = refs + 1 "
+    "WHERE digest = %s AND EXISTS (SELECT 1 FROM entry) RETURNING digest) "
+    "SELECT entry.*, EXISTS (SELECT 1 FROM counted) FROM entry"
 ).format(words=sql.SQL(WORDS), people=sql.SQL(PEOPLE), columns=ENTRY_COLUMNS)
 _EXISTING: Final = sql.SQL(
     "SELECT {columns} FROM archive_entries AS e WHERE e.username = %s AND e.digest = %s"
@@ -129,10 +136,11 @@ async def _insert_entry(
     conn: psycopg.AsyncConnection, head: tuple[object, ...], indexed: Indexed
 ) -> tuple[object, ...] | None:
     """Insert the entry (``head``: user .. folder; None: the user has it already),
-    halving the indexed text while its tsvector is too large for PostgreSQL."""
+    halving the indexed text while its tsvector is too large for PostgreSQL: its
+    columns, and whether its message was stored already and is counted."""
     limit: int | None = None
     while True:
-        values = (*head, *indexed.columns(limit))
+        values = (*head, *indexed.columns(limit), head[1])
         large = len(indexed.folded[3]) > LARGE_TEXT if limit is None else True
         if not large:
             cursor = await conn.execute(_ENTRY_VALUES, values)
@@ -168,8 +176,8 @@ async def store_ready(
         if existing is None:
             raise ArchiveError(f"{user}'s entry for a message vanished while it was added")
         return Added(entry_of(existing), new=False)
-    await take(conn, content)
-    return Added(entry_of(row), new=True)
+    await take(conn, content, counted=bool(row[-1]))
+    return Added(entry_of(row[:-1]), new=True)
 
 
 async def reindex_entry(pool: AsyncConnectionPool, user: str, entry_id: int) -> bool:
