@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -155,6 +156,41 @@ async def test_adding_and_deleting_the_same_message_at_once_keeps_the_counts(
             await nodes[1].delete("bob", [added.entry.id])
         pool = await nodes[0].pool()
         assert await stored(pool, "SELECT count(*) FROM archive_objects") == [(0,)]
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_many_nodes_adding_and_deleting_shared_content_at_once_keep_the_counts(
+    postgres_dsn: str,
+) -> None:
+    """Three nodes, four users, messages that share attachments, adds and deletes all
+    at once: every call succeeds and every count is right afterwards."""
+    nodes = [postgres_archive(postgres_dsn) for _ in range(3)]
+    try:
+        files = [os.urandom(150_000) for _ in range(2)]
+        messages = [
+            mail(subject=f"m{i}", attachments={"a.bin": files[i % 2], "b.bin": files[0]})
+            for i in range(5)
+        ]
+        users = ["alice", "bob", "carol", "dave"]
+        rng = random.Random(7)
+        for _ in range(3):
+
+            async def work(i: int) -> None:
+                node = nodes[i % len(nodes)]
+                user = rng.choice(users)
+                if rng.random() < 0.6:
+                    await node.add(user, rng.choice(messages), source=KEPT)
+                    return
+                mine = [entry.id async for entry in node.entries(user, MatchAll())]
+                await node.delete(user, rng.sample(mine, k=min(len(mine), 2)))
+
+            await asyncio.gather(*(work(i) for i in range(40)))
+            await assert_counted(nodes[0])
+        for user in users:
+            for entry in [entry async for entry in nodes[1].entries(user, MatchAll())]:
+                assert await read_all(nodes[2], user, entry.id) in messages
     finally:
         for node in nodes:
             await node.close()
