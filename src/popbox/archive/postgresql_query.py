@@ -4,7 +4,8 @@ find a page of results, and the snippets around what matched.
 
 What a word is. Text is folded the same way on both sides, the indexed message and
 the user's query (``fold``): NFKC and casefolded as every backend compares words
-(popbox.archive.query.normalise), and everything but letters and digits is a space,
+(popbox.archive.query.normalise), Latin letters without accents as SQLite's
+unicode61 tokenizer has them, and everything but letters and digits is a space,
 so ``alice@example.com`` is the words ``alice example com`` and ``from:alice`` finds
 it, as SQLite's unicode61 tokenizer would. PostgreSQL's own parser would keep an
 address, a host name or a file name whole, so it only ever sees the folded words.
@@ -78,6 +79,12 @@ HEADLINE_OPTIONS: Final = (
 LEAD_CHARS: Final = 160
 
 _NOT_WORD: Final = re.compile(r"[\W_]+")
+# Accents on Latin letters, once decomposed (NFKD): what SQLite's unicode61 tokenizer
+# drops with remove_diacritics, so "cafe" finds "café" on either backend.
+_LATIN_MARKS: Final = re.compile(
+    r"(?<=[A-Za-z\u00c0-\u024f\u1e00-\u1eff])"
+    r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+"
+)
 
 # The tsvectors of one entry, from folded texts. Parameters: subject, sender,
 # recipients, body, attachment names (``words``); sender, recipients (``people``).
@@ -94,11 +101,20 @@ ENTRY_COLUMNS: Final = sql.SQL(
 )
 
 
+def unaccent(text: str) -> str:
+    """``text`` in the normal form of term text (popbox.archive.query.normalise: NFKC,
+    casefolded) without the accents of Latin letters."""
+    text = normalise(text)
+    if text.isascii():
+        return text
+    bare = _LATIN_MARKS.sub("", unicodedata.normalize("NFKD", text))
+    return unicodedata.normalize("NFC", bare)
+
+
 def fold(text: str) -> str:
-    """``text`` as the words search sees, in the one normal form of term text
-    (popbox.archive.query.normalise: NFKC, casefolded): letters and digits, every
+    """``text`` as the words search sees (``unaccent``): letters and digits, every
     other run of characters one space."""
-    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    return _NOT_WORD.sub(" ", unaccent(text)).strip()
 
 
 def snippet_source(text: str) -> str:
@@ -128,7 +144,7 @@ _FIELDS: Final[dict[TermField, tuple[_Column, str]]] = {
 def _groups(term: Term) -> list[tuple[tuple[str, ...], bool]]:
     """The term's words as the parser splits them (popbox.archive.query): groups of
     index words matched side by side, each with whether its last word is a prefix."""
-    text = normalise(term.text)
+    text = unaccent(term.text)
     if term.phrase:
         words, prefix = phrase_words(text)
         return [(words, prefix)] if words else []
