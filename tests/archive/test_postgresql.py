@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import tracemalloc
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -25,6 +26,8 @@ from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry
 from support.pgarchive import mail, postgres_archive
 
 KEPT = ArchiveSource.DELIVERED
+# Memory one add or read of a large message may take: a few pieces and their frames.
+BOUND = 8 * 1024 * 1024
 
 
 @pytest.fixture
@@ -108,6 +111,30 @@ async def test_a_large_message_is_read_back_exactly_a_piece_at_a_time(
     assert b"".join(chunks) == data
     assert len(chunks) > len(data) // PIECE_SIZE
     assert max(len(chunk) for chunk in chunks) <= PIECE_SIZE
+
+
+async def test_a_large_message_is_added_and_read_in_bounded_memory(
+    archive: PostgresArchive, tmp_path: Path
+) -> None:
+    """A 20 MB message from a file costs a few pieces of memory, not 20 MB (Python's
+    own allocations, which a copy of the message would be)."""
+    path = tmp_path / "big.eml"
+    path.write_bytes(mail(attachments={"big.bin": os.urandom(20 * 1024 * 1024)}))
+    await archive.add("warm", mail(), source=KEPT)  # the pool and the tables exist
+    tracemalloc.start()
+    try:
+        added = await archive.add("alice", path, source=ArchiveSource.IMPORTED)
+        adding = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        octets = 0
+        async for chunk in archive.read("alice", added.entry.id):
+            octets += len(chunk)
+        reading = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert octets == path.stat().st_size
+    assert adding < BOUND
+    assert reading < BOUND
 
 
 async def test_two_nodes_adding_the_same_messages_at_once_store_each_once(
