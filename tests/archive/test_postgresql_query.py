@@ -180,6 +180,8 @@ async def test_results_are_newest_first_with_snippets_marking_the_match(
     snippet = page.hits[0].snippet
     assert ("numbers", True) in snippet.parts
     assert "quarterly numbers look fine" in snippet.text
+    accented = await archive.search("alice", parse_query("CAFÉ"))
+    assert ("café", True) in accented.hits[0].snippet.parts
     listing = await archive.search("alice", MatchAll(), limit=2, offset=1)
     assert listing.total == 4
     assert [hit.entry.folder for hit in listing.hits] == ["invoice", "lunch"]

@@ -141,10 +141,11 @@ _FIELDS: Final[dict[TermField, tuple[_Column, str]]] = {
 }
 
 
-def _groups(term: Term) -> list[tuple[tuple[str, ...], bool]]:
+def _groups(term: Term, *, accents: bool = False) -> list[tuple[tuple[str, ...], bool]]:
     """The term's words as the parser splits them (popbox.archive.query): groups of
-    index words matched side by side, each with whether its last word is a prefix."""
-    text = unaccent(term.text)
+    index words matched side by side, each with whether its last word is a prefix.
+    ``accents``: as typed (normalised), not as the index folds them."""
+    text = normalise(term.text) if accents else unaccent(term.text)
     if term.phrase:
         words, prefix = phrase_words(text)
         return [(words, prefix)] if words else []
@@ -158,10 +159,10 @@ def _operand(word: str, prefix: bool, weights: str) -> str:
     return f"'{quoted}'" + (f":{suffix}" if suffix else "")
 
 
-def _term_tsquery(term: Term, weights: str) -> str | None:
+def _term_tsquery(term: Term, weights: str, *, accents: bool = False) -> str | None:
     """The term as to_tsquery text, or None when it holds no word at all."""
     phrases: list[str] = []
-    for words, prefix in _groups(term):
+    for words, prefix in _groups(term, accents=accents):
         last = len(words) - 1
         operands = [_operand(word, prefix and i == last, weights) for i, word in enumerate(words)]
         phrases.append("(" + " <-> ".join(operands) + ")")
@@ -257,9 +258,14 @@ def _positive_terms(query: Query) -> Iterator[Term]:
 
 def highlight_tsquery(query: Query) -> str | None:
     """to_tsquery text that marks, in a message's text, every word the query looked
-    for (in any field, weights aside: the snippet's text has none); None if none."""
-    texts = [_term_tsquery(term, "") for term in _positive_terms(query)]
-    found = [text for text in texts if text is not None]
+    for (in any field, weights aside: the snippet's text has none); None if none.
+    The text is not folded, so each word is marked as typed and as folded."""
+    texts = [
+        _term_tsquery(term, "", accents=accents)
+        for term in _positive_terms(query)
+        for accents in (False, True)
+    ]
+    found = [text for text in dict.fromkeys(texts) if text is not None]
     return " | ".join(found) if found else None
 
 
