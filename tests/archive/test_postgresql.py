@@ -137,6 +137,19 @@ async def test_a_large_message_is_added_and_read_in_bounded_memory(
     assert reading < BOUND
 
 
+async def test_a_message_deleted_while_it_is_read_ends_the_read_with_no_such_entry(
+    archive: PostgresArchive,
+) -> None:
+    data = mail(attachments={"big.bin": os.urandom(3 * 1024 * 1024)})
+    added = await archive.add("alice", data, source=KEPT)
+    reader = archive.read("alice", added.entry.id)
+    assert data.startswith(await anext(reader))
+    assert await archive.delete("alice", [added.entry.id]) == 1
+    with pytest.raises(NoSuchEntry):
+        async for _ in reader:
+            pass
+
+
 async def test_two_nodes_adding_the_same_messages_at_once_store_each_once(
     postgres_dsn: str,
 ) -> None:

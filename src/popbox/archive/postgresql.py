@@ -49,7 +49,7 @@ from popbox.archive.postgresql_query import (
 )
 from popbox.archive.postgresql_schema import SCHEMA
 from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry
-from popbox.pgsql import PoolSettings, ensure_schema, open_pool, transaction
+from popbox.pgsql import PoolSettings, autocommit, ensure_schema, open_pool, transaction
 
 __all__ = ["PostgresArchive"]
 
@@ -213,7 +213,7 @@ class PostgresArchive:
         if not origins:
             return set()
         pool = await self.pool()
-        async with transaction(pool, ArchiveError, f"origins of {user}") as conn:
+        async with autocommit(pool, ArchiveError, f"origins of {user}") as conn:
             cursor = await conn.execute(_KNOWN_ORIGINS, (user, list(origins)))
             return {row[0] for row in await cursor.fetchall()}
 
@@ -244,7 +244,7 @@ class PostgresArchive:
         last = after_id
         while True:
             statement, params = entries_statement(user, query, last, ENTRIES_BATCH)
-            async with transaction(pool, ArchiveError, f"list the archive of {user}") as conn:
+            async with autocommit(pool, ArchiveError, f"list the archive of {user}") as conn:
                 cursor = await conn.execute(statement, params)
                 rows = await cursor.fetchall()
             for row in rows:
@@ -256,7 +256,7 @@ class PostgresArchive:
 
     async def entry(self, user: str, entry_id: int) -> Entry:
         pool = await self.pool()
-        async with transaction(pool, ArchiveError, f"entry {entry_id} of {user}") as conn:
+        async with autocommit(pool, ArchiveError, f"entry {entry_id} of {user}") as conn:
             cursor = await conn.execute(_BY_ID, (user, entry_id))
             row = await cursor.fetchone()
         if row is None:
@@ -277,7 +277,7 @@ class PostgresArchive:
         """Ids that are not the user's (another's, or none at all) change nothing."""
         pool = await self.pool()
         doing = f"{'hold' if hold else 'release'} archived messages of {user}"
-        async with transaction(pool, ArchiveError, doing) as conn:
+        async with autocommit(pool, ArchiveError, doing) as conn:
             if entry_ids is None:
                 cursor = await conn.execute(_HOLD_ALL, (hold, user, hold))
             else:
@@ -329,7 +329,7 @@ class PostgresArchive:
 
     async def users(self) -> list[ArchiveUsage]:
         pool = await self.pool()
-        async with transaction(pool, ArchiveError, "list the archive's users") as conn:
+        async with autocommit(pool, ArchiveError, "list the archive's users") as conn:
             cursor = await conn.execute(_USERS)
             rows = await cursor.fetchall()
         return [ArchiveUsage(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
@@ -339,7 +339,7 @@ class PostgresArchive:
         done = 0
         last = 0
         while True:
-            async with transaction(pool, ArchiveError, "list entries to reindex") as conn:
+            async with autocommit(pool, ArchiveError, "list entries to reindex") as conn:
                 if user is None:
                     cursor = await conn.execute(_REINDEX_ALL, (last, REINDEX_BATCH))
                 else:

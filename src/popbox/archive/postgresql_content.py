@@ -27,8 +27,8 @@ from psycopg_pool import AsyncConnectionPool
 from popbox.archive.ingest import Prepared
 from popbox.archive.postgresql_schema import DIGEST_SIZE, PIECE_SIZE
 from popbox.archive.segments import Octets
-from popbox.errors import ArchiveError
-from popbox.pgsql import transaction
+from popbox.errors import ArchiveError, NoSuchEntry
+from popbox.pgsql import autocommit
 
 __all__ = [
     "Content",
@@ -193,7 +193,7 @@ def split_piece_list(piece_list: bytes) -> list[bytes]:
 
 async def piece_list_of(pool: AsyncConnectionPool, user: str, entry_id: int) -> list[bytes] | None:
     """The digests of the pieces of the user's entry, or None if there is none."""
-    async with transaction(pool, ArchiveError, f"read entry {entry_id} of {user}") as conn:
+    async with autocommit(pool, ArchiveError, f"read entry {entry_id} of {user}") as conn:
         cursor = await conn.execute(_PIECES, (user, entry_id))
         row = await cursor.fetchone()
     return None if row is None else split_piece_list(bytes(row[0]))
@@ -204,16 +204,18 @@ async def read_pieces(
 ) -> AsyncIterator[bytes]:
     """The pieces named by ``digests``, in order, READ_PIECES per statement (each on
     a connection of its own: nothing is held while the reader takes its time). A
-    piece that is gone (its message deleted meanwhile) or damaged is ArchiveError."""
+    piece that is gone is NoSuchEntry (the message was deleted meanwhile), a damaged
+    one ArchiveError."""
     decompressor = zstandard.ZstdDecompressor()
     for at in range(0, len(digests), READ_PIECES):
         wanted = list(digests[at : at + READ_PIECES])
-        async with transaction(pool, ArchiveError, doing) as conn:
+        async with autocommit(pool, ArchiveError, doing) as conn:
             cursor = await conn.execute(_FETCH, (list(set(wanted)),))
             rows = {bytes(row[0]): (int(row[1]), bytes(row[2])) for row in await cursor.fetchall()}
         for digest in wanted:
             if digest not in rows:
-                raise ArchiveError(f"{doing}: a piece is gone (deleted while read)")
+                # Its last entry was deleted meanwhile: the reader's entry is gone.
+                raise NoSuchEntry(f"{doing}: the message was deleted while it was read")
             size, frame = rows[digest]
             try:
                 piece = decompressor.decompress(frame, max_output_size=size)

@@ -20,7 +20,7 @@ from popbox.archive.extract import Extracted, extract
 from popbox.archive.ingest import Prepared, prepare
 from popbox.archive.postgresql_content import cut, piece_list_of, read_pieces, take
 from popbox.archive.postgresql_query import ENTRY_COLUMNS, PEOPLE, WORDS, fold, snippet_source
-from popbox.errors import ArchiveError
+from popbox.errors import ArchiveError, NoSuchEntry
 from popbox.pgsql import transaction
 
 __all__ = ["Ready", "entry_of", "make_ready", "reindex_entry", "store_ready"]
@@ -180,16 +180,22 @@ async def store_ready(
     return Added(entry_of(row[:-1]), new=True)
 
 
+def _indexed(data: bytes) -> Indexed:
+    return Indexed.of(extract(data))
+
+
 async def reindex_entry(pool: AsyncConnectionPool, user: str, entry_id: int) -> bool:
     """Index the user's entry again from its stored message; False if it is gone."""
     doing = f"reindex entry {entry_id} of {user}"
     digests = await piece_list_of(pool, user, entry_id)
     if digests is None:
         return False
-    data = b"".join([piece async for piece in read_pieces(pool, digests, doing)])
-    found = await asyncio.to_thread(extract, data)
+    try:
+        data = b"".join([piece async for piece in read_pieces(pool, digests, doing)])
+    except NoSuchEntry:
+        return False  # deleted while it was read
+    indexed = await asyncio.to_thread(_indexed, data)
     del data
-    indexed = Indexed.of(found)
     async with transaction(pool, ArchiveError, doing) as conn:
         limit: int | None = None
         while True:
