@@ -19,7 +19,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from popbox.archive.base import ArchiveSource, MatchAll
+from popbox.archive.extract import extract
 from popbox.archive.postgresql import PostgresArchive
+from popbox.archive.postgresql_query import fold
 from popbox.archive.postgresql_schema import DIGEST_SIZE, PIECE_SIZE
 from popbox.archive.query import parse_query
 from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry
@@ -290,6 +292,33 @@ async def test_a_text_too_large_for_a_tsvector_is_kept_and_its_start_found(
     assert (await archive.search("alice", parse_query("firstword"))).total == 1
     assert (await archive.search("alice", parse_query(words[10]))).total == 1
     assert (await archive.search("alice", parse_query(words[-1]))).total == 0  # past the cut
+
+
+async def test_attachment_names_too_many_for_a_tsvector_are_cut_too(
+    archive: PostgresArchive,
+) -> None:
+    """Two hundred attachments with names of 2,000 characters of distinct words, on
+    top of a long text: both are cut until the tsvector fits."""
+    message = EmailMessage()
+    message["Subject"] = "many names"
+    message.set_content(" ".join(os.urandom(4).hex() for _ in range(70_000)))
+    names = [" ".join(os.urandom(4).hex() for _ in range(222)) for _ in range(200)]
+    for name in names:
+        message.add_attachment(b"x", maintype="application", subtype="octet-stream", filename=name)
+    data = bytes(message)
+    found = extract(data)
+    pool = await archive.pool()
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded):  # what the test is about
+        async with pool.connection() as conn:
+            await conn.execute(
+                "SELECT to_tsvector('simple', %s)",
+                (fold(found.body + " " + " ".join(found.attachments)),),
+            )
+    added = await archive.add("alice", data, source=KEPT)
+    assert len(added.entry.attachments) == len(names)
+    assert await read_all(archive, "alice", added.entry.id) == data
+    first = names[0].split()[0]
+    assert (await archive.search("alice", parse_query(f"filename:{first}"))).total == 1
 
 
 async def test_a_batch_is_kept_all_together_or_not_at_all(

@@ -6,10 +6,10 @@ read back as an ``Entry``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
@@ -28,9 +28,9 @@ __all__ = ["Ready", "entry_of", "make_ready", "reindex_entry", "store_ready"]
 # Characters of a message's text kept beside its entry for snippets: ts_headline
 # parses all of it for every hit shown, so a page of 50 stays a few MB of parsing.
 SNIPPET_SOURCE: Final = 64 * 1024
-# A tsvector holds at most 1 MB (PostgreSQL's limit): a text this long of distinct
-# words could pass it, so its entry is written under a savepoint, and with half the
-# text indexed (and again) if it does.
+# A tsvector holds at most 1 MB (PostgreSQL's limit): text and attachment names this
+# long, of distinct words, could pass it, so such an entry is written under a
+# savepoint, and with half of them indexed (and again) if it does.
 LARGE_TEXT: Final = 128 * 1024
 
 # The entry, and (when it is new) one more count on its message if that is stored
@@ -78,12 +78,18 @@ class Indexed:
         )
         return cls(found, folded)
 
+    @property
+    def large(self) -> bool:
+        """Whether the tsvectors might not fit (see LARGE_TEXT)."""
+        return len(self.folded[3]) + len(self.folded[4]) > LARGE_TEXT
+
     def columns(self, text_limit: int | None = None) -> tuple[object, ...]:
-        """date .. people of ``_REINDEX``; ``text_limit``: index only that much text."""
+        """date .. people of ``_REINDEX``; ``text_limit``: index only that much of
+        the text and of the attachment names."""
         found = self.extracted
         subject, sender, recipients, text, names = self.folded
         if text_limit is not None:
-            text = text[:text_limit]
+            text, names = text[:text_limit], names[:text_limit]
         return (
             found.date,
             found.sender,
@@ -132,25 +138,28 @@ async def make_ready(message: bytes | Path) -> Ready:
     return await asyncio.to_thread(_ready, message)
 
 
-async def _insert_entry(
-    conn: psycopg.AsyncConnection, head: tuple[object, ...], indexed: Indexed
-) -> tuple[object, ...] | None:
-    """Insert the entry (``head``: user .. folder; None: the user has it already),
-    halving the indexed text while its tsvector is too large for PostgreSQL: its
-    columns, and whether its message was stored already and is counted."""
+async def _fitting(
+    conn: psycopg.AsyncConnection,
+    indexed: Indexed,
+    statement: sql.Composed,
+    values: Callable[[int | None], tuple[object, ...]],
+) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+    """Run ``statement`` with the ``values`` of ``indexed`` (given a text limit) under
+    a savepoint, halving the text while its tsvector is too large for PostgreSQL. A
+    message whose other fields alone are too large (they are bounded far below it)
+    is the driver's error, as any other."""
+    if not indexed.large:
+        return await conn.execute(statement, values(None))
     limit: int | None = None
     while True:
-        values = (*head, *indexed.columns(limit), head[1])
-        large = len(indexed.folded[3]) > LARGE_TEXT if limit is None else True
-        if not large:
-            cursor = await conn.execute(_ENTRY_VALUES, values)
-            return await cursor.fetchone()
         try:
             async with conn.transaction():
-                cursor = await conn.execute(_ENTRY_VALUES, values)
-                return await cursor.fetchone()
+                return await conn.execute(statement, values(limit))
         except psycopg.errors.ProgramLimitExceeded:
-            limit = (limit or len(indexed.folded[3])) // 2
+            if limit == 0:
+                raise
+            full = max(len(indexed.folded[3]), len(indexed.folded[4]))
+            limit = (full if limit is None else limit) // 2
 
 
 async def store_ready(
@@ -169,7 +178,15 @@ async def store_ready(
     if origin is not None:
         await conn.execute(_ORIGIN, (user, origin))
     head = (user, content.digest, content.size, received, source.value, folder)
-    row = await _insert_entry(conn, head, ready.indexed)
+    cursor = await _fitting(
+        conn,
+        ready.indexed,
+        _ENTRY_VALUES,
+        lambda limit: (*head, *ready.indexed.columns(limit), content.digest),
+    )
+    # The entry's columns and whether its message, stored already, was counted; or
+    # None: the user has this message already.
+    row = await cursor.fetchone()
     if row is None:
         cursor = await conn.execute(_EXISTING, (user, content.digest))
         existing = await cursor.fetchone()
@@ -197,14 +214,10 @@ async def reindex_entry(pool: AsyncConnectionPool, user: str, entry_id: int) -> 
     indexed = await asyncio.to_thread(_indexed, data)
     del data
     async with transaction(pool, ArchiveError, doing) as conn:
-        limit: int | None = None
-        while True:
-            try:
-                async with conn.transaction():
-                    cursor = await conn.execute(_REINDEX, (*indexed.columns(limit), user, entry_id))
-                    return cursor.rowcount > 0
-            except psycopg.errors.ProgramLimitExceeded:
-                limit = (limit or len(indexed.folded[3])) // 2
+        cursor = await _fitting(
+            conn, indexed, _REINDEX, lambda limit: (*indexed.columns(limit), user, entry_id)
+        )
+        return cursor.rowcount > 0
 
 
 def entry_of(row: Sequence[object]) -> Entry:
