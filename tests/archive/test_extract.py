@@ -278,3 +278,53 @@ def test_quoted_printable_and_base64_text_parts_are_decoded() -> None:
     )
     got = extract(message)
     assert got.body.startswith("café crème base64 Grüße cut short")
+
+
+def test_a_charset_naming_a_compression_codec_never_decompresses() -> None:
+    """Decompression bomb through the charset: zlib_codec is a Python codec, but not
+    a text encoding, so the part is read as UTF-8/Latin-1 octets, never inflated."""
+    import zlib
+
+    bomb = zlib.compress(b"A" * (50 * 1024 * 1024))
+    message = (
+        b"Subject: =?zlib_codec?b?" + base64.b64encode(bomb[:2000]) + b"?=\r\n"
+        b"Content-Type: text/plain; charset=zlib_codec\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(bomb)
+    )
+    tracemalloc.start()
+    try:
+        got = extract(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "AAAAAAAA" not in got.body
+    assert peak < 10 * len(message) + (1 << 20)
+
+
+def test_a_boundary_that_begins_with_another_is_not_taken_for_it() -> None:
+    message = (
+        b'Content-Type: multipart/mixed; boundary="b"\n\n'
+        b'--b\nContent-Type: multipart/alternative; boundary="b--x"\n\n'
+        b"--b--x\nContent-Type: text/plain\n\ninner text\n--b--x--\n"
+        b"--b\nContent-Type: text/plain\n\nsecond part\n--b--\n"
+    )
+    assert extract(message).body == "inner text second part"
+
+
+def test_named_text_shown_inline_is_indexed_and_named() -> None:
+    message = multipart(
+        [
+            ('Content-Type: text/plain; name="notes.txt"', b"inline notes"),
+            ("Content-Type: text/plain\r\nContent-Disposition: attachment", b"attached text"),
+        ]
+    )
+    got = extract(message)
+    assert got.body == "inline notes"
+    assert got.attachments == ("notes.txt", "")
+    assert got.has_attachment
+
+
+def test_a_line_that_is_no_header_starts_the_body() -> None:
+    got = extract(b"Subject: no blank line\nthis is the body\nit: goes on\n")
+    assert got.subject == "no blank line"
+    assert got.body == "this is the body it: goes on"
