@@ -7,6 +7,7 @@ messages; a damaged piece is an error, never wrong octets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import tracemalloc
@@ -150,6 +151,29 @@ async def test_a_message_deleted_while_it_is_read_ends_the_read_with_no_such_ent
     with pytest.raises(NoSuchEntry):
         async for _ in reader:
             pass
+
+
+async def test_a_cancelled_add_keeps_nothing_and_the_archive_goes_on(
+    archive: PostgresArchive, tmp_path: Path
+) -> None:
+    """A client gone mid-upload cancels the add at any point: before, during or
+    after the worker's reading, or inside the transaction."""
+    path = tmp_path / "big.eml"
+    data = mail(attachments={"big.bin": os.urandom(4 * 1024 * 1024)})
+    path.write_bytes(data)
+    await archive.pool()
+    for delay in (0, 0.001, 0.01, 0.05, 0.1):
+        task = asyncio.create_task(archive.add("alice", path, source=KEPT))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not task.cancelled():  # it finished first: undo it for the next round
+            await archive.delete("alice", [task.result().entry.id])
+        assert await archive.users() == []
+        await assert_counted(archive)
+    added = await archive.add("alice", path, source=KEPT)
+    assert await read_all(archive, "alice", added.entry.id) == data
 
 
 async def test_two_nodes_adding_the_same_messages_at_once_store_each_once(

@@ -135,7 +135,18 @@ def _ready(message: bytes | Path) -> Ready:
 
 async def make_ready(message: bytes | Path) -> Ready:
     """``message`` read, cut and extracted in a worker thread (it is CPU work)."""
-    return await asyncio.to_thread(_ready, message)
+    work = asyncio.ensure_future(asyncio.to_thread(_ready, message))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        # The worker cannot be stopped: whatever it maps is let go once it is done.
+        work.add_done_callback(_close_unused)
+        raise
+
+
+def _close_unused(work: asyncio.Future[Ready]) -> None:
+    if not work.cancelled() and work.exception() is None:
+        work.result().close()
 
 
 async def _fitting(
