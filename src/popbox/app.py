@@ -30,8 +30,11 @@ from popbox.config import Config
 from popbox.errors import ConfigError
 
 if TYPE_CHECKING:
+    from popbox.archive.base import Archive
     from popbox.auth.base import PassDB
     from popbox.net.sasl import Mechanisms
+    from popbox.net.service import Pop3Service
+    from popbox.store.base import MailStore
 
 __all__ = [
     "Listeners",
@@ -46,6 +49,7 @@ __all__ = [
     "scram_mechanisms",
     "serve",
     "serve_listeners",
+    "serve_web_alone",
 ]
 
 log = logging.getLogger("popbox")
@@ -212,6 +216,8 @@ class Listeners:
     plain: list[socket.socket]
     tls: list[socket.socket]
     lmtp: list[socket.socket]
+    web: socket.socket | None = None
+    """The web page's socket (``web.enabled``); served by the sweeping process."""
 
 
 def bind_listeners(config: Config) -> Listeners:
@@ -224,7 +230,12 @@ def bind_listeners(config: Config) -> Listeners:
     if config.pop3.tls_listen and ssl_context is None:
         log.warning("no TLS certificate: implicit-TLS listeners disabled, STLS not offered")
     lmtp = bind_addresses(config.lmtp.listen) if config.lmtp.enabled else []
-    return Listeners(ssl_context, plain, tls, lmtp)
+    web = None
+    if config.web.enabled:
+        from popbox.web.app import bind_web
+
+        web = bind_web(config)
+    return Listeners(ssl_context, plain, tls, lmtp, web)
 
 
 def bearer_mechanisms(config: Config) -> Mechanisms:
@@ -289,7 +300,7 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     does, see ``WorkerSupervisor``).
     """
     from popbox.auth.base import UserDirectory
-    from popbox.backends import build_hasher, build_passdb, build_store, close_passdb
+    from popbox.backends import build_archive, build_hasher, build_passdb, build_store, close_passdb
     from popbox.delivery.deliverer import Deliverer
     from popbox.delivery.lmtp import LmtpService
     from popbox.mailboxes import MailboxSweeper, stop_task
@@ -298,16 +309,27 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
     hasher = build_hasher(config)
     passdb = build_passdb(config, hasher=hasher)
     store = build_store(config, passdb)
+    archive = build_archive(config)
     pop3 = Pop3Service(
         config, store, passdb, listeners.ssl_context, sasl_mechanisms(config, passdb)
     )
     await pop3.start(sockets=listeners.plain, tls_sockets=listeners.tls)
     lmtp_service = None
     if listeners.lmtp:
-        lmtp_service = LmtpService(config, Deliverer(config, store, passdb))
+        lmtp_service = LmtpService(config, Deliverer(config, store, passdb, archive))
         await lmtp_service.start(sockets=listeners.lmtp)
     users = passdb if isinstance(passdb, UserDirectory) else None
-    sweeper = MailboxSweeper(config, store, users=users).start() if sweep else None
+    sweeper = None
+    if sweep:
+        sweeper = MailboxSweeper(config, store, users=users, archive=archive).start()
+    web = None
+    if listeners.web is not None:
+        if sweep:
+            web = _start_web(
+                config, listeners.web, pop3, archive=archive, passdb=passdb, store=store
+            )
+        else:
+            listeners.web.close()  # one process serves the page: the sweeping one
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -322,14 +344,79 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
         )
         if sweeper is not None:
             await stop_task(sweeper)
+        if web is not None:
+            await stop_task(web)
         if lmtp_service is not None:
             await lmtp_service.stop()
         await pop3.shutdown()
         await store.close()
+        await archive.close()
         await close_passdb(passdb)
         hasher.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def serve_web_alone(config: Config) -> None:
+    """``popbox web``: the web page on its own, on ``web.listen``, until SIGTERM or
+    SIGINT (bound before privileges drop, like the mail listeners)."""
+    from popbox.web.app import bind_web
+
+    sock = bind_web(config)
+    drop_privileges(config)
+    run_loop(_web_until_stopped(config, sock))
+
+
+async def _web_until_stopped(config: Config, sock: socket.socket) -> None:
+    from popbox.backends import build_archive, build_hasher, build_passdb, build_store, close_passdb
+    from popbox.mailboxes import stop_task
+
+    hasher = build_hasher(config)
+    passdb = build_passdb(config, hasher=hasher)
+    store = build_store(config, passdb)
+    archive = build_archive(config)
+    web = _start_web(config, sock, None, archive=archive, passdb=passdb, store=store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await stop_task(web)
+        await store.close()
+        await archive.close()
+        await close_passdb(passdb)
+        hasher.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _start_web(
+    config: Config,
+    sock: socket.socket,
+    pop3: Pop3Service | None,
+    *,
+    archive: Archive,
+    passdb: PassDB,
+    store: MailStore,
+) -> asyncio.Task[None]:
+    """Serve the web page on ``sock`` on these parts; beside POP3 (``pop3``), failed
+    logins count in POP3's per-address penalty table (one guesser, one count)."""
+    from popbox.cli_support import open_user_admin
+    from popbox.web.app import create_app, serve_web
+    from popbox.web.collector_view import collector_view
+
+    app = create_app(
+        config,
+        archive=archive,
+        passdb=passdb,
+        store=store,
+        useradmin=open_user_admin(config),
+        collector=collector_view(config.fetch, config.base_dir),
+        penalty=pop3.penalty if pop3 is not None else None,
+    )
+    return asyncio.get_running_loop().create_task(serve_web(config, app, sock=sock), name="web")
 
 
 class WorkerSupervisor:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from popbox.errors import ConfigError
 
 if TYPE_CHECKING:
+    from popbox.archive.base import Archive
     from popbox.auth.base import PassDB
     from popbox.auth.hasher import Hasher
     from popbox.collector.base import LocalDeliveryHandle
@@ -181,16 +182,32 @@ def build_passdb(config: Config, *, hasher: Hasher | None = None) -> PassDB:
     )
 
 
+def build_archive(config: Config) -> Archive:
+    """The archive ``config`` names (``[archive]``): SQLite files under
+    ``archive.path``, or tables in the ``[postgresql]`` database. Either opens on
+    first use, so building one costs nothing until a message is kept or searched."""
+    if config.archive_backend() == "postgresql":
+        from popbox.archive.postgresql import PostgresArchive
+
+        return PostgresArchive(pool_settings(config, "archive"))
+    from popbox.archive.sqlite import SqliteArchive
+
+    return SqliteArchive(config.archive_path())
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryBackend:
-    """A Deliverer and the store and user database it was built on, closed together."""
+    """A Deliverer and the store, user database and archive it was built on, closed
+    together."""
 
     deliverer: Deliverer
     store: MailStore
     passdb: PassDB
+    archive: Archive
 
     async def close(self) -> None:
         await self.store.close()
+        await self.archive.close()
         await close_passdb(self.passdb)
 
 
@@ -209,7 +226,8 @@ def open_delivery(config: Config) -> DeliveryBackend:
 
     passdb = build_passdb(config)
     store = build_store(config, passdb)
-    return DeliveryBackend(Deliverer(config, store, passdb), store, passdb)
+    archive = build_archive(config)
+    return DeliveryBackend(Deliverer(config, store, passdb, archive), store, passdb, archive)
 
 
 def open_local_delivery(config_path: Path) -> LocalDeliveryHandle:

@@ -1,4 +1,5 @@
-"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth."""
+"""The `popbox` command: serve, user, device, expire, deliver, check-config, fetch, oauth,
+archive."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
+from popbox.archive_command import archive_group
 from popbox.cli_support import config_option, find_user, load, passwd_users, run_on_store
 from popbox.errors import PopboxError
 from popbox.import_command import import_group
@@ -114,6 +116,26 @@ def serve(config_path: Path | None, verbose: bool) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command()
+@config_option
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def web(config_path: Path | None, verbose: bool) -> None:
+    """Serve the archive's web page on its own (web.listen) until SIGTERM or Ctrl-C.
+
+    ``popbox serve`` serves it too when ``web.enabled`` is set; this is for a
+    machine that serves only the page.
+    """
+    from popbox.app import prepare_data_dir, serve_web_alone
+
+    config = load(config_path)
+    _setup_logging(config, verbose)
+    try:
+        prepare_data_dir(config)
+        serve_web_alone(config)
+    except (OSError, PopboxError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _print_embedded_help(config: Config) -> None:
     plain = config.pop3.listen[0] if config.pop3.listen else "127.0.0.1:1110"
     tls = config.pop3.tls_listen[0] if config.pop3.tls_listen else "127.0.0.1:1995"
@@ -127,6 +149,7 @@ def _print_embedded_help(config: Config) -> None:
   read it (STLS):    curl --ssl-reqd --cacert {cert} -u alice pop3://localhost:{port}/1
   read it (TLS):     curl --cacert {cert} -u alice pop3s://localhost:{tls_port}/1
   LMTP for an MTA:   {", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"}
+  the archive:       {f"http://{config.web.listen}/" if config.web.enabled else "off"}
 Stop with Ctrl-C.""",
         err=True,
     )
@@ -286,11 +309,14 @@ def expire(
     """Sweep every user's mailbox (or only USERs) once, for cron.
 
     Removes what the mailbox policy lets go: messages every active device deleted,
-    expired retention, hidden messages past keep_days, Trash past trash_days.
-    `popbox serve` does the same every mailbox.sweep_interval. Exit code 1 if some
-    user's sweep failed.
+    expired retention, hidden messages past keep_days, Trash past trash_days. Then
+    the archive's upkeep: what the archive disposition moved to Archive folders is
+    archived, and the archive's retention applied. `popbox serve` does the same
+    every mailbox.sweep_interval. Exit code 1 if some user's sweep failed.
     """
-    from popbox.mailboxes import describe_report, sweep_users
+    from popbox.archive_upkeep import ArchiveSweep, sweep_archive
+    from popbox.backends import build_archive
+    from popbox.mailboxes import SweepSummary, describe_report, sweep_users
 
     config = load(config_path)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
@@ -303,20 +329,28 @@ def expire(
             raise click.ClickException(f"no user {', '.join(unknown)} in {where}")
         records = [by_name[name] for name in dict.fromkeys(users)]
 
-    summary = run_on_store(
-        config, lambda store: sweep_users(config.mailbox, store, records, now=now)
-    )
+    async def sweep(store: MailStore) -> tuple[SweepSummary, ArchiveSweep]:
+        summary = await sweep_users(config.mailbox, store, records, now=now)
+        archive = build_archive(config)
+        try:
+            return summary, await sweep_archive(config, archive, store, records, now=now)
+        finally:
+            await archive.close()
+
+    summary, archived = run_on_store(config, sweep)
     if now is not None:
         click.echo(f"as if at {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(now))}")
     for item in summary.users:
         if item.report is not None and item.did_something:
             click.echo(f"{item.user}: {describe_report(item.report)}")
     click.echo(summary.describe())
-    if summary.failed:
+    click.echo(archived.describe())
+    if summary.failed or archived.failed:
         sys.exit(1)
 
 
 main.add_command(import_group)
+main.add_command(archive_group)
 main.add_command(migrate_command)
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -438,6 +439,14 @@ class Config(_Section):
             raise ValueError(f"web.listen: {exc}") from exc
         return self
 
+    _base: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory relative paths in the config file resolve against (the
+        file's own; the working directory for the embedded default)."""
+        return self._base
+
     def archive_path(self) -> Path:
         """Where the embedded archive keeps its index and its objects."""
         return self.archive.path or self.data_dir / "archive"
@@ -513,9 +522,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], base: Path) -> Config:
     """Validate a parsed document; raise ConfigError naming every bad key."""
     try:
-        return Config.model_validate(_resolve_paths(dict(data), base))
+        config = Config.model_validate(_resolve_paths(dict(data), base))
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from exc
+    config._base = base
+    return config
 
 
 def load_config(path: Path | None) -> Config:

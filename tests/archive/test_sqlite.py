@@ -252,3 +252,14 @@ async def test_add_batch_is_one_transaction(tmp_path: Path) -> None:
     assert all(item.new for item in added)
     assert (await archive.search("alice", MatchAll())).total == len(batch) - 1
     await archive.close()
+
+
+def test_a_short_prefix_is_never_expanded_over_the_whole_vocabulary() -> None:
+    """A one-letter prefix would make FTS5 merge the postings of every word it
+    begins, every user's, before the user's own rows are picked out."""
+    short = compile_query(Term(TermField.ANY, "a*"), 1).match
+    long = compile_query(Term(TermField.ANY, "abc*"), 1).match
+    assert short is not None
+    assert long is not None
+    assert not short.endswith("*")
+    assert long.endswith('"abc" *')

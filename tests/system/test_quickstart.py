@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from support.ports import free_port
@@ -207,8 +208,9 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
 
 
 def test_embedded_default_without_a_config(tmp_path: Path) -> None:
-    """`popbox serve` with no arguments: the README's first command, as is."""
-    for port in (1110, 1995, 2424):
+    """`popbox serve` with no arguments: the README's first command, as is, with the
+    archive keeping every delivery and its web page on 127.0.0.1:8080."""
+    for port in (1110, 1995, 2424, 8080):
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.skip(f"port {port} of the embedded default is taken on this machine")
@@ -222,7 +224,7 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
         env=env,
     )
     try:
-        for port in (1110, 1995, 2424):
+        for port in (1110, 1995, 2424, 8080):
             wait_listening(port, process)
         data = tmp_path / "popbox-data"
         assert (data / "passwd").stat().st_mode & 0o077 == 0
@@ -243,6 +245,29 @@ def test_embedded_default_without_a_config(tmp_path: Path) -> None:
         client.pass_("pw")
         assert client.stat() == (0, 0)
         client.quit()
+        delivered = subprocess.run(
+            [*POPBOX, "deliver", "alice"],
+            input=b"From: bob@example.com\r\nSubject: quickstart parcel\r\n\r\nhello\r\n",
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert delivered.returncode == 0, delivered.stderr
+        found = subprocess.run(
+            [*POPBOX, "archive", "search", "alice", "subject:parcel", "--json"],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert found.returncode == 0, found.stderr
+        assert b"quickstart parcel" in found.stdout
+        page = httpx.get("http://127.0.0.1:8080/login", timeout=30)
+        assert page.status_code == 200
+        assert 'form id="login"' in page.text
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)

@@ -21,6 +21,7 @@ from popbox.config import Config, Pop3Settings, parse_listen
 from popbox.config_scale import TrustedProxies
 from popbox.errors import ConfigError
 from popbox.net.hub import SessionHub
+from popbox.net.limits import AuthPenalty
 from popbox.net.proxy import HeaderRefusal, ProxyAddress, ProxyHeaderReader
 from popbox.net.sasl import Mechanisms
 from popbox.net.session import Pop3Session
@@ -130,6 +131,13 @@ class Pop3Service:
     def tls_addresses(self) -> list[Address]:
         """(host, port) of each implicit-TLS listener, as bound."""
         return list(self._tls_addresses)
+
+    @property
+    def penalty(self) -> AuthPenalty | None:
+        """The per-address login penalty of this service's sessions (None before
+        ``start``): whatever else takes logins with the same passwords (the web
+        page) counts a guesser's failures in the same table."""
+        return self._hub.penalty if self._hub is not None else None
 
     @property
     def session_count(self) -> int:
