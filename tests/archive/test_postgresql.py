@@ -25,7 +25,11 @@ from popbox.archive.postgresql import PostgresArchive
 from popbox.archive.postgresql_query import fold
 from popbox.archive.postgresql_schema import DIGEST_SIZE, PIECE_SIZE
 from popbox.archive.query import parse_query
+from popbox.backends import build_archive, build_store
+from popbox.config import Config
+from popbox.delivery.deliverer import Deliverer
 from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry
+from support.lmtp import users
 from support.pgarchive import mail, postgres_archive
 
 KEPT = ArchiveSource.DELIVERED
@@ -401,3 +405,29 @@ async def test_a_damaged_piece_is_an_archive_error_not_wrong_octets(
         )
     with pytest.raises(ArchiveError, match="damaged"):
         await read_all(archive, "alice", added.entry.id)
+
+
+async def test_a_cluster_delivery_keeps_its_copy_in_the_same_database(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The composition root's archive for ``storage.backend = "postgresql"``: what a
+    delivery keeps, any node's archive finds."""
+    config = Config(
+        data_dir=tmp_path,
+        storage={"backend": "postgresql"},
+        postgresql={"dsn": postgres_dsn, "pool_max": 2},
+        archive={"keep": ["delivered"]},
+    )
+    archive = build_archive(config)
+    assert isinstance(archive, PostgresArchive)
+    passdb = users("alice")
+    store = build_store(config, passdb)
+    other_node = build_archive(config)
+    try:
+        deliverer = Deliverer(config, store, passdb, archive)
+        await deliverer.deliver("alice", "carol@example.com", mail(subject="kept twice"))
+        page = await other_node.search("alice", parse_query("subject:kept"))
+        assert [hit.entry.source for hit in page.hits] == [ArchiveSource.DELIVERED]
+    finally:
+        for closing in (archive, other_node, store):
+            await closing.close()
