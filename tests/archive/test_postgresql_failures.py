@@ -32,7 +32,7 @@ async def down_and_up(
 ) -> AsyncIterator[tuple[PostgresServer, PostgresArchive]]:
     """An archive on a database of its own cluster, which the test stops and starts."""
     dsn = await asyncio.to_thread(private_postgres.create_database)
-    archive = postgres_archive(dsn, pool_timeout=1.0)
+    archive = postgres_archive(dsn, pool_timeout=2.0)
     yield private_postgres, archive
     await archive.close()
 
