@@ -28,6 +28,7 @@ from popbox.errors import PopboxError
 __all__ = [
     "PoolSettings",
     "Schema",
+    "autocommit",
     "database_errors",
     "ensure_schema",
     "open_pool",
@@ -186,3 +187,20 @@ async def transaction(
     with database_errors(error, doing):
         async with pool.connection() as conn, conn.transaction():
             yield conn
+
+
+@contextlib.asynccontextmanager
+async def autocommit(
+    pool: AsyncConnectionPool, error: type[PopboxError], doing: str
+) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A connection from ``pool`` whose every statement is its own transaction (no
+    BEGIN and COMMIT round trips around work that is one statement), driver errors
+    translated."""
+    with database_errors(error, doing):
+        async with pool.connection() as conn:
+            await conn.set_autocommit(True)
+            try:
+                yield conn
+            finally:
+                if not conn.broken and not conn.closed:
+                    await conn.set_autocommit(False)

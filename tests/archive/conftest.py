@@ -10,6 +10,7 @@ from archive_helpers import ArchiveFactory
 
 from popbox.archive.base import Archive
 from popbox.archive.sqlite import SqliteArchive
+from support.pgarchive import postgres_factory
 
 
 async def make_sqlite(tmp_path: Path) -> Archive:
@@ -21,10 +22,12 @@ async def make_sqlite(tmp_path: Path) -> Archive:
 # to the params of ``make_archive``.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], ArchiveFactory]] = {
     "sqlite": lambda request: make_sqlite,
+    # A database of the session's PostgreSQL for each directory.
+    "postgresql": lambda request: postgres_factory(request.getfixturevalue("postgres_server")),
 }
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def make_archive(request: pytest.FixtureRequest) -> ArchiveFactory:
     """``await make_archive(tmp_path)``: a fresh archive of the backend under test
     (the same directory gives the same archive again, for a reopen)."""
