@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from browser_mail import SCRIPT_RAN_PATH, hostile_html
+
 from support.browser import Browser
 from support.httpsite import Page, Site
 
@@ -130,3 +132,18 @@ def test_reset_forgets_cookies_and_records(browser: Browser, site: Site) -> None
     assert browser.driver.get_cookie("session") is None
     assert "Cookie" not in site.requests_for("/other")[0].headers
     assert [request.url for request in browser.requests()] == [site.url("/other")]
+
+
+def test_hostile_mail_runs_and_loads_when_served_as_a_plain_page(
+    browser: Browser, site: Site, tracker: Site
+) -> None:
+    # The control for the message page's tests: the same HTML, shown without popbox's
+    # sanitiser, sandbox and CSP, runs its scripts and reaches the tracker.
+    tracker.page("/external.js", Page(b"window.externalRan = 1;", "text/javascript"))
+    tracker.page("/pixel.gif", Page(PIXEL, "image/gif"))
+    browser.open(site.page("/", hostile_html(tracker.origin)))
+
+    browser.wait_until(lambda: tracker.requests_for("/refresh"), "the meta refresh")
+    seen = {request.path for request in tracker.requests}
+    assert {SCRIPT_RAN_PATH, "/external.js", "/pixel.gif", "/link.css", "/frame"} <= seen
+    assert {"/style-url.gif", "/base/relative.gif", "/inline-style.gif"} <= seen
