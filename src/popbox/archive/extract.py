@@ -65,6 +65,7 @@ MAX_DEPTH: Final = 50
 MAX_ATTACHMENTS: Final = 200
 
 _SPACE: Final = re.compile(r"\s+")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _HTML_TYPES: Final = frozenset({"text/html", "application/xhtml+xml"})
 # A header block naming a content type whose body is never indexed.
 _NOT_TEXT: Final = re.compile(
@@ -100,9 +101,11 @@ class Extracted:
 
 
 def _squash(text: str, limit: int) -> str:
-    """Whitespace collapsed to single spaces, NFKC (what queries are normalised to,
+    """Whitespace collapsed to single spaces, other control characters dropped (the
+    index marks matches with some), NFKC (what queries are normalised to,
     popbox.archive.query.normalise, less the case), cut to ``limit`` characters."""
-    return unicodedata.normalize("NFKC", _SPACE.sub(" ", text).strip())[:limit]
+    text = _CONTROL.sub("", _SPACE.sub(" ", text)).strip()
+    return unicodedata.normalize("NFKC", text)[:limit]
 
 
 def _decode_octets(data: bytes, charset: str | None) -> str:
