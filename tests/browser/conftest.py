@@ -5,11 +5,14 @@ for the other origins a test needs (a tracker, an attacker's page)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from support.browser import Browser, start_browser
 from support.httpsite import Site, serve_site
+from support.web import PASSWORDS, web_config
+from threaded_web import ThreadedWeb, serve_in_thread
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +40,12 @@ def tracker() -> Iterator[Site]:
     """A second loopback origin that only records what reaches it."""
     with serve_site() as served:
         yield served
+
+
+@pytest.fixture
+def popbox(tmp_path: Path) -> Iterator[ThreadedWeb]:
+    """popbox's web page on a free loopback port: alice, bob and the admin root
+    (support.web.PASSWORDS), a real SqliteArchive, Secure cookies as by default."""
+    config = web_config(tmp_path, web={"admins": ["root"], "secure_cookies": True})
+    with serve_in_thread(config, PASSWORDS) as web:
+        yield web
