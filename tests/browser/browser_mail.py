@@ -11,6 +11,8 @@ from email.policy import SMTP
 from email.utils import format_datetime
 
 __all__ = [
+    "ATTACHMENT_SUBJECT",
+    "ZEPPELIN_SUBJECTS",
     "ATTACHMENT_BIN",
     "ATTACHMENT_PDF",
     "HOSTILE_MARKER",
@@ -55,6 +57,10 @@ HOSTILE_PATHS = (
     "/svg-image",
     SCRIPT_RAN_PATH,
 )
+ATTACHMENT_SUBJECT = "Signed contract and data"
+ZEPPELIN_SUBJECTS = frozenset(
+    {"Zeppelin project kickoff", "Re: Zeppelin budget", "Zeppelin hangar visit"}
+)
 # Deterministic attachment contents, so a download can be compared with what was sent.
 ATTACHMENT_PDF = b"%PDF-1.4\n" + hashlib.sha256(b"report").digest() * 300 + b"\n%%EOF\n"
 ATTACHMENT_BIN = bytes(range(256)) * 17 + b"\x00\xff\r\n.\r\n"
@@ -82,7 +88,11 @@ def ordinary_messages(user: str) -> list[bytes]:
         ("Printer on floor 3", "It jams again; facilities are on it."),
         ("Quarterly numbers", "Revenue up four percent, costs flat."),
         ("Team photo", "Wear something blue on Thursday."),
-        ("Zeppelin hangar visit", "The bus leaves at eight; bring a zeppelin-proof coat."),
+        (
+            "Zeppelin hangar visit",
+            "The bus leaves at eight; bring a zeppelin-proof coat.\n"
+            "From the hangar roof you can see the river.",
+        ),
         ("Parking permits", "New permits are at reception."),
         ("Code review backlog", "Twelve reviews are waiting for a second reader."),
         ("Fire drill", "Wednesday at eleven, use the east stairs."),
@@ -100,8 +110,14 @@ def ordinary_messages(user: str) -> list[bytes]:
 
 def attachment_message(user: str) -> bytes:
     """A message with a PDF and a binary attachment (names with a space and an accent)."""
-    message = _message("Signed contract and data", "Legal <legal@example.org>", user, _BASE_DATE)
+    message = _message(ATTACHMENT_SUBJECT, "Legal <legal@example.org>", user, _BASE_DATE)
     message.set_content("Attached: the signed contract and the raw export.\n")
+    message.add_alternative(
+        "<p>Attached: the <b>signed contract</b> and the raw export.</p>"
+        "<table border=1 cellpadding=4><tr><td>Contract</td><td>signed 2 Nov</td></tr>"
+        "<tr><td>Export</td><td>4.3 KiB</td></tr></table>",
+        subtype="html",
+    )
     message.add_attachment(
         ATTACHMENT_PDF, maintype="application", subtype="pdf", filename="signed contract.pdf"
     )

@@ -5,10 +5,12 @@ for the other origins a test needs (a tracker, an attacker's page)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from browser_mail import attachment_message, hostile_message, ordinary_messages
 from support.browser import Browser, start_browser
 from support.httpsite import Site, serve_site
 from support.web import PASSWORDS, web_config
@@ -49,3 +51,31 @@ def popbox(tmp_path: Path) -> Iterator[ThreadedWeb]:
     config = web_config(tmp_path, web={"admins": ["root"], "secure_cookies": True})
     with serve_in_thread(config, PASSWORDS) as web:
         yield web
+
+
+@dataclass(frozen=True)
+class AliceMail:
+    """What alice's archive holds: entry ids and the octets each was added with."""
+
+    ordinary: tuple[int, ...]
+    attachments: int
+    hostile: int
+    octets: dict[int, bytes]
+
+
+@pytest.fixture
+def alice_mail(popbox: ThreadedWeb, tracker: Site) -> AliceMail:
+    """alice's archive: a dozen everyday messages, one with attachments, and one whose
+    HTML aims everything it can at ``tracker``; bob keeps one message of his own."""
+    octets: dict[int, bytes] = {}
+
+    def keep(message: bytes) -> int:
+        entry_id = popbox.archive("alice", message)
+        octets[entry_id] = message
+        return entry_id
+
+    ordinary = tuple(keep(message) for message in ordinary_messages("alice@example.org"))
+    attachments = keep(attachment_message("alice@example.org"))
+    hostile = keep(hostile_message("alice@example.org", tracker.origin))
+    popbox.archive("bob", ordinary_messages("bob@example.org")[0])
+    return AliceMail(ordinary, attachments, hostile, octets)

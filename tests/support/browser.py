@@ -6,9 +6,10 @@ tests look at it with, and a record of every request it made.
 proxy is a loopback ``Site`` (support.httpsite) that refuses and keeps every request
 for anywhere else (loopback itself bypasses a proxy in Chromium), so
 ``Browser.outside_requests`` lists each attempt to leave the machine, from any frame
-or worker. ``Browser.requests`` lists what the page's own frames asked for, read from
-chromedriver's performance log (the DevTools ``Network`` events), and
-``Browser.console`` what its console said (a CSP violation is logged there).
+or worker (but for Chromium's own calls home, CHROMIUM_OWN_HOSTS). ``Browser.requests``
+lists what the page's frames asked for, read from chromedriver's performance log (the
+DevTools ``Network`` events), and ``Browser.console`` what its console said (a CSP
+violation is logged there).
 
 Starting Chromium costs seconds, so one browser serves a whole test session and
 ``Browser.reset`` gives each test a clean one (no cookies, no cache, no records).
@@ -72,12 +73,26 @@ _QUIET_FLAGS: Final = (
     "--no-pings",
     "--disable-features=Translate,OptimizationHints,MediaRouter,"
     "AutofillServerCommunication,CertificateTransparencyComponentUpdater,"
-    "InterestFeedContentSuggestions,PrivacySandboxSettings4,"
+    "InterestFeedContentSuggestions,PrivacySandboxSettings4,PasswordLeakDetection,"
     # One renderer for every frame of a page, so the performance log (the top page's
     # DevTools session) sees a cross-site or sandboxed frame's requests too. Process
     # placement changes nothing a page is allowed to do: CSP and sandbox rules stay.
     "site-per-process,IsolateOrigins,IsolateSandboxedIframes,OriginKeyedProcessesByDefault",
     "--disable-site-isolation-trials",
+)
+
+# Chromium's own services, which it calls whatever page it shows (seen in a net log of
+# an idle browser): Google account cookies (ListAccounts, asked even with sign-in
+# off), component updates and network time, Debian's default search engine's
+# preconnect. No page under test names these hosts; ``outside_requests`` leaves them
+# out and ``all_outside_requests`` keeps them.
+CHROMIUM_OWN_HOSTS: Final = frozenset(
+    {
+        "accounts.google.com",
+        "update.googleapis.com",
+        "clients2.google.com",
+        "start.duckduckgo.com",
+    }
 )
 
 T = TypeVar("T")
@@ -200,7 +215,14 @@ class Browser:
         ]
 
     def outside_requests(self) -> list[SeenRequest]:
-        """Every request for a host other than loopback, from anything in the browser."""
+        """Every request for a host other than loopback, from any frame or worker of
+        any page (Chromium's own service calls left out)."""
+        return [
+            request for request in self._trap.requests if request.host not in CHROMIUM_OWN_HOSTS
+        ]
+
+    def all_outside_requests(self) -> list[SeenRequest]:
+        """Every request for a host other than loopback, Chromium's own included."""
         return self._trap.requests
 
     # --- driving it ----------------------------------------------------------------
@@ -318,6 +340,11 @@ def _options(profile: Path, downloads: Path, trap: Site) -> webdriver.ChromeOpti
             "download.default_directory": str(downloads),
             "download.prompt_for_download": False,
             "safebrowsing.enabled": False,
+            # After a login form, the password manager offers to save the password and
+            # checks it against Google's leak database: both would leave loopback.
+            "credentials_enable_service": False,
+            "profile.password_manager_enabled": False,
+            "profile.password_manager_leak_detection": False,
         },
     )
     return options

@@ -48,6 +48,15 @@ class SeenRequest:
     body: bytes
 
     @property
+    def host(self) -> str:
+        """The host a proxy request was for ("" for a request to the site itself)."""
+        if "://" in self.target:
+            return urlsplit(self.target).hostname or ""
+        if self.method == "CONNECT":
+            return self.target.rsplit(":", 1)[0].strip("[]").lower()
+        return ""
+
+    @property
     def path(self) -> str:
         return urlsplit(self.target).path if "://" in self.target else self.target.split("?")[0]
 
