@@ -5,16 +5,15 @@ for the other origins a test needs (a tracker, an attacker's page)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from browser_mail import attachment_message, hostile_message, ordinary_messages
 from support.browser import Browser, start_browser
+from support.browser_mail import AliceMail, fill_archive
+from support.browser_web import ThreadedWeb, serve_in_thread
 from support.httpsite import Site, serve_site
 from support.web import PASSWORDS, web_config
-from threaded_web import ThreadedWeb, serve_in_thread
 
 
 @pytest.fixture(scope="session")
@@ -53,29 +52,8 @@ def popbox(tmp_path: Path) -> Iterator[ThreadedWeb]:
         yield web
 
 
-@dataclass(frozen=True)
-class AliceMail:
-    """What alice's archive holds: entry ids and the octets each was added with."""
-
-    ordinary: tuple[int, ...]
-    attachments: int
-    hostile: int
-    octets: dict[int, bytes]
-
-
 @pytest.fixture
 def alice_mail(popbox: ThreadedWeb, tracker: Site) -> AliceMail:
-    """alice's archive: a dozen everyday messages, one with attachments, and one whose
-    HTML aims everything it can at ``tracker``; bob keeps one message of his own."""
-    octets: dict[int, bytes] = {}
-
-    def keep(message: bytes) -> int:
-        entry_id = popbox.archive("alice", message)
-        octets[entry_id] = message
-        return entry_id
-
-    ordinary = tuple(keep(message) for message in ordinary_messages("alice@example.org"))
-    attachments = keep(attachment_message("alice@example.org"))
-    hostile = keep(hostile_message("alice@example.org", tracker.origin))
-    popbox.archive("bob", ordinary_messages("bob@example.org")[0])
-    return AliceMail(ordinary, attachments, hostile, octets)
+    """alice's archive (support.browser_mail.fill_archive), its hostile HTML aimed at
+    ``tracker``."""
+    return fill_archive(popbox, tracker.origin)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from browser_mail import SCRIPT_RAN_PATH, hostile_html
-
 from support.browser import Browser
+from support.browser_mail import SCRIPT_RAN_PATH, hostile_html
 from support.httpsite import Page, Site
 
 PIXEL = (

@@ -9,17 +9,17 @@ from pathlib import Path
 
 from selenium.webdriver.common.by import By
 
-from browser_mail import (
+from support.browser import Browser
+from support.browser_flows import current_path, log_in, search
+from support.browser_mail import (
     ATTACHMENT_BIN,
     ATTACHMENT_PDF,
     ATTACHMENT_SUBJECT,
     ZEPPELIN_SUBJECTS,
+    AliceMail,
 )
-from conftest import AliceMail
-from flows import current_path, log_in, search
-from support.browser import Browser
+from support.browser_web import ThreadedWeb
 from support.web import PASSWORDS
-from threaded_web import ThreadedWeb
 
 
 def test_search_lists_the_matches_with_the_word_marked(
@@ -50,9 +50,7 @@ def test_search_with_nothing_found_says_so(
     log_in(browser, popbox, "alice", PASSWORDS["alice"])
 
     search(browser, "subject:zeppelin -budget")
-    subjects = {
-        link.text for link in browser.driver.find_elements(By.CSS_SELECTOR, "td.subject a")
-    }
+    subjects = {link.text for link in browser.driver.find_elements(By.CSS_SELECTOR, "td.subject a")}
     assert subjects == ZEPPELIN_SUBJECTS - {"Re: Zeppelin budget"}
 
     search(browser, "hovercraft")

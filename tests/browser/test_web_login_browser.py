@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from selenium.webdriver.common.by import By
 
-from flows import current_path, log_in, log_out
 from support.browser import Browser
+from support.browser_flows import current_path, log_in, log_out
+from support.browser_web import ThreadedWeb
 from support.web import PASSWORDS
-from threaded_web import ThreadedWeb
 
 SESSION_COOKIE = "popbox_session"
 
@@ -41,9 +41,7 @@ def test_login_lands_on_search_with_a_secure_strict_httponly_cookie(
     assert SESSION_COOKIE not in browser.driver.execute_script("return document.cookie")
 
 
-def test_logout_ends_the_session_on_the_server_too(
-    browser: Browser, popbox: ThreadedWeb
-) -> None:
+def test_logout_ends_the_session_on_the_server_too(browser: Browser, popbox: ThreadedWeb) -> None:
     log_in(browser, popbox, "alice", PASSWORDS["alice"])
     old = browser.driver.get_cookie(SESSION_COOKIE)
     assert old is not None

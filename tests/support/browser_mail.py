@@ -1,26 +1,32 @@
 """The messages the browser tests put in the archive: ordinary mail to search, one with
 attachments to download, and one whose HTML tries every way to run a script or load
-something (each way aimed at a tracker site on loopback, so a load is seen)."""
+something (each way aimed at a tracker site on loopback, so a load is seen); and
+``fill_archive``, which keeps them for alice (and one message for bob)."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
 
+from support.browser_web import ThreadedWeb
+
 __all__ = [
-    "ATTACHMENT_SUBJECT",
-    "ZEPPELIN_SUBJECTS",
     "ATTACHMENT_BIN",
     "ATTACHMENT_PDF",
+    "ATTACHMENT_SUBJECT",
     "HOSTILE_MARKER",
     "HOSTILE_PATHS",
     "HOSTILE_SUBJECT",
     "PWNED",
     "SCRIPT_RAN_PATH",
+    "ZEPPELIN_SUBJECTS",
+    "AliceMail",
     "attachment_message",
+    "fill_archive",
     "hostile_html",
     "hostile_message",
     "ordinary_messages",
@@ -174,3 +180,30 @@ def hostile_message(user: str, tracker: str) -> bytes:
     message.set_content(f"{HOSTILE_MARKER}.\n")
     message.add_alternative(hostile_html(tracker), subtype="html")
     return message.as_bytes(policy=SMTP)
+
+
+@dataclass(frozen=True)
+class AliceMail:
+    """What alice's archive holds: entry ids, and the octets each was added with."""
+
+    ordinary: tuple[int, ...]
+    attachments: int
+    hostile: int
+    octets: dict[int, bytes]
+
+
+def fill_archive(web: ThreadedWeb, tracker: str) -> AliceMail:
+    """alice's archive: a dozen everyday messages, one with attachments, and one whose
+    HTML aims everything it can at ``tracker`` (an origin); bob keeps one of his own."""
+    octets: dict[int, bytes] = {}
+
+    def keep(message: bytes) -> int:
+        entry_id = web.archive("alice", message)
+        octets[entry_id] = message
+        return entry_id
+
+    ordinary = tuple(keep(message) for message in ordinary_messages("alice@example.org"))
+    attachments = keep(attachment_message("alice@example.org"))
+    hostile = keep(hostile_message("alice@example.org", tracker))
+    web.archive("bob", ordinary_messages("bob@example.org")[0])
+    return AliceMail(ordinary, attachments, hostile, octets)

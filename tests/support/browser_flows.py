@@ -11,7 +11,7 @@ from urllib.parse import quote, urlsplit
 from selenium.webdriver.common.by import By
 
 from support.browser import Browser
-from threaded_web import ThreadedWeb
+from support.browser_web import ThreadedWeb
 
 __all__ = ["current_path", "log_in", "log_out", "search", "type_into"]
 
@@ -33,8 +33,7 @@ def log_in(browser: Browser, web: ThreadedWeb, user: str, password: str) -> None
     type_into(browser, "#password", password)
     browser.driver.find_element(By.ID, "login-submit").click()
     browser.wait_until(
-        lambda: current_path(browser) != "/login"
-        or browser.driver.find_elements(By.ID, "error"),
+        lambda: current_path(browser) != "/login" or browser.driver.find_elements(By.ID, "error"),
         "the page after the login form",
     )
     browser.settle()
@@ -44,9 +43,9 @@ def search(browser: Browser, words: str) -> None:
     """Type ``words`` into the search box and send it."""
     type_into(browser, "#q", words)
     browser.driver.find_element(By.ID, "search-submit").click()
+    sent = "q=" + quote(words, safe="").replace("%20", "+")
     browser.wait_until(
-        lambda: browser.driver.current_url.endswith("q=" + quote(words, safe="").replace("%20", "+")),
-        f"the results of {words!r}",
+        lambda: browser.driver.current_url.endswith(sent), f"the results of {words!r}"
     )
     browser.settle()
 
