@@ -146,3 +146,4 @@ def test_hostile_mail_runs_and_loads_when_served_as_a_plain_page(
     seen = {request.path for request in tracker.requests}
     assert {SCRIPT_RAN_PATH, "/external.js", "/pixel.gif", "/link.css", "/frame"} <= seen
     assert {"/style-url.gif", "/base/relative.gif", "/inline-style.gif"} <= seen
+    assert "pixel.tracker.example:443" in {r.target for r in browser.outside_requests()}

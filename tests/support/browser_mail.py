@@ -22,6 +22,7 @@ __all__ = [
     "HOSTILE_PATHS",
     "HOSTILE_SUBJECT",
     "PWNED",
+    "REMOTE_PIXEL",
     "SCRIPT_RAN_PATH",
     "ZEPPELIN_SUBJECTS",
     "AliceMail",
@@ -34,7 +35,10 @@ __all__ = [
 
 # What any script of the hostile message would set, as document.title and as a global.
 PWNED = "pwned"
-HOSTILE_SUBJECT = "Invoice 7731 overdue"
+# Markup in a header is text to the page: shown as written, never run.
+HOSTILE_SUBJECT = "Invoice 7731 <script>document.title='pwned'</script> overdue"
+# Off loopback: the outside-world trap must see no request for it either.
+REMOTE_PIXEL = "https://pixel.tracker.example/open.gif"
 # Text of the hostile message that the page must show (so the test knows it rendered).
 HOSTILE_MARKER = "Please find the overdue invoice below"
 # What any script of the hostile message asks the tracker for, from any frame.
@@ -157,6 +161,7 @@ body {{ background: url("{tracker}/style-url.gif"); }}</style>
 <img src="x-missing.gif" onerror="{run}">
 <img src="data:image/gif;base64,R0lGODlhAQABAAAAACw=" srcset="{tracker}/srcset.gif 2x">
 <img src="relative.gif">
+<img src="{REMOTE_PIXEL}">
 <div style="background-image: url('{tracker}/inline-style.gif')">styled</div>
 <svg onload="{run}"><image href="{tracker}/svg-image"></image></svg>
 <video poster="{tracker}/poster.gif" src="{tracker}/video"></video>
@@ -177,7 +182,7 @@ body {{ background: url("{tracker}/style-url.gif"); }}</style>
 def hostile_message(user: str, tracker: str) -> bytes:
     """A multipart/alternative message whose HTML part is ``hostile_html(tracker)``."""
     message = _message(HOSTILE_SUBJECT, "Accounts <accounts@invoices.example>", user, _BASE_DATE)
-    message.set_content(f"{HOSTILE_MARKER}.\n")
+    message.set_content(f"{HOSTILE_MARKER}.\n<script>{PWNED}()</script>\n")
     message.add_alternative(hostile_html(tracker), subtype="html")
     return message.as_bytes(policy=SMTP)
 
