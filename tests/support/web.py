@@ -24,6 +24,7 @@ import httpx
 from starlette.applications import Starlette
 
 from popbox.archive.base import Archive, ArchiveSource
+from popbox.archive.sqlite import SqliteArchive
 from popbox.auth.base import PassDB
 from popbox.auth.useradmin import PasswdFileUserAdmin, UserAdmin
 from popbox.backends import build_passdb, build_store, close_passdb
@@ -55,11 +56,12 @@ _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
 def web_config(tmp_path: Path, *, web: Mapping[str, Any] | None = None, **top: Any) -> Config:
-    """A Config under ``tmp_path`` for the web page: no failure delay (the tests that
-    want one set it), cookies without Secure unless ``web`` says so."""
+    """A Config under ``tmp_path`` for the web page: no failure delay and no per-IP
+    penalty (the tests about them set them), cookies without Secure unless ``web``
+    says so."""
     data: dict[str, Any] = {
         "data_dir": str(tmp_path),
-        "limits": {"auth_failure_delay": 0.0},
+        "limits": {"auth_failure_delay": 0.0, "auth_penalty_max": 0.0},
         "archive": {"keep": ["delivered"]},
         "web": {"enabled": True, "secure_cookies": False, **(web or {})},
     }
@@ -73,12 +75,6 @@ def web_config(tmp_path: Path, *, web: Mapping[str, Any] | None = None, **top: A
 
 def open_archive(config: Config) -> Archive:
     """The archive the composition root would open for ``config`` (SQLite)."""
-    try:
-        from popbox.archive.sqlite import SqliteArchive
-    except ImportError:
-        from support.web_archive import MemoryArchive
-
-        return MemoryArchive()
     return SqliteArchive(config.archive_path())
 
 

@@ -3,12 +3,28 @@ guess, the per-address penalty, session fixation and expiry."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from pathlib import Path
 
+import httpx
+import pytest
+
+from popbox.backends import build_passdb, build_store
+from popbox.net.service import bind_addresses
+from popbox.web.app import create_app, serve_web
 from popbox.web.csrf import LOGIN_COOKIE
 from popbox.web.sessions import COOKIE_NAME
-from support.web import PASSWORDS, Site, csrf_token, log_in, running_site, web_config
+from support.web import (
+    PASSWORDS,
+    Site,
+    csrf_token,
+    log_in,
+    open_archive,
+    running_site,
+    web_config,
+)
 
 
 def _set_cookie(response_headers: list[str], name: str) -> str:
@@ -87,11 +103,14 @@ async def test_app_password_logs_in_as_for_pop3(site: Site) -> None:
 
 
 async def test_guessing_from_one_address_is_penalised_until_a_success(tmp_path: Path) -> None:
-    config = web_config(tmp_path, limits={"auth_penalty_max": 1.0})
+    config = web_config(tmp_path, limits={"auth_penalty_max": 1.0, "auth_failure_delay": 0.3})
     async with running_site(config, users={"alice": "pw-alice"}) as site, site.client() as client:
         penalty = site.penalty
         assert penalty.delay("127.0.0.1") == 0
+        started = time.monotonic()
         await log_in(client, "alice", "guess-1")
+        # A wrong guess waits the failure delay, as a POP3 login does.
+        assert time.monotonic() - started >= 0.3
         assert penalty.delay("127.0.0.1") == 1.0
         started = time.monotonic()
         response = await log_in(client, "alice", "pw-alice")
@@ -152,3 +171,26 @@ async def test_a_login_form_without_its_token_is_refused(site: Site) -> None:
         )
         assert response.status_code == 403
         assert COOKIE_NAME not in client.cookies
+
+
+async def test_cancelling_the_server_task_stops_the_page_and_frees_its_port(tmp_path: Path) -> None:
+    config = web_config(tmp_path)
+    archive = open_archive(config)
+    passdb = build_passdb(config)
+    store = build_store(config, passdb)
+    app = create_app(config, archive=archive, passdb=passdb, store=store, useradmin=None)
+    sock = bind_addresses(["127.0.0.1:0"])[0]
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(serve_web(config, app, sock=sock))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert (await client.get("/login")).status_code == 200
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", port), timeout=5),
+    ):
+        pass
+    await archive.close()
+    await store.close()

@@ -42,7 +42,14 @@ from popbox.net.service import bind_addresses
 from popbox.store.base import MailStore
 from popbox.web import pages_admin, pages_user
 from popbox.web.collector_view import CollectorView
-from popbox.web.context import BASE_CSP, WebContext, make_templates, render, web_context
+from popbox.web.context import (
+    BASE_CSP,
+    MAX_PARSING,
+    WebContext,
+    make_templates,
+    render,
+    web_context,
+)
 from popbox.web.login import login_page, login_submit, logout
 from popbox.web.sessions import COOKIE_NAME, MAX_SESSIONS, SessionTable
 
@@ -74,6 +81,12 @@ BASE_HEADERS: Final = (
 MAX_FORM_BODY: Final = 64 * 1024
 # Requests in flight get this long to finish when the server is stopped.
 SHUTDOWN_GRACE: Final = 5
+# Connections served at once; past this uvicorn answers 503 at once. Dovecot's
+# default_client_limit (1,000) for the same reason: each costs memory and a task.
+MAX_CONNECTIONS: Final = 1000
+# X-Forwarded-For is believed only from a reverse proxy on this host (the HTTPS
+# front web.secure_cookies asks for): the address the login penalty counts.
+TRUSTED_FORWARDERS: Final = ("127.0.0.1", "::1")
 
 
 class SecurityHeaders:
@@ -192,6 +205,7 @@ def create_app(
         ),
         penalty=penalty if penalty is not None else AuthPenalty(config.limits.auth_penalty_max),
         templates=make_templates(),
+        parsing=asyncio.Semaphore(MAX_PARSING),
     )
     routes: list[BaseRoute] = [
         Route("/", _home, methods=["GET"]),
@@ -241,6 +255,9 @@ async def serve_web(config: Config, app: ASGIApp, *, sock: socket.socket | None 
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            limit_concurrency=MAX_CONNECTIONS,
+            proxy_headers=True,
+            forwarded_allow_ips=list(TRUSTED_FORWARDERS),
         )
     )
     host, port = sock.getsockname()[:2]

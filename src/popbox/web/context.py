@@ -10,7 +10,9 @@ before the page runs, so no page can forget to look.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from popbox.web.sessions import COOKIE_NAME, Session, SessionTable
 
 __all__ = [
     "BASE_CSP",
+    "MAX_PARSING",
     "TEMPLATES_DIR",
     "Page",
     "WebContext",
@@ -52,6 +55,10 @@ BASE_CSP: Final = (
     "frame-ancestors 'none'; base-uri 'none'"
 )
 
+# Messages parsed at once for the message pages: each may hold a message of up to
+# render.MAX_VIEW_OCTETS a few times over, on a host whose cores the POP3 server shares.
+MAX_PARSING: Final = 4
+
 Page: TypeAlias = Callable[[Request, Session], Awaitable[Response]]
 
 
@@ -68,6 +75,8 @@ class WebContext:
     sessions: SessionTable
     penalty: AuthPenalty
     templates: Jinja2Templates
+    parsing: asyncio.Semaphore
+    """Messages parsed at once (MAX_PARSING)."""
 
 
 def web_context(request: Request) -> WebContext:
@@ -87,8 +96,6 @@ def human_size(octets: int) -> str:
 
 def human_time(stamp: float | None) -> str:
     """A moment as ``2026-12-07 16:53`` (UTC: the server's clock, no time zone guesses)."""
-    import time
-
     if stamp is None or stamp <= 0:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(stamp))

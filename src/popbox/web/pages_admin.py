@@ -192,6 +192,8 @@ async def remove_user(request: Request, session: Session) -> Response:
 
     async def remove(admin: UserAdmin, form: FormData) -> str:
         name = _name(form)
+        if form.get("confirm") != "yes":
+            raise ValueError("tick the box to confirm the removal")
         if name == session.user:
             raise ValueError("you cannot remove yourself while logged in as yourself")
         await admin.delete_user(name)

@@ -8,8 +8,10 @@ exactly as an id that does not exist, and nothing on any page can name another u
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -36,6 +38,8 @@ from popbox.web.sessions import Session
 __all__ = ["FRAME_CSP", "MAX_PAGE_NUMBER", "MAX_QUERY_CHARS", "routes"]
 
 log = logging.getLogger("popbox.web")
+
+T = TypeVar("T")
 
 # A query is typed by a person: 1,000 characters is a paragraph of terms; more is
 # only work for the parser and the index.
@@ -168,13 +172,22 @@ async def _octets(request: Request, session: Session, entry: Entry) -> bytes:
     return b"".join(chunks)
 
 
+async def _parsed(request: Request, work: Callable[[bytes], T], data: bytes) -> T:
+    """Run a parse of ``data`` on a worker thread, a few at a time: parsing a big
+    message takes long enough to stall every other request (and, inside ``popbox
+    serve``, the POP3 sessions) if it ran on the event loop, and each holds the
+    message in memory a few times over."""
+    async with web_context(request).parsing:
+        return await asyncio.to_thread(work, data)
+
+
 @user_page
 async def message(request: Request, session: Session) -> Response:
     """GET /message/{id}: headers, text, the HTML part's frame, attachments."""
     entry = await _entry(request, session)
     view = None
     if entry.size <= MAX_VIEW_OCTETS:
-        view = view_message(await _octets(request, session, entry))
+        view = await _parsed(request, view_message, await _octets(request, session, entry))
     response = render(
         request,
         "message.html",
@@ -191,7 +204,7 @@ async def message_frame(request: Request, session: Session) -> Response:
     entry = await _entry(request, session)
     if entry.size > MAX_VIEW_OCTETS:
         raise HTTPException(404)
-    document = frame_document(await _octets(request, session, entry))
+    document = await _parsed(request, frame_document, await _octets(request, session, entry))
     if document is None:
         raise HTTPException(404)
     return HTMLResponse(
@@ -210,7 +223,9 @@ async def attachment(request: Request, session: Session) -> Response:
     entry = await _entry(request, session)
     if entry.size > MAX_VIEW_OCTETS:
         raise HTTPException(413, "This message is too big to take apart; download it whole.")
-    found = find_attachment(await _octets(request, session, entry), request.path_params["index"])
+    index = request.path_params["index"]
+    data = await _octets(request, session, entry)
+    found = await _parsed(request, lambda octets: find_attachment(octets, index), data)
     if found is None:
         raise HTTPException(404)
     info, payload = found
