@@ -169,5 +169,5 @@ async def test_clickjacking_every_page_forbids_framing_and_scripts(site: Site) -
         assert "frame-ancestors 'none'" in csp
         assert "script-src" not in csp
         assert response.headers["x-frame-options"] == "DENY"
-        assert response.headers["referrer-policy"] == "same-origin"
+        assert response.headers["referrer-policy"] == "no-referrer"
         assert response.headers["x-content-type-options"] == "nosniff"

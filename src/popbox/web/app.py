@@ -67,10 +67,7 @@ STATIC_DIR: Final = Path(__file__).parent / "static"
 BASE_HEADERS: Final = (
     ("content-security-policy", BASE_CSP),
     ("x-frame-options", "DENY"),
-    # Not no-referrer: under it a browser sends "Origin: null" with the page's own
-    # forms, and csrf.check_origin refuses them. same-origin keeps every referrer (and
-    # origin) off other sites all the same.
-    ("referrer-policy", "same-origin"),
+    ("referrer-policy", "no-referrer"),
     ("x-content-type-options", "nosniff"),
     # Mail is private: no shared cache and no back-button copy after logout keeps it.
     ("cache-control", "no-store"),
