@@ -17,6 +17,7 @@ Starting Chromium costs seconds, so one browser serves a whole test session and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -103,7 +104,8 @@ class NetworkRequest:
     """One request a frame of the page made, as DevTools reported it.
 
     ``blocked`` is Chromium's reason when it stopped the request before it left (for
-    instance ``csp``), else None; ``status`` is the response's, 0 if none came.
+    instance ``csp``), else None; ``status`` is the response's, 0 if none came;
+    ``cookies`` the names of the cookies it carried.
     """
 
     url: str
@@ -111,6 +113,7 @@ class NetworkRequest:
     kind: str
     blocked: str | None = None
     status: int = 0
+    cookies: tuple[str, ...] = ()
 
     @property
     def port(self) -> int | None:
@@ -139,6 +142,8 @@ class _Recorder:
 
     requests: dict[str, NetworkRequest] = field(default_factory=dict)
     console: list[ConsoleLine] = field(default_factory=list)
+    # DevTools may report a request's cookies before the request itself.
+    early_cookies: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def take(self, driver: webdriver.Chrome) -> None:
         # selenium leaves get_log unannotated: a list of dicts, as the W3C log says.
@@ -155,35 +160,43 @@ class _Recorder:
     def _network_event(self, method: str, params: dict[str, Any]) -> None:
         request_id = str(params.get("requestId", ""))
         if method == "Network.requestWillBeSent":
+            if "redirectResponse" in params:
+                self._update(request_id, status=int(params["redirectResponse"]["status"]))
             # A redirect reuses the request id: keep each hop under its own key.
             key = request_id
             while key in self.requests:
                 key += "+"
             request = params["request"]
             self.requests[key] = NetworkRequest(
-                request["url"], request["method"], str(params.get("type", ""))
+                request["url"],
+                request["method"],
+                str(params.get("type", "")),
+                cookies=self.early_cookies.pop(request_id, ()),
             )
         elif method == "Network.loadingFailed" and params.get("blockedReason"):
             self._update(request_id, blocked=str(params["blockedReason"]))
         elif method == "Network.responseReceived":
             self._update(request_id, status=int(params["response"].get("status", 0)))
-
-    def _update(self, request_id: str, **changes: Any) -> None:
-        keys = [key for key in self.requests if key.rstrip("+") == request_id]
-        if keys:
-            last = keys[-1]
-            old = self.requests[last]
-            self.requests[last] = NetworkRequest(
-                old.url,
-                old.method,
-                old.kind,
-                changes.get("blocked", old.blocked),
-                changes.get("status", old.status),
+        elif method == "Network.requestWillBeSentExtraInfo":
+            sent = tuple(
+                str(item["cookie"]["name"])
+                for item in params.get("associatedCookies", [])
+                if not item.get("blockedReasons")
             )
+            if not self._update(request_id, cookies=sent):
+                self.early_cookies[request_id] = sent
+
+    def _update(self, request_id: str, **changes: Any) -> bool:
+        keys = [key for key in self.requests if key.rstrip("+") == request_id]
+        if not keys:
+            return False
+        self.requests[keys[-1]] = dataclasses.replace(self.requests[keys[-1]], **changes)
+        return True
 
     def clear(self) -> None:
         self.requests.clear()
         self.console.clear()
+        self.early_cookies.clear()
 
 
 class Browser:
