@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from popbox.archive.base import Archive
+from popbox.archive_upkeep import sweep_archive
 from popbox.auth.base import UserDirectory, UserRecord
 from popbox.config import Config, MailboxSettings
 from popbox.config_mailbox import USER_POLICY_PREFIX
@@ -36,6 +38,7 @@ __all__ = [
     "known_devices",
     "load_users",
     "policy_values",
+    "read_users",
     "stop_task",
     "sweep_all",
     "sweep_users",
@@ -138,11 +141,16 @@ async def sweep_all(
     ``users``: the server's own user database, read rather than the file, so that the
     mail locations the store reads from its memory are those of the users swept.
     """
-    if users is not None:
-        records = await asyncio.to_thread(users.users)
-    else:
-        records = await asyncio.to_thread(load_users, config)
+    records = await read_users(config, users)
     return await sweep_users(config.mailbox, store, records, now=now)
+
+
+async def read_users(config: Config, users: UserDirectory | None = None) -> list[UserRecord]:
+    """Every user: of the server's own user database if given, else of the passwd
+    file (read in a thread, off the event loop)."""
+    if users is not None:
+        return list(await asyncio.to_thread(users.users))
+    return await asyncio.to_thread(load_users, config)
 
 
 class MailboxSweeper:
@@ -161,11 +169,14 @@ class MailboxSweeper:
         *,
         start_delay: float = SWEEP_START_DELAY,
         users: UserDirectory | None = None,
+        archive: Archive | None = None,
     ) -> None:
-        """``users``: the server's user database (see ``sweep_all``)."""
+        """``users``: the server's user database (see ``sweep_all``); ``archive``: also
+        keep each user's archive (popbox.archive_upkeep) after their mailboxes."""
         self._config = config
         self._store = store
         self._users = users
+        self._archive = archive
         self._start_delay = start_delay
         self.sweeps = 0
         """Sweeps finished so far (for tests and the log)."""
@@ -182,7 +193,10 @@ class MailboxSweeper:
             await asyncio.sleep(delay)
             delay = interval
             try:
-                await sweep_all(self._config, self._store, users=self._users)
+                records = await read_users(self._config, self._users)
+                await sweep_users(self._config.mailbox, self._store, records)
+                if self._archive is not None:
+                    await sweep_archive(self._config, self._archive, self._store, records)
             except Exception:
                 # Whatever went wrong (an unreadable passwd file, a store bug), the
                 # server keeps serving and the next interval tries again.

@@ -231,3 +231,48 @@ def test_the_same_attachment_is_the_same_piece_in_two_messages() -> None:
 def test_small_pieces_are_merged() -> None:
     message = b"Subject: x\r\n\r\n" + b"--a\r\n\r\nhi\r\n" * 20
     assert split_segments(message) == [message]
+
+
+def test_nested_parts_forwarded_messages_and_signature_dashes() -> None:
+    inner = b"From: inner@example.org\nSubject: forwarded\n\ntext of the forwarded message\n"
+    message = (
+        b"From: a@example.com\nSubject: outer\n"
+        b'Content-Type: multipart/mixed; boundary="out"\n\n'
+        b"--out\n"
+        b'Content-Type: multipart/alternative; boundary="out-alt"\n\n'
+        b"--out-alt\nContent-Type: text/plain\n\nplain words\n-- \nsignature line\n"
+        b"--out-alt\nContent-Type: text/html\n\n<p>html words</p>\n"
+        b"--out-alt--\n"
+        b"--out\nContent-Type: message/rfc822\n\n" + inner + b"--out\n\n"
+        b"a part without headers is plain text\n"
+        b"--out--\nepilogue is not text\n"
+    )
+    got = extract(message)
+    assert got.subject == "outer"
+    assert got.body == (
+        "plain words -- signature line html words text of the forwarded message "
+        "a part without headers is plain text"
+    )
+    assert not got.has_attachment
+
+
+def test_quoted_printable_and_base64_text_parts_are_decoded() -> None:
+    message = multipart(
+        [
+            (
+                "Content-Type: text/plain; charset=iso-8859-1\r\n"
+                "Content-Transfer-Encoding: quoted-printable",
+                b"caf=E9 cr=\r\n=E8me",
+            ),
+            (
+                "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64",
+                base64.encodebytes("base64 Grüße".encode()),
+            ),
+            (
+                "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64",
+                b"Y3V0IHNob3J0IGJ1dCBkZWNvZGVk===!!",
+            ),
+        ]
+    )
+    got = extract(message)
+    assert got.body.startswith("café crème base64 Grüße cut short")

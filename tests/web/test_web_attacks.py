@@ -3,6 +3,8 @@ user's messages by id, admin pages for non-admins, oversized bodies, framing."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from popbox.web.app import MAX_FORM_BODY
@@ -171,3 +173,22 @@ async def test_clickjacking_every_page_forbids_framing_and_scripts(site: Site) -
         assert response.headers["x-frame-options"] == "DENY"
         assert response.headers["referrer-policy"] == "no-referrer"
         assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_an_oversized_chunked_form_body_is_refused_while_it_streams(site: Site) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"csrf=x&device="
+        for _ in range(MAX_FORM_BODY // 1024 + 2):
+            yield b"x" * 1024
+
+    async with site.client() as client:
+        await log_in(client, "alice", PASSWORDS["alice"])
+        response = await client.post(
+            "/devices/forget",
+            content=body(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert "content-length" not in response.request.headers
+        # The field bound (csrf.MAX_FORM_PART) or the body bound (MAX_FORM_BODY),
+        # whichever the stream passes first, refuses it before it is all read.
+        assert response.status_code in (400, 413)

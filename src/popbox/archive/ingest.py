@@ -63,8 +63,8 @@ class Prepared:
                 pieces.append(Piece(hashlib.sha256(view[start:end]).hexdigest(), start, end))
                 start = end
         self.pieces: tuple[Piece, ...] = tuple(pieces)
-        self.text: Extracted = extract(view)
         view.release()
+        self.text: Extracted = extract(data)
 
     @property
     def size(self) -> int:

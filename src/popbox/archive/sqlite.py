@@ -67,9 +67,9 @@ __all__ = ["BATCH_MESSAGES", "BATCH_OCTETS", "INDEX_FILE", "SqliteArchive"]
 INDEX_FILE: Final = "index.sqlite"
 _LOCK_FILE: Final = "write.lock"
 # An import commits after this many octets of messages or this many messages, so
-# what it holds in memory (index text, small compressed pieces) stays bounded.
-BATCH_OCTETS: Final = 64 * 1024 * 1024
-BATCH_MESSAGES: Final = 2000
+# what it holds in memory (two batches: one written, the next prepared) stays bounded.
+BATCH_OCTETS: Final = 32 * 1024 * 1024
+BATCH_MESSAGES: Final = 500
 # Reader connections kept open for reuse (more are opened while busy, then closed).
 KEPT_READERS: Final = 4
 # Entries an ``entries`` walk fetches at a time.
@@ -202,10 +202,19 @@ class SqliteArchive:
         origin: str | None,
     ) -> list[Added]:
         out: list[Added] = []
+        prepare_next = _translated(_prepare_batch)
+        # Pipelined: the next batch is hashed, cut and extracted (Python work) while
+        # this one is written (SQLite and file work, which let go of the GIL).
+        pending: asyncio.Task[list[Prepared]] | None = asyncio.create_task(
+            asyncio.to_thread(prepare_next, messages, 0)
+        )
         start = 0
-        while start < len(messages):
-            # Hashing, cutting and extracting run outside the write lock.
-            prepared = await asyncio.to_thread(_translated(_prepare_batch), messages, start)
+        while pending is not None:
+            prepared = await pending
+            start += len(prepared)
+            pending = None
+            if start < len(messages):
+                pending = asyncio.create_task(asyncio.to_thread(prepare_next, messages, start))
             try:
                 moment = time.time() if received is None else received
                 out.extend(
@@ -220,10 +229,15 @@ class SqliteArchive:
                         origin,
                     )
                 )
+            except BaseException:
+                if pending is not None:
+                    with contextlib.suppress(Exception):
+                        for item in await pending:
+                            item.close()
+                raise
             finally:
                 for item in prepared:
                     item.close()
-            start += len(prepared)
         return out
 
     async def known_origins(self, user: str, origins: Collection[str]) -> set[str]:

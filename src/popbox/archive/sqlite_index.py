@@ -272,9 +272,11 @@ def remove_entries(connection: sqlite3.Connection, ids: list[int]) -> list[str]:
     connection.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])
     freed: list[str] = []
     for digest, count in digests.items():
+        # Plain UPDATE then SELECT: RETURNING on these WITHOUT ROWID tables gave
+        # wrong values for expressions in SQLite 3.40.
+        connection.execute("UPDATE messages SET refs = refs - ? WHERE digest = ?", (count, digest))
         row = connection.execute(
-            "UPDATE messages SET refs = refs - ? WHERE digest = ? RETURNING refs, pieces",
-            (count, digest),
+            "SELECT refs, pieces FROM messages WHERE digest = ?", (digest,)
         ).fetchone()
         if row is None or row[0] > 0:
             continue
@@ -282,9 +284,9 @@ def remove_entries(connection: sqlite3.Connection, ids: list[int]) -> list[str]:
         pieces = bytes(row[1])
         for start in range(0, len(pieces), 32):
             key = pieces[start : start + 32]
+            connection.execute("UPDATE objects SET refs = refs - 1 WHERE digest = ?", (key,))
             left = connection.execute(
-                "UPDATE objects SET refs = refs - 1 WHERE digest = ? RETURNING refs, data IS NULL",
-                (key,),
+                "SELECT refs, data IS NULL FROM objects WHERE digest = ?", (key,)
             ).fetchone()
             if left is not None and left[0] <= 0:
                 connection.execute("DELETE FROM objects WHERE digest = ?", (key,))

@@ -114,6 +114,11 @@ class LocalDelivery(Protocol):
         envelope sender if known (POP3 gives none)."""
         ...
 
+    async def archive_file(self, recipient: str, path: Path) -> DeliveryReceipt:
+        """Keep the message in ``path`` in ``recipient``'s archive, durably (the archive
+        sink); keeping the same message again stores nothing twice."""
+        ...
+
     async def holds(self, recipient: str, sender: str | None, path: Path) -> bool:
         """Whether ``recipient``'s maildrop already holds the message as
         ``deliver_file`` would have stored it (trace headers included); raises

@@ -76,7 +76,7 @@ def _refuse_popbox_sinks(accounts: list[AccountSettings]) -> None:
     """Without a composition root there is no way into local popbox maildrops."""
     for account in accounts:
         for sink in account.sinks:
-            if sink.kind == "popbox":
+            if sink.kind in ("popbox", "archive"):
                 raise ConfigError(
                     f"account {account.name}: sink {sink.label}: a popbox sink needs "
                     "`popbox fetch` (it delivers through the popbox server's rules)"

@@ -308,6 +308,18 @@ class PopboxSinkSettings(_SinkBase):
         return self.name or f"popbox:{self.user}"
 
 
+class ArchiveSinkSettings(_SinkBase):
+    kind: Literal["archive"]
+    config: ConfigPath | None = None
+    """The popbox server config whose archive keeps the message; None = this file."""
+    user: str
+    """The popbox user whose archive keeps the message (searchable on the web page)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"archive:{self.user}"
+
+
 SinkSettings = Annotated[
     MaildirSinkSettings
     | MboxSinkSettings
@@ -315,7 +327,8 @@ SinkSettings = Annotated[
     | WebhookSinkSettings
     | LmtpSinkSettings
     | SmtpSinkSettings
-    | PopboxSinkSettings,
+    | PopboxSinkSettings
+    | ArchiveSinkSettings,
     Field(discriminator="kind"),
 ]
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from popbox.archive.base import Archive, ArchiveSource
 from popbox.auth.base import PassDB, UserRecord
 from popbox.config import Config
 from popbox.delivery.folders import delivery_folder, wants_folder
@@ -55,6 +56,7 @@ from popbox.delivery.spooled import (
     prefixed,
 )
 from popbox.errors import (
+    ArchiveError,
     AuthError,
     InvalidUsername,
     MaildropInUse,
@@ -176,10 +178,15 @@ class Deliverer:
     serve mail that comes as a file.
     """
 
-    def __init__(self, config: Config, store: MailStore, passdb: PassDB) -> None:
+    def __init__(
+        self, config: Config, store: MailStore, passdb: PassDB, archive: Archive | None = None
+    ) -> None:
+        """``archive``: where a copy of each delivery goes for the users whose archive
+        policy keeps deliveries (``[archive] keep``); None keeps none."""
         self._config = config
         self._store = store
         self._passdb = passdb
+        self._archive = archive
 
     @property
     def max_message_size(self) -> int:
@@ -263,12 +270,14 @@ class Deliverer:
             message = trace_headers(target.recipient.address, sender, data) + data
         where = await self.folder_for(target, folder)
         delivery = delivery_id(target.user, where, data)
-        return await self._checked_store(
-            target,
-            wire_size(message),
-            lambda: self._store.deliver(target.user, message, folder=where, delivery_id=delivery),
-            where,
-        )
+
+        async def write() -> str:
+            await self._keep_copy(target, data, where, ArchiveSource.DELIVERED)
+            return await self._store.deliver(
+                target.user, message, folder=where, delivery_id=delivery
+            )
+
+        return await self._checked_store(target, wire_size(message), write, where)
 
     async def folder_for(self, target: ResolvedRecipient, folder: str | None = None) -> str:
         """The folder mail for ``target`` goes to: the one ``folder`` or else the
@@ -318,6 +327,7 @@ class Deliverer:
         store = self._store
 
         async def write() -> str:
+            await self._keep_copy(target, path, INBOX, ArchiveSource.COLLECTED)
             if isinstance(store, FileDeliveringStore):
                 with path.open("rb") as source:
                     return await store.deliver_file(target.user, prefixed(trace, source))
@@ -362,6 +372,54 @@ class Deliverer:
             raise TemporaryDeliveryError(text) from exc
         finally:
             await maildrop.release()
+
+    async def archive_file(self, recipient: str, path: Path) -> Delivered:
+        """Keep the message in ``path`` in ``recipient``'s archive only (the collector's
+        archive sink): whatever the user's archive policy, since the account asked
+        for it. Keeping it again is harmless: the archive holds a user's identical
+        message once, so a retry after a crash stores nothing twice."""
+        target = await self.resolve(recipient)
+        if self._archive is None:
+            raise TemporaryDeliveryError("this popbox has no archive to keep the message in")
+        try:
+            added = await self._archive.add(
+                target.user, path, source=ArchiveSource.COLLECTED, folder=INBOX
+            )
+        except (ArchiveError, OSError) as exc:
+            text = f"cannot archive for {target.user}: {exc}"
+            raise TemporaryDeliveryError(text) from exc
+        log.info(
+            "archived for user=%s id=%d size=%d%s", target.user, added.entry.id,
+            added.entry.size, "" if added.new else " (kept already)",
+        )
+        return Delivered(target.user, f"archive:{added.entry.id}", added.entry.size)
+
+    async def _keep_copy(
+        self,
+        target: ResolvedRecipient,
+        message: bytes | Path,
+        folder: str,
+        source: ArchiveSource,
+    ) -> None:
+        """Archive the message as it came, before the mailbox takes it, when the user's
+        archive policy keeps ``source`` (deliveries, or what the collector fetched).
+
+        As it came, without the trace headers naming each recipient: a message to
+        five users is then the same octets five times, which the archive stores once.
+        Before the mailbox, so that a delivery acknowledged is an archived one; an
+        MTA's retry after a failure in between archives nothing twice (the archive
+        keeps a user's identical message once) and delivers as it would anyway.
+        """
+        if self._archive is None:
+            return
+        policy = self._config.archive.policy_for(target.user, target.record.extra)
+        if not policy.keeps(source):
+            return
+        try:
+            await self._archive.add(target.user, message, source=source, folder=folder)
+        except (ArchiveError, OSError) as exc:
+            text = f"cannot archive for {target.user}: {exc}"
+            raise TemporaryDeliveryError(text) from exc
 
     def _file_trace(self, target: ResolvedRecipient, sender: str | None, head: bytes) -> bytes:
         if sender is not None and has_return_path(head):

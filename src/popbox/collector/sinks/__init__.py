@@ -34,6 +34,7 @@ _MODULES: dict[str, str] = {
     "lmtp": "smtp",
     "smtp": "smtp",
     "popbox": "popbox_store",
+    "archive": "archive",
 }
 
 
