@@ -6,6 +6,7 @@ user's message URLs."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -112,3 +113,21 @@ def test_another_users_message_urls_answer_not_found_and_show_nothing(
     browser.open(popbox.page("/search"))
     subjects = [link.text for link in browser.driver.find_elements(By.CSS_SELECTOR, "td.subject a")]
     assert subjects == ["Lunch on Friday"]
+
+
+def test_reflected_xss_in_the_search_box_is_shown_as_text(
+    browser: Browser, popbox: ThreadedWeb, alice_mail: AliceMail
+) -> None:
+    payload = '"><script>window.pwned=1</script><img src=x onerror="window.pwned=1">'
+    log_in(browser, popbox, "alice", PASSWORDS["alice"])
+
+    browser.open(popbox.page("/search?q=" + quote(payload)))
+
+    driver = browser.driver
+    assert driver.title == f"{payload} — Search · popbox"
+    assert driver.find_element(By.ID, "q").get_attribute("value") == payload
+    # Escaped, not merely stopped by the CSP: no element was made of it, and the CSP
+    # had nothing to refuse.
+    assert driver.find_elements(By.CSS_SELECTOR, "#main script, img[onerror]") == []
+    assert browser.csp_violations() == []
+    assert driver.execute_script("return typeof window.pwned") == "undefined"

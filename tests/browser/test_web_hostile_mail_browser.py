@@ -6,6 +6,8 @@ doing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from selenium.webdriver.common.by import By
 
 from support.browser import Browser
@@ -47,7 +49,9 @@ def test_tracking_pixel_and_every_remote_load_in_html_mail_reach_nobody(
     frame_url = popbox.page(f"/message/{alice_mail.hostile}/html")
     browser.wait_until(lambda: _frame_state(browser)[0] == "complete", "the message frame")
 
-    # The message was shown (so there was something to load from).
+    # The message was shown (so there was something to load from), and the recorder
+    # saw the frame's own request (so it would have seen the frame's loads).
+    assert frame_url in [request.url for request in browser.requests()]
     driver = browser.driver
     driver.switch_to.frame(driver.find_element(By.ID, "html-frame"))
     assert HOSTILE_MARKER in driver.find_element(By.TAG_NAME, "body").text
@@ -100,5 +104,30 @@ def test_javascript_link_and_form_in_html_mail_do_nothing_when_clicked(
 
     assert _frame_state(browser)[1:] == [frame_url, "", "undefined"]
     assert tracker.requests_for("/form") == []
+    assert tracker.requests == []
+    assert browser.outside_requests() == []
+
+
+def test_html_and_svg_attachments_download_instead_of_running(
+    browser: Browser, popbox: ThreadedWeb, alice_mail: AliceMail, tracker: Site, tmp_path: Path
+) -> None:
+    downloads = tmp_path / "downloads"
+    browser.download_to(downloads)
+    _open_hostile(browser, popbox, alice_mail)
+    links = browser.driver.find_elements(By.CSS_SELECTOR, "#attachments a.attachment")
+    assert [link.text for link in links] == ["invoice.html", "logo.svg"]
+
+    saved: dict[str, bytes] = {}
+    for index in (1, 2):
+        # Opened straight by its URL, as a link in another mail would open it.
+        browser.driver.get(popbox.page(f"/message/{alice_mail.hostile}/part/{index}"))
+        path = browser.wait_for_download(downloads, set(saved))
+        saved[path.name] = path.read_bytes()
+
+    assert set(saved) == {"invoice.html", "logo.svg"}
+    assert b"<script>" in saved["invoice.html"]
+    # Neither became a page: the message page is still shown and nothing ran or loaded.
+    assert current_path(browser) == f"/message/{alice_mail.hostile}"
+    assert browser.driver.title == f"{HOSTILE_SUBJECT} · popbox"
     assert tracker.requests == []
     assert browser.outside_requests() == []

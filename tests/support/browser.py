@@ -269,15 +269,20 @@ class Browser:
         )
 
     def wait_for_download(self, directory: Path, known: set[str] | None = None) -> Path:
-        """The first complete file in ``directory`` not named in ``known``."""
+        """The first complete file in ``directory`` not named in ``known``: no partial
+        file beside it, and the same size on two polls in a row."""
         skip = known or set()
+        last_size: list[int] = []
 
         def finished() -> Path | None:
             names = {path.name for path in directory.iterdir()}
-            if any(name.endswith(PARTIAL_DOWNLOAD_SUFFIX) for name in names):
-                return None
             fresh = sorted(names - skip)
-            return directory / fresh[0] if fresh else None
+            if not fresh or any(name.endswith(PARTIAL_DOWNLOAD_SUFFIX) for name in names):
+                return None
+            size = (directory / fresh[0]).stat().st_size
+            steady = last_size == [size]
+            last_size[:] = [size]
+            return directory / fresh[0] if steady else None
 
         return self.wait_until(finished, f"a download into {directory}")
 

@@ -180,10 +180,21 @@ body {{ background: url("{tracker}/style-url.gif"); }}</style>
 
 
 def hostile_message(user: str, tracker: str) -> bytes:
-    """A multipart/alternative message whose HTML part is ``hostile_html(tracker)``."""
+    """A message whose HTML part is ``hostile_html(tracker)``, with the same HTML and
+    a scripted SVG as attachments (invoice.html, logo.svg)."""
     message = _message(HOSTILE_SUBJECT, "Accounts <accounts@invoices.example>", user, _BASE_DATE)
     message.set_content(f"{HOSTILE_MARKER}.\n<script>{PWNED}()</script>\n")
     message.add_alternative(hostile_html(tracker), subtype="html")
+    message.add_attachment(
+        hostile_html(tracker).encode(), maintype="text", subtype="html", filename="invoice.html"
+    )
+    message.add_attachment(
+        f'<svg xmlns="http://www.w3.org/2000/svg" onload="{PWNED}()">'
+        f'<image href="{tracker}/svg-attachment"/></svg>'.encode(),
+        maintype="image",
+        subtype="svg+xml",
+        filename="logo.svg",
+    )
     return message.as_bytes(policy=SMTP)
 
 
