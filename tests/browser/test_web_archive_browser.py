@@ -10,7 +10,6 @@ from pathlib import Path
 from selenium.webdriver.common.by import By
 
 from support.browser import Browser
-from support.browser_flows import current_path, log_in, search
 from support.browser_mail import (
     ATTACHMENT_BIN,
     ATTACHMENT_PDF,
@@ -18,7 +17,7 @@ from support.browser_mail import (
     ZEPPELIN_SUBJECTS,
     AliceMail,
 )
-from support.browser_web import ThreadedWeb
+from support.browser_web import ThreadedWeb, current_path, log_in, search
 from support.web import PASSWORDS
 
 

@@ -12,9 +12,8 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from support.browser import Browser, NetworkRequest
-from support.browser_flows import current_path, log_in
 from support.browser_mail import AliceMail
-from support.browser_web import ThreadedWeb
+from support.browser_web import ThreadedWeb, current_path, log_in
 from support.httpsite import Site
 from support.web import PASSWORDS
 

@@ -11,14 +11,13 @@ from pathlib import Path
 from selenium.webdriver.common.by import By
 
 from support.browser import Browser
-from support.browser_flows import current_path, log_in
 from support.browser_mail import (
     HOSTILE_MARKER,
     HOSTILE_SUBJECT,
     PWNED,
     AliceMail,
 )
-from support.browser_web import ThreadedWeb
+from support.browser_web import ThreadedWeb, current_path, log_in
 from support.httpsite import Page, Site
 from support.web import PASSWORDS
 
