@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -182,12 +181,15 @@ async def running_site(
         passdb=passdb,
         store=store,
         useradmin=useradmin,
+        # [fetch] paths resolve against the config file's directory in `popbox fetch`;
+        # a test's config has none, and data_dir is where its files are.
         collector=collector_view(config.fetch, config.data_dir),
         clock=clock,
     )
+    # Bound here (port 0), so the port is known before the server runs and a client
+    # may connect at once: the listening socket queues it until uvicorn accepts.
     sock = bind_addresses(["127.0.0.1:0"])[0]
     port = sock.getsockname()[1]
-    assert isinstance(sock, socket.socket)
     task = asyncio.create_task(serve_web(config, app, sock=sock))
     site = Site(config, f"http://127.0.0.1:{port}", archive, passdb, store, useradmin, clock, app)
     try:

@@ -194,3 +194,30 @@ async def test_cancelling_the_server_task_stops_the_page_and_frees_its_port(tmp_
         pass
     await archive.close()
     await store.close()
+
+
+async def test_a_restricted_account_is_refused_as_a_wrong_password(site: Site) -> None:
+    """allow_nets and nologin (the user database's login restrictions) hold on the web
+    page as for POP3, and the refusal tells a guesser nothing the wrong password
+    does not."""
+    await site.add_user("carol", "carol-secret")
+    await site.add_user("dan", "dan-secret")
+    passwd = site.config.auth.passwd_file
+    lines = []
+    for line in passwd.read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] in ("carol", "dan"):
+            fields += [""] * (8 - len(fields))
+            fields[7] = "allow_nets=10.0.0.0/8" if fields[0] == "carol" else "nologin"
+        lines.append(":".join(fields))
+    passwd.write_text("".join(line + "\n" for line in lines))
+    async with site.client() as client:
+        outside = await log_in(client, "carol", "carol-secret")
+        nologin = await log_in(client, "dan", "dan-secret")
+        wrong = await log_in(client, "carol", "not-the-password")
+    assert outside.status_code == nologin.status_code == wrong.status_code == 401
+    assert outside.text == nologin.text == wrong.text
+    carol = await site.passdb.lookup("carol")
+    assert carol is not None
+    assert carol.extra.get("allow_nets") == "10.0.0.0/8"  # the password was right
+    assert await site.passdb.verify("carol", "carol-secret") is not None

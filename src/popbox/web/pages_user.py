@@ -121,14 +121,14 @@ async def search(request: Request, session: Session) -> Response:
         "help": QUERY_HELP,
     }
     try:
-        query = _parse(text)
+        # The backend may find fault with a query the parser took (a term its index
+        # cannot search): the same friendly error either way.
+        result = await archive.search(
+            session.user, _parse(text), limit=DEFAULT_PAGE, offset=(page - 1) * DEFAULT_PAGE
+        )
     except InvalidQuery as exc:
         values["error"] = f"That search cannot be read: {exc}"
         return render(request, "search.html", values, session=session, status_code=400)
-    try:
-        result = await archive.search(
-            session.user, query, limit=DEFAULT_PAGE, offset=(page - 1) * DEFAULT_PAGE
-        )
     except ArchiveError as exc:
         log.error("web user=%s search failed: %s", session.user, exc, exc_info=exc)
         values["error"] = TEXT_ARCHIVE_DOWN
