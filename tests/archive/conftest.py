@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -16,15 +16,19 @@ async def make_sqlite(tmp_path: Path) -> Archive:
     return SqliteArchive(tmp_path / "archive")
 
 
-# Each backend's factory by name; a backend adds itself here (and to the params below).
-FACTORIES: dict[str, ArchiveFactory] = {"sqlite": make_sqlite}
+# Each backend by name: a function of the test's request (for the fixtures a backend
+# needs, such as ``postgres_dsn``) giving its factory. A backend adds itself here and
+# to the params of ``make_archive``.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], ArchiveFactory]] = {
+    "sqlite": lambda request: make_sqlite,
+}
 
 
 @pytest.fixture(params=["sqlite"])
 def make_archive(request: pytest.FixtureRequest) -> ArchiveFactory:
     """``await make_archive(tmp_path)``: a fresh archive of the backend under test
     (the same directory gives the same archive again, for a reopen)."""
-    return FACTORIES[request.param]
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture

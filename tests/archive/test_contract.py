@@ -286,7 +286,7 @@ async def test_another_users_entry_is_no_entry_everywhere(archive: Archive) -> N
     assert await ids(archive, "alice", "launch") == [entry_id]
 
 
-async def test_a_hostile_term_cannot_reach_another_users_rows(archive: Archive) -> None:
+async def test_fts5_syntax_injection_cannot_reach_another_users_rows(archive: Archive) -> None:
     """FTS5 syntax injection through the term text: quotes, column filters, NEAR and
     stars are words to look for, never syntax, so bob finds none of alice's mail."""
     await archive.add("alice", message("alpha", "alice private words"), source=DELIVERED)

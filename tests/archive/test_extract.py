@@ -200,6 +200,7 @@ PIECES = st.sampled_from(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.one_of(PIECES, st.binary(max_size=50)), max_size=30).map(b"".join))
 def test_pieces_give_back_the_exact_input(data: bytes) -> None:
+    extract(b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + data)
     assert b"".join(split_segments(data)) == data
     raws = raw_pieces(data)
     # Contiguous, non-empty, covering the input.
@@ -249,8 +250,9 @@ def test_nested_parts_forwarded_messages_and_signature_dashes() -> None:
     )
     got = extract(message)
     assert got.subject == "outer"
+    # The HTML alternative of indexed plain text adds nothing.
     assert got.body == (
-        "plain words -- signature line html words text of the forwarded message "
+        "plain words -- signature line text of the forwarded message "
         "a part without headers is plain text"
     )
     assert not got.has_attachment
@@ -276,3 +278,34 @@ def test_quoted_printable_and_base64_text_parts_are_decoded() -> None:
     )
     got = extract(message)
     assert got.body.startswith("café crème base64 Grüße cut short")
+
+
+def test_a_charset_naming_a_compression_codec_never_decompresses() -> None:
+    """Decompression bomb through the charset: zlib_codec is a Python codec, but not
+    a text encoding, so the part is read as UTF-8/Latin-1 octets, never inflated."""
+    import zlib
+
+    bomb = zlib.compress(b"A" * (50 * 1024 * 1024))
+    message = (
+        b"Subject: =?zlib_codec?b?" + base64.b64encode(bomb[:2000]) + b"?=\r\n"
+        b"Content-Type: text/plain; charset=zlib_codec\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(bomb)
+    )
+    tracemalloc.start()
+    try:
+        got = extract(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "AAAAAAAA" not in got.body
+    assert peak < 10 * len(message) + (1 << 20)
+
+
+def test_a_boundary_that_begins_with_another_is_not_taken_for_it() -> None:
+    message = (
+        b'Content-Type: multipart/mixed; boundary="b"\n\n'
+        b'--b\nContent-Type: multipart/alternative; boundary="b--x"\n\n'
+        b"--b--x\nContent-Type: text/plain\n\ninner text\n--b--x--\n"
+        b"--b\nContent-Type: text/plain\n\nsecond part\n--b--\n"
+    )
+    assert extract(message).body == "inner text second part"

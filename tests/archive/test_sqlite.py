@@ -12,12 +12,15 @@ import tracemalloc
 from pathlib import Path
 
 from archive_helpers import message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popbox.archive.base import ArchiveSource, MatchAll, Term, TermField
 from popbox.archive.fts import compile_query
 from popbox.archive.query import parse_query
 from popbox.archive.sqlite import INDEX_FILE, SqliteArchive
 from popbox.archive.sqlite_index import INLINE_BELOW
+from popbox.errors import InvalidQuery
 
 DELIVERED = ArchiveSource.DELIVERED
 
@@ -192,3 +195,41 @@ async def test_small_messages_live_in_the_index_without_files(tmp_path: Path) ->
     assert object_files(root) == []
     assert await read_all(archive, "alice", added[7].entry.id) == message("m7", "x" * 100)
     await archive.close()
+
+
+QUERY_WORDS = st.sampled_from(
+    [*'abc019 ()"-*:./\\', "OR", "AND", "NOT", "NEAR", "near", "from:", "to:", "subject:",
+     "filename:", "has:attachment", "before:2026-01-01", "after:2026/7/3", "larger:1k",
+     "smaller:2M", "owner", "{", "}", "^", "+", "ß", "\u0301", "\ufb01", "'"]
+)  # fmt: skip
+
+
+def test_any_query_that_parses_runs(tmp_path: Path) -> None:
+    """Whatever the parser accepts compiles to SQL and FTS5 that SQLite accepts: an
+    FTS5 syntax error would reach the user as a failed search."""
+    loop = asyncio.new_event_loop()
+    archive = SqliteArchive(tmp_path / "archive")
+    try:
+        loop.run_until_complete(
+            archive.add("alice", with_attachment("abc near", b"\x00" * 100), source=DELIVERED)
+        )
+
+        @settings(max_examples=400, deadline=None)
+        @given(
+            st.one_of(
+                st.lists(QUERY_WORDS, max_size=25).map(" ".join),
+                st.lists(QUERY_WORDS, max_size=25).map("".join),
+            )
+        )
+        def run(text: str) -> None:
+            try:
+                query = parse_query(text)
+            except InvalidQuery:
+                return
+            loop.run_until_complete(archive.search("alice", query))
+            loop.run_until_complete(archive.search("nobody", query))
+
+        run()
+    finally:
+        loop.run_until_complete(archive.close())
+        loop.close()

@@ -2,8 +2,8 @@
 
 Any octets come in; an ``Extracted`` always comes out. The MIME structure is walked
 here, part by part, over the octets as they lie (a part's body is never copied
-unless it is text to index): each header block is read with the stdlib email
-package (compat32, which never raises on what it parses; every step after it is
+unless it is text to index): each header block is unfolded here into a stdlib
+compat32 Message, whose helpers read content types and parameters (each call is
 guarded), headers are decoded from RFC 2047 and RFC 2231 in any charset Python knows
 (an unknown one falls back to UTF-8, then Latin-1, never an error), text/plain parts
 are taken as they are and text/html parts turned into text with nh3 (every tag
@@ -24,18 +24,20 @@ import codecs
 import email.header
 import email.utils
 import html
+import logging
 import mmap
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
 from email.policy import Compat32
 from typing import Final, TypeAlias
 
 import nh3
 
 from popbox.archive.segments import Octets
+
+log = logging.getLogger("popbox.archive")
 
 # What the walk searches in place (a view is copied once into bytes first).
 _Findable: TypeAlias = bytes | bytearray | mmap.mmap
@@ -178,6 +180,10 @@ def _date(message: Message) -> float | None:
 
 
 def _filename(part: Message) -> str | None:
+    disposition = part.get("content-disposition", "")
+    content_type = part.get("content-type", "")
+    if "name" not in disposition.lower() and "name" not in content_type.lower():
+        return None  # the common case, without parsing parameters
     try:
         name = part.get_filename()
     except Exception:
@@ -218,6 +224,10 @@ class _Found:
     has_attachment: bool = False
     text_left: int = MAX_TEXT
     parts_left: int = MAX_PARTS
+    top: Message | None = None
+    """The message's own headers."""
+    plain_parts: int = 0
+    """text/plain parts indexed: an HTML alternative after one is the same words."""
 
 
 def _headers_of(data: _Findable, start: int, end: int) -> tuple[Message, int]:
@@ -235,7 +245,32 @@ def _headers_of(data: _Findable, start: int, end: int) -> tuple[Message, int]:
         # Headers to the end (or garbage past any sane header block): no body.
         block_end = body_start = limit
     block = bytes(data[start:block_end])
-    return BytesHeaderParser(policy=_POLICY).parsebytes(block), body_start
+    return _parse_headers(block), body_start
+
+
+def _parse_headers(block: bytes) -> Message:
+    """A header block as a compat32 Message: fields unfolded as RFC 5322 2.2.3 says,
+    lines without a colon skipped (the stdlib parser notes them as defects)."""
+    message = Message(policy=_POLICY)
+    name: str | None = None
+    value: list[str] = []
+    for line in block.decode("ascii", "surrogateescape").split("\n"):
+        line = line.removesuffix("\r")
+        if line[:1] in (" ", "\t"):
+            if name is not None:
+                value.append(line)
+            continue
+        if name is not None:
+            message.set_raw(name, "\r\n".join(value))
+        field_name, colon, rest = line.partition(":")
+        field_name = field_name.rstrip()
+        if colon and field_name and " " not in field_name:
+            name, value = field_name, [rest.lstrip(" \t")]
+        else:
+            name = None
+    if name is not None:
+        message.set_raw(name, "\r\n".join(value))
+    return message
 
 
 def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple[int, int]]:
@@ -254,8 +289,8 @@ def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple
         line_end = data.find(b"\n", position, end)
         line_end = end if line_end < 0 else line_end + 1
         rest = bytes(data[position:line_end])
-        closing = rest.startswith(b"--")
-        if rest.lstrip(b"-").strip() and not closing:
+        closing = rest.startswith(b"--") and not rest[2:].strip()
+        if rest.strip() and not closing:
             continue  # a longer boundary that begins with this one
         if part_start is not None:
             # The line end before a delimiter belongs to it (RFC 2046 5.1.1).
@@ -270,9 +305,14 @@ def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple
     return parts
 
 
-def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> Message:
-    """Walk the entity at ``start``: its parts, its text, its attachments' names."""
+def _walk(
+    data: _Findable, start: int, end: int, depth: int, found: _Found, skip_html: bool = False
+) -> Message:
+    """Walk the entity at ``start``: its parts, its text, its attachments' names.
+    ``skip_html``: an HTML alternative of plain text already indexed adds no words."""
     headers, body_start = _headers_of(data, start, end)
+    if found.top is None:
+        found.top = headers
     found.parts_left -= 1
     try:
         content_type = headers.get_content_type()
@@ -287,10 +327,13 @@ def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> M
             boundary = None
         if boundary:
             encoded = boundary.encode("utf-8", "surrogateescape")
+            alternative = content_type == "multipart/alternative"
+            plain_before = found.plain_parts
             for part_start, part_end in _parts(data, encoded, body_start, end):
                 if found.parts_left <= 0:
                     break
-                _walk(data, part_start, part_end, depth + 1, found)
+                skip = alternative and found.plain_parts > plain_before
+                _walk(data, part_start, part_end, depth + 1, found, skip)
         return headers
     if content_type == "message/rfc822" and depth < MAX_DEPTH and disposition != "attachment":
         _walk(data, body_start, end, depth + 1, found)
@@ -300,6 +343,8 @@ def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> M
         found.has_attachment = True
         if len(found.names) < MAX_ATTACHMENTS:
             found.names.append(name or "")
+        return headers
+    if skip_html and content_type in _HTML_TYPES:
         return headers
     if content_type in _TEXT_TYPES and found.text_left > 0:
         encoding = str(headers.get("content-transfer-encoding", "")).strip().lower()
@@ -315,6 +360,7 @@ def _walk(data: _Findable, start: int, end: int, depth: int, found: _Found) -> M
         if text:
             found.body.append(text)
             found.text_left -= len(text) + 1
+            found.plain_parts += content_type == "text/plain"
     return headers
 
 
@@ -324,9 +370,12 @@ def extract(data: Octets) -> Extracted:
     whole = data.tobytes() if isinstance(data, memoryview) else data
     found = _Found()
     try:
-        message = _walk(whole, 0, len(whole), 0, found)
-    except (RecursionError, MemoryError, ValueError, TypeError, LookupError):
-        return Extracted()
+        _walk(whole, 0, len(whole), 0, found)
+    except Exception:
+        # Whatever a hostile message trips in the stdlib's header helpers: index what
+        # the walk found before it (the top headers are read first of all).
+        log.debug("message only partly indexed", exc_info=True)
+    message = found.top if found.top is not None else Message(policy=_POLICY)
     return Extracted(
         sender=_headers(message, "from"),
         recipients=_headers(message, "to", "cc"),

@@ -58,7 +58,13 @@ from popbox.archive.sqlite_index import (
     stored_chunks,
 )
 from popbox.archive.sqlite_schema import connect, entry_from_row, initialise
-from popbox.archive.sqlite_upkeep import collect_garbage, reindex_entries
+from popbox.archive.sqlite_upkeep import (
+    REINDEX_BATCH,
+    collect_garbage,
+    drop_stray_text,
+    entries_to_reindex,
+    reindex_entries,
+)
 from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry, PopboxError
 from popbox.fileio import FileLock
 
@@ -303,7 +309,13 @@ class SqliteArchive:
         return await self._write(_expire, self._objects, user, cutoff)
 
     async def reindex(self, user: str | None = None) -> int:
-        count = await self._write(reindex_entries, self._objects, user)
+        ids = await self._read(entries_to_reindex, user)
+        if user is None:
+            await self._write(drop_stray_text)
+        count = 0
+        for start in range(0, len(ids), REINDEX_BATCH):
+            batch = ids[start : start + REINDEX_BATCH]
+            count += await self._write(reindex_entries, self._objects, batch)
         await self._write(collect_garbage, self._objects)
         return count
 
