@@ -202,9 +202,10 @@ class _Recorder:
 class Browser:
     """One headless Chromium and what it did since the last ``reset``."""
 
-    def __init__(self, driver: webdriver.Chrome, trap: Site) -> None:
+    def __init__(self, driver: webdriver.Chrome, trap: Site, downloads: Path) -> None:
         self.driver = driver
         self._trap = trap
+        self._downloads = downloads
         self._recorder = _Recorder()
 
     # --- what the page did ---------------------------------------------------------
@@ -296,7 +297,8 @@ class Browser:
         return path
 
     def reset(self) -> None:
-        """Back to a blank tab with no cookies, cache, storage or records."""
+        """Back to a blank tab with no cookies, cache, storage or records, saving
+        downloads where they went at the start."""
         handles = self.driver.window_handles
         for handle in handles[1:]:
             self.driver.switch_to.window(handle)
@@ -308,6 +310,8 @@ class Browser:
         self.driver.execute_cdp_cmd(
             "Storage.clearDataForOrigin", {"origin": "*", "storageTypes": "all"}
         )
+        # A test's download directory goes with the test.
+        self.download_to(self._downloads)
         self._recorder.take(self.driver)
         self._recorder.clear()
         self._trap.clear()
@@ -386,7 +390,7 @@ def start_browser(directory: Path) -> Iterator[Browser]:
         driver = webdriver.Chrome(service=service, options=_options(profile, downloads, trap))
         try:
             driver.set_page_load_timeout(WAIT_TIMEOUT)
-            browser = Browser(driver, trap)
+            browser = Browser(driver, trap, downloads)
             browser.reset()
             yield browser
         finally:
