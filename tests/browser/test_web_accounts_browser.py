@@ -109,3 +109,19 @@ def test_user_who_is_no_admin_gets_no_admin_page(browser: Browser, popbox: Threa
     assert statuses == [403]
     assert browser.driver.find_elements(By.ID, "add-user") == []
     assert _listed_users(browser) == []
+
+
+def test_back_button_after_logout_shows_no_mail(browser: Browser, popbox: ThreadedWeb) -> None:
+    popbox.archive("alice", b"Subject: Zeppelin secrets\r\n\r\nThe hangar code is 4711.\r\n")
+    log_in(browser, popbox, "alice", PASSWORDS["alice"])
+    browser.open(popbox.page("/search?q=hangar"))
+    assert "Zeppelin secrets" in browser.driver.page_source
+
+    log_out(browser)
+    browser.driver.back()
+    browser.settle()
+
+    # The page was asked for again (no-store: no copy kept), and without a session
+    # that is the login page.
+    assert current_path(browser) == "/login"
+    assert "Zeppelin secrets" not in browser.driver.page_source
