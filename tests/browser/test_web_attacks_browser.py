@@ -130,3 +130,26 @@ def test_reflected_xss_in_the_search_box_is_shown_as_text(
     assert driver.find_elements(By.CSS_SELECTOR, "#main script, img[onerror]") == []
     assert browser.csp_violations() == []
     assert driver.execute_script("return typeof window.pwned") == "undefined"
+
+
+def test_clickjacking_another_site_cannot_frame_the_logged_in_page(
+    browser: Browser, popbox: ThreadedWeb, site: Site, alice_mail: AliceMail
+) -> None:
+    log_in(browser, popbox, "alice", PASSWORDS["alice"])
+    target = popbox.page("/search?q=zeppelin")
+    site.page("/", f'<iframe id="victim" src="{target}" width="800" height="600"></iframe>')
+
+    browser.open(site.url("/"))
+
+    # Chromium asked for the page (with alice's cookie: same site) and refused to show it.
+    [framed] = [request for request in browser.requests() if request.url == target]
+    assert SESSION_COOKIE in framed.cookies
+    refusals = [line.text for line in browser.console() if "frame-ancestors" in line.text]
+    assert refusals, browser.console()
+    driver = browser.driver
+    driver.switch_to.frame(driver.find_element(By.ID, "victim"))
+    try:
+        assert "Zeppelin" not in driver.page_source
+        assert driver.find_elements(By.ID, "results") == []
+    finally:
+        driver.switch_to.default_content()
