@@ -309,3 +309,22 @@ def test_a_boundary_that_begins_with_another_is_not_taken_for_it() -> None:
         b"--b\nContent-Type: text/plain\n\nsecond part\n--b--\n"
     )
     assert extract(message).body == "inner text second part"
+
+
+def test_named_text_shown_inline_is_indexed_and_named() -> None:
+    message = multipart(
+        [
+            ('Content-Type: text/plain; name="notes.txt"', b"inline notes"),
+            ("Content-Type: text/plain\r\nContent-Disposition: attachment", b"attached text"),
+        ]
+    )
+    got = extract(message)
+    assert got.body == "inline notes"
+    assert got.attachments == ("notes.txt", "")
+    assert got.has_attachment
+
+
+def test_a_line_that_is_no_header_starts_the_body() -> None:
+    got = extract(b"Subject: no blank line\nthis is the body\nit: goes on\n")
+    assert got.subject == "no blank line"
+    assert got.body == "this is the body it: goes on"

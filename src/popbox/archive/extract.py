@@ -245,32 +245,38 @@ def _headers_of(data: _Findable, start: int, end: int) -> tuple[Message, int]:
         # Headers to the end (or garbage past any sane header block): no body.
         block_end = body_start = limit
     block = bytes(data[start:block_end])
-    return _parse_headers(block), body_start
+    message, stop = _parse_headers(block)
+    return message, body_start if stop is None else start + stop
 
 
-def _parse_headers(block: bytes) -> Message:
-    """A header block as a compat32 Message: fields unfolded as RFC 5322 2.2.3 says,
-    lines without a colon skipped (the stdlib parser notes them as defects)."""
+def _parse_headers(block: bytes) -> tuple[Message, int | None]:
+    """A header block as a compat32 Message, fields unfolded as RFC 5322 2.2.3 says;
+    and where its body starts early if a line that is no header field ends it first
+    (as the stdlib parser reads a missing blank line), else None."""
     message = Message(policy=_POLICY)
     name: str | None = None
     value: list[str] = []
-    for line in block.decode("ascii", "surrogateescape").split("\n"):
-        line = line.removesuffix("\r")
-        if line[:1] in (" ", "\t"):
-            if name is not None:
-                value.append(line)
+    offset = 0
+    stop: int | None = None
+    for raw in block.decode("ascii", "surrogateescape").split("\n"):
+        line = raw.removesuffix("\r")
+        if line[:1] in (" ", "\t") and name is not None:
+            value.append(line)
+            offset += len(raw) + 1
             continue
         if name is not None:
             message.set_raw(name, "\r\n".join(value))
+            name = None
         field_name, colon, rest = line.partition(":")
         field_name = field_name.rstrip()
-        if colon and field_name and " " not in field_name:
-            name, value = field_name, [rest.lstrip(" \t")]
-        else:
-            name = None
+        if not (colon and field_name and " " not in field_name):
+            stop = offset
+            break
+        name, value = field_name, [rest.lstrip(" \t")]
+        offset += len(raw) + 1
     if name is not None:
         message.set_raw(name, "\r\n".join(value))
-    return message
+    return message, stop
 
 
 def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple[int, int]]:
@@ -343,7 +349,10 @@ def _walk(
         found.has_attachment = True
         if len(found.names) < MAX_ATTACHMENTS:
             found.names.append(name or "")
-        return headers
+        if disposition == "attachment" or content_type not in _TEXT_TYPES:
+            return headers
+        # Text not marked as an attachment that has a file name all the same: mail
+        # clients show it inline, so its words are the message's.
     if skip_html and content_type in _HTML_TYPES:
         return headers
     if content_type in _TEXT_TYPES and found.text_left > 0:

@@ -339,9 +339,11 @@ def search_rows(
     where = f"{condition} AND {compiled.where}"
     params.extend(compiled.params)
     if after_id is not None:
+        # On the FTS5 rowid when there is a match: FTS5 then starts past it itself.
+        key = "text.rowid" if compiled.match is not None else "e.id"
         rows = connection.execute(
             f"SELECT {ENTRY_COLUMNS} FROM {source} JOIN users u ON u.id = e.user_id "  # noqa: S608
-            f"WHERE {where} AND e.id > ? ORDER BY e.id LIMIT ?",
+            f"WHERE {where} AND {key} > ? ORDER BY {key} LIMIT ?",
             (*params, after_id, limit),
         )
         return -1, [entry_from_row(row) for row in rows]
