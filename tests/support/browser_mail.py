@@ -76,6 +76,9 @@ ATTACHMENT_PDF = b"%PDF-1.4\n" + hashlib.sha256(b"report").digest() * 300 + b"\n
 ATTACHMENT_BIN = bytes(range(256)) * 17 + b"\x00\xff\r\n.\r\n"
 
 _BASE_DATE = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
+# When the messages came into the archive: fixed, so the screenshots of the message
+# page come out the same run after run.
+ARCHIVED_AT = (_BASE_DATE + timedelta(days=1)).timestamp()
 
 
 def _message(subject: str, sender: str, to: str, when: datetime) -> EmailMessage:
@@ -214,12 +217,12 @@ def fill_archive(web: ThreadedWeb, tracker: str) -> AliceMail:
     octets: dict[int, bytes] = {}
 
     def keep(message: bytes) -> int:
-        entry_id = web.archive("alice", message)
+        entry_id = web.archive("alice", message, received=ARCHIVED_AT)
         octets[entry_id] = message
         return entry_id
 
     ordinary = tuple(keep(message) for message in ordinary_messages("alice@example.org"))
     attachments = keep(attachment_message("alice@example.org"))
     hostile = keep(hostile_message("alice@example.org", tracker))
-    web.archive("bob", ordinary_messages("bob@example.org")[0])
+    web.archive("bob", ordinary_messages("bob@example.org")[0], received=ARCHIVED_AT)
     return AliceMail(ordinary, attachments, hostile, octets)

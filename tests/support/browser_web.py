@@ -23,6 +23,7 @@ from urllib.parse import quote, urlsplit
 
 from selenium.webdriver.common.by import By
 
+from popbox.archive.base import ArchiveSource
 from popbox.archive.sqlite import SqliteArchive
 from popbox.config import Config
 from support.browser import Browser
@@ -67,9 +68,13 @@ class ThreadedWeb:
         """Run ``coroutine`` on the page's loop and return what it returns."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(CALL_TIMEOUT)
 
-    def archive(self, user: str, message: bytes) -> int:
-        """Keep ``message`` in ``user``'s archive; its entry id."""
-        return self.run(self.site.archive_message(user, message))
+    def archive(self, user: str, message: bytes, *, received: float | None = None) -> int:
+        """Keep ``message`` in ``user``'s archive as delivered (at ``received``, default
+        now); its entry id."""
+        added = self.run(
+            self.site.archive.add(user, message, source=ArchiveSource.DELIVERED, received=received)
+        )
+        return added.entry.id
 
     def user_exists(self, name: str) -> bool:
         return self.run(self.site.passdb.lookup(name)) is not None
