@@ -11,6 +11,7 @@ import sqlite3
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from archive_helpers import message
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,9 +19,9 @@ from hypothesis import strategies as st
 from popbox.archive.base import ArchiveSource, MatchAll, Term, TermField
 from popbox.archive.fts import compile_query
 from popbox.archive.query import parse_query
-from popbox.archive.sqlite import INDEX_FILE, SqliteArchive
+from popbox.archive.sqlite import BATCH_MESSAGES, INDEX_FILE, SqliteArchive
 from popbox.archive.sqlite_index import INLINE_BELOW
-from popbox.errors import InvalidQuery
+from popbox.errors import ArchiveError, InvalidQuery
 
 DELIVERED = ArchiveSource.DELIVERED
 
@@ -233,3 +234,32 @@ def test_any_query_that_parses_runs(tmp_path: Path) -> None:
     finally:
         loop.run_until_complete(archive.close())
         loop.close()
+
+
+async def test_add_batch_is_one_transaction(tmp_path: Path) -> None:
+    """A batch that fails part-way (its last file cannot be read, after a whole first
+    part was written) leaves nothing behind: the import can simply run again."""
+    root = tmp_path / "archive"
+    archive = SqliteArchive(root)
+    batch: list[bytes | Path] = [message(f"m{index}") for index in range(BATCH_MESSAGES + 5)]
+    batch.append(with_attachment("big", os.urandom(2 * INLINE_BELOW)))
+    batch.append(tmp_path / "missing.eml")
+    with pytest.raises(ArchiveError, match=r"missing\.eml"):
+        await archive.add_batch("alice", batch, source=ArchiveSource.IMPORTED)
+    assert (await archive.search("alice", MatchAll())).total == 0
+    assert table_count(root, "messages") == 0
+    added = await archive.add_batch("alice", batch[:-1], source=ArchiveSource.IMPORTED)
+    assert all(item.new for item in added)
+    assert (await archive.search("alice", MatchAll())).total == len(batch) - 1
+    await archive.close()
+
+
+def test_a_short_prefix_is_never_expanded_over_the_whole_vocabulary() -> None:
+    """A one-letter prefix would make FTS5 merge the postings of every word it
+    begins, every user's, before the user's own rows are picked out."""
+    short = compile_query(Term(TermField.ANY, "a*"), 1).match
+    long = compile_query(Term(TermField.ANY, "abc*"), 1).match
+    assert short is not None
+    assert long is not None
+    assert not short.endswith("*")
+    assert long.endswith('"abc" *')

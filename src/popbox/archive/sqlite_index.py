@@ -29,7 +29,7 @@ __all__ = [
     "remove_entries",
     "search_rows",
     "snippets",
-    "store_messages",
+    "store_prepared",
     "stored_chunks",
     "text_row",
 ]
@@ -138,7 +138,7 @@ def _write_pieces(
     return new
 
 
-def store_messages(
+def store_prepared(
     connection: sqlite3.Connection,
     objects: ObjectStore,
     user: str,
@@ -148,7 +148,9 @@ def store_messages(
     received: float,
     origin: str | None,
 ) -> list[Added]:
-    """Keep ``prepared`` for ``user`` in one transaction, new pieces durable first."""
+    """Keep ``prepared`` for ``user``, inside the caller's write transaction: new
+    pieces are made durable (object files fsynced) before the rows naming them are
+    written, so they are durable before those rows can commit."""
     user_id = lookup_user(connection, user)
     digests = list(dict.fromkeys(bytes.fromhex(item.digest) for item in prepared))
     kept: dict[bytes, Entry] = {}
@@ -174,34 +176,26 @@ def store_messages(
     ]
     new_pieces = _write_pieces(connection, objects, fresh)
     out: list[Added] = []
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        if user_id is None:
-            cursor = connection.execute("INSERT INTO users (name) VALUES (?)", (user,))
-            user_id = int(cursor.lastrowid or 0)
-        for item in prepared:
-            digest = bytes.fromhex(item.digest)
-            if digest in kept:
-                out.append(Added(kept[digest], new=False))
-                continue
-            if digest in stored:
-                connection.execute(
-                    "UPDATE messages SET refs = refs + 1 WHERE digest = ?", (digest,)
-                )
-            else:
-                _insert_message(connection, item, new_pieces)
-                stored.add(digest)
-            entry = _insert_entry(connection, user, user_id, item, source, folder, received)
-            kept[digest] = entry
-            out.append(Added(entry, new=True))
-        if origin is not None:
-            connection.execute(
-                "INSERT OR IGNORE INTO origins (user_id, origin) VALUES (?, ?)", (user_id, origin)
-            )
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+    if user_id is None:
+        cursor = connection.execute("INSERT INTO users (name) VALUES (?)", (user,))
+        user_id = int(cursor.lastrowid or 0)
+    for item in prepared:
+        digest = bytes.fromhex(item.digest)
+        if digest in kept:
+            out.append(Added(kept[digest], new=False))
+            continue
+        if digest in stored:
+            connection.execute("UPDATE messages SET refs = refs + 1 WHERE digest = ?", (digest,))
+        else:
+            _insert_message(connection, item, new_pieces)
+            stored.add(digest)
+        entry = _insert_entry(connection, user, user_id, item, source, folder, received)
+        kept[digest] = entry
+        out.append(Added(entry, new=True))
+    if origin is not None:
+        connection.execute(
+            "INSERT OR IGNORE INTO origins (user_id, origin) VALUES (?, ?)", (user_id, origin)
+        )
     return out
 
 
