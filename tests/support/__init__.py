@@ -22,4 +22,8 @@ tests/conftest.py puts tests/ on sys.path (pytest's default "prepend" import mod
   oauth        a local OAuth2 authorization server
   issuer       a local token issuer: signed JWTs, JWKS with rotation, RFC 7662
   webhook      a webhook receiver that checks signatures
+  httpsite     loopback HTTP sites that keep every request (trackers, attackers, the trap)
+  browser      headless Chromium through chromium-driver, and every request it made
+  browser_web  popbox's web page in a thread for Selenium, and a person's steps on it
+  browser_mail the messages the browser tests archive, hostile HTML among them
 """
