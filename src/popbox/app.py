@@ -22,7 +22,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -331,28 +331,38 @@ async def serve_listeners(config: Config, listeners: Listeners, *, sweep: bool) 
         else:
             listeners.web.close()  # one process serves the page: the sweeping one
 
+    async with _stop_signals() as stop:
+        try:
+            await stop.wait()
+        finally:
+            log.info(
+                "shutting down: no new connections, sessions get %ss to finish",
+                config.limits.shutdown_grace,
+            )
+            if sweeper is not None:
+                await stop_task(sweeper)
+            if web is not None:
+                await stop_task(web)
+            if lmtp_service is not None:
+                await lmtp_service.stop()
+            await pop3.shutdown()
+            await store.close()
+            await archive.close()
+            await close_passdb(passdb)
+            hasher.close()
+
+
+@contextlib.asynccontextmanager
+async def _stop_signals() -> AsyncIterator[asyncio.Event]:
+    """An event SIGTERM and SIGINT set, while the block (and its shutdown) runs: a
+    second Ctrl-C during a graceful shutdown does not cut it short."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
-        log.info(
-            "shutting down: no new connections, sessions get %ss to finish",
-            config.limits.shutdown_grace,
-        )
-        if sweeper is not None:
-            await stop_task(sweeper)
-        if web is not None:
-            await stop_task(web)
-        if lmtp_service is not None:
-            await lmtp_service.stop()
-        await pop3.shutdown()
-        await store.close()
-        await archive.close()
-        await close_passdb(passdb)
-        hasher.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
@@ -376,20 +386,15 @@ async def _web_until_stopped(config: Config, sock: socket.socket) -> None:
     store = build_store(config, passdb)
     archive = build_archive(config)
     web = _start_web(config, sock, None, archive=archive, passdb=passdb, store=store)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await stop_task(web)
-        await store.close()
-        await archive.close()
-        await close_passdb(passdb)
-        hasher.close()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    async with _stop_signals() as stop:
+        try:
+            await stop.wait()
+        finally:
+            await stop_task(web)
+            await store.close()
+            await archive.close()
+            await close_passdb(passdb)
+            hasher.close()
 
 
 def _start_web(

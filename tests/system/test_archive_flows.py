@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import smtplib
 import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from support.fetch import account_entry, write_fetch_config
-from support.serverproc import PASSWORD, POPBOX, make_server, running
+from support.ports import free_port
+from support.serverproc import PASSWORD, POPBOX, make_server, running, wait_listening
 
 
 def _popbox(config: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -133,3 +137,30 @@ def test_popbox_fetch_into_an_archive_sink_keeps_each_message_once(tmp_path: Pat
                 state.unlink()
         _popbox(fetch_config, "fetch", env=env)
         assert len(_search(archive_server.config, "helpdesk", "printer jam")) == 4
+
+
+def test_popbox_web_serves_the_page_on_its_own_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    server = make_server(
+        tmp_path / "server", ("alice",), extra=f'[web]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    process = subprocess.Popen(
+        [*POPBOX, "web", "--config", str(server.config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_listening(port, process)
+        page = httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
+        assert page.status_code == 200
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        refused = httpx.post(
+            f"http://127.0.0.1:{port}/login",
+            data={"username": "alice", "password": "wrong"},
+            timeout=30,
+        )
+        assert refused.status_code in (401, 403)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode(errors="replace")

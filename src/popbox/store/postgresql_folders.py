@@ -17,15 +17,15 @@ import bisect
 import contextlib
 import sys
 from array import array
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from popbox import pgsql
 from popbox.errors import MaildropInUse, StoreError
-from popbox.pgsql import database_errors
 from popbox.store.devices import FolderState, RemovalPlan
 from popbox.store.index import KeptUidlColumn, UidlColumn
 from popbox.store.postgresql_lease import LeaseTerms
@@ -115,21 +115,12 @@ _DROP: Final = "DELETE FROM mail_leases WHERE username = %s AND folder = %s AND 
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 
 
-@contextlib.asynccontextmanager
-async def autocommit(
+def autocommit(
     pool: AsyncConnectionPool, doing: str
-) -> AsyncIterator[psycopg.AsyncConnection]:
-    """A pooled connection whose every statement is its own transaction: no BEGIN
-    and COMMIT round trips around work that is one statement. Driver errors become
-    StoreError."""
-    with database_errors(StoreError, doing):
-        async with pool.connection() as conn:
-            await conn.set_autocommit(True)
-            try:
-                yield conn
-            finally:
-                if not conn.broken and not conn.closed:
-                    await conn.set_autocommit(False)
+) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]:
+    """A pooled connection whose every statement is its own transaction
+    (popbox.pgsql.autocommit); driver errors become StoreError."""
+    return pgsql.autocommit(pool, StoreError, doing)
 
 
 def columns_of(data: bytes | None) -> array[int]:
