@@ -193,6 +193,16 @@ def check_config(config_path: Path | None) -> None:
     click.echo(f"  users {users}; mail {mail}")
     lmtp = ", ".join(config.lmtp.listen) if config.lmtp.enabled else "off"
     click.echo(f"  LMTP {lmtp}")
+    where = "PostgreSQL" if config.archive_backend() == "postgresql" else config.archive_path()
+    kept = ", ".join(config.archive.keep) or "imports only"
+    days = config.archive.retention_days
+    click.echo(
+        f"  archive {where}; keeps {kept}; "
+        + (f"for {days} days" if days is not None else "for ever")
+    )
+    page = f"http://{config.web.listen}/" if config.web.enabled else "off"
+    admins = ", ".join(config.web.admins) or "none"
+    click.echo(f"  web page {page}; admins {admins}")
 
 
 def _user_field_warnings(config: Config) -> list[str]:
