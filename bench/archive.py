@@ -210,7 +210,7 @@ class Bench:
                 f"{_count(apb)} / {_count(anm)} | {shared} |")
         return lines, met, compared, mismatches
 
-    def write(self, command: str) -> str:
+    def write(self, command: str, results: Path) -> str:
         c = self.corpus
         busy = _machine_busy() - self.busy_before
         own = _own_tree_cpu() - self.own_before
@@ -253,7 +253,7 @@ class Bench:
               or ["- every query matched the same number of messages on both sides."]),
         ])
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = RESULTS / f"archive-{stamp}"
+        out = results / f"archive-{stamp}"
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(text + "\n")
         raw = {
@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="indexing runs per side (each from nothing)")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the run's directory goes (report.md, results.json)")
     args = parser.parse_args(argv)
     messages = args.messages or (QUICK_MESSAGES if args.quick else FULL_MESSAGES)
     work = args.work or Path(f"/var/tmp/popbox-archive-{messages}")
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         shown.append(f"--reps {args.reps}")
     if args.index_reps != 1:
         shown.append(f"--index-reps {args.index_reps}")
-    text = bench.write(" ".join(shown))
+    text = bench.write(" ".join(shown), args.results)
     print(text)
     if not args.no_doc:
         update_doc(text)
