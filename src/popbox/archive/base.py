@@ -271,9 +271,7 @@ class Archive(Protocol):
         """The user's entries that match, newest first, with snippets."""
         ...
 
-    def entries(
-        self, user: str, query: Query, *, after_id: int = 0
-    ) -> AsyncIterator[Entry]:
+    def entries(self, user: str, query: Query, *, after_id: int = 0) -> AsyncIterator[Entry]:
         """Every matching entry with an id above ``after_id``, in id order: what an
         export walks, and resumes from the last id it wrote."""
         ...
