@@ -174,9 +174,8 @@ class PopboxSide:
         return Indexed(seconds, _own_cpu() - cpu, added)
 
     async def _index(self) -> int:
-        from popbox.archive.sqlite import SqliteArchive
-
         from popbox.archive.base import ArchiveSource
+        from popbox.archive.sqlite import SqliteArchive
 
         archive = SqliteArchive(self.path)
         added = 0
