@@ -200,6 +200,7 @@ PIECES = st.sampled_from(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.one_of(PIECES, st.binary(max_size=50)), max_size=30).map(b"".join))
 def test_pieces_give_back_the_exact_input(data: bytes) -> None:
+    extract(b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + data)
     assert b"".join(split_segments(data)) == data
     raws = raw_pieces(data)
     # Contiguous, non-empty, covering the input.
@@ -231,3 +232,99 @@ def test_the_same_attachment_is_the_same_piece_in_two_messages() -> None:
 def test_small_pieces_are_merged() -> None:
     message = b"Subject: x\r\n\r\n" + b"--a\r\n\r\nhi\r\n" * 20
     assert split_segments(message) == [message]
+
+
+def test_nested_parts_forwarded_messages_and_signature_dashes() -> None:
+    inner = b"From: inner@example.org\nSubject: forwarded\n\ntext of the forwarded message\n"
+    message = (
+        b"From: a@example.com\nSubject: outer\n"
+        b'Content-Type: multipart/mixed; boundary="out"\n\n'
+        b"--out\n"
+        b'Content-Type: multipart/alternative; boundary="out-alt"\n\n'
+        b"--out-alt\nContent-Type: text/plain\n\nplain words\n-- \nsignature line\n"
+        b"--out-alt\nContent-Type: text/html\n\n<p>html words</p>\n"
+        b"--out-alt--\n"
+        b"--out\nContent-Type: message/rfc822\n\n" + inner + b"--out\n\n"
+        b"a part without headers is plain text\n"
+        b"--out--\nepilogue is not text\n"
+    )
+    got = extract(message)
+    assert got.subject == "outer"
+    # The HTML alternative of indexed plain text adds nothing.
+    assert got.body == (
+        "plain words -- signature line text of the forwarded message "
+        "a part without headers is plain text"
+    )
+    assert not got.has_attachment
+
+
+def test_quoted_printable_and_base64_text_parts_are_decoded() -> None:
+    message = multipart(
+        [
+            (
+                "Content-Type: text/plain; charset=iso-8859-1\r\n"
+                "Content-Transfer-Encoding: quoted-printable",
+                b"caf=E9 cr=\r\n=E8me",
+            ),
+            (
+                "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64",
+                base64.encodebytes("base64 Grüße".encode()),
+            ),
+            (
+                "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64",
+                b"Y3V0IHNob3J0IGJ1dCBkZWNvZGVk===!!",
+            ),
+        ]
+    )
+    got = extract(message)
+    assert got.body.startswith("café crème base64 Grüße cut short")
+
+
+def test_a_charset_naming_a_compression_codec_never_decompresses() -> None:
+    """Decompression bomb through the charset: zlib_codec is a Python codec, but not
+    a text encoding, so the part is read as UTF-8/Latin-1 octets, never inflated."""
+    import zlib
+
+    bomb = zlib.compress(b"A" * (50 * 1024 * 1024))
+    message = (
+        b"Subject: =?zlib_codec?b?" + base64.b64encode(bomb[:2000]) + b"?=\r\n"
+        b"Content-Type: text/plain; charset=zlib_codec\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(bomb)
+    )
+    tracemalloc.start()
+    try:
+        got = extract(message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "AAAAAAAA" not in got.body
+    assert peak < 10 * len(message) + (1 << 20)
+
+
+def test_a_boundary_that_begins_with_another_is_not_taken_for_it() -> None:
+    message = (
+        b'Content-Type: multipart/mixed; boundary="b"\n\n'
+        b'--b\nContent-Type: multipart/alternative; boundary="b--x"\n\n'
+        b"--b--x\nContent-Type: text/plain\n\ninner text\n--b--x--\n"
+        b"--b\nContent-Type: text/plain\n\nsecond part\n--b--\n"
+    )
+    assert extract(message).body == "inner text second part"
+
+
+def test_named_text_shown_inline_is_indexed_and_named() -> None:
+    message = multipart(
+        [
+            ('Content-Type: text/plain; name="notes.txt"', b"inline notes"),
+            ("Content-Type: text/plain\r\nContent-Disposition: attachment", b"attached text"),
+        ]
+    )
+    got = extract(message)
+    assert got.body == "inline notes"
+    assert got.attachments == ("notes.txt", "")
+    assert got.has_attachment
+
+
+def test_a_line_that_is_no_header_starts_the_body() -> None:
+    got = extract(b"Subject: no blank line\nthis is the body\nit: goes on\n")
+    assert got.subject == "no blank line"
+    assert got.body == "this is the body it: goes on"

@@ -129,6 +129,8 @@ def test_terms_without_a_word_are_left_out() -> None:
         ("a OR", "OR needs a term on each side at 3"),
         ("a AND", "AND needs a term on each side at 3"),
         ("NOT", "NOT needs a term after it at 1"),
+        ("invoice a*", "prefix too short at 9"),
+        ('subject:"big ne*"', "prefix too short at 1"),
     ],
 )
 def test_errors_say_what_and_where(text: str, message: str) -> None:

@@ -1,42 +1,50 @@
 """What the archive indexes of a message: decoded headers, its text, attachment names.
 
-Any octets come in; an ``Extracted`` always comes out. The parts that matter are
-read with the stdlib email package (compat32, which never raises on what it parses;
-every decoding step after it is guarded), headers are decoded from RFC 2047 and
-RFC 2231 in any charset Python knows (an unknown one falls back to UTF-8, then
-Latin-1, never an error), text/plain parts are taken as they are and text/html parts
-turned into text with nh3 (every tag stripped, script and style contents dropped).
+Any octets come in; an ``Extracted`` always comes out. The MIME structure is walked
+here, part by part, over the octets as they lie (a part's body is never copied
+unless it is text to index): each header block is unfolded here into a stdlib
+compat32 Message, whose helpers read content types and parameters (each call is
+guarded), headers are decoded from RFC 2047 and RFC 2231 in any charset Python knows
+(an unknown one falls back to UTF-8, then Latin-1, never an error), text/plain parts
+are taken as they are and text/html parts turned into text with nh3 (every tag
+stripped, script and style contents dropped). A message/rfc822 part is walked as
+the message it holds.
 
-Bounded whatever the message: the parser sees the message with every part's body cut
-to ``MAX_PARSED_PIECE`` octets and all bodies together to ``MAX_PARSED_TOTAL`` (cut
-where popbox.archive.segments cuts, so the MIME structure around them survives), at
-most ``MAX_PART_TEXT`` octets of each text part and ``MAX_TEXT`` characters in all
-are indexed, at most ``MAX_PARTS`` parts are looked at, and nothing else of a
-non-text part is decoded: an attachment is never opened, so a zip bomb stays shut.
+Bounded whatever the message: at most ``MAX_PART_TEXT`` octets of each text part and
+``MAX_TEXT`` characters in all are indexed, at most ``MAX_PARTS`` parts ``MAX_DEPTH``
+deep are looked at, header blocks are read up to ``MAX_PARSED_HEADERS``, and nothing
+of a non-text part's body is decoded: an attachment is never opened, so a zip bomb
+stays shut.
 """
 
 from __future__ import annotations
 
+import binascii
 import codecs
 import email.header
 import email.utils
 import html
+import logging
+import mmap
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesParser
 from email.policy import Compat32
-from typing import Final
+from typing import Final, TypeAlias
 
 import nh3
 
-from popbox.archive.segments import Octets, raw_pieces
+from popbox.archive.segments import Octets
+
+log = logging.getLogger("popbox.archive")
+
+# What the walk searches in place (a view is copied once into bytes first).
+_Findable: TypeAlias = bytes | bytearray | mmap.mmap
 
 __all__ = [
     "MAX_HEADER_TEXT",
-    "MAX_PARSED_PIECE",
-    "MAX_PARSED_TOTAL",
+    "MAX_PARSED_HEADERS",
     "MAX_PARTS",
     "MAX_PART_TEXT",
     "MAX_TEXT",
@@ -52,11 +60,9 @@ MAX_HEADER_TEXT: Final = 2000
 MAX_PART_TEXT: Final = 512 * 1024
 # Characters of text indexed for one message, all parts together.
 MAX_TEXT: Final = 1024 * 1024
-# Octets of one part's body the parser is given: enough for MAX_PART_TEXT in base64.
-MAX_PARSED_PIECE: Final = MAX_PART_TEXT * 4 // 3 + 4096
-# Octets of all bodies the parser is given together.
-MAX_PARSED_TOTAL: Final = 4 * 1024 * 1024
-# Header blocks handed to the parser whole up to this; a "header" past it is garbage.
+# Encoded octets of one text part that are decoded: enough for MAX_PART_TEXT in base64.
+MAX_ENCODED_TEXT: Final = MAX_PART_TEXT * 4 // 3 + 4096
+# A header block is read up to this; a "header" past it is garbage.
 MAX_PARSED_HEADERS: Final = 256 * 1024
 # MIME parts looked at, and how deep multiparts may nest, in one message.
 MAX_PARTS: Final = 1000
@@ -64,13 +70,12 @@ MAX_DEPTH: Final = 50
 # Attachment names kept for one message (each bounded like a header).
 MAX_ATTACHMENTS: Final = 200
 
-_SPACE: Final = re.compile(r"\s+")
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters other than whitespace: dropped (the index marks matches with some).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 _HTML_TYPES: Final = frozenset({"text/html", "application/xhtml+xml"})
-# A header block naming a content type whose body is never indexed.
-_NOT_TEXT: Final = re.compile(
-    rb"^content-type:[ \t]*(?!text/|multipart/|message/|application/xhtml)[^\s;]", re.I | re.M
-)
+_TEXT_TYPES: Final = _HTML_TYPES | {"text/plain"}
+# The blank line that ends a header block.
+_BLANK_LINE: Final = re.compile(rb"\r?\n\r?\n")
 
 
 class _RawHeaders(Compat32):
@@ -101,11 +106,15 @@ class Extracted:
 
 
 def _squash(text: str, limit: int) -> str:
-    """Whitespace collapsed to single spaces, other control characters dropped (the
-    index marks matches with some), NFKC (what queries are normalised to,
-    popbox.archive.query.normalise, less the case), cut to ``limit`` characters."""
-    text = _CONTROL.sub("", _SPACE.sub(" ", text)).strip()
-    return unicodedata.normalize("NFKC", text)[:limit]
+    """Whitespace collapsed to single spaces, other control characters dropped, NFKC
+    (what queries are normalised to, popbox.archive.query.normalise, less the case),
+    cut to ``limit`` characters."""
+    text = " ".join(text[: limit * 2].split())
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", _CONTROL.sub("", text))
+    elif _CONTROL.search(text):
+        text = _CONTROL.sub("", text)
+    return text[:limit]
 
 
 def _decode_octets(data: bytes, charset: str | None) -> str:
@@ -129,7 +138,7 @@ def _decode_octets(data: bytes, charset: str | None) -> str:
 def _header_text(value: object) -> str:
     """A raw header value decoded (RFC 2047 words, 8-bit octets) and squashed."""
     raw = value if isinstance(value, str) else str(value)
-    if any("\udc80" <= char <= "\udcff" for char in raw):
+    if not raw.isascii() and any("\udc80" <= char <= "\udcff" for char in raw):
         # Raw 8-bit octets in a header (compat32 keeps them as surrogates).
         raw = _decode_octets(raw.encode("ascii", "surrogateescape"), None)
     text = raw
@@ -171,6 +180,10 @@ def _date(message: Message) -> float | None:
 
 
 def _filename(part: Message) -> str | None:
+    disposition = part.get("content-disposition", "")
+    content_type = part.get("content-type", "")
+    if "name" not in disposition.lower() and "name" not in content_type.lower():
+        return None  # the common case, without parsing parameters
     try:
         name = part.get_filename()
     except Exception:
@@ -185,107 +198,200 @@ def _html_to_text(markup: str) -> str:
     return html.unescape(cleaned)
 
 
-def _part_text(part: Message, content_type: str) -> str:
+def _decode_body(data: bytes, encoding: str) -> bytes:
+    """A part's body with its Content-Transfer-Encoding undone, as far as it goes."""
+    if encoding == "base64":
+        try:
+            return binascii.a2b_base64(data)
+        except binascii.Error:
+            # Bad padding (a cut or broken body): decode the whole quanta there are.
+            cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+            try:
+                return binascii.a2b_base64(cleaned[: len(cleaned) // 4 * 4])
+            except binascii.Error:
+                return b""
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(data)
+    return data
+
+
+@dataclass(slots=True)
+class _Found:
+    """What the walk has found so far, and what it may still take."""
+
+    body: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    has_attachment: bool = False
+    text_left: int = MAX_TEXT
+    parts_left: int = MAX_PARTS
+    top: Message | None = None
+    """The message's own headers."""
+    plain_parts: int = 0
+    """text/plain parts indexed: an HTML alternative after one is the same words."""
+
+
+def _headers_of(data: _Findable, start: int, end: int) -> tuple[Message, int]:
+    """The header block at ``start`` read, and where its body starts."""
+    first = bytes(data[start : start + 2])
+    if first.startswith(b"\n"):
+        return Message(policy=_POLICY), start + 1  # no headers: the defaults
+    if first == b"\r\n":
+        return Message(policy=_POLICY), start + 2
+    limit = min(end, start + MAX_PARSED_HEADERS)
+    blank = _BLANK_LINE.search(data, start, limit)
+    if blank is not None:
+        block_end, body_start = blank.start(), blank.end()
+    else:
+        # Headers to the end (or garbage past any sane header block): no body.
+        block_end = body_start = limit
+    block = bytes(data[start:block_end])
+    message, stop = _parse_headers(block)
+    return message, body_start if stop is None else start + stop
+
+
+def _parse_headers(block: bytes) -> tuple[Message, int | None]:
+    """A header block as a compat32 Message, fields unfolded as RFC 5322 2.2.3 says;
+    and where its body starts early if a line that is no header field ends it first
+    (as the stdlib parser reads a missing blank line), else None."""
+    message = Message(policy=_POLICY)
+    name: str | None = None
+    value: list[str] = []
+    offset = 0
+    stop: int | None = None
+    for raw in block.decode("ascii", "surrogateescape").split("\n"):
+        line = raw.removesuffix("\r")
+        if line[:1] in (" ", "\t") and name is not None:
+            value.append(line)
+            offset += len(raw) + 1
+            continue
+        if name is not None:
+            message.set_raw(name, "\r\n".join(value))
+            name = None
+        field_name, colon, rest = line.partition(":")
+        field_name = field_name.rstrip()
+        if not (colon and field_name and " " not in field_name):
+            stop = offset
+            break
+        name, value = field_name, [rest.lstrip(" \t")]
+        offset += len(raw) + 1
+    if name is not None:
+        message.set_raw(name, "\r\n".join(value))
+    return message, stop
+
+
+def _parts(data: _Findable, boundary: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """The (start, end) of each part between the delimiter lines of ``boundary``."""
+    marker = b"--" + boundary
+    parts: list[tuple[int, int]] = []
+    part_start: int | None = None
+    position = start
+    while position < end:
+        found = data.find(marker, position, end)
+        if found < 0:
+            break
+        position = found + len(marker)
+        if found != start and data[found - 1 : found] != b"\n":
+            continue
+        line_end = data.find(b"\n", position, end)
+        line_end = end if line_end < 0 else line_end + 1
+        rest = bytes(data[position:line_end])
+        closing = rest.startswith(b"--") and not rest[2:].strip()
+        if rest.strip() and not closing:
+            continue  # a longer boundary that begins with this one
+        if part_start is not None:
+            # The line end before a delimiter belongs to it (RFC 2046 5.1.1).
+            part_end = found - (2 if data[found - 2 : found] == b"\r\n" else 1)
+            parts.append((part_start, max(part_start, part_end)))
+        if closing:
+            return parts
+        part_start = line_end
+        position = line_end
+    if part_start is not None and part_start < end:
+        parts.append((part_start, end))
+    return parts
+
+
+def _walk(
+    data: _Findable, start: int, end: int, depth: int, found: _Found, skip_html: bool = False
+) -> Message:
+    """Walk the entity at ``start``: its parts, its text, its attachments' names.
+    ``skip_html``: an HTML alternative of plain text already indexed adds no words."""
+    headers, body_start = _headers_of(data, start, end)
+    if found.top is None:
+        found.top = headers
+    found.parts_left -= 1
     try:
-        payload = part.get_payload(decode=True)
+        content_type = headers.get_content_type()
+        disposition = headers.get_content_disposition()
     except Exception:
-        return ""
-    if not isinstance(payload, bytes):
-        return ""
-    try:
-        charset = part.get_content_charset()
-    except Exception:
-        charset = None
-    text = _decode_octets(payload[:MAX_PART_TEXT], charset)
-    if content_type in _HTML_TYPES:
-        text = _html_to_text(text)
-    return text
-
-
-def _for_parser(data: Octets) -> bytes:
-    """The message as the parser should see it: headers and boundaries whole, the
-    body of a part whose headers name a type that is not text left out (its name is
-    in its headers), every other body cut short (MAX_PARSED_PIECE each,
-    MAX_PARSED_TOTAL together), so an attachment costs nothing and the structure
-    survives."""
-    view = memoryview(data).cast("B")
-    kept: list[bytes] = []
-    budget = MAX_PARSED_TOTAL
-    skip_body = False
-    for piece in raw_pieces(view):
-        size = piece.end - piece.start
-        if not piece.body:
-            take = min(size, MAX_PARSED_HEADERS)
-            chunk = bytes(view[piece.start : piece.start + take])
-            skip_body = _NOT_TEXT.search(chunk) is not None
-        else:
-            take = 0 if skip_body else min(size, MAX_PARSED_PIECE, budget)
-            budget -= take
-            chunk = bytes(view[piece.start : piece.start + take])
-        if take < size and chunk and not chunk.endswith(b"\n"):
-            # Keep the next boundary at a line start.
-            chunk += b"\n"
-        kept.append(chunk)
-    return b"".join(kept)
-
-
-def _walk(message: Message) -> list[Message]:
-    """The leaf parts in order, iteratively, at most MAX_PARTS, MAX_DEPTH deep."""
-    leaves: list[Message] = []
-    stack: list[tuple[Message, int]] = [(message, 0)]
-    seen = 0
-    while stack and seen < MAX_PARTS:
-        part, depth = stack.pop()
-        seen += 1
-        payload = part.get_payload()
-        if isinstance(payload, list):
-            if depth < MAX_DEPTH:
-                children = [child for child in payload if isinstance(child, Message)]
-                stack.extend((child, depth + 1) for child in reversed(children))
-        else:
-            leaves.append(part)
-    return leaves
+        # Headers too broken to read: neither text nor a named attachment.
+        content_type, disposition = "application/octet-stream", None
+    if content_type.startswith("multipart/") and depth < MAX_DEPTH:
+        try:
+            boundary = headers.get_boundary()
+        except Exception:
+            boundary = None
+        if boundary:
+            encoded = boundary.encode("utf-8", "surrogateescape")
+            alternative = content_type == "multipart/alternative"
+            plain_before = found.plain_parts
+            for part_start, part_end in _parts(data, encoded, body_start, end):
+                if found.parts_left <= 0:
+                    break
+                skip = alternative and found.plain_parts > plain_before
+                _walk(data, part_start, part_end, depth + 1, found, skip)
+        return headers
+    if content_type == "message/rfc822" and depth < MAX_DEPTH and disposition != "attachment":
+        _walk(data, body_start, end, depth + 1, found)
+        return headers
+    name = _filename(headers)
+    if disposition == "attachment" or name is not None:
+        found.has_attachment = True
+        if len(found.names) < MAX_ATTACHMENTS:
+            found.names.append(name or "")
+        if disposition == "attachment" or content_type not in _TEXT_TYPES:
+            return headers
+        # Text not marked as an attachment that has a file name all the same: mail
+        # clients show it inline, so its words are the message's.
+    if skip_html and content_type in _HTML_TYPES:
+        return headers
+    if content_type in _TEXT_TYPES and found.text_left > 0:
+        encoding = str(headers.get("content-transfer-encoding", "")).strip().lower()
+        raw = bytes(data[body_start : min(end, body_start + MAX_ENCODED_TEXT)])
+        try:
+            charset = headers.get_content_charset()
+        except Exception:
+            charset = None
+        text = _decode_octets(_decode_body(raw, encoding)[:MAX_PART_TEXT], charset)
+        if content_type in _HTML_TYPES:
+            text = _html_to_text(text)
+        text = _squash(text, found.text_left)
+        if text:
+            found.body.append(text)
+            found.text_left -= len(text) + 1
+            found.plain_parts += content_type == "text/plain"
+    return headers
 
 
 def extract(data: Octets) -> Extracted:
     """What the index keeps of ``data``; never raises for any octets."""
+    # One copy of a view; callers with a file hand over its mapping itself.
+    whole = data.tobytes() if isinstance(data, memoryview) else data
+    found = _Found()
     try:
-        message = BytesParser(policy=_POLICY).parsebytes(_for_parser(data))
-    except (RecursionError, MemoryError, ValueError, TypeError, LookupError):
-        return Extracted()
-    body: list[str] = []
-    budget = MAX_TEXT
-    names: list[str] = []
-    has_attachment = False
-    try:
-        leaves = _walk(message)
-    except RecursionError:
-        leaves = []
-    for part in leaves:
-        try:
-            content_type = part.get_content_type()
-            disposition = part.get_content_disposition()
-        except Exception:
-            # Headers too broken to read: neither text nor a named attachment.
-            content_type, disposition = "application/octet-stream", None
-        name = _filename(part)
-        if disposition == "attachment" or name is not None:
-            has_attachment = True
-            if len(names) < MAX_ATTACHMENTS:
-                names.append(name or "")
-            continue
-        if budget > 0 and (content_type == "text/plain" or content_type in _HTML_TYPES):
-            text = _squash(_part_text(part, content_type), budget)
-            if text:
-                body.append(text)
-                budget -= len(text) + 1
+        _walk(whole, 0, len(whole), 0, found)
+    except Exception:
+        # Whatever a hostile message trips in the stdlib's header helpers: index what
+        # the walk found before it (the top headers are read first of all).
+        log.debug("message only partly indexed", exc_info=True)
+    message = found.top if found.top is not None else Message(policy=_POLICY)
     return Extracted(
         sender=_headers(message, "from"),
         recipients=_headers(message, "to", "cc"),
         subject=_headers(message, "subject"),
         message_id=_headers(message, "message-id"),
         date=_date(message),
-        body=" ".join(body),
-        attachments=tuple(names),
-        has_attachment=has_attachment,
+        body=" ".join(found.body),
+        attachments=tuple(found.names),
+        has_attachment=found.has_attachment,
     )

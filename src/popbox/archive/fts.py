@@ -34,7 +34,7 @@ from popbox.archive.base import (
     Term,
     TermField,
 )
-from popbox.archive.query import phrase_words, term_words
+from popbox.archive.query import MIN_PREFIX, phrase_words, term_words
 
 __all__ = [
     "FTS_COLUMNS",
@@ -65,8 +65,10 @@ def owner_token(user_id: int) -> str:
 
 def _quoted(words: tuple[str, ...], prefix: bool) -> str:
     # Index words hold letters and digits only, so nothing inside the quotes can
-    # close them; the prefix star is written by us, outside.
-    return '"' + " ".join(words) + '"' + (" *" if prefix else "")
+    # close them; the prefix star is written by us, outside, and only after a word
+    # as long as the parser asks for (a Term built some other way included).
+    star = prefix and len(words[-1]) >= MIN_PREFIX
+    return '"' + " ".join(words) + '"' + (" *" if star else "")
 
 
 def _term(term: Term) -> str | None:

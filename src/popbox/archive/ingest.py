@@ -10,6 +10,7 @@ pieces are stored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -63,8 +64,8 @@ class Prepared:
                 pieces.append(Piece(hashlib.sha256(view[start:end]).hexdigest(), start, end))
                 start = end
         self.pieces: tuple[Piece, ...] = tuple(pieces)
-        self.text: Extracted = extract(view)
         view.release()
+        self.text: Extracted = extract(data)
 
     @property
     def size(self) -> int:
@@ -78,7 +79,10 @@ class Prepared:
         """Let go of a mapped file (views handed out must be released first)."""
         mapping, self._map = self._map, None
         if mapping is not None:
-            mapping.close()
+            # A cancelled caller's worker thread may still read it: then the mapping
+            # goes when that thread lets go of its views.
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
     def __enter__(self) -> Prepared:
         return self

@@ -85,7 +85,9 @@ class ObjectStore:
         target = self.path(digest)
         directory = target.parent
         if not directory.is_dir():
-            self._dir.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+            if not self._dir.is_dir():
+                self._dir.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+                fsync_dir(self._dir.parent)
             directory.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
             fsync_dir(self._dir)
         tmp = directory / f"{_TMP_PREFIX}{digest}-{secrets.token_hex(6)}"

@@ -6,7 +6,7 @@ message; ``from:`` ``to:`` (To and Cc) ``subject:`` ``body:`` ``filename:`` (als
 ``before:``/``after:`` a day (``YYYY-MM-DD`` or ``YYYY/MM/DD``, UTC: before is
 strictly before that day's midnight, after is on or after it); ``larger:``/
 ``smaller:`` a size with an optional k/M/G suffix (1024-based, as Gmail's);
-a trailing ``*`` matches every word it begins.
+a trailing ``*`` matches every word it begins (``MIN_PREFIX`` letters at least).
 
 Operators as Gmail has them: terms side by side are ANDed (``AND`` may be written),
 ``OR`` (upper case) binds tighter than that, ``NOT`` or a leading ``-`` negates, and
@@ -45,6 +45,7 @@ __all__ = [
     "MAX_QUERY_DEPTH",
     "MAX_QUERY_LENGTH",
     "MAX_QUERY_TERMS",
+    "MIN_PREFIX",
     "normalise",
     "parse_query",
     "phrase_words",
@@ -58,6 +59,10 @@ MAX_QUERY_TERMS: Final = 64
 # Parentheses and negations inside one another; keeps compiled queries and the
 # recursion that builds them shallow.
 MAX_QUERY_DEPTH: Final = 16
+# Letters a prefix search (``word*``) needs before its star: it expands to every
+# indexed word it begins, and a shorter one matches much of a large archive's
+# vocabulary, every user's, before the user's own rows are picked out.
+MIN_PREFIX: Final = 3
 # The largest size larger:/smaller: accept (1 PiB), so the octets fit any integer column.
 MAX_SIZE_BOUND: Final = 1 << 50
 
@@ -203,6 +208,11 @@ def _atom(token: _Token) -> Query | None:
     if not _WORD.search(text):
         return None
     phrase = token.quoted and len(text.split()) > 1
+    prefixes = [phrase_words(text)] if phrase else term_words(text)
+    if any(prefix and len(words[-1]) < MIN_PREFIX for words, prefix in prefixes if words):
+        raise InvalidQuery(
+            f"prefix too short at {token.pos + 1} (at least {MIN_PREFIX} letters before '*')"
+        )
     return Term(_FIELDS[field] if field else TermField.ANY, " ".join(text.split()), phrase)
 
 

@@ -16,9 +16,10 @@ kept like this:
 - **Per user.** Every statement names the user's id; FTS5 matches start with the
   user's owner token (popbox.archive.fts).
 - **Bounded.** Messages given as files are mapped, not read (popbox.archive.ingest);
-  objects are written and read in chunks; an import commits every BATCH_OCTETS.
+  objects are written and read in chunks; ``add_batch`` prepares and writes its
+  messages BATCH_OCTETS at a time inside its one transaction.
 
-All blocking work runs in ``asyncio.to_thread``; SQLite and file errors become
+All blocking work runs in worker threads (``asyncio.to_thread``); SQLite and file errors become
 ArchiveError here.
 """
 
@@ -54,11 +55,17 @@ from popbox.archive.sqlite_index import (
     remove_entries,
     search_rows,
     snippets,
-    store_messages,
+    store_prepared,
     stored_chunks,
 )
 from popbox.archive.sqlite_schema import connect, entry_from_row, initialise
-from popbox.archive.sqlite_upkeep import collect_garbage, reindex_entries
+from popbox.archive.sqlite_upkeep import (
+    REINDEX_BATCH,
+    collect_garbage,
+    drop_stray_text,
+    entries_to_reindex,
+    reindex_entries,
+)
 from popbox.errors import ArchiveError, EntryOnHold, NoSuchEntry, PopboxError
 from popbox.fileio import FileLock
 
@@ -66,10 +73,11 @@ __all__ = ["BATCH_MESSAGES", "BATCH_OCTETS", "INDEX_FILE", "SqliteArchive"]
 
 INDEX_FILE: Final = "index.sqlite"
 _LOCK_FILE: Final = "write.lock"
-# An import commits after this many octets of messages or this many messages, so
-# what it holds in memory (index text, small compressed pieces) stays bounded.
-BATCH_OCTETS: Final = 64 * 1024 * 1024
-BATCH_MESSAGES: Final = 2000
+# ``add_batch`` is one transaction, prepared and written in parts of at most this many
+# octets or messages, so what it holds in memory (two parts: one written, the next
+# prepared) stays bounded however many messages it is given.
+BATCH_OCTETS: Final = 32 * 1024 * 1024
+BATCH_MESSAGES: Final = 500
 # Reader connections kept open for reuse (more are opened while busy, then closed).
 KEPT_READERS: Final = 4
 # Entries an ``entries`` walk fetches at a time.
@@ -150,22 +158,20 @@ class SqliteArchive:
                 connection.close()
 
     async def _read(self, function: Callable[..., _T], *args: Any) -> _T:
-        @_translated
         def run() -> _T:
             with self._reader() as connection:
                 return function(connection, *args)
 
-        return await asyncio.to_thread(run)
+        return await _in_thread(run)
 
     async def _write(self, function: Callable[..., _T], *args: Any) -> _T:
-        @_translated
         def run() -> _T:
             connection = self._writer_connection()
             with FileLock(self._root / _LOCK_FILE, wait=True):
                 return function(connection, *args)
 
         async with self._write_lock:
-            return await asyncio.to_thread(run)
+            return await _in_thread(run)
 
     # --- adding ------------------------------------------------------------------
 
@@ -201,30 +207,55 @@ class SqliteArchive:
         received: float | None,
         origin: str | None,
     ) -> list[Added]:
+        """One write transaction for all of ``messages``, pipelined: the next part is
+        hashed, cut and extracted (Python work) while this one's objects and rows are
+        written (file and SQLite work, which let go of the GIL)."""
+        if not messages:
+            return []
         out: list[Added] = []
-        start = 0
-        while start < len(messages):
-            # Hashing, cutting and extracting run outside the write lock.
-            prepared = await asyncio.to_thread(_translated(_prepare_batch), messages, start)
-            try:
-                moment = time.time() if received is None else received
-                out.extend(
-                    await self._write(
-                        store_messages,
-                        self._objects,
-                        user,
-                        prepared,
-                        source,
-                        folder,
-                        moment,
-                        origin,
-                    )
-                )
-            finally:
-                for item in prepared:
-                    item.close()
-            start += len(prepared)
+        moment = time.time() if received is None else received
+        pending: asyncio.Task[list[Prepared]] | None = asyncio.create_task(
+            _in_thread(_prepare_batch, messages, 0)
+        )
+        try:
+            async with self._write_lock:
+                connection, lock = await _in_thread(self._begin)
+                try:
+                    start = 0
+                    while pending is not None:
+                        prepared = await pending
+                        start += len(prepared)
+                        pending = None
+                        if start < len(messages):
+                            pending = asyncio.create_task(
+                                _in_thread(_prepare_batch, messages, start)
+                            )
+                        store = (connection, self._objects, user, prepared, source, folder)
+                        out.extend(await _in_thread(_store_and_close, *store, moment, origin))
+                    await _in_thread(connection.execute, "COMMIT")
+                except BaseException:
+                    with contextlib.suppress(ArchiveError):
+                        await _in_thread(connection.execute, "ROLLBACK")
+                    raise
+                finally:
+                    lock.close()
+        finally:
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    for item in await pending:
+                        item.close()
         return out
+
+    def _begin(self) -> tuple[sqlite3.Connection, FileLock]:
+        """The writer connection in a write transaction, under the cross-process lock."""
+        connection = self._writer_connection()
+        lock = FileLock(self._root / _LOCK_FILE, wait=True)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            lock.close()
+            raise
+        return connection, lock
 
     async def known_origins(self, user: str, origins: Collection[str]) -> set[str]:
         wanted = list(dict.fromkeys(origins))
@@ -257,9 +288,8 @@ class SqliteArchive:
     async def read(self, user: str, entry_id: int) -> AsyncIterator[bytes]:
         pieces = await self._read(_pieces_of, user, entry_id)
         chunks = stored_chunks(pieces, self._objects, self._fetch_inline)
-        next_chunk = _translated(functools.partial(next, chunks, b""))
         try:
-            while chunk := await asyncio.to_thread(next_chunk):
+            while chunk := await _in_thread(next, chunks, b""):
                 yield chunk
         finally:
             chunks.close()
@@ -289,7 +319,13 @@ class SqliteArchive:
         return await self._write(_expire, self._objects, user, cutoff)
 
     async def reindex(self, user: str | None = None) -> int:
-        count = await self._write(reindex_entries, self._objects, user)
+        ids = await self._read(entries_to_reindex, user)
+        if user is None:
+            await self._write(drop_stray_text)
+        count = 0
+        for start in range(0, len(ids), REINDEX_BATCH):
+            batch = ids[start : start + REINDEX_BATCH]
+            count += await self._write(reindex_entries, self._objects, batch)
         await self._write(collect_garbage, self._objects)
         return count
 
@@ -303,6 +339,38 @@ class SqliteArchive:
                 writer.close()
         for reader in readers:
             reader.close()
+
+
+async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
+    """``function`` in a worker thread, its errors translated; a cancelled caller
+    still waits for the thread to finish, so no lock is let go and no connection
+    used by two threads while it runs."""
+    future = asyncio.ensure_future(asyncio.to_thread(_translated(function), *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
+
+
+def _store_and_close(
+    connection: sqlite3.Connection,
+    objects: ObjectStore,
+    user: str,
+    prepared: list[Prepared],
+    source: ArchiveSource,
+    folder: str,
+    received: float,
+    origin: str | None,
+) -> list[Added]:
+    """store_prepared, then let go of the prepared messages (mapped files) whatever
+    happened."""
+    try:
+        return store_prepared(connection, objects, user, prepared, source, folder, received, origin)
+    finally:
+        for item in prepared:
+            item.close()
 
 
 def _prepare_batch(messages: Sequence[bytes | Path], start: int) -> list[Prepared]:

@@ -29,7 +29,7 @@ __all__ = [
     "remove_entries",
     "search_rows",
     "snippets",
-    "store_messages",
+    "store_prepared",
     "stored_chunks",
     "text_row",
 ]
@@ -138,7 +138,7 @@ def _write_pieces(
     return new
 
 
-def store_messages(
+def store_prepared(
     connection: sqlite3.Connection,
     objects: ObjectStore,
     user: str,
@@ -148,7 +148,9 @@ def store_messages(
     received: float,
     origin: str | None,
 ) -> list[Added]:
-    """Keep ``prepared`` for ``user`` in one transaction, new pieces durable first."""
+    """Keep ``prepared`` for ``user``, inside the caller's write transaction: new
+    pieces are made durable (object files fsynced) before the rows naming them are
+    written, so they are durable before those rows can commit."""
     user_id = lookup_user(connection, user)
     digests = list(dict.fromkeys(bytes.fromhex(item.digest) for item in prepared))
     kept: dict[bytes, Entry] = {}
@@ -174,34 +176,26 @@ def store_messages(
     ]
     new_pieces = _write_pieces(connection, objects, fresh)
     out: list[Added] = []
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        if user_id is None:
-            cursor = connection.execute("INSERT INTO users (name) VALUES (?)", (user,))
-            user_id = int(cursor.lastrowid or 0)
-        for item in prepared:
-            digest = bytes.fromhex(item.digest)
-            if digest in kept:
-                out.append(Added(kept[digest], new=False))
-                continue
-            if digest in stored:
-                connection.execute(
-                    "UPDATE messages SET refs = refs + 1 WHERE digest = ?", (digest,)
-                )
-            else:
-                _insert_message(connection, item, new_pieces)
-                stored.add(digest)
-            entry = _insert_entry(connection, user, user_id, item, source, folder, received)
-            kept[digest] = entry
-            out.append(Added(entry, new=True))
-        if origin is not None:
-            connection.execute(
-                "INSERT OR IGNORE INTO origins (user_id, origin) VALUES (?, ?)", (user_id, origin)
-            )
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+    if user_id is None:
+        cursor = connection.execute("INSERT INTO users (name) VALUES (?)", (user,))
+        user_id = int(cursor.lastrowid or 0)
+    for item in prepared:
+        digest = bytes.fromhex(item.digest)
+        if digest in kept:
+            out.append(Added(kept[digest], new=False))
+            continue
+        if digest in stored:
+            connection.execute("UPDATE messages SET refs = refs + 1 WHERE digest = ?", (digest,))
+        else:
+            _insert_message(connection, item, new_pieces)
+            stored.add(digest)
+        entry = _insert_entry(connection, user, user_id, item, source, folder, received)
+        kept[digest] = entry
+        out.append(Added(entry, new=True))
+    if origin is not None:
+        connection.execute(
+            "INSERT OR IGNORE INTO origins (user_id, origin) VALUES (?, ?)", (user_id, origin)
+        )
     return out
 
 
@@ -272,9 +266,11 @@ def remove_entries(connection: sqlite3.Connection, ids: list[int]) -> list[str]:
     connection.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in ids])
     freed: list[str] = []
     for digest, count in digests.items():
+        # Plain UPDATE then SELECT: RETURNING on these WITHOUT ROWID tables gave
+        # wrong values for expressions in SQLite 3.40.
+        connection.execute("UPDATE messages SET refs = refs - ? WHERE digest = ?", (count, digest))
         row = connection.execute(
-            "UPDATE messages SET refs = refs - ? WHERE digest = ? RETURNING refs, pieces",
-            (count, digest),
+            "SELECT refs, pieces FROM messages WHERE digest = ?", (digest,)
         ).fetchone()
         if row is None or row[0] > 0:
             continue
@@ -282,9 +278,9 @@ def remove_entries(connection: sqlite3.Connection, ids: list[int]) -> list[str]:
         pieces = bytes(row[1])
         for start in range(0, len(pieces), 32):
             key = pieces[start : start + 32]
+            connection.execute("UPDATE objects SET refs = refs - 1 WHERE digest = ?", (key,))
             left = connection.execute(
-                "UPDATE objects SET refs = refs - 1 WHERE digest = ? RETURNING refs, data IS NULL",
-                (key,),
+                "SELECT refs, data IS NULL FROM objects WHERE digest = ?", (key,)
             ).fetchone()
             if left is not None and left[0] <= 0:
                 connection.execute("DELETE FROM objects WHERE digest = ?", (key,))
@@ -337,9 +333,11 @@ def search_rows(
     where = f"{condition} AND {compiled.where}"
     params.extend(compiled.params)
     if after_id is not None:
+        # On the FTS5 rowid when there is a match: FTS5 then starts past it itself.
+        key = "text.rowid" if compiled.match is not None else "e.id"
         rows = connection.execute(
             f"SELECT {ENTRY_COLUMNS} FROM {source} JOIN users u ON u.id = e.user_id "  # noqa: S608
-            f"WHERE {where} AND e.id > ? ORDER BY e.id LIMIT ?",
+            f"WHERE {where} AND {key} > ? ORDER BY {key} LIMIT ?",
             (*params, after_id, limit),
         )
         return -1, [entry_from_row(row) for row in rows]

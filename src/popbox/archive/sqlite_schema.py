@@ -79,8 +79,8 @@ CREATE TABLE IF NOT EXISTS entries (
     UNIQUE (user_id, digest)
 );
 CREATE INDEX IF NOT EXISTS entries_by_time ON entries (user_id, sort_time DESC, id DESC);
+CREATE INDEX IF NOT EXISTS entries_by_user ON entries (user_id, id);
 CREATE INDEX IF NOT EXISTS entries_by_received ON entries (user_id, received);
-CREATE INDEX IF NOT EXISTS entries_by_digest ON entries (digest);
 CREATE TABLE IF NOT EXISTS origins (
     user_id INTEGER NOT NULL,
     origin TEXT NOT NULL,
