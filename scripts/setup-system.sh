@@ -3,14 +3,15 @@
 # clients (curl, fetchmail, mpop, getmail6; gsasl for SASL), Postfix in front of the LMTP listener,
 # Dovecot as the reference server for the collector and the benchmarks, and PostgreSQL
 # and HAProxy for the scale-out backend and the load balancer in front of it, Chromium
-# and its WebDriver for the archive's web page, and notmuch to measure its search against.
+# and its WebDriver for the archive's web page, and notmuch (with its Python bindings for the
+# system python3, which bench.archive queries it through) to measure its search against.
 # Services are never started by the packages: the tests start their own instances
 # on loopback ports with their own configuration.
 set -euo pipefail
 
 PACKAGES=(curl ca-certificates fetchmail mpop getmail6 gsasl postfix dovecot-core dovecot-pop3d dovecot-lmtpd
           postgresql haproxy
-          chromium chromium-driver notmuch
+          chromium chromium-driver notmuch python3-notmuch2
           iproute2 procps)
 
 missing=()
