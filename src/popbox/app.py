@@ -195,6 +195,20 @@ def _hand_over(config: Config, uid: int, gid: int) -> None:
                 with os.scandir(user.path) as parts:
                     for part in parts:
                         hand(part.path)
+    # The embedded archive: its directory, index (with SQLite's side files) and the
+    # directories of its objects; the objects themselves are not walked, as message
+    # files are not (imports, like deliveries, run as the server's user).
+    archive = config.archive_path()
+    hand(archive)
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "write.lock"):
+        hand(archive / name)
+    hand(archive / "objects")
+    with (
+        contextlib.suppress(FileNotFoundError, NotADirectoryError),
+        os.scandir(archive / "objects") as buckets,
+    ):
+        for bucket in buckets:
+            hand(bucket.path)
     # The side file of app passwords and APOP secrets is handed over as the passwd
     # file is: readable by the server, writable by root alone.
     for passwd in (config.auth.passwd_file, config.auth.credentials_path()):
@@ -278,6 +292,7 @@ def serve(config: Config) -> None:
     # and every worker must show an unknown name the same salt.
     importlib.import_module("popbox.auth.scram")
     listeners = bind_listeners(config)
+    _import_before_drop(config)
     drop_privileges(config)
     log.info(
         "popbox serving POP3 on %s, POP3S on %s, LMTP on %s (%d worker%s)",
@@ -367,12 +382,24 @@ async def _stop_signals() -> AsyncIterator[asyncio.Event]:
             loop.remove_signal_handler(signum)
 
 
+def _import_before_drop(config: Config) -> None:
+    """Import what the server loads lazily while it can still read everything: after
+    dropping to ``user``, a Python installed under root's home cannot be read."""
+    modules = ["popbox.archive.postgresql" if config.archive_backend() == "postgresql"
+               else "popbox.archive.sqlite"]
+    if config.web.enabled:
+        modules += ["popbox.web.app", "popbox.web.collector_view", "popbox.cli_support"]
+    for module in modules:
+        importlib.import_module(module)
+
+
 def serve_web_alone(config: Config) -> None:
     """``popbox web``: the web page on its own, on ``web.listen``, until SIGTERM or
     SIGINT (bound before privileges drop, like the mail listeners)."""
     from popbox.web.app import bind_web
 
     sock = bind_web(config)
+    _import_before_drop(config)
     drop_privileges(config)
     run_loop(_web_until_stopped(config, sock))
 

@@ -53,7 +53,7 @@ def test_root_started_server_runs_as_the_configured_user_after_binding(
     port = _port_or_free(110)
     server = make_server(
         shared_tmp / "data",
-        extra=f'user = "{RUN_AS}"\ngroup = "{RUN_AS_GROUP}"\n',
+        extra=f'user = "{RUN_AS}"\ngroup = "{RUN_AS_GROUP}"\n[archive]\nkeep = ["delivered"]\n',
         pop3_port=port,
     )
     # As `popbox user add` run by root leaves it: root's, private.
@@ -91,6 +91,10 @@ def test_root_started_server_runs_as_the_configured_user_after_binding(
         again = server.pop3("alice")
         assert again.stat() == (0, 0)
         again.quit()
+        # The archive kept the delivery, written as the server's user.
+        archive = server.directory / "archive"
+        assert (archive / "index.sqlite").stat().st_uid == uid
+        assert stat.S_IMODE(archive.stat().st_mode) & 0o077 == 0
 
         key = server.directory / "tls" / "key.pem"
         assert key.stat().st_uid == 0

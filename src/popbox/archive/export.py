@@ -14,8 +14,8 @@ no state file is never written into (``ArchiveError``), nor is an output whose s
 file is another export's.
 
 - **mbox** (mboxrd, popbox.archive.mboxrd): each message after a ``From `` line with
-  the Return-Path address (else MAILER-DAEMON) and the time it came into the archive;
-  resuming cuts the file back.
+  the Return-Path address (else the From address, else MAILER-DAEMON) and the time
+  it came into the archive; resuming cuts the file back.
 - **maildir**: ``cur/`` files named ``<received>.M<id>Q<digest>.<host>:2,S`` (seen),
   written to ``tmp/`` and renamed; the name depends only on the entry, so a message
   written again after a resume replaces itself. The files are fsynced at each
@@ -38,6 +38,7 @@ import enum
 import fcntl
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -283,6 +284,17 @@ def _durable_length(fp: BinaryIO) -> int:
     return fp.tell()
 
 
+# An address inside a From header's decoded text: "Name <a@b>" or a bare a@b.
+_ADDRESS: Final = re.compile(r"[^\s<>\"]+@[^\s<>\"]+")
+
+
+def author_address(sender: str) -> str:
+    """The address in a decoded From header ("" if none), for the From line of a
+    message that carries no Return-Path: what mutt and formail write there."""
+    found = _ADDRESS.search(sender)
+    return found.group(0) if found else ""
+
+
 async def mbox_message(entry: Entry, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """One message as an mbox holds it: the From line, the message quoted (mboxrd),
     the empty line after it; from the message's chunks as ``Archive.read`` gives them."""
@@ -296,7 +308,7 @@ async def mbox_message(entry: Entry, chunks: AsyncIterator[bytes]) -> AsyncItera
         head += chunk[: HEADER_SCAN - len(head)]
         if len(head) >= HEADER_SCAN or b"\n\n" in head or b"\r\n\r\n" in head:
             break
-    yield from_line(envelope_sender(head), entry.received)
+    yield from_line(envelope_sender(head) or author_address(entry.sender), entry.received)
     quoter = MboxrdQuoter()
     last = b"\n"
     for chunk in held:
