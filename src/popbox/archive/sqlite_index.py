@@ -42,6 +42,9 @@ INLINE_BELOW: Final = 64 * 1024
 SNIPPET_WORDS: Final = 24
 # How many values one "IN (...)" lists (SQLite's limit is far higher; a plan stays small).
 IN_CHUNK: Final = 500
+# From this many matches a page walks the user's entries newest first, keeping the
+# matches (about limit * entries / matches steps), rather than sorting every match.
+TIME_WALK_FROM: Final = 500
 # Snippet markers: control characters extract never lets into indexed text.
 _OPEN: Final = "\x02"
 _CLOSE: Final = "\x03"
@@ -341,13 +344,32 @@ def search_rows(
             (*params, after_id, limit),
         )
         return -1, [entry_from_row(row) for row in rows]
-    total = connection.execute(f"SELECT count(*) FROM {source} WHERE {where}", params).fetchone()[0]  # noqa: S608
-    rows = connection.execute(
-        f"SELECT {ENTRY_COLUMNS} FROM {source} JOIN users u ON u.id = e.user_id "  # noqa: S608
-        f"WHERE {where} ORDER BY e.sort_time DESC, e.id DESC LIMIT ? OFFSET ?",
-        (*params, limit, offset),
-    )
-    return int(total), [entry_from_row(row) for row in rows]
+    if compiled.match is not None and compiled.where == "1":
+        # Every row under the owner token is the user's: FTS5 counts its own doclists
+        # without looking up each match's entry.
+        count_sql = "SELECT count(*) FROM text WHERE text MATCH ?"
+        count_params: list[object] = [compiled.match]
+    else:
+        count_sql = f"SELECT count(*) FROM {source} WHERE {where}"  # noqa: S608
+        count_params = params
+    total = int(connection.execute(count_sql, count_params).fetchone()[0])
+    if compiled.match is not None and total >= TIME_WALK_FROM:
+        # Many matches: walk the user's entries newest first and keep those among the
+        # matches' rowids, rather than look up and sort every match to keep 50.
+        rows = connection.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries e INDEXED BY entries_by_time "  # noqa: S608
+            "JOIN users u ON u.id = e.user_id WHERE e.user_id = ? AND "
+            f"e.id IN (SELECT rowid FROM text WHERE text MATCH ?) AND {compiled.where} "
+            "ORDER BY e.sort_time DESC, e.id DESC LIMIT ? OFFSET ?",
+            (user_id, compiled.match, *compiled.params, limit, offset),
+        )
+    else:
+        rows = connection.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM {source} JOIN users u ON u.id = e.user_id "  # noqa: S608
+            f"WHERE {where} ORDER BY e.sort_time DESC, e.id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+    return total, [entry_from_row(row) for row in rows]
 
 
 def _parts(marked: str) -> Snippet:

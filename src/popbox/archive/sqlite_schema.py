@@ -81,6 +81,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_by_time ON entries (user_id, sort_time DESC, id DESC);
 CREATE INDEX IF NOT EXISTS entries_by_user ON entries (user_id, id);
 CREATE INDEX IF NOT EXISTS entries_by_received ON entries (user_id, received);
+CREATE INDEX IF NOT EXISTS entries_with_attachment ON entries (user_id, sort_time DESC, id DESC)
+    WHERE has_attachment = 1;
 CREATE TABLE IF NOT EXISTS origins (
     user_id INTEGER NOT NULL,
     origin TEXT NOT NULL,
