@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Final
 
-from popbox.archive.base import Added, ArchiveSource, Entry, Query, Snippet
+from popbox.archive.base import Added, ArchiveSource, Entry, Query
 from popbox.archive.extract import Extracted
-from popbox.archive.fts import compile_query, highlight_match, owner_token
+from popbox.archive.fts import compile_query, owner_token
 from popbox.archive.ingest import Prepared
 from popbox.archive.objects import ObjectStore, compress, decompress
 from popbox.archive.sqlite_schema import ENTRY_COLUMNS, entry_from_row
@@ -22,13 +22,11 @@ from popbox.errors import ArchiveError
 
 __all__ = [
     "INLINE_BELOW",
-    "SNIPPET_WORDS",
     "find_entry",
     "lookup_user",
     "message_pieces",
     "remove_entries",
     "search_rows",
-    "snippets",
     "store_prepared",
     "stored_chunks",
     "text_row",
@@ -38,21 +36,11 @@ __all__ = [
 # SQLite reads and writes small blobs faster than the file system creates files, and
 # they commit with the entry, no fsync of their own.
 INLINE_BELOW: Final = 64 * 1024
-# Words of text a snippet shows around what matched (Gmail shows about this many).
-SNIPPET_WORDS: Final = 24
 # How many values one "IN (...)" lists (SQLite's limit is far higher; a plan stays small).
 IN_CHUNK: Final = 500
 # From this many matches a page walks the user's entries newest first, keeping the
 # matches (about limit * entries / matches steps), rather than sorting every match.
 TIME_WALK_FROM: Final = 500
-# Snippet markers: control characters extract never lets into indexed text.
-_OPEN: Final = "\x02"
-_CLOSE: Final = "\x03"
-_ELLIPSIS: Final = "\u2026"
-# The FTS5 columns a snippet is taken from, in order of preference.
-_SNIPPET_COLUMNS: Final = (4, 3, 1, 2, 5)
-# Characters of body text shown for a hit found without text (a date, a size).
-_PREVIEW_CHARS: Final = 160
 
 
 def lookup_user(connection: sqlite3.Connection, name: str) -> int | None:
@@ -370,52 +358,3 @@ def search_rows(
             (*params, limit, offset),
         )
     return total, [entry_from_row(row) for row in rows]
-
-
-def _parts(marked: str) -> Snippet:
-    """FTS5's snippet text with our markers as (text, matched) parts."""
-    parts: list[tuple[str, bool]] = []
-    for chunk in marked.split(_OPEN):
-        matched, close, rest = chunk.partition(_CLOSE)
-        if close:
-            if matched:
-                parts.append((matched, True))
-            if rest:
-                parts.append((rest, False))
-        elif chunk:
-            parts.append((chunk, False))
-    return Snippet(tuple(parts))
-
-
-def snippets(
-    connection: sqlite3.Connection, user_id: int, query: Query, ids: list[int]
-) -> dict[int, Snippet]:
-    """A snippet for each of ``ids``: the text around what the query looks for, or
-    the start of the body for a hit that matched without text."""
-    out = {entry_id: Snippet() for entry_id in ids}
-    if not ids:
-        return out
-    match = highlight_match(query, user_id)
-    if match is not None:
-        columns = ", ".join(
-            f"snippet(text, {column}, '{_OPEN}', '{_CLOSE}', '{_ELLIPSIS}', {SNIPPET_WORDS})"
-            for column in _SNIPPET_COLUMNS
-        )
-        for row in _in_chunks(
-            connection,
-            f"SELECT rowid, {columns} FROM text WHERE text MATCH ? AND rowid IN ({{marks}})",  # noqa: S608
-            ids,
-            match,
-        ):
-            marked = next((text for text in row[1:] if _OPEN in text), row[1])
-            out[row[0]] = _parts(marked)
-    rest = [entry_id for entry_id in ids if not out[entry_id].parts]
-    for entry_id, body in _in_chunks(
-        connection, "SELECT rowid, substr(body, 1, ?) FROM text WHERE rowid IN ({marks})",
-        rest, _PREVIEW_CHARS,
-    ):  # fmt: skip
-        if body:
-            out[entry_id] = Snippet(
-                ((body + (_ELLIPSIS if len(body) >= _PREVIEW_CHARS else ""), False),)
-            )
-    return out
