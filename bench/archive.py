@@ -255,7 +255,9 @@ class Bench:
         users = ", ".join(f"{user} {count:,}" for user, count in c.per_user.items())
         samples = self.reps * self.runs
         text = "\n".join([
-            f"_`{command}`: {self.index_reps} indexing run(s) per side and {self.reps} "
+            f"_`{command}`: {self.index_reps} indexing run(s) "
+            f"{'of popbox (notmuch: reused)' if self.reuse_notmuch else 'per side'} and "
+            f"{self.reps} "
             f"rounds of {self.runs} runs per query per side ({samples} samples), sides "
             f"alternating; {time.strftime('%Y-%m-%d %H:%M')} UTC, {wall / 60:.0f} minutes "
             "in all._",
