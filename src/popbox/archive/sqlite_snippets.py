@@ -94,8 +94,7 @@ def _terms(query: Query) -> Iterator[Term]:
 
 
 def column_patterns(query: Query) -> dict[str, tuple[re.Pattern[str], ...]]:
-    """For each column a term of ``query`` looks in, an expression per term's words
-    (one each rather than one alternation: each then opens with its literal)."""
+    """For each column a term of ``query`` looks in, the expressions for its words."""
     found: dict[str, list[str]] = {}
     for term in _terms(query):
         if term.phrase:
@@ -109,10 +108,17 @@ def column_patterns(query: Query) -> dict[str, tuple[re.Pattern[str], ...]]:
         for words, prefix in chunks:
             for column in columns:
                 found.setdefault(column, []).append(_pattern(words, prefix))
+    # Several terms as one alternation: one pass finds whichever comes first, where
+    # one expression each would search a long text to its end for a term it lacks.
+    # One term stays bare: an expression that opens with its literal is searched fast.
     return {
-        column: tuple(re.compile(pattern, re.IGNORECASE) for pattern in dict.fromkeys(patterns))
+        column: (re.compile(_alternation(list(dict.fromkeys(patterns))), re.IGNORECASE),)
         for column, patterns in found.items()
     }
+
+
+def _alternation(patterns: list[str]) -> str:
+    return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
 
 
 def _matches(
