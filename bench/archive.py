@@ -3,6 +3,7 @@
     nice -n 0 .venv/bin/python -m bench.archive                 # 100,000 messages
     .venv/bin/python -m bench.archive --quick                   # 2,000, a minute or two
     .venv/bin/python -m bench.archive --messages 20000 --reps 3 --no-doc
+    nice -n 0 .venv/bin/python -m bench.archive --reuse-notmuch  # notmuch's databases kept
 
 bench.corpus writes the Maildirs (reused by later runs of the same size). notmuch gets a
 private configuration and one database per user (``notmuch new``); popbox gets one
@@ -99,8 +100,11 @@ class Samples:
 
 class Bench:
     def __init__(self, work: Path, messages: int, reps: int, index_reps: int,
-                 runs: int) -> None:
+                 runs: int, reuse_notmuch: bool = False) -> None:
         self.work = work
+        self.reuse_notmuch = reuse_notmuch
+        # With reuse_notmuch: where notmuch's indexing figures come from, if anywhere.
+        self.notmuch_index_from: str | None = None
         self.reps, self.index_reps, self.runs = reps, index_reps, runs
         self.started = time.time()
         self.busy_before = _machine_busy()
@@ -116,6 +120,8 @@ class Bench:
         for rep in range(self.index_reps):
             order = self.sides if rep % 2 == 0 else self.sides[::-1]
             for side in order:
+                if self.reuse_notmuch and isinstance(side, NotmuchSide):
+                    continue
                 print(f"index {rep + 1}/{self.index_reps}: {side.name}", flush=True)
                 done = side.index()
                 self.samples.index.setdefault(side.name, []).append(done)
@@ -210,6 +216,35 @@ class Bench:
                 f"{_count(apb)} / {_count(anm)} | {shared} |")
         return lines, met, compared, mismatches
 
+    def reuse_notmuch_index(self, results: Path) -> None:
+        """notmuch's databases are kept from an earlier run: its indexing figures are
+        that run's, from the newest results.json under ``results`` with as many
+        messages (none if there is none)."""
+        if not self.reuse_notmuch:
+            return
+        for raw in sorted(results.glob("archive-*/results.json"), reverse=True):
+            data = json.loads(raw.read_text())
+            runs = data.get("index", {}).get("notmuch", [])
+            if data.get("corpus", {}).get("messages") == self.corpus.messages and runs:
+                self.samples.index["notmuch"] = [Indexed(**run) for run in runs]
+                self.notmuch_index_from = raw.parent.name
+                return
+
+    def _index_note(self) -> str:
+        if not self.reuse_notmuch:
+            return ("- indexing: notmuch is `notmuch new` into an empty database per user, "
+                    "CPU of the `notmuch` processes; popbox is `SqliteArchive.add_batch` of "
+                    "500 files at a time into an empty archive, CPU of the bench process "
+                    "(the archive's threads included). The best run per side; files in the "
+                    "page cache.")
+        earlier = (f"its indexing figures are those of the earlier run {self.notmuch_index_from}"
+                   if self.notmuch_index_from else "its indexing was not measured in this run")
+        return ("- indexing: **notmuch's databases were reused (`--reuse-notmuch`), not "
+                f"rebuilt**: {earlier}; its queries were measured in this run. popbox is "
+                "`SqliteArchive.add_batch` of 500 files at a time into an empty archive, "
+                "CPU of the bench process (the archive's threads included), files in the "
+                "page cache.")
+
     def write(self, command: str, results: Path) -> str:
         c = self.corpus
         busy = _machine_busy() - self.busy_before
@@ -220,7 +255,9 @@ class Bench:
         users = ", ".join(f"{user} {count:,}" for user, count in c.per_user.items())
         samples = self.reps * self.runs
         text = "\n".join([
-            f"_`{command}`: {self.index_reps} indexing run(s) per side and {self.reps} "
+            f"_`{command}`: {self.index_reps} indexing run(s) "
+            f"{'of popbox (notmuch: reused)' if self.reuse_notmuch else 'per side'} and "
+            f"{self.reps} "
             f"rounds of {self.runs} runs per query per side ({samples} samples), sides "
             f"alternating; {time.strftime('%Y-%m-%d %H:%M')} UTC, {wall / 60:.0f} minutes "
             "in all._",
@@ -232,10 +269,7 @@ class Bench:
             f"- the machine was {'not quiet' if others > 0.1 else 'quiet'}: other processes "
             f"used {others:.0%} of its CPU time during the run (system busy time less "
             "this run's own process tree).",
-            "- indexing: notmuch is `notmuch new` into an empty database per user, CPU of "
-            "the `notmuch` processes; popbox is `SqliteArchive.add_batch` of "
-            "500 files at a time into an empty archive, CPU of the bench process (the "
-            "archive's threads included). The best run per side; files in the page cache.",
+            self._index_note(),
             "- queries: in-process, warm; notmuch is `count_messages` plus the newest 50 "
             "with From and Subject through the notmuch2 bindings, popbox is "
             "`parse_query` plus `Archive.search(user, query, limit=50)` (entries and "
@@ -363,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="indexing runs per side (each from nothing)")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--reuse-notmuch", action="store_true",
+                        help="keep the notmuch databases under --work from an earlier run "
+                        "(its queries are measured again, its indexing is not)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="where the run's directory goes (report.md, results.json)")
     args = parser.parse_args(argv)
@@ -370,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(f"/var/tmp/popbox-archive-{messages}")
     work.mkdir(parents=True, exist_ok=True)
     runs = QUICK_RUNS_PER_ROUND if args.quick else RUNS_PER_ROUND
-    bench = Bench(work, messages, args.reps, args.index_reps, runs)
+    if args.reuse_notmuch and not (work / "notmuch").is_dir():
+        parser.error(f"--reuse-notmuch: no notmuch databases under {work}")
+    bench = Bench(work, messages, args.reps, args.index_reps, runs, args.reuse_notmuch)
+    bench.reuse_notmuch_index(args.results)
     bench.run()
     shown = ["python -m bench.archive"]
     if args.quick:
@@ -381,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         shown.append(f"--reps {args.reps}")
     if args.index_reps != 1:
         shown.append(f"--index-reps {args.index_reps}")
+    if args.reuse_notmuch:
+        shown.append("--reuse-notmuch")
     text = bench.write(" ".join(shown), args.results)
     print(text)
     if not args.no_doc:

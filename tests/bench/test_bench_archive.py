@@ -121,3 +121,17 @@ def test_a_tiny_run_reports_every_figure(tmp_path: Path) -> None:
         assert "| - |" not in line, line
     assert "Query target" in report
     assert "the machine was" in report
+    # Again on the same notmuch databases: notmuch's queries are measured again, its
+    # indexing figures are the first run's, and the report says so.
+    again = subprocess.run(
+        [sys.executable, "-m", "bench.archive", "--quick", "--messages", "300", "--reps",
+         "1", "--no-doc", "--reuse-notmuch", "--work", str(tmp_path / "work"),
+         "--results", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (second,) = (path for path in results.iterdir() if path != out)
+    reused = json.loads((second / "results.json").read_text())
+    assert reused["index"]["notmuch"] == raw["index"]["notmuch"]
+    assert reused["index"]["popbox"] != raw["index"]["popbox"]
+    assert len(reused["latency"]["common"]["notmuch"]) == archive.QUICK_RUNS_PER_ROUND
+    assert f"earlier run {out.name}" in (second / "report.md").read_text()

@@ -54,11 +54,11 @@ from popbox.archive.sqlite_index import (
     message_pieces,
     remove_entries,
     search_rows,
-    snippets,
     store_prepared,
     stored_chunks,
 )
 from popbox.archive.sqlite_schema import connect, entry_from_row, initialise
+from popbox.archive.sqlite_snippets import snippets
 from popbox.archive.sqlite_upkeep import (
     REINDEX_BATCH,
     collect_garbage,

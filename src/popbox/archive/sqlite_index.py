@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Final
 
-from popbox.archive.base import Added, ArchiveSource, Entry, Query, Snippet
+from popbox.archive.base import Added, ArchiveSource, Entry, Query
 from popbox.archive.extract import Extracted
-from popbox.archive.fts import compile_query, highlight_match, owner_token
+from popbox.archive.fts import compile_query, owner_token
 from popbox.archive.ingest import Prepared
 from popbox.archive.objects import ObjectStore, compress, decompress
 from popbox.archive.sqlite_schema import ENTRY_COLUMNS, entry_from_row
@@ -22,13 +22,11 @@ from popbox.errors import ArchiveError
 
 __all__ = [
     "INLINE_BELOW",
-    "SNIPPET_WORDS",
     "find_entry",
     "lookup_user",
     "message_pieces",
     "remove_entries",
     "search_rows",
-    "snippets",
     "store_prepared",
     "stored_chunks",
     "text_row",
@@ -38,18 +36,11 @@ __all__ = [
 # SQLite reads and writes small blobs faster than the file system creates files, and
 # they commit with the entry, no fsync of their own.
 INLINE_BELOW: Final = 64 * 1024
-# Words of text a snippet shows around what matched (Gmail shows about this many).
-SNIPPET_WORDS: Final = 24
 # How many values one "IN (...)" lists (SQLite's limit is far higher; a plan stays small).
 IN_CHUNK: Final = 500
-# Snippet markers: control characters extract never lets into indexed text.
-_OPEN: Final = "\x02"
-_CLOSE: Final = "\x03"
-_ELLIPSIS: Final = "\u2026"
-# The FTS5 columns a snippet is taken from, in order of preference.
-_SNIPPET_COLUMNS: Final = (4, 3, 1, 2, 5)
-# Characters of body text shown for a hit found without text (a date, a size).
-_PREVIEW_CHARS: Final = 160
+# From this many matches a page walks the user's entries newest first, keeping the
+# matches (about limit * entries / matches steps), rather than sorting every match.
+TIME_WALK_FROM: Final = 500
 
 
 def lookup_user(connection: sqlite3.Connection, name: str) -> int | None:
@@ -341,59 +332,29 @@ def search_rows(
             (*params, after_id, limit),
         )
         return -1, [entry_from_row(row) for row in rows]
-    total = connection.execute(f"SELECT count(*) FROM {source} WHERE {where}", params).fetchone()[0]  # noqa: S608
-    rows = connection.execute(
-        f"SELECT {ENTRY_COLUMNS} FROM {source} JOIN users u ON u.id = e.user_id "  # noqa: S608
-        f"WHERE {where} ORDER BY e.sort_time DESC, e.id DESC LIMIT ? OFFSET ?",
-        (*params, limit, offset),
-    )
-    return int(total), [entry_from_row(row) for row in rows]
-
-
-def _parts(marked: str) -> Snippet:
-    """FTS5's snippet text with our markers as (text, matched) parts."""
-    parts: list[tuple[str, bool]] = []
-    for chunk in marked.split(_OPEN):
-        matched, close, rest = chunk.partition(_CLOSE)
-        if close:
-            if matched:
-                parts.append((matched, True))
-            if rest:
-                parts.append((rest, False))
-        elif chunk:
-            parts.append((chunk, False))
-    return Snippet(tuple(parts))
-
-
-def snippets(
-    connection: sqlite3.Connection, user_id: int, query: Query, ids: list[int]
-) -> dict[int, Snippet]:
-    """A snippet for each of ``ids``: the text around what the query looks for, or
-    the start of the body for a hit that matched without text."""
-    out = {entry_id: Snippet() for entry_id in ids}
-    if not ids:
-        return out
-    match = highlight_match(query, user_id)
-    if match is not None:
-        columns = ", ".join(
-            f"snippet(text, {column}, '{_OPEN}', '{_CLOSE}', '{_ELLIPSIS}', {SNIPPET_WORDS})"
-            for column in _SNIPPET_COLUMNS
+    if compiled.match is not None and compiled.where == "1":
+        # Every row under the owner token is the user's: FTS5 counts its own doclists
+        # without looking up each match's entry.
+        count_sql = "SELECT count(*) FROM text WHERE text MATCH ?"
+        count_params: list[object] = [compiled.match]
+    else:
+        count_sql = f"SELECT count(*) FROM {source} WHERE {where}"  # noqa: S608
+        count_params = params
+    total = int(connection.execute(count_sql, count_params).fetchone()[0])
+    if compiled.match is not None and total >= TIME_WALK_FROM:
+        # Many matches: walk the user's entries newest first and keep those among the
+        # matches' rowids, rather than look up and sort every match to keep 50.
+        rows = connection.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries e INDEXED BY entries_by_time "  # noqa: S608
+            "JOIN users u ON u.id = e.user_id WHERE e.user_id = ? AND "
+            f"e.id IN (SELECT rowid FROM text WHERE text MATCH ?) AND {compiled.where} "
+            "ORDER BY e.sort_time DESC, e.id DESC LIMIT ? OFFSET ?",
+            (user_id, compiled.match, *compiled.params, limit, offset),
         )
-        for row in _in_chunks(
-            connection,
-            f"SELECT rowid, {columns} FROM text WHERE text MATCH ? AND rowid IN ({{marks}})",  # noqa: S608
-            ids,
-            match,
-        ):
-            marked = next((text for text in row[1:] if _OPEN in text), row[1])
-            out[row[0]] = _parts(marked)
-    rest = [entry_id for entry_id in ids if not out[entry_id].parts]
-    for entry_id, body in _in_chunks(
-        connection, "SELECT rowid, substr(body, 1, ?) FROM text WHERE rowid IN ({marks})",
-        rest, _PREVIEW_CHARS,
-    ):  # fmt: skip
-        if body:
-            out[entry_id] = Snippet(
-                ((body + (_ELLIPSIS if len(body) >= _PREVIEW_CHARS else ""), False),)
-            )
-    return out
+    else:
+        rows = connection.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM {source} JOIN users u ON u.id = e.user_id "  # noqa: S608
+            f"WHERE {where} ORDER BY e.sort_time DESC, e.id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+    return total, [entry_from_row(row) for row in rows]

@@ -11,7 +11,10 @@ Tables, and what each is for:
 - ``messages``: each distinct message once, by SHA-256: its size, its pieces in
   order (their digests, 32 octets each, concatenated) and how many entries use it.
 - ``entries``: one user's kept copy of one message (UNIQUE per user and message),
-  with what listings show and what searches filter on.
+  with what listings show and what searches filter on. Its indexes are created
+  ``IF NOT EXISTS`` by every ``initialise``, so an archive made before one was added
+  gains it when next opened (``entries_with_attachment``, a partial index that
+  answers has:attachment without walking the user's other entries).
 - ``origins``: where a user's messages were taken from (``known_origins``).
 - ``text``: the FTS5 index, rowid = entry id, with the owner token in ``owner``.
 """
@@ -81,6 +84,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_by_time ON entries (user_id, sort_time DESC, id DESC);
 CREATE INDEX IF NOT EXISTS entries_by_user ON entries (user_id, id);
 CREATE INDEX IF NOT EXISTS entries_by_received ON entries (user_id, received);
+CREATE INDEX IF NOT EXISTS entries_with_attachment ON entries (user_id, sort_time DESC, id DESC)
+    WHERE has_attachment = 1;
 CREATE TABLE IF NOT EXISTS origins (
     user_id INTEGER NOT NULL,
     origin TEXT NOT NULL,
