@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from pathlib import Path
@@ -66,9 +67,11 @@ EXPIRE_BATCH: Final = 1000
 # transaction of its own, so a long reindex never holds back other writers).
 REINDEX_BATCH: Final = 100
 # Tries of one transaction that lost a deadlock or a serialisation race to another
-# node (SQLSTATE 40P01, 40001): the other went through, so a second try does.
-RETRIES: Final = 5
-# Seconds before a retry, times the try: the transaction that won is short.
+# node (SQLSTATE 40P01, 40001): the other went through, so a later try does; under a
+# burst of nodes sharing the same attachments a few tries may lose in a row.
+RETRIES: Final = 8
+# Seconds before the first retry, doubled at each, with jitter so that the losers of
+# one race do not meet again in step (2.5 s in all at the most).
 RETRY_PAUSE: Final = 0.01
 _RACES: Final = frozenset({"40P01", "40001"})
 DAY: Final = 86400.0  # seconds, for ``keep_days``
@@ -152,7 +155,7 @@ class PostgresArchive:
                 if tries == RETRIES:
                     raise
                 log.info("archive transaction lost a race (%s); trying again", cause.sqlstate)
-                await asyncio.sleep(RETRY_PAUSE * tries)
+                await asyncio.sleep(RETRY_PAUSE * 2**tries * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
     # -- adding -------------------------------------------------------------------
