@@ -20,8 +20,9 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from popbox.collector.base import LocalDeliveryFactory, Sink
+from popbox.collector.base import LocalDeliveryFactory, LocalDeliveryHandle, Sink
 from popbox.collector.config import AccountSettings, FetchSettings, SinkSettings
+from popbox.errors import ConfigError
 
 __all__ = ["SinkContext", "build_sink"]
 
@@ -49,6 +50,19 @@ class SinkContext:
     account: AccountSettings
     settings: FetchSettings
     local_delivery: LocalDeliveryFactory | None = None
+
+    def local_delivery_for(self, label: str, config: Path | None) -> LocalDeliveryHandle:
+        """The Deliverer of the popbox server whose config file a popbox or archive
+        sink names; ConfigError when it names none, or when no composition root
+        handed a way in (only `popbox fetch` may open a popbox store)."""
+        if config is None:
+            raise ConfigError(f"sink {label}: set `config` to the popbox server config file")
+        if self.local_delivery is None:
+            raise ConfigError(
+                f"sink {label} needs `popbox fetch` "
+                "(it goes through the popbox server's rules)"
+            )
+        return self.local_delivery(config)
 
     @property
     def state_dir(self) -> Path:

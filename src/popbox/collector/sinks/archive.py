@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from popbox.collector.base import FetchedMessage, LocalDelivery
 from popbox.errors import (
-    ConfigError,
     PermanentSinkError,
     PopboxError,
     TemporarySinkError,
@@ -73,16 +72,7 @@ class ArchiveSink:
 
 def create_sink(settings: ArchiveSinkSettings, context: SinkContext) -> ArchiveSink:
     """Build the sink for ``settings`` (called by popbox.collector.sinks.build_sink)."""
-    if settings.config is None:
-        raise ConfigError(
-            f"sink {settings.label}: set `config` to the popbox server config file"
-        )
-    if context.local_delivery is None:
-        raise ConfigError(
-            f"sink {settings.label}: an archive sink needs `popbox fetch` "
-            "(it keeps mail through the popbox server's rules)"
-        )
-    handle = context.local_delivery(settings.config)
+    handle = context.local_delivery_for(settings.label, settings.config)
     return ArchiveSink(
         handle.delivery, settings.user, name=settings.label, on_close=handle.close
     )

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Final
 
 from popbox.collector.base import FetchedMessage, LocalDelivery
 from popbox.errors import (
-    ConfigError,
     MaildropInUse,
     MessageTooBig,
     NoSuchMailbox,
@@ -208,17 +207,7 @@ class PopboxStoreSink:
 
 def create_sink(settings: PopboxSinkSettings, context: SinkContext) -> PopboxStoreSink:
     """Build the sink for ``settings`` (called by popbox.collector.sinks.build_sink)."""
-    if settings.config is None:
-        raise ConfigError(
-            f"sink {settings.label}: set `config` to the popbox server config file"
-        )
-    if context.local_delivery is None:
-        # Only the composition root may open a popbox store (`popbox fetch` does).
-        raise ConfigError(
-            f"sink {settings.label}: a popbox sink needs `popbox fetch` "
-            "(it delivers through the popbox server's rules)"
-        )
-    handle = context.local_delivery(settings.config)
+    handle = context.local_delivery_for(settings.label, settings.config)
     return PopboxStoreSink(
         handle.delivery,
         settings.user,
