@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real: independent POP3
 # clients (curl, fetchmail, mpop, getmail6; gsasl for SASL), Postfix in front of the LMTP listener,
-# Dovecot as the reference server for the collector and the benchmarks, and PostgreSQL
+# Dovecot as the reference server for the collector and the benchmarks (and its IMAP
+# server as the IMAP sink's destination), and PostgreSQL
 # and HAProxy for the scale-out backend and the load balancer in front of it, Chromium
 # and its WebDriver for the archive's web page, and notmuch (with its Python bindings for the
 # system python3, which bench.archive queries it through) to measure its search against.
@@ -9,7 +10,7 @@
 # on loopback ports with their own configuration.
 set -euo pipefail
 
-PACKAGES=(curl ca-certificates fetchmail mpop getmail6 gsasl postfix dovecot-core dovecot-pop3d dovecot-lmtpd
+PACKAGES=(curl ca-certificates fetchmail mpop getmail6 gsasl postfix dovecot-core dovecot-pop3d dovecot-lmtpd dovecot-imapd
           postgresql haproxy
           chromium chromium-driver notmuch python3-notmuch2
           iproute2 procps)

@@ -26,6 +26,7 @@ met them, with ``raise ... from exc`` so the cause stays in the log::
     │   └── TemporaryDeliveryError try again later                      -> 451 4.3.0
     ├── CollectorError            the collector could not finish a step
     │   ├── RemoteServerError     the remote POP3 server said -ERR or misbehaved
+    │   ├── OAuthLoginRequired    a stored OAuth2 login stopped working; sign in again
     │   └── SinkError             a sink refused or failed a message
     │       ├── TemporarySinkError   retry later
     │       └── PermanentSinkError   quarantine the message
@@ -52,6 +53,7 @@ __all__ = [
     "LoginTooSoon",
     "MaildropInUse",
     "MessageTooBig",
+    "OAuthLoginRequired",
     "NoSuchEntry",
     "NoSuchFolder",
     "NoSuchMailbox",
@@ -168,6 +170,12 @@ class RemoteServerError(CollectorError):
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+class OAuthLoginRequired(CollectorError):
+    """A stored OAuth2 login no longer works (revoked, expired after 90 days of disuse
+    or 7 days in a Google app still in testing): only signing in again helps. The
+    message names the command that does it; ``popbox fetch`` exits 3 on it."""
 
 
 class SinkError(CollectorError):

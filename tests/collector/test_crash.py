@@ -8,9 +8,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from support.fetch import (
     account_entry,
     maildir_messages,
     message,
+    run_fetch,
     tls_fields,
     write_fetch_config,
 )
@@ -55,41 +53,6 @@ def _write_config(
         sinks=[sink],
     )
     write_fetch_config(path, account, before=before, state_dir=path.parent / "state")
-
-
-def _run(config: Path, rng: random.Random | None, log: list[bytes] | None = None) -> int | None:
-    """Run one fetch; with ``rng``, SIGKILL it at a random point. None = killed."""
-    env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "popbox", "fetch", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    with process.stderr:
-        if rng is None:
-            output = process.stderr.read()
-            if log is not None:
-                log.append(output)
-            return process.wait(120)
-        # Kill after the k-th delivery plus a few milliseconds (inside the next RETR,
-        # sink write or state commit), or for k = 0 at a random time after start.
-        target = rng.randrange(0, 6)
-        if target == 0:
-            time.sleep(rng.uniform(0.05, 0.5))
-        else:
-            seen = 0
-            for line in process.stderr:
-                seen += b" delivered account=" in line
-                if seen >= target:
-                    time.sleep(rng.uniform(0, 0.004))
-                    break
-        if process.poll() is not None:
-            return process.returncode
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
-        return None
 
 
 def mbox_messages(path: Path) -> list[bytes]:
@@ -135,12 +98,12 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(
             for index in range(MESSAGES, MESSAGES + 5):
                 expected.append(message(index))
                 dovecot.add_message("alice", message(index))
-        status = _run(config, rng)
+        status = run_fetch(config, rng)
         killed += status is None
     deadline = time.monotonic() + 120
     while dovecot.stored_messages("alice") and time.monotonic() < deadline:
         output: list[bytes] = []
-        status = _run(config, None, output)
+        status = run_fetch(config, None, output)
         assert status == 0, output[-1].decode(errors="replace")[-1000:] + dovecot.log()[-3000:]
     print(f"crash rounds={ROUNDS} killed={killed}")
     assert killed >= ROUNDS // 3, "the kills should mostly land while the collector runs"

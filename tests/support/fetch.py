@@ -9,6 +9,12 @@ writes as the TOML a `popbox fetch` subprocess reads.
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -151,3 +157,41 @@ def _toml_value(value: object) -> str:
         # JSON's strings, numbers and booleans are TOML's too.
         return json.dumps(value)
     raise TypeError(f"no TOML form for {value!r}")
+
+
+def run_fetch(
+    config: Path, rng: random.Random | None, log: list[bytes] | None = None
+) -> int | None:
+    """Run one `popbox fetch` (password ``secret`` in POPBOX_TEST_PASSWORD); with
+    ``rng``, SIGKILL it at a random point (the crash tests). None = killed."""
+    env = dict(os.environ, POPBOX_TEST_PASSWORD="secret")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popbox", "fetch", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    with process.stderr:
+        if rng is None:
+            output = process.stderr.read()
+            if log is not None:
+                log.append(output)
+            return process.wait(120)
+        # Kill after the k-th delivery plus a few milliseconds (inside the next RETR,
+        # sink write or state commit), or for k = 0 at a random time after start.
+        target = rng.randrange(0, 6)
+        if target == 0:
+            time.sleep(rng.uniform(0.05, 0.5))
+        else:
+            seen = 0
+            for line in process.stderr:
+                seen += b" delivered account=" in line
+                if seen >= target:
+                    time.sleep(rng.uniform(0, 0.004))
+                    break
+        if process.poll() is not None:
+            return process.returncode
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        return None

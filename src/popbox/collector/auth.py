@@ -12,17 +12,18 @@ and raises ConfigError for settings it cannot use. It also defines the click com
 ``login_command`` (``popbox fetch``'s sibling ``popbox oauth login ACCOUNT``), which
 ``popbox.collector.cli.oauth_group`` imports lazily; it receives the config path via
 a ``--config`` option of its own (``click.Path``) and calls
-``popbox.collector.config.load_fetch_settings``. The package imports ``collector.tokens``,
-never this module.
+``popbox.collector.config.load_fetch_settings``. For a sink that logs in with OAuth2
+(IMAP, Gmail) it defines ``create_sink_token_provider(account, settings, sink)``. The
+package imports ``collector.tokens``, never this module.
 """
 
 from __future__ import annotations
 
-from popbox.collector.config import AccountSettings, FetchSettings
+from popbox.collector.config import AccountSettings, FetchSettings, SinkSettings
 from popbox.collector.tokens import TokenProvider
 from popbox.errors import ConfigError
 
-__all__ = ["build_token_provider", "read_password"]
+__all__ = ["build_sink_token_provider", "build_token_provider", "read_password"]
 
 
 def build_token_provider(account: AccountSettings, settings: FetchSettings) -> TokenProvider:
@@ -32,6 +33,15 @@ def build_token_provider(account: AccountSettings, settings: FetchSettings) -> T
     from popbox.collector.oauth import create_token_provider
 
     return create_token_provider(account, settings)
+
+
+def build_sink_token_provider(
+    account: AccountSettings, settings: FetchSettings, sink: SinkSettings
+) -> TokenProvider:
+    """The token provider of a sink's own OAuth2 login (imports oauth lazily)."""
+    from popbox.collector.oauth import create_sink_token_provider
+
+    return create_sink_token_provider(account, settings, sink)
 
 
 def read_password(account: AccountSettings) -> str:

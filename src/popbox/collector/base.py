@@ -46,6 +46,11 @@ class FetchedMessage:
     sha256: str
     path: Path
     data: bytes | None = None
+    attempt: int = 1
+    """Which delivery attempt this is, counted durably before any sink runs. Above 1,
+    an earlier attempt may have reached the sink just before the collector was
+    killed: a sink that cannot tell a repeated ``idempotency_key`` from its own
+    files (IMAP, the Gmail API) looks the message up before taking it again."""
 
     @property
     def idempotency_key(self) -> str:

@@ -8,38 +8,53 @@ Relative paths resolve against the directory of the config file; ``~`` expands.
 Secrets never sit in the file itself: each secret is named by exactly one of
 ``*_env`` (an environment variable), ``*_file`` (a file, trailing newline stripped) or
 ``*_command`` (a command whose standard output is the secret), read by ``SecretSource``.
+What the parts share lives in ``config_common``, the sinks' settings in
+``config_sinks``; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shlex
-import subprocess
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from popbox.collector.config_common import (
+    ConfigPath,
+    OAuthSettings,
+    Port,
+    SecretSource,
+    SettingsModel,
+    at_most_one,
+    normalise_fingerprint,
+    secret_from,
 )
-
+from popbox.collector.config_sinks import (
+    ArchiveSinkSettings,
+    CommandSinkSettings,
+    GmailSinkSettings,
+    ImapSinkSettings,
+    LmtpSinkSettings,
+    MaildirSinkSettings,
+    MboxSinkSettings,
+    PopboxSinkSettings,
+    SinkSettings,
+    SmtpSinkSettings,
+    WebhookSinkSettings,
+)
 from popbox.errors import ConfigError
 
 __all__ = [
     "AccountSettings",
+    "ArchiveSinkSettings",
     "CommandSinkSettings",
     "FetchSettings",
+    "GmailSinkSettings",
     "HeaderRule",
+    "ImapSinkSettings",
     "LmtpSinkSettings",
     "MaildirSinkSettings",
     "MboxSinkSettings",
@@ -74,337 +89,16 @@ MAX_IN_FLIGHT: Final = 32
 POLL_INTERVAL: Final = 300.0
 # Backoff after failures stops growing at an hour, so a fixed server is seen soon.
 MAX_BACKOFF: Final = 3600.0
-# A sink that has not answered in this time is treated as a temporary failure.
-SINK_TIMEOUT: Final = 60.0
-# Webhooks: ticket systems cap attachments around 10-25 MB; 10 MiB by default.
-WEBHOOK_MAX_ATTACHMENT: Final = 10 * 1024 * 1024
-# Webhooks: retries within one delivery attempt for 429/5xx/timeouts.
-WEBHOOK_RETRIES: Final = 3
 
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+# What may stand in a file name made from a sink label (``a--imap_x_y.json``).
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    value = value.expanduser()
-    context = info.context if isinstance(info.context, dict) else {}
-    base = context.get("base")
-    if not value.is_absolute() and isinstance(base, Path):
-        value = base / value
-    return value
+# ---------------------------------------------------------------------------- accounts
 
 
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-"""A path from the config file: ``~`` expanded, relative to the file's directory."""
-
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True, slots=True)
-class SecretSource:
-    """Where one secret comes from: exactly one of env, file, command is set."""
-
-    env: str | None = None
-    file: Path | None = None
-    command: str | None = None
-    key: str = "secret"
-    """The config key, for error messages."""
-
-    def read(self) -> str:
-        """Return the secret; raise ConfigError naming the key when it is unavailable."""
-        if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError(f"{self.key}: environment variable {self.env} is not set")
-            return value
-        if self.file is not None:
-            try:
-                return self.file.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"{self.key}: cannot read {self.file}: {exc}") from exc
-        if self.command is not None:
-            # A list of words, not a shell: the command line comes from the config file.
-            try:
-                done = subprocess.run(
-                    shlex.split(self.command),
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise ConfigError(f"{self.key}: command failed: {exc}") from exc
-            if done.returncode != 0:
-                raise ConfigError(f"{self.key}: command exited {done.returncode}")
-            return done.stdout.rstrip("\r\n")
-        raise ConfigError(f"{self.key}: no secret configured")
-
-
-def _secret(
-    prefix: str, env: str | None, file: Path | None, command: str | None
-) -> SecretSource | None:
-    if env is None and file is None and command is None:
-        return None
-    return SecretSource(env=env, file=file, command=command, key=prefix)
-
-
-def _at_most_one(prefix: str, *values: object) -> None:
-    if sum(value is not None for value in values) > 1:
-        raise ValueError(f"set only one of {prefix}_env, {prefix}_file, {prefix}_command")
-
-
-# ---------------------------------------------------------------------------- sinks
-
-
-class _SinkBase(_Model):
-    name: str | None = None
-    """A stable label for logs, status and the per-sink delivery record. Changing it
-    makes the collector treat the sink as new (it redelivers what it has not recorded)."""
-    timeout: float = Field(default=SINK_TIMEOUT, gt=0)
-    """Seconds one delivery may take before it counts as a temporary failure."""
-
-
-class MaildirSinkSettings(_SinkBase):
-    kind: Literal["maildir"]
-    path: ConfigPath
-    """The Maildir (with cur/, new/, tmp/); created when missing."""
-
-    @property
-    def label(self) -> str:
-        return self.name or f"maildir:{self.path}"
-
-
-class MboxSinkSettings(_SinkBase):
-    kind: Literal["mbox"]
-    path: ConfigPath
-    """An mboxrd file; appended under an fcntl lock and a ``.lock`` dotlock."""
-
-    @property
-    def label(self) -> str:
-        return self.name or f"mbox:{self.path}"
-
-
-class CommandSinkSettings(_SinkBase):
-    kind: Literal["command"]
-    command: str
-    """Split into words like a shell would (no shell runs); the message is on stdin.
-    Exit 0 = delivered, 75 (EX_TEMPFAIL) = try later, anything else = quarantine."""
-    env: dict[str, str] = {}
-    """Extra environment; POPBOX_ACCOUNT, POPBOX_UIDL, POPBOX_SHA256 and
-    POPBOX_IDEMPOTENCY_KEY are always set."""
-
-    @field_validator("command")
-    @classmethod
-    def _check_command(cls, value: str) -> str:
-        if not shlex.split(value):
-            raise ValueError("must name a program")
-        return value
-
-    @property
-    def label(self) -> str:
-        return self.name or f"command:{shlex.split(self.command)[0]}"
-
-
-class WebhookSinkSettings(_SinkBase):
-    kind: Literal["webhook"]
-    url: str
-    """http:// or https:// endpoint that receives one JSON document per message."""
-    secret_env: str | None = None
-    secret_file: ConfigPath | None = None
-    secret_command: str | None = None
-    """The HMAC-SHA256 key for the signature header (optional)."""
-    signature_header: str = "X-Popbox-Signature"
-    headers: dict[str, str] = {}
-    """Extra request headers (e.g. an API token for the ticket system)."""
-    timeout: float = Field(default=30.0, gt=0)
-    include_raw: bool = False
-    """Also send the whole raw message, base64-encoded."""
-    max_attachment_bytes: int = Field(default=WEBHOOK_MAX_ATTACHMENT, ge=0)
-    """Attachments larger than this are listed without content."""
-    retries: int = Field(default=WEBHOOK_RETRIES, ge=0)
-    """Retries with backoff for 429, 5xx and timeouts before a temporary failure."""
-    ca_file: ConfigPath | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
-
-    @model_validator(mode="after")
-    def _check_secret(self) -> WebhookSinkSettings:
-        _at_most_one("secret", self.secret_env, self.secret_file, self.secret_command)
-        return self
-
-    def secret_source(self) -> SecretSource | None:
-        return _secret("secret", self.secret_env, self.secret_file, self.secret_command)
-
-    @property
-    def label(self) -> str:
-        return self.name or f"webhook:{self.url}"
-
-
-class _MtaSinkBase(_SinkBase):
-    host: str | None = None
-    socket: ConfigPath | None = None
-    """A unix socket instead of host/port (LMTP to Postfix/Dovecot, typically)."""
-    tls: Literal["none", "starttls", "tls"] = "none"
-    ca_file: ConfigPath | None = None
-    recipients: list[str] = Field(min_length=1)
-    sender: str = ""
-    """The envelope sender; empty means the null sender ``<>``."""
-
-    @model_validator(mode="after")
-    def _check_target(self) -> _MtaSinkBase:
-        if (self.host is None) == (self.socket is None):
-            raise ValueError("set exactly one of host and socket")
-        return self
-
-
-class LmtpSinkSettings(_MtaSinkBase):
-    kind: Literal["lmtp"]
-    port: Port = 24
-
-    @property
-    def label(self) -> str:
-        return self.name or f"lmtp:{self.socket or f'{self.host}:{self.port}'}"
-
-
-class SmtpSinkSettings(_MtaSinkBase):
-    kind: Literal["smtp"]
-    port: Port = 25
-    username: str | None = None
-    password_env: str | None = None
-    password_file: ConfigPath | None = None
-    password_command: str | None = None
-
-    @model_validator(mode="after")
-    def _check_password(self) -> SmtpSinkSettings:
-        _at_most_one("password", self.password_env, self.password_file, self.password_command)
-        return self
-
-    def password_source(self) -> SecretSource | None:
-        return _secret("password", self.password_env, self.password_file, self.password_command)
-
-    @property
-    def label(self) -> str:
-        return self.name or f"smtp:{self.socket or f'{self.host}:{self.port}'}"
-
-
-class PopboxSinkSettings(_SinkBase):
-    kind: Literal["popbox"]
-    config: ConfigPath | None = None
-    """The popbox server config whose store receives the message; None = this file."""
-    user: str
-    """The popbox user whose maildrop receives the message."""
-
-    @property
-    def label(self) -> str:
-        return self.name or f"popbox:{self.user}"
-
-
-class ArchiveSinkSettings(_SinkBase):
-    kind: Literal["archive"]
-    config: ConfigPath | None = None
-    """The popbox server config whose archive keeps the message; None = this file."""
-    user: str
-    """The popbox user whose archive keeps the message (searchable on the web page)."""
-
-    @property
-    def label(self) -> str:
-        return self.name or f"archive:{self.user}"
-
-
-SinkSettings = Annotated[
-    MaildirSinkSettings
-    | MboxSinkSettings
-    | CommandSinkSettings
-    | WebhookSinkSettings
-    | LmtpSinkSettings
-    | SmtpSinkSettings
-    | PopboxSinkSettings
-    | ArchiveSinkSettings,
-    Field(discriminator="kind"),
-]
-
-
-# ---------------------------------------------------------------------------- auth
-
-
-class OAuthSettings(_Model):
-    """Where OAuth2 access tokens for XOAUTH2/OAUTHBEARER come from."""
-
-    token_source: Literal["command", "refresh_token", "client_credentials"]
-    """command: run ``token_command``; refresh_token: the token ``popbox oauth login``
-    stored; client_credentials: app-only (Microsoft 365 POP.AccessAsApp)."""
-    token_command: str | None = None
-    """Prints an access token on standard output (e.g. ``oama access user@x``)."""
-    provider: Literal["microsoft", "google", "generic"] = "microsoft"
-    tenant: str = "common"
-    """Microsoft Entra tenant (id or domain); client_credentials needs a real tenant."""
-    authority: str | None = None
-    """Overrides the authority URL derived from provider and tenant."""
-    client_id: str | None = None
-    client_secret_env: str | None = None
-    client_secret_file: ConfigPath | None = None
-    client_secret_command: str | None = None
-    scopes: list[str] = []
-    """Empty means the provider's POP scope (see ``effective_scopes``)."""
-    token_store: ConfigPath | None = None
-    """Where the refresh token lives; default ``STATE_DIR/oauth/ACCOUNT.json``."""
-    token_endpoint: str | None = None
-    """For provider "generic": the token endpoint URL."""
-    device_authorization_endpoint: str | None = None
-    """For provider "generic": the device authorization endpoint URL (RFC 8628)."""
-
-    @model_validator(mode="after")
-    def _check_source(self) -> OAuthSettings:
-        _at_most_one(
-            "client_secret",
-            self.client_secret_env,
-            self.client_secret_file,
-            self.client_secret_command,
-        )
-        source = self.token_source
-        if source == "command" and not self.token_command:
-            raise ValueError("token_source = command needs token_command")
-        if source != "command" and not self.client_id:
-            raise ValueError(f"token_source = {source} needs client_id")
-        if source == "client_credentials" and self.client_secret_source() is None:
-            raise ValueError(
-                "token_source = client_credentials needs client_secret_env, "
-                "client_secret_file or client_secret_command"
-            )
-        return self
-
-    def client_secret_source(self) -> SecretSource | None:
-        return _secret(
-            "client_secret",
-            self.client_secret_env,
-            self.client_secret_file,
-            self.client_secret_command,
-        )
-
-    def effective_scopes(self) -> list[str]:
-        """The configured scopes, or the provider's POP3 scope."""
-        if self.scopes:
-            return list(self.scopes)
-        if self.provider == "google":
-            return ["https://mail.google.com/"]
-        if self.provider == "microsoft":
-            app_only = self.token_source
-            if app_only == "client_credentials":
-                return ["https://outlook.office365.com/.default"]
-            return ["https://outlook.office.com/POP.AccessAsUser.All", "offline_access"]
-        return []
-
-
-class HeaderRule(_Model):
+class HeaderRule(SettingsModel):
     """One rule of the header filter, decided from ``TOP n 0`` before downloading."""
 
     header: str
@@ -422,10 +116,7 @@ class HeaderRule(_Model):
         return value
 
 
-# ---------------------------------------------------------------------------- accounts
-
-
-class AccountSettings(_Model):
+class AccountSettings(SettingsModel):
     """One remote POP3 mailbox and what to do with its messages."""
 
     name: str
@@ -507,16 +198,11 @@ class AccountSettings(_Model):
     @field_validator("tls_fingerprint")
     @classmethod
     def _check_fingerprint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        normal = value.replace(":", "").lower()
-        if not _FINGERPRINT.match(normal):
-            raise ValueError("must be a SHA-256 fingerprint: 64 hex digits")
-        return normal
+        return normalise_fingerprint(value)
 
     @model_validator(mode="after")
     def _check_account(self) -> AccountSettings:
-        _at_most_one("password", self.password_env, self.password_file, self.password_command)
+        at_most_one("password", self.password_env, self.password_file, self.password_command)
         if self.auth == "oauth2":
             if self.oauth is None:
                 raise ValueError("auth = oauth2 needs an [oauth] table")
@@ -546,10 +232,10 @@ class AccountSettings(_Model):
         return POP3S_PORT if self.security == "tls" else POP3_PORT
 
     def password_source(self) -> SecretSource | None:
-        return _secret("password", self.password_env, self.password_file, self.password_command)
+        return secret_from("password", self.password_env, self.password_file, self.password_command)
 
 
-class FetchSettings(_Model):
+class FetchSettings(SettingsModel):
     """The whole ``[fetch]`` table."""
 
     state_dir: ConfigPath = Path(DEFAULT_STATE_DIR)
@@ -590,6 +276,14 @@ class FetchSettings(_Model):
         if account.oauth is not None and account.oauth.token_store is not None:
             return account.oauth.token_store
         return self.state_dir / "oauth" / f"{account.name}.json"
+
+    def sink_token_store(self, account: AccountSettings, sink: SinkSettings) -> Path:
+        """Where the refresh token of a sink's own OAuth2 login is stored."""
+        oauth = getattr(sink, "oauth", None)
+        if isinstance(oauth, OAuthSettings) and oauth.token_store is not None:
+            return oauth.token_store
+        safe = _UNSAFE_FILE_CHARS.sub("_", sink.label)[:80]
+        return self.state_dir / "oauth" / f"{account.name}--{safe}.json"
 
     def account(self, name: str) -> AccountSettings:
         for account in self.accounts:

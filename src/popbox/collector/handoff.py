@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Final, Literal
 
@@ -73,6 +74,7 @@ class Handoff:
         attempts = await self._state.start_attempts(
             self._name, [(m.uidl, m.size) for m in messages]
         )
+        messages = [replace(m, attempt=attempts[m.uidl].count) for m in messages]
         done = {uid: attempt.sinks_done for uid, attempt in attempts.items()}
         try:
             last = await self._to_sinks(messages, done, alone=False)
@@ -105,6 +107,7 @@ class Handoff:
         "delivered", "quarantined" (refused for good, or out of attempts) or "failed"."""
         attempts = await self._state.start_attempts(self._name, [(message.uidl, message.size)])
         attempt = attempts[message.uidl]
+        message = replace(message, attempt=attempt.count)
         return await self._offer_alone(message, attempt.count, {message.uidl: attempt.sinks_done})
 
     async def quarantine_oversize(self, message: FetchedMessage) -> Outcome:

@@ -30,6 +30,7 @@ from popbox.collector.oauth.providers import (
     ClientCredentialsProvider,
     CommandTokenProvider,
     RefreshTokenProvider,
+    create_sink_token_provider,
     create_token_provider,
 )
 from popbox.collector.oauth.tokenfile import TokenFile
@@ -50,6 +51,7 @@ __all__ = [
     "OAuthHttpClient",
     "RefreshTokenProvider",
     "TokenFile",
+    "create_sink_token_provider",
     "create_token_provider",
     "generic_device_login",
     "login_command",

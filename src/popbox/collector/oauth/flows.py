@@ -15,6 +15,7 @@ from typing import Any, Final
 import httpx
 
 from popbox.collector.config import OAuthSettings
+from popbox.collector.config_common import OAuthPurpose
 from popbox.collector.oauth.bearer import ERROR_EXCERPT_CHARS
 from popbox.collector.oauth.tokenfile import TokenFile
 from popbox.errors import CollectorError, ConfigError
@@ -171,7 +172,7 @@ class OAuthHttpClient:
         raise CollectorError("device login: the code expired before it was approved")
 
 
-def http_client_for(oauth: OAuthSettings) -> OAuthHttpClient:
+def http_client_for(oauth: OAuthSettings, purpose: OAuthPurpose = "pop3") -> OAuthHttpClient:
     """The client for a generic or Google ``[oauth]`` table (Google's endpoints filled in)."""
     token_endpoint = oauth.token_endpoint
     device_endpoint = oauth.device_authorization_endpoint
@@ -185,7 +186,7 @@ def http_client_for(oauth: OAuthSettings) -> OAuthHttpClient:
         token_endpoint,
         oauth.client_id,
         client_secret=source.read() if source is not None else None,
-        scopes=oauth.effective_scopes(),
+        scopes=oauth.effective_scopes(purpose),
         device_authorization_endpoint=device_endpoint,
     )
 

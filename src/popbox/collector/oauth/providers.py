@@ -15,9 +15,11 @@ import asyncio
 import shlex
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
-from popbox.collector.config import AccountSettings, FetchSettings
+from popbox.collector.config import AccountSettings, FetchSettings, OAuthSettings, SinkSettings
+from popbox.collector.config_common import OAuthPurpose
 from popbox.collector.oauth.bearer import ERROR_EXCERPT_CHARS, CachedToken, check_bearer_token
 from popbox.collector.oauth.flows import OAuthHttpClient, http_client_for
 from popbox.collector.oauth.tokenfile import TokenFile
@@ -28,7 +30,9 @@ __all__ = [
     "ClientCredentialsProvider",
     "CommandTokenProvider",
     "RefreshTokenProvider",
+    "create_sink_token_provider",
     "create_token_provider",
+    "token_provider_for",
 ]
 
 # oama and similar helpers answer in well under a second; 30 s allows a vault unlock.
@@ -85,9 +89,7 @@ class CommandTokenProvider:
             ) from exc
         if process.returncode != 0:
             reason = err.decode("utf-8", "replace").strip()[:ERROR_EXCERPT_CHARS]
-            raise CollectorError(
-                f"token command {program} exited {process.returncode}: {reason}"
-            )
+            raise CollectorError(f"token command {program} exited {process.returncode}: {reason}")
         lines = out.decode("utf-8", "replace").strip().splitlines()
         return check_bearer_token(lines[0].strip() if lines else "", f"token command {program}")
 
@@ -144,33 +146,57 @@ class ClientCredentialsProvider:
             return self._cached.token
 
 
-def create_token_provider(
-    account: AccountSettings, settings: FetchSettings
-) -> TokenProvider:
-    """The TokenProvider for an ``auth = "oauth2"`` account (see collector.auth)."""
+def create_token_provider(account: AccountSettings, settings: FetchSettings) -> TokenProvider:
+    """The TokenProvider for an ``auth = "oauth2"`` account's POP3 login."""
     oauth = account.oauth
     if oauth is None:
         raise ConfigError(f"fetch.accounts.{account.name}: no [oauth] table")
+    return token_provider_for(
+        oauth, settings.oauth_token_store(account), "pop3", f"fetch.accounts.{account.name}"
+    )
+
+
+def create_sink_token_provider(
+    account: AccountSettings, settings: FetchSettings, sink: SinkSettings
+) -> TokenProvider:
+    """The TokenProvider for a sink's own OAuth2 login (IMAP, the Gmail API)."""
+    oauth = getattr(sink, "oauth", None)
+    if not isinstance(oauth, OAuthSettings):
+        raise ConfigError(f"fetch.accounts.{account.name}: sink {sink.label} has no [oauth] table")
+    purpose: OAuthPurpose = "gmail" if sink.kind == "gmail" else "imap"
+    return token_provider_for(
+        oauth,
+        settings.sink_token_store(account, sink),
+        purpose,
+        f"fetch.accounts.{account.name}: sink {sink.label}",
+    )
+
+
+def token_provider_for(
+    oauth: OAuthSettings, store: Path, purpose: OAuthPurpose, what: str
+) -> TokenProvider:
+    """The provider for one ``[oauth]`` table whose refresh token lives in ``store``;
+    ``what`` names the table in errors."""
     if oauth.token_source == "command":  # noqa: S105 a setting name, not a secret
         assert oauth.token_command is not None  # OAuthSettings validated it
         return CommandTokenProvider(oauth.token_command)
-    token_file = TokenFile(settings.oauth_token_store(account))
+    token_file = TokenFile(store)
     client_id = oauth.client_id or ""
+    scopes = oauth.effective_scopes(purpose)
     if oauth.token_source == "refresh_token":  # noqa: S105 a setting name
         if oauth.provider == "microsoft":
             from popbox.collector.oauth.microsoft import MsalRefreshTokenProvider, authority_of
 
             return MsalRefreshTokenProvider(
-                token_file, client_id=client_id, authority=authority_of(oauth),
-                scopes=oauth.effective_scopes(),
+                token_file, client_id=client_id, authority=authority_of(oauth), scopes=scopes
             )
-        return RefreshTokenProvider(token_file, http_client_for(oauth))
+        return RefreshTokenProvider(token_file, http_client_for(oauth, purpose))
     if oauth.provider == "google":
         # Gmail has no app-only grant; Workspace uses service accounts with signed
         # JWT assertions instead, which a token command can supply.
         raise ConfigError(
-            f"fetch.accounts.{account.name}.oauth: Google has no client_credentials "
-            "grant for Gmail; use token_source = refresh_token or command"
+            f"{what}.oauth: Google has no client_credentials grant for Gmail; "
+            "use token_source = refresh_token or command"
         )
     if oauth.provider == "microsoft":
         from popbox.collector.oauth.microsoft import MsalClientCredentialsProvider, authority_of
@@ -178,8 +204,9 @@ def create_token_provider(
         source = oauth.client_secret_source()
         assert source is not None  # OAuthSettings requires one for client_credentials
         return MsalClientCredentialsProvider(
-            client_id=client_id, client_secret=source.read(), authority=authority_of(oauth),
-            scopes=oauth.effective_scopes(),
+            client_id=client_id,
+            client_secret=source.read(),
+            authority=authority_of(oauth),
+            scopes=scopes,
         )
-    return ClientCredentialsProvider(http_client_for(oauth))
-
+    return ClientCredentialsProvider(http_client_for(oauth, purpose))

@@ -20,8 +20,10 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from popbox.collector.auth import build_sink_token_provider
 from popbox.collector.base import LocalDeliveryFactory, LocalDeliveryHandle, Sink
 from popbox.collector.config import AccountSettings, FetchSettings, SinkSettings
+from popbox.collector.tokens import TokenProvider
 from popbox.errors import ConfigError
 
 __all__ = ["SinkContext", "build_sink"]
@@ -36,6 +38,8 @@ _MODULES: dict[str, str] = {
     "smtp": "smtp",
     "popbox": "popbox_store",
     "archive": "archive",
+    "imap": "imap",
+    "gmail": "gmail",
 }
 
 
@@ -63,6 +67,11 @@ class SinkContext:
                 "(it goes through the popbox server's rules)"
             )
         return self.local_delivery(config)
+
+    def token_provider(self, sink: SinkSettings) -> TokenProvider:
+        """Access tokens for ``sink``'s own OAuth2 login (its ``[oauth]`` table), kept
+        apart from the account's POP3 login; raises ConfigError without one."""
+        return build_sink_token_provider(self.account, self.settings, sink)
 
     @property
     def state_dir(self) -> Path:
