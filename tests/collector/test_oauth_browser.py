@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from popbox.collector.config import FetchSettings, OAuthSettings, load_fetch_settings
 from popbox.collector.oauth import (
@@ -175,7 +176,7 @@ def test_browser_login_stores_a_0600_token_the_provider_then_uses(
         env={**os.environ, "BROWSER": str(browser)},
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "A browser window was opened" in run.stdout
+    assert "asked this machine's browser to open it" in run.stdout
 
     # Google's request: PKCE S256, the mail scope, and what gets a refresh token each time.
     (request,) = auth_server.authorizations
@@ -244,6 +245,16 @@ def test_sink_login_has_its_own_token_file_and_leaves_the_pop3_login_alone(
     account = settings.accounts[0]
     provider = create_sink_token_provider(account, settings, account.sinks[0])
     assert auth_server.access_tokens[asyncio.run(provider.token())] == "alice"
+
+    from popbox.cli import main
+
+    status = CliRunner().invoke(main, ["oauth", "status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    pop3_line, sink_line = status.output.splitlines()[1:]
+    assert pop3_line.split()[:4] == ["desk", "pop3", "google", "saved"]
+    assert pop3_line.endswith(str(pop3_file.path))
+    assert sink_line.split()[:5] == ["desk", "sink", "gmail-out", "google", "saved"]
+    assert sink_line.endswith(str(sink_file))
 
 
 def test_login_without_sink_picks_the_only_oauth_sink(
@@ -370,25 +381,31 @@ async def test_oversized_request_line_and_header_flood_are_not_read(
         socket.create_connection(("127.0.0.1", port), timeout=HANG).close()
 
 
-async def test_wrong_code_verifier_is_invalid_grant(auth_server: FakeAuthServer) -> None:
-    verifier, challenge = pkce_pair()
-    redirect = "http://127.0.0.1:9/"
-    query = urllib.parse.urlencode(
-        {
-            "response_type": "code",
-            "client_id": CLIENT_ID,
-            "redirect_uri": redirect,
-            "state": "s",
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        }
-    )
-    landed = _browse(f"{auth_server.url}/authorize?{query}")
-    code = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(landed).query))["code"]
+async def test_stolen_code_without_the_verifier_is_invalid_grant(
+    auth_server: FakeAuthServer,
+) -> None:
+    redirect = "http://127.0.0.1:9"
     client = _generic_client(auth_server)
+
+    def authorize(challenge: str) -> str:
+        query = urllib.parse.urlencode(
+            {
+                "response_type": "code",
+                "client_id": CLIENT_ID,
+                "redirect_uri": redirect,
+                "state": "s",
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+        landed = _browse(f"{auth_server.url}/authorize?{query}")
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(landed).query))["code"]
+
+    verifier, challenge = pkce_pair()
     with pytest.raises(CollectorError, match="invalid_grant code_verifier"):
-        await client.exchange_code(code, redirect, pkce_pair()[0])
-    assert verifier != pkce_pair()[0]
+        await client.exchange_code(authorize(challenge), redirect, pkce_pair()[0])
+    document = await client.exchange_code(authorize(challenge), redirect, verifier)
+    assert auth_server.access_tokens[document["access_token"]] == "alice"
 
 
 # ------------------------------------------------------------------ dead logins

@@ -10,12 +10,13 @@ Gmail API's), so its accounts sign in this way. The user opens the printed addre
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
 import sys
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -77,13 +78,17 @@ def browser_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _open_browser(url: str) -> bool:
-    import webbrowser  # only here: it probes the desktop on import
+def _open_browser(url: str) -> None:
+    """Open ``url`` from a daemon thread: a browser named in BROWSER runs until it is
+    closed, and the login must not wait for that (nor the process exit)."""
 
-    try:
-        return webbrowser.open(url, new=1)
-    except webbrowser.Error:
-        return False
+    def run() -> None:
+        import webbrowser  # only here: it probes the desktop on import
+
+        with contextlib.suppress(webbrowser.Error, OSError):
+            webbrowser.open(url, new=1)
+
+    threading.Thread(target=run, name="popbox-oauth-browser", daemon=True).start()
 
 
 async def authorize_in_browser(
@@ -104,9 +109,9 @@ async def authorize_in_browser(
         echo("")
         echo(f"    {url}")
         echo("")
-        wants_browser = options.open_browser and browser_available()
-        if wants_browser and await asyncio.to_thread(_open_browser, url):
-            echo("(A browser window was opened for it.)")
+        if options.open_browser and browser_available():
+            _open_browser(url)
+            echo("(popbox asked this machine's browser to open it.)")
         echo(
             f"The browser then goes to {redirect_uri}/. If it runs on "
             "another machine, that page does not load: copy the whole address from its "

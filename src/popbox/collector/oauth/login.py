@@ -38,7 +38,7 @@ from popbox.collector.oauth.loopback import stdin_lines
 from popbox.collector.oauth.tokenfile import TokenFile
 from popbox.errors import ConfigError, PopboxError
 
-__all__ = ["LoginTarget", "login_command", "login_target"]
+__all__ = ["LoginTarget", "login_command", "login_target", "stored_logins"]
 
 Flow = Literal["browser", "device"]
 
@@ -109,6 +109,25 @@ def login_target(settings: FetchSettings, account: str, sink: str | None) -> Log
             "needs no login (only refresh_token does)"
         )
     return target
+
+
+def stored_logins(settings: FetchSettings, entry: AccountSettings) -> list[LoginTarget]:
+    """Every login of ``entry`` that keeps a refresh token: POP3 first, then sinks."""
+    found: list[LoginTarget] = []
+    if entry.auth == "oauth2" and entry.oauth is not None:
+        found.append(
+            LoginTarget(entry.name, None, entry.oauth, "pop3", settings.oauth_token_store(entry))
+        )
+    for sink in entry.sinks:
+        oauth = getattr(sink, "oauth", None)
+        if getattr(sink, "auth", None) == "oauth2" and isinstance(oauth, OAuthSettings):
+            purpose: OAuthPurpose = "gmail" if sink.kind == "gmail" else "imap"
+            store = settings.sink_token_store(entry, sink)
+            found.append(LoginTarget(entry.name, sink.label, oauth, purpose, store))
+    return [
+        target for target in found
+        if target.oauth.token_source == "refresh_token"  # noqa: S105 a setting name
+    ]
 
 
 def run_login(target: LoginTarget, flow: Flow, options: BrowserOptions) -> TokenFile:
