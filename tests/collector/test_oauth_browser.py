@@ -497,3 +497,40 @@ async def test_microsoft_browser_login_through_msal_then_refresh_and_death(
         OAuthLoginRequired, match=r"invalid_grant.*run `popbox oauth login desk --sink m365`"
     ):
         await provider.token(force_refresh=True)
+
+
+def test_microsoft_sink_browser_login_through_the_cli(
+    tls_auth_server: FakeAuthServer, tls_files: Any, tmp_path: Path
+) -> None:
+    authority = f"{tls_auth_server.url}/tenant"
+    imap = {
+        "kind": "imap",
+        "name": "m365",
+        "host": "outlook.office365.com",
+        "username": "alice@example.com",
+        "auth": "oauth2",
+        "oauth": {
+            "token_source": "refresh_token",
+            "provider": "microsoft",
+            "client_id": CLIENT_ID,
+            "authority": authority,
+        },
+    }
+    config = _config(tmp_path, tls_auth_server, pop3_oauth=False, sinks=[imap])
+    # msal reaches the test authority through requests, which trusts this bundle.
+    env = {**os.environ, "REQUESTS_CA_BUNDLE": str(tls_files.ca)}
+    process = _login_cli(
+        config, "--flow", "browser", "--no-browser", stdin=subprocess.PIPE, env=env
+    )
+    try:
+        trust = ssl.create_default_context(cafile=str(tls_files.ca))
+        landed = _browse(_printed_url(process, authority), verify=trust)
+        assert httpx.get(landed, timeout=HANG).status_code == 200
+        output, _ = process.communicate(timeout=HANG)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    (request,) = tls_auth_server.authorizations
+    assert "https://outlook.office.com/IMAP.AccessAsUser.All" in request["scope"].split()
+    stored = json.loads((tmp_path / "state" / "oauth" / "desk--m365.json").read_text())
+    assert stored["format"] == "msal"
