@@ -534,3 +534,12 @@ def test_microsoft_sink_browser_login_through_the_cli(
     assert "https://outlook.office.com/IMAP.AccessAsUser.All" in request["scope"].split()
     stored = json.loads((tmp_path / "state" / "oauth" / "desk--m365.json").read_text())
     assert stored["format"] == "msal"
+
+
+def test_an_oversized_pasted_line_is_skipped_whole() -> None:
+    import io
+
+    from popbox.collector.oauth.loopback import PASTED_URL_MAX, stdin_lines
+
+    pasted = io.StringIO("x" * (3 * PASTED_URL_MAX) + "\nhttp://127.0.0.1:1/?code=c&state=s\n")
+    assert list(stdin_lines(pasted)()) == ["http://127.0.0.1:1/?code=c&state=s\n"]

@@ -230,7 +230,6 @@ def msal_device_login(
     token_file.save({"format": "msal", "msal_cache": cache.serialize()})
 
 
-
 async def msal_browser_login(
     oauth: OAuthSettings,
     token_file: TokenFile,
