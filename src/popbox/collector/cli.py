@@ -313,20 +313,20 @@ def fetch_command(
 
 
 class _LazyOAuthGroup(click.Group):
-    """Loads ``popbox.collector.oauth.login_command`` only when ``oauth`` is used, so
-    msal is never imported by ``popbox fetch`` for password accounts."""
+    """Loads ``popbox.collector.oauth.login_command`` (``status_command``) only when
+    ``oauth`` is used, so msal is never imported by ``popbox fetch`` for password accounts."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return ["login"]
+        return ["login", "status"]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name != "login":
+        if cmd_name not in ("login", "status"):
             return None
         try:
             module = importlib.import_module("popbox.collector.oauth")
         except ImportError as exc:
             raise click.ClickException(f"OAuth support is unavailable: {exc}") from exc
-        command = getattr(module, "login_command", None)
+        command = getattr(module, f"{cmd_name}_command", None)
         return command if isinstance(command, click.Command) else None
 
 
