@@ -9,6 +9,9 @@ Exit codes, for cron jobs and systemd units:
 - 3: an OAuth login needs signing in again (the message names the command); also
   from --status while the last run of some account ended so.
 
+``--daemon`` keeps polling; SIGHUP makes it re-read the config (``run_daemon``).
+``--quarantine`` lists quarantined messages with their IDs (``cli_quarantine``).
+
 On a terminal a rich progress bar shows the run; otherwise each step is one log line
 (``delivered account=... uid=... size=...``) on standard error. Run it as ``popbox
 fetch`` (or ``python -m popbox fetch``, what the crash tests do): the composition root
