@@ -5,9 +5,11 @@ and `--status` exit 3 and say which command signs in again, the daemon waits
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -21,8 +23,18 @@ from popbox.collector.sinks.maildir import MaildirSink
 from popbox.collector.state import StateDB
 from popbox.collector.tokens import StaticTokenProvider, TokenProvider
 from popbox.errors import OAuthLoginRequired, TemporarySinkError
+from support.dovecot import DovecotServer
 from support.fakepop import FakePop
-from support.fetch import crlf_message, only_account, poll, settings_for, write_fetch_config
+from support.fetch import (
+    account_entry,
+    crlf_message,
+    only_account,
+    poll,
+    settings_for,
+    tls_fields,
+    write_fetch_config,
+)
+from support.oauth import CLIENT_ID, FakeAuthServer
 
 FIX = "run `popbox oauth login fake`"
 
@@ -163,3 +175,34 @@ def test_status_exits_3_and_names_the_fix_until_a_poll_succeeds(
     shown = CliRunner().invoke(fetch_command, status)
     assert shown.exit_code == EXIT_OK
     assert "LOGIN NEEDED" not in shown.output
+
+
+@pytest.mark.interop
+@pytest.mark.xfail(
+    strict=True,
+    reason="the refresh-token provider reports a revoked login as OAuthLoginRequired "
+    "in a change of its own; once it does, this passes (drop the mark)",
+)
+def test_fetch_exits_3_when_the_stored_refresh_token_was_revoked(
+    dovecot: DovecotServer, tls_files: Any, auth_server: FakeAuthServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "alice.json"
+    store.write_text(json.dumps({"refresh_token": "rt-revoked"}))
+    account = account_entry(
+        dovecot.pop3s_port,
+        tmp_path / "out",
+        **tls_fields(tls_files.ca),
+        auth="oauth2",
+        password_env=None,
+        oauth={
+            "token_source": "refresh_token",
+            "provider": "generic",
+            "client_id": CLIENT_ID,
+            "token_endpoint": f"{auth_server.url}/token",
+            "token_store": str(store),
+        },
+    )
+    config = write_fetch_config(tmp_path / "popbox.toml", account, state_dir=tmp_path / "state")
+    result = CliRunner().invoke(fetch_command, ["--config", str(config)])
+    assert "popbox oauth login" in result.output
+    assert result.exit_code == EXIT_LOGIN_REQUIRED
