@@ -48,6 +48,7 @@ from popbox.collector.quarantine import Quarantine
 from popbox.collector.scheduler import ConfigLoader, run_daemon, run_once
 from popbox.collector.state import StateDB
 from popbox.errors import ConfigError, PopboxError
+from popbox.fileio import FileLock
 
 if TYPE_CHECKING:
     # rich loads only for a terminal or --status: every cron run would pay its import.
@@ -332,7 +333,8 @@ def fetch_command(
         if status:
             sys.exit(EXIT_LOGIN_REQUIRED if _print_status(db, accounts) else EXIT_OK)
         quarantine = Quarantine(settings.quarantine_path)
-        names = [account.name for account in accounts]
+        # Listed and forgotten: disabled accounts' messages too, unless --account.
+        names = [a.name for a in (accounts if account_names else settings.accounts)]
         retry_all = RETRY_ALL in retry_ids
         picked = [text for text in retry_ids if text != RETRY_ALL]
         retry_uids: dict[str, set[str]] = {}
@@ -347,8 +349,16 @@ def fetch_command(
             except UnknownQuarantineId as exc:
                 click.echo(f"popbox fetch: {exc} (see `popbox fetch --quarantine`)", err=True)
                 sys.exit(EXIT_CONFIG)
+            unpolled = sorted(set(retry_uids) - {account.name for account in accounts})
+            if unpolled:
+                click.echo(
+                    f"popbox fetch: --retry-quarantined: account {unpolled[0]} is not "
+                    "polled in this run (disabled?)",
+                    err=True,
+                )
+                sys.exit(EXIT_CONFIG)
             if forget_ids:
-                asyncio.run(_forget(db, quarantine, forget))
+                asyncio.run(_forget(settings, db, quarantine, forget))
                 click.echo(f"popbox fetch: forgot {sum(map(len, forget.values()))} message(s)")
                 sys.exit(EXIT_OK)
         if not accounts:
@@ -408,16 +418,22 @@ def fetch_command(
     sys.exit(EXIT_ACCOUNT_FAILED if failed else EXIT_OK)
 
 
-async def _forget(db: StateDB, quarantine: Quarantine, chosen: dict[str, set[str]]) -> None:
+async def _forget(
+    settings: FetchSettings, db: StateDB, quarantine: Quarantine, chosen: dict[str, set[str]]
+) -> None:
     """Drop quarantined messages for good: recorded as skipped, so no poll offers them
     again (they stay on the server), and their quarantine files removed."""
     for account, uids in chosen.items():
-        records = await db.records(account)
-        for uid in sorted(uids):
-            await db.clear_quarantine(account, uid)
-            await db.record_skipped(account, uid, records[uid].size, "forgotten")
-            quarantine.remove(account, uid)
-            log.info("forgotten account=%s uid=%s", account, uid)
+        # Not in the middle of a poll of the account (a daemon's): wait for its end.
+        lock = settings.state_dir / "locks" / f"{account}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with await asyncio.to_thread(FileLock, lock, wait=True):
+            records = await db.records(account)
+            for uid in sorted(uids):
+                await db.clear_quarantine(account, uid)
+                await db.record_skipped(account, uid, records[uid].size, "forgotten")
+                quarantine.remove(account, uid)
+                log.info("forgotten account=%s uid=%s", account, uid)
 
 
 class _LazyOAuthGroup(click.Group):
