@@ -145,12 +145,20 @@ def test_sighup_adds_removes_changes_and_refuses_a_broken_config(
 
     # A changed account restarts with its new settings; its state carries over.
     dovecot.add_message("alice", message(2))
-    write_config(second=0.7)
+    write_config(second=0.7, third=0.5)
     process.send_signal(signal.SIGHUP)
-    changed = log.wait_for("config reloaded added=0 changed=1 removed=0 unchanged=0")
+    changed = log.wait_for("config reloaded added=1 changed=1 removed=0 unchanged=0")
     log.wait_for("delivered account=second", since=changed)
     log.wait_for("poll done account=second", times=2, since=changed)
+    log.wait_for("poll done account=third", since=changed)
     assert len(os.listdir(tmp_path / "second" / "new")) == 2
+    assert len(os.listdir(tmp_path / "third" / "new")) == 2
+
+    # The same config again: nothing to swap, both go on.
+    process.send_signal(signal.SIGHUP)
+    same = log.wait_for("config reloaded added=0 changed=0 removed=0 unchanged=2")
+    log.wait_for("poll done account=second", since=same)
+    log.wait_for("poll done account=third", since=same)
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(STEP_TIMEOUT) == 0

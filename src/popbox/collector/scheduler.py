@@ -151,9 +151,14 @@ class _Daemon:
         self._limit = asyncio.Semaphore(settings.max_concurrent_accounts)
         self._loops: dict[str, _AccountLoop] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Loops of removed accounts finishing their poll in hand, by account name.
+        self._leaving: dict[str, asyncio.Task[None]] = {}
 
     def start(self, account: AccountSettings, after: asyncio.Task[None] | None = None) -> None:
         """Start polling ``account``, once the loop it replaces (``after``) ended."""
+        leaving = self._leaving.pop(account.name, None)
+        if after is None and leaving is not None and not leaving.done():
+            after = leaving  # removed, then added again while its last poll ran
         entry = _AccountLoop(account)
         entry.task = asyncio.create_task(self._loop(entry, after), name=f"poll {account.name}")
         self._tasks.add(entry.task)
@@ -195,7 +200,10 @@ class _Daemon:
             self._limit = asyncio.Semaphore(settings.max_concurrent_accounts)
         self._settings = settings
         for name in removed:
-            self._retire(self._loops.pop(name))
+            gone = self._loops.pop(name)
+            self._retire(gone)
+            if gone.task is not None:
+                self._leaving[name] = gone.task
         for name in changed:
             old = self._loops[name]
             self._retire(old)
