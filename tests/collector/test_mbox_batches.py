@@ -58,7 +58,7 @@ def entries(mbox: Path) -> list[tuple[bytes, bytes]]:
 def test_the_from_line_names_return_path_else_from_else_mailer_daemon() -> None:
     assert envelope_sender(sample(1)) == "bounce1@lists.example"
     assert envelope_sender(b"Return-Path: <>\r\nFrom: A <a@x.org>\r\n\r\n") == "a@x.org"
-    folded = b"Subject: s\r\nFrom: \"Long, Name\"\r\n <folded@x.org>\r\n\r\nFrom: b@y\r\n"
+    folded = b'Subject: s\r\nFrom: "Long, Name"\r\n <folded@x.org>\r\n\r\nFrom: b@y\r\n'
     assert envelope_sender(folded) == "folded@x.org"
     # Only the header block counts, and nothing that is not one word.
     assert envelope_sender(b"Subject: s\r\n\r\nReturn-Path: <late@x.org>\r\n") == "MAILER-DAEMON"
