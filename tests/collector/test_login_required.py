@@ -178,11 +178,6 @@ def test_status_exits_3_and_names_the_fix_until_a_poll_succeeds(
 
 
 @pytest.mark.interop
-@pytest.mark.xfail(
-    strict=True,
-    reason="the refresh-token provider reports a revoked login as OAuthLoginRequired "
-    "in a change of its own; once it does, this passes (drop the mark)",
-)
 def test_fetch_exits_3_when_the_stored_refresh_token_was_revoked(
     dovecot: DovecotServer, tls_files: Any, auth_server: FakeAuthServer, tmp_path: Path
 ) -> None:
@@ -206,3 +201,6 @@ def test_fetch_exits_3_when_the_stored_refresh_token_was_revoked(
     result = CliRunner().invoke(fetch_command, ["--config", str(config)])
     assert "popbox oauth login" in result.output
     assert result.exit_code == EXIT_LOGIN_REQUIRED
+    shown = CliRunner().invoke(fetch_command, ["--config", str(config), "--status"])
+    assert "LOGIN NEEDED" in shown.output
+    assert shown.exit_code == EXIT_LOGIN_REQUIRED
