@@ -22,7 +22,7 @@ from popbox.collector.scheduler import next_delay
 from popbox.collector.sinks.maildir import MaildirSink
 from popbox.collector.state import StateDB
 from popbox.collector.tokens import StaticTokenProvider, TokenProvider
-from popbox.errors import OAuthLoginRequired, TemporarySinkError
+from popbox.errors import OAuthLoginRequired, SinkUnavailable, TemporarySinkError
 from support.dovecot import DovecotServer
 from support.fakepop import FakePop
 from support.fetch import (
@@ -140,6 +140,28 @@ async def test_a_sink_whose_login_died_fails_the_run_not_the_messages(
     assert again.ok
     assert again.delivered == 4
     assert len(fake.deleted) == 4
+
+
+class UnreachableSink(SignedOutSink):
+    """A sink whose server refuses everything for now (a permission missing, down)."""
+
+    async def deliver(self, message: FetchedMessage) -> None:
+        self.calls += 1
+        raise SinkUnavailable("unreachable: 403 insufficient authentication scopes")
+
+
+async def test_a_sink_that_takes_nothing_fails_the_run_and_no_message_is_quarantined(
+    fake: FakePop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(fake, tmp_path, monkeypatch, max_attempts=1, delete="after_delivery")
+    sink = UnreachableSink(wrapped=False)
+    result = await poll(settings, sinks=[sink])
+    assert not result.ok
+    assert not result.login_required
+    assert "insufficient authentication scopes" in (result.error or "")
+    assert (result.delivered, result.quarantined) == (0, 0)
+    assert sink.calls == 1
+    assert fake.deleted == set()
 
 
 def test_status_exits_3_and_names_the_fix_until_a_poll_succeeds(
