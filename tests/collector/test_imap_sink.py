@@ -27,7 +27,7 @@ from popbox.collector.config import FetchSettings
 from popbox.collector.oauth import TokenFile
 from popbox.collector.sinks import SinkContext, build_sink
 from popbox.collector.sinks.imap import ImapSink, id_header_value
-from popbox.errors import ConfigError, TemporarySinkError
+from popbox.errors import ConfigError, PermanentSinkError, TemporarySinkError
 from support.dovecot import DovecotServer, imap_skip_reason, start_dovecot
 from support.fetch import account_entry, fetch_settings, message, run_fetch, write_fetch_config
 from support.oauth import CLIENT_ID, FakeAuthServer
@@ -297,6 +297,50 @@ async def test_a_batch_spreads_over_several_connections(
     finally:
         await sink.close()
     assert imap_dovecot.folder_messages("bob") == sorted(with_id(m) for m in items)
+
+
+async def test_a_dropped_connection_is_reopened(
+    imap_dovecot: DovecotServer, tls_files: Any, tmp_path: Path
+) -> None:
+    sink = make_sink(tmp_path, imap_dovecot, imap_sink_entry(imap_dovecot, tls_files))
+    items = [fetched(tmp_path, message(n), f"u{n}") for n in range(3)]
+    try:
+        await sink.deliver(items[0])
+        imap_dovecot.kick("bob")  # the pooled connection is gone (a server restart)
+        await sink.deliver_batch(items[1:])
+    finally:
+        await sink.close()
+    assert imap_dovecot.folder_messages("bob") == sorted(with_id(m) for m in items)
+
+
+# Dovecot's quota plugin: a size limit per message and a storage limit per user.
+QUOTA_CONFIG = """
+mail_plugins = $mail_plugins quota
+plugin {
+  quota = count:User quota
+  quota_vsizes = yes
+  quota_max_mail_size = 64k
+  quota_rule = *:storage=100k
+}
+"""
+
+
+async def test_too_big_is_permanent_and_over_quota_temporary(
+    tls_files: Any, shared_tmp: Path, tmp_path: Path
+) -> None:
+    server = _start(shared_tmp / "dovecot", tls_files, QUOTA_CONFIG)
+    sink = make_sink(tmp_path, server, imap_sink_entry(server, tls_files))
+    try:
+        with pytest.raises(PermanentSinkError, match="too big"):
+            await sink.deliver(fetched(tmp_path, message(0, b"x" * 70 * 1024), "big"))
+        # Two messages of 60 KiB: the second is over the user's 100 KiB.
+        await sink.deliver(fetched(tmp_path, message(1, b"y" * 60 * 1024), "u1"))
+        with pytest.raises(TemporarySinkError, match="over quota"):
+            await sink.deliver(fetched(tmp_path, message(2, b"z" * 60 * 1024), "u2"))
+    finally:
+        await sink.close()
+        server.stop()
+    assert len(server.folder_messages("bob")) == 1
 
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])

@@ -29,6 +29,7 @@ from support.ports import free_port
 __all__ = ["DovecotServer", "dovecot_skip_reason", "imap_skip_reason", "start_dovecot"]
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 # Present when dovecot-imapd is installed: the server then speaks IMAP as well.
 IMAP_BINARY = "/usr/lib/dovecot/imap"
 # Dovecot refuses uid 0 for mail access; Debian's "mail" user owns the test Maildirs.
@@ -128,6 +129,12 @@ class DovecotServer:
             for sub in ("new", "cur")
             if (box / sub).is_dir()
             for p in (box / sub).iterdir()
+        )
+
+    def kick(self, user: str) -> None:
+        """Drop every session of ``user`` (``doveadm kick``), as a server restart would."""
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_path), "kick", user], capture_output=True, check=True
         )
 
     def log(self) -> str:

@@ -20,8 +20,9 @@ Outcomes:
   ``create_folder`` off), ``NO [OVERQUOTA]`` and any other refusal: TemporarySinkError
   (the messages stay on the POP3 server; a changed password must not quarantine mail);
   a lost connection is reopened once before giving up;
-- ``NO [TOOBIG]``, or a message over the server's ``APPENDLIMIT`` (RFC 7889, checked
-  before sending): PermanentSinkError (quarantine).
+- ``NO [TOOBIG]`` or ``NO [LIMIT]`` (Dovecot's answer to a message over its size
+  limit), or a message over the server's ``APPENDLIMIT`` (RFC 7889, checked before
+  sending): PermanentSinkError (quarantine).
 
 Passwords and tokens never reach logs or error text: errors quote the server's
 answers only.
@@ -410,7 +411,9 @@ class ImapSink:
 
     def _refusal(self, exc: _Refused) -> SinkError:
         folder = self.settings.folder
-        if exc.code == "TOOBIG":
+        if exc.code in ("TOOBIG", "LIMIT"):
+            # TOOBIG (RFC 7889), or LIMIT (RFC 5530) as Dovecot answers a message over
+            # its size limit: the same message will never fit.
             return PermanentSinkError(
                 f"{self.name}: the server refuses the message as too big: {exc}"
             )
