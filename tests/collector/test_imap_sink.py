@@ -441,6 +441,9 @@ async def test_a_wrong_password_is_temporary_and_never_shown(
     try:
         with pytest.raises(TemporarySinkError, match="login as bob refused") as raised:
             await sink.deliver(fetched(tmp_path, message(1), "u1"))
+        # The rest of the poll fails at once, without knocking on the server again.
+        with pytest.raises(TemporarySinkError, match="login as bob refused"):
+            await sink.deliver(fetched(tmp_path, message(2), "u2"))
     finally:
         await sink.close()
     assert "wrong-Pa55word" not in str(raised.value)

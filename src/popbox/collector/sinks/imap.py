@@ -259,6 +259,9 @@ class ImapSink:
         self._slots = asyncio.Semaphore(settings.connections)
         self._appended = _KeyMemory()
         self._uncertain = _KeyMemory()
+        # Why the server refused our login, once it did: the rest of this poll fails
+        # fast instead of knocking again for every message (servers lock accounts out).
+        self._login_refused: str | None = None
         self._context = (
             client_tls_context(
                 settings.ca_file,
@@ -511,6 +514,8 @@ class ImapSink:
             self._idle.append(connection)
 
     async def _open(self) -> _Connection:
+        if self._login_refused is not None:
+            raise TemporarySinkError(self._login_refused)
         settings = self.settings
         host = settings.host
         try:
@@ -577,9 +582,8 @@ class ImapSink:
         try:
             await connection.call(login, connection, secret)
         except (LoginError, _Refused) as exc:
-            raise TemporarySinkError(
-                f"{self.name}: login as {self.settings.username} refused: {exc}"
-            ) from exc
+            self._login_refused = f"{self.name}: login as {self.settings.username} refused: {exc}"
+            raise TemporarySinkError(self._login_refused) from exc
 
     def _password_login(self, connection: _Connection, password: str) -> None:
         client = connection.client
