@@ -10,6 +10,7 @@ server about every token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -313,6 +314,68 @@ async def test_a_dropped_connection_is_reopened(
     assert imap_dovecot.folder_messages("bob") == sorted(with_id(m) for m in items)
 
 
+class ReplyHolder:
+    """A TCP relay to Dovecot that can stop passing the server's answers on while it
+    still passes what the client sends: an APPEND the server stores but whose answer
+    never arrives (a link that died at the worst moment)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.hold = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ReplyHolder:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _relay(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: bool
+        ) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    if not (held and self.hold):
+                        sink.write(data)
+                        await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(client_in, server_out, False), pump(server_in, client_out, True))
+
+
+async def test_an_append_whose_answer_was_lost_is_looked_up_before_it_is_sent_again(
+    imap_dovecot: DovecotServer, tls_files: Any, tmp_path: Path
+) -> None:
+    """The server stored the message but its answer never came (the poll engine's
+    timeout gave up): the retry, even as the same attempt, finds it and stops there."""
+    items = [fetched(tmp_path, message(n), f"u{n}") for n in range(2)]
+    async with ReplyHolder(imap_dovecot.imaps_port) as relay:
+        entry = imap_sink_entry(imap_dovecot, tls_files, port=relay.port)
+        sink = make_sink(tmp_path, imap_dovecot, entry)
+        try:
+            await sink.deliver(items[0])
+            relay.hold = True
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sink.deliver(items[1]), 2.0)
+            while len(imap_dovecot.folder_messages("bob")) < 2:  # stored all the same
+                await asyncio.sleep(0.05)
+            relay.hold = False
+            await sink.deliver(items[1])
+        finally:
+            await sink.close()
+    assert imap_dovecot.folder_messages("bob") == sorted(with_id(m) for m in items)
+
+
 # Dovecot's quota plugin: a size limit per message and a storage limit per user.
 QUOTA_CONFIG = """
 mail_plugins = $mail_plugins quota
@@ -371,6 +434,19 @@ async def test_a_certificate_from_another_ca_is_refused(
     sink = make_sink(tmp_path, imap_dovecot, entry)
     try:
         with pytest.raises(TemporarySinkError, match="certificate verify failed"):
+            await sink.deliver(fetched(tmp_path, message(1), "u1"))
+    finally:
+        await sink.close()
+    assert imap_dovecot.folder_messages("bob") == []
+
+
+async def test_tls_server_name_is_the_name_checked(
+    imap_dovecot: DovecotServer, tls_files: Any, tmp_path: Path
+) -> None:
+    entry = imap_sink_entry(imap_dovecot, tls_files, tls_server_name="other.example")
+    sink = make_sink(tmp_path, imap_dovecot, entry)
+    try:
+        with pytest.raises(TemporarySinkError, match=r"other\.example"):
             await sink.deliver(fetched(tmp_path, message(1), "u1"))
     finally:
         await sink.close()

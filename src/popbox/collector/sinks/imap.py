@@ -458,7 +458,9 @@ class ImapSink:
         client = connection.client
         folder = self.settings.folder
         flags = list(self.settings.flags)
-        if connection.multiappend and len(items) > 1:
+        if connection.multiappend:
+            # Even for one message: IMAPClient sends MULTIAPPEND literals with LITERAL+
+            # (one round trip), imaplib's own APPEND waits for the continuation.
             batch: list[dict[str, Any]] = []
             for item in items:
                 entry: dict[str, Any] = {"msg": item.data, "flags": flags}
