@@ -361,6 +361,9 @@ class ImapSink:
                 if attempt == 2:
                     raise TemporarySinkError(f"{self.name}: connection lost: {exc}") from exc
                 log.info("imap connection lost sink=%s: %s; reconnecting", self.name, exc)
+            except (_Refused, imaplib.IMAP4.error) as exc:
+                # A NO or BAD outside APPEND (SEARCH, CAPABILITY): the server's trouble.
+                raise TemporarySinkError(f"{self.name}: {exc}") from exc
             finally:
                 if connection is not None:
                     await self._give_back(connection)
