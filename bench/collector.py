@@ -34,7 +34,7 @@ from typing import Final
 from bench import dataset as ds
 from bench import servers
 
-__all__ = ["run_comparison"]
+__all__ = ["run_comparison", "start_proxy"]
 
 CLIENTS: Final = ("popbox fetch", "mpop", "getmail6", "fetchmail")
 # A client that has not finished in this time is stuck; the figure is reported missing.
@@ -161,7 +161,7 @@ BUILDERS: Final[dict[str, Callable[[Path, int, str, str, Path], list[str]]]] = {
 }
 
 
-def _start_proxy(target: int, delay_ms: float) -> tuple[subprocess.Popen[bytes], int]:
+def start_proxy(target: int, delay_ms: float) -> tuple[subprocess.Popen[bytes], int]:
     port = servers.free_port()
     repo = Path(__file__).resolve().parent.parent
     proxy = subprocess.Popen(
@@ -260,7 +260,7 @@ def run_comparison(dataset: ds.Dataset, work: Path, *, quick: bool = False,
         shutil.rmtree(runs)
     count = 0
     try:
-        proxy, proxy_port = _start_proxy(server.pop3_port, 10.0)
+        proxy, proxy_port = start_proxy(server.pop3_port, 10.0)
         for rep in range(reps):
             for link, port in (("loopback", server.pop3_port), ("20 ms RTT", proxy_port)):
                 if link not in links:

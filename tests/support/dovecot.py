@@ -1,10 +1,14 @@
-"""A real, private Dovecot POP3 server on loopback for tests, in a temporary directory.
+"""A real, private Dovecot POP3 (and IMAP) server on loopback for tests, in a temporary
+directory.
 
-Dovecot comes from Debian's dovecot-core and dovecot-pop3d packages. The server gets
-its own dovecot.conf (base_dir, state, logs and mail all under the temp directory),
-TLS with the test CA's certificate, a passwd-file of test users and Maildirs that the
-tests fill directly. It must run as root (Dovecot switches users itself); otherwise
-the tests that need it skip with the reason.
+Dovecot comes from Debian's dovecot-core, dovecot-pop3d and dovecot-imapd packages. The
+server gets its own dovecot.conf (base_dir, state, logs and mail all under the temp
+directory), TLS with the test CA's certificate, a passwd-file of test users and
+Maildirs that the tests fill directly. With dovecot-imapd installed it also serves IMAP
+(``imap_port``: plaintext with STARTTLS, ``imaps_port``: implicit TLS), so the IMAP
+sink has a real destination; ``folder_messages`` reads what a user's folder holds.
+It must run as root (Dovecot switches users itself); otherwise the tests that need it
+skip with the reason.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import pytest
 
 from support.ports import free_port
 
-__all__ = ["DovecotServer", "dovecot_skip_reason", "start_dovecot"]
+__all__ = ["DovecotServer", "dovecot_skip_reason", "imap_skip_reason", "start_dovecot"]
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
+# Present when dovecot-imapd is installed: the server then speaks IMAP as well.
+IMAP_BINARY = "/usr/lib/dovecot/imap"
 # Dovecot refuses uid 0 for mail access; Debian's "mail" user owns the test Maildirs.
 MAIL_USER = "mail"
 
@@ -50,6 +57,14 @@ def dovecot_skip_reason() -> str | None:
     return None
 
 
+def imap_skip_reason() -> str | None:
+    """Why the private Dovecot cannot serve IMAP here, or None."""
+    reason = dovecot_skip_reason()
+    if reason is None and not Path(IMAP_BINARY).exists():
+        reason = "dovecot-imapd is not installed"
+    return reason
+
+
 @dataclass
 class DovecotServer:
     root: Path
@@ -59,6 +74,10 @@ class DovecotServer:
     passwords: dict[str, str] = field(default_factory=dict)
     stored: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    imap_port: int = 0
+    """IMAP with STARTTLS (0: no IMAP, dovecot-imapd missing)."""
+    imaps_port: int = 0
+    """IMAP over implicit TLS (0: no IMAP)."""
     _sequence: int = 0
 
     @property
@@ -95,6 +114,29 @@ class DovecotServer:
         box = self.maildir(user)
         return sorted(p for sub in ("new", "cur") for p in (box / sub).iterdir())
 
+    def folder_path(self, user: str, folder: str = "INBOX") -> Path:
+        """The Maildir of ``user``'s IMAP ``folder`` (Maildir++: ``.Folder``)."""
+        if folder.upper() == "INBOX":
+            return self.maildir(user)
+        return self.maildir(user) / ("." + folder.replace("/", "."))
+
+    def folder_messages(self, user: str, folder: str = "INBOX") -> list[bytes]:
+        """Every message in ``user``'s ``folder`` as stored (IMAP saves keep CRLF),
+        sorted by content; empty when the folder does not exist."""
+        box = self.folder_path(user, folder)
+        return sorted(
+            p.read_bytes()
+            for sub in ("new", "cur")
+            if (box / sub).is_dir()
+            for p in (box / sub).iterdir()
+        )
+
+    def kick(self, user: str) -> None:
+        """Drop every session of ``user`` (``doveadm kick``), as a server restart would."""
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_path), "kick", user], capture_output=True, check=True
+        )
+
     def log(self) -> str:
         path = self.root / "dovecot.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -117,7 +159,7 @@ base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.log
-protocols = pop3
+protocols = {"pop3 imap" if server.imap_port else "pop3"}
 listen = 127.0.0.1
 ssl = yes
 ssl_cert = <{cert}
@@ -148,7 +190,31 @@ service pop3-login {{
     ssl = yes
   }}
 }}
+{_imap_config(server)}
 {extra}
+"""
+
+
+def _imap_config(server: DovecotServer) -> str:
+    if not server.imap_port:
+        return ""
+    # mail_save_crlf: messages appended over IMAP are stored byte for byte as sent, so
+    # tests compare Maildir files with what the client appended.
+    return f"""
+protocol imap {{
+  mail_save_crlf = yes
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {server.imap_port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {server.imaps_port}
+    ssl = yes
+  }}
+}}
 """
 
 
@@ -172,6 +238,8 @@ def start_dovecot(root: Path, cert: Path, key: Path, extra_config: str = "") -> 
     for sub in ("run", "state", "mail", "home"):
         (root / sub).mkdir(exist_ok=True)
     server = DovecotServer(root=root, pop3_port=free_port(), pop3s_port=free_port())
+    if Path(IMAP_BINARY).exists():
+        server.imap_port, server.imaps_port = free_port(), free_port()
     (root / "passwd").write_text("")
     server.config_path.write_text(_config(server, cert, key, extra_config))
     check = subprocess.run(
@@ -191,7 +259,8 @@ def start_dovecot(root: Path, cert: Path, key: Path, extra_config: str = "") -> 
             err = (root / "stderr.log").read_text(errors="replace")
             raise RuntimeError(f"dovecot exited: {err}\n{server.log()}")
         try:
-            for port in (server.pop3_port, server.pop3s_port):
+            ports = (server.pop3_port, server.pop3s_port, server.imap_port, server.imaps_port)
+            for port in filter(None, ports):
                 socket.create_connection(("127.0.0.1", port), 1).close()
             return server
         except OSError:

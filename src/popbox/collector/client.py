@@ -27,6 +27,7 @@ from typing import Final, ParamSpec
 from scramp import ScramClient, ScramException
 
 from popbox.collector.config import AccountSettings
+from popbox.collector.tls import certificate_matches, client_tls_context
 from popbox.collector.tokens import TokenProvider
 from popbox.errors import CollectorError, ProtocolError, RemoteServerError
 from popbox.proto.client import (
@@ -125,18 +126,7 @@ class Downloaded:
 
 def tls_context(account: AccountSettings) -> ssl.SSLContext:
     """Verifying TLS context for the account; fingerprint pinning replaces the CA check."""
-    if account.tls_fingerprint is not None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        # The chain is not consulted: the fingerprint check after the handshake is
-        # stricter than any CA (mpop's tls_fingerprint works the same way).
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context(
-            cafile=str(account.ca_file) if account.ca_file else None
-        )
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    return client_tls_context(account.ca_file, account.tls_fingerprint)
 
 
 class Pop3Session:
@@ -204,7 +194,7 @@ class Pop3Session:
             return
         ssl_object = self._writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        if not der or hashlib.sha256(der).hexdigest() != expected:
+        if not certificate_matches(der, expected):
             raise RemoteServerError("server certificate does not match tls_fingerprint")
 
     async def _read_capabilities(self) -> None:
