@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,28 +30,12 @@ from support.fetch import (
     run_fetch,
     tls_fields,
 )
-from support.gmailapi import TOKEN, GmailApi, serve_gmail
-
-TOKEN_COMMAND = f"{sys.executable} -c \"print('{TOKEN}')\""
+from support.gmailapi import TOKEN, GmailApi, gmail_sink_toml, serve_gmail, sink_table
 
 
 @pytest.fixture
 def gmail(server_context: ssl.SSLContext) -> Iterator[GmailApi]:
     yield from serve_gmail(GmailApi(), server_context)
-
-
-def sink_table(gmail: GmailApi, ca: Path, **fields: Any) -> dict[str, Any]:
-    table: dict[str, Any] = {
-        "kind": "gmail",
-        "api_base": gmail.url,
-        "ca_file": str(ca),
-        "oauth": {
-            "token_source": "command", "token_command": TOKEN_COMMAND, "provider": "google"
-        },
-        "imports_per_second": 1000.0,
-    }
-    table.update(fields)
-    return table
 
 
 def make_sink(
@@ -65,8 +48,13 @@ def make_sink(
 
 def fetched(raw: bytes, uidl: str = "u1", attempt: int = 1) -> FetchedMessage:
     return FetchedMessage(
-        "alice", uidl, len(raw), hashlib.sha256(raw).hexdigest(), Path("/nonexistent"),
-        data=raw, attempt=attempt,
+        "alice",
+        uidl,
+        len(raw),
+        hashlib.sha256(raw).hexdigest(),
+        Path("/nonexistent"),
+        data=raw,
+        attempt=attempt,
     )
 
 
@@ -85,9 +73,11 @@ async def test_labels_are_created_once_and_applied_with_the_query_parameters(
 ) -> None:
     receipts = gmail.add_user_label("Receipts")
     sink, _ = make_sink(
-        gmail, tls_files,
+        gmail,
+        tls_files,
         labels=["INBOX", "unread", "receipts", "Work/Popbox"],
-        never_mark_spam=True, process_for_calendar=True,
+        never_mark_spam=True,
+        process_for_calendar=True,
     )
     try:
         await sink.deliver(fetched(DATED, "u1"))
@@ -104,8 +94,10 @@ async def test_labels_are_created_once_and_applied_with_the_query_parameters(
     for item in stored:
         assert item.label_ids == ["INBOX", "UNREAD", receipts, work["id"]]
         assert item.params == {
-            "uploadType": "multipart", "internalDateSource": "dateHeader",
-            "neverMarkSpam": "true", "processForCalendar": "true",
+            "uploadType": "multipart",
+            "internalDateSource": "dateHeader",
+            "neverMarkSpam": "true",
+            "processForCalendar": "true",
         }
     # dateHeader: Gmail files the message under its Date, not under the import time.
     assert stored[0].internal_date == 1796116830000
@@ -115,8 +107,14 @@ async def test_labels_are_created_once_and_applied_with_the_query_parameters(
 async def test_a_label_created_meanwhile_by_another_client_is_used(
     gmail: GmailApi, tls_files: Any
 ) -> None:
-    gmail.fail("labels", status=409, reason="duplicate", message="Label name exists",
-               match=b"Team", then=lambda: gmail.add_user_label("Team"))
+    gmail.fail(
+        "labels",
+        status=409,
+        reason="duplicate",
+        message="Label name exists",
+        match=b"Team",
+        then=lambda: gmail.add_user_label("Team"),
+    )
     sink, _ = make_sink(gmail, tls_files, labels=["Team"])
     try:
         await sink.deliver(fetched(mail(1)))
@@ -172,8 +170,9 @@ async def test_an_upload_whose_answer_is_lost_is_not_sent_again(
 
 async def test_rate_limits_and_server_errors_are_retried(gmail: GmailApi, tls_files: Any) -> None:
     gmail.fail("import", status=429, reason="rateLimitExceeded", retry_after="0", times=2)
-    gmail.fail("import", status=403, reason="userRateLimitExceeded",
-               message="User Rate Limit Exceeded")
+    gmail.fail(
+        "import", status=403, reason="userRateLimitExceeded", message="User Rate Limit Exceeded"
+    )
     gmail.fail("import", status=500)
     gmail.fail("labels", status=503, retry_after="0")
     sink, _ = make_sink(gmail, tls_files)
@@ -237,11 +236,15 @@ async def test_a_token_refused_after_refresh_is_a_temporary_failure_without_the_
 
 
 async def test_missing_scopes_are_named(gmail: GmailApi, tls_files: Any) -> None:
-    gmail.fail("labels", status=403, reason="insufficientPermissions",
-               message="Request had insufficient authentication scopes.")
+    gmail.fail(
+        "labels",
+        status=403,
+        reason="insufficientPermissions",
+        message="Request had insufficient authentication scopes.",
+    )
     sink, _ = make_sink(gmail, tls_files)
     try:
-        with pytest.raises(TemporarySinkError, match="gmail.insert") as caught:
+        with pytest.raises(TemporarySinkError, match=r"gmail\.insert") as caught:
             await sink.deliver(fetched(mail(1)))
     finally:
         await sink.close()
@@ -322,8 +325,7 @@ async def test_a_message_without_message_id_gets_one_it_can_be_found_by(
     [stored] = gmail.messages.values()
     marker = popbox_id(fetched(raw))
     assert stored.raw == (
-        f"X-Popbox-Id: {marker}\r\nMessage-ID: <popbox.{marker}@popbox.invalid>\r\n".encode()
-        + raw
+        f"X-Popbox-Id: {marker}\r\nMessage-ID: <popbox.{marker}@popbox.invalid>\r\n".encode() + raw
     )
 
 
@@ -336,8 +338,9 @@ async def test_a_message_gmail_refuses_is_quarantined_and_the_rest_imported(
 ) -> None:
     for index in range(4):
         dovecot.add_message("alice", message(index))
-    gmail.fail("import", status=400, message="Invalid To header", match=b"Subject: message 1",
-               times=10)
+    gmail.fail(
+        "import", status=400, message="Invalid To header", match=b"Subject: message 1", times=10
+    )
     settings = make_settings(dovecot, sinks=[sink_table(gmail, tls_files.ca)])
     result = await poll(settings)
     assert result.ok, result.error
@@ -362,8 +365,9 @@ def test_popbox_fetch_moves_a_dovecot_mailbox_into_gmail(
     for body in bodies:
         dovecot.add_message("alice", body)
     config = tmp_path / "popbox.toml"
-    entry = account_entry(dovecot.pop3s_port, tmp_path / "unused", **tls_fields(tls_files.ca),
-                          delete="after_delivery")
+    entry = account_entry(
+        dovecot.pop3s_port, tmp_path / "unused", **tls_fields(tls_files.ca), delete="after_delivery"
+    )
     del entry["sinks"]
     config.write_text(
         fetch_toml(entry, state_dir=str(tmp_path / "state"))
@@ -381,11 +385,14 @@ def test_popbox_fetch_moves_a_dovecot_mailbox_into_gmail(
         assert rest.replace(b"\r\n", b"\n") in bodies
 
 
-def gmail_sink_toml(gmail: GmailApi, ca: Path, **fields: Any) -> str:
-    """One ``[[fetch.accounts.sinks]]`` table of kind gmail with its ``[oauth]``, for the
-    account written just before it."""
-    table = sink_table(gmail, ca, **fields)
-    oauth = table.pop("oauth")
-    body = fetch_toml(**table).split("\n", 1)[1]  # the pairs, without "[fetch]"
-    oauth_body = fetch_toml(**oauth).split("\n", 1)[1]
-    return f"\n[[fetch.accounts.sinks]]\n{body}\n[fetch.accounts.sinks.oauth]\n{oauth_body}"
+async def test_an_unsearchable_message_id_is_kept_and_no_second_one_added(
+    gmail: GmailApi, tls_files: Any
+) -> None:
+    raw = b"From: a@example.com\r\nMessage-ID: <two words@example.com>\r\n\r\nbody\r\n"
+    sink, _ = make_sink(gmail, tls_files)
+    try:
+        await sink.deliver(fetched(raw))
+    finally:
+        await sink.close()
+    [stored] = gmail.messages.values()
+    assert stored.raw == f"X-Popbox-Id: {popbox_id(fetched(raw))}\r\n".encode() + raw

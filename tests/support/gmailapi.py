@@ -30,6 +30,7 @@ import json
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -38,15 +39,30 @@ from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from support.fetch import fetch_toml
 from support.oauth import FakeAuthServer
 
 TOKEN = "gmail-test-token"
+# A token_command for the sink's [oauth] table that prints TOKEN.
+TOKEN_COMMAND = f"{sys.executable} -c \"print('{TOKEN}')\""
 
 SYSTEM_LABELS = (
-    "INBOX", "UNREAD", "STARRED", "IMPORTANT", "SENT", "DRAFT", "SPAM", "TRASH", "CHAT",
-    "CATEGORY_PERSONAL", "CATEGORY_SOCIAL", "CATEGORY_PROMOTIONS", "CATEGORY_UPDATES",
+    "INBOX",
+    "UNREAD",
+    "STARRED",
+    "IMPORTANT",
+    "SENT",
+    "DRAFT",
+    "SPAM",
+    "TRASH",
+    "CHAT",
+    "CATEGORY_PERSONAL",
+    "CATEGORY_SOCIAL",
+    "CATEGORY_PROMOTIONS",
+    "CATEGORY_UPDATES",
     "CATEGORY_FORUMS",
 )
 _BOOLEAN = ("true", "false")
@@ -234,8 +250,14 @@ def error_document(status: int, message: str, reason: str | None = None) -> dict
 
 def _check_import_params(query: dict[str, list[str]], upload_type: str) -> dict[str, str]:
     params = {key: values[-1] for key, values in query.items()}
-    allowed = {"uploadType", "internalDateSource", "neverMarkSpam", "processForCalendar",
-               "deleted", "alt"}
+    allowed = {
+        "uploadType",
+        "internalDateSource",
+        "neverMarkSpam",
+        "processForCalendar",
+        "deleted",
+        "alt",
+    }
     unknown = set(params) - allowed
     if unknown:
         raise ApiError(400, f"Invalid JSON payload received. Unknown name {sorted(unknown)}")
@@ -307,7 +329,9 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
         protocol_version = "HTTP/1.1"
 
         def _reply(
-            self, status: int, document: dict[str, Any] | None,
+            self,
+            status: int,
+            document: dict[str, Any] | None,
             headers: dict[str, str] | None = None,
         ) -> None:
             body = json.dumps(document).encode() if document is not None else b""
@@ -345,8 +369,11 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
                 # A "cut" fault decides before the body is read; the others after.
                 with api.lock:
                     peek_fault = next(
-                        (f for f in api.faults
-                         if f.kind == "cut" and f.times > 0 and f.endpoint == endpoint),
+                        (
+                            f
+                            for f in api.faults
+                            if f.kind == "cut" and f.times > 0 and f.endpoint == endpoint
+                        ),
                         None,
                     )
                     if peek_fault is not None:
@@ -355,15 +382,25 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
             if body is None:
                 self._drop()
                 return
+            if len(body) < length:
+                # The client went away mid-body (killed): Google keeps the part of a
+                # resumable upload that arrived, and acts on nothing else.
+                if endpoint == "upload":
+                    self._keep_partial(path, body)
+                return
             if not api.token_ok(self.headers.get("Authorization")):
-                self._reply(401, error_document(401, "Invalid Credentials"),
-                            {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'})
+                self._reply(
+                    401,
+                    error_document(401, "Invalid Credentials"),
+                    {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
+                )
                 return
             fault = api.take_fault(endpoint, body)
             if fault is not None and fault.kind == "status":
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-                self._reply(fault.status, error_document(fault.status, fault.message,
-                                                         fault.reason), headers)
+                self._reply(
+                    fault.status, error_document(fault.status, fault.message, fault.reason), headers
+                )
                 return
             try:
                 status, document, headers = self._dispatch(method, path, query, body)
@@ -400,6 +437,16 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
             if method == "GET" and path.startswith(f"{prefix}/messages/"):
                 return self._get(path.rsplit("/", 1)[1], query)
             raise ApiError(404, "Not Found")
+
+        def _keep_partial(self, path: str, body: bytes) -> None:
+            with api.lock:
+                session = api.sessions.get(path.rsplit("/", 1)[1])
+                range_start = re.fullmatch(
+                    r"bytes (\d+)-\d+/\d+", self.headers.get("Content-Range", "")
+                )
+                start = int(range_start.group(1)) if range_start else 0
+                if session is not None and session.done is None and start == len(session.received):
+                    session.received += body
 
         def _start_session(
             self, query: dict[str, list[str]], body: bytes
@@ -464,8 +511,9 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
             if not isinstance(name, str) or not name:
                 raise ApiError(400, "Invalid label name")
             with api.lock:
-                taken = any(label["name"].casefold() == name.casefold()
-                            for label in api.labels.values())
+                taken = any(
+                    label["name"].casefold() == name.casefold() for label in api.labels.values()
+                )
                 if taken:
                     raise ApiError(409, "Label name exists or conflicts", "duplicate")
                 label_id = api.add_user_label(name)
@@ -506,18 +554,20 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
                 raise ApiError(404, "Requested entity was not found.")
             names = query.get("metadataHeaders", [])
             headers = [
-                {"name": name, "value": value}
-                for name in names
-                for value in stored.header(name)
+                {"name": name, "value": value} for name in names for value in stored.header(name)
             ]
-            return 200, {
-                **api.resource(stored),
-                "snippet": "",
-                "sizeEstimate": len(stored.raw) + 17,  # an estimate, as Gmail says
-                "historyId": "1",
-                "internalDate": str(stored.internal_date),
-                "payload": {"mimeType": "text/plain", "headers": headers},
-            }, {}
+            return (
+                200,
+                {
+                    **api.resource(stored),
+                    "snippet": "",
+                    "sizeEstimate": len(stored.raw) + 17,  # an estimate, as Gmail says
+                    "historyId": "1",
+                    "internalDate": str(stored.internal_date),
+                    "payload": {"mimeType": "text/plain", "headers": headers},
+                },
+                {},
+            )
 
         def do_GET(self) -> None:
             self._handle("GET")
@@ -531,8 +581,7 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
+    httpd = _Server(("127.0.0.1", 0), Handler)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -545,6 +594,15 @@ def serve_gmail(api: GmailApi, context: ssl.SSLContext) -> Iterator[GmailApi]:
         thread.join(timeout=5)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client killed mid-request (the crash tests) is expected, not a failure.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 def _endpoint(method: str, path: str, prefix: str) -> str:
     if path.startswith("/upload/gmail/"):
         return "import"
@@ -555,3 +613,26 @@ def _endpoint(method: str, path: str, prefix: str) -> str:
     if path == f"{prefix}/messages":
         return "list"
     return "get"
+
+
+def sink_table(api: GmailApi, ca: Path, **fields: Any) -> dict[str, Any]:
+    """A ``kind = "gmail"`` sink table for ``api`` (token from TOKEN_COMMAND, unpaced)."""
+    table: dict[str, Any] = {
+        "kind": "gmail",
+        "api_base": api.url,
+        "ca_file": str(ca),
+        "oauth": {"token_source": "command", "token_command": TOKEN_COMMAND, "provider": "google"},
+        "imports_per_second": 1000.0,
+    }
+    table.update(fields)
+    return table
+
+
+def gmail_sink_toml(api: GmailApi, ca: Path, **fields: Any) -> str:
+    """``sink_table`` as TOML: one ``[[fetch.accounts.sinks]]`` table with its
+    ``[fetch.accounts.sinks.oauth]``, for the account written just before it."""
+    table = sink_table(api, ca, **fields)
+    oauth = table.pop("oauth")
+    body = fetch_toml(**table).split("\n", 1)[1]  # the pairs, without "[fetch]"
+    oauth_body = fetch_toml(**oauth).split("\n", 1)[1]
+    return f"\n[[fetch.accounts.sinks]]\n{body}\n[fetch.accounts.sinks.oauth]\n{oauth_body}"

@@ -16,7 +16,9 @@ mailbox before importing it again:
   ``X-Popbox-Id: <first 32 hex digits of SHA-256(idempotency key)>``; a message without
   a Message-ID also gets ``Message-ID: <popbox.<same hex>@popbox.invalid>``, because
   Gmail can search by Message-ID (``rfc822msgid:``) but not by any other header. A
-  candidate counts when its ``X-Popbox-Id`` (``format=metadata``) is ours.
+  candidate counts when its ``X-Popbox-Id`` (``format=metadata``) is ours. A
+  Message-ID that search cannot take as one term (spaces, quotes) is left alone, and
+  such a message, like one in message_id mode without a Message-ID, is not looked up.
 - ``identify = "message_id"``: the bytes stay untouched. A candidate with the same
   Message-ID counts when its internal date is the message's Date (with
   ``internal_date_source = "dateHeader"``, the import sets it so); with
@@ -73,9 +75,18 @@ log = logging.getLogger(__name__)
 # is Gmail's own; SENT, SPAM and TRASH are allowed (a migration may want them).
 SYSTEM_LABELS: Final = frozenset(
     {
-        "INBOX", "UNREAD", "STARRED", "IMPORTANT", "SENT", "SPAM", "TRASH",
-        "CATEGORY_PERSONAL", "CATEGORY_SOCIAL", "CATEGORY_PROMOTIONS",
-        "CATEGORY_UPDATES", "CATEGORY_FORUMS",
+        "INBOX",
+        "UNREAD",
+        "STARRED",
+        "IMPORTANT",
+        "SENT",
+        "SPAM",
+        "TRASH",
+        "CATEGORY_PERSONAL",
+        "CATEGORY_SOCIAL",
+        "CATEGORY_PROMOTIONS",
+        "CATEGORY_UPDATES",
+        "CATEGORY_FORUMS",
     }
 )
 _REFUSED_LABELS: Final = frozenset({"DRAFT", "CHAT"})
@@ -129,7 +140,9 @@ class _Identity:
     marker: str | None
 
 
-def _read_identity(data: bytes) -> tuple[str | None, int | None]:
+def _read_identity(data: bytes) -> tuple[bool, str | None, int | None]:
+    """Whether the message has a Message-ID field, its value if Gmail can search for
+    it, and its Date in milliseconds (Gmail's internalDate unit)."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(_header_block(data))
     raw_id = headers.get("Message-ID")
     message_id: str | None = None
@@ -149,7 +162,7 @@ def _read_identity(data: bytes) -> tuple[str | None, int | None]:
             when = None
         if when is not None and when.tzinfo is not None:
             date_ms = int(when.timestamp() * 1000)
-    return message_id, date_ms
+    return raw_id is not None, message_id, date_ms
 
 
 # ----------------------------------------------------------------------- errors
@@ -293,7 +306,9 @@ class GmailSink:
         if message.attempt > 1 and await self._find(identity, deadline):
             log.info(
                 "gmail: %s already holds %s (attempt %d); not imported again",
-                self.name, message.idempotency_key, message.attempt,
+                self.name,
+                message.idempotency_key,
+                message.attempt,
             )
             return
         if len(data) > self._simple_upload_max:
@@ -309,21 +324,20 @@ class GmailSink:
         return min(self._settings.retry_for, engine)
 
     def _prepare(self, message: FetchedMessage, raw: bytes) -> tuple[bytes, _Identity]:
-        message_id, date_ms = _read_identity(raw)
+        has_message_id, message_id, date_ms = _read_identity(raw)
         if self._settings.identify == "message_id":
             return raw, _Identity(message_id, date_ms, None)
         marker = popbox_id(message)
         prefix = f"{self._settings.id_header}: {marker}\r\n".encode("ascii")
-        if message_id is None:
+        if not has_message_id:
+            # Gmail searches by Message-ID only: give the message one to be found by.
             message_id = f"popbox.{marker}@popbox.invalid"
             prefix += f"Message-ID: <{message_id}>\r\n".encode("ascii")
         return prefix + raw, _Identity(message_id, date_ms, marker)
 
     # ------------------------------------------------------------ requests
 
-    async def _retrying(
-        self, what: str, attempt: Callable[[], Awaitable[T]], deadline: float
-    ) -> T:
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]], deadline: float) -> T:
         """Run ``attempt`` until it returns, retrying _Retryable failures with backoff
         until ``deadline``; then TemporarySinkError with the last reason."""
         tries = 0
@@ -344,7 +358,11 @@ class GmailSink:
                 )
             log.warning(
                 "gmail: %s: %s failed (try %d): %s; again in %.2fs",
-                self.name, what, tries, reason, delay,
+                self.name,
+                what,
+                tries,
+                reason,
+                delay,
             )
             await asyncio.sleep(delay)
 
@@ -456,8 +474,12 @@ class GmailSink:
     async def _create_label(self, name: str, deadline: float) -> str:
         body = {"name": name, "labelListVisibility": "labelShow", "messageListVisibility": "show"}
         response = await self._send(
-            "POST", f"{self._api}/labels", f"creating label {name!r}", deadline,
-            accept=frozenset({409}), json=body,
+            "POST",
+            f"{self._api}/labels",
+            f"creating label {name!r}",
+            deadline,
+            accept=frozenset({409}),
+            json=body,
         )
         if response.status_code == 409:
             # Another client created it meanwhile (or it differs only in case).
@@ -506,8 +528,10 @@ class GmailSink:
         header = self._settings.id_header
         for candidate in candidates:
             response = await self._send(
-                "GET", f"{self._api}/messages/{quote(candidate, safe='')}",
-                "looking the message up", deadline,
+                "GET",
+                f"{self._api}/messages/{quote(candidate, safe='')}",
+                "looking the message up",
+                deadline,
                 params={"format": "metadata", "metadataHeaders": header},
                 accept=frozenset({404}),
             )
@@ -565,15 +589,22 @@ class GmailSink:
 
         async def once() -> bool:
             nonlocal uncertain
-            if uncertain and identity.message_id is not None and await self._find_once(
-                identity, deadline
+            if (
+                uncertain
+                and identity.message_id is not None
+                and await self._find_once(identity, deadline)
             ):
                 return True
             await self._pacer.wait()
             try:
                 await self._send(
-                    "POST", self._upload, f"importing {message.uidl}", deadline,
-                    params=self._import_params("multipart"), content=body, headers=headers,
+                    "POST",
+                    self._upload,
+                    f"importing {message.uidl}",
+                    deadline,
+                    params=self._import_params("multipart"),
+                    content=body,
+                    headers=headers,
                     bad_request_permanent=True,
                 )
             except _Retryable as exc:
@@ -614,7 +645,10 @@ class GmailSink:
         self, data: bytes, label_ids: list[str], what: str, deadline: float
     ) -> str:
         response = await self._send(
-            "POST", self._upload, what, deadline,
+            "POST",
+            self._upload,
+            what,
+            deadline,
             params=self._import_params("resumable"),
             json={"labelIds": label_ids},
             headers={
@@ -628,22 +662,22 @@ class GmailSink:
             raise TemporarySinkError(f"{self.name}: {what}: no upload session URI in the answer")
         # The token goes along to the session URI: only to the API's host or Google's.
         host = httpx.URL(location).host
-        if host != httpx.URL(self._settings.api_base).host and not host.endswith(
-            ".googleapis.com"
-        ):
+        if host != httpx.URL(self._settings.api_base).host and not host.endswith(".googleapis.com"):
             raise TemporarySinkError(f"{self.name}: {what}: upload session on host {host!r}")
         return location
 
-    async def _upload_status(
-        self, upload: _Upload, total: int, what: str, deadline: float
-    ) -> bool:
+    async def _upload_status(self, upload: _Upload, total: int, what: str, deadline: float) -> bool:
         """Ask how much of an interrupted upload arrived; True when all of it did."""
         assert upload.url is not None
         # A failure here leaves the upload interrupted: asked again on the next try.
         response = await self._send(
-            "PUT", upload.url, what, deadline,
+            "PUT",
+            upload.url,
+            what,
+            deadline,
             headers={"Content-Range": f"bytes */{total}", "Content-Length": "0"},
-            accept=frozenset({308, 404, 410}), bad_request_permanent=True,
+            accept=frozenset({308, 404, 410}),
+            bad_request_permanent=True,
         )
         if response.status_code in (404, 410):
             # The session expired before it completed: nothing was imported.
@@ -663,9 +697,14 @@ class GmailSink:
             headers["Content-Range"] = f"bytes {upload.offset}-{total - 1}/{total}"
         try:
             response = await self._send(
-                "PUT", upload.url, what, deadline,
-                content=data[upload.offset :], headers=headers,
-                accept=frozenset({308, 404, 410}), bad_request_permanent=True,
+                "PUT",
+                upload.url,
+                what,
+                deadline,
+                content=data[upload.offset :],
+                headers=headers,
+                accept=frozenset({308, 404, 410}),
+                bad_request_permanent=True,
             )
         except _Retryable as exc:
             # The resumable protocol settles the doubt: ask the session what it holds.
