@@ -17,6 +17,8 @@ import pytest
 
 from popbox.collector.base import FetchedMessage
 from popbox.collector.config import GmailSinkSettings
+from popbox.collector.oauth import TokenFile
+from popbox.collector.sinks import SinkContext, build_sink
 from popbox.collector.sinks.gmail import GmailSink, popbox_id
 from popbox.collector.tokens import StaticTokenProvider
 from popbox.errors import ConfigError, PermanentSinkError, TemporarySinkError
@@ -24,6 +26,7 @@ from support.dovecot import DovecotServer
 from support.fetch import (
     MakeSettings,
     account_entry,
+    fetch_settings,
     fetch_toml,
     message,
     poll,
@@ -31,6 +34,7 @@ from support.fetch import (
     tls_fields,
 )
 from support.gmailapi import TOKEN, GmailApi, gmail_sink_toml, serve_gmail, sink_table
+from support.oauth import CLIENT_ID, FakeAuthServer
 
 
 @pytest.fixture
@@ -396,3 +400,30 @@ async def test_an_unsearchable_message_id_is_kept_and_no_second_one_added(
         await sink.close()
     [stored] = gmail.messages.values()
     assert stored.raw == f"X-Popbox-Id: {popbox_id(fetched(raw))}\r\n".encode() + raw
+
+
+async def test_a_stored_login_is_refreshed_when_gmail_stops_taking_its_token(
+    auth_server: FakeAuthServer, tls_files: Any, server_context: ssl.SSLContext, tmp_path: Path
+) -> None:
+    for api in serve_gmail(GmailApi(tokens=set(), auth=auth_server), server_context):
+        store = tmp_path / "gmail-login.json"
+        TokenFile(store).save({"refresh_token": auth_server.issue("alice")["refresh_token"]})
+        oauth = {
+            "token_source": "refresh_token",
+            "provider": "generic",
+            "client_id": CLIENT_ID,
+            "token_endpoint": f"{auth_server.url}/token",
+            "token_store": str(store),
+        }
+        table = sink_table(api, tls_files.ca, oauth=oauth)
+        settings = fetch_settings(tmp_path, account_entry(110, tmp_path / "x", sinks=[table]))
+        [account] = settings.accounts
+        sink = build_sink(account.sinks[0], SinkContext(account, settings))
+        try:
+            await sink.deliver(fetched(mail(1), "u1"))
+            auth_server.revoke_access_tokens()  # what expiry looks like from outside
+            await sink.deliver(fetched(mail(2), "u2"))
+        finally:
+            await sink.close()
+        assert len(api.messages) == 2
+        assert auth_server.grants("refresh_token") == 2
