@@ -233,6 +233,11 @@ async def test_a_token_refused_after_refresh_is_a_temporary_failure_without_the_
     try:
         with pytest.raises(TemporarySinkError, match="sign in again") as caught:
             await sink.deliver(fetched(mail(1)))
+        # The next message of the run fails at once, without asking Gmail again.
+        sent = len(gmail.requests)
+        with pytest.raises(TemporarySinkError, match="sign in again"):
+            await sink.deliver(fetched(mail(2), "u2"))
+        assert len(gmail.requests) == sent
     finally:
         await sink.close()
     assert provider.refreshes == 1

@@ -182,6 +182,11 @@ class _Retryable(Exception):
         self.uncertain = uncertain
 
 
+class _MailboxRefused(TemporarySinkError):
+    """Gmail refused the login or the mailbox, not the message: every later message
+    of this run would meet the same answer."""
+
+
 def _google_error(response: httpx.Response) -> tuple[str, frozenset[str]]:
     """Gmail's error message and reasons from ``{"error": {"message", "errors": [...]}}``."""
     try:
@@ -257,12 +262,14 @@ class GmailSink:
         transport: httpx.AsyncBaseTransport | None = None,
         backoff_initial: float = BACKOFF_INITIAL,
         simple_upload_max: int = GMAIL_SIMPLE_UPLOAD_MAX,
+        account: str = "ACCOUNT",
     ) -> None:
         refused = [label for label in settings.labels if label.upper() in _REFUSED_LABELS]
         if refused:
             raise ConfigError(f"sink {settings.label}: labels: Gmail cannot import into {refused}")
         self._settings = settings
         self._tokens = tokens
+        self._account = account  # for the sign-in hint
         self._backoff_initial = backoff_initial
         self._simple_upload_max = simple_upload_max
         self._user = quote(settings.user, safe="@")
@@ -271,6 +278,9 @@ class GmailSink:
         self._pacer = _Pacer(settings.imports_per_second)
         self._label_ids: list[str] | None = None
         self._token: str | None = None
+        # A refusal of the login or the mailbox (not of a message) ends this sink's
+        # run: the messages after it fail at once instead of asking Gmail again.
+        self._refused: TemporarySinkError | None = None
         # Verification stays on; a private CA is added, never a way to switch it off.
         verify: ssl.SSLContext | bool = True
         if settings.ca_file is not None:
@@ -296,6 +306,15 @@ class GmailSink:
     # ------------------------------------------------------------ deliver
 
     async def deliver(self, message: FetchedMessage) -> None:
+        if self._refused is not None:
+            raise TemporarySinkError(str(self._refused))
+        try:
+            await self._deliver(message)
+        except _MailboxRefused as exc:
+            self._refused = exc
+            raise
+
+    async def _deliver(self, message: FetchedMessage) -> None:
         try:
             raw = await asyncio.to_thread(message.read_bytes)
         except OSError as exc:
@@ -421,18 +440,18 @@ class GmailSink:
             delay = _retry_after_seconds(response.headers.get("Retry-After"))
             return _Retryable(described, delay, uncertain=status >= 500)
         if status == 401:
-            return TemporarySinkError(
+            return _MailboxRefused(
                 f"{self.name}: Gmail refused the access token even after a refresh ({message}); "
-                f"sign in again with `popbox oauth login ACCOUNT --sink {self.name}`"
+                f"sign in again with `popbox oauth login {self._account} --sink {self.name}`"
             )
         if status == 403 and reasons & _SCOPE_REASONS:
-            return TemporarySinkError(
+            return _MailboxRefused(
                 f"{self.name}: the access token lacks a scope for {what} ({message}); "
                 f"the Gmail sink needs {', '.join(GOOGLE_GMAIL_API_SCOPES)}: "
                 "sign in again with those scopes"
             )
         if status == 403:
-            return TemporarySinkError(f"{self.name}: Gmail forbids {what}: {described}")
+            return _MailboxRefused(f"{self.name}: Gmail forbids {what}: {described}")
         if status == 413 or (status == 400 and bad_request_permanent):
             return PermanentSinkError(f"{self.name}: Gmail refused {what}: {described}")
         return TemporarySinkError(f"{self.name}: {what} failed: {described}")
@@ -451,10 +470,8 @@ class GmailSink:
         known = await self._list_labels(deadline)
         ids: list[str] = []
         for wanted in self._settings.labels:
-            if wanted.upper() in SYSTEM_LABELS:
-                ids.append(wanted.upper())
-                continue
-            found = known.get(wanted) or known.get(wanted.casefold())
+            found = wanted.upper() if wanted.upper() in SYSTEM_LABELS else None
+            found = found or known.get(wanted) or known.get(wanted.casefold())
             if found is None:
                 found = await self._create_label(wanted, deadline)
             if found not in ids:
@@ -746,4 +763,4 @@ def _range_end(value: str | None) -> int:
 
 def create_sink(settings: GmailSinkSettings, context: SinkContext) -> GmailSink:
     """Build the sink for ``settings`` (called by popbox.collector.sinks.build_sink)."""
-    return GmailSink(settings, context.token_provider(settings))
+    return GmailSink(settings, context.token_provider(settings), account=context.account.name)
