@@ -29,6 +29,7 @@ met them, with ``raise ... from exc`` so the cause stays in the log::
     │   ├── OAuthLoginRequired    a stored OAuth2 login stopped working; sign in again
     │   └── SinkError             a sink refused or failed a message
     │       ├── TemporarySinkError   retry later
+    │       │   └── SinkUnavailable  the sink takes nothing now: the run stops, no message fails
     │       └── PermanentSinkError   quarantine the message
     └── ArchiveError              the archive failed (its database or its files)
         ├── InvalidQuery          a search the query language cannot read; says where
@@ -53,10 +54,10 @@ __all__ = [
     "LoginTooSoon",
     "MaildropInUse",
     "MessageTooBig",
-    "OAuthLoginRequired",
     "NoSuchEntry",
     "NoSuchFolder",
     "NoSuchMailbox",
+    "OAuthLoginRequired",
     "PermanentSinkError",
     "PermanentStoreError",
     "PopboxError",
@@ -64,6 +65,7 @@ __all__ = [
     "QuotaExceeded",
     "RemoteServerError",
     "SinkError",
+    "SinkUnavailable",
     "StoreError",
     "TemporaryDeliveryError",
     "TemporarySinkError",
@@ -184,6 +186,12 @@ class SinkError(CollectorError):
 
 class TemporarySinkError(SinkError):
     """The sink failed for a reason that may pass; the message is retried later."""
+
+
+class SinkUnavailable(TemporarySinkError):
+    """The sink's side refuses every message for now, whichever it is: its login was
+    refused, a permission is missing, its server cannot be reached. The account's run
+    stops; no message is counted as failed or quarantined for it."""
 
 
 class PermanentSinkError(SinkError):

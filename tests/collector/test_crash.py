@@ -56,8 +56,15 @@ def _write_config(
 
 
 def mbox_messages(path: Path) -> list[bytes]:
-    entries = re.split(rb"(?m)^From MAILER-DAEMON [^\n]*\n", path.read_bytes())[1:]
-    return sorted(re.sub(rb"(?m)^>(>*From )", rb"\1", entry[:-1]) for entry in entries)
+    """The messages of an mbox; each entry's From line must name its From address."""
+    parts = re.split(rb"(?m)^From (\S+) [A-Z][a-z]{2} [^\n]*\n", path.read_bytes())
+    assert parts[0] == b""
+    found = []
+    for sender, entry in zip(parts[1::2], parts[2::2], strict=True):
+        body = re.sub(rb"(?m)^>(>*From )", rb"\1", entry[:-1])
+        assert body.startswith(b"From: " + sender + b"\n")
+        found.append(body)
+    return sorted(found)
 
 
 def written_messages(kind: str, out: Path) -> list[bytes]:

@@ -118,7 +118,9 @@ async def test_mbox_sink_quotes_from_lines(
     result = await poll(make_settings(dovecot, sinks=[{"kind": "mbox", "path": str(mbox)}]))
     assert result.ok, result.error
     text = mbox.read_bytes()
-    assert text.count(b"\nFrom MAILER-DAEMON ") + text.startswith(b"From MAILER-DAEMON ") == 2
+    # Each entry's From line names the message's From address (POP3 gives no sender).
+    assert text.startswith(b"From sender1@example.com ")
+    assert text.count(b"\nFrom sender2@example.com ") == 1
     assert b"\n>From here on\n>>From there\n" in text
 
 

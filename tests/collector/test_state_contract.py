@@ -181,6 +181,40 @@ async def test_runs_and_status(state: CollectorState) -> None:
     assert (other.account, other.delivered, other.last_success) == ("b", 0, None)
 
 
+async def test_a_dead_login_is_remembered_until_a_run_ends_otherwise(
+    state: CollectorState,
+) -> None:
+    await state.run_finished("a", error="sign in again", login_required=True)
+    [dead, other] = await state.status(["a", "b"])
+    assert (dead.login_required, dead.last_error) == (True, "sign in again")
+    assert not other.login_required
+    await state.run_finished("a", error="cannot connect")
+    assert not (await state.status(["a"]))[0].login_required
+    await state.run_finished("a", error="sign in again", login_required=True)
+    await state.run_finished("a", error=None)
+    assert not (await state.status(["a"]))[0].login_required
+
+
+async def test_sqlite_state_from_before_dead_logins_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE runs (account TEXT PRIMARY KEY, last_start REAL, last_success REAL,"
+        " last_error TEXT, last_error_at REAL, failures INTEGER NOT NULL DEFAULT 0,"
+        " on_server INTEGER NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO runs (account, last_error, failures) VALUES ('a', 'boom', 1);"
+    )
+    old.close()
+    db = StateDB(path)
+    try:
+        [status] = await db.status(["a"])
+        assert (status.last_error, status.login_required) == ("boom", False)
+        await db.run_finished("a", error="sign in", login_required=True)
+        assert (await db.status(["a"]))[0].login_required
+    finally:
+        db.close()
+
+
 @pytest.mark.parametrize("sink", ["maildir", "mbox"])
 async def test_a_poller_runs_on_any_state_it_is_given(
     state: CollectorState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sink: str

@@ -1,14 +1,20 @@
 """A local OAuth2 authorization server for the collector's token providers and Dovecot.
 
-``FakeAuthServer`` speaks just enough OAuth2 (RFC 6749 token endpoint, RFC 8628 device
+``FakeAuthServer`` speaks just enough OAuth2 (RFC 6749 token endpoint, an authorization
+endpoint for the code flow with PKCE (RFC 7636, S256 only), RFC 8628 device
 authorization, OpenID discovery for msal, RFC 7662 introspection for Dovecot) on
 127.0.0.1, remembers every token it issued and can revoke them (what expiry looks
 like from outside). ``serve_auth`` runs it over HTTP or, given a context, HTTPS.
+
+The authorization endpoint plays the user too: it approves at once (or answers
+``authorize_error``) and redirects to the client's ``redirect_uri``, so a test plays
+the browser by fetching the address popbox prints and following the redirect.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import ssl
@@ -31,6 +37,11 @@ class FakeAuthServer:
     expires_in: int = 3600
     rotate_refresh_tokens: bool = True
     device_pending_polls: int = 2
+    authorize_error: str | None = None
+    """Set: the "user" refuses (e.g. access_denied) instead of approving."""
+    authorizations: list[dict[str, str]] = field(default_factory=list)
+    codes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    """Unredeemed authorization codes: code -> (code_challenge, redirect_uri, user)."""
     refresh_tokens: dict[str, str] = field(default_factory=dict)
     access_tokens: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -76,6 +87,8 @@ class FakeAuthServer:
                 del self.refresh_tokens[form["refresh_token"]]
                 return 200, self.issue(user)
             return 200, self.issue(user, refresh=False)
+        if grant == "authorization_code":
+            return self.redeem(form)
         if grant == "client_credentials":
             if form.get("client_secret") != CLIENT_SECRET:
                 return 401, {"error": "invalid_client"}
@@ -86,6 +99,41 @@ class FakeAuthServer:
                 return 400, {"error": "authorization_pending"}
             return 200, self.issue("alice")
         return 400, {"error": "unsupported_grant_type"}
+
+    def authorize(self, query: dict[str, str]) -> tuple[int, str]:
+        """The authorization endpoint: (302, redirect address) or (400, why). Like a
+        real server it never redirects to an unchecked client or redirect URI."""
+        self.authorizations.append(query)
+        redirect_uri = query.get("redirect_uri", "")
+        if query.get("client_id") != CLIENT_ID:
+            return 400, "unknown client_id"
+        if not redirect_uri.startswith(("http://127.0.0.1:", "http://localhost:")):
+            return 400, "redirect_uri is not a loopback address"
+        state = query.get("state", "")
+        joiner = "&" if "?" in redirect_uri else "?"
+        if self.authorize_error is not None:
+            answer = {"error": self.authorize_error, "state": state}
+        elif query.get("response_type") != "code" or query.get("code_challenge_method") != "S256":
+            answer = {"error": "invalid_request", "state": state}
+        else:
+            code = f"code-{next(self.counter)}"
+            self.codes[code] = (query.get("code_challenge", ""), redirect_uri, "alice")
+            answer = {"code": code, "state": state}
+        return 302, redirect_uri + joiner + urllib.parse.urlencode(answer)
+
+    def redeem(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """The authorization_code grant: single use, same redirect_uri, and the PKCE
+        verifier must hash (S256) to the challenge of the authorization request."""
+        entry = self.codes.pop(form.get("code", ""), None)
+        if entry is None:
+            return 400, {"error": "invalid_grant", "error_description": "unknown code"}
+        challenge, redirect_uri, user = entry
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        if base64.urlsafe_b64encode(digest).decode().rstrip("=") != challenge:
+            return 400, {"error": "invalid_grant", "error_description": "code_verifier"}
+        if form.get("redirect_uri") != redirect_uri:
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri"}
+        return 200, self.issue(user)
 
     def device(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         return 200, {
@@ -126,6 +174,16 @@ def serve_auth(
             path, _, query = self.path.partition("?")
             if path.endswith("/.well-known/openid-configuration"):
                 self._reply(200, server_state.openid_configuration())
+            elif path.endswith("/authorize"):
+                with server_state.lock:
+                    status, answer = server_state.authorize(dict(urllib.parse.parse_qsl(query)))
+                if status == 302:
+                    self.send_response(302)
+                    self.send_header("Location", answer)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._reply(status, {"error": "invalid_request", "error_description": answer})
             elif path == "/introspect":  # Dovecot's introspection_mode = get
                 form = dict(urllib.parse.parse_qsl(query))
                 with server_state.lock:

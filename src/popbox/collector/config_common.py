@@ -165,6 +165,9 @@ class OAuthSettings(SettingsModel):
     """For provider "generic": the token endpoint URL."""
     device_authorization_endpoint: str | None = None
     """For provider "generic": the device authorization endpoint URL (RFC 8628)."""
+    authorization_endpoint: str | None = None
+    """For provider "generic": the authorization endpoint URL, for the browser login
+    (authorization code with PKCE, RFC 7636); Google's is built in."""
 
     @model_validator(mode="after")
     def _check_source(self) -> OAuthSettings:

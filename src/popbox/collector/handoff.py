@@ -5,6 +5,11 @@ attempt is counted before any sink runs; each sink's confirmation is recorded on
 sink returned (so it is durable there); the message is recorded as delivered, with the
 last sink's confirmation, only once every sink confirmed. A sink that already has a
 message is skipped, so one sink's failure never duplicates into the others.
+
+A sink whose OAuth login is dead (OAuthLoginRequired), or that takes nothing at all
+for now (SinkUnavailable: its login refused, a permission missing, its server down),
+fails the whole run, not the message: no message is at fault, so none is counted as
+failed or quarantined, and every one waits on the server for a later run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from popbox.collector.config import AccountSettings
 from popbox.collector.plan import header_uid_of
 from popbox.collector.quarantine import Quarantine
 from popbox.collector.state import CollectorState, Delivered
-from popbox.errors import PermanentSinkError, SinkError
+from popbox.errors import OAuthLoginRequired, PermanentSinkError, SinkError, SinkUnavailable
 from popbox.fileio import write_all
 
 __all__ = ["Handoff", "Outcome"]
@@ -79,6 +84,7 @@ class Handoff:
         try:
             last = await self._to_sinks(messages, done, alone=False)
         except Exception as exc:
+            _raise_unavailable(exc)
             if not isinstance(exc, SinkError):
                 log.exception("sink raised unexpectedly account=%s batch", self._name)
             log.info(
@@ -123,9 +129,10 @@ class Handoff:
         uid = message.uidl
         try:
             last = await self._to_sinks([message], done, alone=True)
-        except PermanentSinkError as exc:
-            return await self._set_aside(message, str(exc))
         except Exception as exc:  # a sink bug must not stop the queue: count it
+            _raise_unavailable(exc)
+            if isinstance(exc, PermanentSinkError):
+                return await self._set_aside(message, str(exc))
             if not isinstance(exc, SinkError):
                 log.exception("sink raised unexpectedly account=%s uid=%s", self._name, uid)
             if attempts >= self._account.max_attempts:
@@ -208,6 +215,18 @@ class Handoff:
             )
         finally:
             _unlink_spilled(spilled)
+
+
+def _raise_unavailable(exc: BaseException) -> None:
+    """Raise the OAuthLoginRequired or SinkUnavailable behind ``exc`` (itself, or what
+    a sink wrapped in a SinkError): the run fails, no message does."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OAuthLoginRequired | SinkUnavailable):
+            raise cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
 
 
 async def _give(

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from popbox.collector.quarantine import Quarantine
 from popbox.collector.sinks import SinkContext, build_sink
 from popbox.collector.state import CollectorState
 from popbox.collector.tokens import TokenProvider
-from popbox.errors import PopboxError, RemoteServerError
+from popbox.errors import OAuthLoginRequired, PopboxError, RemoteServerError
 from popbox.fileio import FileLock
 from popbox.proto.client import ErrReply
 
@@ -66,6 +66,9 @@ class PollResult:
     stopped: bool = False
     login_delay: float | None = None
     """The server's CAPA LOGIN-DELAY (seconds), which the daemon honours."""
+    login_required: bool = False
+    """An OAuth login (the account's or a sink's) needs signing in again; ``error``
+    names the command that does it."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -128,7 +131,11 @@ class Poller:
 
     # ---------------------------------------------------------------- the run
 
-    async def run(self, *, retry_quarantined: bool = False) -> PollResult:
+    async def run(
+        self, *, retry_quarantined: bool = False, retry_uids: Collection[str] = ()
+    ) -> PollResult:
+        """Poll once. ``retry_quarantined`` offers every quarantined message of the
+        account again, ``retry_uids`` just those (the others stay set aside)."""
         name = self.account.name
         locks = self.settings.state_dir / "locks"
         locks.mkdir(parents=True, exist_ok=True)
@@ -142,13 +149,18 @@ class Poller:
             log.info("skipped account=%s reason=locked-by-another-collector", name)
             return self.result
         with lock:
-            return await self._locked_run(retry_quarantined)
+            return await self._locked_run(retry_quarantined, frozenset(retry_uids))
 
-    async def _locked_run(self, retry_quarantined: bool) -> PollResult:
+    async def _locked_run(self, retry_all: bool, retry_uids: frozenset[str]) -> PollResult:
         name = self.account.name
         await self.state.run_started(name)
         try:
-            await self._run(retry_quarantined)
+            await self._run(retry_all, retry_uids)
+        except OAuthLoginRequired as exc:
+            # Retrying cannot help until someone signs in: loud, every time.
+            self.result.error = str(exc)
+            self.result.login_required = True
+            log.error("poll failed account=%s login required: %s", name, exc)
         except PopboxError as exc:
             # ConfigError too: a missing password variable fails this account only.
             self.result.error = str(exc)
@@ -167,6 +179,7 @@ class Poller:
             error=self.result.error,
             on_server=self.result.on_server,
             pending=self.result.pending,
+            login_required=self.result.login_required,
         )
         log.info(
             "poll done account=%s delivered=%d quarantined=%d skipped=%d deleted=%d "
@@ -182,13 +195,14 @@ class Poller:
         )
         return self.result
 
-    async def _run(self, retry_quarantined: bool) -> None:
+    async def _run(self, retry_all: bool, retry_uids: frozenset[str]) -> None:
         name = self.account.name
         retried: set[str] = set()
-        if retry_quarantined:
+        if retry_all or retry_uids:
             for record in await self.state.quarantined(name):
-                await self.state.clear_quarantine(name, record.uid)
-                retried.add(record.uid)
+                if retry_all or record.uid in retry_uids:
+                    await self.state.clear_quarantine(name, record.uid)
+                    retried.add(record.uid)
         session = await Pop3Session.open(self.account)
         delay = session.capabilities.items.get("LOGIN-DELAY", ())
         if delay and delay[0].isdigit():

@@ -1,7 +1,10 @@
-"""Plain OAuth2 over httpx: RFC 6749 refresh and client-credentials grants, RFC 8628 device flow.
+"""Plain OAuth2 over httpx: RFC 6749 refresh, authorization-code and client-credentials
+grants, RFC 8628 device flow.
 
 Google and any standards-following server need nothing more than these requests;
-Microsoft's Entra ID goes through msal instead (``oauth.microsoft``).
+Microsoft's Entra ID goes through msal instead (``oauth.microsoft``). A refresh the
+server answers with ``invalid_grant`` (revoked, expired) is ``OAuthLoginRequired``:
+only signing in again helps; every other failure stays a ``CollectorError``.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ from popbox.collector.config import OAuthSettings
 from popbox.collector.config_common import OAuthPurpose
 from popbox.collector.oauth.bearer import ERROR_EXCERPT_CHARS
 from popbox.collector.oauth.tokenfile import TokenFile
-from popbox.errors import CollectorError, ConfigError
+from popbox.errors import CollectorError, ConfigError, OAuthLoginRequired
 
 __all__ = [
+    "GOOGLE_AUTHORIZATION_ENDPOINT",
     "GOOGLE_DEVICE_ENDPOINT",
     "GOOGLE_TOKEN_ENDPOINT",
     "HTTP_TIMEOUT",
     "DeviceCode",
     "OAuthHttpClient",
+    "authorization_endpoint_for",
     "generic_device_login",
     "http_client_for",
+    "save_refresh_token",
 ]
 
 HTTP_TIMEOUT: Final = 30.0
@@ -39,6 +45,7 @@ DEVICE_FLOW_MAX_WAIT: Final = 900.0
 
 GOOGLE_TOKEN_ENDPOINT: Final = "https://oauth2.googleapis.com/token"  # noqa: S105 a URL
 GOOGLE_DEVICE_ENDPOINT: Final = "https://oauth2.googleapis.com/device/code"
+GOOGLE_AUTHORIZATION_ENDPOINT: Final = "https://accounts.google.com/o/oauth2/v2/auth"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +78,7 @@ class OAuthHttpClient:
     ) -> None:
         self.token_endpoint = token_endpoint
         self.device_authorization_endpoint = device_authorization_endpoint
-        self._client_id = client_id
+        self.client_id = client_id
         self._client_secret = client_secret
         self._scopes = list(scopes)
         self._timeout = timeout
@@ -80,8 +87,12 @@ class OAuthHttpClient:
     def __repr__(self) -> str:
         return f"OAuthHttpClient({self.token_endpoint!r})"  # no client secret here
 
+    @property
+    def scopes(self) -> list[str]:
+        return list(self._scopes)
+
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        form = {"client_id": self._client_id, **form}
+        form = {"client_id": self.client_id, **form}
         if self._client_secret is not None:
             # RFC 6749 section 2.3.1 allows the body form; Google documents only it.
             form["client_secret"] = self._client_secret
@@ -106,25 +117,44 @@ class OAuthHttpClient:
         return response.status_code, document
 
     @staticmethod
-    def _error(what: str, document: dict[str, Any]) -> CollectorError:
-        code = str(document.get("error", "unknown_error"))
+    def _error(
+        what: str, status: int, document: dict[str, Any], *, grant_dies: bool = False
+    ) -> CollectorError:
+        code = str(document.get("error", f"HTTP {status}"))
         detail = str(document.get("error_description", ""))[:ERROR_EXCERPT_CHARS]
-        hint = ""
-        if code == "invalid_grant":
-            hint = " (the stored login is no longer valid: run `popbox oauth login` again)"
-        return CollectorError(f"{what} failed: {code} {detail}".rstrip() + hint)
+        message = f"{what} failed: {code} {detail}".rstrip()
+        if grant_dies and code == "invalid_grant":
+            return OAuthLoginRequired(message)
+        return CollectorError(message)
 
-    async def _token_request(self, what: str, form: dict[str, str]) -> dict[str, Any]:
-        if self._scopes:
+    async def _token_request(
+        self, what: str, form: dict[str, str], *, scoped: bool = True, grant_dies: bool = False
+    ) -> dict[str, Any]:
+        if scoped and self._scopes:
             form["scope"] = " ".join(self._scopes)
         status, document = await self._post(self.token_endpoint, form)
         if status != 200 or "access_token" not in document:
-            raise self._error(what, document)
+            raise self._error(what, status, document, grant_dies=grant_dies)
         return document
 
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """A new access token; ``OAuthLoginRequired`` when the server no longer
+        honours the refresh token (RFC 6749 section 5.2 ``invalid_grant``)."""
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-        return await self._token_request("token refresh", form)
+        return await self._token_request("token refresh", form, grant_dies=True)
+
+    async def exchange_code(
+        self, code: str, redirect_uri: str, code_verifier: str
+    ) -> dict[str, Any]:
+        """RFC 6749 section 4.1.3 with the PKCE verifier (RFC 7636 section 4.5)."""
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }
+        # The scopes were granted with the code; section 4.1.3 sends none here.
+        return await self._token_request("code exchange", form, scoped=False)
 
     async def client_credentials(self) -> dict[str, Any]:
         return await self._token_request("client credentials", {"grant_type": "client_credentials"})
@@ -135,7 +165,7 @@ class OAuthHttpClient:
         form = {"scope": " ".join(self._scopes)} if self._scopes else {}
         status, document = await self._post(self.device_authorization_endpoint, form)
         if status != 200 or "device_code" not in document:
-            raise self._error("device authorization", document)
+            raise self._error("device authorization", status, document)
         return DeviceCode(
             device_code=str(document["device_code"]),
             user_code=str(document["user_code"]),
@@ -168,7 +198,7 @@ class OAuthHttpClient:
             if error == "slow_down":
                 interval += DEVICE_SLOW_DOWN
                 continue
-            raise self._error("device login", document)
+            raise self._error("device login", status, document)
         raise CollectorError("device login: the code expired before it was approved")
 
 
@@ -198,12 +228,31 @@ async def generic_device_login(
     code = await client.start_device_flow()
     echo(code.message())
     document = await client.finish_device_flow(code)
+    await save_refresh_token(token_file, document, client.token_endpoint, "device login")
+
+
+async def save_refresh_token(
+    token_file: TokenFile, document: dict[str, Any], token_endpoint: str, what: str
+) -> None:
+    """Store the refresh token of a token endpoint's answer, as every login does."""
     refresh_token = document.get("refresh_token")
     if not isinstance(refresh_token, str) or not refresh_token:
-        raise CollectorError("device login: the server issued no refresh token (scope?)")
+        raise CollectorError(f"{what}: the server issued no refresh token (scope?)")
     await asyncio.to_thread(
         token_file.save,
         {"format": "refresh_token", "refresh_token": refresh_token,
-         "token_endpoint": client.token_endpoint, "saved_at": int(time.time())},
+         "token_endpoint": token_endpoint, "saved_at": int(time.time())},
+    )
+
+
+def authorization_endpoint_for(oauth: OAuthSettings) -> str:
+    """Where the browser login starts: ``authorization_endpoint``, or Google's."""
+    if oauth.authorization_endpoint:
+        return oauth.authorization_endpoint
+    if oauth.provider == "google":
+        return GOOGLE_AUTHORIZATION_ENDPOINT
+    raise ConfigError(
+        "oauth: the browser login needs authorization_endpoint for provider generic "
+        "(or use --flow device with device_authorization_endpoint)"
     )
 

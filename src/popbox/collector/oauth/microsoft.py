@@ -1,4 +1,5 @@
-"""Microsoft 365 through msal: delegated and app-only token providers, and the device login.
+"""Microsoft 365 through msal: delegated and app-only token providers, the device login
+and the browser login (msal's authorization code flow with PKCE on our loopback listener).
 
 Entra ID's details (authority discovery, token cache format, refresh token rotation)
 are msal's to keep right, so Microsoft goes through msal rather than plain RFC 6749
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -17,7 +19,13 @@ import msal
 import requests  # msal's own HTTP library, so a dependency already
 
 from popbox.collector.config import OAuthSettings
-from popbox.collector.oauth.bearer import ERROR_EXCERPT_CHARS, check_bearer_token
+from popbox.collector.oauth.bearer import (
+    ERROR_EXCERPT_CHARS,
+    SIGN_IN_COMMAND,
+    check_bearer_token,
+    login_required,
+)
+from popbox.collector.oauth.browser import BrowserOptions, authorize_in_browser
 from popbox.collector.oauth.flows import HTTP_TIMEOUT
 from popbox.collector.oauth.tokenfile import TokenFile
 from popbox.errors import CollectorError
@@ -27,12 +35,24 @@ __all__ = [
     "MsalClientCredentialsProvider",
     "MsalRefreshTokenProvider",
     "authority_of",
+    "msal_browser_login",
     "msal_device_login",
 ]
 
 MICROSOFT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com"
 # msal adds these itself and refuses them in a scope list.
 MSAL_RESERVED_SCOPES: Final = frozenset({"openid", "profile", "offline_access"})
+# What Entra ID answers when only a new sign-in helps: RFC 6749's invalid_grant and
+# OpenID's interaction_required (MFA, consent, password change, revoked sessions).
+MSAL_LOGIN_ERRORS: Final = frozenset({"invalid_grant", "interaction_required", "login_required"})
+# AADSTS codes of a dead refresh token, when a proxy or msal reports another error:
+# 700082 expired by inactivity (90 days), 50173 grant revoked (password reset),
+# 70008 expired or revoked, 70043 expired by a sign-in frequency policy,
+# 50078/50079/50076 multi-factor sign-in required, 65001 consent withdrawn.
+MSAL_LOGIN_CODES: Final = (
+    "AADSTS700082", "AADSTS50173", "AADSTS70008", "AADSTS70043",
+    "AADSTS50076", "AADSTS50078", "AADSTS50079", "AADSTS65001",
+)
 
 
 def authority_of(oauth: OAuthSettings) -> str:
@@ -73,6 +93,13 @@ def _msal_result(result: dict[str, Any] | None, what: str) -> str:
     return check_bearer_token(str(result["access_token"]), what)
 
 
+def _login_is_dead(result: dict[str, Any]) -> bool:
+    description = str(result.get("error_description", ""))
+    return str(result.get("error")) in MSAL_LOGIN_ERRORS or any(
+        code in description for code in MSAL_LOGIN_CODES
+    )
+
+
 class MsalRefreshTokenProvider:
     """Microsoft delegated access: msal's cache from ``popbox oauth login``."""
 
@@ -84,8 +111,12 @@ class MsalRefreshTokenProvider:
         authority: str,
         scopes: Sequence[str],
         ca_file: Path | None = None,
+        what: str = "oauth",
+        sign_in: str = SIGN_IN_COMMAND,
     ) -> None:
         self._file = token_file
+        self._what = what
+        self._sign_in = sign_in
         self._scopes = _msal_scopes(scopes)
         self._cache = msal.SerializableTokenCache()
         self._app = msal.PublicClientApplication(
@@ -102,14 +133,29 @@ class MsalRefreshTokenProvider:
             self._loaded = True
         accounts = self._app.get_accounts()
         if not accounts:
-            raise CollectorError(f"no login stored in {self._file.path}: run `popbox oauth login`")
-        result = self._app.acquire_token_silent_with_error(
-            self._scopes, account=accounts[0], force_refresh=force_refresh
-        )
+            raise login_required(
+                self._what, f"never signed in (no login in {self._file.path})", self._sign_in
+            )
+        try:
+            result = self._app.acquire_token_silent_with_error(
+                self._scopes, account=accounts[0], force_refresh=force_refresh
+            )
+        except requests.RequestException as exc:
+            raise CollectorError(f"Microsoft token refresh: {type(exc).__name__}: {exc}") from exc
         if self._cache.has_state_changed:
             # msal rotated the refresh token; losing it would force a new login.
             self._file.save({"format": "msal", "msal_cache": self._cache.serialize()})
             self._cache.has_state_changed = False
+        if result is None:  # msal found no refresh token for these scopes
+            raise login_required(
+                self._what, f"the login in {self._file.path} holds no usable token", self._sign_in
+            )
+        if "access_token" not in result and _login_is_dead(result):
+            code = result.get("error")
+            detail = str(result.get("error_description", ""))[:ERROR_EXCERPT_CHARS]
+            raise login_required(
+                self._what, f"the stored login no longer works ({code}: {detail})", self._sign_in
+            )
         return _msal_result(result, "Microsoft token refresh")
 
     async def token(self, *, force_refresh: bool = False) -> str:
@@ -147,19 +193,33 @@ class MsalClientCredentialsProvider:
             return await asyncio.to_thread(self._acquire, force_refresh)
 
 
+def _public_client(
+    oauth: OAuthSettings, cache: msal.SerializableTokenCache, ca_file: Path | None
+) -> msal.PublicClientApplication:
+    try:
+        return msal.PublicClientApplication(
+            oauth.client_id, token_cache=cache, **_msal_options(authority_of(oauth), ca_file)
+        )
+    except requests.RequestException as exc:  # the authority's discovery document
+        raise CollectorError(f"Microsoft sign-in: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:  # msal's word for an authority it cannot use
+        raise CollectorError(f"Microsoft sign-in: {exc}") from exc
+
+
 def msal_device_login(
     oauth: OAuthSettings,
     token_file: TokenFile,
     echo: Callable[[str], None],
     *,
+    scopes: Sequence[str] | None = None,
     ca_file: Path | None = None,
 ) -> None:
-    """Microsoft device-code login with msal; stores msal's cache in ``token_file``."""
+    """Microsoft device-code login with msal; stores msal's cache in ``token_file``.
+    ``scopes`` default to the POP3 login's."""
     cache = msal.SerializableTokenCache()
-    app = msal.PublicClientApplication(
-        oauth.client_id, token_cache=cache, **_msal_options(authority_of(oauth), ca_file)
-    )
-    flow = app.initiate_device_flow(scopes=_msal_scopes(oauth.effective_scopes()))
+    app = _public_client(oauth, cache, ca_file)
+    wanted = oauth.effective_scopes() if scopes is None else scopes
+    flow = app.initiate_device_flow(scopes=_msal_scopes(wanted))
     if "user_code" not in flow:
         raise CollectorError(
             f"device login could not start: {flow.get('error')} "
@@ -169,3 +229,42 @@ def msal_device_login(
     _msal_result(app.acquire_token_by_device_flow(flow), "device login")
     token_file.save({"format": "msal", "msal_cache": cache.serialize()})
 
+
+async def msal_browser_login(
+    oauth: OAuthSettings,
+    token_file: TokenFile,
+    options: BrowserOptions,
+    *,
+    scopes: Sequence[str] | None = None,
+    ca_file: Path | None = None,
+) -> None:
+    """Microsoft browser login: msal builds the PKCE request and redeems the code,
+    our listener takes the redirect at ``http://localhost:PORT`` (the redirect URI an
+    Entra "Mobile and desktop" platform registers as ``http://localhost``, any port).
+    Stores msal's cache in ``token_file`` as the device login does."""
+    cache = msal.SerializableTokenCache()
+    app = await asyncio.to_thread(_public_client, oauth, cache, ca_file)
+    wanted = _msal_scopes(oauth.effective_scopes() if scopes is None else scopes)
+    flow: dict[str, Any] = {}
+
+    async def start(redirect_uri: str) -> tuple[str, str]:
+        # The answer comes in the query (Entra's default), not form_post as msal
+        # advises: only an address can be pasted from a browser on another machine,
+        # and PKCE makes a code that leaks from the address bar useless to others.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "response_mode='form_post'", UserWarning)
+            # prompt=select_account: the browser may hold another user's session.
+            flow.update(app.initiate_auth_code_flow(
+                wanted, redirect_uri=redirect_uri, prompt="select_account"
+            ))
+        return str(flow["auth_uri"]), str(flow["state"])
+
+    answer, _ = await authorize_in_browser(start, options, redirect_host="localhost")
+    try:
+        result = await asyncio.to_thread(app.acquire_token_by_auth_code_flow, flow, answer)
+    except requests.RequestException as exc:
+        raise CollectorError(f"browser login: {type(exc).__name__}: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:  # msal's state and nonce checks
+        raise CollectorError(f"browser login: msal refused the answer: {exc}") from exc
+    _msal_result(result, "browser login")
+    await asyncio.to_thread(token_file.save, {"format": "msal", "msal_cache": cache.serialize()})

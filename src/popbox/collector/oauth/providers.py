@@ -5,6 +5,10 @@
   exchanged at the token endpoint; rotated refresh tokens are saved.
 - ``ClientCredentialsProvider`` (any RFC 6749 server): app-only, no stored token.
 
+A stored login that is missing or dead (``invalid_grant``) raises
+``OAuthLoginRequired`` naming the command that mends it; every provider built here
+knows its account and sink for that.
+
 The Microsoft providers live in ``oauth.microsoft`` and are imported only for an
 account with ``provider = "microsoft"``, so no other account ever loads msal.
 """
@@ -20,11 +24,18 @@ from typing import Final
 
 from popbox.collector.config import AccountSettings, FetchSettings, OAuthSettings, SinkSettings
 from popbox.collector.config_common import OAuthPurpose
-from popbox.collector.oauth.bearer import ERROR_EXCERPT_CHARS, CachedToken, check_bearer_token
+from popbox.collector.oauth.bearer import (
+    ERROR_EXCERPT_CHARS,
+    SIGN_IN_COMMAND,
+    CachedToken,
+    check_bearer_token,
+    login_required,
+    sign_in_command,
+)
 from popbox.collector.oauth.flows import OAuthHttpClient, http_client_for
 from popbox.collector.oauth.tokenfile import TokenFile
 from popbox.collector.tokens import TokenProvider
-from popbox.errors import CollectorError, ConfigError
+from popbox.errors import CollectorError, ConfigError, OAuthLoginRequired
 
 __all__ = [
     "ClientCredentialsProvider",
@@ -95,11 +106,23 @@ class CommandTokenProvider:
 
 
 class RefreshTokenProvider:
-    """Exchanges the stored refresh token (``TokenFile``) at an RFC 6749 endpoint."""
+    """Exchanges the stored refresh token (``TokenFile``) at an RFC 6749 endpoint.
 
-    def __init__(self, token_file: TokenFile, client: OAuthHttpClient) -> None:
+    ``what`` names the login in errors, ``sign_in`` is the command that mends a dead one.
+    """
+
+    def __init__(
+        self,
+        token_file: TokenFile,
+        client: OAuthHttpClient,
+        *,
+        what: str = "oauth",
+        sign_in: str = SIGN_IN_COMMAND,
+    ) -> None:
         self._file = token_file
         self._client = client
+        self._what = what
+        self._sign_in = sign_in
         self._cached: CachedToken | None = None
         # One refresh at a time: with rotating refresh tokens a second concurrent
         # refresh would use a token the first one just invalidated.
@@ -112,10 +135,16 @@ class RefreshTokenProvider:
             stored = await asyncio.to_thread(self._file.load)
             refresh_token = (stored or {}).get("refresh_token")
             if not isinstance(refresh_token, str) or not refresh_token:
-                raise CollectorError(
-                    f"no refresh token in {self._file.path}: run `popbox oauth login`"
+                raise login_required(
+                    self._what, f"never signed in (no refresh token in {self._file.path})",
+                    self._sign_in,
                 )
-            document = await self._client.refresh(refresh_token)
+            try:
+                document = await self._client.refresh(refresh_token)
+            except OAuthLoginRequired as exc:
+                raise login_required(
+                    self._what, f"the stored login no longer works ({exc})", self._sign_in
+                ) from exc
             rotated = document.get("refresh_token")
             if isinstance(rotated, str) and rotated and rotated != refresh_token:
                 await asyncio.to_thread(
@@ -152,7 +181,11 @@ def create_token_provider(account: AccountSettings, settings: FetchSettings) -> 
     if oauth is None:
         raise ConfigError(f"fetch.accounts.{account.name}: no [oauth] table")
     return token_provider_for(
-        oauth, settings.oauth_token_store(account), "pop3", f"fetch.accounts.{account.name}"
+        oauth,
+        settings.oauth_token_store(account),
+        "pop3",
+        f"fetch.accounts.{account.name}",
+        sign_in=sign_in_command(account.name),
     )
 
 
@@ -169,14 +202,21 @@ def create_sink_token_provider(
         settings.sink_token_store(account, sink),
         purpose,
         f"fetch.accounts.{account.name}: sink {sink.label}",
+        sign_in=sign_in_command(account.name, sink.label),
     )
 
 
 def token_provider_for(
-    oauth: OAuthSettings, store: Path, purpose: OAuthPurpose, what: str
+    oauth: OAuthSettings,
+    store: Path,
+    purpose: OAuthPurpose,
+    what: str,
+    *,
+    sign_in: str = SIGN_IN_COMMAND,
 ) -> TokenProvider:
     """The provider for one ``[oauth]`` table whose refresh token lives in ``store``;
-    ``what`` names the table in errors."""
+    ``what`` names the table in errors and ``sign_in`` is the command that signs it
+    in again (``popbox oauth login ACCOUNT [--sink LABEL]``, see ``sign_in_command``)."""
     if oauth.token_source == "command":  # noqa: S105 a setting name, not a secret
         assert oauth.token_command is not None  # OAuthSettings validated it
         return CommandTokenProvider(oauth.token_command)
@@ -188,9 +228,12 @@ def token_provider_for(
             from popbox.collector.oauth.microsoft import MsalRefreshTokenProvider, authority_of
 
             return MsalRefreshTokenProvider(
-                token_file, client_id=client_id, authority=authority_of(oauth), scopes=scopes
+                token_file, client_id=client_id, authority=authority_of(oauth), scopes=scopes,
+                what=what, sign_in=sign_in,
             )
-        return RefreshTokenProvider(token_file, http_client_for(oauth, purpose))
+        return RefreshTokenProvider(
+            token_file, http_client_for(oauth, purpose), what=what, sign_in=sign_in
+        )
     if oauth.provider == "google":
         # Gmail has no app-only grant; Workspace uses service accounts with signed
         # JWT assertions instead, which a token command can supply.

@@ -12,6 +12,11 @@ written and fsynced by a few threads at once (the kernel's journal commits their
 fsyncs together), renamed into new/, and new/ is fsynced once for the whole batch. A
 file renamed into new/ whose directory entry is not yet known to be durable is
 remembered, and a redelivery of its key fsyncs new/ before it reports the key as taken.
+
+On first use the sink sweeps tmp/ of what killed runs left: files it named itself
+(``TIME.MusecPPIDQnKtag.HOST``) on this host whose writer process is gone, and any
+file untouched for 36 hours (the Maildir convention, what Dovecot does). Another
+program's fresh file in tmp/ is never touched.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import re
 import socket
@@ -44,8 +50,16 @@ COPY_CHUNK: Final = 256 * 1024
 # halve the cost per file on one disk; more only queue in the kernel).
 BATCH_WRITERS: Final = 4
 
+# Maildir convention (qmail's maildir(5), Dovecot): a file in tmp/ untouched this
+# long is a leftover, whoever wrote it.
+TMP_STALE_SECONDS: Final = 36 * 3600.0
+
 _KEY_IN_NAME: Final = re.compile(r"K([0-9a-f]{24})")
+# The names this sink gives its files in tmp/ (see ``MaildirSink._unique``).
+_OUR_TMP_NAME: Final = re.compile(r"\d+\.M\d+P(\d+)Q\d+K[0-9a-f]{24}\.(.+)")
 _sequence = itertools.count()
+
+log = logging.getLogger("popbox.collector")
 
 
 def key_tag(idempotency_key: str) -> str:
@@ -57,6 +71,16 @@ def _discard(paths: Iterable[str | Path]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive under another user, or not a pid at all: leave it
+    return False
 
 
 def crlf_to_lf(data: bytes) -> bytes:
@@ -113,6 +137,7 @@ class MaildirSink:
         if self._known is None:
             for sub in ("tmp", "new", "cur"):
                 (self._root / sub).mkdir(parents=True, exist_ok=True)
+            self._sweep_tmp()
             # One listing per run, not per message: the set answers "already here?".
             known: set[str] = set()
             for sub in ("new", "cur"):
@@ -126,6 +151,28 @@ class MaildirSink:
                 fsync_dir(self._new_dir)
             self._known = known
         return self._known
+
+    def _sweep_tmp(self) -> None:
+        """Remove what killed runs left in tmp/ (see the module's docstring)."""
+        now = time.time()
+        swept = []
+        for entry in os.scandir(self._tmp_dir):
+            ours = _OUR_TMP_NAME.fullmatch(entry.name)
+            try:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > TMP_STALE_SECONDS
+            except FileNotFoundError:
+                continue
+            writer_gone = (
+                ours is not None
+                and ours.group(2) == self._host
+                and int(ours.group(1)) != self._pid
+                and _process_is_gone(int(ours.group(1)))
+            )
+            if (stale or writer_gone) and entry.is_file(follow_symlinks=False):
+                swept.append(entry.path)
+        _discard(swept)
+        if swept:
+            log.info("maildir sink %s: removed %d leftover files from tmp/", self.name, len(swept))
 
     def _unique(self, tag: str) -> str:
         now = time.time()

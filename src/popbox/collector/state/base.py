@@ -48,6 +48,8 @@ class AccountStatus:
     delivered: int
     quarantined: int
     pending: int
+    login_required: bool = False
+    """The last run failed because an OAuth login needs signing in again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +148,15 @@ class CollectorState(Protocol):
     async def run_started(self, account: str) -> None: ...
 
     async def run_finished(
-        self, account: str, *, error: str | None, on_server: int = 0, pending: int = 0
+        self,
+        account: str,
+        *,
+        error: str | None,
+        on_server: int = 0,
+        pending: int = 0,
+        login_required: bool = False,
     ) -> None:
-        """End of a poll: a success resets the failure count, an error adds one."""
+        """End of a poll: a success resets the failure count, an error adds one.
+        ``login_required`` (the error is a dead OAuth login) is kept until the next
+        run ends, for ``--status``."""
         ...

@@ -56,6 +56,7 @@ class _Run:
     failures: int = 0
     on_server: int = 0
     pending: int = 0
+    login_required: bool = False
 
 
 class MemoryState:
@@ -108,6 +109,7 @@ class MemoryState:
                     delivered=sum(m.delivered_at is not None for m in mine),
                     quarantined=sum(m.quarantined and m.delivered_at is None for m in mine),
                     pending=run.pending,
+                    login_required=run.login_required,
                 )
             )
         return result
@@ -202,9 +204,16 @@ class MemoryState:
         self._runs.setdefault(account, _Run()).last_start = time.time()
 
     async def run_finished(
-        self, account: str, *, error: str | None, on_server: int = 0, pending: int = 0
+        self,
+        account: str,
+        *,
+        error: str | None,
+        on_server: int = 0,
+        pending: int = 0,
+        login_required: bool = False,
     ) -> None:
         run, now = self._runs.setdefault(account, _Run()), time.time()
+        run.login_required = login_required and error is not None
         if error is None:
             run.last_success, run.failures = now, 0
             run.on_server, run.pending = on_server, pending

@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS runs (
     last_error_at  REAL,
     failures       INTEGER NOT NULL DEFAULT 0,
     on_server      INTEGER NOT NULL DEFAULT 0,
-    pending        INTEGER NOT NULL DEFAULT 0
+    pending        INTEGER NOT NULL DEFAULT 0,
+    login_required INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -98,6 +99,12 @@ class StateDB:
             if "header_uid" not in columns:
                 # Databases from before header aliases: add the column, keep the rows.
                 self._db.execute("ALTER TABLE messages ADD COLUMN header_uid TEXT")
+            runs = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+            if "login_required" not in runs:
+                # Databases from before dead OAuth logins were remembered.
+                self._db.execute(
+                    "ALTER TABLE runs ADD COLUMN login_required INTEGER NOT NULL DEFAULT 0"
+                )
         except (OSError, sqlite3.Error) as exc:
             raise CollectorError(f"state database {path}: {exc}") from exc
         # One thread: the FIFO of its queue is the order of the writes.
@@ -188,10 +195,10 @@ class StateDB:
         result = []
         for account in accounts:
             run = self._db.execute(
-                "SELECT last_success, last_error, last_error_at, failures, pending"
-                " FROM runs WHERE account = ?",
+                "SELECT last_success, last_error, last_error_at, failures, pending,"
+                " login_required FROM runs WHERE account = ?",
                 (account,),
-            ).fetchone() or (None, None, None, 0, 0)
+            ).fetchone() or (None, None, None, 0, 0, 0)
             delivered, quarantined = self._db.execute(
                 "SELECT COUNT(delivered_at),"
                 " COALESCE(SUM(quarantined AND delivered_at IS NULL), 0)"
@@ -208,6 +215,7 @@ class StateDB:
                     delivered=delivered,
                     quarantined=quarantined,
                     pending=run[4],
+                    login_required=bool(run[5]),
                 )
             )
         return result
@@ -398,25 +406,33 @@ class StateDB:
         )
 
     async def run_finished(
-        self, account: str, *, error: str | None, on_server: int = 0, pending: int = 0
+        self,
+        account: str,
+        *,
+        error: str | None,
+        on_server: int = 0,
+        pending: int = 0,
+        login_required: bool = False,
     ) -> None:
-        await self._call(self._run_finished, account, error, on_server, pending)
+        await self._call(self._run_finished, account, error, on_server, pending, login_required)
 
-    def _run_finished(self, account: str, error: str | None, on_server: int, pending: int) -> None:
+    def _run_finished(
+        self, account: str, error: str | None, on_server: int, pending: int, login_required: bool
+    ) -> None:
         now = time.time()
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO runs (account) VALUES (?)", (account,))
             if error is None:
                 db.execute(
                     "UPDATE runs SET last_success = ?, failures = 0, on_server = ?,"
-                    " pending = ? WHERE account = ?",
+                    " pending = ?, login_required = 0 WHERE account = ?",
                     (now, on_server, pending, account),
                 )
             else:
                 db.execute(
                     "UPDATE runs SET last_error = ?, last_error_at = ?,"
-                    " failures = failures + 1 WHERE account = ?",
-                    (error[:ERROR_TEXT_MAX], now, account),
+                    " failures = failures + 1, login_required = ? WHERE account = ?",
+                    (error[:ERROR_TEXT_MAX], now, int(login_required), account),
                 )
 
     def _execute(self, statement: str, parameters: tuple[object, ...]) -> None:
