@@ -21,7 +21,13 @@ from popbox.collector.oauth import TokenFile
 from popbox.collector.sinks import SinkContext, build_sink
 from popbox.collector.sinks.gmail import GmailSink, popbox_id
 from popbox.collector.tokens import StaticTokenProvider
-from popbox.errors import ConfigError, PermanentSinkError, TemporarySinkError
+from popbox.errors import (
+    ConfigError,
+    OAuthLoginRequired,
+    PermanentSinkError,
+    SinkUnavailable,
+    TemporarySinkError,
+)
 from support.dovecot import DovecotServer
 from support.fetch import (
     MakeSettings,
@@ -130,11 +136,13 @@ async def test_a_label_created_meanwhile_by_another_client_is_used(
     assert gmail.calls("GET", "/labels") == 2
 
 
+@pytest.mark.parametrize("label", ["DRAFT", "chat"])
 def test_labels_gmail_cannot_import_into_are_a_config_error(
-    gmail: GmailApi, tls_files: Any
+    gmail: GmailApi, tls_files: Any, tmp_path: Path, label: str
 ) -> None:
-    with pytest.raises(ConfigError, match="DRAFT"):
-        make_sink(gmail, tls_files, labels=["INBOX", "DRAFT"])
+    table = sink_table(gmail, tls_files.ca, labels=["INBOX", label])
+    with pytest.raises(ConfigError, match=f"Gmail cannot import into {label.upper()}"):
+        fetch_settings(tmp_path, account_entry(110, tmp_path / "x", sinks=[table]))
 
 
 async def test_big_message_goes_resumable_and_resumes_where_the_server_stopped(
@@ -196,10 +204,12 @@ async def test_rate_limits_past_retry_for_are_a_temporary_failure(
     gmail.fail("import", status=429, retry_after="0", times=10**6)
     sink, _ = make_sink(gmail, tls_files, retry_for=0.3)
     try:
-        with pytest.raises(TemporarySinkError, match="HTTP 429"):
+        with pytest.raises(TemporarySinkError, match="HTTP 429") as caught:
             await sink.deliver(fetched(mail(1)))
     finally:
         await sink.close()
+    # The message's failure, counted towards max_attempts; not the mailbox's.
+    assert not isinstance(caught.value, SinkUnavailable)
     assert gmail.messages == {}
 
 
@@ -226,21 +236,17 @@ async def test_an_expired_token_is_refreshed_once(gmail: GmailApi, tls_files: An
     assert len(gmail.messages) == 2
 
 
-async def test_a_token_refused_after_refresh_is_a_temporary_failure_without_the_token(
+async def test_a_token_refused_after_refresh_makes_the_sink_unavailable_without_the_token(
     gmail: GmailApi, tls_files: Any
 ) -> None:
     sink, provider = make_sink(gmail, tls_files, "dead-token-1", "dead-token-2")
     try:
-        with pytest.raises(TemporarySinkError, match="sign in again") as caught:
+        with pytest.raises(SinkUnavailable, match="sign in again") as caught:
             await sink.deliver(fetched(mail(1)))
-        # The next message of the run fails at once, without asking Gmail again.
-        sent = len(gmail.requests)
-        with pytest.raises(TemporarySinkError, match="sign in again"):
-            await sink.deliver(fetched(mail(2), "u2"))
-        assert len(gmail.requests) == sent
     finally:
         await sink.close()
     assert provider.refreshes == 1
+    assert "popbox oauth login ACCOUNT --sink gmail:me" in str(caught.value)
     assert "dead-token" not in str(caught.value)
 
 
@@ -253,11 +259,86 @@ async def test_missing_scopes_are_named(gmail: GmailApi, tls_files: Any) -> None
     )
     sink, _ = make_sink(gmail, tls_files)
     try:
-        with pytest.raises(TemporarySinkError, match=r"gmail\.insert") as caught:
+        with pytest.raises(SinkUnavailable, match=r"gmail\.insert") as caught:
             await sink.deliver(fetched(mail(1)))
     finally:
         await sink.close()
     assert "insufficient authentication scopes" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "status", "reason", "error"),
+    [
+        ("import", 403, "domainPolicy", "Gmail forbids importing"),
+        ("import", 403, "insufficientPermissions", "lacks a scope for importing"),
+        # Creating the label is refused: no message can be given it.
+        ("labels", 400, "invalidArgument", "Gmail refused creating label 'New label'"),
+    ],
+)
+async def test_a_refused_mailbox_makes_the_sink_unavailable(
+    gmail: GmailApi, tls_files: Any, endpoint: str, status: int, reason: str, error: str
+) -> None:
+    # A label fault only for the POST that creates it (the GET has no body).
+    only = b"New label" if endpoint == "labels" else None
+    gmail.fail(endpoint, status=status, reason=reason, message="Refused", match=only)
+    sink, _ = make_sink(gmail, tls_files, labels=["INBOX", "New label"])
+    try:
+        with pytest.raises(SinkUnavailable, match=error):
+            await sink.deliver(fetched(mail(1)))
+    finally:
+        await sink.close()
+    assert gmail.messages == {}
+
+
+class DeadLogin:
+    """A token provider whose stored login was revoked."""
+
+    async def token(self, *, force_refresh: bool = False) -> str:
+        raise OAuthLoginRequired("the sink's login was revoked: popbox oauth login")
+
+
+async def test_a_dead_login_passes_through_as_login_required(
+    gmail: GmailApi, tls_files: Any
+) -> None:
+    settings = GmailSinkSettings.model_validate(sink_table(gmail, tls_files.ca))
+    sink = GmailSink(settings, DeadLogin())
+    try:
+        with pytest.raises(OAuthLoginRequired, match="revoked"):
+            await sink.deliver(fetched(mail(1)))
+    finally:
+        await sink.close()
+    assert gmail.requests == []
+
+
+def test_the_settings_default_to_google_and_a_timeout_above_retry_for(
+    gmail: GmailApi, tls_files: Any
+) -> None:
+    table = sink_table(gmail, tls_files.ca)
+    del table["oauth"]["provider"]
+    settings = GmailSinkSettings.model_validate(table)
+    assert settings.oauth is not None
+    assert settings.oauth.provider == "google"
+    assert (settings.timeout, settings.retry_for) == (180.0, 120.0)
+    assert settings.timeout > settings.retry_for
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"timeout": 60}, r"timeout \(60 s\) must exceed retry_for \(120 s\)"),
+        ({"timeout": 30, "retry_for": 30}, "must exceed retry_for"),
+        (
+            {"oauth": {"token_source": "command", "token_command": "x", "provider": "microsoft"}},
+            'oauth.provider must be "google"',
+        ),
+    ],
+)
+def test_settings_the_gmail_sink_refuses(
+    gmail: GmailApi, tls_files: Any, tmp_path: Path, fields: dict[str, Any], error: str
+) -> None:
+    table = sink_table(gmail, tls_files.ca, **fields)
+    with pytest.raises(ConfigError, match=error):
+        fetch_settings(tmp_path, account_entry(110, tmp_path / "x", sinks=[table]))
 
 
 async def test_a_refused_message_is_a_permanent_failure(gmail: GmailApi, tls_files: Any) -> None:
@@ -363,6 +444,40 @@ async def test_a_message_gmail_refuses_is_quarantined_and_the_rest_imported(
     again = await poll(settings)
     assert again.ok, again.error
     assert again.delivered == 0
+    assert len(gmail.messages) == 3
+
+
+@pytest.mark.interop
+async def test_missing_scopes_fail_the_run_and_quarantine_nothing(
+    dovecot: DovecotServer, gmail: GmailApi, make_settings: MakeSettings, tls_files: Any
+) -> None:
+    for index in range(3):
+        dovecot.add_message("alice", message(index))
+    gmail.fail(
+        "import",
+        status=403,
+        reason="insufficientPermissions",
+        message="Request had insufficient authentication scopes.",
+        times=10,
+    )
+    settings = make_settings(
+        dovecot, sinks=[sink_table(gmail, tls_files.ca)], max_attempts=1, delete="after_delivery"
+    )
+    result = await poll(settings)
+    assert not result.ok
+    assert not result.login_required
+    assert "insufficient authentication scopes" in (result.error or "")
+    assert (result.delivered, result.quarantined) == (0, 0)
+    # The run stopped at the first refusal: one import asked, none after it.
+    assert gmail.calls("POST", "/upload/") == 1
+    assert not (settings.quarantine_path / "alice").exists()
+    assert len(dovecot.stored_messages("alice")) == 3
+
+    # Signed in with the scopes: the next run imports all three.
+    gmail.faults.clear()
+    again = await poll(settings)
+    assert again.ok, again.error
+    assert again.delivered == 3
     assert len(gmail.messages) == 3
 
 
