@@ -54,12 +54,18 @@ IMAP_CONNECTIONS: Final = 4
 # Gmail's users.messages.import: a simple (multipart) upload takes up to 5 MB; bigger
 # messages go through the resumable protocol (Gmail's own limit is 35 MB a message).
 GMAIL_SIMPLE_UPLOAD_MAX: Final = 5 * 1024 * 1024
-# The Gmail API's per-user rate limit is 250 quota units a second and an import costs
-# 25, so ten imports a second is the most one mailbox takes without 429s.
+# The Gmail API's per-user limit is 15,000 quota units a minute and an import costs
+# 25 units: 600 imports a minute, that is 10 a second.
 GMAIL_IMPORTS_PER_SECOND: Final = 10.0
 # How long to wait for Gmail to accept a message when it keeps answering 429/403
 # rateLimitExceeded/5xx, before the poll engine retries it in a later run.
 GMAIL_RETRY_FOR: Final = 120.0
+# The Gmail sink's per-message timeout: above GMAIL_RETRY_FOR, so the retries end
+# (1 s before the timeout at the latest) with their own reason, plus room for a
+# resumable upload of a large message.
+GMAIL_SINK_TIMEOUT: Final = 180.0
+# Labels users.messages.import refuses (DRAFT) or that are Gmail's own (CHAT).
+GMAIL_REFUSED_LABELS: Final = frozenset({"DRAFT", "CHAT"})
 # RFC 5322 field name: printable ASCII but ":" and space.
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 
@@ -345,6 +351,28 @@ class GmailSinkSettings(_LoginSinkBase):
     imports_per_second: float = Field(default=GMAIL_IMPORTS_PER_SECOND, gt=0)
     retry_for: float = Field(default=GMAIL_RETRY_FOR, gt=0)
     """Seconds of 429/rateLimitExceeded/5xx retries before a temporary failure."""
+    timeout: float = Field(default=GMAIL_SINK_TIMEOUT, gt=0)
+    """Seconds one message may take; must exceed ``retry_for`` (the retries stop 1 s
+    before it)."""
+
+    @field_validator("oauth", mode="before")
+    @classmethod
+    def _default_provider(cls, value: object) -> object:
+        # The [oauth] table of a Gmail sink is Google's unless it says otherwise.
+        if isinstance(value, dict) and "provider" not in value:
+            return {**value, "provider": "google"}
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str]) -> list[str]:
+        refused = sorted({label.upper() for label in value} & GMAIL_REFUSED_LABELS)
+        if refused:
+            raise ValueError(
+                f"Gmail cannot import into {', '.join(refused)} (DRAFT is for drafts, "
+                "CHAT is Gmail's own)"
+            )
+        return value
 
     @field_validator("api_base")
     @classmethod
@@ -359,6 +387,11 @@ class GmailSinkSettings(_LoginSinkBase):
         assert self.oauth is not None  # _check_login: auth is always oauth2 here
         if self.oauth.provider == "microsoft":
             raise ValueError('gmail sink: oauth.provider must be "google" (or "generic")')
+        if self.timeout <= self.retry_for:
+            raise ValueError(
+                f"gmail sink: timeout ({self.timeout:g} s) must exceed retry_for "
+                f"({self.retry_for:g} s): the sink stops retrying 1 s before the timeout"
+            )
         return self
 
     @property

@@ -30,11 +30,10 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import ssl
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC
 from email import policy
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 
 from popbox.collector.base import FetchedMessage
+from popbox.collector.sinks.http_retry import backoff_delay, retry_after_seconds
 from popbox.errors import PermanentSinkError, TemporarySinkError
 
 if TYPE_CHECKING:
@@ -338,22 +338,6 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
 # ----------------------------------------------------------------------------- sink
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds from now (delta-seconds or HTTP-date, RFC 9110 10.2.3)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def _excerpt(response: httpx.Response) -> str:
     text = response.text
     if len(text) > ERROR_EXCERPT_CHARS:
@@ -478,7 +462,7 @@ class WebhookSink:
                         f"HTTP {status}: {_excerpt(response)}"
                     )
                 reason = f"HTTP {status}: {_excerpt(response)}"
-                delay = _retry_after_seconds(response.headers.get("Retry-After"))
+                delay = retry_after_seconds(response.headers.get("Retry-After"))
                 if delay is not None and delay > self._retry_after_max:
                     raise TemporarySinkError(
                         f"webhook {self._url} asked to retry {message.uidl} after "
@@ -488,8 +472,7 @@ class WebhookSink:
                 break
             if delay is None:
                 # Jitter keeps many collectors from retrying in lockstep.
-                ceiling = min(self._backoff_max, self._backoff_initial * 2 ** (attempt - 1))
-                delay = random.uniform(ceiling / 2, ceiling)
+                delay = backoff_delay(attempt, self._backoff_initial, self._backoff_max)
             if deadline is not None and time.monotonic() + delay >= deadline:
                 # The next attempt could not finish in time; say why ourselves rather
                 # than be cancelled by the poll engine's timeout mid-request.
