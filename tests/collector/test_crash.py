@@ -17,6 +17,8 @@ import pytest
 from support.dovecot import DovecotServer
 from support.fetch import (
     account_entry,
+    crash_body,
+    kill_rounds,
     maildir_messages,
     message,
     run_fetch,
@@ -85,28 +87,19 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(
     dovecot: DovecotServer, tls_files: Any, tmp_path: Path, kind: str
 ) -> None:
     rng = random.Random(int(os.environ.get("POPBOX_CRASH_SEED", "4")))
-    expected = []
-    for index in range(MESSAGES):
-        # Every fifth message is big, so some kills land in the middle of a RETR.
-        body = (
-            message(index, b"x" * 76 + b"\n")
-            if index % 5
-            else message(index, (b"y" * 76 + b"\n") * 4000)
-        )
-        expected.append(body)
+    expected = [crash_body(index) for index in range(MESSAGES)]
+    for body in expected:
         dovecot.add_message("alice", body)
     out = tmp_path / "out"
     config = tmp_path / "popbox.toml"
     _write_config(config, dovecot, tls_files, out, kind)
-    killed = 0
-    for round_number in range(ROUNDS):
-        if round_number == ROUNDS // 2:
-            # Mail keeps arriving while the collector is being killed.
-            for index in range(MESSAGES, MESSAGES + 5):
-                expected.append(message(index))
-                dovecot.add_message("alice", message(index))
-        status = run_fetch(config, rng)
-        killed += status is None
+
+    def arrivals() -> None:
+        for index in range(MESSAGES, MESSAGES + 5):
+            expected.append(message(index))
+            dovecot.add_message("alice", message(index))
+
+    killed = kill_rounds(config, rng, ROUNDS, arrivals)
     deadline = time.monotonic() + 120
     while dovecot.stored_messages("alice") and time.monotonic() < deadline:
         output: list[bytes] = []

@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 
 from support.dovecot import DovecotServer
-from support.fetch import account_entry, fetch_toml, message, run_fetch, tls_fields
+from support.fetch import (
+    account_entry,
+    crash_body,
+    fetch_toml,
+    kill_rounds,
+    message,
+    run_fetch,
+    tls_fields,
+)
 from support.gmailapi import GmailApi, gmail_sink_toml, serve_gmail
 
 pytestmark = pytest.mark.interop
@@ -43,10 +51,7 @@ def gmail(server_context: ssl.SSLContext) -> Iterator[GmailApi]:
 def _body(index: int) -> bytes:
     if index == BIG_INDEX:
         return message(index, (b"b" * 998 + b"\n") * 5400)
-    if index % 5 == 0:
-        # Big enough that some kills land in the middle of a RETR or an upload.
-        return message(index, (b"y" * 76 + b"\n") * 4000)
-    return message(index, b"x" * 76 + b"\n")
+    return crash_body(index)
 
 
 def _imported(gmail: GmailApi) -> list[bytes]:
@@ -82,15 +87,13 @@ def test_sigkill_during_gmail_imports_loses_and_doubles_nothing(
         fetch_toml(entry, state_dir=str(tmp_path / "state"))
         + gmail_sink_toml(gmail, tls_files.ca, labels=["INBOX", "Fetched"])
     )
-    killed = 0
-    for round_number in range(ROUNDS):
-        if round_number == ROUNDS // 2:
-            # Mail keeps arriving while the collector is being killed.
-            for index in range(MESSAGES, MESSAGES + 5):
-                expected.append(message(index))
-                dovecot.add_message("alice", message(index))
-        status = run_fetch(config, rng)
-        killed += status is None
+
+    def arrivals() -> None:
+        for index in range(MESSAGES, MESSAGES + 5):
+            expected.append(message(index))
+            dovecot.add_message("alice", message(index))
+
+    killed = kill_rounds(config, rng, ROUNDS, arrivals)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         output: list[bytes] = []

@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 
 from support.dovecot import DovecotServer, imap_skip_reason, start_dovecot
-from support.fetch import account_entry, message, run_fetch, tls_fields, write_fetch_config
+from support.fetch import (
+    account_entry,
+    crash_body,
+    kill_rounds,
+    message,
+    run_fetch,
+    tls_fields,
+    write_fetch_config,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -89,24 +97,17 @@ def test_sigkill_while_bridging_into_imap_loses_and_doubles_nothing(
     rng = random.Random(int(os.environ.get("POPBOX_CRASH_SEED", "4")))
     expected = []
     for index in range(MESSAGES):
-        # Every fifth message is big, so some kills land in the middle of an APPEND.
-        body = (
-            message(index, b"x" * 76 + b"\n")
-            if index % 5
-            else message(index, (b"y" * 76 + b"\n") * 4000)
-        )
-        expected.append(body.replace(b"\n", b"\r\n"))
-        imap_dovecot.add_message("alice", body)
+        expected.append(crash_body(index).replace(b"\n", b"\r\n"))
+        imap_dovecot.add_message("alice", crash_body(index))
     config = tmp_path / "popbox.toml"
     _write_config(config, imap_dovecot, tls_files, delete, identify)
-    killed = 0
-    for round_number in range(ROUNDS):
-        if round_number == ROUNDS // 2:
-            # Mail keeps arriving while the collector is being killed.
-            for index in range(MESSAGES, MESSAGES + 5):
-                expected.append(message(index).replace(b"\n", b"\r\n"))
-                imap_dovecot.add_message("alice", message(index))
-        killed += run_fetch(config, rng) is None
+
+    def arrivals() -> None:
+        for index in range(MESSAGES, MESSAGES + 5):
+            expected.append(message(index).replace(b"\n", b"\r\n"))
+            imap_dovecot.add_message("alice", message(index))
+
+    killed = kill_rounds(config, rng, ROUNDS, arrivals)
     # Clean runs until the folder holds as many messages as were sent (each run takes
     # at most max_messages_per_run), then one more that must find nothing left to do.
     deadline = time.monotonic() + 120

@@ -195,3 +195,25 @@ def run_fetch(
         process.send_signal(signal.SIGKILL)
         process.wait(30)
         return None
+
+
+def crash_body(index: int) -> bytes:
+    """A message for the kill -9 loops: every fifth one about 300 KiB, so some kills
+    land in the middle of a transfer."""
+    if index % 5:
+        return message(index, b"x" * 76 + b"\n")
+    return message(index, (b"y" * 76 + b"\n") * 4000)
+
+
+def kill_rounds(
+    config: Path, rng: random.Random, rounds: int, arrivals: Callable[[], None]
+) -> int:
+    """``rounds`` runs of `popbox fetch`, each SIGKILLed at a random point; half way
+    through, ``arrivals()`` adds mail (it keeps arriving while the collector is being
+    killed). Returns how many runs the kill caught still running."""
+    killed = 0
+    for round_number in range(rounds):
+        if round_number == rounds // 2:
+            arrivals()
+        killed += run_fetch(config, rng) is None
+    return killed
