@@ -16,10 +16,15 @@ Found means delivered; it is not appended again.
 
 Outcomes:
 
-- login refused, network errors, timeouts, BYE, ``NO [TRYCREATE]`` (no folder and
-  ``create_folder`` off), ``NO [OVERQUOTA]`` and any other refusal: TemporarySinkError
-  (the messages stay on the POP3 server; a changed password must not quarantine mail);
-  a lost connection is reopened once before giving up;
+- the mailbox's trouble, whichever message it is: SinkUnavailable, the run stops and
+  no message is counted as failed (``imap_connection``: login refused, TLS, no
+  password or token; here: the server unreachable after a second try, the folder
+  missing with ``create_folder`` off or not creatable). A dead OAuth2 login is a
+  TemporarySinkError caused by OAuthLoginRequired, which stops the run too;
+- a lost connection (network errors, timeouts, BYE) is reopened once, then
+  TemporarySinkError, as are ``NO [OVERQUOTA]``, ``NO [TRYCREATE]`` for a folder
+  just created and any other refusal (the message waits on the POP3 server and
+  counts an attempt);
 - ``NO [TOOBIG]`` or ``NO [LIMIT]`` (Dovecot's answer to a message over its size
   limit), or a message over the server's ``APPENDLIMIT`` (RFC 7889, checked before
   sending): PermanentSinkError (quarantine).
@@ -51,9 +56,17 @@ from popbox.collector.sinks.imap_connection import (
     ConnectionPool,
     ImapConnection,
     Refused,
+    Unreachable,
     checked,
 )
-from popbox.errors import ConfigError, PermanentSinkError, SinkError, TemporarySinkError
+from popbox.errors import (
+    ConfigError,
+    OAuthLoginRequired,
+    PermanentSinkError,
+    SinkError,
+    SinkUnavailable,
+    TemporarySinkError,
+)
 
 if TYPE_CHECKING:
     from popbox.collector.config import ImapSinkSettings
@@ -172,9 +185,14 @@ class ImapSink:
         workers = min(self.settings.connections, len(queue))
         await asyncio.gather(*(worker() for _ in range(workers)))
         if errors:
-            # A refusal for good wins: the poll engine then offers each message
-            # alone, and only the refused one is quarantined.
-            raise next((e for e in errors if isinstance(e, PermanentSinkError)), errors[0])
+            # The mailbox's trouble wins (the run stops, no message is blamed); then a
+            # refusal for good: the poll engine offers each message alone, and only
+            # the refused one is quarantined.
+            for wanted in (_mailbox_trouble, _refused_for_good):
+                for error in errors:
+                    if wanted(error):
+                        raise error
+            raise errors[0]
 
     async def close(self) -> None:
         await self._pool.close()
@@ -226,6 +244,11 @@ class ImapSink:
                 async with self._pool.connection() as connection:
                     await self._append(connection, items)
                 return
+            except Unreachable as exc:
+                if attempt == 2:
+                    # Refused, no such host, timed out, twice: the server is down.
+                    raise SinkUnavailable(f"{self.name}: {exc}") from exc
+                log.info("imap server unreachable sink=%s: %s; trying again", self.name, exc)
             except ConnectionLost as exc:
                 if attempt == 2:
                     raise TemporarySinkError(f"{self.name}: connection lost: {exc}") from exc
@@ -264,14 +287,16 @@ class ImapSink:
             try:
                 await connection.call(self._append_items, connection, items)
             except Refused as exc:
-                if exc.code != "TRYCREATE" or not self.settings.create_folder:
+                if exc.code != "TRYCREATE":
                     raise
-                await connection.call(self._create_folder, connection)
+                await self._create_folder(connection, exc)
                 await connection.call(self._append_items, connection, items)
-        except Refused as exc:
+        except (Refused, SinkUnavailable) as exc:
             # A tagged NO: nothing of this command was stored (RFC 3502 section 6.3.11).
             for item in items:
                 self._uncertain.discard(item.key)
+            if isinstance(exc, SinkUnavailable):
+                raise
             raise self._refusal(exc) from exc
         for item in items:
             self._taken(item)
@@ -279,6 +304,17 @@ class ImapSink:
     def _taken(self, item: _Item) -> None:
         self._appended.add(item.key)
         self._uncertain.discard(item.key)
+
+    async def _create_folder(self, connection: ImapConnection, trycreate: Refused) -> None:
+        """Create the missing folder, or fail the run: without it no message fits."""
+        folder = self.settings.folder
+        if not self.settings.create_folder:
+            why = f"folder {folder!r} does not exist (create_folder is off)"
+            raise SinkUnavailable(f"{self.name}: {why}: {trycreate}") from trycreate
+        try:
+            await connection.call(self._create_folder_now, connection)
+        except Refused as exc:
+            raise SinkUnavailable(f"{self.name}: cannot create folder {folder!r}: {exc}") from exc
 
     def _refusal(self, exc: Refused) -> SinkError:
         folder = self.settings.folder
@@ -289,9 +325,8 @@ class ImapSink:
                 f"{self.name}: the server refuses the message as too big: {exc}"
             )
         if exc.code == "TRYCREATE":
-            return TemporarySinkError(
-                f"{self.name}: folder {folder!r} does not exist (create_folder is off): {exc}"
-            )
+            # Just created, and gone again (another program deleted it meanwhile).
+            return TemporarySinkError(f"{self.name}: folder {folder!r} does not exist: {exc}")
         if exc.code == "OVERQUOTA":
             return TemporarySinkError(f"{self.name}: the mailbox is over quota: {exc}")
         return TemporarySinkError(f"{self.name}: APPEND refused: {exc}")
@@ -345,7 +380,7 @@ class ImapSink:
             answer = checked(client.append, folder, item.data, flags, item.date)
             self._note_appenduid(bytes(answer or b""), 1)
 
-    def _create_folder(self, connection: ImapConnection) -> None:
+    def _create_folder_now(self, connection: ImapConnection) -> None:
         client = connection.client
         try:
             checked(client.create_folder, self.settings.folder)
@@ -367,6 +402,14 @@ class ImapSink:
                 match.group(1).decode(),
                 match.group(2).decode(),
             )
+
+
+def _mailbox_trouble(error: BaseException) -> bool:
+    return isinstance(error, SinkUnavailable) or isinstance(error.__cause__, OAuthLoginRequired)
+
+
+def _refused_for_good(error: BaseException) -> bool:
+    return isinstance(error, PermanentSinkError)
 
 
 def _first_bytes(data: object) -> bytes:

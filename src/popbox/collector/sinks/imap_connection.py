@@ -5,11 +5,18 @@ IMAPClient (on imaplib) is synchronous: each connection's calls run in a worker
 thread (``asyncio.to_thread``), and a connection is used by one delivery at a time
 (at most ``settings.connections`` of them, opened lazily, reused across batches).
 
-What this module raises: TemporarySinkError for a refused login (after which the pool
-knocks no more in this poll: servers lock accounts out that see a failed login per
-message), a TLS failure or no password or token; ConnectionLost (Unreachable when no
-connection could be made) for the caller to try once more; Refused for a tagged NO or
-BAD, for the caller to judge.
+What this module raises is the mailbox's side of things, never a message's:
+
+- SinkUnavailable: the login is refused (password, or an OAuth2 token after the one
+  refresh), there is no password or token to log in with, TLS fails (handshake,
+  certificate, pin, no STARTTLS on offer): nothing can be delivered until that
+  changes. After one refused login the pool knocks no more in this poll (servers lock
+  accounts out that see a failed login per message);
+- a TemporarySinkError caused by OAuthLoginRequired: the sink's stored OAuth2 login
+  is dead (the poll engine finds the cause and asks for a new sign-in);
+- ConnectionLost (Unreachable when no connection could be made at all): the caller
+  tries a new connection once before giving up;
+- Refused: a tagged NO or BAD, for the caller to judge.
 
 Passwords and tokens never reach logs or error text: errors quote the server's
 answers only.
@@ -35,6 +42,8 @@ from popbox.collector.tls import certificate_matches, client_tls_context
 from popbox.errors import (
     CollectorError,
     ConfigError,
+    OAuthLoginRequired,
+    SinkUnavailable,
     TemporarySinkError,
 )
 from popbox.proto.sasl import oauthbearer_response, plain_response, xoauth2_response
@@ -226,16 +235,16 @@ class ConnectionPool:
 
     async def _open(self) -> ImapConnection:
         if self._login_refused is not None:
-            raise TemporarySinkError(self._login_refused)
+            raise SinkUnavailable(self._login_refused)
         host = self.settings.host
         try:
             client = await asyncio.to_thread(self._connect)
         except ssl.SSLError as exc:
-            raise TemporarySinkError(f"{self.name}: TLS with {host}: {exc}") from exc
+            raise SinkUnavailable(f"{self.name}: TLS with {host}: {exc}") from exc
         except (OSError, imaplib.IMAP4.abort) as exc:
             raise Unreachable(f"cannot connect to {host}: {exc}") from exc
         except Refused as exc:
-            raise TemporarySinkError(f"{self.name}: {host}: {exc}") from exc
+            raise SinkUnavailable(f"{self.name}: {host}: {exc}") from exc
         connection = ImapConnection(client)
         try:
             await self._log_in(connection)
@@ -298,7 +307,7 @@ class ConnectionPool:
             await connection.call(login, connection, secret)
         except (LoginError, Refused) as exc:
             self._login_refused = f"{self.name}: login as {self.settings.username} refused: {exc}"
-            raise TemporarySinkError(self._login_refused) from exc
+            raise SinkUnavailable(self._login_refused) from exc
 
     def _password_login(self, connection: ImapConnection, password: str) -> None:
         client = connection.client
@@ -335,20 +344,22 @@ class ConnectionPool:
     async def _password(self) -> str:
         source = self.settings.password_source()
         if source is None:  # the settings refuse this; kept for a clear error
-            raise TemporarySinkError(f"{self.name}: no password configured")
+            raise SinkUnavailable(f"{self.name}: no password configured")
         try:
             return await asyncio.to_thread(source.read)
         except ConfigError as exc:
-            raise TemporarySinkError(f"{self.name}: {exc}") from exc
+            raise SinkUnavailable(f"{self.name}: {exc}") from exc
 
     async def _token(self, *, force_refresh: bool) -> str:
         assert self._tokens is not None
         try:
             return await self._tokens.token(force_refresh=force_refresh)
-        except CollectorError as exc:
-            # OAuthLoginRequired included: the messages wait on the POP3 server while
-            # the sink's login is renewed (`popbox oauth login ACCOUNT --sink LABEL`).
+        except OAuthLoginRequired as exc:
+            # Not SinkUnavailable: the poll engine looks for this cause and says that
+            # `popbox oauth login ACCOUNT --sink LABEL` is what helps.
             raise TemporarySinkError(f"{self.name}: no access token: {exc}") from exc
+        except CollectorError as exc:
+            raise SinkUnavailable(f"{self.name}: no access token: {exc}") from exc
 
 
 def checked(function: Callable[..., _T], *args: Any) -> _T:
