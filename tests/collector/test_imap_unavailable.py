@@ -20,9 +20,10 @@ from imapclient import IMAPClient
 
 from popbox.collector.config import FetchSettings
 from popbox.collector.oauth import TokenFile
+from popbox.errors import ConfigError
 from support.dovecot import DovecotServer, imap_skip_reason, start_dovecot
 from support.fakepop import FakePop
-from support.fetch import crlf_message, poll, settings_for
+from support.fetch import account_entry, crlf_message, fetch_settings, poll, settings_for
 from support.oauth import CLIENT_ID, FakeAuthServer
 
 BOB_PASSWORD = "bob-pa55"
@@ -178,3 +179,24 @@ async def test_a_revoked_sink_login_asks_for_a_new_sign_in_and_blames_no_message
     assert "popbox oauth login fake --sink bob" in (result.error or "")
     assert (result.delivered, result.quarantined, result.failed) == (0, 0, 0)
     assert fake.deleted == set()
+
+
+def test_an_oauth_token_over_plaintext_is_refused_when_the_config_is_loaded(
+    tmp_path: Path,
+) -> None:
+    sink = {
+        "kind": "imap",
+        "host": "imap.example.com",
+        "security": "none",
+        "username": "bob",
+        "auth": "oauth2",
+        "oauth": {"token_source": "command", "token_command": "print-token"},
+    }
+    account = account_entry(110, tmp_path / "out", sinks=[sink])
+    with pytest.raises(ConfigError, match='OAuth2 token over security = "none" needs allow_plain'):
+        fetch_settings(tmp_path, account)
+    allowed = account_entry(
+        110, tmp_path / "out", sinks=[sink | {"allow_plaintext_password": True}]
+    )
+    [loaded] = fetch_settings(tmp_path, allowed).accounts
+    assert loaded.sinks[0].kind == "imap"

@@ -60,7 +60,6 @@ from popbox.collector.sinks.imap_connection import (
     checked,
 )
 from popbox.errors import (
-    ConfigError,
     OAuthLoginRequired,
     PermanentSinkError,
     SinkError,
@@ -102,11 +101,6 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 def create_sink(settings: ImapSinkSettings, context: SinkContext) -> ImapSink:
     tokens = context.token_provider(settings) if settings.auth == "oauth2" else None
-    if tokens is not None and settings.security == "none" and not settings.allow_plaintext_password:
-        raise ConfigError(
-            f'sink {settings.label}: an OAuth2 token over security = "none" '
-            "needs allow_plaintext_password"
-        )
     return ImapSink(settings, tokens)
 
 
