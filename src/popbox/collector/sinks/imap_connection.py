@@ -5,7 +5,7 @@ IMAPClient (on imaplib) is synchronous: each connection's calls run in a worker
 thread (``asyncio.to_thread``), and a connection is used by one delivery at a time
 (at most ``settings.connections`` of them, opened lazily, reused across batches).
 
-What this module raises is the mailbox's side of things, never a message's:
+What this module raises:
 
 - SinkUnavailable: the login is refused (password, or an OAuth2 token after the one
   refresh), there is no password or token to log in with, TLS fails (handshake,
