@@ -280,7 +280,8 @@ class ImapSinkSettings(_LoginSinkBase):
     """SHA-256 of the server certificate; when set it must match (self-signed)."""
     tls_server_name: str | None = None
     allow_plaintext_password: bool = False
-    """Permit a password over security = "none". Off: such a login is refused."""
+    """Permit a password or an OAuth2 token over security = "none". Off: such a
+    configuration is refused when it is loaded."""
     username: str
     auth_mechanism: Literal["auto", "login", "plain", "xoauth2", "oauthbearer"] = "auto"
     """auto: LOGIN for a password; XOAUTH2 for OAuth2 (Gmail, Microsoft 365 and
@@ -288,7 +289,9 @@ class ImapSinkSettings(_LoginSinkBase):
     folder: str = "INBOX"
     """Where messages go; a Gmail label is a folder here (``[Gmail]/All Mail`` too)."""
     create_folder: bool = True
-    """Create ``folder`` when it does not exist (else the first APPEND fails for good)."""
+    """Create ``folder`` when it does not exist. Off: while it is missing, delivery
+    fails and the run stops; the messages wait on the POP3 server (none is counted as
+    failed or quarantined) until someone creates the folder."""
     flags: list[str] = []
     """IMAP flags set on each appended message, e.g. ``["\\Seen"]``; none = unread."""
     internal_date: Literal["date_header", "now"] = "date_header"
@@ -309,12 +312,12 @@ class ImapSinkSettings(_LoginSinkBase):
             raise ValueError("auth = oauth2 needs auth_mechanism xoauth2, oauthbearer or auto")
         if self.auth == "password" and self.auth_mechanism in ("xoauth2", "oauthbearer"):
             raise ValueError(f"auth_mechanism {self.auth_mechanism} needs auth = oauth2")
-        if (
-            self.auth == "password"
-            and self.security == "none"
-            and not self.allow_plaintext_password
-        ):
-            raise ValueError('a password over security = "none" needs allow_plaintext_password')
+        if self.security == "none" and not self.allow_plaintext_password:
+            secret = "an OAuth2 token" if self.auth == "oauth2" else "a password"
+            raise ValueError(
+                f'{secret} over security = "none" needs allow_plaintext_password '
+                "(anyone on the way could read it and use it)"
+            )
         return self
 
     @property

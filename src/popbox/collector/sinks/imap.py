@@ -1,9 +1,9 @@
 """The IMAP sink: APPEND each message into a folder of an IMAP server (Gmail, Microsoft
 365, Fastmail, Dovecot), the bridge for POP3 mailboxes whose mail lives over there now.
 
-IMAPClient (on imaplib) is synchronous: each connection's calls run in a worker
-thread, one call at a time, and a connection is used by one delivery at a time (a
-small pool of ``settings.connections``, opened lazily, reused across batches).
+This module shapes the messages (CRLF line ends, the id header, INTERNALDATE), finds
+them again and APPENDs them; ``imap_connection`` opens, logs in and pools the
+connections (IMAPClient, in worker threads).
 
 Exactly once. APPEND gives no way to say "this message, once": a kill -9 after the
 server stored a message and before the poll engine recorded it leaves a message that
@@ -16,10 +16,15 @@ Found means delivered; it is not appended again.
 
 Outcomes:
 
-- login refused, network errors, timeouts, BYE, ``NO [TRYCREATE]`` (no folder and
-  ``create_folder`` off), ``NO [OVERQUOTA]`` and any other refusal: TemporarySinkError
-  (the messages stay on the POP3 server; a changed password must not quarantine mail);
-  a lost connection is reopened once before giving up;
+- the mailbox's trouble, whichever message it is: SinkUnavailable, the run stops and
+  no message is counted as failed (``imap_connection``: login refused, TLS, no
+  password or token; here: the server unreachable after a second try, the folder
+  missing with ``create_folder`` off or not creatable). A dead OAuth2 login is a
+  TemporarySinkError caused by OAuthLoginRequired, which stops the run too;
+- a lost connection (network errors, timeouts, BYE) is reopened once, then
+  TemporarySinkError, as are ``NO [OVERQUOTA]``, ``NO [TRYCREATE]`` for a folder
+  just created and any other refusal (the message waits on the POP3 server and
+  counts an attempt);
 - ``NO [TOOBIG]`` or ``NO [LIMIT]`` (Dovecot's answer to a message over its size
   limit), or a message over the server's ``APPENDLIMIT`` (RFC 7889, checked before
   sending): PermanentSinkError (quarantine).
@@ -31,37 +36,36 @@ answers only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import hashlib
 import imaplib
 import logging
 import math
 import re
-import socket
-import ssl
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import TYPE_CHECKING, Any, Final, TypeVar
-
-from imapclient import IMAPClient
-from imapclient.exceptions import LoginError
+from typing import TYPE_CHECKING, Any, Final
 
 from popbox.collector.base import FetchedMessage
-from popbox.collector.tls import certificate_matches, client_tls_context
+from popbox.collector.sinks.imap_connection import (
+    ConnectionLost,
+    ConnectionPool,
+    ImapConnection,
+    Refused,
+    Unreachable,
+    checked,
+)
 from popbox.errors import (
-    CollectorError,
-    ConfigError,
+    OAuthLoginRequired,
     PermanentSinkError,
     SinkError,
+    SinkUnavailable,
     TemporarySinkError,
 )
-from popbox.proto.sasl import oauthbearer_response, plain_response, xoauth2_response
 
 if TYPE_CHECKING:
     from popbox.collector.config import ImapSinkSettings
@@ -89,11 +93,6 @@ ID_HEX_DIGITS: Final = 32
 # batches' worth is enough.
 KEY_MEMORY_MAX: Final = 4096
 
-_T = TypeVar("_T")
-
-# A tagged NO's response code, e.g. "append failed: [TRYCREATE] Mailbox ..." (imaplib
-# puts the command name in front of the server's text).
-_RESPONSE_CODE = re.compile(r"\[([A-Za-z0-9.-]+)")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
 # IMAP message text has CRLF line ends only (RFC 3501 section 4.3): a bare CR or LF
 # becomes CRLF, as imaplib would do anyway for a single APPEND.
@@ -102,30 +101,12 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 def create_sink(settings: ImapSinkSettings, context: SinkContext) -> ImapSink:
     tokens = context.token_provider(settings) if settings.auth == "oauth2" else None
-    if tokens is not None and settings.security == "none" and not settings.allow_plaintext_password:
-        raise ConfigError(
-            f'sink {settings.label}: an OAuth2 token over security = "none" '
-            "needs allow_plaintext_password"
-        )
     return ImapSink(settings, tokens)
 
 
 def id_header_value(message: FetchedMessage) -> str:
     """The ``X-Popbox-Id`` value of a message: its idempotency key, hashed."""
     return hashlib.sha256(message.idempotency_key.encode()).hexdigest()[:ID_HEX_DIGITS]
-
-
-class _Refused(Exception):
-    """A tagged NO (or BAD) to a command; ``code`` is its response code, if any."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        match = _RESPONSE_CODE.search(text)
-        self.code = match.group(1).upper() if match else None
-
-
-class _ConnectionLost(Exception):
-    """The connection broke (network, timeout, BYE): worth one new connection."""
 
 
 @dataclass(slots=True)
@@ -162,115 +143,14 @@ class _KeyMemory:
         self._keys.pop(key, None)
 
 
-class _Connection:
-    """One logged-in IMAPClient, used from one worker thread call at a time."""
-
-    def __init__(self, client: IMAPClient) -> None:
-        self.client = client
-        self.broken = False
-        self.capabilities: frozenset[bytes] = frozenset()
-        # Between the event loop and the worker thread: is a call running, and was it
-        # given up on (cancelled) while it ran?
-        self._lock = threading.Lock()
-        self._running = False
-        self._abandoned = False
-
-    def learn_capabilities(self) -> None:
-        self.capabilities = frozenset(bytes(c).upper() for c in self.client.capabilities())
-
-    @property
-    def multiappend(self) -> bool:
-        return b"MULTIAPPEND" in self.capabilities
-
-    @property
-    def append_limit(self) -> int | None:
-        """The server-wide APPENDLIMIT=n (RFC 7889 section 3), if it has one."""
-        for capability in self.capabilities:
-            name, _, value = capability.partition(b"=")
-            if name == b"APPENDLIMIT" and value.isdigit():
-                return int(value)
-        return None
-
-    async def call(self, function: Callable[..., _T], *args: Any) -> _T:
-        """Run ``function(*args)`` in a worker thread; a broken connection raises
-        _ConnectionLost. A cancelled call leaves the connection unusable: its socket is
-        shut (which ends the thread's wait) and closed once the thread lets go."""
-
-        def run() -> _T:
-            try:
-                with self._lock:
-                    if self._abandoned:
-                        raise _ConnectionLost("abandoned")
-                return function(*args)
-            finally:
-                with self._lock:
-                    self._running = False
-                    abandoned = self._abandoned
-                if abandoned:
-                    self._shut()
-
-        with self._lock:
-            self._running = True
-        try:
-            return await asyncio.to_thread(run)
-        except asyncio.CancelledError:
-            with self._lock:
-                self.broken = self._abandoned = True
-                running = self._running
-            if running:
-                with contextlib.suppress(OSError):
-                    socket.socket.shutdown(self.client.socket(), socket.SHUT_RDWR)
-            else:
-                self._shut()
-            raise
-        except (ssl.SSLCertVerificationError, _Refused, LoginError):
-            raise
-        except (OSError, imaplib.IMAP4.abort) as exc:
-            self.broken = True
-            raise _ConnectionLost(str(exc) or type(exc).__name__) from exc
-
-    async def discard(self) -> None:
-        """Close a connection that is not to be used again (without LOGOUT)."""
-        self.broken = True
-        with self._lock:
-            running = self._running
-        if not running:
-            await asyncio.to_thread(self._shut)
-
-    def _shut(self) -> None:
-        with contextlib.suppress(Exception):  # a connection that is going anyway
-            self.client.shutdown()
-
-    def close(self) -> None:
-        """LOGOUT, or just close when that fails (called in a worker thread)."""
-        try:
-            self.client.logout()
-        except Exception:  # a connection that is going anyway
-            self._shut()
-
-
 class ImapSink:
     """APPENDs messages into ``settings.folder``; a BatchSink (MULTIAPPEND if offered)."""
 
     def __init__(self, settings: ImapSinkSettings, tokens: TokenProvider | None) -> None:
         self.settings = settings
-        self._tokens = tokens
-        self._idle: list[_Connection] = []
-        self._slots = asyncio.Semaphore(settings.connections)
+        self._pool = ConnectionPool(settings, tokens)
         self._appended = _KeyMemory()
         self._uncertain = _KeyMemory()
-        # Why the server refused our login, once it did: the rest of this poll fails
-        # fast instead of knocking again for every message (servers lock accounts out).
-        self._login_refused: str | None = None
-        self._context = (
-            client_tls_context(
-                settings.ca_file,
-                settings.tls_fingerprint,
-                server_name=settings.tls_server_name,
-            )
-            if settings.security != "none"
-            else None
-        )
 
     @property
     def name(self) -> str:
@@ -299,14 +179,17 @@ class ImapSink:
         workers = min(self.settings.connections, len(queue))
         await asyncio.gather(*(worker() for _ in range(workers)))
         if errors:
-            # A refusal for good wins: the poll engine then offers each message
-            # alone, and only the refused one is quarantined.
-            raise next((e for e in errors if isinstance(e, PermanentSinkError)), errors[0])
+            # The mailbox's trouble wins (the run stops, no message is blamed); then a
+            # refusal for good: the poll engine offers each message alone, and only
+            # the refused one is quarantined.
+            for wanted in (_mailbox_trouble, _refused_for_good):
+                for error in errors:
+                    if wanted(error):
+                        raise error
+            raise errors[0]
 
     async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await asyncio.to_thread(connection.close)
+        await self._pool.close()
 
     # ---------------------------------------------------------------- messages
 
@@ -351,25 +234,24 @@ class ImapSink:
     async def _deliver_chunk(self, items: list[_Item]) -> None:
         """Append ``items`` on one connection, reopened once if it breaks."""
         for attempt in (1, 2):
-            await self._slots.acquire()
-            connection: _Connection | None = None
             try:
-                connection = await self._take_connection()
-                await self._append(connection, items)
+                async with self._pool.connection() as connection:
+                    await self._append(connection, items)
                 return
-            except _ConnectionLost as exc:
+            except Unreachable as exc:
+                if attempt == 2:
+                    # Refused, no such host, timed out, twice: the server is down.
+                    raise SinkUnavailable(f"{self.name}: {exc}") from exc
+                log.info("imap server unreachable sink=%s: %s; trying again", self.name, exc)
+            except ConnectionLost as exc:
                 if attempt == 2:
                     raise TemporarySinkError(f"{self.name}: connection lost: {exc}") from exc
                 log.info("imap connection lost sink=%s: %s; reconnecting", self.name, exc)
-            except (_Refused, imaplib.IMAP4.error) as exc:
+            except (Refused, imaplib.IMAP4.error) as exc:
                 # A NO or BAD outside APPEND (SEARCH, CAPABILITY): the server's trouble.
                 raise TemporarySinkError(f"{self.name}: {exc}") from exc
-            finally:
-                if connection is not None:
-                    await self._give_back(connection)
-                self._slots.release()
 
-    async def _append(self, connection: _Connection, items: list[_Item]) -> None:
+    async def _append(self, connection: ImapConnection, items: list[_Item]) -> None:
         limit = connection.append_limit
         for item in items:
             if limit is not None and len(item.data) > limit:
@@ -398,15 +280,17 @@ class ImapSink:
         try:
             try:
                 await connection.call(self._append_items, connection, items)
-            except _Refused as exc:
-                if exc.code != "TRYCREATE" or not self.settings.create_folder:
+            except Refused as exc:
+                if exc.code != "TRYCREATE":
                     raise
-                await connection.call(self._create_folder, connection)
+                await self._create_folder(connection, exc)
                 await connection.call(self._append_items, connection, items)
-        except _Refused as exc:
+        except (Refused, SinkUnavailable) as exc:
             # A tagged NO: nothing of this command was stored (RFC 3502 section 6.3.11).
             for item in items:
                 self._uncertain.discard(item.key)
+            if isinstance(exc, SinkUnavailable):
+                raise
             raise self._refusal(exc) from exc
         for item in items:
             self._taken(item)
@@ -415,7 +299,18 @@ class ImapSink:
         self._appended.add(item.key)
         self._uncertain.discard(item.key)
 
-    def _refusal(self, exc: _Refused) -> SinkError:
+    async def _create_folder(self, connection: ImapConnection, trycreate: Refused) -> None:
+        """Create the missing folder, or fail the run: without it no message fits."""
+        folder = self.settings.folder
+        if not self.settings.create_folder:
+            why = f"folder {folder!r} does not exist (create_folder is off)"
+            raise SinkUnavailable(f"{self.name}: {why}: {trycreate}") from trycreate
+        try:
+            await connection.call(self._create_folder_now, connection)
+        except Refused as exc:
+            raise SinkUnavailable(f"{self.name}: cannot create folder {folder!r}: {exc}") from exc
+
+    def _refusal(self, exc: Refused) -> SinkError:
         folder = self.settings.folder
         if exc.code in ("TOOBIG", "LIMIT"):
             # TOOBIG (RFC 7889), or LIMIT (RFC 5530) as Dovecot answers a message over
@@ -424,16 +319,15 @@ class ImapSink:
                 f"{self.name}: the server refuses the message as too big: {exc}"
             )
         if exc.code == "TRYCREATE":
-            return TemporarySinkError(
-                f"{self.name}: folder {folder!r} does not exist (create_folder is off): {exc}"
-            )
+            # Just created, and gone again (another program deleted it meanwhile).
+            return TemporarySinkError(f"{self.name}: folder {folder!r} does not exist: {exc}")
         if exc.code == "OVERQUOTA":
             return TemporarySinkError(f"{self.name}: the mailbox is over quota: {exc}")
         return TemporarySinkError(f"{self.name}: APPEND refused: {exc}")
 
     # ---------------------------------------------------------------- in the thread
 
-    def _look_up(self, connection: _Connection, items: list[_Item]) -> set[str]:
+    def _look_up(self, connection: ImapConnection, items: list[_Item]) -> set[str]:
         """Keys of ``items`` already in the folder (EXAMINE, UID SEARCH, CLOSE)."""
         client = connection.client
         searchable = [i for i in items if i.criteria is not None]
@@ -449,15 +343,15 @@ class ImapSink:
         try:
             for item in searchable:
                 assert item.criteria is not None
-                uids = _checked(client.search, item.criteria)
+                uids = checked(client.search, item.criteria)
                 if uids:
                     found.add(item.key)
         finally:
             # Leave the folder: APPENDs to a selected folder pile up EXISTS answers.
-            _checked(client.close_folder)
+            checked(client.close_folder)
         return found
 
-    def _append_items(self, connection: _Connection, items: list[_Item]) -> None:
+    def _append_items(self, connection: ImapConnection, items: list[_Item]) -> None:
         client = connection.client
         folder = self.settings.folder
         flags = list(self.settings.flags)
@@ -470,24 +364,24 @@ class ImapSink:
                 if item.date is not None:
                     entry["date"] = item.date
                 batch.append(entry)
-            status, data = _checked(client.multiappend, folder, batch)
+            status, data = checked(client.multiappend, folder, batch)
             answer = _first_bytes(data)
             if status != "OK":
-                raise _Refused(answer.decode("utf-8", "replace"))
+                raise Refused(answer.decode("utf-8", "replace"))
             self._note_appenduid(answer, len(items))
             return
         for item in items:
-            answer = _checked(client.append, folder, item.data, flags, item.date)
+            answer = checked(client.append, folder, item.data, flags, item.date)
             self._note_appenduid(bytes(answer or b""), 1)
 
-    def _create_folder(self, connection: _Connection) -> None:
+    def _create_folder_now(self, connection: ImapConnection) -> None:
         client = connection.client
         try:
-            _checked(client.create_folder, self.settings.folder)
+            checked(client.create_folder, self.settings.folder)
             log.info("created folder sink=%s folder=%s", self.name, self.settings.folder)
-        except _Refused as exc:
+        except Refused as exc:
             # Another connection (or mail program) may have created it meanwhile.
-            if exc.code != "ALREADYEXISTS" and not _checked(
+            if exc.code != "ALREADYEXISTS" and not checked(
                 client.folder_exists, self.settings.folder
             ):
                 raise
@@ -503,165 +397,13 @@ class ImapSink:
                 match.group(2).decode(),
             )
 
-    # ---------------------------------------------------------------- connections
 
-    async def _take_connection(self) -> _Connection:
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.broken:
-                return connection
-        return await self._open()
-
-    async def _give_back(self, connection: _Connection) -> None:
-        if connection.broken:
-            await connection.discard()
-        else:
-            self._idle.append(connection)
-
-    async def _open(self) -> _Connection:
-        if self._login_refused is not None:
-            raise TemporarySinkError(self._login_refused)
-        settings = self.settings
-        host = settings.host
-        try:
-            client = await asyncio.to_thread(self._connect)
-        except ssl.SSLError as exc:
-            raise TemporarySinkError(f"{self.name}: TLS with {host}: {exc}") from exc
-        except (OSError, imaplib.IMAP4.abort) as exc:
-            raise _ConnectionLost(f"cannot connect to {host}: {exc}") from exc
-        except _Refused as exc:
-            raise TemporarySinkError(f"{self.name}: {host}: {exc}") from exc
-        connection = _Connection(client)
-        try:
-            await self._log_in(connection)
-            await connection.call(connection.learn_capabilities)
-        except BaseException:
-            await connection.discard()
-            raise
-        return connection
-
-    def _connect(self) -> IMAPClient:
-        """TCP, TLS (implicit or STARTTLS, never a plaintext fallback), pin check."""
-        settings = self.settings
-        client = IMAPClient(
-            settings.host,
-            port=settings.effective_port,
-            ssl=settings.security == "tls",
-            ssl_context=self._context,
-            timeout=settings.timeout,
-        )
-        try:
-            if settings.security == "starttls":
-                if b"STARTTLS" not in {bytes(c).upper() for c in client.capabilities()}:
-                    raise _Refused("server does not offer STARTTLS; not falling back to plaintext")
-                _checked(client.starttls, self._context)
-            if settings.tls_fingerprint is not None:
-                der = client.socket().getpeercert(binary_form=True)
-                if not certificate_matches(der, settings.tls_fingerprint):
-                    raise _Refused("server certificate does not match tls_fingerprint")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                client.shutdown()
-            raise
-        return client
-
-    async def _log_in(self, connection: _Connection) -> None:
-        settings = self.settings
-        if self._tokens is None:
-            password = await self._password()
-            await self._try_login(connection, self._password_login, password)
-            return
-        token = await self._token(force_refresh=False)
-        try:
-            await connection.call(self._oauth_login, connection, token)
-        except LoginError as exc:
-            # The token may have expired since it was handed out: one fresh one.
-            log.info("imap sink=%s: token refused (%s); refreshing it", self.name, exc)
-            token = await self._token(force_refresh=True)
-            await self._try_login(connection, self._oauth_login, token)
-        log.debug("logged in sink=%s user=%s", self.name, settings.username)
-
-    async def _try_login(
-        self, connection: _Connection, login: Callable[[_Connection, str], None], secret: str
-    ) -> None:
-        try:
-            await connection.call(login, connection, secret)
-        except (LoginError, _Refused) as exc:
-            self._login_refused = f"{self.name}: login as {self.settings.username} refused: {exc}"
-            raise TemporarySinkError(self._login_refused) from exc
-
-    def _password_login(self, connection: _Connection, password: str) -> None:
-        client = connection.client
-        capabilities = {bytes(c).upper() for c in client.capabilities()}
-        mechanism = self.settings.auth_mechanism
-        if mechanism == "plain":
-            if b"AUTH=PLAIN" not in capabilities:
-                raise _Refused("server does not offer AUTHENTICATE PLAIN")
-            client.sasl_login(
-                "PLAIN", _one_response(plain_response(self.settings.username, password))
-            )
-            return
-        if b"LOGINDISABLED" in capabilities:
-            raise _Refused("server refuses LOGIN on this connection (LOGINDISABLED)")
-        client.login(self.settings.username, password)
-
-    def _oauth_login(self, connection: _Connection, token: str) -> None:
-        client = connection.client
-        user = self.settings.username
-        mechanism = self.settings.auth_mechanism
-        if mechanism == "auto":
-            capabilities = {bytes(c).upper() for c in client.capabilities()}
-            offers_bearer = b"AUTH=OAUTHBEARER" in capabilities
-            mechanism = (
-                "oauthbearer"
-                if offers_bearer and b"AUTH=XOAUTH2" not in capabilities
-                else "xoauth2"
-            )
-        if mechanism == "oauthbearer":
-            client.sasl_login("OAUTHBEARER", _one_response(oauthbearer_response(user, token)))
-        else:
-            client.sasl_login("XOAUTH2", _one_response(xoauth2_response(user, token)))
-
-    async def _password(self) -> str:
-        source = self.settings.password_source()
-        if source is None:  # the settings refuse this; kept for a clear error
-            raise TemporarySinkError(f"{self.name}: no password configured")
-        try:
-            return await asyncio.to_thread(source.read)
-        except ConfigError as exc:
-            raise TemporarySinkError(f"{self.name}: {exc}") from exc
-
-    async def _token(self, *, force_refresh: bool) -> str:
-        assert self._tokens is not None
-        try:
-            return await self._tokens.token(force_refresh=force_refresh)
-        except CollectorError as exc:
-            # OAuthLoginRequired included: the messages wait on the POP3 server while
-            # the sink's login is renewed (`popbox oauth login ACCOUNT --sink LABEL`).
-            raise TemporarySinkError(f"{self.name}: no access token: {exc}") from exc
+def _mailbox_trouble(error: BaseException) -> bool:
+    return isinstance(error, SinkUnavailable) or isinstance(error.__cause__, OAuthLoginRequired)
 
 
-def _one_response(response: bytes) -> Callable[[bytes], bytes]:
-    """A SASL client that answers the first challenge with ``response`` and any later
-    one (XOAUTH2's error report, RFC 7628 section 3.2.3) with an empty line."""
-    answers = [response]
-
-    def answer(challenge: bytes) -> bytes:
-        return answers.pop() if answers else b""
-
-    return answer
-
-
-def _checked(function: Callable[..., _T], *args: Any) -> _T:
-    """``function(*args)``, its tagged NO or BAD as _Refused (abort and OSError pass)."""
-    try:
-        return function(*args)
-    except imaplib.IMAP4.abort:
-        raise
-    except imaplib.IMAP4.error as exc:
-        if isinstance(exc, LoginError):
-            raise
-        raise _Refused(str(exc)) from exc
+def _refused_for_good(error: BaseException) -> bool:
+    return isinstance(error, PermanentSinkError)
 
 
 def _first_bytes(data: object) -> bytes:
