@@ -324,6 +324,9 @@ class ReplyHolder:
         self.hold = False
         self.port = 0
         self._server: asyncio.Server | None = None
+        # Both ends of every relayed connection: closed on exit, so none outlives the
+        # test's event loop (Server.wait_closed does not wait for its handlers here).
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> ReplyHolder:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -333,12 +336,18 @@ class ReplyHolder:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
         await self._server.wait_closed()
 
     async def _relay(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
     ) -> None:
+        self._writers.append(client_out)
         server_in, server_out = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.append(server_out)
 
         async def pump(
             source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: bool
