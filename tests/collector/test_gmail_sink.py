@@ -19,7 +19,8 @@ from popbox.collector.base import FetchedMessage
 from popbox.collector.config import GmailSinkSettings
 from popbox.collector.oauth import TokenFile
 from popbox.collector.sinks import SinkContext, build_sink
-from popbox.collector.sinks.gmail import GmailSink, popbox_id
+from popbox.collector.sinks.gmail import GmailSink
+from popbox.collector.sinks.message_head import popbox_id
 from popbox.collector.tokens import StaticTokenProvider
 from popbox.errors import (
     ConfigError,

@@ -27,7 +27,8 @@ from popbox.collector.base import FetchedMessage
 from popbox.collector.config import FetchSettings
 from popbox.collector.oauth import TokenFile
 from popbox.collector.sinks import SinkContext, build_sink
-from popbox.collector.sinks.imap import ImapSink, id_header_value
+from popbox.collector.sinks.imap import ImapSink
+from popbox.collector.sinks.message_head import popbox_id
 from popbox.errors import ConfigError, PermanentSinkError, TemporarySinkError
 from support.dovecot import DovecotServer, imap_skip_reason, start_dovecot
 from support.fetch import account_entry, fetch_settings, message, run_fetch, write_fetch_config
@@ -130,7 +131,7 @@ def fetched(tmp_path: Path, data: bytes, uidl: str, attempt: int = 1) -> Fetched
 
 def with_id(message: FetchedMessage) -> bytes:
     """What header mode stores: the message with one X-Popbox-Id line on top."""
-    return f"X-Popbox-Id: {id_header_value(message)}\r\n".encode() + message.read_bytes()
+    return f"X-Popbox-Id: {popbox_id(message)}\r\n".encode() + message.read_bytes()
 
 
 def bob_client(server: DovecotServer, tls_files: Any) -> IMAPClient:
@@ -188,7 +189,7 @@ async def test_header_mode_adds_exactly_one_header_line(
         await sink.close()
     [stored] = imap_dovecot.folder_messages("bob")
     assert stored == with_id(item)
-    assert stored.startswith(b"X-Popbox-Id: " + id_header_value(item).encode() + b"\r\nFrom: ")
+    assert stored.startswith(b"X-Popbox-Id: " + popbox_id(item).encode() + b"\r\nFrom: ")
 
 
 async def test_a_missing_folder_is_created_even_by_two_sinks_at_once(

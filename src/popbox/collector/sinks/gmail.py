@@ -36,12 +36,8 @@ quarantined. 400 and 413 on the import quarantine the message (PermanentSinkErro
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import hashlib
 import logging
 import time
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import TYPE_CHECKING, Final
 
 import httpx
@@ -49,6 +45,7 @@ import httpx
 from popbox.collector.base import FetchedMessage
 from popbox.collector.config_sinks import GMAIL_SIMPLE_UPLOAD_MAX
 from popbox.collector.sinks.gmail_api import BACKOFF_INITIAL, GmailClient, Identity
+from popbox.collector.sinks.message_head import popbox_id, read_head
 from popbox.collector.tokens import TokenProvider
 from popbox.errors import TemporarySinkError
 
@@ -56,54 +53,28 @@ if TYPE_CHECKING:
     from popbox.collector.config import GmailSinkSettings
     from popbox.collector.sinks import SinkContext
 
-__all__ = ["GmailSink", "create_sink", "popbox_id"]
+__all__ = ["GmailSink", "create_sink"]
 
 log = logging.getLogger(__name__)
 
 # Finish this long before the poll engine's own timeout, so the error names the cause.
 ENGINE_TIMEOUT_MARGIN: Final = 1.0
-# How much of the hex SHA-256 of the idempotency key goes into the header: 128 bits.
-POPBOX_ID_HEX: Final = 32
 
 
-def popbox_id(message: FetchedMessage) -> str:
-    """The value of the identifying header: 128 bits of SHA-256 of the idempotency key."""
-    return hashlib.sha256(message.idempotency_key.encode("utf-8")).hexdigest()[:POPBOX_ID_HEX]
-
-
-# ------------------------------------------------------------------ message headers
-
-
-def _header_block(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    return data if end < 0 else data[: end + 2]
-
-
-def _read_identity(data: bytes) -> tuple[bool, str | None, int | None]:
-    """Whether the message has a Message-ID field, its value if Gmail can search for
-    it, and its Date in milliseconds (Gmail's internalDate unit)."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(_header_block(data))
-    raw_id = headers.get("Message-ID")
+def _identity(data: bytes) -> tuple[bool, str | None, int | None]:
+    """Whether the message has a Message-ID field, its value (no brackets) if Gmail
+    can search for it, and its Date in milliseconds (Gmail's internalDate unit)."""
+    head = read_head(data)
     message_id: str | None = None
-    if raw_id is not None:
-        value = str(raw_id).strip()
+    if head.message_id is not None:
+        value = head.message_id
         if value.startswith("<") and value.endswith(">"):
             value = value[1:-1].strip()
         # A Message-ID Gmail's search cannot take as one term cannot be looked up.
-        if value and not any(c.isspace() or c in '"()' for c in value) and value.isascii():
+        if value and not any(c.isspace() or c in '"()' for c in value):
             message_id = value
-    date_ms: int | None = None
-    raw_date = headers.get("Date")
-    if raw_date is not None:
-        try:
-            when = email.utils.parsedate_to_datetime(str(raw_date))
-        except (TypeError, ValueError):
-            when = None
-        if when is not None and when.tzinfo is not None:
-            date_ms = int(when.timestamp() * 1000)
-    return raw_id is not None, message_id, date_ms
+    date_ms = int(head.date.timestamp() * 1000) if head.date is not None else None
+    return head.has_message_id, message_id, date_ms
 
 
 # ----------------------------------------------------------------------- the sink
@@ -171,7 +142,7 @@ class GmailSink:
         return min(self._settings.retry_for, engine)
 
     def _prepare(self, message: FetchedMessage, raw: bytes) -> tuple[bytes, Identity]:
-        has_message_id, message_id, date_ms = _read_identity(raw)
+        has_message_id, message_id, date_ms = _identity(raw)
         if self._settings.identify == "message_id":
             return raw, Identity(message_id, date_ms, None)
         marker = popbox_id(message)

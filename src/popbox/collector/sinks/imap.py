@@ -36,8 +36,6 @@ answers only.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import hashlib
 import imaplib
 import logging
 import math
@@ -45,9 +43,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from popbox.collector.base import FetchedMessage
@@ -59,6 +55,7 @@ from popbox.collector.sinks.imap_connection import (
     Unreachable,
     checked,
 )
+from popbox.collector.sinks.message_head import popbox_id, read_head
 from popbox.errors import (
     OAuthLoginRequired,
     PermanentSinkError,
@@ -82,12 +79,6 @@ MULTIAPPEND_MAX_MESSAGES: Final = 50
 # ... and at most this many octets (a message alone may be bigger): the bytes of the
 # batches in flight sit in memory, one batch per connection.
 MULTIAPPEND_MAX_BYTES: Final = 8 * 1024 * 1024
-# Date and Message-ID are looked for in this much of the message: RFC 5322 headers
-# are short, and the body must not be parsed.
-HEADER_SCAN_MAX: Final = 256 * 1024
-# Hex digits of SHA-256(idempotency key) in the id header: 128 bits cannot collide by
-# chance among one folder's messages.
-ID_HEX_DIGITS: Final = 32
 # Keys this process appended (or sent without an answer) that it remembers: the poll
 # engine offers a failed batch's messages again within the same run, so a few
 # batches' worth is enough.
@@ -102,11 +93,6 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 def create_sink(settings: ImapSinkSettings, context: SinkContext) -> ImapSink:
     tokens = context.token_provider(settings) if settings.auth == "oauth2" else None
     return ImapSink(settings, tokens)
-
-
-def id_header_value(message: FetchedMessage) -> str:
-    """The ``X-Popbox-Id`` value of a message: its idempotency key, hashed."""
-    return hashlib.sha256(message.idempotency_key.encode()).hexdigest()[:ID_HEX_DIGITS]
 
 
 @dataclass(slots=True)
@@ -205,10 +191,11 @@ class ImapSink:
                 ) from exc
             if _BARE_LINE_END.search(data):
                 data = _BARE_LINE_END.sub(b"\r\n", data)
-            date, message_id = _date_and_message_id(data[:HEADER_SCAN_MAX])
+            head = read_head(data)
+            date, message_id = head.date, head.message_id
             criteria: list[str | int] | None
             if self.settings.identify == "header":
-                value = id_header_value(message)
+                value = popbox_id(message)
                 data = f"{self.settings.id_header}: {value}\r\n".encode() + data
                 criteria = ["HEADER", self.settings.id_header, value]
             elif message_id is not None:
@@ -410,26 +397,6 @@ def _first_bytes(data: object) -> bytes:
     if isinstance(data, list) and data and isinstance(data[0], bytes):
         return data[0]
     return b""
-
-
-def _date_and_message_id(head: bytes) -> tuple[datetime | None, str | None]:
-    """The Date (as an aware datetime) and Message-ID of a message's header."""
-    end = head.find(b"\r\n\r\n")
-    header = BytesHeaderParser(policy=compat32).parsebytes(head[: end + 2] if end >= 0 else head)
-    date: datetime | None = None
-    raw_date = header.get("Date")
-    if isinstance(raw_date, str):
-        try:
-            date = email.utils.parsedate_to_datetime(raw_date)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            date = None
-        if date is not None and date.tzinfo is None:
-            date = date.replace(tzinfo=UTC)  # "-0000": UTC, source unknown (RFC 5322 3.3)
-    raw_id = header.get("Message-ID")
-    message_id = " ".join(raw_id.split()) if isinstance(raw_id, str) else ""
-    if not message_id or not message_id.isascii():
-        return date, None
-    return date, message_id
 
 
 def _chunks(messages: Iterable[FetchedMessage], connections: int) -> Iterable[list[FetchedMessage]]:
