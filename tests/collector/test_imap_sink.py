@@ -29,7 +29,13 @@ from popbox.collector.oauth import TokenFile
 from popbox.collector.sinks import SinkContext, build_sink
 from popbox.collector.sinks.imap import ImapSink
 from popbox.collector.sinks.message_head import popbox_id
-from popbox.errors import ConfigError, PermanentSinkError, TemporarySinkError
+from popbox.errors import (
+    ConfigError,
+    PermanentSinkError,
+    SinkError,
+    SinkUnavailable,
+    TemporarySinkError,
+)
 from support.dovecot import DovecotServer, imap_skip_reason, start_dovecot
 from support.fetch import account_entry, fetch_settings, message, run_fetch, write_fetch_config
 from support.oauth import CLIENT_ID, FakeAuthServer
@@ -120,6 +126,17 @@ def make_sink(tmp_path: Path, server: DovecotServer, sink: dict[str, Any]) -> Im
     return built
 
 
+async def refusal(tmp_path: Path, server: DovecotServer, sink: dict[str, Any]) -> SinkError:
+    """What a sink built from ``sink`` raises for one message (it must raise)."""
+    built = make_sink(tmp_path, server, sink)
+    try:
+        with pytest.raises(SinkError) as raised:
+            await built.deliver(fetched(tmp_path, message(1), "u1"))
+    finally:
+        await built.close()
+    return raised.value
+
+
 def fetched(tmp_path: Path, data: bytes, uidl: str, attempt: int = 1) -> FetchedMessage:
     """A message as the poll engine hands it over (CRLF line ends, spooled)."""
     data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
@@ -208,16 +225,13 @@ async def test_a_missing_folder_is_created_even_by_two_sinks_at_once(
     assert imap_dovecot.folder_messages("bob") == []
 
 
-async def test_a_missing_folder_without_create_folder_is_a_temporary_failure(
+async def test_a_missing_folder_without_create_folder_makes_the_sink_unavailable(
     imap_dovecot: DovecotServer, tls_files: Any, tmp_path: Path
 ) -> None:
     entry = imap_sink_entry(imap_dovecot, tls_files, folder="Nowhere", create_folder=False)
-    sink = make_sink(tmp_path, imap_dovecot, entry)
-    try:
-        with pytest.raises(TemporarySinkError, match="does not exist"):
-            await sink.deliver(fetched(tmp_path, message(1), "u1"))
-    finally:
-        await sink.close()
+    error = await refusal(tmp_path, imap_dovecot, entry)
+    assert isinstance(error, SinkUnavailable)  # no message's fault: none is quarantined
+    assert "does not exist" in str(error)
     assert not imap_dovecot.folder_path("bob", "Nowhere").exists()
 
 
@@ -441,12 +455,9 @@ async def test_a_certificate_from_another_ca_is_refused(
     entry = imap_sink_entry(
         imap_dovecot, tls_files, security=security, port=port, ca_file=str(other)
     )
-    sink = make_sink(tmp_path, imap_dovecot, entry)
-    try:
-        with pytest.raises(TemporarySinkError, match="certificate verify failed"):
-            await sink.deliver(fetched(tmp_path, message(1), "u1"))
-    finally:
-        await sink.close()
+    error = await refusal(tmp_path, imap_dovecot, entry)
+    assert isinstance(error, SinkUnavailable)
+    assert "certificate verify failed" in str(error)
     assert imap_dovecot.folder_messages("bob") == []
 
 
@@ -454,12 +465,9 @@ async def test_tls_server_name_is_the_name_checked(
     imap_dovecot: DovecotServer, tls_files: Any, tmp_path: Path
 ) -> None:
     entry = imap_sink_entry(imap_dovecot, tls_files, tls_server_name="other.example")
-    sink = make_sink(tmp_path, imap_dovecot, entry)
-    try:
-        with pytest.raises(TemporarySinkError, match=r"other\.example"):
-            await sink.deliver(fetched(tmp_path, message(1), "u1"))
-    finally:
-        await sink.close()
+    error = await refusal(tmp_path, imap_dovecot, entry)
+    assert isinstance(error, SinkUnavailable)
+    assert "other.example" in str(error)
     assert imap_dovecot.folder_messages("bob") == []
 
 
@@ -532,6 +540,7 @@ async def test_a_wrong_password_is_temporary_and_never_shown(
             await sink.deliver(fetched(tmp_path, message(2), "u2"))
     finally:
         await sink.close()
+    assert isinstance(raised.value, SinkUnavailable)  # the run stops; no message is blamed
     assert "wrong-Pa55word" not in str(raised.value)
     assert "wrong-Pa55word" not in caplog.text
     assert imap_dovecot.folder_messages("bob") == []
